@@ -1,0 +1,23 @@
+# One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
+# run, test and bench, so RocksDB's C++ compiles once.
+.PHONY: run test deps test-deps lint bench
+
+run: deps
+	cargo run --bin herald -- serve
+
+# The load generator's smoke test runs the herald binary, so bins are built
+# before the tests run.
+test: test-deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo build --workspace --bins
+	cargo test --workspace
+
+bench: deps
+	./loadtest/bench.sh
+
+deps:
+	./scripts/install-deps.sh
+
+test-deps: deps
+	./scripts/install-firefox.sh

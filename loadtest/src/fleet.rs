@@ -1,0 +1,170 @@
+//! Bringing up many user agents at once and holding them: the part every
+//! scenario shares.
+
+use crate::proto::{self, Failure, Target, Ws};
+use crate::stats::{Hist, Tally};
+use futures_util::StreamExt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+/// Runs one protocol step under a deadline, naming the step on timeout.
+pub async fn step<T>(
+    phase: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::timeout(phase)),
+    }
+}
+
+/// Connect, `hello` (fresh, or resuming `uaid` with its channels) and
+/// register `register` channels, each step bounded by `limit`. Returns the
+/// socket, the uaid and one endpoint per registered channel.
+pub async fn bring_up(
+    target: &Target,
+    src: Option<IpAddr>,
+    resume: Option<(&str, &[Uuid])>,
+    register: &[(Uuid, &str)],
+    limit: Duration,
+) -> Result<(Ws, String, Vec<String>), Failure> {
+    let mut ws = step("connect", limit, proto::open(target, src)).await?;
+    let (uaid, channels) = match resume {
+        Some((u, c)) => (Some(u), c),
+        None => (None, &[][..]),
+    };
+    let got = step("hello", limit, proto::hello(&mut ws, uaid, channels)).await?;
+    let mut endpoints = Vec::with_capacity(register.len());
+    for (channel, key) in register {
+        endpoints.push(step("register", limit, proto::register(&mut ws, channel, key)).await?);
+    }
+    Ok((ws, got, endpoints))
+}
+
+/// Closes politely: close frame, then wait (briefly) for the server's.
+pub async fn close(mut ws: Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if ws.close(None).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+/// Keeps a connection open until `stop` fires, answering websocket pings (tungstenite
+/// does so while we read). Returns why the connection ended early, if it did.
+pub async fn hold(ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> Option<String> {
+    loop {
+        if *stop.borrow_and_update() {
+            return None;
+        }
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    return None;
+                }
+            }
+            msg = ws.next() => match msg {
+                None | Some(Ok(Message::Close(_))) => return Some("closed by server".into()),
+                Some(Err(e)) => return Some(proto::ws_error_name(&e)),
+                // Text here is a `{}` ping reply or a broadcast: nothing to do.
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// A user agent that made it through hello and registration.
+pub struct Up {
+    pub ws: Ws,
+    pub uaid: String,
+    pub endpoints: Vec<String>,
+}
+
+pub struct FleetSpec {
+    pub uas: usize,
+    pub channels_per_ua: usize,
+    pub concurrency: usize,
+    pub limit: Duration,
+    pub srcs: Vec<Option<IpAddr>>,
+}
+
+/// Brings up `uas` user agents, `concurrency` at a time. User agent `u`
+/// registers channels `u*channels_per_ua ..`, with `key_of(channel)` as the
+/// application server key. Failures are tallied, not fatal.
+pub async fn bring_up_all(
+    target: &Target,
+    spec: &FleetSpec,
+    channel_ids: Arc<Vec<Uuid>>,
+    keys: Arc<Vec<String>>,
+    failures: &Tally,
+    latency: &Hist,
+) -> Vec<Option<Up>> {
+    let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let mut set = JoinSet::new();
+    let mut out: Vec<Option<Up>> = (0..spec.uas).map(|_| None).collect();
+    let mut last_print = Instant::now();
+    let mut done = 0usize;
+    for u in 0..spec.uas {
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        let target = target.clone();
+        let ids = channel_ids.clone();
+        let keys = keys.clone();
+        let src = spec.srcs[u % spec.srcs.len()];
+        let per = spec.channels_per_ua;
+        let limit = spec.limit;
+        set.spawn(async move {
+            let started = Instant::now();
+            let regs: Vec<(Uuid, &str)> = (u * per..(u + 1) * per)
+                .map(|c| (ids[c], keys[c % keys.len()].as_str()))
+                .collect();
+            let r = bring_up(&target, src, None, &regs, limit).await;
+            drop(permit);
+            (u, started.elapsed(), r)
+        });
+        // Reap as we go so finished setups do not pile up in the set.
+        while let Some(res) = set.try_join_next() {
+            done += 1;
+            collect(res, &mut out, failures, latency);
+        }
+        if last_print.elapsed() > Duration::from_secs(2) {
+            eprintln!("  connected {done}/{} user agents", spec.uas);
+            last_print = Instant::now();
+        }
+    }
+    while let Some(res) = set.join_next().await {
+        collect(res, &mut out, failures, latency);
+    }
+    out
+}
+
+type SetupResult = (usize, Duration, Result<(Ws, String, Vec<String>), Failure>);
+
+fn collect(
+    res: Result<SetupResult, tokio::task::JoinError>,
+    out: &mut [Option<Up>],
+    failures: &Tally,
+    latency: &Hist,
+) {
+    match res {
+        Ok((u, took, Ok((ws, uaid, endpoints)))) => {
+            latency.record(u, took.as_micros() as u64);
+            out[u] = Some(Up {
+                ws,
+                uaid,
+                endpoints,
+            });
+        }
+        Ok((_, _, Err(f))) => failures.add(format!("setup {}", f.key())),
+        Err(_) => failures.add("setup: task failed"),
+    }
+}

@@ -1,0 +1,105 @@
+//! herald-loadtest: a load generator for Web Push services that speak the
+//! Mozilla push websocket protocol (Herald, autopush-rs). It needs only the
+//! websocket URL: push endpoints come from `register` replies.
+
+mod backlog;
+mod crypto;
+mod fleet;
+mod idle;
+mod net;
+mod proto;
+mod report;
+mod results;
+mod sender;
+mod stats;
+mod storm;
+mod throughput;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "herald-loadtest",
+    version,
+    about = "Load generator for Web Push services (Mozilla push websocket protocol + RFC 8030/8291/8292)",
+    long_about = "Load generator for Web Push services (Mozilla push websocket protocol + RFC 8030/8291/8292).\n\
+                  Each scenario prints a one-line summary and writes JSON results; `report` turns results into an HTML page.\n\
+                  Traffic goes to loopback addresses only."
+)]
+struct Cli {
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open and hold many user agents; report connect rate, failures and server memory per connection.
+    Idle(idle::IdleArgs),
+    /// Connected user agents, concurrent senders: accepted/s, delivered/s, end-to-end latency.
+    Throughput(throughput::ThroughputArgs),
+    /// Store messages for offline user agents, reconnect them, measure the drain.
+    Backlog(backlog::BacklogArgs),
+    /// Disconnect and reconnect user agents within a window; hello latency and failures.
+    Storm(storm::StormArgs),
+    /// Turn result JSON files into a self-contained HTML page with SVG plots.
+    Report(report::ReportArgs),
+    /// Internal: one worker process of `idle`.
+    #[command(hide = true)]
+    IdleWorker {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Report(args) => return finish(report::run(args)),
+        other => other,
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald-loadtest: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let work = async move {
+            match command {
+                Command::Idle(a) => idle::run(a).await,
+                Command::Throughput(a) => throughput::run(a).await,
+                Command::Backlog(a) => backlog::run(a).await,
+                Command::Storm(a) => storm::run(a).await,
+                Command::IdleWorker { spec } => idle::worker_process(&spec).await,
+                Command::Report(_) => Err(anyhow::anyhow!("report runs outside the runtime")),
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    // Held connections would otherwise be closed one by one on drop.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    finish(result)
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

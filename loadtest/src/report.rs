@@ -1,0 +1,699 @@
+//! `report`: result files in, one self-contained HTML page out (inline SVG
+//! plots, no scripts, no external assets), runs of the same scenario side by
+//! side.
+
+use crate::results::{read_result, RunResult};
+use crate::stats::LatencySummary;
+use anyhow::{bail, Context, Result};
+use plotters::coord::ranged1d::{AsRangedCoord, Ranged, ValueFormatter};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ReportArgs {
+    /// Result files; each run is labelled with the `target` it recorded.
+    pub files: Vec<PathBuf>,
+    /// A result file with an explicit label, NAME=FILE (repeatable), e.g.
+    /// --label herald=a.json --label autopush=b.json.
+    #[arg(long = "label", value_name = "NAME=FILE")]
+    pub labels: Vec<String>,
+    /// Where to write the HTML page.
+    #[arg(long, default_value = "report.html")]
+    pub out: PathBuf,
+}
+
+pub struct Run {
+    pub label: String,
+    pub file: String,
+    pub r: RunResult,
+}
+
+pub fn run(args: ReportArgs) -> Result<()> {
+    let mut inputs: Vec<(Option<String>, PathBuf)> = Vec::new();
+    for l in &args.labels {
+        let Some((name, file)) = l.split_once('=') else {
+            bail!("--label expects NAME=FILE, got {l:?}");
+        };
+        inputs.push((Some(name.to_string()), PathBuf::from(file)));
+    }
+    inputs.extend(args.files.iter().map(|f| (None, f.clone())));
+    if inputs.is_empty() {
+        bail!("no result files given");
+    }
+    let mut runs = Vec::new();
+    for (label, path) in inputs {
+        // Skip what cannot be read rather than lose the whole report.
+        match read_result(&path) {
+            Ok(r) => runs.push(Run {
+                label: label.unwrap_or_else(|| r.target.clone()),
+                file: path.display().to_string(),
+                r,
+            }),
+            Err(e) => eprintln!("report: skipping {}: {e:#}", path.display()),
+        }
+    }
+    if runs.is_empty() {
+        bail!("none of the given files is a herald-loadtest result");
+    }
+    disambiguate(&mut runs);
+    let html = render(&runs);
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.out, html).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("report: {} run(s) -> {}", runs.len(), args.out.display());
+    Ok(())
+}
+
+/// Two runs of one scenario under the same label get their file names
+/// appended, so every column and legend entry is distinct.
+fn disambiguate(runs: &mut [Run]) {
+    let clashes: Vec<bool> = (0..runs.len())
+        .map(|i| {
+            runs.iter().enumerate().any(|(j, o)| {
+                j != i && o.label == runs[i].label && o.r.scenario == runs[i].r.scenario
+            })
+        })
+        .collect();
+    for (i, clash) in clashes.into_iter().enumerate() {
+        if clash {
+            let stem = Path::new(&runs[i].file)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            runs[i].label = format!("{} ({stem})", runs[i].label);
+        }
+    }
+}
+
+const SCENARIOS: [(&str, &str, &str); 4] = [
+    (
+        "idle",
+        "User agents opened (hello + register) and held; server memory per connection and what stopped the climb.",
+        "setup",
+    ),
+    (
+        "throughput",
+        "Connected user agents, concurrent senders posting VAPID-signed aes128gcm messages; latency is request sent to notification received.",
+        "end_to_end",
+    ),
+    (
+        "backlog",
+        "Messages stored for offline user agents, drained on reconnect with the same uaid and channelIDs.",
+        "reconnect_hello",
+    ),
+    (
+        "storm",
+        "User agents dropped and reconnected within a window; latency is connect start to hello reply.",
+        "reconnect_hello",
+    ),
+];
+
+pub fn render(runs: &[Run]) -> String {
+    let mut h = String::new();
+    h.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>herald-loadtest report</title>\n<style>\n");
+    h.push_str(
+        "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}\
+         table{border-collapse:collapse;margin:1em 0;font-size:14px}\
+         td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}\
+         th:first-child,td:first-child{text-align:left}\
+         th{background:#f2f2f2}\
+         .plots{display:flex;flex-wrap:wrap;gap:12px}\
+         .plots svg{border:1px solid #ddd}\
+         .note{color:#555}\
+         code{font-size:13px}\n",
+    );
+    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th></tr>\n");
+    for run in runs {
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td style=\"text-align:left\">{}</td></tr>",
+            esc(&run.label),
+            esc(&run.r.scenario),
+            esc(&run.file),
+            esc(&run.r.summary)
+        );
+    }
+    h.push_str("</table>\n");
+    let mut names: Vec<&str> = SCENARIOS.iter().map(|s| s.0).collect();
+    for run in runs {
+        if !names.contains(&run.r.scenario.as_str()) {
+            names.push(&run.r.scenario);
+        }
+    }
+    for name in names {
+        let group: Vec<&Run> = runs.iter().filter(|r| r.r.scenario == name).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let (about, main_latency) = SCENARIOS
+            .iter()
+            .find(|s| s.0 == name)
+            .map(|s| (s.1, Some(s.2)))
+            .unwrap_or(("", None));
+        let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(name), esc(about));
+        h.push_str(&table(&group));
+        for run in &group {
+            for n in &run.r.notes {
+                let _ = writeln!(h, "<p class=\"note\">{}: {}</p>", esc(&run.label), esc(n));
+            }
+        }
+        h.push_str("<div class=\"plots\">\n");
+        let latency_names: Vec<String> = match main_latency {
+            Some(l) => vec![l.to_string()],
+            None => {
+                let mut all: Vec<String> = group
+                    .iter()
+                    .flat_map(|r| r.r.latency.keys().cloned())
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+        };
+        for lname in latency_names {
+            let series: Vec<(String, Vec<(f64, f64)>)> = group
+                .iter()
+                .filter_map(|r| {
+                    r.r.latency
+                        .get(&lname)
+                        .map(|l| (r.label.clone(), cdf_points(l)))
+                })
+                .filter(|(_, p)| !p.is_empty())
+                .collect();
+            if !series.is_empty() {
+                h.push_str(&svg_or_note(cdf_chart(
+                    &format!("{lname} latency CDF"),
+                    &series,
+                )));
+            }
+        }
+        let rate_series: Vec<(String, Vec<(f64, f64)>)> = group
+            .iter()
+            .flat_map(|r| {
+                let mut names: Vec<&String> =
+                    r.r.rates.iter().flat_map(|p| p.rates.keys()).collect();
+                names.sort();
+                names.dedup();
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let pts =
+                            r.r.rates
+                                .iter()
+                                .filter_map(|p| p.rates.get(n).map(|v| (p.t_s, *v)))
+                                .collect();
+                        (format!("{} {n}", r.label), pts)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(_, p): &(String, Vec<(f64, f64)>)| !p.is_empty())
+            .collect();
+        if !rate_series.is_empty() {
+            h.push_str(&svg_or_note(linear_chart(
+                "throughput over time",
+                "seconds",
+                "per second",
+                &rate_series,
+                SeriesLabelPosition::UpperRight,
+            )));
+        }
+        let mem_series: Vec<(String, Vec<(f64, f64)>)> = group
+            .iter()
+            .filter(|r| !r.r.memory.is_empty())
+            .map(|r| {
+                (
+                    r.label.clone(),
+                    r.r.memory
+                        .iter()
+                        .map(|m| (m.connections as f64, m.rss_kib as f64 / 1024.0))
+                        .collect(),
+                )
+            })
+            .collect();
+        if !mem_series.is_empty() {
+            h.push_str(&svg_or_note(linear_chart(
+                "server memory against connections",
+                "open connections",
+                "server RSS (MiB)",
+                &mem_series,
+                // Memory grows towards the upper right.
+                SeriesLabelPosition::UpperLeft,
+            )));
+        }
+        h.push_str("</div>\n");
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// Metrics, errors and latency percentiles, one column per run.
+fn table(group: &[&Run]) -> String {
+    let mut t = String::from("<table><tr><th></th>");
+    for r in group {
+        let _ = write!(t, "<th>{}</th>", esc(&r.label));
+    }
+    t.push_str("</tr>\n");
+    let mut keys: Vec<&String> = Vec::new();
+    for r in group {
+        for k in r.r.metrics.keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    for k in keys {
+        let _ = write!(t, "<tr><td>{}</td>", esc(k));
+        for r in group {
+            let _ = write!(
+                t,
+                "<td>{}</td>",
+                r.r.metrics.get(k).map(fmt_value).unwrap_or_default()
+            );
+        }
+        t.push_str("</tr>\n");
+    }
+    let mut lat_names: Vec<&String> = group.iter().flat_map(|r| r.r.latency.keys()).collect();
+    lat_names.sort();
+    lat_names.dedup();
+    for name in lat_names {
+        for (label, get) in [
+            (
+                "p50",
+                (|l: &LatencySummary| l.p50_ms) as fn(&LatencySummary) -> f64,
+            ),
+            ("p90", |l| l.p90_ms),
+            ("p99", |l| l.p99_ms),
+            ("p99.9", |l| l.p999_ms),
+            ("max", |l| l.max_ms),
+        ] {
+            let _ = write!(t, "<tr><td>{} {label} (ms)</td>", esc(name));
+            for r in group {
+                let cell =
+                    r.r.latency
+                        .get(name)
+                        .filter(|l| l.count > 0)
+                        .map(|l| format!("{:.2}", get(l)))
+                        .unwrap_or_default();
+                let _ = write!(t, "<td>{cell}</td>");
+            }
+            t.push_str("</tr>\n");
+        }
+    }
+    let mut err_names: Vec<&String> = group.iter().flat_map(|r| r.r.errors.keys()).collect();
+    err_names.sort();
+    err_names.dedup();
+    for e in err_names {
+        let _ = write!(t, "<tr><td>error: {}</td>", esc(e));
+        for r in group {
+            let _ = write!(
+                t,
+                "<td>{}</td>",
+                r.r.errors.get(e).map(|n| n.to_string()).unwrap_or_default()
+            );
+        }
+        t.push_str("</tr>\n");
+    }
+    t.push_str("</table>\n");
+    t
+}
+
+fn fmt_value(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => u.to_string(),
+            (_, Some(i), _) => i.to_string(),
+            (_, _, Some(f)) => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        Value::String(s) => esc(s),
+        other => esc(&other.to_string()),
+    }
+}
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// A label safe to hand to the SVG backend (which writes text verbatim):
+/// markup characters are dropped rather than escaped twice.
+fn svg_text(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, '<' | '>' | '&' | '"' | '\''))
+        .take(60)
+        .collect()
+}
+
+fn svg_or_note(r: Result<String, String>) -> String {
+    match r {
+        Ok(svg) => svg,
+        Err(e) => format!("<p class=\"note\">plot failed: {}</p>", esc(&e)),
+    }
+}
+
+/// CDF points with latency > 0 (a log axis cannot show 0), in percent.
+fn cdf_points(l: &LatencySummary) -> Vec<(f64, f64)> {
+    l.cdf
+        .iter()
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0)
+        .map(|&(x, y)| (x, y * 100.0))
+        .collect()
+}
+
+/// Axis numbers without spurious decimals ("20000", not "20000.0").
+fn axis_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.1}").trim_end_matches(".0").to_string()
+    } else {
+        format!("{v:.3}").trim_end_matches('0').to_string()
+    }
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+const SIZE: (u32, u32) = (540, 360);
+
+fn bounds(series: &[(String, Vec<(f64, f64)>)]) -> Option<(f64, f64, f64, f64)> {
+    let pts = series
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
+    let mut b: Option<(f64, f64, f64, f64)> = None;
+    for &(x, y) in pts {
+        b = Some(match b {
+            None => (x, x, y, y),
+            Some((x0, x1, y0, y1)) => (x0.min(x), x1.max(x), y0.min(y), y1.max(y)),
+        });
+    }
+    b
+}
+
+fn cdf_chart(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<String, String> {
+    let (x0, x1, _, _) = bounds(series).ok_or("no data")?;
+    let lo = (x0 / 1.5).max(1e-3);
+    let hi = (x1 * 1.5).max(lo * 10.0);
+    chart(
+        title,
+        "latency (ms, log scale)",
+        "% at or below",
+        series,
+        (lo..hi).log_scale(),
+        0.0..100.0,
+        // A CDF leaves its lower right empty.
+        SeriesLabelPosition::LowerRight,
+    )
+}
+
+fn linear_chart(
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<String, String> {
+    let (x0, x1, _, y1) = bounds(series).ok_or("no data")?;
+    let x0 = x0.min(0.0);
+    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    // Headroom above the data so the legend does not cover it.
+    let y1 = if y1 > 0.0 {
+        y1 * (1.15 + 0.08 * series.len() as f64)
+    } else {
+        1.0
+    };
+    chart(title, xl, yl, series, x0..x1, 0.0..y1, legend)
+}
+
+fn chart<X>(
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    x: X,
+    y: std::ops::Range<f64>,
+    legend: SeriesLabelPosition,
+) -> Result<String, String>
+where
+    X: AsRangedCoord<Value = f64>,
+    X::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let mut buf = String::new();
+    {
+        let root = SVGBackend::with_string(&mut buf, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut ch = ChartBuilder::on(&root)
+            .caption(svg_text(title), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x, y)
+            .map_err(|e| e.to_string())?;
+        ch.configure_mesh()
+            .x_label_formatter(&|v| axis_num(*v))
+            .y_label_formatter(&|v| axis_num(*v))
+            .x_desc(svg_text(xl))
+            .y_desc(svg_text(yl))
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            ch.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(svg_text(name))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            if pts.len() == 1 {
+                ch.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        ch.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .position(legend)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::MemoryPoint;
+    use crate::stats::{Hist, RatePoint};
+
+    fn sample(scenario: &str, target: &str, scale: u64) -> RunResult {
+        let hist = Hist::new();
+        for i in 1..=500u64 {
+            hist.record(0, i * 37 * scale);
+        }
+        let mut r = RunResult {
+            tool: "herald-loadtest".into(),
+            scenario: scenario.into(),
+            target: target.into(),
+            summary: format!("{scenario} <b>summary</b>"),
+            ..Default::default()
+        };
+        r.metrics
+            .insert("accepted_per_s".into(), serde_json::json!(1234.567));
+        r.metrics.insert(
+            "stopped_by".into(),
+            serde_json::json!("the server's <limit>"),
+        );
+        r.errors.insert("status 503".into(), 3);
+        r.latency.insert(
+            "end_to_end".into(),
+            LatencySummary::from_hist(&hist.merged()),
+        );
+        r.latency
+            .insert("setup".into(), LatencySummary::from_hist(&hist.merged()));
+        r.rates = (1..10)
+            .map(|t| RatePoint {
+                t_s: t as f64,
+                rates: [("accepted".to_string(), 100.0 * t as f64)]
+                    .into_iter()
+                    .collect(),
+            })
+            .collect();
+        r.memory = (0..5)
+            .map(|i| MemoryPoint {
+                connections: i * 1000,
+                rss_kib: 10_000 + i * 3000,
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn renders_side_by_side_with_plots() {
+        let runs = vec![
+            Run {
+                label: "herald".into(),
+                file: "a.json".into(),
+                r: sample("throughput", "herald", 1),
+            },
+            Run {
+                label: "autopush".into(),
+                file: "b.json".into(),
+                r: sample("throughput", "autopush", 3),
+            },
+            Run {
+                label: "herald".into(),
+                file: "c.json".into(),
+                r: sample("idle", "herald", 1),
+            },
+        ];
+        let html = render(&runs);
+        assert!(html.starts_with("<!DOCTYPE html>"));
+        // Per scenario: latency CDF, rates over time, memory against connections.
+        assert_eq!(html.matches("<svg").count(), 6);
+        assert!(html.contains("<th>herald</th><th>autopush</th>"));
+        assert!(html.contains("1234.57"));
+        // Content from result files is escaped, never markup.
+        assert!(html.contains("&lt;b&gt;summary&lt;/b&gt;"));
+        assert!(html.contains("the server&#39;s &lt;limit&gt;"));
+        assert!(!html.contains("<b>summary"));
+        assert!(!html.contains("<script"));
+    }
+
+    #[test]
+    fn empty_and_degenerate_runs_do_not_break_rendering() {
+        let mut r = RunResult {
+            tool: "herald-loadtest".into(),
+            scenario: "storm".into(),
+            ..Default::default()
+        };
+        r.latency
+            .insert("reconnect_hello".into(), LatencySummary::default());
+        r.rates = vec![RatePoint {
+            t_s: 0.0,
+            rates: [("x".to_string(), 0.0)].into_iter().collect(),
+        }];
+        r.memory = vec![MemoryPoint {
+            connections: 0,
+            rss_kib: 0,
+        }];
+        let html = render(&[Run {
+            label: "t".into(),
+            file: "f".into(),
+            r,
+        }]);
+        assert!(html.contains("<h2>storm</h2>"));
+        let mut odd = sample("custom", "x", 1);
+        odd.latency
+            .get_mut("end_to_end")
+            .unwrap()
+            .cdf
+            .push((f64::NAN, 0.5));
+        let html = render(&[Run {
+            label: "x".into(),
+            file: "f".into(),
+            r: odd,
+        }]);
+        assert!(html.contains("<h2>custom</h2>") && html.contains("<svg"));
+    }
+
+    #[test]
+    fn axis_numbers_are_short() {
+        assert_eq!(axis_num(20000.0), "20000");
+        assert_eq!(axis_num(2.0), "2");
+        assert_eq!(axis_num(2.5), "2.5");
+        assert_eq!(axis_num(0.5), "0.5");
+        assert_eq!(axis_num(0.0), "0");
+        assert_eq!(axis_num(-150.4), "-150");
+    }
+
+    #[test]
+    fn duplicate_labels_get_file_names() {
+        let mut runs = vec![
+            Run {
+                label: "herald".into(),
+                file: "x/run1.json".into(),
+                r: sample("storm", "herald", 1),
+            },
+            Run {
+                label: "herald".into(),
+                file: "x/run2.json".into(),
+                r: sample("storm", "herald", 1),
+            },
+            Run {
+                label: "herald".into(),
+                file: "x/run3.json".into(),
+                r: sample("idle", "herald", 1),
+            },
+        ];
+        disambiguate(&mut runs);
+        assert_eq!(runs[0].label, "herald (run1)");
+        assert_eq!(runs[1].label, "herald (run2)");
+        assert_eq!(runs[2].label, "herald");
+    }
+
+    #[test]
+    fn cli_reads_files_and_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.json");
+        std::fs::write(
+            &a,
+            serde_json::to_string(&sample("throughput", "herald", 1)).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            &b,
+            serde_json::to_string(&sample("throughput", "herald", 2)).unwrap(),
+        )
+        .unwrap();
+        let junk = dir.path().join("junk.json");
+        std::fs::write(&junk, "{").unwrap();
+        let out = dir.path().join("r/report.html");
+        run(ReportArgs {
+            files: vec![a.clone(), junk.clone()],
+            labels: vec![format!("other={}", b.display())],
+            out: out.clone(),
+        })
+        .unwrap();
+        let html = std::fs::read_to_string(&out).unwrap();
+        assert!(html.contains("<th>other</th>") && html.contains("<th>herald</th>"));
+        assert!(run(ReportArgs {
+            files: vec![junk],
+            labels: vec![],
+            out: out.clone()
+        })
+        .is_err());
+        assert!(run(ReportArgs {
+            files: vec![],
+            labels: vec!["nolabel".into()],
+            out
+        })
+        .is_err());
+    }
+}

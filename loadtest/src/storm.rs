@@ -1,0 +1,262 @@
+//! Scenario `storm`: every user agent drops and comes back within a short
+//! window, as after a network blip or a server restart behind a proxy. The
+//! numbers that matter are how long `hello` takes and whether the server
+//! keeps each user agent's uaid (a new one makes Firefox drop its
+//! subscriptions).
+
+use crate::fleet::{self, FleetSpec};
+use crate::net;
+use crate::proto::Target;
+use crate::results::{Common, CpuMeter, RunResult, ServerProc};
+use crate::stats::{self, Hist, LatencySummary, RateSampler, Tally};
+use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum CloseMode {
+    /// Websocket close handshake, as a browser shutting down.
+    Clean,
+    /// TCP close without a close frame, as a tab crash or network drop.
+    Drop,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StormArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// User agents that reconnect.
+    #[arg(long, default_value_t = 1000)]
+    pub uas: usize,
+    /// Seconds over which the reconnects are spread evenly.
+    #[arg(long, default_value_t = 5.0)]
+    pub window: f64,
+    /// How each user agent goes away before coming back.
+    #[arg(long, value_enum, default_value_t = CloseMode::Drop)]
+    pub close: CloseMode,
+    /// Seconds to stay connected after the window before finishing.
+    #[arg(long, default_value_t = 2.0)]
+    pub settle: f64,
+}
+
+#[derive(Default)]
+struct Counts {
+    attempted: AtomicU64,
+    reconnected: AtomicU64,
+    failed: AtomicU64,
+    uaid_changed: AtomicU64,
+    dropped_before: AtomicU64,
+    dropped_after: AtomicU64,
+}
+
+pub async fn run(args: StormArgs) -> Result<()> {
+    let common = &args.common;
+    if args.uas == 0 || common.channels == 0 {
+        bail!("--uas and --channels must be at least 1");
+    }
+    let target = Target::new(&common.url).await?;
+    let nofile = net::raise_nofile_limit();
+    // Dropped sockets linger briefly while new ones open: leave headroom.
+    if (args.uas + 200) as u64 > nofile.soft {
+        bail!(
+            "{} user agents need more than this process's {} open files",
+            args.uas,
+            nofile.soft
+        );
+    }
+    let server = common.server_pid.map(ServerProc);
+    let limit = common.limit();
+    let per_ua = common.channels;
+    let mut result = RunResult::new(
+        "storm",
+        common,
+        serde_json::json!({
+            "uas": args.uas, "channels_per_ua": per_ua, "window_s": args.window,
+            "close": format!("{:?}", args.close).to_lowercase(), "settle_s": args.settle,
+            "concurrency": common.concurrency,
+        }),
+    );
+    let run_start = Instant::now();
+    let errors = Arc::new(Tally::default());
+    let vapid = crate::crypto::Vapid::generate()?;
+    let keys = Arc::new(vec![vapid.public_b64.clone()]);
+    let ids: Arc<Vec<Uuid>> = Arc::new(
+        (0..args.uas * per_ua)
+            .map(|_| crate::proto::new_channel_id())
+            .collect(),
+    );
+    eprintln!("storm: connecting {} user agents", args.uas);
+    let setup_latency = Hist::new();
+    let spec = FleetSpec {
+        uas: args.uas,
+        channels_per_ua: per_ua,
+        concurrency: common.concurrency,
+        limit,
+        srcs: vec![None],
+    };
+    let ups = fleet::bring_up_all(&target, &spec, ids.clone(), keys, &errors, &setup_latency).await;
+    let up_count = ups.iter().filter(|u| u.is_some()).count();
+    if up_count == 0 {
+        bail!("no user agent could connect: {:?}", errors.snapshot());
+    }
+    let rss_before = server.and_then(|s| s.rss_kib());
+
+    let cpu = CpuMeter::start(server);
+    let counts = Arc::new(Counts::default());
+    let hello_latency = Arc::new(Hist::new());
+    let window = stats::secs(args.window);
+    // A moment for every task to be waiting before the first reconnect.
+    let storm_start = Instant::now() + Duration::from_millis(500);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for (i, (u, up)) in ups
+        .into_iter()
+        .enumerate()
+        .filter_map(|(u, up)| up.map(|x| (u, x)))
+        .enumerate()
+    {
+        let at = storm_start + window.mul_f64(i as f64 / up_count as f64);
+        let (target, ids, counts, errors, hello_latency) = (
+            target.clone(),
+            ids.clone(),
+            counts.clone(),
+            errors.clone(),
+            hello_latency.clone(),
+        );
+        let mut stop = stop_rx.clone();
+        let mode = args.close;
+        tasks.spawn(async move {
+            let mut ws = up.ws;
+            // Hold until this user agent's moment. The sender is kept alive
+            // (never fired) so only the sleep or a server drop ends the wait.
+            let (_never, mut early) = watch::channel(false);
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                ended = fleet::hold(&mut ws, &mut early) => {
+                    if let Some(reason) = ended {
+                        counts.dropped_before.fetch_add(1, Relaxed);
+                        errors.add(format!("dropped before storm: {reason}"));
+                    }
+                    tokio::time::sleep_until(at.into()).await;
+                }
+            }
+            match mode {
+                CloseMode::Clean => fleet::close(ws).await,
+                CloseMode::Drop => drop(ws),
+            }
+            counts.attempted.fetch_add(1, Relaxed);
+            let t0 = Instant::now();
+            let mine = &ids[u * per_ua..(u + 1) * per_ua];
+            match fleet::bring_up(&target, None, Some((&up.uaid, mine)), &[], limit).await {
+                Ok((mut ws, got, _)) => {
+                    hello_latency.record(u, t0.elapsed().as_micros() as u64);
+                    counts.reconnected.fetch_add(1, Relaxed);
+                    if got != up.uaid {
+                        counts.uaid_changed.fetch_add(1, Relaxed);
+                    }
+                    match fleet::hold(&mut ws, &mut stop).await {
+                        Some(reason) => {
+                            counts.dropped_after.fetch_add(1, Relaxed);
+                            errors.add(format!("dropped after reconnect: {reason}"));
+                        }
+                        None => fleet::close(ws).await,
+                    }
+                }
+                Err(f) => {
+                    counts.failed.fetch_add(1, Relaxed);
+                    errors.add(format!("reconnect {}", f.key()));
+                }
+            }
+        });
+    }
+
+    let every = stats::sample_interval(window + Duration::from_secs(1));
+    let mut sampler = RateSampler::new(&["reconnects"], &[0]);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let end_of_window = storm_start + window;
+    // Every reconnect is bounded by two step limits after its moment.
+    let hard_end = end_of_window + limit * 2 + Duration::from_secs(1);
+    let mut last_print = Instant::now();
+    loop {
+        tick.tick().await;
+        sampler.sample(&[counts.reconnected.load(Relaxed)]);
+        let done = counts.reconnected.load(Relaxed) + counts.failed.load(Relaxed);
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "  reconnected {}/{up_count}",
+                counts.reconnected.load(Relaxed)
+            );
+            last_print = Instant::now();
+        }
+        if (done as usize >= up_count && Instant::now() >= end_of_window)
+            || Instant::now() >= hard_end
+        {
+            break;
+        }
+    }
+    let storm_secs = storm_start.elapsed().as_secs_f64();
+    cpu.record(&mut result);
+    tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
+    let rss_after = server.and_then(|s| s.rss_kib());
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+
+    let lat = LatencySummary::from_hist(&hello_latency.merged());
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    stats::merge_tally(&mut result.errors, &errors.snapshot());
+    let changed = counts.uaid_changed.load(Relaxed);
+    if changed > 0 {
+        result
+            .errors
+            .insert("uaid changed on reconnect".into(), changed);
+    }
+    let reconnected = counts.reconnected.load(Relaxed);
+    let failed = counts.failed.load(Relaxed);
+    result.metric("uas_connected", up_count as u64);
+    result.metric("reconnect_attempts", counts.attempted.load(Relaxed));
+    result.metric("reconnected", reconnected);
+    result.metric("failed", failed);
+    result.metric("uaid_changed", changed);
+    result.metric("dropped_before_storm", counts.dropped_before.load(Relaxed));
+    result.metric(
+        "dropped_after_reconnect",
+        counts.dropped_after.load(Relaxed),
+    );
+    result.metric("storm_s", r2(storm_secs));
+    result.metric(
+        "reconnects_per_s",
+        r2(if storm_secs > 0.0 {
+            reconnected as f64 / storm_secs
+        } else {
+            0.0
+        }),
+    );
+    if let (Some(b), Some(a)) = (rss_before, rss_after) {
+        result.metric("server_rss_before_kib", b);
+        result.metric("server_rss_after_kib", a);
+    }
+    result.latency.insert("reconnect_hello".into(), lat.clone());
+    result.latency.insert(
+        "setup".into(),
+        LatencySummary::from_hist(&setup_latency.merged()),
+    );
+    result.rates = sampler.points;
+    result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
+    result.summary = format!(
+        "storm[{}]: {reconnected}/{up_count} reconnected within {:.1}s ({failed} failed, {changed} uaid changed); hello {}",
+        common.target,
+        args.window,
+        lat.short()
+    );
+    result.finish(common.out.as_deref())?;
+    Ok(())
+}

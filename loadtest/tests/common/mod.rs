@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests: run the load generator with a
+//! deadline and read back its JSON.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn loadtest_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_herald-loadtest"))
+}
+
+/// Output of one run of the tool.
+pub struct Ran {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the tool with a hard deadline; a hung run fails the test instead of
+/// hanging it.
+pub fn run(args: &[&str], deadline: Duration) -> Ran {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut child = Command::new(loadtest_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("starting herald-loadtest");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for herald-loadtest") {
+            break Some(s);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let ran = Ran {
+        ok: status.is_some_and(|s| s.success()),
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    };
+    assert!(
+        status.is_some(),
+        "herald-loadtest {args:?} still running after {deadline:?}\nstdout:\n{}\nstderr:\n{}",
+        ran.stdout,
+        ran.stderr
+    );
+    ran
+}
+
+/// Runs a scenario that must succeed and returns its JSON results.
+pub fn scenario(args: &[&str], out: &Path, deadline: Duration) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    let out_s = out.to_str().expect("utf-8 path");
+    all.extend(["--out", out_s]);
+    let ran = run(&all, deadline);
+    assert!(
+        ran.ok,
+        "herald-loadtest {all:?} failed\nstdout:\n{}\nstderr:\n{}",
+        ran.stdout, ran.stderr
+    );
+    // The one-line summary goes to stdout.
+    assert_eq!(ran.stdout.lines().count(), 1, "stdout: {}", ran.stdout);
+    let text = std::fs::read_to_string(out).expect("results file written");
+    let v: Value = serde_json::from_str(&text).expect("results are JSON");
+    assert_eq!(v["tool"], "herald-loadtest");
+    assert_eq!(v["summary"].as_str(), Some(ran.stdout.trim()));
+    eprintln!("{}", ran.stdout.trim());
+    v
+}
+
+pub fn metric(v: &Value, name: &str) -> f64 {
+    v["metrics"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("metric {name} missing in {}", v["metrics"]))
+}
+
+pub fn assert_no_errors(v: &Value) {
+    let errors = v["errors"].as_object().expect("errors object");
+    assert!(
+        errors.is_empty(),
+        "{} reported errors: {errors:?}",
+        v["scenario"]
+    );
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+/// Checks what every sane latency summary satisfies.
+pub fn assert_latency(v: &Value, name: &str, count: u64) {
+    let l = &v["latency"][name];
+    assert_eq!(l["count"].as_u64(), Some(count), "{name}: {l}");
+    let p50 = l["p50_ms"].as_f64().expect("p50");
+    let p99 = l["p99_ms"].as_f64().expect("p99");
+    let max = l["max_ms"].as_f64().expect("max");
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{name}: {l}");
+    let cdf = l["cdf"].as_array().expect("cdf");
+    assert!(!cdf.is_empty());
+    assert_eq!(cdf.last().and_then(|p| p[1].as_f64()), Some(1.0));
+}

@@ -1,0 +1,249 @@
+//! Every scenario at tiny scale against a freshly started Herald, then
+//! `report` over the results. Needs the `herald` binary built
+//! (`cargo build --workspace --bins`).
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The herald binary: $HERALD_BIN, else next to this crate's binary (same
+/// target directory), else $CARGO_TARGET_DIR/debug, else the workspace's
+/// target/debug.
+fn herald_bin() -> PathBuf {
+    let mut tried = Vec::new();
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("HERALD_BIN") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Some(dir) = loadtest_bin().parent() {
+        candidates.push(dir.join("herald"));
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(t).join("debug/herald"));
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/herald"));
+    candidates.dedup();
+    for c in candidates {
+        if c.is_file() {
+            return c;
+        }
+        tried.push(c.display().to_string());
+    }
+    panic!(
+        "the herald binary was not found (tried {}); build it first with `cargo build --workspace --bins`",
+        tried.join(", ")
+    );
+}
+
+struct Herald {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Herald {
+    fn start() -> Herald {
+        let bin = herald_bin();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let log = dir.path().join("herald.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(&bin)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--public-url", &format!("http://127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log file"))
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut h = Herald {
+            child,
+            port,
+            log,
+            _dir: dir,
+        };
+        h.wait_ready();
+        h
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Ready when GET /health answers 200, or (before /health exists) when
+    /// a websocket upgrade is accepted.
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("herald exited during startup ({status}):\n{}", self.log());
+            }
+            if http_status(self.port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") == Some(200)
+                || http_status(
+                    self.port,
+                    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                     Sec-WebSocket-Protocol: push-notification\r\n\r\n",
+                ) == Some(101)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("herald did not become ready within 60 s:\n{}", self.log());
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+}
+
+fn http_status(port: u16, request: &str) -> Option<u16> {
+    let mut s =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn every_scenario_against_herald_then_report() {
+    let herald = Herald::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = herald.url();
+    let pid = herald.child.id().to_string();
+    let t = Duration::from_secs(120);
+    let base = [
+        "--url",
+        url.as_str(),
+        "--target",
+        "herald",
+        "--timeout",
+        "10",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let run_scenario = |name: &str, extra: &[&'static str]| {
+        let mut args = vec![name.to_string()];
+        args.extend(with(extra));
+        args.extend(["--server-pid".to_string(), pid.clone()]);
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let out = dir.path().join(format!("{name}.json"));
+        let v = scenario(&refs, &out, t);
+        (v, out)
+    };
+
+    let (idle, idle_f) = run_scenario("idle", &["--uas", "20", "--hold", "1"]);
+    assert_no_errors(&idle);
+    assert_eq!(metric(&idle, "established"), 20.0);
+    assert_eq!(metric(&idle, "open_at_end"), 20.0);
+    assert_eq!(metric(&idle, "failed"), 0.0);
+    assert!(metric(&idle, "server_rss_after_kib") > 0.0);
+    assert!(metric(&idle, "connect_rate_per_s") > 0.0);
+    assert!(idle["metrics"]["server_kib_per_connection"].is_number());
+    assert!(!idle["memory"].as_array().expect("memory").is_empty());
+    assert_latency(&idle, "setup", 20);
+
+    let (tp, tp_f) = run_scenario(
+        "throughput",
+        &[
+            "--uas",
+            "20",
+            "--senders",
+            "4",
+            "--messages",
+            "200",
+            "--duration",
+            "60",
+            "--payload",
+            "256",
+            "--verify-every",
+            "1",
+        ],
+    );
+    assert_no_errors(&tp);
+    assert_eq!(metric(&tp, "sent"), 200.0);
+    assert_eq!(metric(&tp, "accepted"), 200.0);
+    assert_eq!(metric(&tp, "delivered"), 200.0, "delivered == sent");
+    assert_eq!(metric(&tp, "lost"), 0.0);
+    assert_eq!(metric(&tp, "verified_ok"), 200.0);
+    assert_eq!(metric(&tp, "acks_sent"), 200.0);
+    assert!(metric(&tp, "accepted_per_s") > 0.0 && metric(&tp, "delivered_per_s") > 0.0);
+    assert_latency(&tp, "end_to_end", 200);
+    assert!(!tp["rates"].as_array().expect("rates").is_empty());
+
+    let (bl, bl_f) = run_scenario(
+        "backlog",
+        &[
+            "--uas",
+            "20",
+            "--messages-per-channel",
+            "10",
+            "--senders",
+            "4",
+            "--payload",
+            "256",
+        ],
+    );
+    assert_no_errors(&bl);
+    assert_eq!(metric(&bl, "stored"), 200.0);
+    assert_eq!(metric(&bl, "delivered"), 200.0);
+    assert_eq!(metric(&bl, "missing"), 0.0);
+    assert_eq!(metric(&bl, "extra"), 0.0);
+    assert!(metric(&bl, "drain_s") > 0.0 && metric(&bl, "drain_per_s") > 0.0);
+    assert_latency(&bl, "reconnect_hello", 20);
+
+    let (st, st_f) = run_scenario(
+        "storm",
+        &["--uas", "20", "--window", "1", "--settle", "0.5"],
+    );
+    assert_no_errors(&st);
+    assert_eq!(metric(&st, "reconnected"), 20.0);
+    assert_eq!(metric(&st, "failed"), 0.0);
+    assert_eq!(metric(&st, "uaid_changed"), 0.0);
+    assert_latency(&st, "reconnect_hello", 20);
+
+    let html = dir.path().join("report.html");
+    let label = format!("herald-label={}", tp_f.display());
+    let ran = run(
+        &[
+            "report",
+            idle_f.to_str().unwrap(),
+            bl_f.to_str().unwrap(),
+            st_f.to_str().unwrap(),
+            "--label",
+            &label,
+            "--out",
+            html.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(ran.ok, "report failed: {}", ran.stderr);
+    let page = std::fs::read_to_string(&html).expect("report written");
+    assert!(page.contains("<svg"), "report has plots");
+    assert!(page.matches("<svg").count() >= 4);
+    assert!(page.contains("herald-label"));
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build needs, only when missing: clang and
+# libclang-dev (RocksDB's bindgen), a C++ compiler, and libssl-dev with
+# pkg-config (the `ece` library the load generator and tests use).
+# The browser for the end-to-end tests comes from install-firefox.sh.
+set -euo pipefail
+need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for p in clang libclang-dev g++ make libssl-dev pkg-config; do have_pkg "$p" || need+=("$p"); done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi

@@ -1,0 +1,59 @@
+//! The state every connection and request shares.
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::store::Store;
+use crate::token::TokenCodec;
+use crate::vapid::VapidVerifier;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+pub struct App {
+    pub settings: Settings,
+    pub store: Arc<dyn Store>,
+    pub tokens: TokenCodec,
+    pub router: Router,
+    pub metrics: Arc<Metrics>,
+    pub vapid: VapidVerifier,
+    /// Flips to true once when shutdown begins; connections watch it.
+    pub shutdown: watch::Sender<bool>,
+    /// Websocket connections open now (including those still before hello).
+    pub connections: AtomicUsize,
+}
+
+impl App {
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        tokens: TokenCodec,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let vapid = VapidVerifier::new(&settings.public_url.origin, settings.jwt_cache_size);
+        App {
+            settings,
+            store,
+            tokens,
+            router: Router::new(),
+            metrics,
+            vapid,
+            shutdown: watch::channel(false).0,
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Resolves once shutdown has begun. (Wraps `watch::Receiver::wait_for` so
+/// the borrow it returns is not held across the caller's awaits.)
+pub async fn shutdown_begun(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}

@@ -1,0 +1,510 @@
+//! Settings: defaults, overridden by a TOML file, overridden by `HERALD_*`
+//! environment variables, overridden by command-line flags. Every value is
+//! checked once at start; a bad one stops Herald with one line naming it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every setting: name, default, help. The name is the TOML key; the
+/// environment variable is `HERALD_` + the name in upper case.
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    ("listen", "127.0.0.1:8080", "address for the user-agent websocket and, unless endpoint_listen is set, the HTTP API"),
+    ("endpoint_listen", "", "optional separate address for the application-server HTTP API"),
+    ("metrics_listen", "", "optional private address serving /metrics (otherwise on the main listener)"),
+    ("data_dir", "./herald-data", "directory for the database and the generated endpoint key"),
+    ("public_url", "", "base URL of every endpoint handed out (default http://<listen>); its origin is the VAPID audience"),
+    ("endpoint_keys", "", "base64url 32-byte keys for endpoint tokens, comma-separated; the first seals, all open"),
+    ("hello_timeout", "10s", "time a new websocket has to send hello"),
+    ("ping_interval", "5m", "idle time after which the server pings a websocket"),
+    ("ping_timeout", "30s", "time to answer a server ping before the connection is closed"),
+    ("max_connections", "100000", "most websocket connections held at once"),
+    ("max_channels_per_uaid", "500", "most subscriptions one user agent may hold"),
+    ("max_frame_size", "32768", "largest websocket message accepted from a user agent, in bytes"),
+    ("client_rate_limit", "50", "websocket messages per second a user agent may send (bursts of twice that)"),
+    ("max_ttl", "30d", "longest TTL applied; larger requested TTLs are lowered"),
+    ("max_message_bytes", "4096", "largest push payload accepted, in bytes"),
+    ("max_stored_messages", "1000", "most undelivered messages kept per user agent; beyond it senders get 429"),
+    ("ua_expiry", "60d", "user agents silent this long are dropped with their subscriptions"),
+    ("sync_writes", "false", "fsync every accepted message before answering (group commit)"),
+    ("delivery_window", "64", "most unacknowledged messages in flight per connection"),
+    ("jwt_cache_size", "10000", "verified VAPID tokens remembered"),
+    ("sweep_interval", "1h", "how often expired messages and silent user agents are removed"),
+    ("shutdown_timeout", "10s", "how long shutdown waits for connections to close"),
+    ("log_format", "text", "text or json"),
+    ("log_level", "info", "tracing filter, e.g. info or herald=debug (RUST_LOG overrides)"),
+    ("tls_cert", "", "PEM certificate chain; with tls_key, listeners speak wss:// and https://"),
+    ("tls_key", "", "PEM private key for tls_cert; both are reloaded on SIGHUP"),
+];
+
+/// `herald serve` flags. Everything else is set in the file or environment.
+#[derive(clap::Args, Debug, Default, Clone)]
+#[command(after_long_help = settings_help())]
+pub struct ServeArgs {
+    /// Address for the websocket (GET / with Upgrade) and the HTTP API [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Data directory, created if missing [default: ./herald-data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<String>,
+    /// Base of every endpoint URL handed out [default: http://<listen>]
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+    /// TOML file with any of the settings listed below
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+fn settings_help() -> String {
+    let mut s = String::from(
+        "Settings (TOML key in --config FILE; environment variable HERALD_<KEY>).\n\
+         Precedence: flags > environment > file > defaults. Durations: 30, 30s, 5m, 2h, 60d.\n\n",
+    );
+    for (name, default, help) in SETTINGS {
+        let d = if default.is_empty() { "unset" } else { default };
+        s.push_str(&format!("  {name:<22} {help} [default: {d}]\n"));
+    }
+    s
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublicUrl {
+    /// Without a trailing slash.
+    pub base: String,
+    /// scheme://host[:port], the audience VAPID tokens must name.
+    pub origin: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub endpoint_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub public_url: PublicUrl,
+    pub endpoint_keys: Vec<[u8; 32]>,
+    pub hello_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub max_connections: usize,
+    pub max_channels_per_uaid: usize,
+    pub max_frame_size: usize,
+    pub client_rate_limit: u32,
+    pub max_ttl: u64,
+    pub max_message_bytes: usize,
+    pub max_stored_messages: usize,
+    pub ua_expiry: Duration,
+    pub sync_writes: bool,
+    pub delivery_window: usize,
+    pub jwt_cache_size: usize,
+    pub sweep_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// One bad setting: which, from where, and what is wrong.
+#[derive(Debug, PartialEq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+struct Layered {
+    values: BTreeMap<&'static str, (String, &'static str)>,
+}
+
+impl Layered {
+    fn raw(&self, name: &str) -> (&str, &'static str) {
+        let (v, src) = &self.values[name];
+        (v.as_str(), src)
+    }
+
+    fn get<T>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let (v, src) = self.raw(name);
+        parse(v).map_err(|e| ConfigError(format!("setting `{name}` ({src}, value {v:?}): {e}")))
+    }
+
+    fn opt<T>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        if self.raw(name).0.trim().is_empty() {
+            return Ok(None);
+        }
+        self.get(name, parse).map(Some)
+    }
+}
+
+impl Settings {
+    /// Builds settings from the layers. `env` is passed in (rather than read
+    /// here) so tests can exercise precedence without touching the process.
+    pub fn load(args: &ServeArgs, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+        let mut values: BTreeMap<&'static str, (String, &'static str)> = SETTINGS
+            .iter()
+            .map(|(n, d, _)| (*n, (d.to_string(), "default")))
+            .collect();
+
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                ConfigError(format!("config file {}: {}", path.display(), e.message()))
+            })?;
+            for (key, value) in table {
+                let name = SETTINGS
+                    .iter()
+                    .map(|(n, _, _)| *n)
+                    .find(|n| *n == key)
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "config file {}: unknown setting `{key}`",
+                            path.display()
+                        ))
+                    })?;
+                let text = toml_to_string(&value)
+                    .map_err(|e| ConfigError(format!("setting `{name}` (config file): {e}")))?;
+                values.insert(name, (text, "config file"));
+            }
+        }
+        for (name, _, _) in SETTINGS {
+            if let Some(v) = env.get(&format!("HERALD_{}", name.to_ascii_uppercase())) {
+                values.insert(name, (v.clone(), "environment"));
+            }
+        }
+        for (name, flag) in [
+            ("listen", &args.listen),
+            ("data_dir", &args.data_dir),
+            ("public_url", &args.public_url),
+            ("log_format", &args.log_format),
+        ] {
+            if let Some(v) = flag {
+                values.insert(name, (v.clone(), "flag"));
+            }
+        }
+        let l = Layered { values };
+
+        let listen: SocketAddr = l.get("listen", parse_addr)?;
+        let public_url = match l.opt("public_url", parse_public_url)? {
+            Some(u) => u,
+            None => parse_public_url(&format!("http://{listen}")).map_err(ConfigError)?,
+        };
+        let settings = Settings {
+            listen,
+            endpoint_listen: l.opt("endpoint_listen", parse_addr)?,
+            metrics_listen: l.opt("metrics_listen", parse_addr)?,
+            data_dir: l.get("data_dir", |v| {
+                if v.trim().is_empty() {
+                    Err("must not be empty".into())
+                } else {
+                    Ok(PathBuf::from(v))
+                }
+            })?,
+            public_url,
+            endpoint_keys: l
+                .opt("endpoint_keys", |v| {
+                    let list: Vec<String> = v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    crate::token::parse_keys(&list)
+                })?
+                .unwrap_or_default(),
+            hello_timeout: l.get("hello_timeout", parse_positive_duration)?,
+            ping_interval: l.get("ping_interval", parse_positive_duration)?,
+            ping_timeout: l.get("ping_timeout", parse_positive_duration)?,
+            max_connections: l.get("max_connections", parse_count)?,
+            max_channels_per_uaid: l.get("max_channels_per_uaid", parse_count)?,
+            max_frame_size: l.get("max_frame_size", |v| {
+                let n = parse_count(v)?;
+                if n < 1024 {
+                    Err("must be at least 1024 bytes".into())
+                } else {
+                    Ok(n)
+                }
+            })?,
+            client_rate_limit: l.get("client_rate_limit", |v| {
+                parse_count(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".to_string()))
+            })?,
+            max_ttl: l.get("max_ttl", parse_duration)?.as_secs(),
+            max_message_bytes: l.get("max_message_bytes", parse_count)?,
+            max_stored_messages: l.get("max_stored_messages", parse_count)?,
+            ua_expiry: l.get("ua_expiry", parse_positive_duration)?,
+            sync_writes: l.get("sync_writes", parse_bool)?,
+            delivery_window: l.get("delivery_window", parse_count)?,
+            jwt_cache_size: l.get("jwt_cache_size", parse_count)?,
+            sweep_interval: l.get("sweep_interval", parse_positive_duration)?,
+            shutdown_timeout: l.get("shutdown_timeout", parse_duration)?,
+            log_format: l.get("log_format", |v| match v.trim() {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("must be text or json".into()),
+            })?,
+            log_level: l.get("log_level", |v| Ok(v.trim().to_string()))?,
+            tls_cert: l.opt("tls_cert", |v| Ok(PathBuf::from(v.trim())))?,
+            tls_key: l.opt("tls_key", |v| Ok(PathBuf::from(v.trim())))?,
+        };
+        if settings.tls_cert.is_some() != settings.tls_key.is_some() {
+            return Err(ConfigError(
+                "settings `tls_cert` and `tls_key`: set both or neither".into(),
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+fn toml_to_string(v: &toml::Value) -> Result<String, String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(toml_to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join(",")),
+        _ => Err("expected a string, number, boolean or list".into()),
+    }
+}
+
+fn parse_addr(v: &str) -> Result<SocketAddr, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| "expected an address like 127.0.0.1:8080 or [::]:8080".into())
+}
+
+fn parse_count(v: &str) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number".into()),
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// `30`, `30s`, `500ms`, `5m`, `2h`, `60d`.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a duration like 30s, 5m, 2h or 60d".to_string())?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| "duration too large".to_string())
+    };
+    match unit.trim() {
+        "" | "s" => secs(1),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => Err("unknown unit: use ms, s, m, h or d".into()),
+    }
+}
+
+fn parse_positive_duration(v: &str) -> Result<Duration, String> {
+    let d = parse_duration(v)?;
+    if d.is_zero() {
+        Err("must be longer than zero".into())
+    } else {
+        Ok(d)
+    }
+}
+
+fn parse_public_url(v: &str) -> Result<PublicUrl, String> {
+    let v = v.trim().trim_end_matches('/');
+    let uri: http::Uri = v.parse().map_err(|_| "not a URL".to_string())?;
+    let scheme = uri.scheme_str().unwrap_or("");
+    if scheme != "http" && scheme != "https" {
+        return Err("must start with http:// or https://".into());
+    }
+    let host = uri.host().ok_or_else(|| "has no host".to_string())?;
+    if uri.query().is_some() {
+        return Err("must not have a query".into());
+    }
+    let origin = match uri.port_u16() {
+        Some(p) if !((scheme == "http" && p == 80) || (scheme == "https" && p == 443)) => {
+            format!("{scheme}://{host}:{p}")
+        }
+        _ => format!("{scheme}://{host}"),
+    };
+    Ok(PublicUrl {
+        base: v.to_string(),
+        origin: origin.to_ascii_lowercase(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::load(&ServeArgs::default(), &BTreeMap::new()).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.public_url.base, "http://127.0.0.1:8080");
+        assert_eq!(s.public_url.origin, "http://127.0.0.1:8080");
+        assert_eq!(s.data_dir, PathBuf::from("./herald-data"));
+        assert_eq!(s.hello_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_ttl, 30 * 86400);
+        assert_eq!(s.ua_expiry, Duration::from_secs(60 * 86400));
+        assert!(!s.sync_writes);
+    }
+
+    #[test]
+    fn precedence_is_flags_env_file_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1000\"\nmax_ttl = \"1h\"\nmax_channels_per_uaid = 7\nsync_writes = true\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let s = Settings::load(&args, &BTreeMap::new()).unwrap();
+        assert_eq!(s.listen.port(), 1000);
+        assert_eq!(s.max_ttl, 3600);
+        assert_eq!(s.max_channels_per_uaid, 7);
+        assert!(s.sync_writes);
+
+        let e = env(&[
+            ("HERALD_LISTEN", "127.0.0.1:2000"),
+            ("HERALD_MAX_TTL", "2h"),
+        ]);
+        let s = Settings::load(&args, &e).unwrap();
+        assert_eq!(s.listen.port(), 2000);
+        assert_eq!(s.max_ttl, 7200);
+
+        let args = ServeArgs {
+            config: Some(file),
+            listen: Some("127.0.0.1:3000".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(&args, &e).unwrap();
+        assert_eq!(s.listen.port(), 3000);
+        assert_eq!(s.public_url.base, "http://127.0.0.1:3000");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = env(&[("HERALD_HELLO_TIMEOUT", "soon")]);
+        let err = Settings::load(&ServeArgs::default(), &e).unwrap_err();
+        assert!(
+            err.0.contains("hello_timeout") && err.0.contains("environment"),
+            "{err}"
+        );
+
+        let args = ServeArgs {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        let err = Settings::load(&args, &BTreeMap::new()).unwrap_err();
+        assert!(
+            err.0.contains("`listen`") && err.0.contains("flag"),
+            "{err}"
+        );
+
+        let args = ServeArgs {
+            public_url: Some("ftp://x".into()),
+            ..Default::default()
+        };
+        assert!(Settings::load(&args, &BTreeMap::new())
+            .unwrap_err()
+            .0
+            .contains("public_url"));
+
+        let e = env(&[("HERALD_ENDPOINT_KEYS", "short")]);
+        assert!(Settings::load(&ServeArgs::default(), &e)
+            .unwrap_err()
+            .0
+            .contains("endpoint_keys"));
+
+        let e = env(&[("HERALD_TLS_CERT", "/c.pem")]);
+        assert!(Settings::load(&ServeArgs::default(), &e)
+            .unwrap_err()
+            .0
+            .contains("tls_key"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
+        std::fs::write(&file, "lisen = \"x\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let err = Settings::load(&args, &BTreeMap::new()).unwrap_err();
+        assert!(err.0.contains("unknown setting `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn public_url_origin() {
+        let u = parse_public_url("https://Push.Example.com/").unwrap();
+        assert_eq!(u.base, "https://Push.Example.com");
+        assert_eq!(u.origin, "https://push.example.com");
+        let u = parse_public_url("https://push.example.com:443/prefix").unwrap();
+        assert_eq!(u.origin, "https://push.example.com");
+        assert_eq!(u.base, "https://push.example.com:443/prefix");
+        let u = parse_public_url("http://localhost:8080").unwrap();
+        assert_eq!(u.origin, "http://localhost:8080");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            parse_duration("60d").unwrap(),
+            Duration::from_secs(60 * 86400)
+        );
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_positive_duration("0").is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! The websocket edge: reads frames, feeds them to a `Session`, carries out
+//! what it returns, and runs the timers (hello deadline, keepalive pings).
+//! Per-connection state is kept small so a node can hold many idle user
+//! agents: small socket buffers, one task, no per-connection threads.
+
+use crate::app::App;
+use crate::router::Binding;
+use crate::session::{close, Action, Session};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{sleep, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio_tungstenite::WebSocketStream;
+
+/// Socket buffer sizes for a push session. Frames are small (a notification
+/// is at most ~5.6 KiB of JSON); tungstenite's 128 KiB defaults would cost
+/// far more than the session itself. Buffers grow on demand for larger frames.
+pub fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Runs one user agent's connection to its end.
+pub async fn serve<S>(app: Arc<App>, mut ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    app.metrics.ws_connections.inc();
+    let mut session = Session::new(app.clone());
+    let mut binding: Option<Binding> = None;
+    let mut shutdown = app.shutdown.subscribe();
+    let mut actions = Vec::new();
+    let settings = &app.settings;
+    let hello_deadline = Instant::now() + settings.hello_timeout;
+    // One timer does double duty: when idle, it fires to send a ping; after
+    // a ping, it fires if no pong (or anything else) came back in time.
+    let keepalive = sleep(settings.ping_interval);
+    tokio::pin!(keepalive);
+    let mut awaiting_pong = false;
+
+    loop {
+        let (routed_rx, backlog_flag) = match &mut binding {
+            Some(b) => (Some(&mut b.rx), Some(&*b.backlog)),
+            None => (None, None),
+        };
+        let flow = tokio::select! {
+            frame = ws.next() => {
+                match frame {
+                    Some(Ok(frame)) => {
+                        keepalive.as_mut().reset(Instant::now() + settings.ping_interval);
+                        awaiting_pong = false;
+                        match frame {
+                            WsMessage::Text(text) => {
+                                session.on_text(text.as_str(), &mut actions);
+                                Flow::Continue
+                            }
+                            WsMessage::Binary(_) => {
+                                actions.push(Action::Close(close::UNSUPPORTED, "binary frames are not part of the protocol".into()));
+                                Flow::Continue
+                            }
+                            WsMessage::Close(_) => Flow::Stop,
+                            // tungstenite answers pings itself.
+                            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Flow::Continue,
+                        }
+                    }
+                    Some(Err(WsError::Capacity(e))) => {
+                        actions.push(Action::Close(close::TOO_BIG, format!("frame too large: {e}")));
+                        Flow::Continue
+                    }
+                    Some(Err(WsError::Protocol(e))) => {
+                        actions.push(Action::Close(close::PROTOCOL, e.to_string()));
+                        Flow::Continue
+                    }
+                    Some(Err(WsError::Utf8(_))) => {
+                        actions.push(Action::Close(close::PROTOCOL, "text frame is not UTF-8".into()));
+                        Flow::Continue
+                    }
+                    Some(Err(_)) | None => Flow::Stop,
+                }
+            }
+            routed = recv(routed_rx) => {
+                match routed {
+                    Some(m) => session.on_routed(&m, &mut actions),
+                    None => actions.push(Action::Close(close::NORMAL, "another connection took over this uaid".into())),
+                }
+                Flow::Continue
+            }
+            _ = backlog(backlog_flag) => {
+                session.on_backlog();
+                Flow::Continue
+            }
+            _ = sleep_until_opt(session.uaid().is_none().then_some(hello_deadline)) => {
+                actions.push(Action::Close(close::POLICY, "no hello in time".into()));
+                Flow::Continue
+            }
+            _ = &mut keepalive => {
+                if awaiting_pong {
+                    tracing::debug!("closing a connection that stopped answering pings");
+                    Flow::Stop
+                } else {
+                    awaiting_pong = true;
+                    keepalive.as_mut().reset(Instant::now() + settings.ping_timeout);
+                    match ws.send(WsMessage::Ping(Default::default())).await {
+                        Ok(()) => Flow::Continue,
+                        Err(_) => Flow::Stop,
+                    }
+                }
+            }
+            _ = crate::app::shutdown_begun(&mut shutdown) => {
+                actions.push(Action::Close(close::GOING_AWAY, "server shutting down".into()));
+                Flow::Continue
+            }
+        };
+        if let Flow::Stop = flow {
+            break;
+        }
+        // Carry out what the event produced, then let the session top up its
+        // delivery window (after Bind, so nothing routed in between is lost).
+        let mut stop = perform(&app, &mut ws, &mut actions, &mut binding).await;
+        if !stop {
+            session.pump(&mut actions);
+            stop = perform(&app, &mut ws, &mut actions, &mut binding).await;
+        }
+        if stop {
+            break;
+        }
+    }
+
+    if let (Some(uaid), Some(b)) = (session.uaid(), &binding) {
+        app.router.unbind(&uaid, b.id);
+    }
+    app.metrics.ws_connections.dec();
+    app.connections.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Returns true when the connection must end.
+async fn perform<S>(
+    app: &App,
+    ws: &mut WebSocketStream<S>,
+    actions: &mut Vec<Action>,
+    binding: &mut Option<Binding>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if actions.is_empty() {
+        return false;
+    }
+    let mut wrote = false;
+    for action in actions.drain(..) {
+        match action {
+            Action::Send(text) => {
+                if ws.feed(WsMessage::text(text)).await.is_err() {
+                    return true;
+                }
+                wrote = true;
+            }
+            Action::Bind(uaid) => *binding = Some(app.router.bind(uaid)),
+            Action::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                };
+                let _ = ws.send(WsMessage::Close(Some(frame))).await;
+                // Give the peer a moment to answer the close handshake.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                return true;
+            }
+        }
+    }
+    wrote && ws.flush().await.is_err()
+}
+
+async fn recv(
+    rx: Option<&mut tokio::sync::mpsc::Receiver<Arc<crate::store::Message>>>,
+) -> Option<Arc<crate::store::Message>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn backlog(flag: Option<&crate::router::Backlog>) {
+    match flag {
+        Some(b) => b.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

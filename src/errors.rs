@@ -1,0 +1,178 @@
+//! The application-server API's errors. Every refusal carries an HTTP status
+//! and a stable `errno`; numbers shared with autopush mean the same thing
+//! there, so existing client libraries recognise them. `proto-docs/errors.md`
+//! lists them all.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub errno: u16,
+    pub message: String,
+    /// Seconds, sent as `Retry-After` (429 and 503).
+    pub retry_after: Option<u64>,
+    /// Label for the metrics of VAPID failures.
+    pub vapid_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: u16,
+    errno: u16,
+    error: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: u16, errno: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            errno,
+            message: message.into(),
+            retry_after: None,
+            vapid_reason: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&Body {
+            code: self.status,
+            errno: self.errno,
+            error: reason_phrase(self.status),
+            message: &self.message,
+        })
+        .expect("error body serialises")
+    }
+
+    // 400
+    pub fn missing_crypto(msg: &str) -> Self {
+        Self::new(400, 101, msg)
+    }
+    pub fn invalid_crypto(msg: &str) -> Self {
+        Self::new(400, 110, msg)
+    }
+    pub fn missing_ttl() -> Self {
+        Self::new(400, 111, "missing TTL header")
+    }
+    pub fn invalid_ttl(v: &str) -> Self {
+        Self::new(
+            400,
+            112,
+            format!("invalid TTL header {v:?}: must be a non-negative integer number of seconds"),
+        )
+    }
+    pub fn invalid_topic() -> Self {
+        Self::new(
+            400,
+            113,
+            "invalid Topic header: at most 32 characters of the URL-safe base64 alphabet",
+        )
+    }
+    pub fn invalid_urgency(v: &str) -> Self {
+        Self::new(
+            400,
+            114,
+            format!("invalid Urgency header {v:?}: use very-low, low, normal or high"),
+        )
+    }
+    // 401 / 403
+    pub fn unauthorized(reason: &'static str, msg: impl Into<String>) -> Self {
+        let mut e = Self::new(401, 109, msg);
+        e.vapid_reason = Some(reason);
+        e
+    }
+    pub fn key_mismatch() -> Self {
+        let mut e = Self::new(
+            403,
+            115,
+            "the VAPID key is not the application server key this subscription was made with",
+        );
+        e.vapid_reason = Some("key_mismatch");
+        e
+    }
+    // 404
+    pub fn invalid_endpoint() -> Self {
+        Self::new(
+            404,
+            102,
+            "invalid endpoint: this URL was not issued by this push service",
+        )
+    }
+    pub fn no_message() -> Self {
+        Self::new(
+            404,
+            117,
+            "no such message: it was delivered, expired, replaced or never existed",
+        )
+    }
+    pub fn not_found() -> Self {
+        Self::new(404, 119, "no such resource")
+    }
+    pub fn method_not_allowed() -> Self {
+        Self::new(405, 118, "method not allowed on this resource")
+    }
+    // 410
+    pub fn user_gone() -> Self {
+        Self::new(
+            410,
+            103,
+            "this subscription's user agent is gone; stop sending to it",
+        )
+    }
+    pub fn subscription_gone() -> Self {
+        Self::new(
+            410,
+            106,
+            "this subscription was unregistered; stop sending to it",
+        )
+    }
+    // 413
+    pub fn too_large(max: usize) -> Self {
+        Self::new(413, 104, format!("payload too large: at most {max} bytes"))
+    }
+    // 429
+    pub fn too_many_stored(max: usize) -> Self {
+        let mut e = Self::new(
+            429,
+            116,
+            format!("this user agent already has {max} undelivered messages; retry later"),
+        );
+        e.retry_after = Some(60);
+        e
+    }
+    // 5xx
+    pub fn storage(err: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(503, 201, format!("storage unavailable: {err}"));
+        e.retry_after = Some(10);
+        e
+    }
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_the_four_fields() {
+        let v: serde_json::Value =
+            serde_json::from_str(&ApiError::invalid_endpoint().to_json()).unwrap();
+        assert_eq!(v["code"], 404);
+        assert_eq!(v["errno"], 102);
+        assert_eq!(v["error"], "Not Found");
+        assert!(v["message"].as_str().unwrap().contains("endpoint"));
+    }
+
+    #[test]
+    fn retry_after_on_backpressure() {
+        assert_eq!(ApiError::too_many_stored(10).retry_after, Some(60));
+        assert_eq!(ApiError::too_many_stored(10).status, 429);
+    }
+}

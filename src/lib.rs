@@ -1,0 +1,25 @@
+//! Herald, a Web Push service.
+//!
+//! User agents hold a websocket (`connect`, driving the pure `session` state
+//! machine over `protocol` messages); application servers POST to endpoint URLs
+//! (`endpoint`, checked by `vapid` and `webpush` header parsing). Messages are
+//! kept in a `store` and handed to live connections by the `router`.
+
+pub mod app;
+pub mod appserver;
+pub mod config;
+pub mod connect;
+pub mod demo;
+pub mod endpoint;
+pub mod errors;
+pub mod ids;
+pub mod metrics;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tls;
+pub mod token;
+pub mod vapid;
+pub mod webpush;

@@ -1,0 +1,46 @@
+//! The `herald` command: the push service itself (`serve`) and the tools an
+//! application server needs to use it (`vapid`, `send`, `demo`).
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald, a Web Push service (Mozilla push websocket protocol, RFC 8030, RFC 8291, RFC 8292)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the push service: the user-agent websocket and the application-server HTTP API.
+    Serve(herald::config::ServeArgs),
+    /// Make or inspect VAPID key pairs for application servers.
+    #[command(subcommand)]
+    Vapid(herald::appserver::VapidCommand),
+    /// Send one push message to a subscription, as an application server would.
+    Send(herald::appserver::SendArgs),
+    /// Serve a demo page and application server that use a Herald.
+    Demo(herald::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => herald::server::run_from_args(args),
+        Command::Vapid(cmd) => herald::appserver::run_vapid(cmd),
+        Command::Send(args) => herald::appserver::run_send(args),
+        Command::Demo(args) => herald::demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

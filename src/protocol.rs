@@ -1,0 +1,345 @@
+//! The user-agent websocket protocol (Mozilla's push protocol, as Firefox
+//! speaks it): parsing what clients send and rendering what the server sends.
+//! Pure code; `session` gives the messages their meaning.
+
+use crate::webpush::Urgency;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A message from the user agent.
+#[derive(Debug, PartialEq)]
+pub enum ClientMessage {
+    Hello {
+        uaid: Option<String>,
+        channel_ids: Vec<String>,
+    },
+    Register {
+        channel_id: String,
+        key: Option<String>,
+    },
+    Unregister {
+        channel_id: String,
+        code: Option<u32>,
+    },
+    /// Accepted and ignored until broadcasts are supported.
+    BroadcastSubscribe,
+    Ack {
+        updates: Vec<AckUpdate>,
+    },
+    Nack {
+        version: String,
+        code: Option<i64>,
+    },
+    /// Extension: the lowest urgency the user agent wants delivered now
+    /// (`{"messageType":"urgency","min":"low"}`, as in autopush-rs).
+    Urgency {
+        min: Urgency,
+    },
+    Ping,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+pub struct AckUpdate {
+    #[serde(rename = "channelID", default)]
+    pub channel_id: String,
+    pub version: String,
+    #[serde(default)]
+    pub code: Option<i64>,
+}
+
+/// Why a frame could not be understood; the text goes into the close frame.
+#[derive(Debug, PartialEq)]
+pub struct ParseError(pub String);
+
+// The wire shape. Unknown fields are ignored so clients can add their own
+// (Firefox sends `use_webpush` and `broadcasts` in hello).
+#[derive(Deserialize)]
+#[serde(tag = "messageType", rename_all = "snake_case")]
+enum Wire {
+    Hello {
+        #[serde(default)]
+        uaid: Option<String>,
+        #[serde(rename = "channelIDs", default)]
+        channel_ids: Option<Vec<String>>,
+    },
+    Register {
+        #[serde(rename = "channelID")]
+        channel_id: String,
+        #[serde(default)]
+        key: Option<String>,
+    },
+    Unregister {
+        #[serde(rename = "channelID")]
+        channel_id: String,
+        #[serde(default)]
+        code: Option<u32>,
+    },
+    BroadcastSubscribe {},
+    Ack {
+        updates: Vec<AckUpdate>,
+    },
+    Nack {
+        version: String,
+        #[serde(default)]
+        code: Option<i64>,
+    },
+    Urgency {
+        min: String,
+    },
+    Ping {},
+}
+
+impl ClientMessage {
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let trimmed = text.trim();
+        // The classic ping is an empty object in both directions.
+        if trimmed == "{}" {
+            return Ok(ClientMessage::Ping);
+        }
+        let wire: Wire = serde_json::from_str(trimmed).map_err(|e| {
+            let kind = if trimmed.starts_with('{') && e.is_data() {
+                "unknown or malformed message"
+            } else {
+                "invalid JSON"
+            };
+            ParseError(format!("{kind}: {e}"))
+        })?;
+        Ok(match wire {
+            Wire::Hello { uaid, channel_ids } => ClientMessage::Hello {
+                // Firefox sends an empty string for "no uaid" in some versions.
+                uaid: uaid.filter(|u| !u.is_empty()),
+                channel_ids: channel_ids.unwrap_or_default(),
+            },
+            Wire::Register { channel_id, key } => ClientMessage::Register {
+                channel_id,
+                key: key.filter(|k| !k.is_empty()),
+            },
+            Wire::Unregister { channel_id, code } => ClientMessage::Unregister { channel_id, code },
+            Wire::BroadcastSubscribe {} => ClientMessage::BroadcastSubscribe,
+            Wire::Ack { updates } => ClientMessage::Ack { updates },
+            Wire::Nack { version, code } => ClientMessage::Nack { version, code },
+            Wire::Urgency { min } => ClientMessage::Urgency {
+                min: Urgency::parse(&min)
+                    .ok_or_else(|| ParseError(format!("unknown urgency {min:?}")))?,
+            },
+            Wire::Ping {} => ClientMessage::Ping,
+        })
+    }
+}
+
+/// Headers forwarded with an encrypted payload so the user agent can decrypt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotificationHeaders {
+    pub encoding: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crypto_key: Option<String>,
+}
+
+/// A message from the server.
+#[derive(Debug, Serialize)]
+#[serde(tag = "messageType", rename_all = "snake_case")]
+pub enum ServerMessage<'a> {
+    Hello {
+        uaid: String,
+        status: u16,
+        use_webpush: bool,
+        broadcasts: BTreeMap<String, String>,
+    },
+    Register {
+        #[serde(rename = "channelID")]
+        channel_id: &'a str,
+        status: u16,
+        #[serde(rename = "pushEndpoint", skip_serializing_if = "Option::is_none")]
+        push_endpoint: Option<String>,
+    },
+    Unregister {
+        #[serde(rename = "channelID")]
+        channel_id: &'a str,
+        status: u16,
+    },
+    Notification {
+        #[serde(rename = "channelID")]
+        channel_id: String,
+        version: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        headers: Option<&'a NotificationHeaders>,
+        ttl: u64,
+    },
+    Urgency {
+        status: u16,
+    },
+}
+
+impl ServerMessage<'_> {
+    pub fn to_json(&self) -> String {
+        // Serialising these plain structs cannot fail.
+        serde_json::to_string(self).expect("server message serialises")
+    }
+}
+
+/// The server's answer to a ping.
+pub const PING_REPLY: &str = "{}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_firefox_sends() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"hello","broadcasts":{},"use_webpush":true}"#),
+            Ok(ClientMessage::Hello {
+                uaid: None,
+                channel_ids: vec![]
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"messageType":"hello","uaid":"0123456789abcdef0123456789abcdef","channelIDs":["a","b"],"broadcasts":{"remote-settings/monitor_changes":"\"0\""},"use_webpush":true}"#
+            ),
+            Ok(ClientMessage::Hello {
+                uaid: Some("0123456789abcdef0123456789abcdef".into()),
+                channel_ids: vec!["a".into(), "b".into()]
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"channelID":"c","messageType":"register","key":"BAAA=="}"#),
+            Ok(ClientMessage::Register {
+                channel_id: "c".into(),
+                key: Some("BAAA==".into())
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"channelID":"c","messageType":"unregister","code":200}"#),
+            Ok(ClientMessage::Unregister {
+                channel_id: "c".into(),
+                code: Some(200)
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"messageType":"broadcast_subscribe","broadcasts":{"remote-settings/monitor_changes":"\"0\""}}"#
+            ),
+            Ok(ClientMessage::BroadcastSubscribe)
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"messageType":"ack","updates":[{"channelID":"c","version":"v","code":100}]}"#
+            ),
+            Ok(ClientMessage::Ack {
+                updates: vec![AckUpdate {
+                    channel_id: "c".into(),
+                    version: "v".into(),
+                    code: Some(100)
+                }]
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"nack","version":"v","code":302}"#),
+            Ok(ClientMessage::Nack {
+                version: "v".into(),
+                code: Some(302)
+            })
+        );
+        assert_eq!(ClientMessage::parse("{}"), Ok(ClientMessage::Ping));
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"urgency","min":"high"}"#),
+            Ok(ClientMessage::Urgency { min: Urgency::High })
+        );
+    }
+
+    #[test]
+    fn empty_uaid_and_key_mean_absent() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"hello","uaid":""}"#),
+            Ok(ClientMessage::Hello {
+                uaid: None,
+                channel_ids: vec![]
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"register","channelID":"c","key":""}"#),
+            Ok(ClientMessage::Register {
+                channel_id: "c".into(),
+                key: None
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_reason() {
+        for bad in [
+            "garbage",
+            "[]",
+            r#"{"messageType":"launch"}"#,
+            r#"{"messageType":"register"}"#,
+            r#"{"messageType":"urgency","min":"whenever"}"#,
+            r#"{"no":"type"}"#,
+        ] {
+            let err = ClientMessage::parse(bad).unwrap_err();
+            assert!(!err.0.is_empty(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_server_messages_as_firefox_expects() {
+        let hello = ServerMessage::Hello {
+            uaid: "u".into(),
+            status: 200,
+            use_webpush: true,
+            broadcasts: BTreeMap::new(),
+        }
+        .to_json();
+        assert_eq!(
+            hello,
+            r#"{"messageType":"hello","uaid":"u","status":200,"use_webpush":true,"broadcasts":{}}"#
+        );
+        let headers = NotificationHeaders {
+            encoding: "aes128gcm".into(),
+            encryption: None,
+            crypto_key: None,
+        };
+        let n = ServerMessage::Notification {
+            channel_id: "c".into(),
+            version: "v".into(),
+            data: Some("AAA".into()),
+            headers: Some(&headers),
+            ttl: 60,
+        }
+        .to_json();
+        assert_eq!(
+            n,
+            r#"{"messageType":"notification","channelID":"c","version":"v","data":"AAA","headers":{"encoding":"aes128gcm"},"ttl":60}"#
+        );
+        let bare = ServerMessage::Notification {
+            channel_id: "c".into(),
+            version: "v".into(),
+            data: None,
+            headers: None,
+            ttl: 0,
+        }
+        .to_json();
+        assert_eq!(
+            bare,
+            r#"{"messageType":"notification","channelID":"c","version":"v","ttl":0}"#
+        );
+        let reg = ServerMessage::Register {
+            channel_id: "c",
+            status: 400,
+            push_endpoint: None,
+        }
+        .to_json();
+        assert_eq!(
+            reg,
+            r#"{"messageType":"register","channelID":"c","status":400}"#
+        );
+    }
+}

@@ -1,0 +1,512 @@
+//! Starting and stopping Herald: listeners, request routing, background
+//! upkeep, and graceful shutdown.
+
+use crate::app::App;
+use crate::config::{LogFormat, ServeArgs, Settings};
+use crate::endpoint::{self, error_response, json, Response};
+use crate::errors::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{now_secs, RocksStore};
+use crate::token::{load_or_create_keys, ApiVersion, TokenCodec};
+use anyhow::Context;
+use bytes::Bytes;
+use http::{header, Method, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+/// What one listener answers besides the health checks.
+#[derive(Clone, Copy)]
+struct Serves {
+    websocket: bool,
+    api: bool,
+    metrics: bool,
+}
+
+/// Entry point of `herald serve`.
+pub fn run_from_args(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let env = std::env::vars()
+        .filter(|(k, _)| k.starts_with("HERALD_"))
+        .collect();
+    let settings = match Settings::load(&args, &env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    init_logging(&settings);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(settings).await?;
+        wait_for_signal().await;
+        server.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn init_logging(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// A running Herald.
+pub struct Server {
+    pub app: Arc<App>,
+    /// Where each listener actually bound (ports may have been 0).
+    pub addrs: Vec<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn start(settings: Settings) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        let keys = if settings.endpoint_keys.is_empty() {
+            load_or_create_keys(&settings.data_dir)?
+        } else {
+            settings.endpoint_keys.clone()
+        };
+        let tokens = TokenCodec::new(&keys)?;
+        let metrics = Arc::new(Metrics::new());
+        let db_path = settings.data_dir.join("db");
+        let store = RocksStore::open(
+            &db_path,
+            settings.sync_writes,
+            Some(metrics.messages_expired.clone()),
+        )
+        .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", db_path.display()))?;
+        let tls = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
+            _ => None,
+        };
+        let app = Arc::new(App::new(settings, Arc::new(store), tokens, metrics));
+        let s = &app.settings;
+
+        let mut plan = vec![(
+            s.listen,
+            Serves {
+                websocket: true,
+                api: s.endpoint_listen.is_none(),
+                metrics: s.metrics_listen.is_none(),
+            },
+        )];
+        if let Some(a) = s.endpoint_listen {
+            plan.push((
+                a,
+                Serves {
+                    websocket: false,
+                    api: true,
+                    metrics: false,
+                },
+            ));
+        }
+        if let Some(a) = s.metrics_listen {
+            plan.push((
+                a,
+                Serves {
+                    websocket: false,
+                    api: false,
+                    metrics: true,
+                },
+            ));
+        }
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for (addr, serves) in plan {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(%local, websocket = serves.websocket, api = serves.api, metrics = serves.metrics, "listening");
+            addrs.push(local);
+            tasks.push(tokio::spawn(accept_loop(
+                app.clone(),
+                listener,
+                serves,
+                tls.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(upkeep(app.clone())));
+        if let Some(tls) = tls {
+            tasks.push(tokio::spawn(reload_on_sighup(tls)));
+        }
+        tracing::info!(public_url = %app.settings.public_url.base, "herald ready");
+        Ok(Server { app, addrs, tasks })
+    }
+
+    /// Turns /ready to 503 and refuses new websockets, closes open ones with
+    /// 1001 so user agents reconnect elsewhere, waits for them (pushes are
+    /// still accepted meanwhile), then stops listening and flushes the store.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.app.begin_shutdown();
+        let deadline = tokio::time::Instant::now() + self.app.settings.shutdown_timeout;
+        while self.app.connections.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        let store = self.app.store.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => tracing::info!("store flushed; bye"),
+            Ok(Err(e)) => tracing::error!("flushing the store: {e}"),
+            Err(e) => tracing::error!("flushing the store: {e}"),
+        }
+    }
+}
+
+async fn reload_on_sighup(tls: Arc<crate::tls::Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; certificates will not reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => tracing::error!("TLS reload failed, keeping the old certificate: {e:#}"),
+        }
+    }
+}
+
+async fn accept_loop(
+    app: Arc<App>,
+    listener: TcpListener,
+    serves: Serves,
+    tls: Option<Arc<crate::tls::Tls>>,
+) {
+    // Runs until shutdown aborts it, after websockets have drained: until
+    // then /ready must answer 503 and pushes are still accepted.
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_http(app.clone(), stream, serves));
+                    }
+                    Some(tls) => {
+                        let acceptor = tls.acceptor();
+                        let app = app.clone();
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(stream)) => serve_http(app, stream, serves).await,
+                                Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(app: Arc<App>, stream: I, serves: Serves)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Requests keep being served while websockets drain at shutdown (so
+    // /ready can say 503 and pushes are still stored); the process exit
+    // ends what is left.
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(app, req, serves).await) }
+    });
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
+}
+
+async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> Response {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let segments: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
+
+    if serves.websocket && path == "/" && is_upgrade(&req) {
+        return upgrade(app, req);
+    }
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["health"]) => return json(StatusCode::OK, r#"{"status":"OK"}"#.into()),
+        (Method::GET, ["__lbheartbeat__"]) => return json(StatusCode::OK, "{}".into()),
+        (Method::GET, ["ready"]) | (Method::GET, ["__heartbeat__"]) => {
+            return readiness(&app).await
+        }
+        (Method::GET, ["__version__"]) => {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "source": "https://example.invalid/herald",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "commit": option_env!("HERALD_COMMIT").unwrap_or("unknown"),
+                    "build": "cargo",
+                })
+                .to_string(),
+            )
+        }
+        (Method::GET, ["metrics"]) if serves.metrics => return metrics(&app),
+        _ => {}
+    }
+    if !serves.api {
+        return api_response(&app, Err(ApiError::not_found()));
+    }
+    let result = match (method, segments.as_slice()) {
+        (Method::POST, ["wpush", v, token]) => match api_version(v) {
+            Some(v) => endpoint::push(&app, v, token, req).await,
+            None => Err(ApiError::invalid_endpoint()),
+        },
+        (Method::GET, ["wpush", v, token]) => match api_version(v) {
+            Some(v) => endpoint::discovery(&app, v, token),
+            None => Err(ApiError::invalid_endpoint()),
+        },
+        (Method::DELETE, ["m", id]) => endpoint::cancel(&app, id),
+        (_, ["wpush", _, _]) | (_, ["m", _]) => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::not_found()),
+    };
+    api_response(&app, result)
+}
+
+fn api_version(v: &str) -> Option<ApiVersion> {
+    match v {
+        "v1" => Some(ApiVersion::V1),
+        "v2" => Some(ApiVersion::V2),
+        _ => None,
+    }
+}
+
+fn api_response(app: &App, result: Result<Response, ApiError>) -> Response {
+    let (response, errno) = match result {
+        Ok(r) => (r, 0),
+        Err(e) => {
+            if let Some(reason) = e.vapid_reason {
+                app.metrics
+                    .vapid_failures
+                    .with_label_values(&[reason])
+                    .inc();
+            }
+            (error_response(&e), e.errno)
+        }
+    };
+    app.metrics
+        .http_responses
+        .with_label_values(&[response.status().as_str(), &errno.to_string()])
+        .inc();
+    response
+}
+
+async fn readiness(app: &Arc<App>) -> Response {
+    if app.is_shutting_down() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"shutting down"}"#.into(),
+        );
+    }
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.health_check()).await {
+        Ok(Ok(())) => json(StatusCode::OK, r#"{"status":"OK"}"#.into()),
+        Ok(Err(e)) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "store unavailable", "error": e.to_string()}).to_string(),
+        ),
+        Err(_) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"store check failed"}"#.into(),
+        ),
+    }
+}
+
+fn metrics(app: &App) -> Response {
+    let stats = app.store.stats();
+    let m = &app.metrics;
+    m.stored_messages.set(stats.estimated_messages as i64);
+    m.store_size.set(stats.size_bytes as i64);
+    m.store_pending_compaction
+        .set(stats.pending_compaction_bytes as i64);
+    http::Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(m.render())))
+        .expect("valid response")
+}
+
+fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    req.method() == Method::GET
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+}
+
+fn upgrade(app: Arc<App>, mut req: http::Request<Incoming>) -> Response {
+    let plain = |status: StatusCode, text: &str| {
+        http::Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(text.to_string())))
+            .expect("valid response")
+    };
+    let headers = req.headers();
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return http::Response::builder()
+            .status(StatusCode::UPGRADE_REQUIRED)
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
+            .body(Full::new(Bytes::from_static(
+                b"websocket version 13 required",
+            )))
+            .expect("valid response");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let wants_push = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "push-notification");
+    if app.is_shutting_down() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let max = app.settings.max_connections;
+    if app.connections.fetch_add(1, Ordering::AcqRel) >= max {
+        app.connections.fetch_sub(1, Ordering::AcqRel);
+        return http::Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header(header::RETRY_AFTER, "30")
+            .body(Full::new(Bytes::from_static(b"too many connections")))
+            .expect("valid response");
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let config = crate::connect::ws_config(app.settings.max_frame_size);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                crate::connect::serve(app, ws).await;
+            }
+            Err(e) => {
+                tracing::debug!("websocket upgrade failed: {e}");
+                app.connections.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    });
+    let mut response = http::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if wants_push {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, "push-notification");
+    }
+    response
+        .body(Full::new(Bytes::new()))
+        .expect("valid response")
+}
+
+/// Background upkeep: removes expired messages and user agents that have
+/// been silent longer than `ua_expiry`, off the request path.
+async fn upkeep(app: Arc<App>) {
+    let mut tick = tokio::time::interval(app.settings.sweep_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let app2 = app.clone();
+        let result = tokio::task::spawn_blocking(move || sweep(&app2)).await;
+        match result {
+            Ok(Ok(dropped)) if dropped > 0 => tracing::info!(dropped, "removed silent user agents"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("sweep: {e}"),
+            Err(e) => tracing::error!("sweep: {e}"),
+        }
+    }
+}
+
+/// One sweep; returns how many user agents were dropped.
+pub fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
+    app.store.purge_expired()?;
+    let now = now_secs();
+    let cutoff = now.saturating_sub(app.settings.ua_expiry.as_secs());
+    let mut dropped = 0;
+    for uaid in app.store.stale_users(cutoff, usize::MAX)? {
+        if app.router.is_connected(&uaid) {
+            // Connected all along: it is not silent, only long-lived.
+            if let Some(mut rec) = app.store.get_user(&uaid)? {
+                rec.last_seen = now;
+                app.store.put_user(&uaid, &rec)?;
+            }
+            continue;
+        }
+        let lost = app.store.count_messages(&uaid, now, usize::MAX)?;
+        app.store.drop_user(&uaid)?;
+        app.metrics
+            .messages_dropped
+            .with_label_values(&["ua_expired"])
+            .inc_by(lost as u64);
+        dropped += 1;
+    }
+    Ok(dropped)
+}

@@ -1,0 +1,691 @@
+//! One user agent's session, as a state machine over parsed messages. It
+//! never touches the socket: it returns `Action`s that `connect` carries out,
+//! so every rule here is testable without a network.
+//!
+//! Delivery: every accepted message (TTL > 0) is in the store before the
+//! router hands it to a connection, so the store is the source of truth. In
+//! *storage mode* the session fills its window of unacknowledged messages by
+//! scanning the store (oldest first, skipping what is in flight); once a scan
+//! finds nothing more, it switches to *direct mode* and sends what the router
+//! hands it. Anything it cannot send at once sends it back to storage mode.
+
+use crate::app::App;
+use crate::ids::{parse_channel_id, Uaid};
+use crate::protocol::{AckUpdate, ClientMessage, ServerMessage, PING_REPLY};
+use crate::store::{now_secs, ChannelRecord, Message, UserRecord};
+use crate::token::{key_hash, MessageId};
+use crate::webpush::{decode_b64url, encode_b64url, Urgency};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the connection must do, in order.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    Send(String),
+    /// Register this connection as the user agent's (after hello).
+    Bind(Uaid),
+    /// Send a close frame and end the connection.
+    Close(u16, String),
+}
+
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// Register reply statuses other than 200 (see proto-docs/websocket.md).
+pub mod status {
+    pub const OK: u16 = 200;
+    pub const BAD_REQUEST: u16 = 400;
+    pub const KEY_CONFLICT: u16 = 409;
+    pub const TOO_MANY_CHANNELS: u16 = 429;
+    pub const INTERNAL: u16 = 500;
+}
+
+#[derive(Clone, Copy)]
+struct InFlight {
+    seq: u64,
+}
+
+/// Token bucket: `rate` per second, bursts of twice that.
+struct RateLimit {
+    tokens: f32,
+    last: Instant,
+}
+
+pub struct Session {
+    app: Arc<App>,
+    uaid: Option<Uaid>,
+    in_flight: Vec<InFlight>,
+    storage_mode: bool,
+    /// Highest sequence number any scan has seen; a routed message at or
+    /// below it may already have been sent by a scan.
+    max_scanned: u64,
+    min_urgency: Urgency,
+    rate: RateLimit,
+}
+
+impl Session {
+    pub fn new(app: Arc<App>) -> Self {
+        let burst = app.settings.client_rate_limit as f32 * 2.0;
+        Session {
+            app,
+            uaid: None,
+            in_flight: Vec::new(),
+            storage_mode: true,
+            max_scanned: 0,
+            min_urgency: Urgency::VeryLow,
+            rate: RateLimit {
+                tokens: burst,
+                last: Instant::now(),
+            },
+        }
+    }
+
+    pub fn uaid(&self) -> Option<Uaid> {
+        self.uaid
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn allow(&mut self) -> bool {
+        let rate = self.app.settings.client_rate_limit as f32;
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.rate.last).as_secs_f32();
+        self.rate.last = now;
+        self.rate.tokens = (self.rate.tokens + elapsed * rate).min(rate * 2.0);
+        if self.rate.tokens >= 1.0 {
+            self.rate.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A text frame from the user agent.
+    pub fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
+        if !self.allow() {
+            out.push(Action::Close(
+                close::POLICY,
+                format!(
+                    "rate limit: more than {} messages per second",
+                    self.app.settings.client_rate_limit
+                ),
+            ));
+            return;
+        }
+        let msg = match ClientMessage::parse(text) {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(Action::Close(close::PROTOCOL, truncate(e.0)));
+                return;
+            }
+        };
+        let uaid = match (&msg, self.uaid) {
+            (ClientMessage::Hello { uaid, .. }, None) => {
+                let sent = uaid.clone();
+                return self.hello(sent, out);
+            }
+            (ClientMessage::Hello { .. }, Some(_)) => {
+                out.push(Action::Close(
+                    close::PROTOCOL,
+                    "hello was already sent".into(),
+                ));
+                return;
+            }
+            (_, None) => {
+                out.push(Action::Close(
+                    close::PROTOCOL,
+                    "the first message must be hello".into(),
+                ));
+                return;
+            }
+            (_, Some(u)) => u,
+        };
+        match msg {
+            ClientMessage::Hello { .. } => unreachable!("handled above"),
+            ClientMessage::Register { channel_id, key } => {
+                self.register(uaid, &channel_id, key.as_deref(), out)
+            }
+            ClientMessage::Unregister { channel_id, .. } => self.unregister(uaid, &channel_id, out),
+            ClientMessage::Ack { updates } => self.acknowledge(uaid, &updates, false),
+            ClientMessage::Nack { version, .. } => self.acknowledge(
+                uaid,
+                &[AckUpdate {
+                    channel_id: String::new(),
+                    version,
+                    code: None,
+                }],
+                true,
+            ),
+            ClientMessage::Urgency { min } => {
+                if min < self.min_urgency {
+                    // Messages held back by the old threshold are in the store.
+                    self.storage_mode = true;
+                }
+                self.min_urgency = min;
+                out.push(Action::Send(
+                    ServerMessage::Urgency { status: status::OK }.to_json(),
+                ));
+            }
+            ClientMessage::BroadcastSubscribe => {}
+            ClientMessage::Ping => out.push(Action::Send(PING_REPLY.into())),
+        }
+    }
+
+    fn hello(&mut self, sent: Option<String>, out: &mut Vec<Action>) {
+        let app = &self.app;
+        let now = now_secs();
+        let expiry = app.settings.ua_expiry.as_secs();
+        let mut known = None;
+        if let Some(u) = sent.as_deref().and_then(Uaid::parse) {
+            match app.metrics.time("get_user", || app.store.get_user(&u)) {
+                Ok(Some(rec)) if rec.last_seen + expiry > now => known = Some((u, rec)),
+                Ok(Some(_)) => {
+                    // Silent too long: its subscriptions are dead; start over.
+                    if let Err(e) = app.store.drop_user(&u) {
+                        tracing::warn!("dropping expired user agent: {e}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!("hello: {e}");
+                    app.metrics.ws_hello.with_label_values(&["rejected"]).inc();
+                    out.push(Action::Close(close::INTERNAL, "storage unavailable".into()));
+                    return;
+                }
+            }
+        }
+        let (uaid, created, outcome) = match known {
+            Some((u, rec)) => (u, rec.created, "existing"),
+            None => (Uaid::random(), now, "new"),
+        };
+        let record = UserRecord {
+            created,
+            last_seen: now,
+        };
+        if let Err(e) = app
+            .metrics
+            .time("put_user", || app.store.put_user(&uaid, &record))
+        {
+            tracing::error!("hello: {e}");
+            app.metrics.ws_hello.with_label_values(&["rejected"]).inc();
+            out.push(Action::Close(close::INTERNAL, "storage unavailable".into()));
+            return;
+        }
+        app.metrics.ws_hello.with_label_values(&[outcome]).inc();
+        tracing::debug!(uaid = %uaid.short(), outcome, "hello");
+        self.uaid = Some(uaid);
+        out.push(Action::Send(
+            ServerMessage::Hello {
+                uaid: uaid.to_string(),
+                status: status::OK,
+                use_webpush: true,
+                broadcasts: BTreeMap::new(),
+            }
+            .to_json(),
+        ));
+        out.push(Action::Bind(uaid));
+    }
+
+    fn register(&mut self, uaid: Uaid, channel_id: &str, key: Option<&str>, out: &mut Vec<Action>) {
+        let app = &self.app;
+        let reply = |status: u16, push_endpoint: Option<String>| {
+            let outcome = if status == status::OK { "ok" } else { "error" };
+            app.metrics.ws_register.with_label_values(&[outcome]).inc();
+            Action::Send(
+                ServerMessage::Register {
+                    channel_id,
+                    status,
+                    push_endpoint,
+                }
+                .to_json(),
+            )
+        };
+        let Some(channel) = parse_channel_id(channel_id) else {
+            out.push(reply(status::BAD_REQUEST, None));
+            return;
+        };
+        let key_hash = match key {
+            None => None,
+            Some(k) => match decode_b64url(k)
+                .filter(|raw| raw.len() == 65 && p256::PublicKey::from_sec1_bytes(raw).is_ok())
+            {
+                Some(raw) => Some(key_hash(&raw)),
+                None => {
+                    out.push(reply(status::BAD_REQUEST, None));
+                    return;
+                }
+            },
+        };
+        let result = (|| {
+            match app.store.get_channel(&uaid, &channel)? {
+                // Same subscription asked for again: hand out its endpoint.
+                Some(rec) if rec.key_hash == key_hash => Ok(status::OK),
+                Some(_) => Ok(status::KEY_CONFLICT),
+                None => {
+                    let max = app.settings.max_channels_per_uaid;
+                    if app.store.count_channels(&uaid, max)? >= max {
+                        return Ok(status::TOO_MANY_CHANNELS);
+                    }
+                    let rec = ChannelRecord {
+                        key_hash,
+                        created: now_secs(),
+                    };
+                    app.metrics.time("put_channel", || {
+                        app.store.put_channel(&uaid, &channel, &rec)
+                    })?;
+                    Ok(status::OK)
+                }
+            }
+        })();
+        match result {
+            Ok(status::OK) => {
+                let (version, token) = app.tokens.endpoint_token(&crate::token::EndpointToken {
+                    uaid,
+                    channel,
+                    key_hash,
+                });
+                let v = match version {
+                    crate::token::ApiVersion::V1 => "v1",
+                    crate::token::ApiVersion::V2 => "v2",
+                };
+                let endpoint = format!("{}/wpush/{v}/{token}", app.settings.public_url.base);
+                out.push(reply(status::OK, Some(endpoint)));
+            }
+            Ok(code) => out.push(reply(code, None)),
+            Err(e) => {
+                let e: crate::store::StoreError = e;
+                tracing::error!("register: {e}");
+                out.push(reply(status::INTERNAL, None));
+            }
+        }
+    }
+
+    fn unregister(&mut self, uaid: Uaid, channel_id: &str, out: &mut Vec<Action>) {
+        let app = &self.app;
+        let status = match parse_channel_id(channel_id) {
+            None => status::BAD_REQUEST,
+            Some(channel) => match app.metrics.time("remove_channel", || {
+                app.store.remove_channel(&uaid, &channel)
+            }) {
+                Ok(_) => status::OK,
+                Err(e) => {
+                    tracing::error!("unregister: {e}");
+                    status::INTERNAL
+                }
+            },
+        };
+        let outcome = if status == status::OK { "ok" } else { "error" };
+        app.metrics
+            .ws_unregister
+            .with_label_values(&[outcome])
+            .inc();
+        out.push(Action::Send(
+            ServerMessage::Unregister { channel_id, status }.to_json(),
+        ));
+    }
+
+    /// An ack deletes the message; so does a nack (the user agent could not
+    /// handle it, and resending would fail the same way).
+    fn acknowledge(&mut self, uaid: Uaid, updates: &[AckUpdate], nack: bool) {
+        for update in updates {
+            let Some(id) = self.app.tokens.open_message_id(&update.version) else {
+                tracing::debug!("ack for an unknown version");
+                continue;
+            };
+            if id.uaid != uaid {
+                continue;
+            }
+            self.in_flight.retain(|f| f.seq != id.seq);
+            let app = &self.app;
+            if let Err(e) = app
+                .metrics
+                .time("delete_message", || app.store.delete_message(&uaid, id.seq))
+            {
+                tracing::error!("ack: {e}");
+            }
+            if nack {
+                app.metrics.messages_nacked.inc();
+            } else {
+                app.metrics.messages_acked.inc();
+            }
+        }
+    }
+
+    /// The router handed this connection a message.
+    pub fn on_routed(&mut self, m: &Message, out: &mut Vec<Action>) {
+        let stored = m.ttl > 0;
+        // A TTL-0 message "expires" the instant it is accepted; it is routed
+        // within that instant or never.
+        if self.uaid.is_none() || (stored && m.expired(now_secs())) {
+            return;
+        }
+        let room = self.in_flight.len() < self.app.settings.delivery_window;
+        if !stored {
+            // TTL 0: now or never; the store never saw it.
+            if room && m.urgency >= self.min_urgency {
+                self.deliver(m, out);
+            } else {
+                self.app
+                    .metrics
+                    .messages_dropped
+                    .with_label_values(&["ttl0_offline"])
+                    .inc();
+            }
+            return;
+        }
+        if self.storage_mode || m.urgency < self.min_urgency {
+            // The next scan finds it (or the threshold holds it back).
+            return;
+        }
+        if m.seq <= self.max_scanned || !room {
+            self.storage_mode = true;
+            return;
+        }
+        self.deliver(m, out);
+    }
+
+    /// The router could not queue a message: it is waiting in the store.
+    pub fn on_backlog(&mut self) {
+        self.storage_mode = true;
+    }
+
+    /// Called after every event: fills the delivery window from the store
+    /// while in storage mode.
+    pub fn pump(&mut self, out: &mut Vec<Action>) {
+        let Some(uaid) = self.uaid else { return };
+        let window = self.app.settings.delivery_window;
+        while self.storage_mode && self.in_flight.len() < window {
+            let room = window - self.in_flight.len();
+            let now = now_secs();
+            let mut batch = Vec::new();
+            let mut complete = true;
+            let mut max_seen = self.max_scanned;
+            let (in_flight, min_urgency) = (&self.in_flight, self.min_urgency);
+            let app = &self.app;
+            let scanned = app.metrics.time("scan_messages", || {
+                app.store.scan_messages(&uaid, &mut |m| {
+                    max_seen = max_seen.max(m.seq);
+                    if m.expired(now)
+                        || m.urgency < min_urgency
+                        || in_flight.iter().any(|f| f.seq == m.seq)
+                    {
+                        return true;
+                    }
+                    if batch.len() == room {
+                        complete = false;
+                        return false;
+                    }
+                    batch.push(m);
+                    true
+                })
+            });
+            if let Err(e) = scanned {
+                tracing::error!("reading stored messages: {e}");
+                out.push(Action::Close(close::INTERNAL, "storage unavailable".into()));
+                return;
+            }
+            self.max_scanned = max_seen;
+            for m in &batch {
+                self.deliver(m, out);
+            }
+            if complete {
+                self.storage_mode = false;
+            }
+        }
+    }
+
+    fn deliver(&mut self, m: &Message, out: &mut Vec<Action>) {
+        let Some(uaid) = self.uaid else { return };
+        let version = self.app.tokens.message_id(&MessageId {
+            uaid,
+            channel: m.channel,
+            seq: m.seq,
+        });
+        let has_data = !m.data.is_empty();
+        let frame = ServerMessage::Notification {
+            channel_id: m.channel.to_string(),
+            version,
+            data: has_data.then(|| encode_b64url(&m.data)),
+            headers: if has_data { m.headers.as_ref() } else { None },
+            ttl: m.ttl,
+        }
+        .to_json();
+        self.in_flight.push(InFlight { seq: m.seq });
+        self.app.metrics.messages_delivered.inc();
+        out.push(Action::Send(frame));
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    // Close-frame reasons must fit in 123 bytes.
+    if s.len() > 120 {
+        let mut cut = 120;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ServeArgs, Settings};
+    use crate::metrics::Metrics;
+    use crate::store::RocksStore;
+    use crate::token::TokenCodec;
+    use bytes::Bytes;
+    use serde_json::Value;
+
+    fn app(dir: &std::path::Path, env: &[(&str, &str)]) -> Arc<App> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let settings = Settings::load(&ServeArgs::default(), &env).unwrap();
+        let store = RocksStore::open(dir, false, None).unwrap();
+        Arc::new(App::new(
+            settings,
+            Arc::new(store),
+            TokenCodec::new(&[[5u8; 32]]).unwrap(),
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    fn sent(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(t) => Some(serde_json::from_str(t).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn step(s: &mut Session, text: &str) -> Vec<Action> {
+        let mut out = vec![];
+        s.on_text(text, &mut out);
+        s.pump(&mut out);
+        out
+    }
+
+    fn hello(s: &mut Session, uaid: Option<&str>) -> String {
+        let msg = match uaid {
+            Some(u) => format!(r#"{{"messageType":"hello","uaid":"{u}"}}"#),
+            None => r#"{"messageType":"hello"}"#.to_string(),
+        };
+        let out = step(s, &msg);
+        assert!(matches!(out.last(), Some(Action::Bind(_))), "{out:?}");
+        sent(&out)[0]["uaid"].as_str().unwrap().to_string()
+    }
+
+    fn message(app: &App, ttl: u64, urgency: Urgency) -> Message {
+        Message {
+            seq: app.store.next_seq(),
+            channel: uuid::Uuid::new_v4(),
+            expires_at: now_secs() + ttl,
+            ttl,
+            urgency,
+            topic: None,
+            headers: None,
+            data: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn first_message_must_be_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Session::new(app(dir.path(), &[]));
+        let out = step(&mut s, r#"{"messageType":"register","channelID":"x"}"#);
+        assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
+    }
+
+    #[test]
+    fn hello_issues_then_keeps_a_uaid() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[]);
+        let uaid = hello(&mut Session::new(a.clone()), None);
+        assert_eq!(hello(&mut Session::new(a.clone()), Some(&uaid)), uaid);
+        assert_ne!(
+            hello(
+                &mut Session::new(a),
+                Some("00000000000000000000000000000000")
+            ),
+            uaid
+        );
+    }
+
+    #[test]
+    fn second_hello_is_a_protocol_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Session::new(app(dir.path(), &[]));
+        hello(&mut s, None);
+        let out = step(&mut s, r#"{"messageType":"hello"}"#);
+        assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
+    }
+
+    #[test]
+    fn register_statuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Session::new(app(dir.path(), &[("HERALD_MAX_CHANNELS_PER_UAID", "1")]));
+        hello(&mut s, None);
+        let reg = |s: &mut Session, ch: &str| {
+            sent(&step(
+                s,
+                &format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#),
+            ))[0]
+                .clone()
+        };
+        assert_eq!(reg(&mut s, "bogus")["status"], 400);
+        let ch = uuid::Uuid::new_v4().to_string();
+        let ok = reg(&mut s, &ch);
+        assert_eq!(ok["status"], 200);
+        assert!(ok["pushEndpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:8080/wpush/v1/"));
+        assert_eq!(reg(&mut s, &ch)["status"], 200, "re-register is idempotent");
+        assert_eq!(
+            reg(&mut s, &uuid::Uuid::new_v4().to_string())["status"],
+            429
+        );
+    }
+
+    #[test]
+    fn routed_messages_go_straight_out_in_direct_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None)).unwrap();
+        // The first pump after hello found an empty store: direct mode.
+        let m = message(&a, 60, Urgency::Normal);
+        a.store.put_message(&uaid, &m).unwrap();
+        let mut out = vec![];
+        s.on_routed(&m, &mut out);
+        let frames = sent(&out);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["messageType"], "notification");
+        assert_eq!(s.in_flight(), 1);
+        // Its ack deletes it from the store.
+        let version = frames[0]["version"].as_str().unwrap();
+        step(
+            &mut s,
+            &format!(
+                r#"{{"messageType":"ack","updates":[{{"channelID":"x","version":"{version}"}}]}}"#
+            ),
+        );
+        assert_eq!(s.in_flight(), 0);
+        assert!(a.store.get_message(&uaid, m.seq).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_full_window_sends_delivery_back_to_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[("HERALD_DELIVERY_WINDOW", "1")]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None)).unwrap();
+        let (m1, m2) = (
+            message(&a, 60, Urgency::Normal),
+            message(&a, 60, Urgency::Normal),
+        );
+        let mut out = vec![];
+        for m in [&m1, &m2] {
+            a.store.put_message(&uaid, m).unwrap();
+            s.on_routed(m, &mut out);
+            s.pump(&mut out);
+        }
+        let frames = sent(&out);
+        assert_eq!(frames.len(), 1, "only one in flight");
+        let v = frames[0]["version"].as_str().unwrap().to_string();
+        let out = step(
+            &mut s,
+            &format!(r#"{{"messageType":"ack","updates":[{{"channelID":"x","version":"{v}"}}]}}"#),
+        );
+        let frames = sent(&out);
+        assert_eq!(
+            frames.len(),
+            1,
+            "the ack frees the window; the scan finds m2"
+        );
+        assert_eq!(frames[0]["channelID"], m2.channel.to_string());
+    }
+
+    #[test]
+    fn ttl_zero_is_dropped_when_it_cannot_go_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[]);
+        let mut s = Session::new(a.clone());
+        hello(&mut s, None);
+        let mut out = vec![];
+        step(&mut s, r#"{"messageType":"urgency","min":"high"}"#);
+        s.on_routed(&message(&a, 0, Urgency::Normal), &mut out);
+        assert!(out.is_empty());
+        s.on_routed(&message(&a, 0, Urgency::High), &mut out);
+        assert_eq!(sent(&out).len(), 1);
+    }
+
+    #[test]
+    fn flooding_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Session::new(app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]));
+        hello(&mut s, None);
+        let closed = (0..10).any(|_| {
+            matches!(
+                step(&mut s, "{}").last(),
+                Some(Action::Close(close::POLICY, _))
+            )
+        });
+        assert!(closed);
+    }
+}

@@ -1,0 +1,656 @@
+//! The embedded store: RocksDB with one column family per kind of record.
+//! Writes go through the WAL before they return; with `sync_writes` each
+//! write is also fsynced (RocksDB groups concurrent syncs into one).
+
+use super::codec::*;
+use super::{
+    now_secs, ChannelRecord, Message, PutOutcome, Store, StoreError, StoreResult, StoreStats,
+    UserRecord,
+};
+use crate::ids::{ChannelId, Uaid};
+use rocksdb::{
+    compaction_filter::Decision, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const USERS: &str = "users";
+const CHANNELS: &str = "channels";
+const MESSAGES: &str = "messages";
+const TOPICS: &str = "topics";
+const META: &str = "meta";
+const SEQ_CEILING_KEY: &[u8] = b"seq_ceiling";
+/// Sequence numbers are reserved in blocks so a restart (even with the clock
+/// set back) never reuses one: the ceiling is persisted before any number
+/// below it is handed out.
+const SEQ_BLOCK: u64 = 1 << 22;
+const TOPIC_LOCKS: usize = 64;
+
+pub struct RocksStore {
+    db: DB,
+    write_opts: WriteOptions,
+    seq: AtomicU64,
+    seq_ceiling: Mutex<u64>,
+    /// Topic replacement is read-modify-write; serialise it per user agent.
+    topic_locks: Vec<Mutex<()>>,
+    expired: Option<prometheus::IntCounter>,
+}
+
+fn err(e: rocksdb::Error) -> StoreError {
+    StoreError(e.into_string())
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl RocksStore {
+    /// `expired` counts messages removed because their TTL ran out.
+    pub fn open(
+        path: &Path,
+        sync_writes: bool,
+        expired: Option<prometheus::IntCounter>,
+    ) -> StoreResult<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Sockets need the file descriptors far more than table files do.
+        opts.set_max_open_files(512);
+        opts.set_keep_log_file_num(4);
+
+        let mut message_opts = Options::default();
+        let filter_counter = expired.clone();
+        // Expired messages vanish whenever RocksDB compacts, with no scan on
+        // the request path.
+        message_opts.set_compaction_filter("herald-ttl", move |_level, _key, value| {
+            match message_expires_at(value) {
+                Some(exp) if exp <= now_secs() => {
+                    if let Some(c) = &filter_counter {
+                        c.inc();
+                    }
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            }
+        });
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(USERS, Options::default()),
+            ColumnFamilyDescriptor::new(CHANNELS, Options::default()),
+            ColumnFamilyDescriptor::new(MESSAGES, message_opts),
+            ColumnFamilyDescriptor::new(TOPICS, Options::default()),
+            ColumnFamilyDescriptor::new(META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(err)?;
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(sync_writes);
+
+        let persisted = db
+            .get_cf(db.cf_handle(META).expect("meta cf"), SEQ_CEILING_KEY)
+            .map_err(err)?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let start = persisted.max(now_micros());
+        let store = RocksStore {
+            db,
+            write_opts,
+            seq: AtomicU64::new(start),
+            seq_ceiling: Mutex::new(0),
+            topic_locks: (0..TOPIC_LOCKS).map(|_| Mutex::new(())).collect(),
+            expired,
+        };
+        store.raise_ceiling(start + SEQ_BLOCK)?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column family exists")
+    }
+
+    fn raise_ceiling(&self, to: u64) -> StoreResult<()> {
+        let mut ceiling = self.seq_ceiling.lock().unwrap_or_else(|p| p.into_inner());
+        if *ceiling >= to {
+            return Ok(());
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(META), SEQ_CEILING_KEY, to.to_be_bytes(), &sync)
+            .map_err(err)?;
+        *ceiling = to;
+        Ok(())
+    }
+
+    fn write(&self, batch: WriteBatch) -> StoreResult<()> {
+        self.db.write_opt(batch, &self.write_opts).map_err(err)
+    }
+
+    /// Iterates the keys and values of one column family under a prefix.
+    fn for_prefix(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(prefix_end(prefix));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf),
+            ro,
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(err)?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn topic_lock(&self, uaid: &Uaid) -> std::sync::MutexGuard<'_, ()> {
+        let i = uaid.0[15] as usize % TOPIC_LOCKS;
+        self.topic_locks[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn int_property(&self, cf: &str, name: &str) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(cf), name)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+/// Where the channel id sits in an encoded message (see codec).
+const MESSAGE_CHANNEL: std::ops::Range<usize> = 18..34;
+
+impl Store for RocksStore {
+    fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(USERS), user_key(uaid))
+            .map_err(err)?
+            .and_then(|v| decode_user(&v)))
+    }
+
+    fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(USERS), user_key(uaid), encode_user(record));
+        self.write(b)
+    }
+
+    fn drop_user(&self, uaid: &Uaid) -> StoreResult<()> {
+        let prefix = uaid.0;
+        let end = prefix_end(&prefix);
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.cf(USERS), user_key(uaid));
+        for cf in [CHANNELS, MESSAGES, TOPICS] {
+            b.delete_range_cf(self.cf(cf), &prefix[..], &end[..]);
+        }
+        self.write(b)
+    }
+
+    fn stale_users(&self, cutoff: u64, limit: usize) -> StoreResult<Vec<Uaid>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(USERS), IteratorMode::Start) {
+            let (k, v) = item.map_err(err)?;
+            let stale = decode_user(&v).is_none_or(|u| u.last_seen < cutoff);
+            if stale {
+                if let Ok(id) = <[u8; 16]>::try_from(&k[..]) {
+                    out.push(Uaid(id));
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<Option<ChannelRecord>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CHANNELS), channel_key(uaid, channel))
+            .map_err(err)?
+            .and_then(|v| decode_channel(&v)))
+    }
+
+    fn put_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+        record: &ChannelRecord,
+    ) -> StoreResult<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.cf(CHANNELS),
+            channel_key(uaid, channel),
+            encode_channel(record),
+        );
+        self.write(b)
+    }
+
+    fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {
+        let key = channel_key(uaid, channel);
+        let existed = self
+            .db
+            .get_pinned_cf(self.cf(CHANNELS), key)
+            .map_err(err)?
+            .is_some();
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.cf(CHANNELS), key);
+        b.delete_range_cf(self.cf(TOPICS), &key[..], &prefix_end(&key)[..]);
+        let messages = self.cf(MESSAGES);
+        self.for_prefix(MESSAGES, &uaid.0, |k, v| {
+            if v.get(MESSAGE_CHANNEL) == Some(channel.as_bytes().as_slice()) {
+                b.delete_cf(messages, k);
+            }
+            true
+        })?;
+        self.write(b)?;
+        Ok(existed)
+    }
+
+    fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
+        let mut n = 0;
+        self.for_prefix(CHANNELS, &uaid.0, |_, _| {
+            n += 1;
+            n < limit
+        })?;
+        Ok(n)
+    }
+
+    fn next_seq(&self) -> u64 {
+        let now = now_micros();
+        let prev = self
+            .seq
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.max(now - 1) + 1)
+            })
+            .expect("closure always returns Some");
+        let seq = prev.max(now - 1) + 1;
+        let ceiling = *self.seq_ceiling.lock().unwrap_or_else(|p| p.into_inner());
+        if seq + SEQ_BLOCK / 2 >= ceiling {
+            // If this fails the old ceiling stands; numbers above it are
+            // still unique in this process, only a crash plus a clock set
+            // back could collide, so log rather than fail the push.
+            if let Err(e) = self.raise_ceiling(seq + SEQ_BLOCK) {
+                tracing::error!("could not persist the sequence ceiling: {e}");
+            }
+        }
+        seq
+    }
+
+    fn put_message(&self, uaid: &Uaid, m: &Message) -> StoreResult<PutOutcome> {
+        let messages = self.cf(MESSAGES);
+        let mut b = WriteBatch::default();
+        b.put_cf(messages, message_key(uaid, m.seq), encode_message(m));
+        let Some(topic) = &m.topic else {
+            self.write(b)?;
+            return Ok(PutOutcome::default());
+        };
+        let _guard = self.topic_lock(uaid);
+        let tkey = topic_key(uaid, &m.channel, topic);
+        let mut replaced = false;
+        if let Some(old) = self.db.get_pinned_cf(self.cf(TOPICS), &tkey).map_err(err)? {
+            if let Ok(old_seq) = <[u8; 8]>::try_from(&old[..]).map(u64::from_be_bytes) {
+                let old_key = message_key(uaid, old_seq);
+                if old_seq != m.seq
+                    && self
+                        .db
+                        .get_pinned_cf(messages, old_key)
+                        .map_err(err)?
+                        .is_some()
+                {
+                    b.delete_cf(messages, old_key);
+                    replaced = true;
+                }
+            }
+        }
+        b.put_cf(self.cf(TOPICS), &tkey, m.seq.to_be_bytes());
+        self.write(b)?;
+        Ok(PutOutcome { replaced })
+    }
+
+    fn scan_messages(
+        &self,
+        uaid: &Uaid,
+        visit: &mut dyn FnMut(Message) -> bool,
+    ) -> StoreResult<()> {
+        self.for_prefix(MESSAGES, &uaid.0, |k, v| {
+            match seq_from_message_key(k).and_then(|seq| decode_message(seq, v)) {
+                Some(m) => visit(m),
+                None => {
+                    tracing::warn!("skipping an undecodable stored message");
+                    true
+                }
+            }
+        })
+    }
+
+    fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(MESSAGES), message_key(uaid, seq))
+            .map_err(err)?
+            .and_then(|v| decode_message(seq, &v)))
+    }
+
+    fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
+        let key = message_key(uaid, seq);
+        let existed = self
+            .db
+            .get_pinned_cf(self.cf(MESSAGES), key)
+            .map_err(err)?
+            .is_some();
+        if existed {
+            let mut b = WriteBatch::default();
+            b.delete_cf(self.cf(MESSAGES), key);
+            self.write(b)?;
+        }
+        Ok(existed)
+    }
+
+    fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
+        let mut n = 0;
+        self.for_prefix(MESSAGES, &uaid.0, |_, v| {
+            if message_expires_at(v).is_some_and(|e| e > now) {
+                n += 1;
+            }
+            n < limit
+        })?;
+        Ok(n)
+    }
+
+    fn purge_expired(&self) -> StoreResult<()> {
+        let now = now_secs();
+        let messages = self.cf(MESSAGES);
+        let mut batch = WriteBatch::default();
+        let mut removed = 0u64;
+        for item in self.db.iterator_cf(messages, IteratorMode::Start) {
+            let (k, v) = item.map_err(err)?;
+            if message_expires_at(&v).is_none_or(|e| e <= now) {
+                batch.delete_cf(messages, &k);
+                removed += 1;
+                if batch.len() >= 1024 {
+                    self.write(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+        self.write(batch)?;
+        if let Some(c) = &self.expired {
+            c.inc_by(removed);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.db.flush_wal(true).map_err(err)?;
+        for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META] {
+            self.db.flush_cf(self.cf(cf)).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn health_check(&self) -> StoreResult<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(META), b"health", now_secs().to_be_bytes());
+        self.write(b)
+    }
+
+    fn stats(&self) -> StoreStats {
+        let mut size = 0;
+        let mut pending = 0;
+        for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META] {
+            size += self.int_property(cf, "rocksdb.total-sst-files-size")
+                + self.int_property(cf, "rocksdb.cur-size-all-mem-tables");
+            pending += self.int_property(cf, "rocksdb.estimate-pending-compaction-bytes");
+        }
+        StoreStats {
+            estimated_messages: self.int_property(MESSAGES, "rocksdb.estimate-num-keys"),
+            size_bytes: size,
+            pending_compaction_bytes: pending,
+        }
+    }
+}
+
+impl RocksStore {
+    /// Compacts the message column family now (tests and operators use it to
+    /// see the TTL compaction filter at work).
+    pub fn compact_messages(&self) {
+        self.db
+            .compact_range_cf(self.cf(MESSAGES), None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// Raw number of message records on disk, expired or not.
+    pub fn raw_message_count(&self) -> usize {
+        self.db
+            .iterator_cf(self.cf(MESSAGES), IteratorMode::Start)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webpush::Urgency;
+    use bytes::Bytes;
+
+    fn open(dir: &Path) -> RocksStore {
+        RocksStore::open(dir, false, None).unwrap()
+    }
+
+    fn message(store: &RocksStore, channel: ChannelId, ttl: u64, topic: Option<&str>) -> Message {
+        Message {
+            seq: store.next_seq(),
+            channel,
+            expires_at: now_secs() + ttl,
+            ttl,
+            urgency: Urgency::Normal,
+            topic: topic.map(String::from),
+            headers: None,
+            data: Bytes::from_static(b"x"),
+        }
+    }
+
+    fn seqs(store: &RocksStore, uaid: &Uaid) -> Vec<u64> {
+        let mut out = vec![];
+        store
+            .scan_messages(uaid, &mut |m| {
+                out.push(m.seq);
+                true
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn users_channels_and_messages_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let uaid = Uaid::random();
+        let ch = uuid::Uuid::new_v4();
+        let (m, last_seq) = {
+            let s = open(dir.path());
+            s.put_user(
+                &uaid,
+                &UserRecord {
+                    created: 1,
+                    last_seen: 2,
+                },
+            )
+            .unwrap();
+            s.put_channel(
+                &uaid,
+                &ch,
+                &ChannelRecord {
+                    key_hash: Some([7; 32]),
+                    created: 3,
+                },
+            )
+            .unwrap();
+            let m = message(&s, ch, 60, None);
+            s.put_message(&uaid, &m).unwrap();
+            (m, s.next_seq())
+        };
+        let s = open(dir.path());
+        assert_eq!(s.get_user(&uaid).unwrap().unwrap().last_seen, 2);
+        assert_eq!(
+            s.get_channel(&uaid, &ch).unwrap().unwrap().key_hash,
+            Some([7; 32])
+        );
+        assert_eq!(s.get_message(&uaid, m.seq).unwrap(), Some(m));
+        assert!(
+            s.next_seq() > last_seq,
+            "sequence numbers never repeat across restarts"
+        );
+    }
+
+    #[test]
+    fn messages_scan_oldest_first_per_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let (a, b) = (Uaid::random(), Uaid::random());
+        let ch = uuid::Uuid::new_v4();
+        let mut expect = vec![];
+        for _ in 0..5 {
+            let m = message(&s, ch, 60, None);
+            expect.push(m.seq);
+            s.put_message(&a, &m).unwrap();
+            s.put_message(&b, &message(&s, ch, 60, None)).unwrap();
+        }
+        assert_eq!(seqs(&s, &a), expect);
+        assert_eq!(s.count_messages(&a, now_secs(), 100).unwrap(), 5);
+        assert_eq!(s.count_messages(&a, now_secs(), 3).unwrap(), 3);
+        assert!(s.delete_message(&a, expect[0]).unwrap());
+        assert!(!s.delete_message(&a, expect[0]).unwrap());
+        assert_eq!(seqs(&s, &a), expect[1..]);
+        assert_eq!(seqs(&s, &b).len(), 5);
+    }
+
+    #[test]
+    fn topic_replaces_pending_message_of_same_channel_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let u = Uaid::random();
+        let (c1, c2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let first = message(&s, c1, 60, Some("t"));
+        assert!(!s.put_message(&u, &first).unwrap().replaced);
+        let other_channel = message(&s, c2, 60, Some("t"));
+        assert!(!s.put_message(&u, &other_channel).unwrap().replaced);
+        let second = message(&s, c1, 60, Some("t"));
+        assert!(s.put_message(&u, &second).unwrap().replaced);
+        assert_eq!(seqs(&s, &u), vec![other_channel.seq, second.seq]);
+        // Once acknowledged, the next message with the topic replaces nothing.
+        s.delete_message(&u, second.seq).unwrap();
+        assert!(
+            !s.put_message(&u, &message(&s, c1, 60, Some("t")))
+                .unwrap()
+                .replaced
+        );
+    }
+
+    #[test]
+    fn removing_a_channel_drops_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let u = Uaid::random();
+        let (c1, c2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let rec = ChannelRecord {
+            key_hash: None,
+            created: 0,
+        };
+        s.put_channel(&u, &c1, &rec).unwrap();
+        s.put_channel(&u, &c2, &rec).unwrap();
+        assert_eq!(s.count_channels(&u, 10).unwrap(), 2);
+        s.put_message(&u, &message(&s, c1, 60, Some("t"))).unwrap();
+        let keep = message(&s, c2, 60, None);
+        s.put_message(&u, &keep).unwrap();
+        assert!(s.remove_channel(&u, &c1).unwrap());
+        assert!(!s.remove_channel(&u, &c1).unwrap());
+        assert_eq!(seqs(&s, &u), vec![keep.seq]);
+        assert_eq!(s.count_channels(&u, 10).unwrap(), 1);
+    }
+
+    #[test]
+    fn dropping_a_user_removes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let (u, other) = (Uaid::random(), Uaid::random());
+        let ch = uuid::Uuid::new_v4();
+        for id in [&u, &other] {
+            s.put_user(
+                id,
+                &UserRecord {
+                    created: 0,
+                    last_seen: 10,
+                },
+            )
+            .unwrap();
+            s.put_channel(
+                id,
+                &ch,
+                &ChannelRecord {
+                    key_hash: None,
+                    created: 0,
+                },
+            )
+            .unwrap();
+            s.put_message(id, &message(&s, ch, 60, None)).unwrap();
+        }
+        s.put_user(
+            &other,
+            &UserRecord {
+                created: 0,
+                last_seen: 1000,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.stale_users(500, 10).unwrap(), vec![u]);
+        s.drop_user(&u).unwrap();
+        assert!(s.get_user(&u).unwrap().is_none());
+        assert!(s.get_channel(&u, &ch).unwrap().is_none());
+        assert!(seqs(&s, &u).is_empty());
+        assert_eq!(seqs(&s, &other).len(), 1);
+    }
+
+    #[test]
+    fn expired_messages_leave_disk_by_compaction_and_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = prometheus::IntCounter::new("expired", "x").unwrap();
+        let s = RocksStore::open(dir.path(), false, Some(counter.clone())).unwrap();
+        let u = Uaid::random();
+        let ch = uuid::Uuid::new_v4();
+        let mut dead = message(&s, ch, 0, None);
+        dead.expires_at = now_secs() - 1;
+        s.put_message(&u, &dead).unwrap();
+        s.put_message(&u, &message(&s, ch, 600, None)).unwrap();
+        assert_eq!(s.count_messages(&u, now_secs(), 10).unwrap(), 1);
+        s.flush().unwrap();
+        s.compact_messages();
+        assert_eq!(
+            s.raw_message_count(),
+            1,
+            "compaction filter removed the expired message"
+        );
+        assert_eq!(counter.get(), 1);
+
+        let mut dead2 = message(&s, ch, 0, None);
+        dead2.expires_at = now_secs() - 1;
+        s.put_message(&u, &dead2).unwrap();
+        assert_eq!(s.raw_message_count(), 2);
+        s.purge_expired().unwrap();
+        assert_eq!(
+            s.raw_message_count(),
+            1,
+            "the sweep removed it without a compaction"
+        );
+        assert_eq!(counter.get(), 2);
+    }
+}

@@ -1,0 +1,288 @@
+//! Capability tokens: endpoint URLs and message ids are AES-256-GCM sealed
+//! blobs, so a forged or altered one is rejected without touching the store,
+//! and nothing in a URL reveals which user agent it reaches.
+//!
+//! Layout (before base64url): nonce (12) | ciphertext | tag (16). The
+//! additional data names the kind of token, so an endpoint token cannot be
+//! replayed as a message id or moved between the v1 and v2 paths.
+
+use crate::ids::{ChannelId, Uaid};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+const AAD_V1: &[u8] = b"herald endpoint v1";
+const AAD_V2: &[u8] = b"herald endpoint v2";
+const AAD_MSG: &[u8] = b"herald message id";
+
+pub type KeyHash = [u8; 32];
+
+/// The hash that binds a v2 endpoint to its application server key.
+pub fn key_hash(raw_public_key: &[u8]) -> KeyHash {
+    Sha256::digest(raw_public_key).into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiVersion {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointToken {
+    pub uaid: Uaid,
+    pub channel: ChannelId,
+    pub key_hash: Option<KeyHash>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageId {
+    pub uaid: Uaid,
+    pub channel: ChannelId,
+    pub seq: u64,
+}
+
+/// Seals and opens tokens. The first key seals; every key opens, so keys can
+/// be rotated without invalidating endpoints already handed out.
+pub struct TokenCodec {
+    keys: Vec<Aes256Gcm>,
+}
+
+impl TokenCodec {
+    pub fn new(keys: &[[u8; 32]]) -> anyhow::Result<Self> {
+        if keys.is_empty() {
+            bail!("at least one endpoint key is needed");
+        }
+        Ok(TokenCodec {
+            keys: keys
+                .iter()
+                .map(|k| Aes256Gcm::new_from_slice(k).expect("32-byte key"))
+                .collect(),
+        })
+    }
+
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> String {
+        let nonce: [u8; 12] = rand::random();
+        let sealed = self.keys[0]
+            .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad })
+            .expect("AES-GCM sealing does not fail for short inputs");
+        let mut out = Vec::with_capacity(12 + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        crate::webpush::encode_b64url(&out)
+    }
+
+    fn open(&self, aad: &[u8], token: &str) -> Option<Vec<u8>> {
+        // Longer than any token we make: refuse before decoding.
+        if token.len() > 512 {
+            return None;
+        }
+        let raw = crate::webpush::decode_b64url(token)?;
+        if raw.len() < 12 + 16 {
+            return None;
+        }
+        let (nonce, sealed) = raw.split_at(12);
+        let nonce = Nonce::from(<[u8; 12]>::try_from(nonce).ok()?);
+        self.keys
+            .iter()
+            .find_map(|k| k.decrypt(&nonce, Payload { msg: sealed, aad }).ok())
+    }
+
+    pub fn endpoint_token(&self, t: &EndpointToken) -> (ApiVersion, String) {
+        let mut plain = Vec::with_capacity(64);
+        plain.extend_from_slice(&t.uaid.0);
+        plain.extend_from_slice(t.channel.as_bytes());
+        match &t.key_hash {
+            Some(h) => {
+                plain.extend_from_slice(h);
+                (ApiVersion::V2, self.seal(AAD_V2, &plain))
+            }
+            None => (ApiVersion::V1, self.seal(AAD_V1, &plain)),
+        }
+    }
+
+    pub fn open_endpoint(&self, version: ApiVersion, token: &str) -> Option<EndpointToken> {
+        let (aad, len) = match version {
+            ApiVersion::V1 => (AAD_V1, 32),
+            ApiVersion::V2 => (AAD_V2, 64),
+        };
+        let plain = self.open(aad, token)?;
+        if plain.len() != len {
+            return None;
+        }
+        Some(EndpointToken {
+            uaid: Uaid(plain[..16].try_into().ok()?),
+            channel: ChannelId::from_slice(&plain[16..32]).ok()?,
+            key_hash: (len == 64).then(|| plain[32..64].try_into().expect("32 bytes")),
+        })
+    }
+
+    pub fn message_id(&self, m: &MessageId) -> String {
+        let mut plain = [0u8; 40];
+        plain[..16].copy_from_slice(&m.uaid.0);
+        plain[16..32].copy_from_slice(m.channel.as_bytes());
+        plain[32..].copy_from_slice(&m.seq.to_be_bytes());
+        self.seal(AAD_MSG, &plain)
+    }
+
+    pub fn open_message_id(&self, id: &str) -> Option<MessageId> {
+        let plain = self.open(AAD_MSG, id)?;
+        if plain.len() != 40 {
+            return None;
+        }
+        Some(MessageId {
+            uaid: Uaid(plain[..16].try_into().ok()?),
+            channel: ChannelId::from_slice(&plain[16..32]).ok()?,
+            seq: u64::from_be_bytes(plain[32..40].try_into().ok()?),
+        })
+    }
+}
+
+/// Decodes configured keys (base64url, 32 bytes each).
+pub fn parse_keys(values: &[String]) -> Result<Vec<[u8; 32]>, String> {
+    values
+        .iter()
+        .map(|v| {
+            crate::webpush::decode_b64url(v)
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .ok_or_else(|| "each key must be 32 bytes of base64url".to_string())
+        })
+        .collect()
+}
+
+/// With no keys configured, endpoints must still survive restarts: keep a
+/// generated key in the data dir and reuse it.
+pub fn load_or_create_keys(data_dir: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
+    let path = data_dir.join("endpoint-keys");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let lines: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
+        let keys = parse_keys(&lines).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if keys.is_empty() {
+            bail!("{} holds no keys", path.display());
+        }
+        return Ok(keys);
+    }
+    let key: [u8; 32] = rand::random();
+    let text = format!(
+        "# Herald endpoint token key (base64url). Keep it secret and keep it:\n# losing it invalidates every endpoint URL handed out.\n{}\n",
+        crate::webpush::encode_b64url(&key)
+    );
+    write_private(&path, text.as_bytes())?;
+    Ok(vec![key])
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> TokenCodec {
+        TokenCodec::new(&[[1u8; 32]]).unwrap()
+    }
+
+    fn sample(key: bool) -> EndpointToken {
+        EndpointToken {
+            uaid: Uaid::random(),
+            channel: uuid::Uuid::new_v4(),
+            key_hash: key.then(|| key_hash(b"k")),
+        }
+    }
+
+    #[test]
+    fn endpoint_tokens_round_trip_and_stay_short() {
+        let c = codec();
+        for with_key in [false, true] {
+            let t = sample(with_key);
+            let (v, s) = c.endpoint_token(&t);
+            assert_eq!(v == ApiVersion::V2, with_key);
+            assert!(s.len() < 200);
+            assert_eq!(c.open_endpoint(v, &s), Some(t));
+        }
+    }
+
+    #[test]
+    fn tokens_are_bound_to_their_path_and_kind() {
+        let c = codec();
+        let (_, v1) = c.endpoint_token(&sample(false));
+        let (_, v2) = c.endpoint_token(&sample(true));
+        assert!(c.open_endpoint(ApiVersion::V2, &v1).is_none());
+        assert!(c.open_endpoint(ApiVersion::V1, &v2).is_none());
+        assert!(c.open_message_id(&v1).is_none());
+    }
+
+    #[test]
+    fn forged_or_altered_tokens_are_rejected() {
+        let c = codec();
+        let (v, s) = c.endpoint_token(&sample(true));
+        let mut bytes = crate::webpush::decode_b64url(&s).unwrap();
+        bytes[20] ^= 1;
+        let altered = crate::webpush::encode_b64url(&bytes);
+        assert!(c.open_endpoint(v, &altered).is_none());
+        assert!(c.open_endpoint(v, "").is_none());
+        assert!(c.open_endpoint(v, "!!!").is_none());
+        assert!(c.open_endpoint(v, &"A".repeat(5000)).is_none());
+        let other = TokenCodec::new(&[[2u8; 32]]).unwrap();
+        assert!(other.open_endpoint(v, &s).is_none());
+    }
+
+    #[test]
+    fn rotation_keeps_old_tokens_valid() {
+        let old = codec();
+        let (v, s) = old.endpoint_token(&sample(false));
+        let rotated = TokenCodec::new(&[[9u8; 32], [1u8; 32]]).unwrap();
+        assert!(rotated.open_endpoint(v, &s).is_some());
+        let (v2, s2) = rotated.endpoint_token(&sample(false));
+        assert!(
+            old.open_endpoint(v2, &s2).is_none(),
+            "new tokens use the new key"
+        );
+    }
+
+    #[test]
+    fn message_ids_round_trip() {
+        let c = codec();
+        let m = MessageId {
+            uaid: Uaid::random(),
+            channel: uuid::Uuid::new_v4(),
+            seq: 1234567890123,
+        };
+        assert_eq!(c.open_message_id(&c.message_id(&m)), Some(m));
+    }
+
+    #[test]
+    fn generated_key_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_keys(dir.path()).unwrap();
+        let b = load_or_create_keys(dir.path()).unwrap();
+        assert_eq!(a, b);
+        std::fs::write(dir.path().join("endpoint-keys"), "bogus\n").unwrap();
+        assert!(load_or_create_keys(dir.path()).is_err());
+    }
+}

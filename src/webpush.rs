@@ -1,0 +1,316 @@
+//! RFC 8030 request headers (TTL, Urgency, Topic) and the payload encodings
+//! of RFC 8291/8188 (`aes128gcm`) and the legacy `aesgcm` draft. Herald never
+//! decrypts; it only checks that a payload is shaped so a user agent can.
+
+use crate::errors::ApiError;
+use crate::protocol::NotificationHeaders;
+use base64::Engine;
+
+/// RFC 8030 §5.3. Ordered from least to most urgent so thresholds compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Urgency {
+    VeryLow = 0,
+    Low = 1,
+    #[default]
+    Normal = 2,
+    High = 3,
+}
+
+impl Urgency {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "very-low" => Some(Urgency::VeryLow),
+            "low" => Some(Urgency::Low),
+            "normal" => Some(Urgency::Normal),
+            "high" => Some(Urgency::High),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Urgency::VeryLow => "very-low",
+            Urgency::Low => "low",
+            Urgency::Normal => "normal",
+            Urgency::High => "high",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        [
+            Urgency::VeryLow,
+            Urgency::Low,
+            Urgency::Normal,
+            Urgency::High,
+        ]
+        .get(v as usize)
+        .copied()
+    }
+}
+
+/// `TTL` is required; values above `max_ttl` are lowered, not refused.
+pub fn parse_ttl(value: Option<&str>, max_ttl: u64) -> Result<u64, ApiError> {
+    let value = value.ok_or_else(ApiError::missing_ttl)?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::invalid_ttl(value));
+    }
+    // A run of digits too long for u64 is still a valid (huge) TTL.
+    Ok(value.parse::<u64>().unwrap_or(u64::MAX).min(max_ttl))
+}
+
+pub fn parse_urgency(value: Option<&str>) -> Result<Urgency, ApiError> {
+    match value {
+        None => Ok(Urgency::Normal),
+        Some(v) => Urgency::parse(v).ok_or_else(|| ApiError::invalid_urgency(v)),
+    }
+}
+
+/// RFC 8030 §5.4: at most 32 characters of the URL-safe base64 alphabet.
+pub fn parse_topic(value: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    let ok = !v.is_empty()
+        && v.len() <= 32
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(Some(v.to_string()))
+    } else {
+        Err(ApiError::invalid_topic())
+    }
+}
+
+/// What the request's encryption headers say about a non-empty body.
+pub fn check_encoding(
+    content_encoding: Option<&str>,
+    encryption: Option<&str>,
+    crypto_key: Option<&str>,
+    body: &[u8],
+) -> Result<NotificationHeaders, ApiError> {
+    let encoding = content_encoding
+        .map(|e| e.trim().to_ascii_lowercase())
+        .ok_or_else(|| {
+            ApiError::missing_crypto(
+                "a payload needs a Content-Encoding header (aes128gcm or aesgcm)",
+            )
+        })?;
+    match encoding.as_str() {
+        "aes128gcm" => {
+            check_aes128gcm_header(body)?;
+            Ok(NotificationHeaders {
+                encoding,
+                encryption: None,
+                crypto_key: None,
+            })
+        }
+        "aesgcm" => {
+            let encryption = encryption.ok_or_else(|| {
+                ApiError::missing_crypto("aesgcm needs an Encryption header with salt=")
+            })?;
+            let crypto_key = crypto_key.ok_or_else(|| {
+                ApiError::missing_crypto("aesgcm needs a Crypto-Key header with dh=")
+            })?;
+            let salt = header_param(encryption, "salt")
+                .ok_or_else(|| ApiError::invalid_crypto("Encryption header has no salt="))?;
+            if decode_b64url(salt).map(|s| s.len()) != Some(16) {
+                return Err(ApiError::invalid_crypto(
+                    "Encryption salt must be 16 bytes of base64url",
+                ));
+            }
+            if header_param(crypto_key, "dh").is_none() {
+                return Err(ApiError::invalid_crypto("Crypto-Key header has no dh="));
+            }
+            Ok(NotificationHeaders {
+                encoding,
+                encryption: Some(encryption.trim().to_string()),
+                crypto_key: Some(crypto_key.trim().to_string()),
+            })
+        }
+        other => Err(ApiError::invalid_crypto(&format!(
+            "unsupported Content-Encoding {other:?}; use aes128gcm"
+        ))),
+    }
+}
+
+/// RFC 8188 §2.1: salt (16) | rs (u32) | idlen (u8) | keyid, then at least
+/// one record carrying a 16-byte tag and a padding delimiter.
+fn check_aes128gcm_header(body: &[u8]) -> Result<(), ApiError> {
+    if body.len() < 21 {
+        return Err(ApiError::invalid_crypto(
+            "aes128gcm body is shorter than its 21-byte header",
+        ));
+    }
+    let rs = u32::from_be_bytes([body[16], body[17], body[18], body[19]]);
+    if rs < 18 {
+        return Err(ApiError::invalid_crypto(
+            "aes128gcm record size must be at least 18",
+        ));
+    }
+    let idlen = body[20] as usize;
+    let header_len = 21 + idlen;
+    if body.len() < header_len + 17 {
+        return Err(ApiError::invalid_crypto(
+            "aes128gcm body ends before its key id and first record",
+        ));
+    }
+    Ok(())
+}
+
+/// Finds `name=value` in a `;`/`,`-separated header such as
+/// `Crypto-Key: dh=...;p256ecdsa=...`.
+pub fn header_param<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header
+        .split([';', ','])
+        .filter_map(|part| part.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().trim_matches('"'))
+}
+
+/// Decodes base64url with or without padding (Firefox pads, most libraries
+/// don't).
+pub fn decode_b64url(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim().trim_end_matches('='))
+        .ok()
+}
+
+pub fn encode_b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rules() {
+        assert_eq!(parse_ttl(Some("60"), 1000).unwrap(), 60);
+        assert_eq!(parse_ttl(Some("0"), 1000).unwrap(), 0);
+        assert_eq!(parse_ttl(Some("5000"), 1000).unwrap(), 1000);
+        assert_eq!(
+            parse_ttl(Some("99999999999999999999999"), 1000).unwrap(),
+            1000
+        );
+        assert_eq!(parse_ttl(None, 1000).unwrap_err().errno, 111);
+        for bad in ["", "-1", "1.5", "ten", " "] {
+            assert_eq!(parse_ttl(Some(bad), 1000).unwrap_err().errno, 112, "{bad}");
+        }
+    }
+
+    #[test]
+    fn urgency_rules() {
+        assert_eq!(parse_urgency(None).unwrap(), Urgency::Normal);
+        assert_eq!(parse_urgency(Some("very-low")).unwrap(), Urgency::VeryLow);
+        assert_eq!(parse_urgency(Some("HIGH")).unwrap(), Urgency::High);
+        assert!(parse_urgency(Some("urgent")).is_err());
+        assert!(Urgency::VeryLow < Urgency::Low && Urgency::Normal < Urgency::High);
+        for u in [
+            Urgency::VeryLow,
+            Urgency::Low,
+            Urgency::Normal,
+            Urgency::High,
+        ] {
+            assert_eq!(Urgency::from_u8(u as u8), Some(u));
+            assert_eq!(Urgency::parse(u.as_str()), Some(u));
+        }
+    }
+
+    #[test]
+    fn topic_rules() {
+        assert_eq!(parse_topic(None).unwrap(), None);
+        assert_eq!(
+            parse_topic(Some("a-b_C9")).unwrap().as_deref(),
+            Some("a-b_C9")
+        );
+        assert!(parse_topic(Some(&"a".repeat(32))).is_ok());
+        assert!(parse_topic(Some(&"a".repeat(33))).is_err());
+        assert!(parse_topic(Some("with space")).is_err());
+        assert!(parse_topic(Some("plus+")).is_err());
+        assert!(parse_topic(Some("")).is_err());
+    }
+
+    fn aes128gcm_body(rs: u32, idlen: u8, records: usize) -> Vec<u8> {
+        let mut b = vec![7u8; 16];
+        b.extend_from_slice(&rs.to_be_bytes());
+        b.push(idlen);
+        b.extend(std::iter::repeat_n(4u8, idlen as usize));
+        b.extend(std::iter::repeat_n(0u8, records));
+        b
+    }
+
+    #[test]
+    fn aes128gcm_header_must_parse() {
+        let ok = aes128gcm_body(4096, 65, 40);
+        assert!(check_encoding(Some("aes128gcm"), None, None, &ok).is_ok());
+        let small_rs = aes128gcm_body(17, 65, 40);
+        assert_eq!(
+            check_encoding(Some("aes128gcm"), None, None, &small_rs)
+                .unwrap_err()
+                .errno,
+            110
+        );
+        let truncated = aes128gcm_body(4096, 65, 0);
+        assert!(check_encoding(Some("aes128gcm"), None, None, &truncated).is_err());
+        assert!(check_encoding(Some("aes128gcm"), None, None, &[1, 2, 3]).is_err());
+        assert_eq!(
+            check_encoding(None, None, None, &ok).unwrap_err().errno,
+            101
+        );
+        assert_eq!(
+            check_encoding(Some("gzip"), None, None, &ok)
+                .unwrap_err()
+                .errno,
+            110
+        );
+    }
+
+    #[test]
+    fn aesgcm_needs_salt_and_dh() {
+        let salt = encode_b64url(&[1u8; 16]);
+        let enc = format!("salt={salt}");
+        let h = check_encoding(
+            Some("aesgcm"),
+            Some(&enc),
+            Some("dh=BBBB;p256ecdsa=CCCC"),
+            b"x",
+        )
+        .unwrap();
+        assert_eq!(h.encoding, "aesgcm");
+        assert_eq!(h.encryption.as_deref(), Some(enc.as_str()));
+        assert_eq!(h.crypto_key.as_deref(), Some("dh=BBBB;p256ecdsa=CCCC"));
+        assert_eq!(
+            check_encoding(Some("aesgcm"), None, Some("dh=BBBB"), b"x")
+                .unwrap_err()
+                .errno,
+            101
+        );
+        assert_eq!(
+            check_encoding(Some("aesgcm"), Some(&enc), None, b"x")
+                .unwrap_err()
+                .errno,
+            101
+        );
+        assert_eq!(
+            check_encoding(Some("aesgcm"), Some("salt=short"), Some("dh=B"), b"x")
+                .unwrap_err()
+                .errno,
+            110
+        );
+        assert_eq!(
+            check_encoding(Some("aesgcm"), Some(&enc), Some("p256ecdsa=C"), b"x")
+                .unwrap_err()
+                .errno,
+            110
+        );
+    }
+
+    #[test]
+    fn b64url_accepts_padding() {
+        assert_eq!(decode_b64url("AQI=").unwrap(), vec![1, 2]);
+        assert_eq!(decode_b64url("AQI").unwrap(), vec![1, 2]);
+        assert!(decode_b64url("!!").is_none());
+        assert_eq!(
+            header_param("dh=abc; p256ecdsa=\"def\"", "p256ecdsa"),
+            Some("def")
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! End to end with a real browser: headless Firefox ESR subscribes through a
+//! Herald via the demo page, receives and decrypts pushes in its service
+//! worker, gets messages queued while it was closed (with topic replacement
+//! and TTL expiry applied), and after unsubscribing its endpoint answers 410.
+//!
+//! Needs `firefox-esr` (scripts/install-firefox.sh). A browser that is
+//! missing or cannot start fails the test with the reason; it is not skipped.
+
+#[path = "support/firefox.rs"]
+mod support;
+
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::Duration;
+use support::{wait_for, DemoServer, Firefox, HeraldServer, HERALD};
+
+/// A fresh profile's first start, on a busy 2-core machine, can take a
+/// while before the page has subscribed (the page itself retries).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(150);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Rig {
+    dir: tempfile::TempDir,
+    herald: HeraldServer,
+    demo: DemoServer,
+    firefox: Option<Firefox>,
+    launches: u32,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        support::firefox_binary().unwrap_or_else(|e| panic!("{e}"));
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        // Browser, demo and Herald logs and the profile stay behind for a
+        // post-mortem when asked.
+        if std::env::var_os("HERALD_E2E_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
+        let herald = HeraldServer::start_in(dir.path());
+        let demo = DemoServer::start(&herald.url(), dir.path());
+        // 127.0.0.1 rather than localhost: Herald listens on IPv4 only, and
+        // Firefox would try ::1 first for localhost.
+        support::write_profile(&dir.path().join("profile"), &herald.ws_url());
+        Rig {
+            dir,
+            herald,
+            demo,
+            firefox: None,
+            launches: 0,
+        }
+    }
+
+    fn launch(&mut self, query: &str) {
+        assert!(self.firefox.is_none(), "close the browser first");
+        self.launches += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("firefox-{}.log", self.launches));
+        self.firefox = Some(Firefox::launch(
+            &self.dir.path().join("profile"),
+            &self.demo.page_url(query),
+            log,
+        ));
+    }
+
+    fn close(&mut self) {
+        if let Some(firefox) = self.firefox.take() {
+            firefox.close();
+        }
+    }
+
+    /// Everything a person needs to see why a step failed.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(ff) = &self.firefox {
+            out.push_str(&ff.proc.log_tail(80));
+            out.push('\n');
+        }
+        out.push_str(&self.demo.proc.log_tail(60));
+        out.push('\n');
+        out.push_str(&self.herald.proc.log_tail(60));
+        out
+    }
+
+    fn check_browser(&mut self) {
+        if let Some(ff) = self.firefox.as_mut() {
+            if let Some(status) = ff.proc.exited() {
+                panic!("Firefox died with {status}\n{}", self.logs());
+            }
+        }
+    }
+
+    fn subscriptions(&self) -> Vec<Value> {
+        self.demo
+            .get_json("/subscriptions")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn received(&self) -> Vec<Option<String>> {
+        self.demo
+            .get_json("/received")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m["text"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn count_received(&self, text: &str) -> usize {
+        self.received()
+            .iter()
+            .filter(|t| t.as_deref() == Some(text))
+            .count()
+    }
+
+    /// Sends through the demo's application server; asserts Herald took it.
+    fn send(&self, body: Value) {
+        let (status, reply) = self.demo.post_json("/send", &body);
+        assert_eq!(
+            status,
+            200,
+            "demo /send refused {body}: {reply}\n{}",
+            self.logs()
+        );
+        let results = reply["results"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            results.len(),
+            1,
+            "expected one subscription to send to: {reply}"
+        );
+        assert_eq!(
+            results[0]["status"],
+            201,
+            "Herald did not accept {body}: {reply}\n{}",
+            self.logs()
+        );
+    }
+
+    fn wait_received(&mut self, text: &str, what: &str) {
+        let found = wait_for(DELIVERY_TIMEOUT, || {
+            self.check_browser();
+            (self.count_received(text) > 0).then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "{what}: {text:?} did not reach the service worker within {DELIVERY_TIMEOUT:?}; received {:?}\n{}",
+            self.received(),
+            self.logs()
+        );
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // Browser first: it holds connections to both servers.
+        self.close();
+    }
+}
+
+#[test]
+fn firefox_subscribes_receives_queues_and_unsubscribes() {
+    let mut rig = Rig::new();
+
+    // 1. The page subscribes through Herald and hands over the subscription.
+    rig.launch("");
+    let subscription = wait_for(SUBSCRIBE_TIMEOUT, || {
+        rig.check_browser();
+        rig.subscriptions().into_iter().next()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "Firefox did not subscribe within {SUBSCRIBE_TIMEOUT:?}\n{}",
+            rig.logs()
+        )
+    });
+    let endpoint = subscription["endpoint"]
+        .as_str()
+        .expect("endpoint")
+        .to_owned();
+    assert!(
+        endpoint.starts_with(&format!("{}/", rig.herald.url())),
+        "endpoint {endpoint} is not on Herald's public URL {}",
+        rig.herald.url()
+    );
+    assert!(subscription["keys"]["p256dh"].is_string() && subscription["keys"]["auth"].is_string());
+
+    // 2. A push while the browser runs is decrypted by its service worker.
+    rig.send(json!({ "text": "live message ✓", "ttl": 60, "urgency": "high" }));
+    rig.wait_received("live message ✓", "live push");
+
+    // 3. While the browser is closed Herald keeps messages: a newer one
+    // with the same topic replaces the older, and an expired one is dropped.
+    rig.close();
+    // Give Herald a moment to see the websocket go away, so these are
+    // stored for an offline user agent rather than raced onto a dying
+    // connection.
+    std::thread::sleep(Duration::from_secs(1));
+    rig.send(json!({ "text": "topic v1", "ttl": 600, "topic": "e2e-topic" }));
+    rig.send(json!({ "text": "topic v2", "ttl": 600, "topic": "e2e-topic" }));
+    rig.send(json!({ "text": "expires fast", "ttl": 1 }));
+    rig.send(json!({ "text": "kept while offline", "ttl": 600 }));
+    std::thread::sleep(Duration::from_secs(3));
+    rig.launch("");
+    rig.wait_received("kept while offline", "queued push");
+    rig.wait_received("topic v2", "topic replacement");
+    // Whatever else was queued came in the same batch; give stragglers a
+    // few seconds before asserting they do not exist.
+    std::thread::sleep(Duration::from_secs(5));
+    let received = rig.received();
+    assert_eq!(
+        rig.count_received("topic v1"),
+        0,
+        "replaced topic message was delivered: {received:?}"
+    );
+    assert_eq!(
+        rig.count_received("expires fast"),
+        0,
+        "expired message was delivered: {received:?}"
+    );
+    for text in ["live message ✓", "topic v2", "kept while offline"] {
+        assert_eq!(
+            rig.count_received(text),
+            1,
+            "{text:?} not delivered exactly once: {received:?}"
+        );
+    }
+
+    // 4. The page unsubscribes; the endpoint is then gone.
+    rig.close();
+    rig.launch("?action=unsubscribe");
+    let forgotten = wait_for(DELIVERY_TIMEOUT, || {
+        rig.check_browser();
+        rig.subscriptions().is_empty().then_some(())
+    });
+    assert!(
+        forgotten.is_some(),
+        "the page did not report unsubscribing within {DELIVERY_TIMEOUT:?}\n{}",
+        rig.logs()
+    );
+    // Firefox sends `unregister` as unsubscribe() resolves; allow Herald a
+    // few seconds to process it, but no 201 after that.
+    let vapid_key = rig.demo.data_dir.join("vapid.pem");
+    let subscription_json = subscription.to_string();
+    let mut last = String::new();
+    let gone = wait_for(Duration::from_secs(20), || {
+        let out = Command::new(HERALD)
+            .args(["send", "--subscription", &subscription_json, "--vapid-key"])
+            .arg(&vapid_key)
+            .args([
+                "--subject",
+                "mailto:e2e@example.com",
+                "--data",
+                "after unsubscribe",
+                "--ttl",
+                "60",
+            ])
+            .output()
+            .expect("run herald send");
+        last = format!(
+            "exit {}, stdout {:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (!out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("410"))
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "endpoint did not answer 410 after unsubscribe; last try: {last}\n{}",
+        rig.logs()
+    );
+
+    // The demo, handed the stale subscription again, forgets it on the 410.
+    let (status, _) = rig.demo.post_json("/subscribe", &subscription);
+    assert!(
+        status == 200 || status == 201,
+        "demo did not take the subscription back: {status}"
+    );
+    let (status, reply) = rig
+        .demo
+        .post_json("/send", &json!({ "text": "to nobody", "ttl": 60 }));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"][0]["status"], 410, "{reply}");
+    assert_eq!(reply["results"][0]["forgotten"], true, "{reply}");
+    assert!(
+        rig.subscriptions().is_empty(),
+        "demo kept a gone subscription"
+    );
+
+    rig.close();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        rig.count_received("after unsubscribe") + rig.count_received("to nobody"),
+        0,
+        "a message reached the browser after it unsubscribed"
+    );
+}

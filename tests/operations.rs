@@ -1,0 +1,378 @@
+//! Running Herald: metrics that move with traffic, health and readiness,
+//! JSON logs, TLS, and split listeners.
+
+mod common;
+
+use common::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn metrics_text(h: &Herald) -> String {
+    let r = http(h, "GET", "/metrics", &[], vec![]).await.unwrap();
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body).unwrap()
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let h = Herald::start_with(&[], &[("HERALD_SWEEP_INTERVAL", "1s")]).await;
+    let keys = UaKeys::new();
+    let before = metrics_text(&h).await;
+    assert_eq!(value(&before, "herald_ws_connections"), 0.0);
+
+    let mut ua = Ua::hello(&h, None).await;
+    let uaid = ua.uaid.clone();
+    let (_, ep) = ua.subscribe(None).await;
+    let m = metrics_text(&h).await;
+    assert_eq!(value(&m, "herald_ws_connections"), 1.0);
+    assert_eq!(value(&m, "herald_ws_hello_total{outcome=\"new\"}"), 1.0);
+    assert_eq!(value(&m, "herald_ws_register_total{outcome=\"ok\"}"), 1.0);
+
+    push(&ep, None, &h.url(), &keys, "x", &[("urgency", "high")]).await;
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = metrics_text(&h).await;
+    assert_eq!(
+        value(&m, "herald_messages_accepted_total{urgency=\"high\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "herald_messages_delivered_total"), 1.0);
+    assert_eq!(value(&m, "herald_messages_acked_total"), 1.0);
+    assert_eq!(
+        value(
+            &m,
+            "herald_http_responses_total{errno=\"0\",status=\"201\"}"
+        ),
+        1.0
+    );
+    assert!(m.contains("herald_store_operation_seconds_bucket{op=\"put_message\""));
+
+    // An expired message, removed by the background sweep.
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    push(&ep, None, &h.url(), &keys, "x", &[("ttl", "1")]).await;
+    let bad = http(&h, "POST", "/wpush/v1/forged", &[("ttl", "1")], vec![])
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 404);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics_text(&h).await;
+        if value(&m, "herald_messages_expired_total") >= 1.0 {
+            assert_eq!(
+                value(
+                    &m,
+                    "herald_http_responses_total{errno=\"102\",status=\"404\"}"
+                ),
+                1.0
+            );
+            assert_eq!(value(&m, "herald_ws_connections"), 0.0);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expiry never counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = uaid;
+}
+
+#[tokio::test]
+async fn health_readiness_and_dockerflow() {
+    let mut h = Herald::start().await;
+    for path in ["/health", "/ready", "/__heartbeat__", "/__lbheartbeat__"] {
+        assert_eq!(
+            http(&h, "GET", path, &[], vec![]).await.unwrap().status,
+            200,
+            "{path}"
+        );
+    }
+    let v = http(&h, "GET", "/__version__", &[], vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+
+    // A user agent that never answers the close handshake keeps the node
+    // draining for a moment: readiness must already be false then.
+    let _silent = Ua::hello(&h, None).await;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(h.pid().to_string())
+        .status()
+        .unwrap();
+    let mut saw_503 = false;
+    for _ in 0..40 {
+        match http(&h, "GET", "/ready", &[], vec![]).await {
+            Ok(r) if r.status == 503 => {
+                saw_503 = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => break,
+        }
+    }
+    assert!(saw_503, "/ready never answered 503 during shutdown");
+    assert!(h.wait_exit().success());
+}
+
+#[tokio::test]
+async fn json_logs_parse_and_keep_secrets_out() {
+    let h = Herald::start_with(&["--log-format", "json"], &[("RUST_LOG", "info")]).await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    push(&ep, None, &h.url(), &keys, "secret payload", &[]).await;
+    ua.notification().await;
+    let logs = h.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
+    let token = ep.rsplit('/').next().unwrap();
+    assert!(!logs.contains(&ua.uaid), "full uaid logged at info");
+    assert!(!logs.contains(token), "endpoint token logged at info");
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_the_start_with_one_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("HERALD_MAX_TTL", "forever")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("max_ttl"), "{err}");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--public-url",
+        "--config",
+        "max_stored_messages",
+        "HERALD_",
+    ] {
+        assert!(help.contains(flag), "serve --help lacks {flag}");
+    }
+}
+
+#[tokio::test]
+async fn split_listeners() {
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = format!("127.0.0.1:{api_port}");
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_ENDPOINT_LISTEN", &api),
+            ("HERALD_METRICS_LISTEN", &metrics),
+        ],
+    )
+    .await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let token_path = ep.split_once("/wpush/").unwrap().1;
+    let on_main = push(&ep, None, &h.url(), &keys, "x", &[]).await;
+    assert_eq!(
+        on_main.status, 404,
+        "the main listener no longer serves the API"
+    );
+    let via_api = push(
+        &format!("http://{api}/wpush/{token_path}"),
+        None,
+        &h.url(),
+        &keys,
+        "x",
+        &[],
+    )
+    .await;
+    assert_eq!(via_api.status, 201);
+    assert_eq!(ua.notification().await["messageType"], "notification");
+    assert_eq!(
+        http(&h, "GET", "/metrics", &[], vec![])
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    let m = request("GET", &format!("http://{metrics}/metrics"), &[], vec![])
+        .await
+        .unwrap();
+    assert!(String::from_utf8(m.body)
+        .unwrap()
+        .contains("herald_ws_connections 1"));
+}
+
+/// A client TLS config trusting only the test's own CA certificate.
+fn client_config(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+async fn tls_stream(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_serves_wss_and_https_and_reloads_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    // The public URL only shapes endpoint URLs; the test connects to the
+    // harness's port directly.
+    let public = "https://localhost:8443".to_string();
+    let h = Herald::start_with(
+        &["--public-url", &public],
+        &[
+            ("HERALD_TLS_CERT", cert_path.to_str().unwrap()),
+            ("HERALD_TLS_KEY", key_path.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let port = h.port;
+    let config = client_config(cert.cert.der());
+
+    // wss:// hello and register.
+    let stream = tls_stream(port, config.clone()).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("wss://localhost:{port}/"),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "push-notification".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        r#"{"messageType":"hello"}"#,
+    ))
+    .await
+    .unwrap();
+    let hello: serde_json::Value =
+        serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(hello["status"], 200);
+    let ch = uuid::Uuid::new_v4().to_string();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        serde_json::json!({"messageType":"register","channelID": ch}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reg: serde_json::Value =
+        serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    let ep = reg["pushEndpoint"].as_str().unwrap().to_string();
+    assert!(ep.starts_with(&public), "{ep}");
+
+    // https:// push over the same certificate.
+    let keys = UaKeys::new();
+    let path = ep.trim_start_matches(&public).to_string();
+    let stream = tls_stream(port, config.clone()).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header("host", format!("localhost:{port}"))
+        .header("ttl", "60")
+        .header("content-encoding", "aes128gcm")
+        .body(http_body_util::Full::new(bytes::Bytes::from(encrypt(
+            &keys,
+            b"over tls",
+        ))))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let n: serde_json::Value =
+        serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(payload(&keys, &n), "over tls");
+
+    // SIGHUP: a new certificate is served to new connections, the open
+    // websocket stays up.
+    let cert2 = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&cert_path, cert2.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert2.signing_key.serialize_pem()).unwrap();
+    std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(h.pid().to_string())
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        if tokio_rustls::TlsConnector::from(client_config(cert2.cert.der()))
+            .connect(name, tcp)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ws.send(tokio_tungstenite::tungstenite::Message::text("{}"))
+        .await
+        .unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "{}");
+}

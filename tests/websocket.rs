@@ -1,0 +1,364 @@
+//! The user-agent side, driven by a real websocket client against a real
+//! Herald process.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test]
+async fn hello_gives_a_new_uaid_and_keeps_a_known_one() {
+    let h = Herald::start().await;
+    let ua = Ua::hello(&h, None).await;
+    assert_eq!(ua.uaid.len(), 32);
+    assert!(ua
+        .uaid
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    drop(ua);
+
+    let first = Ua::hello(&h, None).await.uaid;
+    let again = Ua::hello(&h, Some(&first)).await;
+    assert_eq!(again.uaid, first, "a known uaid is kept");
+
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let other = Ua::hello(&h, Some(unknown)).await;
+    assert_ne!(
+        other.uaid, unknown,
+        "a uaid Herald never issued is replaced"
+    );
+    let garbage = Ua::hello(&h, Some("not-a-uaid")).await;
+    assert_eq!(garbage.uaid.len(), 32);
+}
+
+#[tokio::test]
+async fn hello_reply_has_exactly_the_firefox_shape() {
+    let h = Herald::start().await;
+    let mut ua = Ua::connect(&h).await;
+    ua.send_text(r#"{"messageType":"hello","broadcasts":{},"use_webpush":true}"#)
+        .await;
+    let reply = ua.recv().await;
+    let uaid = reply["uaid"].as_str().unwrap().to_string();
+    assert_eq!(
+        reply,
+        json!({"messageType":"hello","uaid": uaid,"status":200,"use_webpush":true,"broadcasts":{}})
+    );
+    // Firefox's follow-up must not break the connection.
+    ua.send_text(r#"{"messageType":"broadcast_subscribe","broadcasts":{"remote-settings/monitor_changes":"\"0\""}}"#)
+        .await;
+    ua.send_text("{}").await;
+    assert_eq!(ua.recv().await, json!({}));
+}
+
+#[tokio::test]
+async fn register_with_and_without_key() {
+    let h = Herald::start().await;
+    let mut ua = Ua::hello(&h, None).await;
+    let app = AppServer::new();
+
+    let ch = uuid::Uuid::new_v4().to_string();
+    let r = ua.register(&ch, None).await;
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["channelID"], ch.as_str());
+    let ep = r["pushEndpoint"].as_str().unwrap();
+    assert!(ep.starts_with(&format!("{}/wpush/v1/", h.url())), "{ep}");
+    assert!(ep.len() < 1000);
+
+    // Firefox pads the key; both forms are accepted.
+    let padded =
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE, app.public_raw());
+    assert!(padded.ends_with('='));
+    for key in [padded.clone(), app.public()] {
+        let ch = uuid::Uuid::new_v4().to_string();
+        let r = ua.register(&ch, Some(&key)).await;
+        assert_eq!(r["status"], 200, "{r}");
+        assert!(r["pushEndpoint"].as_str().unwrap().contains("/wpush/v2/"));
+    }
+
+    // The same channel and key again: the same kind of endpoint.
+    let ch = uuid::Uuid::new_v4().to_string();
+    let first = ua.register(&ch, Some(&padded)).await;
+    let again = ua.register(&ch, Some(&app.public())).await;
+    assert_eq!(again["status"], 200);
+    assert!(first["pushEndpoint"]
+        .as_str()
+        .unwrap()
+        .contains("/wpush/v2/"));
+    assert!(again["pushEndpoint"]
+        .as_str()
+        .unwrap()
+        .contains("/wpush/v2/"));
+    // A different key for an existing channel is a conflict.
+    let conflict = ua.register(&ch, Some(&AppServer::new().public())).await;
+    assert_eq!(conflict["status"], 409);
+}
+
+#[tokio::test]
+async fn bad_register_gets_an_error_status_and_the_connection_stays() {
+    let h = Herald::start().await;
+    let mut ua = Ua::hello(&h, None).await;
+    let bad_channel = ua.register("not-a-uuid", None).await;
+    assert_eq!(bad_channel["status"], 400);
+    assert!(bad_channel.get("pushEndpoint").is_none());
+    let ch = uuid::Uuid::new_v4().to_string();
+    for key in ["short", "!!!notbase64", &b64(&[4u8; 65])] {
+        let r = ua.register(&ch, Some(key)).await;
+        assert_eq!(r["status"], 400, "key {key}");
+    }
+    // Still usable.
+    let (_, ep) = ua.subscribe(None).await;
+    assert!(ep.contains("/wpush/v1/"));
+}
+
+#[tokio::test]
+async fn channel_limit_is_enforced() {
+    let h = Herald::start_with(&[], &[("HERALD_MAX_CHANNELS_PER_UAID", "2")]).await;
+    let mut ua = Ua::hello(&h, None).await;
+    ua.subscribe(None).await;
+    ua.subscribe(None).await;
+    let r = ua.register(&uuid::Uuid::new_v4().to_string(), None).await;
+    assert_eq!(r["status"], 429);
+}
+
+#[tokio::test]
+async fn unregister_makes_the_endpoint_gone_and_drops_pending_messages() {
+    let h = Herald::start().await;
+    let mut ua = Ua::hello(&h, None).await;
+    let keys = UaKeys::new();
+    let (ch, ep) = ua.subscribe(None).await;
+    ua.send(json!({"messageType":"unregister","channelID": ch,"code":200}))
+        .await;
+    assert_eq!(
+        ua.recv().await,
+        json!({"messageType":"unregister","channelID": ch,"status":200})
+    );
+    let r = push(&ep, None, &h.url(), &keys, "late", &[]).await;
+    assert_eq!(r.status, 410);
+    assert_eq!(r.errno(), 106);
+
+    // Pending messages of an unregistered channel are not delivered later.
+    let uaid = ua.uaid.clone();
+    let (ch2, ep2) = ua.subscribe(None).await;
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        push(&ep2, None, &h.url(), &keys, "queued", &[])
+            .await
+            .status,
+        201
+    );
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    let n = ua.notification().await;
+    assert_eq!(n["channelID"], ch2.as_str());
+    ua.send(json!({"messageType":"unregister","channelID": ch2}))
+        .await;
+    assert_eq!(ua.recv().await["status"], 200);
+    drop(ua);
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(ua.try_recv(Duration::from_millis(500)).await, None);
+
+    // A malformed channelID in unregister gets an error status.
+    ua.send(json!({"messageType":"unregister","channelID":"nope"}))
+        .await;
+    assert_eq!(ua.recv().await["status"], 400);
+}
+
+#[tokio::test]
+async fn pings_are_answered() {
+    let h = Herald::start().await;
+    let mut ua = Ua::hello(&h, None).await;
+    ua.send_text("{}").await;
+    assert_eq!(ua.recv().await, json!({}));
+    ua.send(json!({"messageType":"ping"})).await;
+    assert_eq!(ua.recv().await, json!({}));
+}
+
+#[tokio::test]
+async fn a_second_connection_for_the_same_uaid_closes_the_first() {
+    let h = Herald::start().await;
+    let mut first = Ua::hello(&h, None).await;
+    let keys = UaKeys::new();
+    let (_, ep) = first.subscribe(None).await;
+    let mut second = Ua::hello(&h, Some(&first.uaid)).await;
+    assert_eq!(second.uaid, first.uaid);
+    let (code, reason) = first.closed(Duration::from_secs(5)).await;
+    assert_eq!(code, 1000, "{reason}");
+    // Messages go to the new connection.
+    assert_eq!(
+        push(&ep, None, &h.url(), &keys, "hi", &[]).await.status,
+        201
+    );
+    let n = second.notification().await;
+    assert_eq!(payload(&keys, &n), "hi");
+}
+
+#[tokio::test]
+async fn garbage_frames_close_with_a_protocol_error() {
+    let h = Herald::start().await;
+    for bad in [
+        "this is not json",
+        r#"{"messageType":"launch"}"#,
+        r#"{"messageType":"register"}"#,
+    ] {
+        let mut ua = Ua::hello(&h, None).await;
+        ua.send_text(bad).await;
+        let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+        assert_eq!(code, 1002, "{bad}: {reason}");
+        assert!(!reason.is_empty());
+    }
+    // Anything before hello.
+    let mut ua = Ua::connect(&h).await;
+    ua.send(json!({"messageType":"register","channelID": uuid::Uuid::new_v4().to_string()}))
+        .await;
+    let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+    assert_eq!(code, 1002);
+    assert!(reason.contains("hello"), "{reason}");
+    // Binary frames.
+    let mut ua = Ua::hello(&h, None).await;
+    futures_util::SinkExt::send(
+        &mut ua.ws,
+        tokio_tungstenite::tungstenite::Message::binary(vec![1, 2, 3]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ua.closed(Duration::from_secs(5)).await.0, 1003);
+}
+
+#[tokio::test]
+async fn oversized_frames_and_floods_are_refused() {
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_MAX_FRAME_SIZE", "2048"),
+            ("HERALD_CLIENT_RATE_LIMIT", "5"),
+        ],
+    )
+    .await;
+    let mut ua = Ua::hello(&h, None).await;
+    let big = format!(r#"{{"messageType":"ping","pad":"{}"}}"#, "x".repeat(4096));
+    ua.send_text(&big).await;
+    assert_eq!(ua.closed(Duration::from_secs(5)).await.0, 1009);
+
+    let mut ua = Ua::hello(&h, None).await;
+    for _ in 0..30 {
+        if futures_util::SinkExt::send(
+            &mut ua.ws,
+            tokio_tungstenite::tungstenite::Message::text("{}"),
+        )
+        .await
+        .is_err()
+        {
+            break;
+        }
+    }
+    let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("rate"), "{reason}");
+}
+
+#[tokio::test]
+async fn no_hello_within_the_timeout_closes() {
+    let h = Herald::start_with(&[], &[("HERALD_HELLO_TIMEOUT", "1s")]).await;
+    let mut ua = Ua::connect(&h).await;
+    let started = std::time::Instant::now();
+    let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn dead_connections_are_closed_by_server_pings() {
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_PING_INTERVAL", "1s"),
+            ("HERALD_PING_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    // A live client (tungstenite answers pings while it reads) stays up.
+    let mut live = Ua::hello(&h, None).await;
+    // A dead one: nothing reads its socket, so no pong ever goes back.
+    let mut dead = Ua::hello(&h, None).await;
+    assert_eq!(live.try_recv(Duration::from_millis(3500)).await, None);
+    live.send_text("{}").await;
+    assert_eq!(live.recv().await, json!({}));
+    // By now the server has given up on the dead one: its stream ends.
+    let (code, _) = dead.closed(Duration::from_secs(1)).await;
+    assert_eq!(code, 1006, "dropped without a close handshake");
+}
+
+#[tokio::test]
+async fn restart_keeps_uaid_and_channels() {
+    let mut h = Herald::start().await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let uaid = ua.uaid.clone();
+    let (ch, ep) = ua.subscribe(None).await;
+    drop(ua);
+    assert!(h.stop().success(), "clean exit on SIGTERM");
+    h.restart().await;
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid);
+    assert_eq!(
+        push(&ep, None, &h.url(), &keys, "after restart", &[])
+            .await
+            .status,
+        201
+    );
+    let n = ua.notification().await;
+    assert_eq!(n["channelID"], ch.as_str());
+    assert_eq!(payload(&keys, &n), "after restart");
+}
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_going_away() {
+    let mut h = Herald::start().await;
+    let mut ua = Ua::hello(&h, None).await;
+    let pid = h.pid();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let (code, _) = ua.closed(Duration::from_secs(10)).await;
+    assert_eq!(code, 1001);
+    assert!(h.wait_exit().success());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_maximum_are_refused() {
+    let h = Herald::start_with(&[], &[("HERALD_MAX_CONNECTIONS", "1")]).await;
+    let first = Ua::hello(&h, None).await;
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(h.ws_url())
+            .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "push-notification".parse().unwrap(),
+    );
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    drop(first);
+    // The slot frees when the first connection ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                h.ws_url(),
+            )
+            .unwrap();
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            "push-notification".parse().unwrap(),
+        );
+        if tokio_tungstenite::connect_async(req).await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
