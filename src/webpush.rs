@@ -7,7 +7,21 @@ use crate::protocol::NotificationHeaders;
 use base64::Engine;
 
 /// RFC 8030 §5.3. Ordered from least to most urgent so thresholds compare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum Urgency {
     VeryLow = 0,
     Low = 1,
@@ -48,6 +62,12 @@ impl Urgency {
     }
 }
 
+impl std::fmt::Display for Urgency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `TTL` is required; values above `max_ttl` are lowered, not refused.
 pub fn parse_ttl(value: Option<&str>, max_ttl: u64) -> Result<u64, ApiError> {
     let value = value.ok_or_else(ApiError::missing_ttl)?.trim();
@@ -68,15 +88,19 @@ pub fn parse_urgency(value: Option<&str>) -> Result<Urgency, ApiError> {
 /// RFC 8030 §5.4: at most 32 characters of the URL-safe base64 alphabet.
 pub fn parse_topic(value: Option<&str>) -> Result<Option<String>, ApiError> {
     let Some(v) = value else { return Ok(None) };
-    let ok = !v.is_empty()
-        && v.len() <= 32
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if is_valid_topic(v) {
         Ok(Some(v.to_string()))
     } else {
         Err(ApiError::invalid_topic())
     }
+}
+
+/// RFC 8030 §5.4's rule, shared by the server and `herald send`.
+pub fn is_valid_topic(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 32
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// What the request's encryption headers say about a non-empty body.

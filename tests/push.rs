@@ -377,11 +377,7 @@ async fn verified_jwts_are_cached() {
 async fn topic_replaces_a_pending_message_while_offline() {
     let h = Herald::start().await;
     let keys = UaKeys::new();
-    let mut ua = Ua::hello(&h, None).await;
-    let uaid = ua.uaid.clone();
-    let (_, ep) = ua.subscribe(None).await;
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (uaid, ep) = offline_subscription(&h, None).await;
     push(
         &ep,
         None,
@@ -414,11 +410,7 @@ async fn topic_replaces_a_pending_message_while_offline() {
 async fn expired_messages_are_never_delivered() {
     let h = Herald::start().await;
     let keys = UaKeys::new();
-    let mut ua = Ua::hello(&h, None).await;
-    let uaid = ua.uaid.clone();
-    let (_, ep) = ua.subscribe(None).await;
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (uaid, ep) = offline_subscription(&h, None).await;
     push(&ep, None, &h.url(), &keys, "short-lived", &[("ttl", "1")]).await;
     push(&ep, None, &h.url(), &keys, "long-lived", &[("ttl", "600")]).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -479,11 +471,7 @@ async fn urgency_threshold_holds_back_lower_messages() {
 async fn delete_cancels_a_pending_message() {
     let h = Herald::start().await;
     let keys = UaKeys::new();
-    let mut ua = Ua::hello(&h, None).await;
-    let uaid = ua.uaid.clone();
-    let (_, ep) = ua.subscribe(None).await;
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (uaid, ep) = offline_subscription(&h, None).await;
     let r = push(&ep, None, &h.url(), &keys, "oops", &[]).await;
     let location = r.header("location").unwrap();
     push(&ep, None, &h.url(), &keys, "fine", &[]).await;
@@ -564,11 +552,7 @@ async fn push_without_payload_and_legacy_aesgcm() {
 async fn stored_messages_per_user_agent_are_bounded_with_429() {
     let h = Herald::start_with(&[], &[("HERALD_MAX_STORED_MESSAGES", "2")]).await;
     let keys = UaKeys::new();
-    let mut ua = Ua::hello(&h, None).await;
-    let uaid = ua.uaid.clone();
-    let (_, ep) = ua.subscribe(None).await;
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (uaid, ep) = offline_subscription(&h, None).await;
     assert_eq!(push(&ep, None, &h.url(), &keys, "1", &[]).await.status, 201);
     assert_eq!(push(&ep, None, &h.url(), &keys, "2", &[]).await.status, 201);
     let r = push(&ep, None, &h.url(), &keys, "3", &[]).await;
@@ -588,11 +572,7 @@ async fn stored_messages_per_user_agent_are_bounded_with_429() {
 async fn in_flight_messages_are_bounded_by_the_delivery_window() {
     let h = Herald::start_with(&[], &[("HERALD_DELIVERY_WINDOW", "2")]).await;
     let keys = UaKeys::new();
-    let mut ua = Ua::hello(&h, None).await;
-    let uaid = ua.uaid.clone();
-    let (_, ep) = ua.subscribe(None).await;
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (uaid, ep) = offline_subscription(&h, None).await;
     for i in 0..5 {
         push(&ep, None, &h.url(), &keys, &format!("m{i}"), &[]).await;
     }
@@ -648,11 +628,7 @@ async fn nothing_accepted_is_lost_on_kill_9() {
         let mut h = Herald::start_with(&[], &[("HERALD_SYNC_WRITES", sync)]).await;
         let keys = UaKeys::new();
         let app = AppServer::new();
-        let mut ua = Ua::hello(&h, None).await;
-        let uaid = ua.uaid.clone();
-        let (_, ep) = ua.subscribe(Some(&app.public())).await;
-        drop(ua);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (uaid, ep) = offline_subscription(&h, Some(&app.public())).await;
         for i in 0..20 {
             let r = push(&ep, Some(&app), &h.url(), &keys, &format!("msg {i}"), &[]).await;
             assert_eq!(r.status, 201);

@@ -13,7 +13,6 @@ use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -27,59 +26,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Error bodies larger than this are cut: we only want `errno` and `message`.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
-/// RFC 8030 §5.3 message urgency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Urgency {
-    VeryLow,
-    Low,
-    Normal,
-    High,
-}
-
-impl Urgency {
-    /// The header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Urgency::VeryLow => "very-low",
-            Urgency::Low => "low",
-            Urgency::Normal => "normal",
-            Urgency::High => "high",
-        }
-    }
-
-    /// Parses a header value.
-    pub fn parse(value: &str) -> Option<Self> {
-        match value {
-            "very-low" => Some(Urgency::VeryLow),
-            "low" => Some(Urgency::Low),
-            "normal" => Some(Urgency::Normal),
-            "high" => Some(Urgency::High),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Urgency {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::webpush::Urgency;
 
 /// Checks a `Topic` against RFC 8030 §5.4: at most 32 characters of the
 /// base64url alphabet. Push services refuse anything else, so say so early.
 pub fn validate_topic(topic: &str) -> anyhow::Result<()> {
-    if topic.is_empty() || topic.len() > 32 {
-        bail!(
-            "topic must be 1 to 32 characters, got {}",
-            topic.chars().count()
-        );
-    }
-    if let Some(c) = topic
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-    {
-        bail!("topic may only use the base64url alphabet (A-Z a-z 0-9 - _), found {c:?}");
+    if !crate::webpush::is_valid_topic(topic) {
+        bail!("topic must be 1 to 32 characters of the base64url alphabet (A-Z a-z 0-9 - _), got {topic:?}");
     }
     Ok(())
 }

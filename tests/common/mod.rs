@@ -458,6 +458,17 @@ impl Ua {
     }
 }
 
+/// A subscription whose user agent has gone offline: (uaid, endpoint).
+pub async fn offline_subscription(h: &Herald, app_key: Option<&str>) -> (String, String) {
+    let mut ua = Ua::hello(h, None).await;
+    let (_, ep) = ua.subscribe(app_key).await;
+    let uaid = ua.uaid.clone();
+    drop(ua);
+    // Let the server see the close before anything is sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (uaid, ep)
+}
+
 /// Sends an encrypted push as an application server would.
 pub async fn push(
     endpoint: &str,
