@@ -2,6 +2,7 @@
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::pending::PendingCounts;
 use crate::router::Router;
 use crate::store::Store;
 use crate::token::TokenCodec;
@@ -17,6 +18,7 @@ pub struct App {
     pub router: Router,
     pub metrics: Arc<Metrics>,
     pub vapid: VapidVerifier,
+    pub pending: PendingCounts,
     /// Flips to true once when shutdown begins; connections watch it.
     pub shutdown: watch::Sender<bool>,
     /// Websocket connections open now (including those still before hello).
@@ -38,6 +40,7 @@ impl App {
             router: Router::new(),
             metrics,
             vapid,
+            pending: PendingCounts::default(),
             shutdown: watch::channel(false).0,
             connections: AtomicUsize::new(0),
         }

@@ -131,18 +131,21 @@ pub async fn push(
     };
     if ttl > 0 {
         let limit = app.settings.max_stored_messages;
-        let pending = app
+        let room = app
             .metrics
             .time("count_messages", || {
-                store.count_messages(&target.uaid, now, limit)
+                app.pending
+                    .has_room(store.as_ref(), &target.uaid, now, limit)
             })
             .map_err(store_err)?;
-        if pending >= limit {
+        if !room {
             return Err(ApiError::too_many_stored(limit));
         }
         let outcome = write_message(app, target.uaid, message.clone()).await?;
         if outcome.replaced {
             app.metrics.messages_replaced.inc();
+        } else {
+            app.pending.added(&target.uaid);
         }
     }
     app.metrics
@@ -211,6 +214,7 @@ pub fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
     if !existed {
         return Err(ApiError::no_message());
     }
+    app.pending.removed(&id.uaid);
     app.metrics
         .messages_dropped
         .with_label_values(&["cancelled"])

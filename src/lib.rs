@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod errors;
 pub mod ids;
 pub mod metrics;
+pub mod pending;
 pub mod protocol;
 pub mod router;
 pub mod server;

@@ -502,6 +502,7 @@ pub fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
         }
         let lost = app.store.count_messages(&uaid, now, usize::MAX)?;
         app.store.drop_user(&uaid)?;
+        app.pending.forget(&uaid);
         app.metrics
             .messages_dropped
             .with_label_values(&["ua_expired"])

@@ -194,6 +194,7 @@ impl Session {
                     if let Err(e) = app.store.drop_user(&u) {
                         tracing::warn!("dropping expired user agent: {e}");
                     }
+                    app.pending.forget(&u);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -315,7 +316,9 @@ impl Session {
         let status = match parse_channel_id(channel_id) {
             None => status::BAD_REQUEST,
             Some(channel) => match app.metrics.time("remove_channel", || {
-                app.store.remove_channel(&uaid, &channel)
+                let removed = app.store.remove_channel(&uaid, &channel);
+                app.pending.forget(&uaid);
+                removed
             }) {
                 Ok(_) => status::OK,
                 Err(e) => {
@@ -347,11 +350,13 @@ impl Session {
             }
             self.in_flight.retain(|f| f.seq != id.seq);
             let app = &self.app;
-            if let Err(e) = app
+            match app
                 .metrics
                 .time("delete_message", || app.store.delete_message(&uaid, id.seq))
             {
-                tracing::error!("ack: {e}");
+                Ok(true) => app.pending.removed(&uaid),
+                Ok(false) => {}
+                Err(e) => tracing::error!("ack: {e}"),
             }
             if nack {
                 app.metrics.messages_nacked.inc();
