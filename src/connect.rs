@@ -39,7 +39,6 @@ pub async fn serve<S>(app: Arc<App>, mut ws: WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    app.metrics.ws_connections.inc();
     let mut session = Session::new(app.clone());
     let mut binding: Option<Binding> = None;
     let mut shutdown = app.shutdown.subscribe();
@@ -143,7 +142,6 @@ where
     if let (Some(uaid), Some(b)) = (session.uaid(), &binding) {
         app.router.unbind(&uaid, b.id);
     }
-    app.metrics.ws_connections.dec();
     app.connections.fetch_sub(1, Ordering::AcqRel);
 }
 

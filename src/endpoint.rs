@@ -119,7 +119,8 @@ pub async fn push(
         return Err(ApiError::subscription_gone());
     }
 
-    let message = Message {
+    // One allocation shared by the store write and the router.
+    let message = Arc::new(Message {
         seq: store.next_seq(),
         channel: target.channel,
         expires_at: now.saturating_add(ttl),
@@ -128,7 +129,7 @@ pub async fn push(
         topic,
         headers,
         data,
-    };
+    });
     if ttl > 0 {
         let limit = app.settings.max_stored_messages;
         let room = app
@@ -141,7 +142,7 @@ pub async fn push(
         if !room {
             return Err(ApiError::too_many_stored(limit));
         }
-        let outcome = write_message(app, target.uaid, message.clone()).await?;
+        let outcome = write_message(app, target.uaid, &message).await?;
         if outcome.replaced {
             app.metrics.messages_replaced.inc();
         } else {
@@ -152,7 +153,8 @@ pub async fn push(
         .messages_accepted
         .with_label_values(&[urgency.as_str()])
         .inc();
-    let routed = app.router.route(&target.uaid, Arc::new(message.clone()));
+    let seq = message.seq;
+    let routed = app.router.route(&target.uaid, message);
     if ttl == 0 && routed != RouteResult::Queued {
         app.metrics
             .messages_dropped
@@ -163,7 +165,7 @@ pub async fn push(
     let id = app.tokens.message_id(&MessageId {
         uaid: target.uaid,
         channel: target.channel,
-        seq: message.seq,
+        seq,
     });
     Ok(http::Response::builder()
         .status(StatusCode::CREATED)
@@ -181,10 +183,11 @@ pub async fn push(
 async fn write_message(
     app: &Arc<App>,
     uaid: crate::ids::Uaid,
-    m: Message,
+    m: &Arc<Message>,
 ) -> Result<crate::store::PutOutcome, ApiError> {
     if app.settings.sync_writes {
         let app2 = app.clone();
+        let m = m.clone();
         tokio::task::spawn_blocking(move || {
             app2.metrics
                 .time("put_message", || app2.store.put_message(&uaid, &m))
@@ -194,7 +197,7 @@ async fn write_message(
         .map_err(store_err)
     } else {
         app.metrics
-            .time("put_message", || app.store.put_message(&uaid, &m))
+            .time("put_message", || app.store.put_message(&uaid, m))
             .map_err(store_err)
     }
 }

@@ -45,7 +45,7 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
         Metrics {
-            ws_connections: gauge("herald_ws_connections", "User agents connected now."),
+            ws_connections: gauge("herald_ws_connections", "Websocket connections open now."),
             ws_hello: counter_vec(
                 "herald_ws_hello_total",
                 "Hello messages by outcome.",

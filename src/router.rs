@@ -6,7 +6,7 @@
 use crate::ids::Uaid;
 use crate::store::Message;
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 
@@ -16,26 +16,18 @@ use tokio::sync::{mpsc, Notify};
 const QUEUE: usize = 16;
 
 /// Raised when a message could not be queued: the connection must look in
-/// the store for what it missed.
+/// the store for what it missed. `Notify` keeps one permit when nobody is
+/// waiting, so a raise is never lost and repeated raises collapse into one.
 #[derive(Default)]
-pub struct Backlog {
-    flag: AtomicBool,
-    notify: Notify,
-}
+pub struct Backlog(Notify);
 
 impl Backlog {
     pub async fn wait(&self) {
-        loop {
-            if self.flag.swap(false, Ordering::AcqRel) {
-                return;
-            }
-            self.notify.notified().await;
-        }
+        self.0.notified().await;
     }
 
     fn raise(&self) {
-        self.flag.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.0.notify_one();
     }
 }
 

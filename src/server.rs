@@ -367,6 +367,8 @@ async fn readiness(app: &Arc<App>) -> Response {
 fn metrics(app: &App) -> Response {
     let stats = app.store.stats();
     let m = &app.metrics;
+    m.ws_connections
+        .set(app.connections.load(Ordering::Acquire) as i64);
     m.stored_messages.set(stats.estimated_messages as i64);
     m.store_size.set(stats.size_bytes as i64);
     m.store_pending_compaction

@@ -11,7 +11,7 @@
 
 use crate::app::App;
 use crate::ids::{parse_channel_id, Uaid};
-use crate::protocol::{AckUpdate, ClientMessage, ServerMessage, PING_REPLY};
+use crate::protocol::{ClientMessage, ServerMessage, PING_REPLY};
 use crate::store::{now_secs, ChannelRecord, Message, UserRecord};
 use crate::token::{key_hash, MessageId};
 use crate::webpush::{decode_b64url, encode_b64url, Urgency};
@@ -156,16 +156,12 @@ impl Session {
                 self.register(uaid, &channel_id, key.as_deref(), out)
             }
             ClientMessage::Unregister { channel_id, .. } => self.unregister(uaid, &channel_id, out),
-            ClientMessage::Ack { updates } => self.acknowledge(uaid, &updates, false),
-            ClientMessage::Nack { version, .. } => self.acknowledge(
-                uaid,
-                &[AckUpdate {
-                    channel_id: String::new(),
-                    version,
-                    code: None,
-                }],
-                true,
-            ),
+            ClientMessage::Ack { updates } => {
+                self.acknowledge(uaid, updates.iter().map(|u| u.version.as_str()), false)
+            }
+            ClientMessage::Nack { version, .. } => {
+                self.acknowledge(uaid, std::iter::once(version.as_str()), true)
+            }
             ClientMessage::Urgency { min } => {
                 if min < self.min_urgency {
                     // Messages held back by the old threshold are in the store.
@@ -339,9 +335,9 @@ impl Session {
 
     /// An ack deletes the message; so does a nack (the user agent could not
     /// handle it, and resending would fail the same way).
-    fn acknowledge(&mut self, uaid: Uaid, updates: &[AckUpdate], nack: bool) {
-        for update in updates {
-            let Some(id) = self.app.tokens.open_message_id(&update.version) else {
+    fn acknowledge<'a>(&mut self, uaid: Uaid, versions: impl Iterator<Item = &'a str>, nack: bool) {
+        for version in versions {
+            let Some(id) = self.app.tokens.open_message_id(version) else {
                 tracing::debug!("ack for an unknown version");
                 continue;
             };

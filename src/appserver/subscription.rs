@@ -1,7 +1,7 @@
 //! The subscription an application server receives from a browser: the JSON
 //! of `PushSubscription.toJSON()`.
 
-use crate::appserver::vapid_sign::decode_b64url;
+use crate::webpush::decode_b64url;
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -85,9 +85,9 @@ impl Subscription {
             .as_ref()
             .ok_or_else(|| anyhow!("subscription has no keys, so it cannot receive a payload"))?;
         let p256dh = decode_b64url(&keys.p256dh)
-            .map_err(|e| anyhow!("subscription keys.p256dh is not base64url: {e}"))?;
+            .ok_or_else(|| anyhow!("subscription keys.p256dh is not base64url"))?;
         let auth = decode_b64url(&keys.auth)
-            .map_err(|e| anyhow!("subscription keys.auth is not base64url: {e}"))?;
+            .ok_or_else(|| anyhow!("subscription keys.auth is not base64url"))?;
         if p256dh.len() != 65 {
             bail!(
                 "subscription keys.p256dh must decode to 65 bytes, got {}",
