@@ -46,6 +46,15 @@ impl App {
         }
     }
 
+    /// Routes through `router` (several nodes) instead of this node only.
+    pub fn with_router(mut self, router: Router) -> Self {
+        if router.cluster().is_some() {
+            self.pending = PendingCounts::shared();
+        }
+        self.router = router;
+        self
+    }
+
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
     }

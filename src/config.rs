@@ -22,7 +22,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("max_connections", "100000", "most websocket connections held at once"),
     ("max_channels_per_uaid", "500", "most subscriptions one user agent may hold"),
     ("max_frame_size", "32768", "largest websocket message accepted from a user agent, in bytes"),
-    ("client_rate_limit", "50", "websocket messages per second a user agent may send (bursts of twice that)"),
+    ("client_rate_limit", "50", "unsolicited websocket messages per second a user agent may send (bursts of twice that; acks of what was sent are free)"),
     ("max_ttl", "30d", "longest TTL applied; larger requested TTLs are lowered"),
     ("max_message_bytes", "4096", "largest push payload accepted, in bytes"),
     ("max_stored_messages", "1000", "most undelivered messages kept per user agent; beyond it senders get 429"),
@@ -36,6 +36,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("log_level", "info", "tracing filter, e.g. info or herald=debug (RUST_LOG overrides)"),
     ("tls_cert", "", "PEM certificate chain; with tls_key, listeners speak wss:// and https://"),
     ("tls_key", "", "PEM private key for tls_cert; both are reloaded on SIGHUP"),
+    ("store", "rocksdb", "rocksdb (embedded, one node) or redis (shared by several nodes)"),
+    ("redis_url", "", "with store = redis: redis://host:port of a standalone Redis, or the comma-separated seed nodes of a Redis Cluster"),
+    ("redis_wait_replicas", "0", "with store = redis: replicas that must confirm each accepted message (Redis WAIT) before 201"),
+    ("redis_wait_timeout", "1s", "how long an accepted message waits for redis_wait_replicas before the push answers 503"),
+    ("node_url", "", "with store = redis: the URL other nodes reach this node at for wake-ups (default http://<listen>)"),
 ];
 
 /// `herald serve` flags. Everything else is set in the file or environment.
@@ -113,6 +118,17 @@ pub struct Settings {
     pub log_level: String,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub store: StoreKind,
+    pub redis_url: Option<String>,
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout: Duration,
+    pub node_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Rocksdb,
+    Redis,
 }
 
 /// One bad setting: which, from where, and what is wrong.
@@ -265,7 +281,36 @@ impl Settings {
             log_level: l.get("log_level", |v| Ok(v.trim().to_string()))?,
             tls_cert: l.opt("tls_cert", |v| Ok(PathBuf::from(v.trim())))?,
             tls_key: l.opt("tls_key", |v| Ok(PathBuf::from(v.trim())))?,
+            store: l.get("store", |v| match v.trim() {
+                "rocksdb" => Ok(StoreKind::Rocksdb),
+                "redis" => Ok(StoreKind::Redis),
+                _ => Err("must be rocksdb or redis".into()),
+            })?,
+            redis_url: l.opt("redis_url", parse_redis_url)?,
+            redis_wait_replicas: l.get("redis_wait_replicas", |v| {
+                v.trim()
+                    .parse::<u32>()
+                    .map_err(|_| "expected a whole number".to_string())
+            })?,
+            redis_wait_timeout: l.get("redis_wait_timeout", parse_positive_duration)?,
+            node_url: match l.opt("node_url", parse_node_url)? {
+                Some(u) => u,
+                None => format!("http://{listen}"),
+            },
         };
+        if settings.store == StoreKind::Redis {
+            if settings.redis_url.is_none() {
+                return Err(ConfigError(
+                    "setting `redis_url`: required with store = redis".into(),
+                ));
+            }
+            // Every node must open every other node's endpoints and ids.
+            if settings.endpoint_keys.is_empty() {
+                return Err(ConfigError(
+                    "setting `endpoint_keys`: required with store = redis, the same on every node (generate one with `herald keygen`)".into(),
+                ));
+            }
+        }
         if settings.tls_cert.is_some() != settings.tls_key.is_some() {
             return Err(ConfigError(
                 "settings `tls_cert` and `tls_key`: set both or neither".into(),
@@ -287,6 +332,34 @@ fn toml_to_string(v: &toml::Value) -> Result<String, String> {
             .collect::<Result<Vec<_>, _>>()
             .map(|v| v.join(",")),
         _ => Err("expected a string, number, boolean or list".into()),
+    }
+}
+
+/// One `redis://` URL, or several comma-separated (cluster seed nodes).
+fn parse_redis_url(v: &str) -> Result<String, String> {
+    let urls: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("expected redis://host:port".into());
+    }
+    for u in &urls {
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            return Err(format!("{u:?} is not a redis:// or rediss:// URL"));
+        }
+    }
+    Ok(urls.join(","))
+}
+
+fn parse_node_url(v: &str) -> Result<String, String> {
+    let v = v.trim().trim_end_matches('/');
+    match v.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some() => {
+            Ok(v.to_string())
+        }
+        _ => Err("expected an http:// or https:// URL".into()),
     }
 }
 
@@ -389,6 +462,41 @@ mod tests {
         assert_eq!(s.max_ttl, 30 * 86400);
         assert_eq!(s.ua_expiry, Duration::from_secs(60 * 86400));
         assert!(!s.sync_writes);
+    }
+
+    #[test]
+    fn redis_mode_needs_a_url_and_shared_keys() {
+        let load = |pairs: &[(&str, &str)]| Settings::load(&ServeArgs::default(), &env(pairs));
+        let s = load(&[]).unwrap();
+        assert_eq!(s.store, StoreKind::Rocksdb);
+        assert_eq!(s.node_url, "http://127.0.0.1:8080");
+        let e = load(&[("HERALD_STORE", "redis")]).unwrap_err();
+        assert!(e.0.contains("redis_url"), "{e}");
+        let e = load(&[
+            ("HERALD_STORE", "redis"),
+            ("HERALD_REDIS_URL", "redis://127.0.0.1:6379"),
+        ])
+        .unwrap_err();
+        assert!(e.0.starts_with("setting `endpoint_keys`"), "{e}");
+        let key = crate::webpush::encode_b64url(&[7u8; 32]);
+        let s = load(&[
+            ("HERALD_STORE", "redis"),
+            (
+                "HERALD_REDIS_URL",
+                "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+            ),
+            ("HERALD_ENDPOINT_KEYS", &key),
+            ("HERALD_NODE_URL", "http://10.0.0.5:8080/"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.redis_url.as_deref(),
+            Some("redis://127.0.0.1:7000,redis://127.0.0.1:7001")
+        );
+        assert_eq!(s.node_url, "http://10.0.0.5:8080");
+        assert!(load(&[("HERALD_STORE", "mongo")]).is_err());
+        assert!(load(&[("HERALD_REDIS_URL", "http://x")]).is_err());
+        assert!(load(&[("HERALD_NODE_URL", "not a url")]).is_err());
     }
 
     #[test]

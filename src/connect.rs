@@ -4,6 +4,7 @@
 //! agents: small socket buffers, one task, no per-connection threads.
 
 use crate::app::App;
+use crate::router::cluster::RECHECK_INTERVAL;
 use crate::router::Binding;
 use crate::session::{close, Action, Session};
 use futures_util::{SinkExt, StreamExt};
@@ -29,6 +30,9 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame))
 }
 
+/// How soon a session whose store read failed tries again.
+const STORE_RETRY: Duration = Duration::from_secs(2);
+
 enum Flow {
     Continue,
     Stop,
@@ -50,6 +54,11 @@ where
     let keepalive = sleep(settings.ping_interval);
     tokio::pin!(keepalive);
     let mut awaiting_pong = false;
+    // Re-reads the store now and then: across nodes (a wake-up lost on the
+    // way) and after a failed read (the store was unreachable).
+    let clustered = app.router.cluster().is_some();
+    let recheck = sleep(RECHECK_INTERVAL);
+    tokio::pin!(recheck);
 
     loop {
         let (routed_rx, backlog_flag) = match &mut binding {
@@ -64,7 +73,7 @@ where
                         awaiting_pong = false;
                         match frame {
                             WsMessage::Text(text) => {
-                                session.on_text(text.as_str(), &mut actions);
+                                session.on_text(text.as_str(), &mut actions).await;
                                 Flow::Continue
                             }
                             WsMessage::Binary(_) => {
@@ -94,7 +103,7 @@ where
             routed = recv(routed_rx) => {
                 match routed {
                     Some(m) => session.on_routed(&m, &mut actions),
-                    None => actions.push(Action::Close(close::NORMAL, "another connection took over this uaid".into())),
+                    None => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
                 }
                 Flow::Continue
             }
@@ -104,6 +113,12 @@ where
             }
             _ = sleep_until_opt(session.uaid().is_none().then_some(hello_deadline)) => {
                 actions.push(Action::Close(close::POLICY, "no hello in time".into()));
+                Flow::Continue
+            }
+            _ = &mut recheck, if clustered || session.needs_retry() => {
+                let next = if session.needs_retry() { STORE_RETRY } else { RECHECK_INTERVAL };
+                recheck.as_mut().reset(Instant::now() + next);
+                session.on_backlog();
                 Flow::Continue
             }
             _ = &mut keepalive => {
@@ -131,7 +146,7 @@ where
         // delivery window (after Bind, so nothing routed in between is lost).
         let mut stop = perform(&app, &mut ws, &mut actions, &mut binding).await;
         if !stop {
-            session.pump(&mut actions);
+            session.pump(&mut actions).await;
             stop = perform(&app, &mut ws, &mut actions, &mut binding).await;
         }
         if stop {
@@ -140,7 +155,7 @@ where
     }
 
     if let (Some(uaid), Some(b)) = (session.uaid(), &binding) {
-        app.router.unbind(&uaid, b.id);
+        app.router.unbind(&uaid, b.id).await;
     }
     app.connections.fetch_sub(1, Ordering::AcqRel);
 }
@@ -167,23 +182,39 @@ where
                 }
                 wrote = true;
             }
-            Action::Bind(uaid) => *binding = Some(app.router.bind(uaid)),
+            Action::Bind(uaid) => match app.router.bind(uaid).await {
+                Some(b) => *binding = Some(b),
+                None => {
+                    // Returning drops the drain, discarding what was left.
+                    close_with(ws, close::NORMAL, TAKEN_OVER.into()).await;
+                    return true;
+                }
+            },
             Action::Close(code, reason) => {
-                let frame = CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: reason.into(),
-                };
-                let _ = ws.send(WsMessage::Close(Some(frame))).await;
-                // Give the peer a moment to answer the close handshake.
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while let Some(Ok(_)) = ws.next().await {}
-                })
-                .await;
+                close_with(ws, code, reason).await;
                 return true;
             }
         }
     }
     wrote && ws.flush().await.is_err()
+}
+
+const TAKEN_OVER: &str = "another connection took over this uaid";
+
+async fn close_with<S>(ws: &mut WebSocketStream<S>, code: u16, reason: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let _ = ws.send(WsMessage::Close(Some(frame))).await;
+    // Give the peer a moment to answer the close handshake.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 async fn recv(

@@ -100,7 +100,8 @@ pub async fn push(
     let store = &app.store;
     let user = app
         .metrics
-        .time("get_user", || store.get_user(&target.uaid))
+        .time("get_user", store.get_user(&target.uaid))
+        .await
         .map_err(store_err)?;
     let now = now_secs();
     match user {
@@ -109,9 +110,11 @@ pub async fn push(
     }
     let channel = app
         .metrics
-        .time("get_channel", || {
-            store.get_channel(&target.uaid, &target.channel)
-        })
+        .time(
+            "get_channel",
+            store.get_channel(&target.uaid, &target.channel),
+        )
+        .await
         .map_err(store_err)?;
     // A channel re-registered with another key no longer answers to the old
     // endpoint.
@@ -119,8 +122,7 @@ pub async fn push(
         return Err(ApiError::subscription_gone());
     }
 
-    // One allocation shared by the store write and the router.
-    let message = Arc::new(Message {
+    let mut message = Message {
         seq: store.next_seq(),
         channel: target.channel,
         expires_at: now.saturating_add(ttl),
@@ -129,33 +131,42 @@ pub async fn push(
         topic,
         headers,
         data,
-    });
+    };
     if ttl > 0 {
         let limit = app.settings.max_stored_messages;
         let room = app
             .metrics
-            .time("count_messages", || {
+            .time(
+                "count_messages",
                 app.pending
-                    .has_room(store.as_ref(), &target.uaid, now, limit)
-            })
+                    .has_room(store.as_ref(), &target.uaid, now, limit),
+            )
+            .await
             .map_err(store_err)?;
         if !room {
             return Err(ApiError::too_many_stored(limit));
         }
-        let outcome = write_message(app, target.uaid, &message).await?;
+        let outcome = app
+            .metrics
+            .time("put_message", store.put_message(&target.uaid, &message))
+            .await
+            .map_err(store_err)?;
         if outcome.replaced {
             app.metrics.messages_replaced.inc();
         } else {
             app.pending.added(&target.uaid);
         }
+        message.seq = outcome.seq;
     }
+    // One allocation shared by the router and the connection.
+    let message = Arc::new(message);
     app.metrics
         .messages_accepted
         .with_label_values(&[urgency.as_str()])
         .inc();
     let seq = message.seq;
-    let routed = app.router.route(&target.uaid, message);
-    if ttl == 0 && routed != RouteResult::Queued {
+    let routed = app.router.route(&target.uaid, message).await;
+    if ttl == 0 && !matches!(routed, RouteResult::Queued | RouteResult::Woken) {
         app.metrics
             .messages_dropped
             .with_label_values(&["ttl0_offline"])
@@ -178,41 +189,16 @@ pub async fn push(
         .expect("valid response"))
 }
 
-/// With `sync_writes` a write waits for fsync; keep that off the async
-/// workers so other connections keep moving.
-async fn write_message(
-    app: &Arc<App>,
-    uaid: crate::ids::Uaid,
-    m: &Arc<Message>,
-) -> Result<crate::store::PutOutcome, ApiError> {
-    if app.settings.sync_writes {
-        let app2 = app.clone();
-        let m = m.clone();
-        tokio::task::spawn_blocking(move || {
-            app2.metrics
-                .time("put_message", || app2.store.put_message(&uaid, &m))
-        })
-        .await
-        .map_err(|e| ApiError::storage(e.to_string()))?
-        .map_err(store_err)
-    } else {
-        app.metrics
-            .time("put_message", || app.store.put_message(&uaid, m))
-            .map_err(store_err)
-    }
-}
-
 /// `DELETE /m/<id>`: cancel a message that has not been acknowledged.
-pub fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
+pub async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
     let id = app
         .tokens
         .open_message_id(id)
         .ok_or_else(ApiError::no_message)?;
     let existed = app
         .metrics
-        .time("delete_message", || {
-            app.store.delete_message(&id.uaid, id.seq)
-        })
+        .time("delete_message", app.store.delete_message(&id.uaid, id.seq))
+        .await
         .map_err(store_err)?;
     if !existed {
         return Err(ApiError::no_message());

@@ -26,6 +26,8 @@ enum Command {
     Send(herald::appserver::SendArgs),
     /// Serve a demo page and application server that use a Herald.
     Demo(herald::demo::DemoArgs),
+    /// Print a new random endpoint key (for `endpoint_keys`, shared by every node).
+    Keygen,
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,10 @@ fn main() -> ExitCode {
         Command::Vapid(cmd) => herald::appserver::run_vapid(cmd),
         Command::Send(args) => herald::appserver::run_send(args),
         Command::Demo(args) => herald::demo::run(args),
+        Command::Keygen => {
+            println!("{}", herald::token::generate_key());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -2,8 +2,8 @@
 //! `_total` counters, base units. Listed in proto-docs/http-api.md.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -23,6 +23,10 @@ pub struct Metrics {
     pub vapid_failures: IntCounterVec,
     pub jwt_cache: IntCounterVec,
     pub store_seconds: HistogramVec,
+    pub store_errors: IntCounterVec,
+    pub wakeups_sent: IntCounterVec,
+    pub wakeups_received: IntCounter,
+    pub node_request_seconds: Histogram,
     pub stored_messages: IntGauge,
     pub store_size: IntGauge,
     pub store_pending_compaction: IntGauge,
@@ -121,6 +125,31 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            store_errors: counter_vec(
+                "herald_store_errors_total",
+                "Store operations that failed (engine unreachable, timed out, I/O error), by operation.",
+                &["op"],
+            ),
+            wakeups_sent: counter_vec(
+                "herald_node_wakeups_sent_total",
+                "Wake-ups sent to the node serving a user agent, by result (ok or failed).",
+                &["result"],
+            ),
+            wakeups_received: counter(
+                "herald_node_wakeups_received_total",
+                "Wake-ups received from other nodes.",
+            ),
+            node_request_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "herald_node_request_seconds",
+                        "Latency of requests to other nodes (wake-ups, evictions).",
+                    )
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 2.0]),
+                )
+                .unwrap(),
+            ),
             stored_messages: gauge(
                 "herald_stored_messages",
                 "Messages on disk (RocksDB estimate).",
@@ -137,11 +166,18 @@ impl Metrics {
         }
     }
 
-    /// Times a store call under label `op`.
-    pub fn time<T>(&self, op: &str, f: impl FnOnce() -> T) -> T {
+    /// Times a store call under label `op`, and counts it if it failed.
+    pub async fn time<T, E>(
+        &self,
+        op: &str,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
         let timer = self.store_seconds.with_label_values(&[op]).start_timer();
-        let out = f();
+        let out = f.await;
         timer.observe_duration();
+        if out.is_err() {
+            self.store_errors.with_label_values(&[op]).inc();
+        }
         out
     }
 

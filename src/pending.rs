@@ -14,21 +14,35 @@ use dashmap::DashMap;
 #[derive(Default)]
 pub struct PendingCounts {
     counts: DashMap<Uaid, usize>,
+    /// Several nodes share the store: another node's acks never reach this
+    /// node's counts, so count in the store every time.
+    shared: bool,
 }
 
 impl PendingCounts {
+    /// For a store other nodes write to as well.
+    pub fn shared() -> Self {
+        PendingCounts {
+            counts: DashMap::new(),
+            shared: true,
+        }
+    }
+
     /// Whether one more message fits under `limit`.
-    pub fn has_room(
+    pub async fn has_room(
         &self,
         store: &dyn Store,
         uaid: &Uaid,
         now: u64,
         limit: usize,
     ) -> StoreResult<bool> {
+        if self.shared {
+            return Ok(store.count_messages(uaid, now, limit).await? < limit);
+        }
         if self.counts.get(uaid).is_some_and(|c| *c < limit) {
             return Ok(true);
         }
-        let exact = store.count_messages(uaid, now, limit)?;
+        let exact = store.count_messages(uaid, now, limit).await?;
         self.counts.insert(*uaid, exact);
         Ok(exact < limit)
     }
@@ -57,10 +71,10 @@ impl PendingCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{now_secs, Message, RocksStore};
+    use crate::store::{now_secs, Message, RocksStore, Store};
     use crate::webpush::Urgency;
 
-    fn put(store: &RocksStore, uaid: &Uaid, ttl: u64) {
+    async fn put(store: &RocksStore, uaid: &Uaid, ttl: u64) {
         let m = Message {
             seq: store.next_seq(),
             channel: uuid::Uuid::nil(),
@@ -71,34 +85,28 @@ mod tests {
             headers: None,
             data: bytes::Bytes::new(),
         };
-        store.put_message(uaid, &m).unwrap();
+        store.put_message(uaid, &m).await.unwrap();
     }
 
-    #[test]
-    fn refuses_only_when_the_store_is_really_full() {
+    #[tokio::test]
+    async fn refuses_only_when_the_store_is_really_full() {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), false, None).unwrap();
         let counts = PendingCounts::default();
         let u = Uaid::random();
         for _ in 0..3 {
-            assert!(counts.has_room(&store, &u, now_secs(), 3).unwrap());
-            put(&store, &u, 60);
+            assert!(counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
+            put(&store, &u, 60).await;
             counts.added(&u);
         }
-        assert!(!counts.has_room(&store, &u, now_secs(), 3).unwrap());
+        assert!(!counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
         // The estimate is high after an expiry; the exact recount at the
         // limit finds the room.
-        let mut first = None;
-        store
-            .scan_messages(&u, &mut |m| {
-                first = Some(m.seq);
-                false
-            })
-            .unwrap();
-        store.delete_message(&u, first.unwrap()).unwrap();
-        assert!(counts.has_room(&store, &u, now_secs(), 3).unwrap());
+        let first = store.read_messages(&u, 0, 1).await.unwrap()[0].seq;
+        store.delete_message(&u, first).await.unwrap();
+        assert!(counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
         counts.removed(&u);
         counts.forget(&u);
-        assert!(counts.has_room(&store, &u, now_secs(), 3).unwrap());
+        assert!(counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
     }
 }

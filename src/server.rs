@@ -2,11 +2,13 @@
 //! upkeep, and graceful shutdown.
 
 use crate::app::App;
+use crate::config::StoreKind;
 use crate::config::{LogFormat, ServeArgs, Settings};
 use crate::endpoint::{self, error_response, json, Response};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{now_secs, RocksStore};
+use crate::router::{Cluster, Router};
+use crate::store::{now_secs, Directory, RedisStore, RocksStore, Store};
 use crate::token::{load_or_create_keys, ApiVersion, TokenCodec};
 use anyhow::Context;
 use bytes::Bytes;
@@ -101,18 +103,22 @@ impl Server {
         };
         let tokens = TokenCodec::new(&keys)?;
         let metrics = Arc::new(Metrics::new());
-        let db_path = settings.data_dir.join("db");
-        let store = RocksStore::open(
-            &db_path,
-            settings.sync_writes,
-            Some(metrics.messages_expired.clone()),
-        )
-        .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", db_path.display()))?;
+        let (store, directory) = open_store(&settings, &metrics).await?;
         let tls = match (&settings.tls_cert, &settings.tls_key) {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
             _ => None,
         };
-        let app = Arc::new(App::new(settings, Arc::new(store), tokens, metrics));
+        let cluster = directory
+            .map(|d| Cluster::new(d, settings.node_url.clone(), &keys[0], metrics.clone()));
+        let mut app = App::new(settings, store, tokens, metrics);
+        if let Some(c) = &cluster {
+            c.announce()
+                .await
+                .map_err(|e| anyhow::anyhow!("announcing this node in Redis: {e}"))?;
+            tracing::info!(node = c.node(), url = %app.settings.node_url, "joined the cluster");
+            app = app.with_router(Router::clustered(c.clone()));
+        }
+        let app = Arc::new(app);
         let s = &app.settings;
 
         let mut plan = vec![(
@@ -160,6 +166,9 @@ impl Server {
             )));
         }
         tasks.push(tokio::spawn(upkeep(app.clone())));
+        if let Some(c) = cluster {
+            tasks.push(tokio::spawn(c.heartbeat_loop()));
+        }
         if let Some(tls) = tls {
             tasks.push(tokio::spawn(reload_on_sighup(tls)));
         }
@@ -182,11 +191,42 @@ impl Server {
         for t in &self.tasks {
             t.abort();
         }
-        let store = self.app.store.clone();
-        match tokio::task::spawn_blocking(move || store.flush()).await {
-            Ok(Ok(())) => tracing::info!("store flushed; bye"),
-            Ok(Err(e)) => tracing::error!("flushing the store: {e}"),
+        match self.app.store.flush().await {
+            Ok(()) => tracing::info!("store flushed; bye"),
             Err(e) => tracing::error!("flushing the store: {e}"),
+        }
+    }
+}
+
+/// The configured engine, and the directory nodes route through when it is
+/// shared.
+async fn open_store(
+    settings: &Settings,
+    metrics: &Metrics,
+) -> anyhow::Result<(Arc<dyn Store>, Option<Arc<dyn Directory>>)> {
+    match settings.store {
+        StoreKind::Rocksdb => {
+            let db_path = settings.data_dir.join("db");
+            let store = RocksStore::open(
+                &db_path,
+                settings.sync_writes,
+                Some(metrics.messages_expired.clone()),
+            )
+            .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", db_path.display()))?;
+            Ok((Arc::new(store), None))
+        }
+        StoreKind::Redis => {
+            let url = settings.redis_url.as_deref().unwrap_or_default();
+            let store = RedisStore::connect(
+                url,
+                Some(metrics.messages_expired.clone()),
+                settings.ua_expiry.as_secs(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to Redis at {url}: {e}"))?
+            .wait_for(settings.redis_wait_replicas, settings.redis_wait_timeout);
+            let store = Arc::new(store);
+            Ok((store.clone(), Some(store)))
         }
     }
 }
@@ -294,6 +334,9 @@ async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> R
             )
         }
         (Method::GET, ["metrics"]) if serves.metrics => return metrics(&app),
+        (Method::POST, ["_herald", "node", action]) if serves.websocket => {
+            return node_request(&app, action, req).await
+        }
         _ => {}
     }
     if !serves.api {
@@ -308,11 +351,46 @@ async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> R
             Some(v) => endpoint::discovery(&app, v, token),
             None => Err(ApiError::invalid_endpoint()),
         },
-        (Method::DELETE, ["m", id]) => endpoint::cancel(&app, id),
+        (Method::DELETE, ["m", id]) => endpoint::cancel(&app, id).await,
         (_, ["wpush", _, _]) | (_, ["m", _]) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found()),
     };
     api_response(&app, result)
+}
+
+/// Wake-ups and evictions from other nodes (see router::cluster).
+async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> Response {
+    use crate::router::cluster::{Evict, Wake};
+    use http_body_util::{BodyExt, Limited};
+    let Some(cluster) = app.router.cluster() else {
+        return error_response(&ApiError::not_found());
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !cluster.authorised(auth) {
+        return error_response(&ApiError::new(401, 109, "not a node of this cluster"));
+    }
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error_response(&ApiError::new(400, 999, "unreadable body")),
+    };
+    let done = match action {
+        "wake" => match serde_json::from_slice::<Wake>(&body) {
+            Ok(w) => cluster.on_wake(&app.router.local, &w),
+            Err(_) => return error_response(&ApiError::new(400, 999, "malformed wake-up")),
+        },
+        "evict" => match serde_json::from_slice::<Evict>(&body) {
+            Ok(e) => cluster.on_evict(&app.router.local, &e),
+            Err(_) => return error_response(&ApiError::new(400, 999, "malformed eviction")),
+        },
+        _ => return error_response(&ApiError::not_found()),
+    };
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "done": done }).to_string(),
+    )
 }
 
 fn api_version(v: &str) -> Option<ApiVersion> {
@@ -350,16 +428,11 @@ async fn readiness(app: &Arc<App>) -> Response {
             r#"{"status":"shutting down"}"#.into(),
         );
     }
-    let store = app.store.clone();
-    match tokio::task::spawn_blocking(move || store.health_check()).await {
-        Ok(Ok(())) => json(StatusCode::OK, r#"{"status":"OK"}"#.into()),
-        Ok(Err(e)) => json(
+    match app.store.health_check().await {
+        Ok(()) => json(StatusCode::OK, r#"{"status":"OK"}"#.into()),
+        Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "store unavailable", "error": e.to_string()}).to_string(),
-        ),
-        Err(_) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"store check failed"}"#.into(),
         ),
     }
 }
@@ -476,34 +549,36 @@ async fn upkeep(app: Arc<App>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let app2 = app.clone();
-        let result = tokio::task::spawn_blocking(move || sweep(&app2)).await;
-        match result {
-            Ok(Ok(dropped)) if dropped > 0 => tracing::info!(dropped, "removed silent user agents"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!("sweep: {e}"),
+        match sweep(&app).await {
+            Ok(dropped) if dropped > 0 => tracing::info!(dropped, "removed silent user agents"),
+            Ok(_) => {}
             Err(e) => tracing::error!("sweep: {e}"),
         }
     }
 }
 
 /// One sweep; returns how many user agents were dropped.
-pub fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
-    app.store.purge_expired()?;
+pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
+    app.store.purge_expired().await?;
+    if let Some(cluster) = app.router.cluster() {
+        // A shared store expires silent user agents by itself; those
+        // connected here all along are not silent.
+        cluster.refresh(app.store.as_ref(), now_secs()).await?;
+    }
     let now = now_secs();
     let cutoff = now.saturating_sub(app.settings.ua_expiry.as_secs());
     let mut dropped = 0;
-    for uaid in app.store.stale_users(cutoff, usize::MAX)? {
+    for uaid in app.store.stale_users(cutoff, usize::MAX).await? {
         if app.router.is_connected(&uaid) {
             // Connected all along: it is not silent, only long-lived.
-            if let Some(mut rec) = app.store.get_user(&uaid)? {
+            if let Some(mut rec) = app.store.get_user(&uaid).await? {
                 rec.last_seen = now;
-                app.store.put_user(&uaid, &rec)?;
+                app.store.put_user(&uaid, &rec).await?;
             }
             continue;
         }
-        let lost = app.store.count_messages(&uaid, now, usize::MAX)?;
-        app.store.drop_user(&uaid)?;
+        let lost = app.store.count_messages(&uaid, now, usize::MAX).await?;
+        app.store.drop_user(&uaid).await?;
         app.pending.forget(&uaid);
         app.metrics
             .messages_dropped

@@ -59,6 +59,10 @@ struct RateLimit {
     last: Instant,
 }
 
+/// A ping this long after the last one is keepalive, not flooding. Firefox
+/// pings every 30 minutes, and sooner only when it suspects the network.
+const FREE_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Session {
     app: Arc<App>,
     uaid: Option<Uaid>,
@@ -69,6 +73,9 @@ pub struct Session {
     max_scanned: u64,
     min_urgency: Urgency,
     rate: RateLimit,
+    last_free_ping: Option<Instant>,
+    /// The last read of the store failed: read again on the retry timer.
+    read_failed: bool,
 }
 
 impl Session {
@@ -85,6 +92,8 @@ impl Session {
                 tokens: burst,
                 last: Instant::now(),
             },
+            last_free_ping: None,
+            read_failed: false,
         }
     }
 
@@ -96,43 +105,82 @@ impl Session {
         self.in_flight.len()
     }
 
-    fn allow(&mut self) -> bool {
+    /// Whether stored messages may be waiting that no event will announce
+    /// (the last store read failed).
+    pub fn needs_retry(&self) -> bool {
+        self.read_failed
+    }
+
+    /// Charges `n` unsolicited messages to the flood limit; false once the
+    /// budget is spent.
+    fn allow(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
         let rate = self.app.settings.client_rate_limit as f32;
         let now = Instant::now();
         let elapsed = now.duration_since(self.rate.last).as_secs_f32();
         self.rate.last = now;
         self.rate.tokens = (self.rate.tokens + elapsed * rate).min(rate * 2.0);
-        if self.rate.tokens >= 1.0 {
-            self.rate.tokens -= 1.0;
+        if self.rate.tokens >= n as f32 {
+            self.rate.tokens -= n as f32;
             true
         } else {
+            self.rate.tokens = 0.0;
             false
         }
     }
 
-    /// A text frame from the user agent.
-    pub fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
-        if !self.allow() {
-            out.push(Action::Close(
-                close::POLICY,
-                format!(
-                    "rate limit: more than {} messages per second",
-                    self.app.settings.client_rate_limit
-                ),
-            ));
-            return;
+    fn flood_close(&self, out: &mut Vec<Action>) {
+        out.push(Action::Close(
+            close::POLICY,
+            format!(
+                "rate limit: more than {} messages per second",
+                self.app.settings.client_rate_limit
+            ),
+        ));
+    }
+
+    /// How much of a message the flood limit counts before it is handled.
+    /// Only what the user agent says unprompted counts: acks and nacks answer
+    /// what Herald sent (they are charged afterwards, and only for versions
+    /// that were not in flight), and a ping at keepalive pace is free.
+    fn upfront_charge(&mut self, msg: &ClientMessage) -> usize {
+        match msg {
+            ClientMessage::Ack { .. } | ClientMessage::Nack { .. } => 0,
+            ClientMessage::Ping => {
+                let now = Instant::now();
+                match self.last_free_ping {
+                    Some(t) if now.duration_since(t) < FREE_PING_INTERVAL => 1,
+                    _ => {
+                        self.last_free_ping = Some(now);
+                        0
+                    }
+                }
+            }
+            _ => 1,
         }
+    }
+
+    /// A text frame from the user agent.
+    pub async fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
         let msg = match ClientMessage::parse(text) {
             Ok(m) => m,
+            // Closes at once, so garbage cannot flood.
             Err(e) => {
                 out.push(Action::Close(close::PROTOCOL, truncate(e.0)));
                 return;
             }
         };
+        let charge = self.upfront_charge(&msg);
+        if !self.allow(charge) {
+            self.flood_close(out);
+            return;
+        }
         let uaid = match (&msg, self.uaid) {
             (ClientMessage::Hello { uaid, .. }, None) => {
                 let sent = uaid.clone();
-                return self.hello(sent, out);
+                return self.hello(sent, out).await;
             }
             (ClientMessage::Hello { .. }, Some(_)) => {
                 out.push(Action::Close(
@@ -153,14 +201,30 @@ impl Session {
         match msg {
             ClientMessage::Hello { .. } => unreachable!("handled above"),
             ClientMessage::Register { channel_id, key } => {
-                self.register(uaid, &channel_id, key.as_deref(), out)
+                self.register(uaid, &channel_id, key.as_deref(), out).await
             }
-            ClientMessage::Unregister { channel_id, .. } => self.unregister(uaid, &channel_id, out),
+            ClientMessage::Unregister { channel_id, .. } => {
+                self.unregister(uaid, &channel_id, out).await
+            }
             ClientMessage::Ack { updates } => {
-                self.acknowledge(uaid, updates.iter().map(|u| u.version.as_str()), false)
+                let unsolicited = match updates.len() {
+                    0 => 1,
+                    _ => {
+                        self.acknowledge(uaid, updates.iter().map(|u| u.version.as_str()), false)
+                            .await
+                    }
+                };
+                if !self.allow(unsolicited) {
+                    self.flood_close(out);
+                }
             }
             ClientMessage::Nack { version, .. } => {
-                self.acknowledge(uaid, std::iter::once(version.as_str()), true)
+                let unsolicited = self
+                    .acknowledge(uaid, std::iter::once(version.as_str()), true)
+                    .await;
+                if !self.allow(unsolicited) {
+                    self.flood_close(out);
+                }
             }
             ClientMessage::Urgency { min } => {
                 if min < self.min_urgency {
@@ -177,17 +241,17 @@ impl Session {
         }
     }
 
-    fn hello(&mut self, sent: Option<String>, out: &mut Vec<Action>) {
+    async fn hello(&mut self, sent: Option<String>, out: &mut Vec<Action>) {
         let app = &self.app;
         let now = now_secs();
         let expiry = app.settings.ua_expiry.as_secs();
         let mut known = None;
         if let Some(u) = sent.as_deref().and_then(Uaid::parse) {
-            match app.metrics.time("get_user", || app.store.get_user(&u)) {
+            match app.metrics.time("get_user", app.store.get_user(&u)).await {
                 Ok(Some(rec)) if rec.last_seen + expiry > now => known = Some((u, rec)),
                 Ok(Some(_)) => {
                     // Silent too long: its subscriptions are dead; start over.
-                    if let Err(e) = app.store.drop_user(&u) {
+                    if let Err(e) = app.store.drop_user(&u).await {
                         tracing::warn!("dropping expired user agent: {e}");
                     }
                     app.pending.forget(&u);
@@ -211,7 +275,8 @@ impl Session {
         };
         if let Err(e) = app
             .metrics
-            .time("put_user", || app.store.put_user(&uaid, &record))
+            .time("put_user", app.store.put_user(&uaid, &record))
+            .await
         {
             tracing::error!("hello: {e}");
             app.metrics.ws_hello.with_label_values(&["rejected"]).inc();
@@ -233,7 +298,13 @@ impl Session {
         out.push(Action::Bind(uaid));
     }
 
-    fn register(&mut self, uaid: Uaid, channel_id: &str, key: Option<&str>, out: &mut Vec<Action>) {
+    async fn register(
+        &mut self,
+        uaid: Uaid,
+        channel_id: &str,
+        key: Option<&str>,
+        out: &mut Vec<Action>,
+    ) {
         let app = &self.app;
         let reply = |status: u16, push_endpoint: Option<String>| {
             let outcome = if status == status::OK { "ok" } else { "error" };
@@ -263,27 +334,28 @@ impl Session {
                 }
             },
         };
-        let result = (|| {
-            match app.store.get_channel(&uaid, &channel)? {
+        let result: crate::store::StoreResult<u16> = async {
+            match app.store.get_channel(&uaid, &channel).await? {
                 // Same subscription asked for again: hand out its endpoint.
                 Some(rec) if rec.key_hash == key_hash => Ok(status::OK),
                 Some(_) => Ok(status::KEY_CONFLICT),
                 None => {
                     let max = app.settings.max_channels_per_uaid;
-                    if app.store.count_channels(&uaid, max)? >= max {
+                    if app.store.count_channels(&uaid, max).await? >= max {
                         return Ok(status::TOO_MANY_CHANNELS);
                     }
                     let rec = ChannelRecord {
                         key_hash,
                         created: now_secs(),
                     };
-                    app.metrics.time("put_channel", || {
-                        app.store.put_channel(&uaid, &channel, &rec)
-                    })?;
+                    app.metrics
+                        .time("put_channel", app.store.put_channel(&uaid, &channel, &rec))
+                        .await?;
                     Ok(status::OK)
                 }
             }
-        })();
+        }
+        .await;
         match result {
             Ok(status::OK) => {
                 let (version, token) = app.tokens.endpoint_token(&crate::token::EndpointToken {
@@ -300,22 +372,25 @@ impl Session {
             }
             Ok(code) => out.push(reply(code, None)),
             Err(e) => {
-                let e: crate::store::StoreError = e;
                 tracing::error!("register: {e}");
                 out.push(reply(status::INTERNAL, None));
             }
         }
     }
 
-    fn unregister(&mut self, uaid: Uaid, channel_id: &str, out: &mut Vec<Action>) {
+    async fn unregister(&mut self, uaid: Uaid, channel_id: &str, out: &mut Vec<Action>) {
         let app = &self.app;
         let status = match parse_channel_id(channel_id) {
             None => status::BAD_REQUEST,
-            Some(channel) => match app.metrics.time("remove_channel", || {
-                let removed = app.store.remove_channel(&uaid, &channel);
-                app.pending.forget(&uaid);
-                removed
-            }) {
+            Some(channel) => match app
+                .metrics
+                .time("remove_channel", async {
+                    let removed = app.store.remove_channel(&uaid, &channel).await;
+                    app.pending.forget(&uaid);
+                    removed
+                })
+                .await
+            {
                 Ok(_) => status::OK,
                 Err(e) => {
                     tracing::error!("unregister: {e}");
@@ -334,21 +409,38 @@ impl Session {
     }
 
     /// An ack deletes the message; so does a nack (the user agent could not
-    /// handle it, and resending would fail the same way).
-    fn acknowledge<'a>(&mut self, uaid: Uaid, versions: impl Iterator<Item = &'a str>, nack: bool) {
+    /// handle it, and resending would fail the same way). Returns how many
+    /// versions were not in flight on this connection (unknown, foreign or
+    /// answered twice): those are what the flood limit counts.
+    async fn acknowledge<'a>(
+        &mut self,
+        uaid: Uaid,
+        versions: impl Iterator<Item = &'a str>,
+        nack: bool,
+    ) -> usize {
+        let mut unsolicited = 0;
         for version in versions {
             let Some(id) = self.app.tokens.open_message_id(version) else {
                 tracing::debug!("ack for an unknown version");
+                unsolicited += 1;
                 continue;
             };
             if id.uaid != uaid {
+                unsolicited += 1;
                 continue;
             }
+            let before = self.in_flight.len();
             self.in_flight.retain(|f| f.seq != id.seq);
+            if self.in_flight.len() == before {
+                // Sent on an earlier connection, or acknowledged twice: still
+                // honoured, but not an answer to this connection.
+                unsolicited += 1;
+            }
             let app = &self.app;
             match app
                 .metrics
-                .time("delete_message", || app.store.delete_message(&uaid, id.seq))
+                .time("delete_message", app.store.delete_message(&uaid, id.seq))
+                .await
             {
                 Ok(true) => app.pending.removed(&uaid),
                 Ok(false) => {}
@@ -360,6 +452,7 @@ impl Session {
                 app.metrics.messages_acked.inc();
             }
         }
+        unsolicited
     }
 
     /// The router handed this connection a message.
@@ -402,45 +495,62 @@ impl Session {
 
     /// Called after every event: fills the delivery window from the store
     /// while in storage mode.
-    pub fn pump(&mut self, out: &mut Vec<Action>) {
+    pub async fn pump(&mut self, out: &mut Vec<Action>) {
         let Some(uaid) = self.uaid else { return };
         let window = self.app.settings.delivery_window;
         while self.storage_mode && self.in_flight.len() < window {
-            let room = window - self.in_flight.len();
-            let now = now_secs();
-            let mut batch = Vec::new();
-            let mut complete = true;
-            let mut max_seen = self.max_scanned;
-            let (in_flight, min_urgency) = (&self.in_flight, self.min_urgency);
-            let app = &self.app;
-            let scanned = app.metrics.time("scan_messages", || {
-                app.store.scan_messages(&uaid, &mut |m| {
-                    max_seen = max_seen.max(m.seq);
-                    if m.expired(now)
-                        || m.urgency < min_urgency
-                        || in_flight.iter().any(|f| f.seq == m.seq)
-                    {
-                        return true;
-                    }
-                    if batch.len() == room {
-                        complete = false;
-                        return false;
-                    }
-                    batch.push(m);
-                    true
-                })
-            });
-            if let Err(e) = scanned {
-                tracing::error!("reading stored messages: {e}");
-                out.push(Action::Close(close::INTERNAL, "storage unavailable".into()));
-                return;
-            }
-            self.max_scanned = max_seen;
+            let (batch, complete) = match self.scan(uaid, window - self.in_flight.len()).await {
+                Ok(found) => found,
+                Err(e) => {
+                    // The connection stays up; the messages wait in the
+                    // store and the retry timer reads again.
+                    tracing::warn!("reading stored messages: {e}");
+                    self.read_failed = true;
+                    return;
+                }
+            };
+            self.read_failed = false;
             for m in &batch {
                 self.deliver(m, out);
             }
             if complete {
                 self.storage_mode = false;
+            }
+        }
+    }
+
+    /// Up to `room` stored messages to send, oldest first, skipping those in
+    /// flight or below the urgency threshold; `complete` when nothing else
+    /// is waiting.
+    async fn scan(
+        &mut self,
+        uaid: Uaid,
+        room: usize,
+    ) -> crate::store::StoreResult<(Vec<Message>, bool)> {
+        let app = self.app.clone();
+        // One page usually covers what is in flight plus the room to fill.
+        let page = room + self.in_flight.len();
+        let mut batch = Vec::new();
+        let mut after = 0;
+        loop {
+            let found = app
+                .metrics
+                .time("read_messages", app.store.read_messages(&uaid, after, page))
+                .await?;
+            let end = found.len() < page;
+            for m in found {
+                after = m.seq;
+                self.max_scanned = self.max_scanned.max(m.seq);
+                if m.urgency < self.min_urgency || self.in_flight.iter().any(|f| f.seq == m.seq) {
+                    continue;
+                }
+                if batch.len() == room {
+                    return Ok((batch, false));
+                }
+                batch.push(m);
+            }
+            if end {
+                return Ok((batch, true));
             }
         }
     }
@@ -514,19 +624,19 @@ mod tests {
             .collect()
     }
 
-    fn step(s: &mut Session, text: &str) -> Vec<Action> {
+    async fn step(s: &mut Session, text: &str) -> Vec<Action> {
         let mut out = vec![];
-        s.on_text(text, &mut out);
-        s.pump(&mut out);
+        s.on_text(text, &mut out).await;
+        s.pump(&mut out).await;
         out
     }
 
-    fn hello(s: &mut Session, uaid: Option<&str>) -> String {
+    async fn hello(s: &mut Session, uaid: Option<&str>) -> String {
         let msg = match uaid {
             Some(u) => format!(r#"{{"messageType":"hello","uaid":"{u}"}}"#),
             None => r#"{"messageType":"hello"}"#.to_string(),
         };
-        let out = step(s, &msg);
+        let out = step(s, &msg).await;
         assert!(matches!(out.last(), Some(Action::Bind(_))), "{out:?}");
         sent(&out)[0]["uaid"].as_str().unwrap().to_string()
     }
@@ -544,74 +654,76 @@ mod tests {
         }
     }
 
-    #[test]
-    fn first_message_must_be_hello() {
+    #[tokio::test]
+    async fn first_message_must_be_hello() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Session::new(app(dir.path(), &[]));
-        let out = step(&mut s, r#"{"messageType":"register","channelID":"x"}"#);
+        let out = step(&mut s, r#"{"messageType":"register","channelID":"x"}"#).await;
         assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
     }
 
-    #[test]
-    fn hello_issues_then_keeps_a_uaid() {
+    #[tokio::test]
+    async fn hello_issues_then_keeps_a_uaid() {
         let dir = tempfile::tempdir().unwrap();
         let a = app(dir.path(), &[]);
-        let uaid = hello(&mut Session::new(a.clone()), None);
-        assert_eq!(hello(&mut Session::new(a.clone()), Some(&uaid)), uaid);
+        let uaid = hello(&mut Session::new(a.clone()), None).await;
+        assert_eq!(hello(&mut Session::new(a.clone()), Some(&uaid)).await, uaid);
         assert_ne!(
             hello(
                 &mut Session::new(a),
                 Some("00000000000000000000000000000000")
-            ),
+            )
+            .await,
             uaid
         );
     }
 
-    #[test]
-    fn second_hello_is_a_protocol_error() {
+    #[tokio::test]
+    async fn second_hello_is_a_protocol_error() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Session::new(app(dir.path(), &[]));
-        hello(&mut s, None);
-        let out = step(&mut s, r#"{"messageType":"hello"}"#);
+        hello(&mut s, None).await;
+        let out = step(&mut s, r#"{"messageType":"hello"}"#).await;
         assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
     }
 
-    #[test]
-    fn register_statuses() {
+    #[tokio::test]
+    async fn register_statuses() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Session::new(app(dir.path(), &[("HERALD_MAX_CHANNELS_PER_UAID", "1")]));
-        hello(&mut s, None);
-        let reg = |s: &mut Session, ch: &str| {
-            sent(&step(
-                s,
-                &format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#),
-            ))[0]
-                .clone()
-        };
-        assert_eq!(reg(&mut s, "bogus")["status"], 400);
+        hello(&mut s, None).await;
+        async fn reg(s: &mut Session, ch: &str) -> Value {
+            let text = format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#);
+            sent(&step(s, &text).await)[0].clone()
+        }
+        assert_eq!(reg(&mut s, "bogus").await["status"], 400);
         let ch = uuid::Uuid::new_v4().to_string();
-        let ok = reg(&mut s, &ch);
+        let ok = reg(&mut s, &ch).await;
         assert_eq!(ok["status"], 200);
         assert!(ok["pushEndpoint"]
             .as_str()
             .unwrap()
             .starts_with("http://127.0.0.1:8080/wpush/v1/"));
-        assert_eq!(reg(&mut s, &ch)["status"], 200, "re-register is idempotent");
         assert_eq!(
-            reg(&mut s, &uuid::Uuid::new_v4().to_string())["status"],
+            reg(&mut s, &ch).await["status"],
+            200,
+            "re-register is idempotent"
+        );
+        assert_eq!(
+            reg(&mut s, &uuid::Uuid::new_v4().to_string()).await["status"],
             429
         );
     }
 
-    #[test]
-    fn routed_messages_go_straight_out_in_direct_mode() {
+    #[tokio::test]
+    async fn routed_messages_go_straight_out_in_direct_mode() {
         let dir = tempfile::tempdir().unwrap();
         let a = app(dir.path(), &[]);
         let mut s = Session::new(a.clone());
-        let uaid = Uaid::parse(&hello(&mut s, None)).unwrap();
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         // The first pump after hello found an empty store: direct mode.
         let m = message(&a, 60, Urgency::Normal);
-        a.store.put_message(&uaid, &m).unwrap();
+        a.store.put_message(&uaid, &m).await.unwrap();
         let mut out = vec![];
         s.on_routed(&m, &mut out);
         let frames = sent(&out);
@@ -625,26 +737,27 @@ mod tests {
             &format!(
                 r#"{{"messageType":"ack","updates":[{{"channelID":"x","version":"{version}"}}]}}"#
             ),
-        );
+        )
+        .await;
         assert_eq!(s.in_flight(), 0);
-        assert!(a.store.get_message(&uaid, m.seq).unwrap().is_none());
+        assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_none());
     }
 
-    #[test]
-    fn a_full_window_sends_delivery_back_to_the_store() {
+    #[tokio::test]
+    async fn a_full_window_sends_delivery_back_to_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let a = app(dir.path(), &[("HERALD_DELIVERY_WINDOW", "1")]);
         let mut s = Session::new(a.clone());
-        let uaid = Uaid::parse(&hello(&mut s, None)).unwrap();
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let (m1, m2) = (
             message(&a, 60, Urgency::Normal),
             message(&a, 60, Urgency::Normal),
         );
         let mut out = vec![];
         for m in [&m1, &m2] {
-            a.store.put_message(&uaid, m).unwrap();
+            a.store.put_message(&uaid, m).await.unwrap();
             s.on_routed(m, &mut out);
-            s.pump(&mut out);
+            s.pump(&mut out).await;
         }
         let frames = sent(&out);
         assert_eq!(frames.len(), 1, "only one in flight");
@@ -652,7 +765,8 @@ mod tests {
         let out = step(
             &mut s,
             &format!(r#"{{"messageType":"ack","updates":[{{"channelID":"x","version":"{v}"}}]}}"#),
-        );
+        )
+        .await;
         let frames = sent(&out);
         assert_eq!(
             frames.len(),
@@ -662,31 +776,124 @@ mod tests {
         assert_eq!(frames[0]["channelID"], m2.channel.to_string());
     }
 
-    #[test]
-    fn ttl_zero_is_dropped_when_it_cannot_go_now() {
+    #[tokio::test]
+    async fn ttl_zero_is_dropped_when_it_cannot_go_now() {
         let dir = tempfile::tempdir().unwrap();
         let a = app(dir.path(), &[]);
         let mut s = Session::new(a.clone());
-        hello(&mut s, None);
+        hello(&mut s, None).await;
         let mut out = vec![];
-        step(&mut s, r#"{"messageType":"urgency","min":"high"}"#);
+        step(&mut s, r#"{"messageType":"urgency","min":"high"}"#).await;
         s.on_routed(&message(&a, 0, Urgency::Normal), &mut out);
         assert!(out.is_empty());
         s.on_routed(&message(&a, 0, Urgency::High), &mut out);
         assert_eq!(sent(&out).len(), 1);
     }
 
-    #[test]
-    fn flooding_is_cut_off() {
+    fn cut_off(out: &[Action]) -> bool {
+        matches!(out.last(), Some(Action::Close(close::POLICY, _)))
+    }
+
+    /// Whether sending `text` up to `n` times gets the connection cut off.
+    async fn cut_within(s: &mut Session, text: &str, n: usize) -> bool {
+        for _ in 0..n {
+            if cut_off(&step(s, text).await) {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn unsolicited_floods_are_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::new(app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]));
-        hello(&mut s, None);
-        let closed = (0..10).any(|_| {
-            matches!(
-                step(&mut s, "{}").last(),
-                Some(Action::Close(close::POLICY, _))
-            )
-        });
-        assert!(closed);
+        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = Session::new(a.clone());
+        hello(&mut s, None).await;
+        let register = r#"{"messageType":"register","channelID":"bogus"}"#;
+        assert!(cut_within(&mut s, register, 10).await);
+
+        // Pings faster than keepalive pace count too.
+        let mut s = Session::new(a);
+        hello(&mut s, None).await;
+        assert!(cut_within(&mut s, "{}", 10).await);
+    }
+
+    #[tokio::test]
+    async fn acks_for_what_was_sent_are_never_a_flood() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        for i in 0..200 {
+            let m = message(&a, 60, Urgency::Normal);
+            a.store.put_message(&uaid, &m).await.unwrap();
+            let mut out = vec![];
+            s.on_routed(&m, &mut out);
+            let frames = sent(&out);
+            assert_eq!(frames.len(), 1, "message {i} delivered");
+            let v = frames[0]["version"].as_str().unwrap();
+            let ack = format!(
+                r#"{{"messageType":"ack","updates":[{{"channelID":"x","version":"{v}","code":100}}]}}"#
+            );
+            assert!(
+                !cut_off(&step(&mut s, &ack).await),
+                "ack {i} cut the connection"
+            );
+            if i % 2 == 0 {
+                continue;
+            }
+            // Nacks answer what was sent as well.
+            let m = message(&a, 60, Urgency::Normal);
+            a.store.put_message(&uaid, &m).await.unwrap();
+            let mut out = vec![];
+            s.on_routed(&m, &mut out);
+            let v = sent(&out)[0]["version"].as_str().unwrap().to_string();
+            let nack = format!(r#"{{"messageType":"nack","version":"{v}","code":302}}"#);
+            assert!(
+                !cut_off(&step(&mut s, &nack).await),
+                "nack {i} cut the connection"
+            );
+        }
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn acks_for_versions_never_sent_or_sent_twice_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let m = message(&a, 60, Urgency::Normal);
+        a.store.put_message(&uaid, &m).await.unwrap();
+        let mut out = vec![];
+        s.on_routed(&m, &mut out);
+        let v = sent(&out)[0]["version"].as_str().unwrap().to_string();
+        let ack = format!(r#"{{"messageType":"ack","updates":[{{"version":"{v}"}}]}}"#);
+        assert!(!cut_off(&step(&mut s, &ack).await));
+        // The same ack again, then forged versions, then empty acks.
+        let repeats = cut_within(&mut s, &ack, 10).await;
+        assert!(repeats, "a repeated ack is charged");
+        let mut s = Session::new(a.clone());
+        hello(&mut s, None).await;
+        let forged = r#"{"messageType":"ack","updates":[{"version":"not-a-version"}]}"#;
+        assert!(cut_within(&mut s, forged, 10).await);
+        let mut s = Session::new(a);
+        hello(&mut s, None).await;
+        let empty = r#"{"messageType":"ack","updates":[]}"#;
+        assert!(cut_within(&mut s, empty, 10).await);
+    }
+
+    #[tokio::test]
+    async fn a_ping_at_keepalive_pace_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "1")]);
+        let mut s = Session::new(a);
+        hello(&mut s, None).await;
+        // The budget (2) is spent on unsolicited registers...
+        let register = r#"{"messageType":"register","channelID":"bogus"}"#;
+        assert!(!cut_off(&step(&mut s, register).await));
+        // ...but the first ping is keepalive and costs nothing.
+        assert_eq!(sent(&step(&mut s, "{}").await), vec![serde_json::json!({})]);
     }
 }

@@ -152,6 +152,12 @@ pub fn parse_keys(values: &[String]) -> Result<Vec<[u8; 32]>, String> {
         .collect()
 }
 
+/// A fresh endpoint key, base64url, as `endpoint_keys` takes it.
+pub fn generate_key() -> String {
+    let key: [u8; 32] = rand::random();
+    crate::webpush::encode_b64url(&key)
+}
+
 /// With no keys configured, endpoints must still survive restarts: keep a
 /// generated key in the data dir and reuse it.
 pub fn load_or_create_keys(data_dir: &Path) -> anyhow::Result<Vec<[u8; 32]>> {

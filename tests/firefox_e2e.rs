@@ -9,6 +9,9 @@
 #[path = "support/firefox.rs"]
 mod support;
 
+#[path = "common/redis.rs"]
+mod redis_harness;
+
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
@@ -21,14 +24,17 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Rig {
     dir: tempfile::TempDir,
+    /// The node whose URL endpoints carry (where pushes are sent).
     herald: HeraldServer,
+    /// Further nodes; Firefox connects to the last one.
+    others: Vec<HeraldServer>,
     demo: DemoServer,
     firefox: Option<Firefox>,
     launches: u32,
 }
 
 impl Rig {
-    fn new() -> Rig {
+    fn dir() -> tempfile::TempDir {
         support::firefox_binary().unwrap_or_else(|e| panic!("{e}"));
         let mut dir = tempfile::tempdir().expect("temp dir");
         // Browser, demo and Herald logs and the profile stay behind for a
@@ -37,14 +43,43 @@ impl Rig {
             dir.disable_cleanup(true);
             eprintln!("keeping {}", dir.path().display());
         }
+        dir
+    }
+
+    fn new() -> Rig {
+        let dir = Self::dir();
         let herald = HeraldServer::start_in(dir.path());
+        Self::assemble(dir, herald, vec![])
+    }
+
+    /// Two nodes sharing a Redis: pushes go to the first, Firefox connects
+    /// to the second.
+    fn two_nodes(redis_url: &str) -> Rig {
+        let dir = Self::dir();
+        let key = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            rand::random::<[u8; 32]>(),
+        );
+        let env = [
+            ("HERALD_STORE", "redis"),
+            ("HERALD_REDIS_URL", redis_url),
+            ("HERALD_ENDPOINT_KEYS", key.as_str()),
+        ];
+        let a = HeraldServer::start_node(dir.path(), "node-a", None, &env);
+        let b = HeraldServer::start_node(dir.path(), "node-b", Some(&a.url()), &env);
+        Self::assemble(dir, a, vec![b])
+    }
+
+    fn assemble(dir: tempfile::TempDir, herald: HeraldServer, others: Vec<HeraldServer>) -> Rig {
         let demo = DemoServer::start(&herald.url(), dir.path());
         // 127.0.0.1 rather than localhost: Herald listens on IPv4 only, and
         // Firefox would try ::1 first for localhost.
-        support::write_profile(&dir.path().join("profile"), &herald.ws_url());
+        let ws = others.last().unwrap_or(&herald).ws_url();
+        support::write_profile(&dir.path().join("profile"), &ws);
         Rig {
             dir,
             herald,
+            others,
             demo,
             firefox: None,
             launches: 0,
@@ -81,6 +116,10 @@ impl Rig {
         out.push_str(&self.demo.proc.log_tail(60));
         out.push('\n');
         out.push_str(&self.herald.proc.log_tail(60));
+        for other in &self.others {
+            out.push('\n');
+            out.push_str(&other.proc.log_tail(60));
+        }
         out
     }
 
@@ -160,6 +199,40 @@ impl Drop for Rig {
         // Browser first: it holds connections to both servers.
         self.close();
     }
+}
+
+/// Firefox connected to one node receives what application servers send to
+/// another, live and after being offline.
+#[test]
+fn firefox_on_one_node_receives_a_push_sent_to_another() {
+    let redis = redis_harness::RedisServer::start();
+    let mut rig = Rig::two_nodes(redis.url());
+    rig.launch("");
+    let subscription = wait_for(SUBSCRIBE_TIMEOUT, || {
+        rig.check_browser();
+        rig.subscriptions().into_iter().next()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "Firefox did not subscribe within {SUBSCRIBE_TIMEOUT:?}\n{}",
+            rig.logs()
+        )
+    });
+    let endpoint = subscription["endpoint"].as_str().expect("endpoint");
+    assert!(
+        endpoint.starts_with(&format!("{}/", rig.herald.url())),
+        "{endpoint} is not on the first node"
+    );
+    rig.send(json!({ "text": "across nodes", "ttl": 60 }));
+    rig.wait_received("across nodes", "a push to the other node");
+
+    rig.close();
+    std::thread::sleep(Duration::from_secs(1));
+    rig.send(json!({ "text": "queued across nodes", "ttl": 600 }));
+    rig.launch("");
+    rig.wait_received("queued across nodes", "a queued push from the other node");
+    rig.close();
+    assert_eq!(rig.count_received("across nodes"), 1);
 }
 
 #[test]

@@ -362,3 +362,112 @@ async fn connections_beyond_the_maximum_are_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Reads notifications and acks each with its own frame, as Firefox does,
+/// until `n` distinct versions arrived. Panics if the server closes.
+async fn receive_acking_each(ua: &mut Ua, n: usize, within: Duration) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = ua.try_recv(left).await else {
+            panic!("only {} of {n} notifications arrived", seen.len());
+        };
+        assert_eq!(m["messageType"], "notification", "{m}");
+        ua.ack(&m).await;
+        seen.insert(m["version"].as_str().unwrap().to_string());
+    }
+    seen.len()
+}
+
+/// Firefox acks every notification with its own frame; a burst of them
+/// answers what Herald sent and must never trip the flood limit.
+#[tokio::test]
+async fn a_user_agent_acking_each_of_a_burst_stays_connected() {
+    const N: usize = 1000;
+    let h = Herald::start().await;
+    let keys = std::sync::Arc::new(UaKeys::new());
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let receiver = tokio::spawn(async move {
+        let got = receive_acking_each(&mut ua, N, Duration::from_secs(120)).await;
+        // Still connected and answering.
+        ua.send_text("{}").await;
+        assert_eq!(ua.recv().await, json!({}));
+        got
+    });
+    // As fast as the endpoint accepts: 8 senders, retrying a 429.
+    let mut senders = vec![];
+    for s in 0..8 {
+        let (ep, keys, aud) = (ep.clone(), keys.clone(), h.url());
+        senders.push(tokio::spawn(async move {
+            for i in (s..N).step_by(8) {
+                loop {
+                    let r = push(&ep, None, &aud, &keys, &format!("m{i}"), &[]).await;
+                    match r.status {
+                        201 => break,
+                        429 => tokio::time::sleep(Duration::from_millis(20)).await,
+                        s => panic!("push {i}: {s}"),
+                    }
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert_eq!(receiver.await.unwrap(), N);
+}
+
+#[tokio::test]
+async fn a_backlog_acked_one_by_one_drains_on_one_connection() {
+    const N: usize = 500;
+    let h = Herald::start().await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let uaid = ua.uaid.clone();
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..N {
+        let r = push(&ep, None, &h.url(), &keys, &format!("m{i}"), &[]).await;
+        assert_eq!(r.status, 201, "push {i}");
+    }
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(
+        receive_acking_each(&mut ua, N, Duration::from_secs(60)).await,
+        N
+    );
+    // Everything was acknowledged: nothing comes back on a new connection.
+    ua.send_text("{}").await;
+    assert_eq!(ua.recv().await, json!({}));
+    drop(ua);
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(ua.try_recv(Duration::from_millis(500)).await, None);
+}
+
+#[tokio::test]
+async fn a_thousand_unsolicited_registers_a_second_are_cut_off() {
+    let h = Herald::start().await;
+    let mut ua = Ua::hello(&h, None).await;
+    let start = std::time::Instant::now();
+    for _ in 0..1000 {
+        let ch = uuid::Uuid::new_v4().to_string();
+        let frame = json!({"messageType": "register", "channelID": ch}).to_string();
+        let sent = futures_util::SinkExt::send(
+            &mut ua.ws,
+            tokio_tungstenite::tungstenite::Message::text(frame),
+        )
+        .await;
+        if sent.is_err() {
+            break;
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the flood was slow"
+    );
+    let (code, reason) = ua.closed(Duration::from_secs(10)).await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("rate limit"), "{reason}");
+}

@@ -3,8 +3,11 @@
 //! outside this module may know which engine is in use.
 
 mod codec;
+mod redis;
 mod rocks;
 
+pub use self::redis::RedisStore;
+pub use codec::{decode_message, encode_message};
 pub use rocks::RocksStore;
 
 use crate::ids::{ChannelId, Uaid};
@@ -70,6 +73,10 @@ impl Message {
 pub struct PutOutcome {
     /// A pending message with the same topic was replaced.
     pub replaced: bool,
+    /// The sequence number the message was stored under. A shared store may
+    /// have to pick another than the message's own (two nodes chose the same
+    /// one for a user agent); callers must name the message by this one.
+    pub seq: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -79,53 +86,114 @@ pub struct StoreStats {
     pub pending_compaction_bytes: u64,
 }
 
+/// Everything Herald keeps. Async so that a networked engine never blocks a
+/// runtime worker; the embedded engine answers inline (its reads and writes
+/// are memory and WAL appends) and moves only fsyncs off the workers.
+///
+/// Every multi-key step of one user agent (store with topic replacement,
+/// ack, unregister, drop) is atomic in every engine.
+#[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>>;
-    fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()>;
+    async fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>>;
+    async fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()>;
     /// Removes the user agent with all its subscriptions and messages.
-    fn drop_user(&self, uaid: &Uaid) -> StoreResult<()>;
+    async fn drop_user(&self, uaid: &Uaid) -> StoreResult<()>;
     /// Up to `limit` user agents whose last hello is older than `cutoff`.
-    fn stale_users(&self, cutoff: u64, limit: usize) -> StoreResult<Vec<Uaid>>;
+    /// An engine that expires silent user agents by itself returns none.
+    async fn stale_users(&self, cutoff: u64, limit: usize) -> StoreResult<Vec<Uaid>>;
 
-    fn get_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<Option<ChannelRecord>>;
-    fn put_channel(
+    async fn get_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelRecord>>;
+    async fn put_channel(
         &self,
         uaid: &Uaid,
         channel: &ChannelId,
         record: &ChannelRecord,
     ) -> StoreResult<()>;
     /// Removes a subscription and its pending messages; false if it did not exist.
-    fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool>;
+    async fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool>;
     /// Counts subscriptions, stopping at `limit`.
-    fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize>;
+    async fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize>;
 
     /// A fresh, increasing message sequence number.
     fn next_seq(&self) -> u64;
     /// Stores a message; with a topic, atomically replaces a pending message
-    /// of the same subscription and topic.
-    fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome>;
-    /// Calls `visit` with the user agent's messages, oldest first, until it
-    /// returns false.
-    fn scan_messages(&self, uaid: &Uaid, visit: &mut dyn FnMut(Message) -> bool)
-        -> StoreResult<()>;
-    fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>>;
+    /// of the same subscription and topic. With several nodes, returns only
+    /// once the message is as durable as the engine was asked to make it
+    /// (replicas included).
+    async fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome>;
+    /// Up to `limit` of the user agent's unexpired messages with a sequence
+    /// number above `after`, oldest first.
+    async fn read_messages(
+        &self,
+        uaid: &Uaid,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>>;
+    async fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>>;
     /// False if it was already gone.
-    fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool>;
+    async fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool>;
     /// Counts unexpired messages, stopping at `limit`.
-    fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize>;
+    async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize>;
 
     /// Background upkeep: physically remove expired messages.
-    fn purge_expired(&self) -> StoreResult<()>;
+    async fn purge_expired(&self) -> StoreResult<()>;
     /// Makes everything written so far durable (shutdown).
-    fn flush(&self) -> StoreResult<()>;
+    async fn flush(&self) -> StoreResult<()>;
     /// Proves the store can write now (readiness probe).
-    fn health_check(&self) -> StoreResult<()>;
+    async fn health_check(&self) -> StoreResult<()>;
     fn stats(&self) -> StoreStats;
+}
+
+/// The connection serving a user agent, when several nodes share a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Random per process start: a restarted node is a new node.
+    pub node: u64,
+    /// The connection's id on that node.
+    pub conn: u64,
+    /// Unix microseconds of the connection's hello; the newest wins.
+    pub since: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This connection now serves the user agent; `replaced` is the one it
+    /// displaced, which must be closed.
+    Won { replaced: Option<Owner> },
+    /// A newer connection already serves the user agent.
+    Lost { newer: Owner },
+}
+
+/// Who serves which user agent, and how to reach each node: what nodes
+/// sharing a store need to route to each other.
+#[async_trait::async_trait]
+pub trait Directory: Send + Sync + 'static {
+    /// Compare-and-set on the user record: `owner` becomes the user agent's
+    /// connection unless one with a later `since` already is.
+    async fn claim(&self, uaid: &Uaid, owner: &Owner) -> StoreResult<Claim>;
+    /// Clears the owner if it is still `owner` (a connection ended).
+    async fn release(&self, uaid: &Uaid, owner: &Owner) -> StoreResult<()>;
+    async fn owner(&self, uaid: &Uaid) -> StoreResult<Option<Owner>>;
+    /// Announces that `node` is alive at `url` for `ttl`.
+    async fn heartbeat(&self, node: u64, url: &str, ttl: std::time::Duration) -> StoreResult<()>;
+    /// Where a live node is; None once its heartbeat lapsed.
+    async fn node_url(&self, node: u64) -> StoreResult<Option<String>>;
 }
 
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }

@@ -14,7 +14,7 @@ use rocksdb::{
 };
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const USERS: &str = "users";
 const CHANNELS: &str = "channels";
@@ -28,7 +28,9 @@ const SEQ_CEILING_KEY: &[u8] = b"seq_ceiling";
 const SEQ_BLOCK: u64 = 1 << 22;
 const TOPIC_LOCKS: usize = 64;
 
-pub struct RocksStore {
+/// The RocksDB engine itself, synchronous. `RocksStore` puts the async
+/// `Store` face on it.
+pub struct Rocks {
     db: DB,
     write_opts: WriteOptions,
     seq: AtomicU64,
@@ -49,7 +51,66 @@ fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
+/// The embedded `Store`: reads and unsynced writes run inline (memtable and
+/// WAL appends, microseconds); fsyncs and whole-database scans run on the
+/// blocking pool so they never hold a runtime worker.
+#[derive(Clone)]
+pub struct RocksStore {
+    inner: Arc<Rocks>,
+    sync_writes: bool,
+}
+
 impl RocksStore {
+    /// `expired` counts messages removed because their TTL ran out.
+    pub fn open(
+        path: &Path,
+        sync_writes: bool,
+        expired: Option<prometheus::IntCounter>,
+    ) -> StoreResult<Self> {
+        Ok(RocksStore {
+            inner: Arc::new(Rocks::open(path, sync_writes, expired)?),
+            sync_writes,
+        })
+    }
+
+    /// The synchronous engine (tests, maintenance tools).
+    pub fn engine(&self) -> &Rocks {
+        &self.inner
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Rocks) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError(format!("store task failed: {e}")))?
+    }
+
+    /// A write that waits for fsync with `sync_writes` goes to the blocking
+    /// pool; otherwise it is a WAL append and runs inline.
+    async fn write_op<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Rocks) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        if self.sync_writes {
+            self.blocking(f).await
+        } else {
+            f(&self.inner)
+        }
+    }
+
+    pub fn compact_messages(&self) {
+        self.inner.compact_messages()
+    }
+
+    pub fn raw_message_count(&self) -> usize {
+        self.inner.raw_message_count()
+    }
+}
+
+impl Rocks {
     /// `expired` counts messages removed because their TTL ran out.
     pub fn open(
         path: &Path,
@@ -95,7 +156,7 @@ impl RocksStore {
             .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
         let start = persisted.max(now_micros());
-        let store = RocksStore {
+        let store = Rocks {
             db,
             write_opts,
             seq: AtomicU64::new(start),
@@ -171,8 +232,8 @@ impl RocksStore {
 /// Where the channel id sits in an encoded message (see codec).
 const MESSAGE_CHANNEL: std::ops::Range<usize> = 18..34;
 
-impl Store for RocksStore {
-    fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
+impl Rocks {
+    pub fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
         Ok(self
             .db
             .get_pinned_cf(self.cf(USERS), user_key(uaid))
@@ -180,13 +241,13 @@ impl Store for RocksStore {
             .and_then(|v| decode_user(&v)))
     }
 
-    fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
+    pub fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(USERS), user_key(uaid), encode_user(record));
         self.write(b)
     }
 
-    fn drop_user(&self, uaid: &Uaid) -> StoreResult<()> {
+    pub fn drop_user(&self, uaid: &Uaid) -> StoreResult<()> {
         let prefix = uaid.0;
         let end = prefix_end(&prefix);
         let mut b = WriteBatch::default();
@@ -197,7 +258,7 @@ impl Store for RocksStore {
         self.write(b)
     }
 
-    fn stale_users(&self, cutoff: u64, limit: usize) -> StoreResult<Vec<Uaid>> {
+    pub fn stale_users(&self, cutoff: u64, limit: usize) -> StoreResult<Vec<Uaid>> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(USERS), IteratorMode::Start) {
             let (k, v) = item.map_err(err)?;
@@ -214,7 +275,11 @@ impl Store for RocksStore {
         Ok(out)
     }
 
-    fn get_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<Option<ChannelRecord>> {
+    pub fn get_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelRecord>> {
         Ok(self
             .db
             .get_pinned_cf(self.cf(CHANNELS), channel_key(uaid, channel))
@@ -222,7 +287,7 @@ impl Store for RocksStore {
             .and_then(|v| decode_channel(&v)))
     }
 
-    fn put_channel(
+    pub fn put_channel(
         &self,
         uaid: &Uaid,
         channel: &ChannelId,
@@ -237,7 +302,7 @@ impl Store for RocksStore {
         self.write(b)
     }
 
-    fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {
+    pub fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {
         let key = channel_key(uaid, channel);
         let existed = self
             .db
@@ -258,7 +323,7 @@ impl Store for RocksStore {
         Ok(existed)
     }
 
-    fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
+    pub fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
         let mut n = 0;
         self.for_prefix(CHANNELS, &uaid.0, |_, _| {
             n += 1;
@@ -267,7 +332,7 @@ impl Store for RocksStore {
         Ok(n)
     }
 
-    fn next_seq(&self) -> u64 {
+    pub fn next_seq(&self) -> u64 {
         let now = now_micros();
         let prev = self
             .seq
@@ -288,13 +353,16 @@ impl Store for RocksStore {
         seq
     }
 
-    fn put_message(&self, uaid: &Uaid, m: &Message) -> StoreResult<PutOutcome> {
+    pub fn put_message(&self, uaid: &Uaid, m: &Message) -> StoreResult<PutOutcome> {
         let messages = self.cf(MESSAGES);
         let mut b = WriteBatch::default();
         b.put_cf(messages, message_key(uaid, m.seq), encode_message(m));
         let Some(topic) = &m.topic else {
             self.write(b)?;
-            return Ok(PutOutcome::default());
+            return Ok(PutOutcome {
+                replaced: false,
+                seq: m.seq,
+            });
         };
         let _guard = self.topic_lock(uaid);
         let tkey = topic_key(uaid, &m.channel, topic);
@@ -316,10 +384,13 @@ impl Store for RocksStore {
         }
         b.put_cf(self.cf(TOPICS), &tkey, m.seq.to_be_bytes());
         self.write(b)?;
-        Ok(PutOutcome { replaced })
+        Ok(PutOutcome {
+            replaced,
+            seq: m.seq,
+        })
     }
 
-    fn scan_messages(
+    pub fn scan_messages(
         &self,
         uaid: &Uaid,
         visit: &mut dyn FnMut(Message) -> bool,
@@ -335,15 +406,50 @@ impl Store for RocksStore {
         })
     }
 
-    fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>> {
+    /// Unexpired messages above `after`, oldest first, at most `limit`.
+    pub fn read_messages(
+        &self,
+        uaid: &Uaid,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let now = now_secs();
+        let mut out = Vec::new();
+        if limit == 0 || after == u64::MAX {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(prefix_end(&uaid.0));
+        let from = message_key(uaid, after + 1);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(MESSAGES),
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(err)?;
+            match seq_from_message_key(&k).and_then(|seq| decode_message(seq, &v)) {
+                Some(m) if !m.expired(now) => out.push(m),
+                Some(_) => {}
+                None => tracing::warn!("skipping an undecodable stored message"),
+            }
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>> {
         Ok(self
             .db
             .get_pinned_cf(self.cf(MESSAGES), message_key(uaid, seq))
             .map_err(err)?
-            .and_then(|v| decode_message(seq, &v)))
+            .and_then(|v| decode_message(seq, &v))
+            .filter(|m| !m.expired(now_secs())))
     }
 
-    fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
+    pub fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
         let key = message_key(uaid, seq);
         let existed = self
             .db
@@ -358,7 +464,10 @@ impl Store for RocksStore {
         Ok(existed)
     }
 
-    fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
+    pub fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
+        if limit == 0 {
+            return Ok(0);
+        }
         let mut n = 0;
         self.for_prefix(MESSAGES, &uaid.0, |_, v| {
             if message_expires_at(v).is_some_and(|e| e > now) {
@@ -369,7 +478,7 @@ impl Store for RocksStore {
         Ok(n)
     }
 
-    fn purge_expired(&self) -> StoreResult<()> {
+    pub fn purge_expired(&self) -> StoreResult<()> {
         let now = now_secs();
         let messages = self.cf(MESSAGES);
         let mut batch = WriteBatch::default();
@@ -391,7 +500,7 @@ impl Store for RocksStore {
         Ok(())
     }
 
-    fn flush(&self) -> StoreResult<()> {
+    pub fn flush(&self) -> StoreResult<()> {
         self.db.flush_wal(true).map_err(err)?;
         for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META] {
             self.db.flush_cf(self.cf(cf)).map_err(err)?;
@@ -399,13 +508,13 @@ impl Store for RocksStore {
         Ok(())
     }
 
-    fn health_check(&self) -> StoreResult<()> {
+    pub fn health_check(&self) -> StoreResult<()> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(META), b"health", now_secs().to_be_bytes());
         self.write(b)
     }
 
-    fn stats(&self) -> StoreStats {
+    pub fn stats(&self) -> StoreStats {
         let mut size = 0;
         let mut pending = 0;
         for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META] {
@@ -421,7 +530,7 @@ impl Store for RocksStore {
     }
 }
 
-impl RocksStore {
+impl Rocks {
     /// Compacts the message column family now (tests and operators use it to
     /// see the TTL compaction filter at work).
     pub fn compact_messages(&self) {
@@ -437,17 +546,118 @@ impl RocksStore {
     }
 }
 
+#[async_trait::async_trait]
+impl Store for RocksStore {
+    async fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
+        self.inner.get_user(uaid)
+    }
+
+    async fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
+        let (uaid, record) = (*uaid, *record);
+        self.write_op(move |r| r.put_user(&uaid, &record)).await
+    }
+
+    async fn drop_user(&self, uaid: &Uaid) -> StoreResult<()> {
+        let uaid = *uaid;
+        self.write_op(move |r| r.drop_user(&uaid)).await
+    }
+
+    async fn stale_users(&self, cutoff: u64, limit: usize) -> StoreResult<Vec<Uaid>> {
+        self.blocking(move |r| r.stale_users(cutoff, limit)).await
+    }
+
+    async fn get_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelRecord>> {
+        self.inner.get_channel(uaid, channel)
+    }
+
+    async fn put_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+        record: &ChannelRecord,
+    ) -> StoreResult<()> {
+        let (uaid, channel, record) = (*uaid, *channel, *record);
+        self.write_op(move |r| r.put_channel(&uaid, &channel, &record))
+            .await
+    }
+
+    async fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {
+        let (uaid, channel) = (*uaid, *channel);
+        self.write_op(move |r| r.remove_channel(&uaid, &channel))
+            .await
+    }
+
+    async fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
+        self.inner.count_channels(uaid, limit)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.inner.next_seq()
+    }
+
+    async fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome> {
+        if self.sync_writes {
+            let (uaid, message) = (*uaid, message.clone());
+            self.blocking(move |r| r.put_message(&uaid, &message)).await
+        } else {
+            self.inner.put_message(uaid, message)
+        }
+    }
+
+    async fn read_messages(
+        &self,
+        uaid: &Uaid,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        self.inner.read_messages(uaid, after, limit)
+    }
+
+    async fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>> {
+        self.inner.get_message(uaid, seq)
+    }
+
+    async fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
+        let uaid = *uaid;
+        self.write_op(move |r| r.delete_message(&uaid, seq)).await
+    }
+
+    async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
+        self.inner.count_messages(uaid, now, limit)
+    }
+
+    async fn purge_expired(&self) -> StoreResult<()> {
+        self.blocking(|r| r.purge_expired()).await
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.blocking(|r| r.flush()).await
+    }
+
+    async fn health_check(&self) -> StoreResult<()> {
+        self.blocking(|r| r.health_check()).await
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::webpush::Urgency;
     use bytes::Bytes;
 
-    fn open(dir: &Path) -> RocksStore {
-        RocksStore::open(dir, false, None).unwrap()
+    fn open(dir: &Path) -> Rocks {
+        Rocks::open(dir, false, None).unwrap()
     }
 
-    fn message(store: &RocksStore, channel: ChannelId, ttl: u64, topic: Option<&str>) -> Message {
+    fn message(store: &Rocks, channel: ChannelId, ttl: u64, topic: Option<&str>) -> Message {
         Message {
             seq: store.next_seq(),
             channel,
@@ -460,7 +670,7 @@ mod tests {
         }
     }
 
-    fn seqs(store: &RocksStore, uaid: &Uaid) -> Vec<u64> {
+    fn seqs(store: &Rocks, uaid: &Uaid) -> Vec<u64> {
         let mut out = vec![];
         store
             .scan_messages(uaid, &mut |m| {
@@ -624,7 +834,7 @@ mod tests {
     fn expired_messages_leave_disk_by_compaction_and_sweep() {
         let dir = tempfile::tempdir().unwrap();
         let counter = prometheus::IntCounter::new("expired", "x").unwrap();
-        let s = RocksStore::open(dir.path(), false, Some(counter.clone())).unwrap();
+        let s = Rocks::open(dir.path(), false, Some(counter.clone())).unwrap();
         let u = Uaid::random();
         let ch = uuid::Uuid::new_v4();
         let mut dead = message(&s, ch, 0, None);

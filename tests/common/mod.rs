@@ -4,6 +4,8 @@
 //! `p256`, and `ece`).
 #![allow(dead_code)]
 
+pub mod redis;
+
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};

@@ -133,7 +133,7 @@ pub struct HeraldServer {
 impl HeraldServer {
     pub fn start() -> HeraldServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (port, proc) = Self::spawn(dir.path());
+        let (port, proc) = Self::spawn(dir.path(), "herald", None, &[]);
         HeraldServer {
             port,
             proc,
@@ -143,7 +143,7 @@ impl HeraldServer {
 
     /// Like [`HeraldServer::start`], with data and log under `dir`.
     pub fn start_in(dir: &Path) -> HeraldServer {
-        let (port, proc) = Self::spawn(dir);
+        let (port, proc) = Self::spawn(dir, "herald", None, &[]);
         HeraldServer {
             port,
             proc,
@@ -151,19 +151,42 @@ impl HeraldServer {
         }
     }
 
-    fn spawn(dir: &Path) -> (u16, Proc) {
+    /// One node of several: data and log under `dir/name`, endpoints on
+    /// `public_url` (the first node's URL when None), settings from `env`.
+    pub fn start_node(
+        dir: &Path,
+        name: &str,
+        public_url: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> HeraldServer {
+        let (port, proc) = Self::spawn(dir, name, public_url, env);
+        HeraldServer {
+            port,
+            proc,
+            _dir: None,
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        public_url: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> (u16, Proc) {
         let port = free_port();
+        let own = format!("http://127.0.0.1:{port}");
         let mut command = Command::new(HERALD);
         command
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
-            .arg(dir.join("herald-data"))
+            .arg(dir.join(format!("{name}-data")))
             .arg("--public-url")
-            .arg(format!("http://127.0.0.1:{port}"))
-            .env("RUST_LOG", "info");
-        let mut proc = Proc::spawn("herald serve", command, dir.join("herald.log"));
+            .arg(public_url.unwrap_or(&own))
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
+        let mut proc = Proc::spawn("herald serve", command, dir.join(format!("{name}.log")));
         let up = wait_for(Duration::from_secs(30), || {
             if let Some(status) = proc.exited() {
                 panic!(

@@ -1,7 +1,5 @@
-//! Finds the live connection of a user agent and hands it a message. Today
-//! every connection is local (a map of uaid → connection); when Herald runs
-//! on several nodes this is where a remote lookup and forward will go, and
-//! callers will not change.
+//! The connections of this node: a map of uaid → connection, handing each
+//! connection the messages routed to it.
 
 use crate::ids::Uaid;
 use crate::store::Message;
@@ -53,15 +51,17 @@ pub enum RouteResult {
     /// connection was told to look there.
     Backlogged,
     NotConnected,
+    /// Another node serves the user agent and was told to look in the store.
+    Woken,
 }
 
 #[derive(Default)]
-pub struct Router {
+pub struct LocalRouter {
     conns: DashMap<Uaid, Handle>,
     next_id: AtomicU64,
 }
 
-impl Router {
+impl LocalRouter {
     pub fn new() -> Self {
         Self::default()
     }
@@ -102,6 +102,24 @@ impl Router {
         }
     }
 
+    /// Tells the user agent's connection to look in the store (a message
+    /// was stored for it elsewhere); false if it is not connected here.
+    pub fn wake(&self, uaid: &Uaid) -> bool {
+        match self.conns.get(uaid) {
+            Some(h) => {
+                h.backlog.raise();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes the user agent's connection `id` if it is still the one bound
+    /// (a newer connection on another node took over).
+    pub fn evict(&self, uaid: &Uaid, id: u64) -> bool {
+        self.conns.remove_if(uaid, |_, h| h.id == id).is_some()
+    }
+
     pub fn is_connected(&self, uaid: &Uaid) -> bool {
         self.conns.contains_key(uaid)
     }
@@ -131,7 +149,7 @@ mod tests {
 
     #[tokio::test]
     async fn routes_to_the_latest_binding_and_closes_the_old() {
-        let r = Router::new();
+        let r = LocalRouter::new();
         let u = Uaid::random();
         assert_eq!(r.route(&u, msg(1)), RouteResult::NotConnected);
         let mut first = r.bind(u);
@@ -153,7 +171,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_raises_the_backlog_flag() {
-        let r = Router::new();
+        let r = LocalRouter::new();
         let u = Uaid::random();
         let b = r.bind(u);
         for i in 0..QUEUE as u64 {

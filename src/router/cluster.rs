@@ -1,0 +1,369 @@
+//! Routing between nodes that share a Redis store.
+//!
+//! Every node has a random id (new at each start) and announces itself in
+//! the store with a heartbeat naming its `node_url`. On `hello` a node
+//! compare-and-sets the user record's owner to (node, connection, time):
+//! the newest connection wins, and the node it displaced is told to close
+//! the old one. A node that accepts a push stores it first, then wakes the
+//! owner's node with an authenticated request to `/_herald/node/wake`; the
+//! woken connection reads the store. A lost wake-up (the owner died, the
+//! network dropped the request) therefore delays a message but never loses
+//! it: the next connection of the user agent, on any node, reads the store,
+//! and connected sessions re-read it every `RECHECK_INTERVAL` as well.
+//! proto-docs/cluster.md explains the choice and its failure cases.
+
+use super::local::{LocalRouter, RouteResult};
+use crate::ids::Uaid;
+use crate::metrics::Metrics;
+use crate::store::{now_micros, Claim, Directory, Message, Owner, Store, StoreResult};
+use bytes::Bytes;
+use dashmap::DashMap;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a node renews its announcement; it counts as dead after three
+/// missed renewals.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(6);
+/// How long a node's address is trusted from the local cache.
+const NODE_URL_CACHE: Duration = Duration::from_secs(2);
+/// Connected sessions re-read the store this often, so a wake-up lost on the
+/// way costs at most this much delay.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(30);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub const WAKE_PATH: &str = "/_herald/node/wake";
+pub const EVICT_PATH: &str = "/_herald/node/evict";
+
+/// A wake-up: look in the store for `uaid`, or deliver `message` now (a
+/// TTL-0 message is never stored, so it travels in the request).
+#[derive(Serialize, Deserialize)]
+pub struct Wake {
+    pub uaid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<WireMessage>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct WireMessage {
+    pub seq: u64,
+    /// The store's encoding (codec), base64url.
+    pub value: String,
+}
+
+/// Close connection `conn` of `uaid`: a newer one took over elsewhere.
+#[derive(Serialize, Deserialize)]
+pub struct Evict {
+    pub uaid: String,
+    pub conn: u64,
+}
+
+pub struct Cluster {
+    node: u64,
+    url: String,
+    directory: Arc<dyn Directory>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// `Authorization` value nodes present to each other.
+    bearer: String,
+    node_urls: DashMap<u64, (Option<String>, Instant)>,
+    metrics: Arc<Metrics>,
+    /// Owners of this node's connections, to release them exactly.
+    owners: DashMap<(Uaid, u64), Owner>,
+}
+
+impl Cluster {
+    /// `secret` is shared by every node (derived from the endpoint key).
+    pub fn new(
+        directory: Arc<dyn Directory>,
+        url: String,
+        secret: &[u8; 32],
+        metrics: Arc<Metrics>,
+    ) -> Arc<Cluster> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
+        Arc::new(Cluster {
+            node: rand::random::<u64>() >> 1,
+            url,
+            directory,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            bearer: format!("Bearer {}", node_token(secret)),
+            node_urls: DashMap::new(),
+            metrics,
+            owners: DashMap::new(),
+        })
+    }
+
+    pub fn node(&self) -> u64 {
+        self.node
+    }
+
+    /// Renews this node's announcement forever (run as a task).
+    pub async fn heartbeat_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self
+                .directory
+                .heartbeat(self.node, &self.url, HEARTBEAT_TTL)
+                .await
+            {
+                tracing::warn!("node heartbeat: {e}");
+            }
+        }
+    }
+
+    /// Announces the node once, before it accepts connections.
+    pub async fn announce(&self) -> crate::store::StoreResult<()> {
+        self.directory
+            .heartbeat(self.node, &self.url, HEARTBEAT_TTL)
+            .await
+    }
+
+    /// Records connection `conn` as the user agent's; closes the connection
+    /// it displaced on another node. False if a newer one already holds it.
+    pub async fn claim(&self, uaid: Uaid, conn: u64) -> bool {
+        let owner = Owner {
+            node: self.node,
+            conn,
+            since: now_micros(),
+        };
+        match self.directory.claim(&uaid, &owner).await {
+            Ok(Claim::Won { replaced }) => {
+                self.owners.insert((uaid, conn), owner);
+                if let Some(old) = replaced.filter(|o| o.node != self.node) {
+                    self.evict_remote(uaid, old).await;
+                }
+                true
+            }
+            Ok(Claim::Lost { newer }) => {
+                tracing::debug!(uaid = %uaid.short(), newer_node = newer.node, "a newer connection holds this user agent");
+                false
+            }
+            Err(e) => {
+                // The store is down: serve locally; the next claim fixes the
+                // record, and messages wait in the store meanwhile.
+                tracing::warn!("claiming a user agent: {e}");
+                self.owners.insert((uaid, conn), owner);
+                true
+            }
+        }
+    }
+
+    /// Renews the records of the user agents connected to this node, which
+    /// a shared store would otherwise expire after `ua_expiry` however long
+    /// they stayed connected.
+    pub async fn refresh(&self, store: &dyn Store, now: u64) -> StoreResult<()> {
+        let owned: Vec<(Uaid, Owner)> = self
+            .owners
+            .iter()
+            .map(|e| (e.key().0, *e.value()))
+            .collect();
+        for (uaid, owner) in owned {
+            if let Some(mut user) = store.get_user(&uaid).await? {
+                user.last_seen = now;
+                store.put_user(&uaid, &user).await?;
+            }
+            // Same `since`: the claim renews the record's expiry, and loses
+            // only to a newer connection.
+            self.directory.claim(&uaid, &owner).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn release(&self, uaid: &Uaid, conn: u64) {
+        if let Some((_, owner)) = self.owners.remove(&(*uaid, conn)) {
+            if let Err(e) = self.directory.release(uaid, &owner).await {
+                tracing::debug!("releasing a user agent: {e}");
+            }
+        }
+    }
+
+    /// Wakes the node serving `uaid`, if another live node does.
+    pub async fn wake(&self, uaid: &Uaid, message: &Message) -> RouteResult {
+        let owner = match self.directory.owner(uaid).await {
+            Ok(Some(o)) if o.node != self.node => o,
+            Ok(_) => return RouteResult::NotConnected,
+            Err(e) => {
+                tracing::warn!("looking up a user agent's node: {e}");
+                return RouteResult::NotConnected;
+            }
+        };
+        let Some(url) = self.node_url(owner.node).await else {
+            // Its node died: the user agent is offline.
+            return RouteResult::NotConnected;
+        };
+        let wake = Wake {
+            uaid: uaid.to_string(),
+            message: (message.ttl == 0).then(|| WireMessage {
+                seq: message.seq,
+                value: crate::webpush::encode_b64url(&crate::store::encode_message(message)),
+            }),
+        };
+        let body = serde_json::to_vec(&wake).unwrap_or_default();
+        let this = self.request_sender();
+        // The push is already stored: its answer does not wait for the wake.
+        tokio::spawn(async move {
+            let ok = this.post(&format!("{url}{WAKE_PATH}"), body).await;
+            this.metrics
+                .wakeups_sent
+                .with_label_values(&[if ok { "ok" } else { "failed" }])
+                .inc();
+        });
+        RouteResult::Woken
+    }
+
+    async fn evict_remote(&self, uaid: Uaid, old: Owner) {
+        let Some(url) = self.node_url(old.node).await else {
+            return;
+        };
+        let body = serde_json::to_vec(&Evict {
+            uaid: uaid.to_string(),
+            conn: old.conn,
+        })
+        .unwrap_or_default();
+        let this = self.request_sender();
+        tokio::spawn(async move {
+            this.post(&format!("{url}{EVICT_PATH}"), body).await;
+        });
+    }
+
+    async fn node_url(&self, node: u64) -> Option<String> {
+        if let Some(cached) = self.node_urls.get(&node) {
+            if cached.1.elapsed() < NODE_URL_CACHE {
+                return cached.0.clone();
+            }
+        }
+        match self.directory.node_url(node).await {
+            Ok(url) => {
+                self.node_urls.insert(node, (url.clone(), Instant::now()));
+                url
+            }
+            Err(e) => {
+                tracing::warn!("looking up a node: {e}");
+                None
+            }
+        }
+    }
+
+    fn request_sender(&self) -> Sender {
+        Sender {
+            client: self.client.clone(),
+            bearer: self.bearer.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Whether a request from another node carries the shared credential.
+    pub fn authorised(&self, authorization: Option<&str>) -> bool {
+        use sha2::{Digest, Sha256};
+        // Compare digests so the comparison's timing says nothing about the
+        // credential.
+        let given = Sha256::digest(authorization.unwrap_or_default().as_bytes());
+        given == Sha256::digest(self.bearer.as_bytes())
+    }
+
+    /// A wake-up from another node.
+    pub fn on_wake(&self, local: &LocalRouter, wake: &Wake) -> bool {
+        self.metrics.wakeups_received.inc();
+        let Some(uaid) = Uaid::parse(&wake.uaid) else {
+            return false;
+        };
+        match &wake.message {
+            Some(m) => {
+                let decoded = crate::webpush::decode_b64url(&m.value)
+                    .and_then(|v| crate::store::decode_message(m.seq, &v));
+                match decoded {
+                    Some(message) => local.route(&uaid, Arc::new(message)) == RouteResult::Queued,
+                    None => false,
+                }
+            }
+            None => local.wake(&uaid),
+        }
+    }
+
+    /// An eviction from the node that took over a user agent.
+    pub fn on_evict(&self, local: &LocalRouter, evict: &Evict) -> bool {
+        match Uaid::parse(&evict.uaid) {
+            Some(uaid) => local.evict(&uaid, evict.conn),
+            None => false,
+        }
+    }
+}
+
+/// What a spawned request needs, so it does not borrow the cluster.
+struct Sender {
+    client: Client<HttpConnector, Full<Bytes>>,
+    bearer: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Sender {
+    async fn post(&self, url: &str, body: Vec<u8>) -> bool {
+        let req = http::Request::post(url)
+            .header("authorization", &self.bearer)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)));
+        let Ok(req) = req else { return false };
+        let started = Instant::now();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let resp = self.client.request(req).await.ok()?;
+            let ok = resp.status().is_success();
+            let _ = resp.into_body().collect().await;
+            Some(ok)
+        })
+        .await;
+        self.metrics
+            .node_request_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Some(ok)) => ok,
+            _ => {
+                tracing::debug!(url, "node request failed");
+                false
+            }
+        }
+    }
+}
+
+/// The credential nodes present to each other: derived from the shared
+/// endpoint key, so configuring the key configures the cluster.
+fn node_token(secret: &[u8; 32]) -> String {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, secret);
+    let mut okm = [0u8; 32];
+    hk.expand(b"herald node-to-node v1", &mut okm)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    crate::webpush::encode_b64url(&okm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_token_depends_on_the_secret_only() {
+        assert_eq!(node_token(&[1; 32]), node_token(&[1; 32]));
+        assert_ne!(node_token(&[1; 32]), node_token(&[2; 32]));
+        assert_eq!(node_token(&[1; 32]).len(), 43);
+    }
+
+    #[test]
+    fn wake_messages_round_trip_through_json() {
+        let w = Wake {
+            uaid: Uaid::random().to_string(),
+            message: Some(WireMessage {
+                seq: 7,
+                value: "AQ".into(),
+            }),
+        };
+        let back: Wake = serde_json::from_slice(&serde_json::to_vec(&w).unwrap()).unwrap();
+        assert_eq!(back.uaid, w.uaid);
+        assert_eq!(back.message.unwrap().seq, 7);
+        let bare: Wake = serde_json::from_str(r#"{"uaid":"x"}"#).unwrap();
+        assert!(bare.message.is_none());
+    }
+}

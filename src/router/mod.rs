@@ -1,0 +1,80 @@
+//! Finds the live connection of a user agent and hands it a message. On one
+//! node every connection is local (`local`); when nodes share a Redis store,
+//! `cluster` records which node serves each user agent and wakes that node.
+//! Callers see one `Router` either way.
+
+pub mod cluster;
+mod local;
+
+pub use cluster::Cluster;
+pub use local::{Backlog, Binding, LocalRouter, RouteResult};
+
+use crate::ids::Uaid;
+use crate::store::Message;
+use std::sync::Arc;
+
+#[derive(Default)]
+pub struct Router {
+    pub local: LocalRouter,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Router {
+    /// One node: every user agent is connected here or nowhere.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Several nodes sharing the directory `cluster` speaks to.
+    pub fn clustered(cluster: Arc<Cluster>) -> Self {
+        Router {
+            local: LocalRouter::new(),
+            cluster: Some(cluster),
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Makes this connection the user agent's only one, on this node and on
+    /// every other; None if a newer connection elsewhere already holds it.
+    pub async fn bind(&self, uaid: Uaid) -> Option<Binding> {
+        let binding = self.local.bind(uaid);
+        if let Some(cluster) = &self.cluster {
+            if !cluster.claim(uaid, binding.id).await {
+                self.local.unbind(&uaid, binding.id);
+                return None;
+            }
+        }
+        Some(binding)
+    }
+
+    /// Forgets a connection, unless a newer one has already taken the uaid.
+    pub async fn unbind(&self, uaid: &Uaid, id: u64) {
+        self.local.unbind(uaid, id);
+        if let Some(cluster) = &self.cluster {
+            cluster.release(uaid, id).await;
+        }
+    }
+
+    /// Hands a stored (or TTL-0) message to the user agent's connection,
+    /// wherever it is.
+    pub async fn route(&self, uaid: &Uaid, message: Arc<Message>) -> RouteResult {
+        if self.local.is_connected(uaid) {
+            return self.local.route(uaid, message);
+        }
+        match &self.cluster {
+            Some(cluster) => cluster.wake(uaid, &message).await,
+            None => RouteResult::NotConnected,
+        }
+    }
+
+    pub fn is_connected(&self, uaid: &Uaid) -> bool {
+        self.local.is_connected(uaid)
+    }
+
+    pub fn connected(&self) -> usize {
+        self.local.connected()
+    }
+}

@@ -1,0 +1,851 @@
+//! Redis, standalone or Redis Cluster (Valkey works too), as the shared store
+//! that lets several Herald nodes serve the same user agents.
+//!
+//! Every key of one user agent carries its uaid as a hash tag, so all of
+//! them live in one cluster slot and every multi-key step runs as one Lua
+//! script on one node, atomically. Values use the same encodings as the
+//! embedded engine (`codec`).
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `herald:u:{uaid}` | string | encoded `UserRecord`; expires `ua_expiry` after the last `put_user` |
+//! | `herald:c:{uaid}` | hash | channel id bytes → encoded `ChannelRecord`; expiry refreshed with the user |
+//! | `herald:m:{uaid}` | sorted set | pending seqs (member = decimal seq, score = seq); expires with its newest message |
+//! | `herald:p:{uaid}:<seq>` | string | encoded `Message`, `EXAT expires_at` |
+//! | `herald:t:{uaid}` | hash | channel id bytes + topic → decimal seq; expires with its newest message |
+//!
+//! Needs Redis 7.0 or later (Valkey 7.2+) for `EXPIRETIME`.
+
+use super::codec::{
+    decode_channel, decode_message, decode_user, encode_channel, encode_message, encode_user,
+    EXPIRES_AT,
+};
+use super::{
+    now_micros, now_secs, ChannelRecord, Message, PutOutcome, Store, StoreError, StoreResult,
+    StoreStats, UserRecord,
+};
+use crate::ids::{ChannelId, Uaid};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Per attempt to open a TCP connection to one node.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Per attempt to get one answer from one node.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Whole store operation, retries and reconnects included: a dead Redis must
+/// turn into an error (503) quickly rather than a hanging request.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Whole of `connect`, cluster discovery included.
+const CONNECT_BUDGET: Duration = Duration::from_millis(2500);
+/// Seq collisions need two nodes in the same microsecond for one user
+/// agent; several in a row mean something else is wrong.
+const MAX_SEQ_ATTEMPTS: usize = 8;
+/// Where the channel id sits in an encoded message (see codec; rocks.rs
+/// reads the same bytes). A unit test below holds it to `encode_message`.
+const MESSAGE_CHANNEL: std::ops::Range<usize> = 18..34;
+/// Seqs are passed to Redis as sorted-set scores, which are f64.
+const MAX_EXACT_SCORE: u64 = 1 << 53;
+
+const PUT_COLLISION: i64 = -1;
+const PUT_REPLACED: i64 = 1;
+
+/// Shared by every script: the big-endian u64 at byte `off` (0-based) of `s`.
+/// Exact while below 2^53, which unix seconds are.
+const LUA_BE64: &str = r"
+local function be64(s, off)
+  local n = 0
+  for i = off + 1, off + 8 do n = n * 256 + (string.byte(s, i) or 0) end
+  return n
+end
+";
+
+// KEYS: messages zset, payload key, topics hash.
+// ARGV: seq, encoded message, expires_at, topic field ('' for none), payload key prefix.
+// Returns 0 stored, 1 stored and replaced a pending message, -1 seq taken.
+const PUT_MESSAGE: &str = r"
+local at = tonumber(ARGV[3])
+if at <= tonumber(redis.call('TIME')[1]) then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EXAT', ARGV[3]) then return -1 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
+local function outlive(key)
+  if redis.call('EXPIRETIME', key) < at then redis.call('EXPIREAT', key, ARGV[3]) end
+end
+outlive(KEYS[1])
+if ARGV[4] == '' then return 0 end
+local replaced = 0
+local old = redis.call('HGET', KEYS[3], ARGV[4])
+if old and old ~= ARGV[1] then
+  replaced = redis.call('DEL', ARGV[5] .. old)
+  redis.call('ZREM', KEYS[1], old)
+end
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
+outlive(KEYS[3])
+return replaced
+";
+
+// KEYS: messages zset. ARGV: after, limit, now, payload key prefix, expires_at offset.
+// Returns {pruned, seqs, values}.
+const READ_MESSAGES: &str = r"
+local limit, now, off = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+local seqs, values, pruned = {}, {}, 0
+local from = '(' .. ARGV[1]
+while #seqs < limit do
+  local batch = redis.call('ZRANGEBYSCORE', KEYS[1], from, '+inf', 'LIMIT', 0, 128)
+  if #batch == 0 then break end
+  for _, s in ipairs(batch) do
+    local v = redis.call('GET', ARGV[4] .. s)
+    if not v then
+      redis.call('ZREM', KEYS[1], s)
+      pruned = pruned + 1
+    elseif be64(v, off) > now then
+      seqs[#seqs + 1] = s
+      values[#values + 1] = v
+      if #seqs >= limit then break end
+    end
+  end
+  from = '(' .. batch[#batch]
+end
+return {pruned, seqs, values}
+";
+
+// KEYS: messages zset. ARGV: now, limit, payload key prefix, expires_at offset.
+// Returns {pruned, count}.
+const COUNT_MESSAGES: &str = r"
+local now, limit, off = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+local count, pruned = 0, 0
+local from = '-inf'
+while count < limit do
+  local batch = redis.call('ZRANGEBYSCORE', KEYS[1], from, '+inf', 'LIMIT', 0, 256)
+  if #batch == 0 then break end
+  for _, s in ipairs(batch) do
+    local head = redis.call('GETRANGE', ARGV[3] .. s, off, off + 7)
+    if head == '' then
+      redis.call('ZREM', KEYS[1], s)
+      pruned = pruned + 1
+    elseif be64(head, 0) > now then
+      count = count + 1
+      if count >= limit then break end
+    end
+  end
+  from = '(' .. batch[#batch]
+end
+return {pruned, count}
+";
+
+// KEYS: messages zset, payload key. ARGV: seq. Returns 1 if the payload existed.
+const DELETE_MESSAGE: &str = r"
+local existed = redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return existed
+";
+
+// KEYS: channels hash, messages zset, topics hash.
+// ARGV: channel id bytes, payload key prefix, channel offset in a message.
+// Returns {existed, pruned}.
+const REMOVE_CHANNEL: &str = r"
+local existed = redis.call('HDEL', KEYS[1], ARGV[1])
+local off = tonumber(ARGV[3])
+local pruned = 0
+for _, s in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local ch = redis.call('GETRANGE', ARGV[2] .. s, off, off + 15)
+  if ch == '' then
+    redis.call('ZREM', KEYS[2], s)
+    pruned = pruned + 1
+  elseif ch == ARGV[1] then
+    redis.call('DEL', ARGV[2] .. s)
+    redis.call('ZREM', KEYS[2], s)
+  end
+end
+for _, f in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if string.sub(f, 1, 16) == ARGV[1] then redis.call('HDEL', KEYS[3], f) end
+end
+return {existed, pruned}
+";
+
+// KEYS: user, channels hash, messages zset, topics hash. ARGV: payload key prefix.
+const DROP_USER: &str = r"
+for _, s in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. s)
+end
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+";
+
+// KEYS: user, channels hash. ARGV: encoded record, expiry in seconds (0: never).
+// The channels expire with the user so a silent user agent leaves nothing.
+const PUT_USER: &str = r"
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('PERSIST', KEYS[2])
+end
+return 0
+";
+
+// KEYS: channels hash. ARGV: channel id bytes, encoded record, expiry (0: never).
+const PUT_CHANNEL: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 0
+";
+
+struct Scripts {
+    put_message: Script,
+    read_messages: Script,
+    count_messages: Script,
+    delete_message: Script,
+    remove_channel: Script,
+    drop_user: Script,
+    put_user: Script,
+    put_channel: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_be64 = |body: &str| Script::new(&format!("{LUA_BE64}{body}"));
+        Scripts {
+            put_message: Script::new(PUT_MESSAGE),
+            read_messages: with_be64(READ_MESSAGES),
+            count_messages: with_be64(COUNT_MESSAGES),
+            delete_message: Script::new(DELETE_MESSAGE),
+            remove_channel: Script::new(REMOVE_CHANNEL),
+            drop_user: Script::new(DROP_USER),
+            put_user: Script::new(PUT_USER),
+            put_channel: Script::new(PUT_CHANNEL),
+        }
+    }
+}
+
+/// One type for both deployments so every command path is shared.
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The keys of one user agent; the `{uaid}` hash tag puts them in one slot.
+struct Keys {
+    tag: String,
+}
+
+impl Keys {
+    fn new(uaid: &Uaid) -> Self {
+        Keys {
+            tag: format!("{{{uaid}}}"),
+        }
+    }
+    fn user(&self) -> String {
+        format!("herald:u:{}", self.tag)
+    }
+    fn channels(&self) -> String {
+        format!("herald:c:{}", self.tag)
+    }
+    fn messages(&self) -> String {
+        format!("herald:m:{}", self.tag)
+    }
+    fn topics(&self) -> String {
+        format!("herald:t:{}", self.tag)
+    }
+    /// Scripts build payload keys of seqs they find from this prefix.
+    fn payload_prefix(&self) -> String {
+        format!("herald:p:{}:", self.tag)
+    }
+    fn payload(&self, seq: u64) -> String {
+        format!("herald:p:{}:{seq}", self.tag)
+    }
+}
+
+fn topic_field(channel: &ChannelId, topic: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(16 + topic.len());
+    f.extend_from_slice(channel.as_bytes());
+    f.extend_from_slice(topic.as_bytes());
+    f
+}
+
+fn redis_err(what: &str, e: RedisError) -> StoreError {
+    StoreError(format!("redis {what}: {e}"))
+}
+
+/// Scripts take counts as Lua numbers (f64).
+fn lua_count(n: usize) -> u64 {
+    (n as u64).min(MAX_EXACT_SCORE)
+}
+
+/// The seed URLs of `url`: one, or several separated by commas.
+fn parse_seeds(url: &str) -> StoreResult<Vec<String>> {
+    let seeds: Vec<String> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if seeds.is_empty() {
+        return Err(StoreError("redis: no URL given".into()));
+    }
+    Ok(seeds)
+}
+
+/// Whether the server at `url` runs in cluster mode (`INFO cluster`).
+async fn cluster_enabled(url: &str) -> StoreResult<bool> {
+    let client = redis::Client::open(url).map_err(|e| redis_err("URL", e))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| redis_err("connect", e))?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| redis_err("INFO cluster", e))?;
+    Ok(info.lines().any(|l| l.trim() == "cluster_enabled:1"))
+}
+
+async fn open_standalone(url: &str) -> StoreResult<Conn> {
+    let client = redis::Client::open(url).map_err(|e| redis_err("URL", e))?;
+    // Few, short reconnect attempts: while Redis is down each request should
+    // fail fast, and the next one starts a fresh attempt anyway.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(200));
+    let manager = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| redis_err("connect", e))?;
+    Ok(Conn::Standalone(manager))
+}
+
+async fn open_cluster(seeds: &[String]) -> StoreResult<Conn> {
+    let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .overall_response_timeout(Some(OP_TIMEOUT))
+        .retries(3)
+        .build()
+        .map_err(|e| redis_err("cluster URL", e))?;
+    let conn = client
+        .get_async_connection()
+        .await
+        .map_err(|e| redis_err("cluster connect", e))?;
+    Ok(Conn::Cluster(conn))
+}
+
+async fn open(seeds: &[String]) -> StoreResult<Conn> {
+    if seeds.len() > 1 || cluster_enabled(&seeds[0]).await? {
+        open_cluster(seeds).await
+    } else {
+        open_standalone(&seeds[0]).await
+    }
+}
+
+/// The Redis engine; see the module documentation for its keys.
+pub struct RedisStore {
+    conn: Conn,
+    scripts: Scripts,
+    seq: AtomicU64,
+    /// Seconds a silent user agent lives; 0 keeps it forever.
+    ua_expiry_secs: u64,
+    expired: Option<prometheus::IntCounter>,
+    seq_collisions: AtomicU64,
+    /// Replicas that must confirm each stored message, and for how long to
+    /// wait for them.
+    wait: Option<(u32, Duration)>,
+}
+
+impl RedisStore {
+    /// Connects to Redis. `url` is one `redis://host:port` or a
+    /// comma-separated list of them. The rule for the mode:
+    ///
+    /// - several URLs: Redis Cluster, the URLs being seed nodes;
+    /// - one URL: whatever the server says in `INFO cluster`
+    ///   (`cluster_enabled:1` means Redis Cluster with that one seed,
+    ///   anything else a standalone server, a primary of which is expected).
+    ///
+    /// `expired` counts messages found expired and pruned (Redis drops their
+    /// payloads by itself, so messages whose user agent never reads again
+    /// are not counted). User agents and their subscriptions expire
+    /// `ua_expiry_secs` after their last `put_user` (0: never).
+    ///
+    /// Gives up with an error after about 2.5 s.
+    pub async fn connect(
+        url: &str,
+        expired: Option<prometheus::IntCounter>,
+        ua_expiry_secs: u64,
+    ) -> StoreResult<RedisStore> {
+        let seeds = parse_seeds(url)?;
+        let conn = tokio::time::timeout(CONNECT_BUDGET, open(&seeds))
+            .await
+            .map_err(|_| {
+                StoreError(format!(
+                    "redis connect: no answer from {url} within {CONNECT_BUDGET:?}"
+                ))
+            })??;
+        Ok(RedisStore {
+            conn,
+            scripts: Scripts::new(),
+            seq: AtomicU64::new(now_micros()),
+            ua_expiry_secs,
+            expired,
+            seq_collisions: AtomicU64::new(0),
+            wait: None,
+        })
+    }
+
+    /// Makes every `put_message` wait until `replicas` replicas have the
+    /// write (Redis `WAIT`), failing after `timeout`. Replication stays
+    /// asynchronous: this narrows what a failover can lose to what was
+    /// written but not yet answered (see proto-docs/storage.md).
+    pub fn wait_for(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    async fn wait_for_replicas(
+        &self,
+        uaid: &Uaid,
+        (replicas, timeout): (u32, Duration),
+    ) -> StoreResult<()> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        // WAIT counts the replicas of the node it is sent to, for the writes
+        // made on that connection: on a cluster it must go to the primary
+        // of the user agent's slot, which took the write.
+        let budget = timeout + OP_TIMEOUT;
+        let acked: i64 = match &self.conn {
+            Conn::Standalone(c) => {
+                let mut c = c.clone();
+                tokio::time::timeout(budget, cmd.query_async(&mut c)).await
+            }
+            Conn::Cluster(c) => {
+                let mut c = c.clone();
+                let route = Route::with_key(Keys::new(uaid).messages(), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                tokio::time::timeout(budget, async move {
+                    let v = c.route_command(cmd, routing).await?;
+                    redis::from_redis_value::<i64>(v).map_err(RedisError::from)
+                })
+                .await
+            }
+        }
+        .map_err(|_| StoreError(format!("redis WAIT: no answer within {budget:?}")))?
+        .map_err(|e| redis_err("WAIT", e))?;
+        if acked < i64::from(replicas) {
+            return Err(StoreError(format!(
+                "redis WAIT: {acked} of {replicas} replicas confirmed within {timeout:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// How many times a message had to take a new seq because another node
+    /// had stored one under the same seq for the same user agent.
+    pub fn seq_collisions(&self) -> u64 {
+        self.seq_collisions.load(Ordering::Relaxed)
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(OP_TIMEOUT, fut).await {
+            Ok(result) => result.map_err(|e| redis_err(what, e)),
+            Err(_) => Err(StoreError(format!(
+                "redis {what}: no answer within {OP_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> StoreResult<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, cmd.query_async(&mut conn)).await
+    }
+
+    /// EVALSHA, loading the script first where the node does not know it.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        what: &str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> StoreResult<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, invocation.invoke_async(&mut conn)).await
+    }
+
+    fn count_expired(&self, n: u64) {
+        if let (Some(c), true) = (&self.expired, n > 0) {
+            c.inc_by(n);
+        }
+    }
+
+    /// Stores `m`, under a fresh seq if another node already took `m.seq`
+    /// for this user agent; the outcome names the seq it was stored under.
+    async fn store_message(&self, uaid: &Uaid, m: &Message) -> StoreResult<PutOutcome> {
+        if m.expired(now_secs()) {
+            // It could never be read; storing it would only cost memory.
+            return Ok(PutOutcome {
+                replaced: false,
+                seq: m.seq,
+            });
+        }
+        let keys = Keys::new(uaid);
+        let value = encode_message(m);
+        let topic = m
+            .topic
+            .as_deref()
+            .map(|t| topic_field(&m.channel, t))
+            .unwrap_or_default();
+        let mut seq = m.seq;
+        for _ in 0..MAX_SEQ_ATTEMPTS {
+            if seq >= MAX_EXACT_SCORE {
+                return Err(StoreError(format!("redis: seq {seq} exceeds 2^53")));
+            }
+            let mut inv = self.scripts.put_message.prepare_invoke();
+            inv.key(keys.messages())
+                .key(keys.payload(seq))
+                .key(keys.topics())
+                .arg(seq)
+                .arg(&value)
+                .arg(m.expires_at)
+                .arg(&topic)
+                .arg(keys.payload_prefix());
+            match self.eval::<i64>("put_message", &inv).await? {
+                PUT_COLLISION => {
+                    self.seq_collisions.fetch_add(1, Ordering::Relaxed);
+                    seq = self.next_seq();
+                }
+                r => {
+                    return Ok(PutOutcome {
+                        replaced: r == PUT_REPLACED,
+                        seq,
+                    })
+                }
+            }
+        }
+        Err(StoreError(format!(
+            "redis put_message: no free seq after {MAX_SEQ_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RedisStore {
+    async fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
+        let v: Option<Vec<u8>> = self
+            .query("get_user", redis::cmd("GET").arg(Keys::new(uaid).user()))
+            .await?;
+        Ok(v.and_then(|v| decode_user(&v)))
+    }
+
+    async fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
+        let keys = Keys::new(uaid);
+        let mut inv = self.scripts.put_user.prepare_invoke();
+        inv.key(keys.user())
+            .key(keys.channels())
+            .arg(encode_user(record))
+            .arg(self.ua_expiry_secs);
+        self.eval::<i64>("put_user", &inv).await.map(drop)
+    }
+
+    async fn drop_user(&self, uaid: &Uaid) -> StoreResult<()> {
+        let keys = Keys::new(uaid);
+        let mut inv = self.scripts.drop_user.prepare_invoke();
+        inv.key(keys.user())
+            .key(keys.channels())
+            .key(keys.messages())
+            .key(keys.topics())
+            .arg(keys.payload_prefix());
+        self.eval::<i64>("drop_user", &inv).await.map(drop)
+    }
+
+    /// User agents expire by themselves (key expiry), so there are never
+    /// stale ones to report.
+    async fn stale_users(&self, _cutoff: u64, _limit: usize) -> StoreResult<Vec<Uaid>> {
+        Ok(Vec::new())
+    }
+
+    async fn get_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelRecord>> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(Keys::new(uaid).channels())
+            .arg(channel.as_bytes().as_slice());
+        let v: Option<Vec<u8>> = self.query("get_channel", &cmd).await?;
+        Ok(v.and_then(|v| decode_channel(&v)))
+    }
+
+    async fn put_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+        record: &ChannelRecord,
+    ) -> StoreResult<()> {
+        let mut inv = self.scripts.put_channel.prepare_invoke();
+        inv.key(Keys::new(uaid).channels())
+            .arg(channel.as_bytes().as_slice())
+            .arg(encode_channel(record))
+            .arg(self.ua_expiry_secs);
+        self.eval::<i64>("put_channel", &inv).await.map(drop)
+    }
+
+    async fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {
+        let keys = Keys::new(uaid);
+        let mut inv = self.scripts.remove_channel.prepare_invoke();
+        inv.key(keys.channels())
+            .key(keys.messages())
+            .key(keys.topics())
+            .arg(channel.as_bytes().as_slice())
+            .arg(keys.payload_prefix())
+            .arg(MESSAGE_CHANNEL.start);
+        let (existed, pruned): (i64, u64) = self.eval("remove_channel", &inv).await?;
+        self.count_expired(pruned);
+        Ok(existed > 0)
+    }
+
+    async fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
+        let n: usize = self
+            .query(
+                "count_channels",
+                redis::cmd("HLEN").arg(Keys::new(uaid).channels()),
+            )
+            .await?;
+        Ok(n.min(limit))
+    }
+
+    /// Wall-clock microseconds, forced to increase within this process.
+    /// Nodes may hand out the same number; `put_message` detects that.
+    fn next_seq(&self) -> u64 {
+        let now = now_micros();
+        let step = |prev: u64| prev.max(now.saturating_sub(1)) + 1;
+        let prev = self
+            .seq
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| Some(step(p)))
+            .unwrap_or_else(|p| p);
+        step(prev)
+    }
+
+    /// On a seq collision the message is stored under a fresh seq, which
+    /// the outcome reports. With `wait_for`, returns only once that many
+    /// replicas have the write.
+    async fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome> {
+        let outcome = self.store_message(uaid, message).await?;
+        if let Some(wait) = self.wait {
+            self.wait_for_replicas(uaid, wait).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn read_messages(
+        &self,
+        uaid: &Uaid,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = Keys::new(uaid);
+        let mut inv = self.scripts.read_messages.prepare_invoke();
+        inv.key(keys.messages())
+            .arg(after)
+            .arg(lua_count(limit))
+            .arg(now_secs())
+            .arg(keys.payload_prefix())
+            .arg(EXPIRES_AT.start);
+        let (pruned, seqs, values): (u64, Vec<u64>, Vec<Vec<u8>>) =
+            self.eval("read_messages", &inv).await?;
+        self.count_expired(pruned);
+        Ok(seqs
+            .into_iter()
+            .zip(values)
+            .filter_map(|(seq, v)| {
+                let m = decode_message(seq, &v);
+                if m.is_none() {
+                    tracing::warn!("skipping an undecodable stored message");
+                }
+                m
+            })
+            .collect())
+    }
+
+    async fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>> {
+        let v: Option<Vec<u8>> = self
+            .query(
+                "get_message",
+                redis::cmd("GET").arg(Keys::new(uaid).payload(seq)),
+            )
+            .await?;
+        let now = now_secs();
+        Ok(v.and_then(|v| decode_message(seq, &v))
+            .filter(|m| !m.expired(now)))
+    }
+
+    async fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
+        let keys = Keys::new(uaid);
+        let mut inv = self.scripts.delete_message.prepare_invoke();
+        inv.key(keys.messages()).key(keys.payload(seq)).arg(seq);
+        let existed: i64 = self.eval("delete_message", &inv).await?;
+        Ok(existed > 0)
+    }
+
+    async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let keys = Keys::new(uaid);
+        let mut inv = self.scripts.count_messages.prepare_invoke();
+        inv.key(keys.messages())
+            .arg(now)
+            .arg(lua_count(limit))
+            .arg(keys.payload_prefix())
+            .arg(EXPIRES_AT.start);
+        let (pruned, count): (u64, usize) = self.eval("count_messages", &inv).await?;
+        self.count_expired(pruned);
+        Ok(count)
+    }
+
+    /// Nothing to sweep: payloads expire by themselves (`EXAT`), the sorted
+    /// set and topic hash expire with their newest message, and members left
+    /// by expired payloads are pruned whenever the user agent's messages are
+    /// read or counted.
+    async fn purge_expired(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// Durability is Redis's own configuration (AOF, replicas).
+    async fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// Writes and reads back a short-lived key of its own: concurrent probes
+    /// cannot confuse each other, and over time they reach every shard.
+    async fn health_check(&self) -> StoreResult<()> {
+        let key = format!("herald:health:{{{}}}", Uaid::random());
+        let stamp = now_micros().to_string();
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(&stamp).arg("EX").arg(10);
+        self.query::<()>("health_check", &set).await?;
+        let read: Option<String> = self
+            .query("health_check", redis::cmd("GET").arg(&key))
+            .await?;
+        match read {
+            Some(v) if v == stamp => Ok(()),
+            other => Err(StoreError(format!(
+                "redis health_check: wrote {stamp}, read back {other:?}"
+            ))),
+        }
+    }
+
+    /// `stats` is synchronous and Redis's figures are a round trip (and,
+    /// in a cluster, one per shard) away: report nothing rather than guess.
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webpush::Urgency;
+    use bytes::Bytes;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn message_offsets_match_the_codec() {
+        let m = Message {
+            seq: 1,
+            channel: uuid::Uuid::new_v4(),
+            expires_at: 0x0102_0304_0506_0708,
+            ttl: 60,
+            urgency: Urgency::High,
+            topic: Some("t".into()),
+            headers: None,
+            data: Bytes::from_static(b"x"),
+        };
+        let v = encode_message(&m);
+        assert_eq!(&v[MESSAGE_CHANNEL], m.channel.as_bytes());
+        assert_eq!(
+            &v[EXPIRES_AT],
+            &m.expires_at.to_be_bytes(),
+            "scripts read expires_at at EXPIRES_AT"
+        );
+    }
+
+    #[test]
+    fn every_key_of_a_user_agent_is_in_one_slot() {
+        let uaid = Uaid::random();
+        let k = Keys::new(&uaid);
+        let slot = Slot::for_key(k.user());
+        for key in [
+            k.channels(),
+            k.messages(),
+            k.topics(),
+            k.payload(1_700_000_000_000_000),
+            format!("{}42", k.payload_prefix()),
+        ] {
+            assert_eq!(Slot::for_key(&key), slot, "{key}");
+        }
+        assert_eq!(k.payload(7), format!("{}7", k.payload_prefix()));
+    }
+
+    #[test]
+    fn seeds_split_on_commas() {
+        assert_eq!(
+            parse_seeds(" redis://a:1, redis://b:2 ,").unwrap(),
+            vec!["redis://a:1", "redis://b:2"]
+        );
+        assert!(parse_seeds(" , ").is_err());
+    }
+
+    #[test]
+    fn seqs_fit_in_exact_scores() {
+        assert!(now_micros() < MAX_EXACT_SCORE);
+    }
+}
+
+/// Which node serves which user agent (several Herald nodes on one Redis).
+mod directory;

@@ -1,0 +1,366 @@
+//! Several Herald nodes sharing one Redis (a real Redis Cluster of 3
+//! primaries and 3 replicas, or a standalone server), driven through their
+//! public interfaces: websocket user agents and application-server POSTs.
+
+mod common;
+
+use common::redis::{shared_cluster, RedisCluster, RedisServer};
+use common::*;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn shared_key() -> String {
+    b64(&rand::random::<[u8; 32]>())
+}
+
+/// A node on `redis_url`; `public` is the public URL every node shares (the
+/// first node's own URL when None), so endpoints and VAPID audiences are the
+/// same whichever node issued them.
+async fn node(redis_url: &str, key: &str, public: Option<&str>, env: &[(&str, &str)]) -> Herald {
+    let mut args = vec![];
+    if let Some(p) = public {
+        args.extend(["--public-url", p]);
+    }
+    let mut all = vec![
+        ("HERALD_STORE", "redis"),
+        ("HERALD_REDIS_URL", redis_url),
+        ("HERALD_ENDPOINT_KEYS", key),
+    ];
+    all.extend_from_slice(env);
+    Herald::start_with(&args, &all).await
+}
+
+/// The same endpoint, POSTed to node `h` instead.
+fn via(h: &Herald, endpoint: &str) -> String {
+    let path = &endpoint[endpoint.find("/wpush/").expect("an endpoint URL")..];
+    format!("{}{path}", h.url())
+}
+
+/// Receives and acks notifications until none comes for `quiet`; returns
+/// their payloads in arrival order.
+async fn drain(ua: &mut Ua, keys: &UaKeys, quiet: Duration) -> Vec<String> {
+    let mut got = vec![];
+    while let Some(n) = ua.try_recv(quiet).await {
+        assert_eq!(n["messageType"], "notification", "{n}");
+        got.push(payload(keys, &n));
+        ua.ack(&n).await;
+    }
+    got
+}
+
+async fn pushed(endpoint: &str, aud: &str, keys: &UaKeys, text: &str, extra: &[(&str, &str)]) {
+    let r = push(endpoint, None, aud, keys, text, extra).await;
+    assert_eq!(
+        r.status,
+        201,
+        "{text}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+#[tokio::test]
+async fn a_push_to_one_node_reaches_a_user_agent_on_another() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let b = node(cluster.url(), &key, Some(&a.url()), &[]).await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let uaid = ua.uaid.clone();
+    let (_, ep) = ua.subscribe(None).await;
+    assert!(ep.starts_with(&a.url()), "{ep}");
+
+    // In order, whichever node each push goes to.
+    for i in 0..6 {
+        let to = if i % 2 == 0 { &a } else { &b };
+        pushed(&via(to, &ep), &a.url(), &keys, &format!("m{i}"), &[]).await;
+    }
+    let got = drain(&mut ua, &keys, Duration::from_secs(2)).await;
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+
+    // TTL 0 is never stored: it travels in the wake-up.
+    pushed(
+        &via(&a, &ep),
+        &a.url(),
+        &keys,
+        "now or never",
+        &[("ttl", "0")],
+    )
+    .await;
+    assert_eq!(payload(&keys, &ua.notification().await), "now or never");
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Offline: topic replacement and TTL hold across nodes.
+    pushed(&via(&a, &ep), &a.url(), &keys, "old", &[("topic", "t")]).await;
+    pushed(&via(&b, &ep), &a.url(), &keys, "new", &[("topic", "t")]).await;
+    pushed(&via(&a, &ep), &a.url(), &keys, "short", &[("ttl", "1")]).await;
+    pushed(&via(&b, &ep), &a.url(), &keys, "kept", &[]).await;
+    let dropped = push(
+        &via(&a, &ep),
+        None,
+        &a.url(),
+        &keys,
+        "never",
+        &[("ttl", "0")],
+    )
+    .await;
+    assert_eq!(dropped.status, 201);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut ua = Ua::hello(&a, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid);
+    assert_eq!(
+        drain(&mut ua, &keys, Duration::from_secs(2)).await,
+        ["new", "kept"]
+    );
+}
+
+#[tokio::test]
+async fn a_user_agent_moving_to_another_node_closes_the_old_socket() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let b = node(cluster.url(), &key, Some(&a.url()), &[]).await;
+    let keys = UaKeys::new();
+    let mut old = Ua::hello(&a, None).await;
+    let uaid = old.uaid.clone();
+    let (_, ep) = old.subscribe(None).await;
+    for text in ["one", "two"] {
+        pushed(&via(&b, &ep), &a.url(), &keys, text, &[]).await;
+    }
+    // Delivered on the old socket but never acknowledged.
+    for text in ["one", "two"] {
+        assert_eq!(payload(&keys, &old.notification().await), text);
+    }
+
+    let mut new = Ua::hello(&b, Some(&uaid)).await;
+    let (code, reason) = old.closed(Duration::from_secs(5)).await;
+    assert_eq!(code, 1000, "{reason}");
+    assert!(reason.contains("took over"), "{reason}");
+
+    pushed(&via(&a, &ep), &a.url(), &keys, "three", &[]).await;
+    assert_eq!(
+        drain(&mut new, &keys, Duration::from_secs(2)).await,
+        ["one", "two", "three"]
+    );
+    drop(new);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = Ua::hello(&a, Some(&uaid)).await;
+    assert_eq!(again.try_recv(Duration::from_millis(700)).await, None);
+}
+
+#[tokio::test]
+async fn killing_the_node_holding_a_user_agent_loses_nothing() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let mut b = node(
+        cluster.url(),
+        &key,
+        Some(&a.url()),
+        &[("HERALD_DELIVERY_WINDOW", "2")],
+    )
+    .await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let uaid = ua.uaid.clone();
+    let (_, ep) = ua.subscribe(None).await;
+    let sent: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    for text in &sent {
+        pushed(&via(&a, &ep), &a.url(), &keys, text, &[]).await;
+    }
+    // Two in flight on B, unacknowledged; six queued behind them.
+    for text in &sent[..2] {
+        assert_eq!(&payload(&keys, &ua.notification().await), text);
+    }
+    b.kill9();
+    drop(ua);
+
+    let mut ua = Ua::hello(&a, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid, "the user agent is still known");
+    assert_eq!(drain(&mut ua, &keys, Duration::from_secs(2)).await, sent);
+}
+
+/// kill -9 of the Redis primary holding a user agent's slot in the middle of
+/// a bounded POST loop, with `redis_wait_replicas = 1`: after the replica
+/// takes over, every message answered 201 is delivered. (With one replica
+/// per shard, the promoted replica has none of its own, so that shard
+/// answers 503 from then on: refusing is the price of the guarantee.)
+#[tokio::test]
+async fn killing_a_redis_primary_loses_no_accepted_message() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .unwrap(),
+    );
+    let key = shared_key();
+    let a = node(
+        cluster.url(),
+        &key,
+        None,
+        &[("HERALD_REDIS_WAIT_REPLICAS", "1")],
+    )
+    .await;
+    let keys = Arc::new(UaKeys::new());
+    let (uaid, ep) = offline_subscription(&a, None).await;
+    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
+
+    let accepted = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ep2, aud, keys2, acc2, stop2) = (
+        ep.clone(),
+        a.url(),
+        keys.clone(),
+        accepted.clone(),
+        stop.clone(),
+    );
+    let poster = tokio::spawn(async move {
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..400 {
+            if Instant::now() > deadline || stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let text = format!("m{i:03}");
+            let r = push(&ep2, None, &aud, &keys2, &text, &[("ttl", "600")]).await;
+            *statuses.entry(r.status).or_default() += 1;
+            match r.status {
+                201 => {
+                    acc2.lock().unwrap().insert(text);
+                }
+                503 => {
+                    assert_eq!(r.errno(), 201, "503 carries the storage errno");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                s => panic!("{text}: unexpected {s}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        statuses
+    });
+    // Kill once the loop is well under way.
+    while accepted.lock().unwrap().len() < 40 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c2 = cluster.clone();
+    tokio::task::spawn_blocking(move || c2.kill9(primary))
+        .await
+        .unwrap();
+    // Past the failover (node timeout 2 s, promotion within ~5 s).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = poster.await.unwrap();
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() >= 40, "{statuses:?}");
+    assert!(
+        statuses.get(&503).is_some_and(|n| *n > 0),
+        "the primary's loss was never felt: {statuses:?}"
+    );
+
+    let mut ua = Ua::hello(&a, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid);
+    let got: BTreeSet<String> = drain(&mut ua, &keys, Duration::from_secs(3))
+        .await
+        .into_iter()
+        .collect();
+    let lost: Vec<&String> = accepted.difference(&got).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} accepted messages lost ({statuses:?}): {lost:?}",
+        lost.len(),
+        accepted.len()
+    );
+}
+
+#[tokio::test]
+async fn redis_unreachable_gives_503_and_service_returns_with_it() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let key = shared_key();
+    let a = node(redis.url(), &key, None, &[]).await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&a, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    pushed(&ep, &a.url(), &keys, "before", &[]).await;
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+
+    // SIGSTOP: the server holds its connections and answers nothing.
+    let pid = redis.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let r = push(&ep, None, &a.url(), &keys, "during", &[]).await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.errno(), 201);
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered promptly"
+    );
+    assert_eq!(
+        http(&a, "GET", "/ready", &[], vec![]).await.unwrap().status,
+        503
+    );
+    // The websocket stays up.
+    ua.send_text("{}").await;
+    assert_eq!(ua.recv().await, serde_json::json!({}));
+
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http(&a, "GET", "/ready", &[], vec![]).await.unwrap().status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after Redis returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pushed(&ep, &a.url(), &keys, "after", &[]).await;
+    let got = drain(&mut ua, &keys, Duration::from_secs(3)).await;
+    assert!(got.contains(&"after".to_string()), "{got:?}");
+    assert!(!got.contains(&"before".to_string()), "{got:?}");
+}
+
+#[tokio::test]
+async fn nodes_refuse_wake_ups_without_the_cluster_credential() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let a = node(cluster.url(), &shared_key(), None, &[]).await;
+    let body = br#"{"uaid":"00000000000000000000000000000000"}"#.to_vec();
+    for auth in [None, Some("Bearer wrong")] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let r = http(&a, "POST", "/_herald/node/wake", &headers, body.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.errno(), 109);
+    }
+    // A single node on RocksDB has no such route at all.
+    let solo = Herald::start().await;
+    let r = http(&solo, "POST", "/_herald/node/wake", &[], body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn redis_mode_refuses_to_start_without_shared_keys() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("HERALD_STORE", "redis")
+        .env("HERALD_REDIS_URL", "redis://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("endpoint_keys"), "{err}");
+}

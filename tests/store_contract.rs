@@ -1,0 +1,753 @@
+//! One contract for every `Store` engine: each case is written once and run
+//! against RocksDB (in a tempdir), a standalone Redis and a Redis Cluster
+//! (real servers from scripts/redis.sh, shared by the cases of this process;
+//! every case uses its own random uaids). Redis cases also look at the raw
+//! keys, through plain clients, where the contract is about memory: expired
+//! payloads leave by themselves, a user agent leaves nothing behind.
+
+#[path = "common/redis.rs"]
+mod redis_harness;
+
+use bytes::Bytes;
+use herald::ids::{ChannelId, Uaid};
+use herald::protocol::NotificationHeaders;
+use herald::store::{now_secs, ChannelRecord, Message, RedisStore, RocksStore, Store, UserRecord};
+use herald::webpush::Urgency;
+use redis_harness::{shared_cluster, shared_server, RedisCluster, RedisServer};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Seconds a silent user agent lives in the Redis engines under test.
+const UA_EXPIRY: u64 = 3600;
+
+/// Raw access to the Redis behind an engine.
+enum Raw {
+    Server(&'static RedisServer),
+    Cluster(&'static RedisCluster),
+}
+
+impl Raw {
+    /// A connection to the node holding `key` (the primary, in a cluster:
+    /// replicas lag).
+    fn conn_for(&self, key: &str) -> redis::Connection {
+        match self {
+            Raw::Server(s) => s.client(),
+            Raw::Cluster(c) => c.node(c.primary_for(key.as_bytes())),
+        }
+    }
+
+    fn query<T: redis::FromRedisValue>(&self, key: &str, cmd: &mut redis::Cmd) -> T {
+        cmd.query(&mut self.conn_for(key)).expect("raw Redis query")
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        self.query::<i64>(key, redis::cmd("EXISTS").arg(key)) == 1
+    }
+
+    /// Unix seconds at which `key` expires; -1 none, -2 no key.
+    fn expiretime(&self, key: &str) -> i64 {
+        self.query(key, redis::cmd("EXPIRETIME").arg(key))
+    }
+
+    /// Every key of `uaid` where its data lives.
+    fn keys_of(&self, uaid: &Uaid) -> Vec<String> {
+        let tag = format!("{{{uaid}}}");
+        let mut conn = self.conn_for(&tag);
+        redis::cmd("SCAN")
+            .cursor_arg(0)
+            .arg("MATCH")
+            .arg(format!("herald:*{tag}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .clone()
+            .iter::<String>(&mut conn)
+            .expect("SCAN")
+            .collect::<Result<_, _>>()
+            .expect("SCAN")
+    }
+}
+
+fn user_key(uaid: &Uaid) -> String {
+    format!("herald:u:{{{uaid}}}")
+}
+fn payload_key(uaid: &Uaid, seq: u64) -> String {
+    format!("herald:p:{{{uaid}}}:{seq}")
+}
+fn messages_key(uaid: &Uaid) -> String {
+    format!("herald:m:{{{uaid}}}")
+}
+fn topics_key(uaid: &Uaid) -> String {
+    format!("herald:t:{{{uaid}}}")
+}
+fn channels_key(uaid: &Uaid) -> String {
+    format!("herald:c:{{{uaid}}}")
+}
+
+/// An engine under test. `peer` is a second node on the same data (for
+/// RocksDB, which one process opens once, the same store).
+struct Engine {
+    store: Arc<dyn Store>,
+    peer: Arc<dyn Store>,
+    raw: Option<Raw>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn rocks() -> Engine {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RocksStore::open(dir.path(), false, None).unwrap());
+    Engine {
+        peer: store.clone(),
+        store,
+        raw: None,
+        _dir: Some(dir),
+    }
+}
+
+async fn connect(url: &str) -> Arc<RedisStore> {
+    Arc::new(RedisStore::connect(url, None, UA_EXPIRY).await.unwrap())
+}
+
+async fn redis_engine(url: &str, raw: Raw) -> Engine {
+    Engine {
+        store: connect(url).await,
+        peer: connect(url).await,
+        raw: Some(raw),
+        _dir: None,
+    }
+}
+
+async fn standalone() -> Engine {
+    let server = shared_server();
+    redis_engine(server.url(), Raw::Server(server)).await
+}
+
+async fn cluster() -> Engine {
+    let cluster = shared_cluster();
+    redis_engine(cluster.url(), Raw::Cluster(cluster)).await
+}
+
+fn user(last_seen: u64) -> UserRecord {
+    UserRecord {
+        created: last_seen.saturating_sub(100),
+        last_seen,
+    }
+}
+
+fn channel_record(key_hash: Option<[u8; 32]>) -> ChannelRecord {
+    ChannelRecord {
+        key_hash,
+        created: now_secs(),
+    }
+}
+
+fn message(store: &dyn Store, channel: ChannelId, ttl: u64, topic: Option<&str>) -> Message {
+    Message {
+        seq: store.next_seq(),
+        channel,
+        expires_at: now_secs() + ttl,
+        ttl,
+        urgency: Urgency::Normal,
+        topic: topic.map(String::from),
+        headers: Some(NotificationHeaders {
+            encoding: "aes128gcm".into(),
+            encryption: None,
+            crypto_key: None,
+        }),
+        data: Bytes::from(format!("payload {}", rand_u32())),
+    }
+}
+
+fn rand_u32() -> u32 {
+    rand::random()
+}
+
+fn new_channel() -> ChannelId {
+    uuid::Uuid::new_v4()
+}
+
+async fn seqs(store: &dyn Store, uaid: &Uaid) -> Vec<u64> {
+    let all = store.read_messages(uaid, 0, 10_000).await.unwrap();
+    all.iter().map(|m| m.seq).collect()
+}
+
+async fn users_round_trip_and_drop(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    assert_eq!(s.get_user(&u).await.unwrap(), None);
+    let now = now_secs();
+    s.put_user(&u, &user(now)).await.unwrap();
+    assert_eq!(s.get_user(&u).await.unwrap(), Some(user(now)));
+    s.put_user(&u, &user(now + 1)).await.unwrap();
+    assert_eq!(s.get_user(&u).await.unwrap(), Some(user(now + 1)));
+
+    let (c1, c2) = (new_channel(), new_channel());
+    s.put_channel(&u, &c1, &channel_record(None)).await.unwrap();
+    s.put_channel(&u, &c2, &channel_record(Some([7; 32])))
+        .await
+        .unwrap();
+    let m1 = message(s, c1, 600, Some("t"));
+    s.put_message(&u, &m1).await.unwrap();
+    s.put_message(&u, &message(s, c2, 600, None)).await.unwrap();
+
+    let other = Uaid::random();
+    s.put_user(&other, &user(now)).await.unwrap();
+    s.put_channel(&other, &c1, &channel_record(None))
+        .await
+        .unwrap();
+    s.put_message(&other, &message(s, c1, 600, Some("t")))
+        .await
+        .unwrap();
+
+    if let Some(raw) = &e.raw {
+        // Silent user agents vanish by themselves, subscriptions with them.
+        for key in [user_key(&u), channels_key(&u)] {
+            let at = raw.expiretime(&key);
+            let want = (now + UA_EXPIRY) as i64;
+            assert!((want - 5..=want + 5).contains(&at), "{key} expires at {at}");
+        }
+        assert_eq!(raw.keys_of(&u).len(), 6, "{:?}", raw.keys_of(&u));
+    }
+
+    e.peer.drop_user(&u).await.unwrap();
+    assert_eq!(s.get_user(&u).await.unwrap(), None);
+    assert_eq!(s.get_channel(&u, &c1).await.unwrap(), None);
+    assert_eq!(s.count_channels(&u, 10).await.unwrap(), 0);
+    assert!(seqs(s, &u).await.is_empty());
+    assert_eq!(s.count_messages(&u, now, 10).await.unwrap(), 0);
+    assert_eq!(s.get_message(&u, m1.seq).await.unwrap(), None);
+    if let Some(raw) = &e.raw {
+        assert_eq!(raw.keys_of(&u), Vec::<String>::new());
+    }
+    // Nobody else's data went with it.
+    assert!(s.get_user(&other).await.unwrap().is_some());
+    assert!(s.get_channel(&other, &c1).await.unwrap().is_some());
+    assert_eq!(seqs(s, &other).await.len(), 1);
+    s.drop_user(&other).await.unwrap();
+}
+
+async fn channels_and_their_removal(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let (c1, c2, missing) = (new_channel(), new_channel(), new_channel());
+    let r1 = channel_record(Some([3; 32]));
+    let r2 = channel_record(None);
+    s.put_channel(&u, &c1, &r1).await.unwrap();
+    s.put_channel(&u, &c2, &r2).await.unwrap();
+    assert_eq!(s.get_channel(&u, &c1).await.unwrap(), Some(r1));
+    assert_eq!(s.get_channel(&u, &c2).await.unwrap(), Some(r2));
+    assert_eq!(s.get_channel(&u, &missing).await.unwrap(), None);
+    assert_eq!(s.count_channels(&u, 10).await.unwrap(), 2);
+    assert_eq!(s.count_channels(&u, 1).await.unwrap(), 1);
+    // Re-registering overwrites.
+    s.put_channel(&u, &c1, &r2).await.unwrap();
+    assert_eq!(s.get_channel(&u, &c1).await.unwrap(), Some(r2));
+    assert_eq!(s.count_channels(&u, 10).await.unwrap(), 2);
+
+    s.put_message(&u, &message(s, c1, 600, Some("t")))
+        .await
+        .unwrap();
+    s.put_message(&u, &message(s, c1, 600, None)).await.unwrap();
+    let keep = message(s, c2, 600, Some("t"));
+    s.put_message(&u, &keep).await.unwrap();
+
+    assert!(e.peer.remove_channel(&u, &c1).await.unwrap());
+    assert!(!s.remove_channel(&u, &c1).await.unwrap());
+    assert!(!s.remove_channel(&u, &missing).await.unwrap());
+    assert_eq!(s.get_channel(&u, &c1).await.unwrap(), None);
+    assert_eq!(s.count_channels(&u, 10).await.unwrap(), 1);
+    assert_eq!(seqs(s, &u).await, vec![keep.seq]);
+    assert_eq!(s.count_messages(&u, now_secs(), 10).await.unwrap(), 1);
+    if let Some(raw) = &e.raw {
+        let fields: Vec<Vec<u8>> =
+            raw.query(&topics_key(&u), redis::cmd("HKEYS").arg(topics_key(&u)));
+        assert!(
+            fields.iter().all(|f| !f.starts_with(c1.as_bytes())),
+            "c1's topics are gone"
+        );
+        assert_eq!(fields.len(), 1, "c2's topic stays");
+    }
+    // c1's topic went with it; c2's is still there.
+    s.put_channel(&u, &c1, &r1).await.unwrap();
+    let fresh = s
+        .put_message(&u, &message(s, c1, 600, Some("t")))
+        .await
+        .unwrap();
+    assert!(!fresh.replaced);
+    let again = s
+        .put_message(&u, &message(s, c2, 600, Some("t")))
+        .await
+        .unwrap();
+    assert!(again.replaced);
+    s.drop_user(&u).await.unwrap();
+}
+
+async fn messages_oldest_first_with_paging(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let ch = new_channel();
+    let header_kinds = [
+        None,
+        Some(NotificationHeaders {
+            encoding: "aes128gcm".into(),
+            encryption: None,
+            crypto_key: None,
+        }),
+        Some(NotificationHeaders {
+            encoding: "aesgcm".into(),
+            encryption: Some("salt=abc".into()),
+            crypto_key: Some("dh=def".into()),
+        }),
+    ];
+    let mut stored = Vec::new();
+    for i in 0..6 {
+        let mut m = message(s, ch, 600, None);
+        m.headers = header_kinds[i % 3].clone();
+        m.urgency = [Urgency::VeryLow, Urgency::Low, Urgency::High][i % 3];
+        m.data = if m.headers.is_none() {
+            Bytes::new()
+        } else {
+            Bytes::from(vec![i as u8; 100 + i])
+        };
+        let node = if i % 2 == 0 { &e.store } else { &e.peer };
+        assert!(!node.put_message(&u, &m).await.unwrap().replaced);
+        stored.push(m);
+    }
+    assert_eq!(s.read_messages(&u, 0, 100).await.unwrap(), stored);
+    assert_eq!(s.read_messages(&u, 0, 2).await.unwrap(), stored[..2]);
+    assert_eq!(
+        s.read_messages(&u, stored[1].seq, 3).await.unwrap(),
+        stored[2..5]
+    );
+    assert_eq!(
+        s.read_messages(&u, stored[4].seq, 3).await.unwrap(),
+        stored[5..]
+    );
+    assert!(s
+        .read_messages(&u, stored[5].seq, 3)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.read_messages(&u, 0, 0).await.unwrap().is_empty());
+    for m in &stored {
+        assert_eq!(s.get_message(&u, m.seq).await.unwrap().as_ref(), Some(m));
+    }
+    assert_eq!(
+        s.get_message(&Uaid::random(), stored[0].seq).await.unwrap(),
+        None
+    );
+
+    assert!(e.peer.delete_message(&u, stored[0].seq).await.unwrap());
+    assert!(!s.delete_message(&u, stored[0].seq).await.unwrap());
+    assert_eq!(s.get_message(&u, stored[0].seq).await.unwrap(), None);
+    assert_eq!(s.read_messages(&u, 0, 100).await.unwrap(), stored[1..]);
+    assert_eq!(s.count_messages(&u, now_secs(), 100).await.unwrap(), 5);
+    s.drop_user(&u).await.unwrap();
+}
+
+async fn topics_replace_pending_messages(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let (c1, c2) = (new_channel(), new_channel());
+    let first = message(s, c1, 600, Some("t"));
+    assert!(!s.put_message(&u, &first).await.unwrap().replaced);
+    let other_channel = message(s, c2, 600, Some("t"));
+    assert!(!s.put_message(&u, &other_channel).await.unwrap().replaced);
+    let other_topic = message(s, c1, 600, Some("u"));
+    assert!(!s.put_message(&u, &other_topic).await.unwrap().replaced);
+    let second = message(&*e.peer, c1, 600, Some("t"));
+    assert!(e.peer.put_message(&u, &second).await.unwrap().replaced);
+    assert_eq!(
+        seqs(s, &u).await,
+        vec![other_channel.seq, other_topic.seq, second.seq]
+    );
+    assert_eq!(s.get_message(&u, first.seq).await.unwrap(), None);
+    assert_eq!(s.count_messages(&u, now_secs(), 100).await.unwrap(), 3);
+    // Once acknowledged, the next message with the topic replaces nothing.
+    assert!(s.delete_message(&u, second.seq).await.unwrap());
+    let third = message(s, c1, 600, Some("t"));
+    assert!(!s.put_message(&u, &third).await.unwrap().replaced);
+    assert_eq!(
+        seqs(s, &u).await,
+        vec![other_channel.seq, other_topic.seq, third.seq]
+    );
+    s.drop_user(&u).await.unwrap();
+}
+
+/// Sleeps until the wall clock has passed unix second `at`.
+async fn sleep_past(at: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while now_secs() <= at {
+        assert!(Instant::now() < deadline, "clock did not pass {at}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Redis expires keys with millisecond precision at `at * 1000`.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+async fn expired_messages_are_never_returned(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let ch = new_channel();
+    let mut dead = message(s, ch, 0, None);
+    dead.expires_at = now_secs() - 1;
+    s.put_message(&u, &dead).await.unwrap();
+    let long = message(s, ch, 600, Some("t"));
+    s.put_message(&u, &long).await.unwrap();
+    let mut short = message(s, ch, 2, Some("s"));
+    short.expires_at = now_secs() + 2;
+    s.put_message(&u, &short).await.unwrap();
+
+    assert_eq!(s.get_message(&u, dead.seq).await.unwrap(), None);
+    assert_eq!(seqs(s, &u).await, vec![long.seq, short.seq]);
+    assert_eq!(s.count_messages(&u, now_secs(), 10).await.unwrap(), 2);
+    // `now` decides, not only the engine's clock.
+    assert_eq!(s.count_messages(&u, short.expires_at, 10).await.unwrap(), 1);
+    if let Some(raw) = &e.raw {
+        assert!(!raw.exists(&payload_key(&u, dead.seq)), "never stored");
+        let short_key = payload_key(&u, short.seq);
+        assert_eq!(raw.expiretime(&short_key), short.expires_at as i64);
+        // Nothing outlives its content, nothing dies before it.
+        assert_eq!(raw.expiretime(&messages_key(&u)), long.expires_at as i64);
+        assert_eq!(raw.expiretime(&topics_key(&u)), long.expires_at as i64);
+    }
+
+    sleep_past(short.expires_at).await;
+    if let Some(raw) = &e.raw {
+        // Gone by itself: no sweep has run and nothing has read it.
+        assert!(!raw.exists(&payload_key(&u, short.seq)));
+    }
+    assert_eq!(s.get_message(&u, short.seq).await.unwrap(), None);
+    assert_eq!(s.count_messages(&u, now_secs(), 10).await.unwrap(), 1);
+    assert_eq!(seqs(s, &u).await, vec![long.seq]);
+    if let Some(raw) = &e.raw {
+        let pending: Vec<String> = raw.query(
+            &messages_key(&u),
+            redis::cmd("ZRANGE").arg(messages_key(&u)).arg(0).arg(-1),
+        );
+        assert_eq!(
+            pending,
+            vec![long.seq.to_string()],
+            "the expired member was pruned"
+        );
+    }
+    s.purge_expired().await.unwrap();
+    assert_eq!(seqs(s, &u).await, vec![long.seq]);
+    s.drop_user(&u).await.unwrap();
+}
+
+async fn counting_stops_at_the_limit(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let ch = new_channel();
+    for _ in 0..10 {
+        s.put_message(&u, &message(s, ch, 600, None)).await.unwrap();
+    }
+    let now = now_secs();
+    assert_eq!(s.count_messages(&u, now, 3).await.unwrap(), 3);
+    assert_eq!(s.count_messages(&u, now, 10).await.unwrap(), 10);
+    assert_eq!(s.count_messages(&u, now, 100).await.unwrap(), 10);
+    assert_eq!(s.count_messages(&u, now, usize::MAX).await.unwrap(), 10);
+    assert_eq!(s.count_messages(&u, now, 0).await.unwrap(), 0);
+    assert_eq!(s.count_messages(&u, now + 601, 100).await.unwrap(), 0);
+    assert_eq!(
+        s.count_messages(&Uaid::random(), now, 100).await.unwrap(),
+        0
+    );
+    s.drop_user(&u).await.unwrap();
+}
+
+async fn seqs_increase(e: Engine) {
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let mut last = 0;
+    for _ in 0..10_000 {
+        let seq = e.store.next_seq();
+        assert!(seq > last, "{seq} after {last}");
+        last = seq;
+    }
+    let first = e.store.next_seq();
+    assert!(first >= start, "seqs are wall-clock microseconds");
+    assert!(first < 1 << 53, "and fit in an f64 exactly");
+}
+
+/// Two nodes storing for one user agent at once lose nothing, whatever
+/// their sequence numbers do.
+async fn concurrent_nodes_lose_nothing(e: Engine) {
+    const EACH: usize = 200;
+    let u = Uaid::random();
+    let ch = new_channel();
+    let mut tasks = Vec::new();
+    for (name, node) in [("a", e.store.clone()), ("b", e.peer.clone())] {
+        for i in 0..EACH {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut m = message(&*node, ch, 600, None);
+                m.data = Bytes::from(format!("{name}{i}"));
+                node.put_message(&u, &m).await.unwrap();
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all = e.store.read_messages(&u, 0, 10 * EACH).await.unwrap();
+    assert_eq!(all.len(), 2 * EACH);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+    let mut data: Vec<String> = all
+        .iter()
+        .map(|m| String::from_utf8(m.data.to_vec()).unwrap())
+        .collect();
+    data.sort();
+    let mut want: Vec<String> = (0..EACH)
+        .flat_map(|i| [format!("a{i}"), format!("b{i}")])
+        .collect();
+    want.sort();
+    assert_eq!(data, want);
+    assert_eq!(
+        e.store
+            .count_messages(&u, now_secs(), usize::MAX)
+            .await
+            .unwrap(),
+        2 * EACH
+    );
+    e.store.drop_user(&u).await.unwrap();
+}
+
+async fn health_check_and_flush_work(e: Engine) {
+    e.store.health_check().await.unwrap();
+    e.peer.health_check().await.unwrap();
+    e.store.flush().await.unwrap();
+    e.store.purge_expired().await.unwrap();
+}
+
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rocksdb() {
+                super::$case(rocks().await).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$case(standalone().await).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$case(cluster().await).await
+            }
+        }
+    )*};
+}
+
+contract!(
+    users_round_trip_and_drop,
+    channels_and_their_removal,
+    messages_oldest_first_with_paging,
+    topics_replace_pending_messages,
+    expired_messages_are_never_returned,
+    counting_stops_at_the_limit,
+    seqs_increase,
+    concurrent_nodes_lose_nothing,
+    health_check_and_flush_work,
+);
+
+// Redis only.
+
+/// Two nodes may hand out the same seq for one user agent; the second store
+/// notices and takes a fresh one instead of overwriting.
+async fn seq_collision_takes_a_fresh_seq(url: &str) {
+    let (a, b) = (connect(url).await, connect(url).await);
+    let u = Uaid::random();
+    let ch = new_channel();
+    let first = message(&*a, ch, 600, None);
+    let mut clash = message(&*b, ch, 600, None);
+    clash.seq = first.seq;
+    a.put_message(&u, &first).await.unwrap();
+    let stored_as = b.put_message(&u, &clash).await.unwrap().seq;
+    assert_ne!(stored_as, first.seq);
+    assert_eq!(b.seq_collisions(), 1);
+    let all = a.read_messages(&u, 0, 10).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], first, "the first message was not overwritten");
+    assert_eq!(all[1].data, clash.data);
+    assert_eq!(all[1].seq, stored_as);
+    a.drop_user(&u).await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_seq_collision_takes_a_fresh_seq() {
+    seq_collision_takes_a_fresh_seq(shared_server().url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_seq_collision_takes_a_fresh_seq() {
+    seq_collision_takes_a_fresh_seq(shared_cluster().url()).await;
+}
+
+#[tokio::test]
+async fn redis_one_seed_is_enough_to_find_the_cluster() {
+    let cluster = shared_cluster();
+    let seed = format!("redis://127.0.0.1:{}", cluster.ports[3]);
+    let store = RedisStore::connect(&seed, None, UA_EXPIRY).await.unwrap();
+    assert!(store.is_cluster());
+    let standalone = connect(shared_server().url()).await;
+    assert!(!standalone.is_cluster());
+    // Many user agents land on every shard.
+    for _ in 0..20 {
+        let u = Uaid::random();
+        store.put_user(&u, &user(now_secs())).await.unwrap();
+        assert!(store.get_user(&u).await.unwrap().is_some());
+        store.drop_user(&u).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn redis_cluster_keys_of_one_user_agent_share_one_slot() {
+    let cluster = shared_cluster();
+    let store = connect(cluster.url()).await;
+    let u = Uaid::random();
+    let (c1, c2) = (new_channel(), new_channel());
+    store.put_user(&u, &user(now_secs())).await.unwrap();
+    for ch in [c1, c2] {
+        store
+            .put_channel(&u, &ch, &channel_record(None))
+            .await
+            .unwrap();
+        for topic in [Some("t"), None, Some("t")] {
+            store
+                .put_message(&u, &message(&*store, ch, 600, topic))
+                .await
+                .unwrap();
+        }
+    }
+    let keys = cluster.scan_all(&format!("herald:*{{{u}}}*"));
+    let slot = cluster.slot_of(user_key(&u).as_bytes());
+    let mut kinds: Vec<&str> = keys
+        .iter()
+        .map(|(_, k)| {
+            let key = std::str::from_utf8(k).unwrap();
+            assert_eq!(cluster.slot_of(k), slot, "{key}");
+            &key[..9]
+        })
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        [
+            "herald:c:",
+            "herald:m:",
+            "herald:p:",
+            "herald:t:",
+            "herald:u:"
+        ]
+    );
+    let primary = cluster.primary_for(user_key(&u).as_bytes());
+    assert!(
+        keys.iter().filter(|(port, _)| *port == primary).count() >= 7,
+        "user, channels, messages, topics and 4 pending payloads on the primary"
+    );
+    store.drop_user(&u).await.unwrap();
+}
+
+async fn assert_fails_fast<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, herald::store::StoreError>>,
+) {
+    let start = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"));
+    let took = start.elapsed();
+    let Err(err) = result else {
+        panic!("{what} succeeded without Redis")
+    };
+    assert!(took < Duration::from_secs(3), "{what} took {took:?}");
+    assert!(err.to_string().contains("redis"), "{what}: {err}");
+}
+
+#[tokio::test]
+async fn redis_unreachable_fails_fast_and_recovers() {
+    // Nothing listens on a port just released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{closed}");
+    assert_fails_fast("connect", RedisStore::connect(&url, None, UA_EXPIRY)).await;
+    let seeds = format!("{url},redis://127.0.0.1:{}", closed.wrapping_add(1));
+    assert_fails_fast(
+        "cluster connect",
+        RedisStore::connect(&seeds, None, UA_EXPIRY),
+    )
+    .await;
+
+    let server = RedisServer::start();
+    let store = connect(server.url()).await;
+    let u = Uaid::random();
+    store.put_user(&u, &user(now_secs())).await.unwrap();
+    server.kill9();
+    assert_fails_fast("get_user", store.get_user(&u)).await;
+    let m = message(&*store, new_channel(), 600, Some("t"));
+    assert_fails_fast("put_message", store.put_message(&u, &m)).await;
+    assert_fails_fast("health_check", store.health_check()).await;
+    assert_fails_fast("read_messages", store.read_messages(&u, 0, 10)).await;
+
+    // The same store works again once Redis is back (empty: no persistence).
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.health_check().await.is_err() {
+        assert!(Instant::now() < deadline, "no recovery after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Scripts are loaded again on the fresh server.
+    store.put_message(&u, &m).await.unwrap();
+    assert_eq!(store.read_messages(&u, 0, 10).await.unwrap(), vec![m]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_primary_killed_fails_fast_then_fails_over() {
+    let cluster = RedisCluster::start();
+    let store = connect(cluster.url()).await;
+    let u = Uaid::random();
+    let ch = new_channel();
+    let before = message(&*store, ch, 600, None);
+    store.put_message(&u, &before).await.unwrap();
+    // Replication is asynchronous: let the replica catch up before the kill.
+    let primary = cluster.primary_for(user_key(&u).as_bytes());
+    let replica = cluster.replica_of(primary);
+    cluster.wait_replicated(replica, payload_key(&u, before.seq).as_bytes());
+    cluster.kill9(primary);
+
+    // Every call answers within the op timeout, error or not, until the
+    // replica is promoted (about 4 s with a 2 s node timeout).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = message(&*store, ch, 600, None);
+    loop {
+        let start = Instant::now();
+        let result = store.put_message(&u, &after).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            start.elapsed()
+        );
+        if result.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failover: {result:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A put that timed out may still have landed on the promoted replica:
+    // at least once, never lost.
+    let all = store.read_messages(&u, 0, 10).await.unwrap();
+    assert_eq!(all[0], before);
+    assert!(all.len() >= 2 && all[1..].iter().all(|m| m.data == after.data));
+    assert_eq!(cluster.primary_for(user_key(&u).as_bytes()), replica);
+}
