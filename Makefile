@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test deps test-deps lint bench
+.PHONY: run test deps test-deps lint bench bench-cluster
 
 run: deps
 	cargo run --bin herald -- serve
@@ -15,6 +15,10 @@ test: test-deps
 
 bench: deps
 	./loadtest/bench.sh
+
+# One node on RocksDB vs. one on Redis vs. three on a Redis Cluster.
+bench-cluster: deps
+	./loadtest/bench-cluster.sh
 
 deps:
 	./scripts/install-deps.sh

@@ -96,11 +96,12 @@ pub struct FleetSpec {
     pub srcs: Vec<Option<IpAddr>>,
 }
 
-/// Brings up `uas` user agents, `concurrency` at a time. User agent `u`
-/// registers channels `u*channels_per_ua ..`, with `key_of(channel)` as the
-/// application server key. Failures are tallied, not fatal.
+/// Brings up `uas` user agents, `concurrency` at a time, user agent `u` on
+/// node `u % targets.len()`. User agent `u` registers channels
+/// `u*channels_per_ua ..`, with `key_of(channel)` as the application server
+/// key. Failures are tallied, not fatal.
 pub async fn bring_up_all(
-    target: &Target,
+    targets: &[Target],
     spec: &FleetSpec,
     channel_ids: Arc<Vec<Uuid>>,
     keys: Arc<Vec<String>>,
@@ -116,7 +117,7 @@ pub async fn bring_up_all(
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
-        let target = target.clone();
+        let target = proto::target_of(targets, u).clone();
         let ids = channel_ids.clone();
         let keys = keys.clone();
         let src = spec.srcs[u % spec.srcs.len()];

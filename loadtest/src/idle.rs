@@ -7,7 +7,7 @@ use crate::crypto::Vapid;
 use crate::fleet;
 use crate::net::{self, FileLimit};
 use crate::proto::{self, Target};
-use crate::results::{self, Common, CpuMeter, MemoryPoint, RunResult, ServerProc};
+use crate::results::{self, Common, CpuMeter, MemoryPoint, RunResult};
 use crate::stats::{self, Hist, LatencySummary, Tally};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,8 @@ pub struct IdleArgs {
 /// What one worker (process or in-process task) is told to do.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct WorkerSpec {
-    pub url: String,
+    /// The nodes; user agent with global index g goes to `urls[g % len]`.
+    pub urls: Vec<String>,
     pub count: usize,
     /// Global index of this worker's first user agent, for spreading over
     /// source addresses consistently across workers.
@@ -125,8 +126,12 @@ async fn worker_inner(
 ) -> Result<()> {
     let nofile = net::raise_nofile_limit();
     let rss_start_kib = results::own_rss_kib().unwrap_or(0);
-    let target = Target::new(&spec.url).await?;
-    let srcs = net::source_addrs(target.addr, spec.source_addrs);
+    let targets = Target::all(&spec.urls).await?;
+    // Source addresses per node: ports are per (source, destination) pair.
+    let srcs: Vec<Vec<Option<std::net::IpAddr>>> = targets
+        .iter()
+        .map(|t| net::source_addrs(t.addr, spec.source_addrs))
+        .collect();
     let vapid = Vapid::generate()?;
     let key: Arc<str> = vapid.public_b64.into();
     let limit = stats::step_limit(spec.timeout);
@@ -174,12 +179,14 @@ async fn worker_inner(
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
-        let src = srcs[(spec.first_index + i) % srcs.len()];
+        let g = spec.first_index + i;
+        let node = g % targets.len();
+        let src = srcs[node][g % srcs[node].len()];
         let channels: Vec<(uuid::Uuid, Arc<str>)> = (0..spec.channels)
             .map(|_| (proto::new_channel_id(), key.clone()))
             .collect();
         let (target, c, failures, drops, latency) = (
-            target.clone(),
+            targets[node].clone(),
             c.clone(),
             failures.clone(),
             drops.clone(),
@@ -325,7 +332,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     if args.uas == 0 {
         bail!("--uas must be at least 1");
     }
-    let target = Target::new(&common.url).await?;
+    let targets = Target::all(&common.urls).await?;
     let nofile = net::raise_nofile_limit();
     // Leave room for the runtime, stdio and the odd file besides sockets.
     let per_proc = nofile.soft.saturating_sub(100).max(1) as usize;
@@ -345,21 +352,23 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             args.uas
         );
     }
-    if net::source_addrs(target.addr, srcs).len() * ports < args.uas {
+    let pairs: usize = targets
+        .iter()
+        .map(|t| net::source_addrs(t.addr, srcs).len())
+        .sum();
+    if pairs * ports < args.uas {
         eprintln!(
             "warning: not enough source addresses/ports for {} connections",
             args.uas
         );
     }
-    let server = common.server_pid.map(ServerProc);
-    if let Some(s) = server {
-        if s.rss_kib().is_none() {
-            bail!("cannot read /proc/{}/status: is --server-pid right?", s.0);
-        }
+    let server = common.servers();
+    if let Some(pid) = server.unreadable() {
+        bail!("cannot read /proc/{pid}/status: is --server-pid right?");
     }
-    let rss_before = server.and_then(|s| s.rss_kib());
-    let fds_before = server.and_then(|s| s.open_fds());
-    let cpu = CpuMeter::start(server);
+    let rss_before = server.rss_each();
+    let fds_before = server.open_fds();
+    let cpu = CpuMeter::start(&server);
 
     let mut result = RunResult::new(
         "idle",
@@ -383,7 +392,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     for w in 0..procs {
         let count = args.uas / procs + usize::from(w < args.uas % procs);
         let spec = WorkerSpec {
-            url: common.url.clone(),
+            urls: common.urls.clone(),
             count,
             first_index: first,
             source_addrs: srcs,
@@ -420,7 +429,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             },
             _ = tick.tick() => {
                 let open: u64 = state.iter().map(|s| s.open).sum();
-                if let Some(rss) = server.and_then(|s| s.rss_kib()) {
+                if let Some(rss) = server.rss_kib() {
                     memory.push(MemoryPoint { connections: open, rss_kib: rss });
                 }
                 if last_print.elapsed() >= Duration::from_secs(2) {
@@ -439,8 +448,8 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     // Let the server finish allocating for the last connections before
     // reading its peak.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let server_fds_peak = server.and_then(|s| s.open_fds());
-    let server_nofile = server.and_then(|s| s.nofile_soft_limit());
+    let server_fds_peak = server.open_fds();
+    let fullest = server.fullest_fds();
 
     // Phase 2: hold.
     let hold_until = Instant::now() + stats::secs(args.hold);
@@ -453,14 +462,14 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             _ = tokio::time::sleep_until(hold_until.into()) => {}
             _ = tick.tick() => {
                 let open: u64 = state.iter().map(|s| s.open).sum();
-                if let Some(rss) = server.and_then(|s| s.rss_kib()) {
+                if let Some(rss) = server.rss_kib() {
                     memory.push(MemoryPoint { connections: open, rss_kib: rss });
                 }
             }
         }
     }
     let open_at_end: u64 = state.iter().map(|s| s.open).sum();
-    let rss_after = server.and_then(|s| s.rss_kib());
+    let rss_after = server.rss_each();
 
     // Phase 3: release and collect final reports.
     for w in workers.iter_mut() {
@@ -511,8 +520,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         established,
         &failures,
         nofile,
-        server_fds_peak,
-        server_nofile,
+        fullest,
         connect_secs >= args.max_connect_secs,
     );
     result.notes.push(format!("stopped by: {stopped_by}"));
@@ -539,9 +547,9 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     }
     cpu.record(&mut result);
     let mut per_conn = None;
-    if let (Some(b), Some(a)) = (rss_before, rss_after) {
-        result.metric("server_rss_before_kib", b);
-        result.metric("server_rss_after_kib", a);
+    result.server_rss(rss_before.as_deref(), rss_after.as_deref());
+    let sum = |v: &Option<Vec<u64>>| v.as_ref().map(|v| v.iter().sum::<u64>());
+    if let (Some(b), Some(a)) = (sum(&rss_before), sum(&rss_after)) {
         if open_at_end > 0 {
             let kib = (a as f64 - b as f64) / open_at_end as f64;
             per_conn = Some(kib);
@@ -554,7 +562,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     if let Some(f) = server_fds_peak {
         result.metric("server_fds_peak", f);
     }
-    if let Some(l) = server_nofile {
+    if let Some((_, l)) = fullest {
         result.metric("server_nofile_limit", l);
     }
     result.latency.insert("setup".into(), setup.clone());
@@ -731,8 +739,8 @@ fn stopped_by(
     established: u64,
     failures: &BTreeMap<String, u64>,
     client: FileLimit,
-    server_fds: Option<u64>,
-    server_limit: Option<u64>,
+    // (descriptors in use, soft limit) of the server process nearest its limit.
+    server_fds: Option<(u64, u64)>,
     timed_out: bool,
 ) -> String {
     if established >= requested {
@@ -762,7 +770,7 @@ fn stopped_by(
         };
         return format!("{what} [{n}x {reason}]");
     }
-    if let (Some(fds), Some(limit)) = (server_fds, server_limit) {
+    if let Some((fds, limit)) = server_fds {
         if fds + 64 >= limit {
             return format!(
                 "the server's open-file limit ({fds} of {limit} descriptors in use) [{n}x {reason}]"
@@ -787,13 +795,12 @@ mod tests {
 
     #[test]
     fn names_the_limit() {
-        assert!(stopped_by(10, 10, &f(&[]), LIM, None, None, false).starts_with("nothing"));
+        assert!(stopped_by(10, 10, &f(&[]), LIM, None, false).starts_with("nothing"));
         let s = stopped_by(
             30000,
             19990,
             &f(&[("connect: EMFILE", 300)]),
             LIM,
-            None,
             None,
             false,
         );
@@ -804,7 +811,6 @@ mod tests {
             &f(&[("connect: EADDRNOTAVAIL", 300)]),
             LIM,
             None,
-            None,
             false,
         );
         assert!(s.contains("ephemeral ports"), "{s}");
@@ -813,8 +819,7 @@ mod tests {
             19950,
             &f(&[("handshake: ECONNRESET", 250), ("hello: timeout", 3)]),
             LIM,
-            Some(19990),
-            Some(20000),
+            Some((19990, 20000)),
             false,
         );
         assert!(
@@ -826,12 +831,11 @@ mod tests {
             100,
             &f(&[("hello: status 503", 200)]),
             LIM,
-            Some(150),
-            Some(20000),
+            Some((150, 20000)),
             false,
         );
         assert!(s.starts_with("the server (hello: status 503"), "{s}");
-        assert!(stopped_by(30000, 100, &f(&[]), LIM, None, None, true).contains("max-connect-secs"));
+        assert!(stopped_by(30000, 100, &f(&[]), LIM, None, true).contains("max-connect-secs"));
     }
 
     #[test]

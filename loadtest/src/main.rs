@@ -3,6 +3,7 @@
 //! websocket URL: push endpoints come from `register` replies.
 
 mod backlog;
+mod burst;
 mod crypto;
 mod fleet;
 mod idle;
@@ -45,6 +46,9 @@ enum Command {
     Backlog(backlog::BacklogArgs),
     /// Disconnect and reconnect user agents within a window; hello latency and failures.
     Storm(storm::StormArgs),
+    /// Many messages in flight per channel, each acked with its own frame (as Firefox does),
+    /// live and from a stored backlog; reports whether the server cut the user agent off.
+    Burst(burst::BurstArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Internal: one worker process of `idle`.
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
                 Command::Throughput(a) => throughput::run(a).await,
                 Command::Backlog(a) => backlog::run(a).await,
                 Command::Storm(a) => storm::run(a).await,
+                Command::Burst(a) => burst::run(a).await,
                 Command::IdleWorker { spec } => idle::worker_process(&spec).await,
                 Command::Report(_) => Err(anyhow::anyhow!("report runs outside the runtime")),
             }

@@ -39,6 +39,24 @@ impl Target {
             addr,
         })
     }
+
+    /// Every --url, resolved (each loopback-checked).
+    pub async fn all(urls: &[String]) -> Result<Vec<Target>> {
+        if urls.is_empty() {
+            anyhow::bail!("no websocket URL given");
+        }
+        let mut out = Vec::with_capacity(urls.len());
+        for u in urls {
+            out.push(Target::new(u.trim()).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// The node user agent `ua` talks to: round-robin over the --url list, the
+/// same node every time it (re)connects.
+pub fn target_of(targets: &[Target], ua: usize) -> &Target {
+    &targets[ua % targets.len()]
 }
 
 /// Why one user agent failed, as a short key for tallies. `phase` says how
@@ -286,5 +304,25 @@ mod tests {
         let c = new_channel_id();
         assert_eq!(c.get_version_num(), 4);
         assert_ne!(c, new_channel_id());
+    }
+
+    #[tokio::test]
+    async fn user_agents_go_round_robin_over_the_nodes() {
+        let urls: Vec<String> = [
+            "ws://127.0.0.1:1/",
+            "ws://localhost:2/",
+            "ws://127.0.0.3:3/",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let t = Target::all(&urls).await.unwrap();
+        let ports: Vec<u16> = (0..7).map(|u| target_of(&t, u).addr.port()).collect();
+        assert_eq!(ports, [1, 2, 3, 1, 2, 3, 1]);
+        assert_eq!(target_of(&t, 4).url, "ws://localhost:2/");
+        // One bad node refuses the lot.
+        let bad = vec!["ws://127.0.0.1:1/".to_string(), "ws://10.0.0.1:2/".into()];
+        assert!(Target::all(&bad).await.is_err());
+        assert!(Target::all(&[]).await.is_err());
     }
 }

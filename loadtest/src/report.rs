@@ -2,7 +2,7 @@
 //! plots, no scripts, no external assets), runs of the same scenario side by
 //! side.
 
-use crate::results::{read_result, RunResult};
+use crate::results::{read_result, RunResult, ServerStat};
 use crate::stats::LatencySummary;
 use anyhow::{bail, Context, Result};
 use plotters::coord::ranged1d::{AsRangedCoord, Ranged, ValueFormatter};
@@ -88,7 +88,7 @@ fn disambiguate(runs: &mut [Run]) {
     }
 }
 
-const SCENARIOS: [(&str, &str, &str); 4] = [
+const SCENARIOS: [(&str, &str, &str); 5] = [
     (
         "idle",
         "User agents opened (hello + register) and held; server memory per connection and what stopped the climb.",
@@ -109,6 +109,11 @@ const SCENARIOS: [(&str, &str, &str); 4] = [
         "User agents dropped and reconnected within a window; latency is connect start to hello reply.",
         "reconnect_hello",
     ),
+    (
+        "burst",
+        "Many messages in flight per channel, each acked with its own frame as Firefox does: a live burst, then a stored backlog drained on reconnect; cut_off counts user agents the server closed.",
+        "end_to_end",
+    ),
 ];
 
 pub fn render(runs: &[Run]) -> String {
@@ -125,15 +130,27 @@ pub fn render(runs: &[Run]) -> String {
          .note{color:#555}\
          code{font-size:13px}\n",
     );
-    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th></tr>\n");
+    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th><th>nodes</th></tr>\n");
     for run in runs {
+        let nodes = if run.r.urls.is_empty() {
+            run.r.url.clone()
+        } else {
+            run.r.urls.join(" ")
+        };
+        let posts = if run.r.push_urls.is_empty() {
+            String::new()
+        } else {
+            format!("; POSTs to {}", run.r.push_urls.join(" "))
+        };
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td style=\"text-align:left\">{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td style=\"text-align:left\">{}</td><td style=\"text-align:left\"><code>{}</code>{}</td></tr>",
             esc(&run.label),
             esc(&run.r.scenario),
             esc(&run.file),
-            esc(&run.r.summary)
+            esc(&run.r.summary),
+            esc(&nodes),
+            esc(&posts)
         );
     }
     h.push_str("</table>\n");
@@ -274,6 +291,29 @@ fn table(group: &[&Run]) -> String {
             );
         }
         t.push_str("</tr>\n");
+    }
+    // Several server processes (nodes, their store): each one's share of
+    // the server_* sums above.
+    let most = group.iter().map(|r| r.r.servers.len()).max().unwrap_or(0);
+    if most > 1 {
+        for i in 0..most {
+            for what in ["", " cpu_s", " rss_after_kib"] {
+                let cell = |s: &ServerStat| match what {
+                    "" => match &s.name {
+                        Some(n) => format!("{n} (pid {})", s.pid),
+                        None => format!("pid {}", s.pid),
+                    },
+                    " cpu_s" => s.cpu_s.map(|c| format!("{c:.2}")).unwrap_or_default(),
+                    _ => s.rss_after_kib.map(|k| k.to_string()).unwrap_or_default(),
+                };
+                let _ = write!(t, "<tr><td>server {}{what}</td>", i + 1);
+                for r in group {
+                    let v = r.r.servers.get(i).map(cell).unwrap_or_default();
+                    let _ = write!(t, "<td>{}</td>", esc(&v));
+                }
+                t.push_str("</tr>\n");
+            }
+        }
     }
     let mut lat_names: Vec<&String> = group.iter().flat_map(|r| r.r.latency.keys()).collect();
     lat_names.sort();
@@ -620,6 +660,70 @@ mod tests {
             r: odd,
         }]);
         assert!(html.contains("<h2>custom</h2>") && html.contains("<svg"));
+    }
+
+    #[test]
+    fn burst_runs_get_their_own_section() {
+        let mut r = sample("burst", "herald", 1);
+        r.metrics
+            .insert("live_cut_off".into(), serde_json::json!(4));
+        r.metrics.insert(
+            "live_close".into(),
+            serde_json::json!("1008 rate limit: more than 50 messages per second"),
+        );
+        let html = render(&[Run {
+            label: "herald".into(),
+            file: "burst.json".into(),
+            r,
+        }]);
+        assert!(html.contains("<h2>burst</h2>"));
+        assert!(html.contains("acked with its own frame"));
+        assert!(html.contains("<td>live_cut_off</td><td>4</td>"));
+        assert!(html.contains("<td>1008 rate limit: more than 50 messages per second</td>"));
+        assert!(html.contains("end_to_end latency CDF"));
+    }
+
+    #[test]
+    fn several_nodes_show_their_urls_and_each_server() {
+        let mut a = sample("throughput", "cluster", 1);
+        a.urls = vec!["ws://127.0.0.1:1/".into(), "ws://127.0.0.1:2/".into()];
+        a.push_urls = vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()];
+        a.servers = vec![
+            ServerStat {
+                pid: 11,
+                name: Some("herald".into()),
+                cpu_s: Some(1.5),
+                rss_before_kib: Some(10),
+                rss_after_kib: Some(20),
+            },
+            ServerStat {
+                pid: 12,
+                name: None,
+                cpu_s: Some(0.25),
+                rss_before_kib: None,
+                rss_after_kib: Some(30),
+            },
+        ];
+        let mut b = sample("throughput", "one", 2);
+        b.url = "ws://127.0.0.1:9/".into();
+        let html = render(&[
+            Run {
+                label: "cluster".into(),
+                file: "a.json".into(),
+                r: a,
+            },
+            Run {
+                label: "one".into(),
+                file: "b.json".into(),
+                r: b,
+            },
+        ]);
+        assert!(html.contains("<code>ws://127.0.0.1:1/ ws://127.0.0.1:2/</code>; POSTs to http://127.0.0.1:1 http://127.0.0.1:2"));
+        assert!(html.contains("<code>ws://127.0.0.1:9/</code></td>"));
+        assert!(html.contains("<td>server 1</td><td>herald (pid 11)</td><td></td>"));
+        assert!(html.contains("<td>server 1 cpu_s</td><td>1.50</td><td></td>"));
+        assert!(html.contains("<td>server 2 rss_after_kib</td><td>30</td><td></td>"));
+        assert!(html.contains("<td>server 2</td><td>pid 12</td>"));
     }
 
     #[test]

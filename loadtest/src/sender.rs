@@ -27,58 +27,155 @@ pub fn client(senders: usize) -> HttpClient {
         .build(conn)
 }
 
-/// A push endpoint ready to POST to: the URI names the checked loopback
+/// A push endpoint ready to POST to: each URI names a checked loopback
 /// address, so the HTTP client never resolves a name itself; the original
 /// authority travels in the Host header.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub uri: Uri,
+    /// The endpoint as handed out, or (with push nodes) its path on each
+    /// node in turn.
+    pub uris: Vec<Uri>,
     pub host: HeaderValue,
     /// Index into `Origins`, which selects the VAPID audience.
     pub origin: usize,
 }
 
-/// Distinct origins seen in endpoint URLs, each resolved and loopback-checked
-/// once.
+impl Endpoint {
+    /// Where a sender's `k`th POST goes: round-robin over the push nodes.
+    pub fn uri(&self, k: usize) -> &Uri {
+        &self.uris[k % self.uris.len()]
+    }
+}
+
+/// A node senders POST to in place of the endpoint's own host.
+#[derive(Clone, Debug)]
+pub struct PushNode {
+    pub base: String,
+    pub addr: SocketAddr,
+}
+
+/// Distinct origins seen in endpoint URLs (each the VAPID audience of its
+/// endpoints), and the push nodes, if any, that POSTs are spread over.
 #[derive(Default)]
 pub struct Origins {
-    pub list: Vec<(String, SocketAddr)>,
+    pub list: Vec<(String, Option<SocketAddr>)>,
+    pub push: Vec<PushNode>,
+}
+
+/// Checks a --push-urls entry: plain http://host[:port] on loopback, no
+/// path (the endpoint's path is kept).
+pub async fn push_node(base: &str) -> Result<PushNode> {
+    let uri: Uri = base
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid push URL {base:?}"))?;
+    let (host, port) = net::host_port(&uri)?;
+    if uri.scheme_str() != Some("http") {
+        anyhow::bail!("push URL {base} is not http://");
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        anyhow::bail!(
+            "push URL {base} has a path: give scheme://host:port only (each endpoint keeps its own path)"
+        );
+    }
+    let addr = net::loopback_addr(&host, port).await?;
+    Ok(PushNode {
+        base: format!("http://{}", uri.authority().expect("host_port checked it")),
+        addr,
+    })
 }
 
 impl Origins {
+    /// Origins for endpoints POSTed to as handed out (`bases` empty) or
+    /// spread over the nodes at `bases`.
+    pub async fn with_push_urls(bases: &[String]) -> Result<Origins> {
+        let mut push = Vec::with_capacity(bases.len());
+        for b in bases {
+            push.push(push_node(b).await?);
+        }
+        Ok(Origins {
+            list: Vec::new(),
+            push,
+        })
+    }
+
     pub async fn endpoint(&mut self, url: &str) -> Result<Endpoint> {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("invalid push endpoint {url:?}"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| anyhow!("push endpoint {url} has no authority"))?;
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if !self.push.is_empty() {
+            // Only the path is used: the POSTs go to the push nodes, so
+            // the endpoint's own host is never contacted (it may be a
+            // public name in front of the nodes).
+            let default_port = match uri.scheme_str() {
+                Some("http") => 80,
+                Some("https") => 443,
+                _ => anyhow::bail!("push endpoint {url} is not http:// or https://"),
+            };
+            let scheme = uri.scheme_str().unwrap_or("http");
+            let host = uri.host().unwrap_or_default();
+            let origin = match uri.port_u16() {
+                Some(p) if p != default_port => format!("{scheme}://{host}:{p}"),
+                _ => format!("{scheme}://{host}"),
+            };
+            let idx = self.origin_index(origin, None);
+            let uris = self
+                .push
+                .iter()
+                .map(|n| rewrite(n.addr, pq))
+                .collect::<Result<_>>()?;
+            return Ok(Endpoint {
+                uris,
+                host: HeaderValue::from_str(authority.as_str())?,
+                origin: idx,
+            });
+        }
         let (host, port) = net::host_port(&uri)?;
         if uri.scheme_str() != Some("http") {
             anyhow::bail!("push endpoint {url} is not http://");
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| anyhow!("push endpoint {url} has no authority"))?;
         // The VAPID audience is the origin: scheme://host[:port], no default port.
         let origin = if port == 80 {
             format!("http://{host}")
         } else {
             format!("http://{host}:{port}")
         };
-        let idx = match self.list.iter().position(|(o, _)| *o == origin) {
-            Some(i) => i,
-            None => {
-                let addr = net::loopback_addr(&host, port).await?;
-                self.list.push((origin, addr));
-                self.list.len() - 1
-            }
+        let addr = match self.list.iter().find(|(o, _)| *o == origin) {
+            Some((_, Some(a))) => *a,
+            _ => net::loopback_addr(&host, port).await?,
         };
-        let addr = self.list[idx].1;
-        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let idx = self.origin_index(origin, Some(addr));
         Ok(Endpoint {
-            uri: format!("http://{addr}{pq}").parse()?,
+            uris: vec![rewrite(addr, pq)?],
             host: HeaderValue::from_str(authority.as_str())?,
             origin: idx,
         })
     }
+
+    fn origin_index(&mut self, origin: String, addr: Option<SocketAddr>) -> usize {
+        match self.list.iter().position(|(o, _)| *o == origin) {
+            Some(i) => i,
+            None => {
+                self.list.push((origin, addr));
+                self.list.len() - 1
+            }
+        }
+    }
+}
+
+/// The endpoint's path (and query) on another node: only
+/// scheme://host:port change.
+pub fn rewrite(addr: SocketAddr, path_and_query: &str) -> Result<Uri> {
+    let pq = if path_and_query.starts_with('/') {
+        path_and_query.to_string()
+    } else {
+        format!("/{path_and_query}")
+    };
+    Ok(format!("http://{addr}{pq}").parse()?)
 }
 
 /// What became of one POST: the HTTP status, or why there was none.
@@ -97,9 +194,12 @@ impl Outcome {
     }
 }
 
+/// POSTs one message to `ep`; `k` (a sender's count of its POSTs) picks
+/// the push node.
 pub async fn post(
     client: &HttpClient,
     ep: &Endpoint,
+    k: usize,
     authorization: &HeaderValue,
     body: Bytes,
     ttl: u32,
@@ -108,7 +208,7 @@ pub async fn post(
     let len = body.len();
     let req = Request::builder()
         .method(Method::POST)
-        .uri(ep.uri.clone())
+        .uri(ep.uri(k).clone())
         .header(http::header::HOST, ep.host.clone())
         .header("TTL", ttl)
         .header(http::header::CONTENT_ENCODING, "aes128gcm")
@@ -162,11 +262,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(a.host, "localhost:8080");
-        assert!(a.uri.host().unwrap().starts_with("127.") || a.uri.host().unwrap() == "[::1]");
-        assert_eq!(
-            a.uri.path_and_query().unwrap().as_str(),
-            "/wpush/v1/abc?x=1"
-        );
+        assert_eq!(a.uris.len(), 1);
+        let u = a.uri(7);
+        assert!(u.host().unwrap().starts_with("127.") || u.host().unwrap() == "[::1]");
+        assert_eq!(u.path_and_query().unwrap().as_str(), "/wpush/v1/abc?x=1");
         assert_eq!(o.list[0].0, "http://localhost:8080");
         let b = o.endpoint("http://localhost:8080/other").await.unwrap();
         assert_eq!(b.origin, a.origin);
@@ -193,6 +292,7 @@ mod tests {
         let out = post(
             &client(1),
             &ep,
+            0,
             &HeaderValue::from_static("vapid t=x, k=y"),
             Bytes::from_static(b"abc"),
             60,
@@ -203,5 +303,73 @@ mod tests {
             Outcome::Transport(t) => assert!(t.contains("connect"), "{t}"),
             other => panic!("expected transport error, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_spread_over_push_nodes_keeping_their_path() {
+        let bases = vec![
+            "http://127.0.0.1:9001".to_string(),
+            "http://localhost:9002/".to_string(),
+            "http://127.0.0.3:9003".to_string(),
+        ];
+        let mut o = Origins::with_push_urls(&bases).await.unwrap();
+        assert_eq!(o.push[1].base, "http://localhost:9002");
+        let a = o
+            .endpoint("http://127.0.0.1:8080/wpush/v1/abc?x=1")
+            .await
+            .unwrap();
+        assert_eq!(a.uris.len(), 3);
+        let hosts: Vec<String> = (0..6)
+            .map(|k| a.uri(k).authority().unwrap().to_string())
+            .collect();
+        assert_eq!(hosts[0], "127.0.0.1:9001");
+        assert!(hosts[1].ends_with(":9002") && hosts[1].starts_with("127."));
+        assert_eq!(hosts[2], "127.0.0.3:9003");
+        assert_eq!(hosts[3..], hosts[..3], "round-robin");
+        for k in 0..3 {
+            assert_eq!(a.uri(k).scheme_str(), Some("http"));
+            assert_eq!(
+                a.uri(k).path_and_query().unwrap().as_str(),
+                "/wpush/v1/abc?x=1"
+            );
+        }
+        // The audience and Host stay the endpoint's own: every node shares
+        // the public URL.
+        assert_eq!(a.host, "127.0.0.1:8080");
+        assert_eq!(o.list[a.origin].0, "http://127.0.0.1:8080");
+        // A public name in front of the nodes is never contacted, so it may
+        // be anything, https included; its default port is left out.
+        let b = o
+            .endpoint("https://push.example.com:443/wpush/v1/def")
+            .await
+            .unwrap();
+        assert_eq!(o.list[b.origin].0, "https://push.example.com");
+        assert_eq!(b.uri(1).authority().unwrap().port_u16(), Some(9002));
+        assert_eq!(b.uri(1).path(), "/wpush/v1/def");
+        let c = o.endpoint("http://127.0.0.1:8080/other").await.unwrap();
+        assert_eq!(c.origin, a.origin);
+        assert!(o.endpoint("ftp://127.0.0.1/x").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn push_nodes_must_be_plain_http_on_loopback() {
+        assert!(push_node("http://127.0.0.1:1").await.is_ok());
+        assert!(push_node("http://[::1]:1/").await.is_ok());
+        for bad in [
+            "http://10.0.0.1:80",
+            "http://192.168.1.1",
+            "https://127.0.0.1:1",
+            "ws://127.0.0.1:1",
+            "http://127.0.0.1:1/prefix",
+            "http://127.0.0.1:1/?q",
+            "not a url",
+        ] {
+            assert!(push_node(bad).await.is_err(), "{bad} accepted");
+        }
+        assert!(
+            Origins::with_push_urls(&["http://127.0.0.1:1".into(), "http://8.8.8.8:1".into()])
+                .await
+                .is_err()
+        );
     }
 }

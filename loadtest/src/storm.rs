@@ -6,8 +6,8 @@
 
 use crate::fleet::{self, FleetSpec};
 use crate::net;
-use crate::proto::Target;
-use crate::results::{Common, CpuMeter, RunResult, ServerProc};
+use crate::proto::{self, Target};
+use crate::results::{Common, CpuMeter, RunResult};
 use crate::stats::{self, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -58,7 +58,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     if args.uas == 0 || common.channels == 0 {
         bail!("--uas and --channels must be at least 1");
     }
-    let target = Target::new(&common.url).await?;
+    let targets = Target::all(&common.urls).await?;
     let nofile = net::raise_nofile_limit();
     // Dropped sockets linger briefly while new ones open: leave headroom.
     if (args.uas + 200) as u64 > nofile.soft {
@@ -68,7 +68,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
             nofile.soft
         );
     }
-    let server = common.server_pid.map(ServerProc);
+    let server = common.servers();
     let limit = common.limit();
     let per_ua = common.channels;
     let mut result = RunResult::new(
@@ -98,14 +98,15 @@ pub async fn run(args: StormArgs) -> Result<()> {
         limit,
         srcs: vec![None],
     };
-    let ups = fleet::bring_up_all(&target, &spec, ids.clone(), keys, &errors, &setup_latency).await;
+    let ups =
+        fleet::bring_up_all(&targets, &spec, ids.clone(), keys, &errors, &setup_latency).await;
     let up_count = ups.iter().filter(|u| u.is_some()).count();
     if up_count == 0 {
         bail!("no user agent could connect: {:?}", errors.snapshot());
     }
-    let rss_before = server.and_then(|s| s.rss_kib());
+    let rss_before = server.rss_each();
 
-    let cpu = CpuMeter::start(server);
+    let cpu = CpuMeter::start(&server);
     let counts = Arc::new(Counts::default());
     let hello_latency = Arc::new(Hist::new());
     let window = stats::secs(args.window);
@@ -121,7 +122,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     {
         let at = storm_start + window.mul_f64(i as f64 / up_count as f64);
         let (target, ids, counts, errors, hello_latency) = (
-            target.clone(),
+            proto::target_of(&targets, u).clone(),
             ids.clone(),
             counts.clone(),
             errors.clone(),
@@ -202,7 +203,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     let storm_secs = storm_start.elapsed().as_secs_f64();
     cpu.record(&mut result);
     tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
-    let rss_after = server.and_then(|s| s.rss_kib());
+    let rss_after = server.rss_each();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(15), async {
         while tasks.join_next().await.is_some() {}
@@ -240,10 +241,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
             0.0
         }),
     );
-    if let (Some(b), Some(a)) = (rss_before, rss_after) {
-        result.metric("server_rss_before_kib", b);
-        result.metric("server_rss_after_kib", a);
-    }
+    result.server_rss(rss_before.as_deref(), rss_after.as_deref());
     result.latency.insert("reconnect_hello".into(), lat.clone());
     result.latency.insert(
         "setup".into(),

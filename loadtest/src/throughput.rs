@@ -12,7 +12,7 @@ use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec, Up};
 use crate::net;
 use crate::proto::{self, Target, Ws};
-use crate::results::{Common, CpuMeter, RunResult, ServerProc};
+use crate::results::{Common, CpuMeter, RunResult};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
@@ -208,6 +208,8 @@ async fn sender_loop(
     let mut next_slot = vec![0u8; n];
     let mut cursor = 0usize;
     let mut next_at = Instant::now();
+    // Counts this sender's POSTs, which go round-robin over the push nodes.
+    let mut posts = 0usize;
     while Instant::now() < deadline {
         if let Some(iv) = interval {
             next_at += iv;
@@ -258,12 +260,14 @@ async fn sender_loop(
         let out = sender::post(
             &client,
             ep,
+            posts,
             &plan.auth[ep.origin],
             sh.pool.body(c, s).clone(),
             ttl,
             limit,
         )
         .await;
+        posts += 1;
         if out == Outcome::Status(201) {
             sh.accepted.fetch_add(1, Relaxed);
         } else {
@@ -277,14 +281,20 @@ async fn sender_loop(
     }
 }
 
-/// Turns register replies into endpoints, loopback-checked; bad ones are
-/// counted and their channels left out.
+/// Turns register replies into endpoints, loopback-checked (or spread over
+/// the push nodes `push_bases`); bad ones are counted and their channels
+/// left out.
 pub async fn resolve_endpoints(
     ups: &[Option<Up>],
     per_ua: usize,
+    push_bases: &[String],
     errors: &Tally,
-) -> (Vec<Option<Endpoint>>, Origins) {
-    let mut origins = Origins::default();
+) -> Result<(Vec<Option<Endpoint>>, Origins)> {
+    let mut origins = Origins::with_push_urls(push_bases).await?;
+    if !origins.push.is_empty() {
+        let bases: Vec<&str> = origins.push.iter().map(|n| n.base.as_str()).collect();
+        eprintln!("  POSTs go round-robin to {}", bases.join(", "));
+    }
     let mut eps = vec![None; ups.len() * per_ua];
     for (u, up) in ups.iter().enumerate() {
         let Some(up) = up else { continue };
@@ -295,7 +305,7 @@ pub async fn resolve_endpoints(
             }
         }
     }
-    (eps, origins)
+    Ok((eps, origins))
 }
 
 pub async fn run(args: ThroughputArgs) -> Result<()> {
@@ -306,7 +316,10 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     if !(1..=64).contains(&args.pool) {
         bail!("--pool must be 1..=64");
     }
-    let target = Target::new(&common.url).await?;
+    let targets = Target::all(&common.urls).await?;
+    let push_bases = common.push_bases()?;
+    // Refuse bad push URLs before connecting anyone.
+    Origins::with_push_urls(&push_bases).await?;
     let nofile = net::raise_nofile_limit();
     if (args.uas + args.senders + 100) as u64 > nofile.soft {
         bail!(
@@ -317,8 +330,8 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             nofile.soft
         );
     }
-    let server = common.server_pid.map(ServerProc);
-    let rss_before = server.and_then(|s| s.rss_kib());
+    let server = common.servers();
+    let rss_before = server.rss_each();
     let limit = common.limit();
     let channels = args.uas * common.channels;
     let mut result = RunResult::new(
@@ -362,7 +375,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         srcs: vec![None],
     };
     let ups = fleet::bring_up_all(
-        &target,
+        &targets,
         &spec,
         channel_ids.clone(),
         keys.clone(),
@@ -371,7 +384,8 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     )
     .await;
     let connected = ups.iter().filter(|u| u.is_some()).count();
-    let (endpoints, origins) = resolve_endpoints(&ups, common.channels, &setup_errors).await;
+    let (endpoints, origins) =
+        resolve_endpoints(&ups, common.channels, &push_bases, &setup_errors).await?;
     let endpoints = Arc::new(endpoints);
     if connected == 0 {
         bail!("no user agent could connect: {:?}", setup_errors.snapshot());
@@ -462,7 +476,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         })
     };
 
-    let cpu = CpuMeter::start(server);
+    let cpu = CpuMeter::start(&server);
     let send_start_us = sh.clock.now_us();
     let send_start = Instant::now();
     let deadline = send_start + stats::secs(args.duration);
@@ -490,7 +504,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let lost = outstanding(&sh);
-    cpu.record(&mut result);
+    let server_cpu = cpu.record(&mut result);
     let _ = samp_stop_tx.send(true);
     let rates = sampler.await.unwrap_or_default();
     let _ = stop_tx.send(true);
@@ -498,7 +512,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         while uas.join_next().await.is_some() {}
     })
     .await;
-    let rss_after = server.and_then(|s| s.rss_kib());
+    let rss_after = server.rss_each();
 
     let accepted = sh.accepted.load(Relaxed);
     let delivered = sh.delivered.load(Relaxed);
@@ -570,9 +584,13 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         result.metric("verified_ok", sh.verify_ok.load(Relaxed));
         result.metric("verify_failed", sh.verify_failed.load(Relaxed));
     }
-    if let (Some(b), Some(a)) = (rss_before, rss_after) {
-        result.metric("server_rss_before_kib", b);
-        result.metric("server_rss_after_kib", a);
+    result.server_rss(rss_before.as_deref(), rss_after.as_deref());
+    if let Some(cpu_s) = server_cpu.filter(|_| delivered > 0) {
+        // What one message cost the server(s), from accept to delivery.
+        result.metric(
+            "server_cpu_us_per_delivered",
+            r2(cpu_s * 1e6 / delivered as f64),
+        );
     }
     result.latency.insert("end_to_end".into(), lat.clone());
     result.latency.insert(

@@ -12,12 +12,14 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Clone, Copy, Default)]
@@ -28,6 +30,15 @@ struct Faults {
     garbage_every: u64,
     /// Hand out endpoints on this (non-loopback) host.
     foreign_endpoints: bool,
+    /// Close a websocket with 1008 "rate limit" once it has sent more than
+    /// this many ack frames (0: never), as Herald did before issue 9.
+    close_after_acks: u64,
+    /// Answer every Nth POST with 429 without storing it.
+    status_429_every: u64,
+    /// Notifications in flight (sent, not acked) per connection; the rest
+    /// wait their turn, and go back to the store if the connection ends
+    /// (0: no limit).
+    window: usize,
 }
 
 #[derive(Default)]
@@ -38,63 +49,115 @@ struct Ua {
 }
 
 struct State {
+    /// The HTTP port endpoints name (node 0's): the "public URL" every node
+    /// shares.
     http_port: u16,
     faults: Faults,
     uas: Mutex<HashMap<String, Ua>>,
     counter: AtomicU64,
+    /// Per node: hellos answered and POSTs received.
+    hellos: Vec<AtomicU64>,
+    posts: Vec<AtomicU64>,
 }
 
 struct Mock {
-    ws_port: u16,
+    ws_ports: Vec<u16>,
+    http_ports: Vec<u16>,
+    state: Arc<State>,
     _rt: tokio::runtime::Runtime,
 }
 
 impl Mock {
     fn start(faults: Faults) -> Mock {
+        Mock::start_nodes(faults, 1)
+    }
+
+    /// `nodes` nodes sharing one store, as Herald nodes on one Redis: any
+    /// node takes any user agent and any POST, and endpoints always name
+    /// node 0's HTTP port.
+    fn start_nodes(faults: Faults, nodes: usize) -> Mock {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
-        let (ws, http) = rt.block_on(async {
-            (
-                TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-                TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            )
+        let listeners: Vec<(TcpListener, TcpListener)> = rt.block_on(async {
+            let mut v = Vec::new();
+            for _ in 0..nodes {
+                v.push((
+                    TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                    TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                ));
+            }
+            v
         });
-        let ws_port = ws.local_addr().expect("addr").port();
+        let port = |l: &TcpListener| l.local_addr().expect("addr").port();
+        let ws_ports: Vec<u16> = listeners.iter().map(|(w, _)| port(w)).collect();
+        let http_ports: Vec<u16> = listeners.iter().map(|(_, h)| port(h)).collect();
         let state = Arc::new(State {
-            http_port: http.local_addr().expect("addr").port(),
+            http_port: http_ports[0],
             faults,
             uas: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            hellos: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            posts: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
         });
-        let st = state.clone();
-        rt.spawn(async move {
-            while let Ok((s, _)) = ws.accept().await {
-                tokio::spawn(ws_conn(s, st.clone()));
-            }
-        });
-        rt.spawn(async move {
-            while let Ok((s, _)) = http.accept().await {
-                let st = state.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| post(req, st.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        Mock { ws_port, _rt: rt }
+        for (node, (ws, http)) in listeners.into_iter().enumerate() {
+            let st = state.clone();
+            rt.spawn(async move {
+                while let Ok((s, _)) = ws.accept().await {
+                    tokio::spawn(ws_conn(s, st.clone(), node));
+                }
+            });
+            let st = state.clone();
+            rt.spawn(async move {
+                while let Ok((s, _)) = http.accept().await {
+                    let st = st.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| post(req, st.clone(), node));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(s), svc)
+                            .await;
+                    });
+                }
+            });
+        }
+        Mock {
+            ws_ports,
+            http_ports,
+            state,
+            _rt: rt,
+        }
     }
 
     fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/", self.ws_port)
+        format!("ws://127.0.0.1:{}/", self.ws_ports[0])
+    }
+
+    /// Every node's websocket URL, comma-separated.
+    fn urls(&self) -> String {
+        let v: Vec<String> = self
+            .ws_ports
+            .iter()
+            .map(|p| format!("ws://127.0.0.1:{p}/"))
+            .collect();
+        v.join(",")
+    }
+
+    fn http(&self, node: usize) -> String {
+        format!("http://127.0.0.1:{}", self.http_ports[node])
+    }
+
+    fn hellos(&self) -> Vec<u64> {
+        self.state.hellos.iter().map(|n| n.load(Relaxed)).collect()
+    }
+
+    fn posts(&self) -> Vec<u64> {
+        self.state.posts.iter().map(|n| n.load(Relaxed)).collect()
     }
 }
 
-async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>) {
+async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
     // The callback's error type is fixed by tungstenite.
     #[allow(clippy::result_large_err)]
     let cb = |_req: &tokio_tungstenite::tungstenite::handshake::server::Request,
@@ -111,10 +174,20 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>) {
     let conn = st.counter.fetch_add(1, Relaxed) + 1_000_000;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let mut uaid: Option<String> = None;
-    loop {
+    let window = st.faults.window;
+    let mut pending: VecDeque<String> = VecDeque::new();
+    let (mut in_flight, mut acks) = (0usize, 0u64);
+    'conn: loop {
+        while window == 0 || in_flight < window {
+            let Some(t) = pending.pop_front() else { break };
+            if ws.send(Message::text(t)).await.is_err() {
+                break 'conn;
+            }
+            in_flight += 1;
+        }
         tokio::select! {
             out = rx.recv() => match out {
-                Some(t) => if ws.send(Message::text(t)).await.is_err() { break },
+                Some(t) => pending.push_back(t),
                 None => break,
             },
             msg = ws.next() => {
@@ -136,6 +209,7 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>) {
                             std::mem::take(&mut ua.queue)
                         };
                         uaid = Some(id.clone());
+                        st.hellos[node].fetch_add(1, Relaxed);
                         let _ = ws.send(Message::text(json!({"messageType":"hello","uaid":id,"status":200,"use_webpush":true,"broadcasts":{}}).to_string())).await;
                         for q in queued {
                             let _ = tx.send(q);
@@ -147,6 +221,25 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>) {
                         let host = if st.faults.foreign_endpoints { "10.9.9.9".to_string() } else { format!("127.0.0.1:{}", st.http_port) };
                         json!({"messageType":"register","channelID":ch,"status":200,"pushEndpoint":format!("http://{host}/push/{u}/{ch}")}).to_string()
                     }
+                    Some("ack") => {
+                        acks += 1;
+                        let n = v["updates"].as_array().map_or(0, |u| u.len());
+                        in_flight = in_flight.saturating_sub(n);
+                        if st.faults.close_after_acks > 0 && acks > st.faults.close_after_acks {
+                            let frame = CloseFrame {
+                                code: CloseCode::Policy,
+                                reason: "rate limit: more than 50 messages per second".into(),
+                            };
+                            let _ = ws.send(Message::Close(Some(frame))).await;
+                            // Let the user agent answer the close handshake.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                while let Some(Ok(_)) = ws.next().await {}
+                            })
+                            .await;
+                            break;
+                        }
+                        continue;
+                    }
                     Some(_) => continue,
                     None => "{}".to_string(),
                 };
@@ -157,9 +250,24 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>) {
         }
     }
     if let Some(u) = uaid {
+        // What this connection never sent goes back to the store.
+        rx.close();
+        while let Ok(t) = rx.try_recv() {
+            pending.push_back(t);
+        }
         if let Some(ua) = st.uas.lock().expect("lock").get_mut(&u) {
             if ua.conn == conn {
                 ua.tx = None;
+            }
+            for t in pending {
+                match &ua.tx {
+                    Some(tx) => {
+                        if let Err(e) = tx.send(t) {
+                            ua.queue.push(e.0);
+                        }
+                    }
+                    None => ua.queue.push(t),
+                }
             }
         }
     }
@@ -168,7 +276,9 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>) {
 async fn post(
     req: Request<hyper::body::Incoming>,
     st: Arc<State>,
+    node: usize,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    st.posts[node].fetch_add(1, Relaxed);
     let path = req.uri().path().to_string();
     let auth_ok = req
         .headers()
@@ -191,6 +301,9 @@ async fn post(
     let (uaid, ch) = (parts[2], parts[3]);
     let n = st.counter.fetch_add(1, Relaxed) + 1;
     let f = st.faults;
+    if f.status_429_every > 0 && n.is_multiple_of(f.status_429_every) {
+        return Ok(resp(429));
+    }
     let data = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &body);
     let note = json!({"messageType":"notification","channelID":ch,"version":format!("v{n}"),"data":data,"headers":{"encoding":"aes128gcm"},"ttl":60}).to_string();
     let mut uas = st.uas.lock().expect("lock");
@@ -202,7 +315,10 @@ async fn post(
                 if f.garbage_every > 0 && n.is_multiple_of(f.garbage_every) {
                     let _ = tx.send("garbage {".into());
                 }
-                let _ = tx.send(note);
+                // A connection on its way out: keep the message for the next.
+                if let Err(e) = tx.send(note) {
+                    ua.queue.push(e.0);
+                }
             }
             None => ua.queue.push(note),
         }
@@ -339,6 +455,135 @@ fn scenarios_add_up_against_a_correct_server() {
 }
 
 #[test]
+fn user_agents_and_posts_spread_over_several_nodes() {
+    // Two nodes sharing one store; endpoints all name node 0's HTTP port.
+    let mock = Mock::start_nodes(Faults::default(), 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let urls = mock.urls();
+    let push = format!("{},{}", mock.http(0), mock.http(1));
+    let pid = std::process::id().to_string();
+    let pids = format!("{pid},mock={pid}");
+    let tp = scenario(
+        &[
+            "throughput",
+            "--url",
+            &urls,
+            "--push-urls",
+            &push,
+            "--server-pid",
+            &pids,
+            "--uas",
+            "20",
+            "--senders",
+            "2",
+            "--messages",
+            "200",
+            "--duration",
+            "30",
+            "--verify-every",
+            "1",
+        ],
+        &out_file(&dir, "tp.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&tp);
+    assert_eq!(metric(&tp, "delivered"), 200.0);
+    assert_eq!(metric(&tp, "verified_ok"), 200.0);
+    assert_eq!(mock.hellos(), [10, 10], "user agents round-robin");
+    let posts = mock.posts();
+    assert_eq!(posts.iter().sum::<u64>(), 200);
+    // Each sender alternates; 2 senders claim 200 between them.
+    assert!(posts.iter().all(|&n| (80..=120).contains(&n)), "{posts:?}");
+    assert_eq!(tp["urls"].as_array().expect("urls").len(), 2);
+    assert_eq!(tp["url"].as_str(), Some(urls.as_str()));
+    assert_eq!(tp["push_urls"][1].as_str(), Some(mock.http(1).as_str()));
+    let servers = tp["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 2);
+    assert_eq!(servers[1]["name"], "mock");
+    assert!(servers.iter().all(|s| s["cpu_s"].is_number()));
+    assert!(servers.iter().all(|s| s["rss_after_kib"].is_number()));
+    assert!(tp["metrics"]["server_cpu_us_per_delivered"].is_number());
+
+    // POSTs go where --push-urls says, not to the host the endpoints name.
+    let before = mock.posts();
+    let bl = scenario(
+        &[
+            "backlog",
+            "--url",
+            &urls,
+            "--push-urls",
+            &mock.http(1),
+            "--uas",
+            "6",
+            "--messages-per-channel",
+            "3",
+            "--senders",
+            "2",
+        ],
+        &out_file(&dir, "bl.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&bl);
+    assert_eq!(metric(&bl, "delivered"), 18.0);
+    let after = mock.posts();
+    assert_eq!(after[0] - before[0], 0, "{after:?}");
+    assert_eq!(after[1] - before[1], 18, "{after:?}");
+    // Reconnects go back to each user agent's own node.
+    assert_eq!(mock.hellos(), [10 + 3 + 3, 10 + 3 + 3]);
+
+    // Idle, storm and burst spread too.
+    let st = scenario(
+        &[
+            "storm", "--url", &urls, "--uas", "8", "--window", "0.5", "--settle", "0.2",
+        ],
+        &out_file(&dir, "st.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&st);
+    assert_eq!(mock.hellos(), [16 + 8, 16 + 8]);
+    let idle = scenario(
+        &[
+            "idle", "--url", &urls, "--uas", "6", "--procs", "2", "--hold", "0.2",
+        ],
+        &out_file(&dir, "idle.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&idle);
+    assert_eq!(mock.hellos(), [24 + 3, 24 + 3]);
+    let before = mock.posts();
+    let b = scenario(
+        &[
+            "burst",
+            "--url",
+            &urls,
+            "--push-urls",
+            &push,
+            "--uas",
+            "2",
+            "--messages",
+            "20",
+            "--backlog",
+            "10",
+            "--senders",
+            "2",
+        ],
+        &out_file(&dir, "burst.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&b);
+    assert_eq!(metric(&b, "never_delivered"), 0.0);
+    assert_eq!(mock.hellos(), [27 + 2, 27 + 2]);
+    let sent: Vec<u64> = mock
+        .posts()
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(sent.iter().sum::<u64>(), 60, "{sent:?}");
+    assert!(sent.iter().all(|&n| (20..=40).contains(&n)), "{sent:?}");
+}
+
+#[test]
 fn idle_spreads_over_worker_processes_and_source_addresses() {
     let mock = Mock::start(Faults::default());
     let dir = tempfile::tempdir().expect("tempdir");
@@ -402,7 +647,7 @@ fn server_misbehaviour_is_counted_not_fatal() {
     let mock = Mock::start(Faults {
         drop_every: 10,
         garbage_every: 7,
-        foreign_endpoints: false,
+        ..Faults::default()
     });
     let dir = tempfile::tempdir().expect("tempdir");
     let tp = scenario(
@@ -493,4 +738,166 @@ fn never_sends_off_loopback() {
         .map(|(_, v)| v.as_u64().unwrap_or(0))
         .sum();
     assert_eq!(refused, 3, "{}", tp["errors"]);
+}
+
+/// Metrics of a burst run the mock and the generator must agree on whatever
+/// happened: every accepted message is delivered, lost or still missing.
+fn assert_burst_adds_up(b: &Value) {
+    let m = |n| metric(b, n);
+    assert_eq!(
+        m("live_delivered") + m("live_lost"),
+        m("live_accepted"),
+        "{}",
+        b["metrics"]
+    );
+    assert_eq!(
+        m("drain_delivered") + m("drain_missing"),
+        m("drain_stored"),
+        "{}",
+        b["metrics"]
+    );
+    assert!(m("drain_late_live") <= m("live_lost"));
+}
+
+#[test]
+fn burst_acks_each_notification_and_paces_on_429() {
+    // A correct server that keeps at most 16 notifications in flight and
+    // answers every 7th POST with 429 (a full store).
+    let mock = Mock::start(Faults {
+        status_429_every: 7,
+        window: 16,
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid = std::process::id().to_string();
+    let b = scenario(
+        &[
+            "burst",
+            "--url",
+            &mock.url(),
+            "--target",
+            "mock",
+            "--uas",
+            "3",
+            "--messages",
+            "300",
+            "--backlog",
+            "200",
+            "--senders",
+            "4",
+            "--payload",
+            "64",
+            "--server-pid",
+            &pid,
+        ],
+        &out_file(&dir, "burst.json"),
+        Duration::from_secs(90),
+    );
+    assert_no_errors(&b);
+    assert_burst_adds_up(&b);
+    assert_eq!(metric(&b, "uas_connected"), 3.0);
+    assert_eq!(metric(&b, "live_accepted"), 900.0);
+    assert_eq!(metric(&b, "live_delivered"), 900.0);
+    assert_eq!(metric(&b, "live_lost"), 0.0);
+    assert_eq!(metric(&b, "live_duplicates"), 0.0);
+    assert_eq!(metric(&b, "live_cut_off"), 0.0);
+    assert_eq!(metric(&b, "live_acks_sent"), 900.0, "one ack per message");
+    assert!(metric(&b, "live_http_429") > 0.0, "429s are retried");
+    assert_eq!(metric(&b, "live_http_errors"), 0.0);
+    assert!(metric(&b, "live_per_s") > 0.0 && metric(&b, "drain_per_s") > 0.0);
+    assert_eq!(metric(&b, "drain_stored"), 600.0);
+    assert_eq!(metric(&b, "drain_delivered"), 600.0);
+    assert_eq!(metric(&b, "drain_missing"), 0.0);
+    assert_eq!(metric(&b, "drain_duplicates"), 0.0);
+    assert_eq!(metric(&b, "drain_cut_off"), 0.0);
+    assert_eq!(metric(&b, "drain_reconnects"), 0.0);
+    assert_eq!(metric(&b, "drain_acks_sent"), 600.0);
+    assert_eq!(metric(&b, "never_delivered"), 0.0);
+    assert!(metric(&b, "client_cpu_s") > 0.0);
+    assert!(b["metrics"]["server_cpu_cores"].is_number());
+    assert!(b["metrics"].get("live_close").is_none());
+    assert_latency(&b, "end_to_end", 900);
+    assert_latency(&b, "reconnect_hello", 3);
+    let summary = b["summary"].as_str().expect("summary");
+    assert!(summary.starts_with("burst[mock]: live 900 accepted, 900 delivered (0 lost"));
+    assert_eq!(summary.matches("not cut off").count(), 2, "{summary}");
+}
+
+#[test]
+fn burst_reports_a_server_close_mid_burst_as_cut_off() {
+    // Herald before issue 9: more than 20 ack frames and the websocket is
+    // closed with 1008. With 10 notifications in flight a connection sees
+    // at most 31 messages, so both phases are cut off every time.
+    let mock = Mock::start(Faults {
+        close_after_acks: 20,
+        window: 10,
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = scenario(
+        &[
+            "burst",
+            "--url",
+            &mock.url(),
+            "--target",
+            "mock",
+            "--uas",
+            "2",
+            "--messages",
+            "200",
+            "--backlog",
+            "100",
+            "--senders",
+            "2",
+            "--payload",
+            "64",
+            "--max-reconnects",
+            "2",
+            "--drain",
+            "10",
+        ],
+        &out_file(&dir, "burst.json"),
+        Duration::from_secs(90),
+    );
+    assert_burst_adds_up(&b);
+    let close = "1008 rate limit: more than 50 messages per second";
+    // Live: both user agents cut off, their close code and reason recorded.
+    assert_eq!(metric(&b, "live_accepted"), 400.0);
+    assert_eq!(metric(&b, "live_cut_off"), 2.0);
+    assert_eq!(b["metrics"]["live_close"].as_str(), Some(close));
+    let delivered = metric(&b, "live_delivered");
+    assert!((42.0..=62.0).contains(&delivered), "{delivered}");
+    assert_eq!(metric(&b, "live_lost"), 400.0 - delivered);
+    let errors = &b["errors"];
+    assert_eq!(
+        errors[format!("live: closed by server: {close}")].as_u64(),
+        Some(2),
+        "{errors}"
+    );
+    assert_eq!(
+        errors["live: lost (accepted, not delivered while connected)"].as_f64(),
+        Some(400.0 - delivered)
+    );
+    // Drain: cut off on every connection, three per user agent (the first
+    // and two reconnects), each one recorded; the backlog never arrives.
+    assert_eq!(metric(&b, "drain_stored"), 200.0);
+    assert_eq!(metric(&b, "drain_cut_off"), 2.0);
+    assert_eq!(metric(&b, "drain_closes"), 6.0);
+    assert_eq!(metric(&b, "drain_reconnects"), 4.0);
+    assert_eq!(b["metrics"]["drain_close"].as_str(), Some(close));
+    assert_eq!(
+        errors[format!("drain: closed by server: {close}")].as_u64(),
+        Some(6),
+        "{errors}"
+    );
+    assert!(metric(&b, "drain_late_live") >= 2.0 * 63.0);
+    assert!(metric(&b, "drain_missing") > 0.0);
+    assert_latency(&b, "reconnect_hello", 6);
+    let summary = b["summary"].as_str().expect("summary");
+    assert!(
+        summary.contains(&format!("CUT OFF 2/2 ({close})")),
+        "{summary}"
+    );
+    assert!(summary.contains("4 reconnects"), "{summary}");
+    assert!(!summary.contains("not cut off"), "{summary}");
 }

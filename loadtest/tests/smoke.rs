@@ -247,3 +247,86 @@ fn every_scenario_against_herald_then_report() {
     assert!(page.matches("<svg").count() >= 4);
     assert!(page.contains("herald-label"));
 }
+
+/// Issue 9: a user agent that acks every notification with its own frame,
+/// as Firefox does, must not be cut off however many are in flight, live or
+/// drained from a backlog.
+#[test]
+fn burst_of_individual_acks_against_herald() {
+    let herald = Herald::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = herald.url();
+    let pid = herald.child.id().to_string();
+    let out = dir.path().join("burst.json");
+    let b = scenario(
+        &[
+            "burst",
+            "--url",
+            &url,
+            "--target",
+            "herald",
+            "--timeout",
+            "10",
+            "--server-pid",
+            &pid,
+            "--uas",
+            "4",
+            "--messages",
+            "300",
+            "--backlog",
+            "200",
+            "--senders",
+            "4",
+            "--payload",
+            "256",
+        ],
+        &out,
+        Duration::from_secs(180),
+    );
+
+    // The report has a section for it, whatever the outcome.
+    let html = dir.path().join("report.html");
+    let ran = run(
+        &[
+            "report",
+            out.to_str().unwrap(),
+            "--out",
+            html.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(ran.ok, "report failed: {}", ran.stderr);
+    let page = std::fs::read_to_string(&html).expect("report written");
+    assert!(page.contains("<h2>burst</h2>") && page.contains("live_cut_off"));
+
+    let summary = b["summary"].as_str().expect("summary");
+    assert_eq!(
+        metric(&b, "live_cut_off"),
+        0.0,
+        "Herald closed a user agent that acked each notification individually: {} ({summary})",
+        b["metrics"]["live_close"]
+    );
+    assert_eq!(metric(&b, "live_accepted"), 1200.0);
+    assert_eq!(metric(&b, "live_lost"), 0.0);
+    assert_eq!(metric(&b, "live_delivered"), 1200.0);
+    assert_eq!(metric(&b, "live_duplicates"), 0.0);
+    assert_eq!(metric(&b, "live_acks_sent"), 1200.0);
+    assert_eq!(
+        metric(&b, "drain_cut_off"),
+        0.0,
+        "Herald closed a user agent draining its backlog: {} ({summary})",
+        b["metrics"]["drain_close"]
+    );
+    assert_eq!(metric(&b, "drain_reconnects"), 0.0);
+    assert_eq!(metric(&b, "drain_stored"), 800.0);
+    assert_eq!(metric(&b, "drain_delivered"), 800.0);
+    assert_eq!(metric(&b, "drain_missing"), 0.0);
+    assert_eq!(metric(&b, "drain_duplicates"), 0.0);
+    assert_eq!(metric(&b, "never_delivered"), 0.0);
+    assert!(metric(&b, "live_per_s") > 0.0 && metric(&b, "drain_per_s") > 0.0);
+    assert!(b["metrics"]["server_cpu_s"].is_number());
+    assert_no_errors(&b);
+    assert_latency(&b, "end_to_end", 1200);
+    assert_latency(&b, "reconnect_hello", 4);
+    assert_eq!(summary.matches("not cut off").count(), 2, "{summary}");
+}
