@@ -1,5 +1,6 @@
 //! The state every connection and request shares.
 
+use crate::broadcast::Broadcaster;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::pending::PendingCounts;
@@ -19,6 +20,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub vapid: VapidVerifier,
     pub pending: PendingCounts,
+    pub broadcaster: Arc<Broadcaster>,
     /// Flips to true once when shutdown begins; connections watch it.
     pub shutdown: watch::Sender<bool>,
     /// Websocket connections open now (including those still before hello).
@@ -33,6 +35,7 @@ impl App {
         metrics: Arc<Metrics>,
     ) -> Self {
         let vapid = VapidVerifier::new(&settings.public_url.origin, settings.jwt_cache_size);
+        let broadcaster = Arc::new(Broadcaster::new(Default::default(), metrics.clone()));
         App {
             settings,
             store,
@@ -41,6 +44,7 @@ impl App {
             metrics,
             vapid,
             pending: PendingCounts::default(),
+            broadcaster,
             shutdown: watch::channel(false).0,
             connections: AtomicUsize::new(0),
         }

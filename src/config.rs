@@ -41,6 +41,10 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("redis_wait_replicas", "0", "with store = redis: replicas that must confirm each accepted message (Redis WAIT) before 201"),
     ("redis_wait_timeout", "1s", "how long an accepted message waits for redis_wait_replicas before the push answers 503"),
     ("node_url", "", "with store = redis: the URL other nodes reach this node at for wake-ups (default http://<listen>)"),
+    ("broadcast_tokens", "", "bearer tokens allowed to PUT /v1/broadcasts/<id>, comma-separated; unset: the broadcast API answers 404"),
+    ("broadcast_source_url", "", "an upstream of broadcast versions to poll (JSON {\"broadcasts\":{id:version}}, as Remote Settings' /v1/__broadcasts__ or a megaphone server)"),
+    ("broadcast_source_token", "", "bearer token sent to broadcast_source_url, if it needs one"),
+    ("broadcast_poll_interval", "30s", "how often broadcast_source_url is polled"),
 ];
 
 /// `herald serve` flags. Everything else is set in the file or environment.
@@ -123,6 +127,10 @@ pub struct Settings {
     pub redis_wait_replicas: u32,
     pub redis_wait_timeout: Duration,
     pub node_url: String,
+    pub broadcast_tokens: Vec<String>,
+    pub broadcast_source_url: Option<String>,
+    pub broadcast_source_token: Option<String>,
+    pub broadcast_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,6 +305,23 @@ impl Settings {
                 Some(u) => u,
                 None => format!("http://{listen}"),
             },
+            broadcast_tokens: l
+                .opt("broadcast_tokens", |v| {
+                    let tokens: Vec<String> = v
+                        .split(',')
+                        .map(|t| t.trim().to_string())
+                        .filter(|t| !t.is_empty())
+                        .collect();
+                    if tokens.iter().any(|t| t.len() < 16) {
+                        return Err("each token must be at least 16 characters".into());
+                    }
+                    Ok(tokens)
+                })?
+                .unwrap_or_default(),
+            broadcast_source_url: l.opt("broadcast_source_url", parse_source_url)?,
+            broadcast_source_token: l
+                .opt("broadcast_source_token", |v| Ok(v.trim().to_string()))?,
+            broadcast_poll_interval: l.get("broadcast_poll_interval", parse_positive_duration)?,
         };
         if settings.store == StoreKind::Redis {
             if settings.redis_url.is_none() {
@@ -351,6 +376,16 @@ fn parse_redis_url(v: &str) -> Result<String, String> {
         }
     }
     Ok(urls.join(","))
+}
+
+fn parse_source_url(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    match v.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+            Ok(v.to_string())
+        }
+        _ => Err("expected an http:// or https:// URL".into()),
+    }
 }
 
 fn parse_node_url(v: &str) -> Result<String, String> {

@@ -4,6 +4,7 @@
 //! agents: small socket buffers, one task, no per-connection threads.
 
 use crate::app::App;
+use crate::broadcast::Snapshot;
 use crate::router::cluster::RECHECK_INTERVAL;
 use crate::router::Binding;
 use crate::session::{close, Action, Session};
@@ -12,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -59,8 +61,24 @@ where
     let clustered = app.router.cluster().is_some();
     let recheck = sleep(RECHECK_INTERVAL);
     tokio::pin!(recheck);
+    // Held only once the user agent follows a broadcast.
+    let mut broadcasts: Option<watch::Receiver<Arc<Snapshot>>> = None;
 
     loop {
+        if broadcasts.is_none() {
+            if let Some(seen) = session.broadcast_serial() {
+                let mut rx = app.broadcaster.subscribe();
+                let snapshot = rx.borrow_and_update().clone();
+                broadcasts = Some(rx);
+                // A change between the session's look and this subscription.
+                if snapshot.serial != seen {
+                    session.on_broadcast(&snapshot, &mut actions);
+                    if perform(&app, &mut ws, &mut actions, &mut binding).await {
+                        break;
+                    }
+                }
+            }
+        }
         let (routed_rx, backlog_flag) = match &mut binding {
             Some(b) => (Some(&mut b.rx), Some(&*b.backlog)),
             None => (None, None),
@@ -105,6 +123,10 @@ where
                     Some(m) => session.on_routed(&m, &mut actions),
                     None => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
                 }
+                Flow::Continue
+            }
+            Some(snapshot) = broadcast_changed(broadcasts.as_mut()) => {
+                session.on_broadcast(&snapshot, &mut actions);
                 Flow::Continue
             }
             _ = backlog(backlog_flag) => {
@@ -224,6 +246,19 @@ async fn recv(
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// The next broadcast snapshot; pending forever without a subscription (or
+/// if the broadcaster went away, which happens only at exit).
+async fn broadcast_changed(
+    rx: Option<&mut watch::Receiver<Arc<Snapshot>>>,
+) -> Option<Arc<Snapshot>> {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return Some(rx.borrow_and_update().clone());
+        }
+    }
+    std::future::pending().await
 }
 
 async fn backlog(flag: Option<&crate::router::Backlog>) {

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod appserver;
+pub mod broadcast;
 pub mod config;
 pub mod connect;
 pub mod demo;

@@ -28,6 +28,9 @@ enum Command {
     Demo(herald::demo::DemoArgs),
     /// Print a new random endpoint key (for `endpoint_keys`, shared by every node).
     Keygen,
+    /// Set or list broadcast versions through a running Herald's API.
+    #[command(subcommand)]
+    Broadcast(herald::broadcast::cli::BroadcastCommand),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Vapid(cmd) => herald::appserver::run_vapid(cmd),
         Command::Send(args) => herald::appserver::run_send(args),
         Command::Demo(args) => herald::demo::run(args),
+        Command::Broadcast(cmd) => herald::broadcast::cli::run(cmd),
         Command::Keygen => {
             println!("{}", herald::token::generate_key());
             Ok(ExitCode::SUCCESS)

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub wakeups_sent: IntCounterVec,
     pub wakeups_received: IntCounter,
     pub node_request_seconds: Histogram,
+    pub broadcast_changes: IntCounter,
+    pub broadcast_frames: IntCounter,
+    pub broadcast_subscribed: IntGauge,
+    pub broadcast_source_errors: IntCounter,
     pub stored_messages: IntGauge,
     pub store_size: IntGauge,
     pub store_pending_compaction: IntGauge,
@@ -149,6 +153,22 @@ impl Metrics {
                     .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 2.0]),
                 )
                 .unwrap(),
+            ),
+            broadcast_changes: counter(
+                "herald_broadcast_changes_total",
+                "Broadcast versions that changed on this node (API, upstream source or another node).",
+            ),
+            broadcast_frames: counter(
+                "herald_broadcast_messages_total",
+                "Broadcast messages sent to user agents (changes fanned out, and answers to subscriptions).",
+            ),
+            broadcast_subscribed: gauge(
+                "herald_broadcast_subscribed_connections",
+                "Connections following at least one broadcast.",
+            ),
+            broadcast_source_errors: counter(
+                "herald_broadcast_source_errors_total",
+                "Failed polls of broadcast_source_url (the last versions are kept).",
             ),
             stored_messages: gauge(
                 "herald_stored_messages",

@@ -12,6 +12,8 @@ pub enum ClientMessage {
     Hello {
         uaid: Option<String>,
         channel_ids: Vec<String>,
+        /// Broadcast id → the version the user agent has.
+        broadcasts: BTreeMap<String, String>,
     },
     Register {
         channel_id: String,
@@ -21,8 +23,10 @@ pub enum ClientMessage {
         channel_id: String,
         code: Option<u32>,
     },
-    /// Accepted and ignored until broadcasts are supported.
-    BroadcastSubscribe,
+    /// More broadcasts to follow (id → the version the user agent has).
+    BroadcastSubscribe {
+        broadcasts: BTreeMap<String, String>,
+    },
     Ack {
         updates: Vec<AckUpdate>,
     },
@@ -61,6 +65,8 @@ enum Wire {
         uaid: Option<String>,
         #[serde(rename = "channelIDs", default)]
         channel_ids: Option<Vec<String>>,
+        #[serde(default)]
+        broadcasts: Option<BTreeMap<String, serde_json::Value>>,
     },
     Register {
         #[serde(rename = "channelID")]
@@ -74,7 +80,10 @@ enum Wire {
         #[serde(default)]
         code: Option<u32>,
     },
-    BroadcastSubscribe {},
+    BroadcastSubscribe {
+        #[serde(default)]
+        broadcasts: Option<BTreeMap<String, serde_json::Value>>,
+    },
     Ack {
         updates: Vec<AckUpdate>,
     },
@@ -105,17 +114,24 @@ impl ClientMessage {
             ParseError(format!("{kind}: {e}"))
         })?;
         Ok(match wire {
-            Wire::Hello { uaid, channel_ids } => ClientMessage::Hello {
+            Wire::Hello {
+                uaid,
+                channel_ids,
+                broadcasts,
+            } => ClientMessage::Hello {
                 // Firefox sends an empty string for "no uaid" in some versions.
                 uaid: uaid.filter(|u| !u.is_empty()),
                 channel_ids: channel_ids.unwrap_or_default(),
+                broadcasts: versions(broadcasts),
             },
             Wire::Register { channel_id, key } => ClientMessage::Register {
                 channel_id,
                 key: key.filter(|k| !k.is_empty()),
             },
             Wire::Unregister { channel_id, code } => ClientMessage::Unregister { channel_id, code },
-            Wire::BroadcastSubscribe {} => ClientMessage::BroadcastSubscribe,
+            Wire::BroadcastSubscribe { broadcasts } => ClientMessage::BroadcastSubscribe {
+                broadcasts: versions(broadcasts),
+            },
             Wire::Ack { updates } => ClientMessage::Ack { updates },
             Wire::Nack { version, code } => ClientMessage::Nack { version, code },
             Wire::Urgency { min } => ClientMessage::Urgency {
@@ -124,6 +140,34 @@ impl ClientMessage {
             },
             Wire::Ping {} => ClientMessage::Ping,
         })
+    }
+}
+
+/// Broadcast versions are strings (Firefox sends `"\"0\""`); an entry with
+/// any other value names no version Herald could compare, so it is dropped.
+fn versions(map: Option<BTreeMap<String, serde_json::Value>>) -> BTreeMap<String, String> {
+    map.unwrap_or_default()
+        .into_iter()
+        .filter_map(|(id, v)| match v {
+            serde_json::Value::String(s) => Some((id, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Broadcast versions sent to a user agent: the ids whose version differs
+/// from what it has, and under `errors` the ids Herald does not know.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct BroadcastDelta {
+    #[serde(flatten)]
+    pub changed: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, String>,
+}
+
+impl BroadcastDelta {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.errors.is_empty()
     }
 }
 
@@ -145,7 +189,10 @@ pub enum ServerMessage<'a> {
         uaid: String,
         status: u16,
         use_webpush: bool,
-        broadcasts: BTreeMap<String, String>,
+        broadcasts: BroadcastDelta,
+    },
+    Broadcast {
+        broadcasts: BroadcastDelta,
     },
     Register {
         #[serde(rename = "channelID")]
@@ -194,7 +241,8 @@ mod tests {
             ClientMessage::parse(r#"{"messageType":"hello","broadcasts":{},"use_webpush":true}"#),
             Ok(ClientMessage::Hello {
                 uaid: None,
-                channel_ids: vec![]
+                channel_ids: vec![],
+                broadcasts: BTreeMap::new(),
             })
         );
         assert_eq!(
@@ -203,7 +251,11 @@ mod tests {
             ),
             Ok(ClientMessage::Hello {
                 uaid: Some("0123456789abcdef0123456789abcdef".into()),
-                channel_ids: vec!["a".into(), "b".into()]
+                channel_ids: vec!["a".into(), "b".into()],
+                broadcasts: BTreeMap::from([(
+                    "remote-settings/monitor_changes".to_string(),
+                    "\"0\"".to_string()
+                )]),
             })
         );
         assert_eq!(
@@ -224,7 +276,21 @@ mod tests {
             ClientMessage::parse(
                 r#"{"messageType":"broadcast_subscribe","broadcasts":{"remote-settings/monitor_changes":"\"0\""}}"#
             ),
-            Ok(ClientMessage::BroadcastSubscribe)
+            Ok(ClientMessage::BroadcastSubscribe {
+                broadcasts: BTreeMap::from([(
+                    "remote-settings/monitor_changes".to_string(),
+                    "\"0\"".to_string()
+                )]),
+            })
+        );
+        // A version that is not a string names nothing comparable.
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"messageType":"broadcast_subscribe","broadcasts":{"a":1,"b":"2"}}"#
+            ),
+            Ok(ClientMessage::BroadcastSubscribe {
+                broadcasts: BTreeMap::from([("b".to_string(), "2".to_string())]),
+            })
         );
         assert_eq!(
             ClientMessage::parse(
@@ -262,7 +328,8 @@ mod tests {
             ClientMessage::parse(r#"{"messageType":"hello","uaid":""}"#),
             Ok(ClientMessage::Hello {
                 uaid: None,
-                channel_ids: vec![]
+                channel_ids: vec![],
+                broadcasts: BTreeMap::new(),
             })
         );
         assert_eq!(
@@ -295,12 +362,20 @@ mod tests {
             uaid: "u".into(),
             status: 200,
             use_webpush: true,
-            broadcasts: BTreeMap::new(),
+            broadcasts: BroadcastDelta::default(),
         }
         .to_json();
         assert_eq!(
             hello,
             r#"{"messageType":"hello","uaid":"u","status":200,"use_webpush":true,"broadcasts":{}}"#
+        );
+        let delta = BroadcastDelta {
+            changed: BTreeMap::from([("a".to_string(), "v2".to_string())]),
+            errors: BTreeMap::from([("x".to_string(), "Broadcast not found".to_string())]),
+        };
+        assert_eq!(
+            ServerMessage::Broadcast { broadcasts: delta }.to_json(),
+            r#"{"messageType":"broadcast","broadcasts":{"a":"v2","errors":{"x":"Broadcast not found"}}}"#
         );
         let headers = NotificationHeaders {
             encoding: "aes128gcm".into(),

@@ -119,6 +119,12 @@ impl Server {
             app = app.with_router(Router::clustered(c.clone()));
         }
         let app = Arc::new(app);
+        let versions = app
+            .store
+            .broadcasts()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading broadcast versions: {e}"))?;
+        app.broadcaster.apply(versions);
         let s = &app.settings;
 
         let mut plan = vec![(
@@ -166,6 +172,7 @@ impl Server {
             )));
         }
         tasks.push(tokio::spawn(upkeep(app.clone())));
+        tasks.extend(broadcast_tasks(&app)?);
         if let Some(c) = cluster {
             tasks.push(tokio::spawn(c.heartbeat_loop()));
         }
@@ -196,6 +203,32 @@ impl Server {
             Err(e) => tracing::error!("flushing the store: {e}"),
         }
     }
+}
+
+/// Where broadcast versions come from besides the API: other nodes (through
+/// the shared store) and an upstream source.
+fn broadcast_tasks(app: &Arc<App>) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    if app.router.cluster().is_some() {
+        tasks.push(tokio::spawn(crate::broadcast::sync_loop(
+            app.broadcaster.clone(),
+            app.store.clone(),
+        )));
+    }
+    if let Some(url) = &app.settings.broadcast_source_url {
+        let source = crate::broadcast::source::Source::new(
+            url,
+            app.settings.broadcast_source_token.clone(),
+        )?;
+        tasks.push(tokio::spawn(crate::broadcast::source::poll_loop(
+            source,
+            app.settings.broadcast_poll_interval,
+            app.broadcaster.clone(),
+            app.store.clone(),
+            app.metrics.clone(),
+        )));
+    }
+    Ok(tasks)
 }
 
 /// The configured engine, and the directory nodes route through when it is
@@ -352,6 +385,14 @@ async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> R
             None => Err(ApiError::invalid_endpoint()),
         },
         (Method::DELETE, ["m", id]) => endpoint::cancel(&app, id).await,
+        (Method::GET, ["v1", "broadcasts"]) => crate::broadcast::api::list(&app, &req),
+        (Method::PUT, ["v1", "broadcasts", id]) => {
+            let id = id.to_string();
+            crate::broadcast::api::put(&app, &id, req).await
+        }
+        (_, ["v1", "broadcasts", ..]) if !app.settings.broadcast_tokens.is_empty() => {
+            Err(ApiError::method_not_allowed())
+        }
         (_, ["wpush", _, _]) | (_, ["m", _]) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found()),
     };
@@ -442,6 +483,8 @@ fn metrics(app: &App) -> Response {
     let m = &app.metrics;
     m.ws_connections
         .set(app.connections.load(Ordering::Acquire) as i64);
+    m.broadcast_subscribed
+        .set(app.broadcaster.subscribed() as i64);
     m.stored_messages.set(stats.estimated_messages as i64);
     m.store_size.set(stats.size_bytes as i64);
     m.store_pending_compaction

@@ -10,8 +10,9 @@
 //! hands it. Anything it cannot send at once sends it back to storage mode.
 
 use crate::app::App;
+use crate::broadcast::{Snapshot, Subscriptions};
 use crate::ids::{parse_channel_id, Uaid};
-use crate::protocol::{ClientMessage, ServerMessage, PING_REPLY};
+use crate::protocol::{BroadcastDelta, ClientMessage, ServerMessage, PING_REPLY};
 use crate::store::{now_secs, ChannelRecord, Message, UserRecord};
 use crate::token::{key_hash, MessageId};
 use crate::webpush::{decode_b64url, encode_b64url, Urgency};
@@ -76,6 +77,9 @@ pub struct Session {
     last_free_ping: Option<Instant>,
     /// The last read of the store failed: read again on the retry timer.
     read_failed: bool,
+    /// Broadcasts this user agent follows; boxed so the many connections
+    /// that follow none pay one pointer.
+    broadcasts: Option<Box<Subscriptions>>,
 }
 
 impl Session {
@@ -94,6 +98,7 @@ impl Session {
             },
             last_free_ping: None,
             read_failed: false,
+            broadcasts: None,
         }
     }
 
@@ -103,6 +108,33 @@ impl Session {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// The serial of the broadcast snapshot this session last compared
+    /// against, once it follows any broadcast.
+    pub fn broadcast_serial(&self) -> Option<u64> {
+        self.broadcasts
+            .as_ref()
+            .filter(|b| !b.is_empty())
+            .map(|b| b.seen())
+    }
+
+    /// Broadcast versions changed: tell the user agent what it follows.
+    pub fn on_broadcast(&mut self, snapshot: &Snapshot, out: &mut Vec<Action>) {
+        if let Some(subs) = self.broadcasts.as_mut() {
+            let delta = subs.on_change(snapshot);
+            self.send_broadcasts(delta, out);
+        }
+    }
+
+    fn send_broadcasts(&self, delta: BroadcastDelta, out: &mut Vec<Action>) {
+        if delta.is_empty() {
+            return;
+        }
+        self.app.metrics.broadcast_frames.inc();
+        out.push(Action::Send(
+            ServerMessage::Broadcast { broadcasts: delta }.to_json(),
+        ));
     }
 
     /// Whether stored messages may be waiting that no event will announce
@@ -177,10 +209,14 @@ impl Session {
             self.flood_close(out);
             return;
         }
-        let uaid = match (&msg, self.uaid) {
-            (ClientMessage::Hello { uaid, .. }, None) => {
-                let sent = uaid.clone();
-                return self.hello(sent, out).await;
+        let (msg, uaid) = match (msg, self.uaid) {
+            (
+                ClientMessage::Hello {
+                    uaid, broadcasts, ..
+                },
+                None,
+            ) => {
+                return self.hello(uaid, broadcasts, out).await;
             }
             (ClientMessage::Hello { .. }, Some(_)) => {
                 out.push(Action::Close(
@@ -196,7 +232,7 @@ impl Session {
                 ));
                 return;
             }
-            (_, Some(u)) => u,
+            (msg, Some(u)) => (msg, u),
         };
         match msg {
             ClientMessage::Hello { .. } => unreachable!("handled above"),
@@ -236,12 +272,24 @@ impl Session {
                     ServerMessage::Urgency { status: status::OK }.to_json(),
                 ));
             }
-            ClientMessage::BroadcastSubscribe => {}
+            ClientMessage::BroadcastSubscribe { broadcasts } => {
+                let snapshot = self.app.broadcaster.current();
+                let delta = self
+                    .broadcasts
+                    .get_or_insert_with(Default::default)
+                    .subscribe(&snapshot, broadcasts);
+                self.send_broadcasts(delta, out);
+            }
             ClientMessage::Ping => out.push(Action::Send(PING_REPLY.into())),
         }
     }
 
-    async fn hello(&mut self, sent: Option<String>, out: &mut Vec<Action>) {
+    async fn hello(
+        &mut self,
+        sent: Option<String>,
+        client_broadcasts: BTreeMap<String, String>,
+        out: &mut Vec<Action>,
+    ) {
         let app = &self.app;
         let now = now_secs();
         let expiry = app.settings.ua_expiry.as_secs();
@@ -286,12 +334,20 @@ impl Session {
         app.metrics.ws_hello.with_label_values(&[outcome]).inc();
         tracing::debug!(uaid = %uaid.short(), outcome, "hello");
         self.uaid = Some(uaid);
+        let broadcasts = if client_broadcasts.is_empty() {
+            BroadcastDelta::default()
+        } else {
+            let snapshot = self.app.broadcaster.current();
+            self.broadcasts
+                .get_or_insert_with(Default::default)
+                .subscribe(&snapshot, client_broadcasts)
+        };
         out.push(Action::Send(
             ServerMessage::Hello {
                 uaid: uaid.to_string(),
                 status: status::OK,
                 use_webpush: true,
-                broadcasts: BTreeMap::new(),
+                broadcasts,
             }
             .to_json(),
         ));

@@ -364,3 +364,36 @@ async fn redis_mode_refuses_to_start_without_shared_keys() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("endpoint_keys"), "{err}");
 }
+
+/// A broadcast version set through one node reaches a user agent on
+/// another (nodes read the shared versions every second).
+#[tokio::test]
+async fn a_broadcast_set_on_one_node_reaches_user_agents_on_another() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let token = "cluster-operator-token-0123";
+    let env = [("HERALD_BROADCAST_TOKENS", token)];
+    let a = node(cluster.url(), &key, None, &env).await;
+    let b = node(cluster.url(), &key, Some(&a.url()), &env).await;
+    let id = format!("cluster-test/{}", rand::random::<u32>());
+    let mut ua = Ua::connect(&b).await;
+    ua.send(serde_json::json!({"messageType": "hello", "broadcasts": {id.as_str(): "0"}}))
+        .await;
+    assert_eq!(ua.recv().await["messageType"], "hello");
+    let auth = format!("Bearer {token}");
+    let r = http(
+        &a,
+        "PUT",
+        &format!("/v1/broadcasts/{id}"),
+        &[("authorization", &auth)],
+        b"7".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let m = ua.recv().await;
+    assert_eq!(
+        m,
+        serde_json::json!({"messageType": "broadcast", "broadcasts": {id.as_str(): "7"}})
+    );
+}

@@ -52,6 +52,13 @@ impl Rig {
         Self::assemble(dir, herald, vec![])
     }
 
+    /// One node with extra settings.
+    fn with_env(env: &[(&str, &str)]) -> Rig {
+        let dir = Self::dir();
+        let herald = HeraldServer::start_node(dir.path(), "herald", None, env);
+        Self::assemble(dir, herald, vec![])
+    }
+
     /// Two nodes sharing a Redis: pushes go to the first, Firefox connects
     /// to the second.
     fn two_nodes(redis_url: &str) -> Rig {
@@ -233,6 +240,83 @@ fn firefox_on_one_node_receives_a_push_sent_to_another() {
     rig.wait_received("queued across nodes", "a queued push from the other node");
     rig.close();
     assert_eq!(rig.count_received("across nodes"), 1);
+}
+
+/// Firefox follows `remote-settings/monitor_changes` through Herald: it
+/// subscribes when it connects, hears the current version at once, and
+/// hears a change set later through the operator API.
+#[test]
+fn firefox_follows_remote_settings_broadcasts() {
+    const TOKEN: &str = "e2e-broadcast-token-0123";
+    let mut rig = Rig::with_env(&[("HERALD_BROADCAST_TOKENS", TOKEN)]);
+    let port = rig.herald.port;
+    let put = |version: &str| {
+        let (status, body) = raw_http(
+            port,
+            "PUT",
+            "/v1/broadcasts/remote-settings/monitor_changes",
+            Some(TOKEN),
+            version,
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    let metric = |name: &str| -> f64 {
+        raw_http(port, "GET", "/metrics", None, "")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    };
+    put("\"1\"");
+    rig.launch("");
+    // Firefox subscribes with the version it has ("0"): Herald answers with 1.
+    let heard = wait_for(SUBSCRIBE_TIMEOUT, || {
+        rig.check_browser();
+        (metric("herald_broadcast_messages_total") >= 1.0).then_some(())
+    });
+    assert!(
+        heard.is_some(),
+        "Firefox never followed the broadcast\n{}",
+        rig.logs()
+    );
+    assert_eq!(metric("herald_broadcast_subscribed_connections"), 1.0);
+    let before = metric("herald_broadcast_messages_total");
+    put("\"2\"");
+    let heard = wait_for(Duration::from_secs(10), || {
+        (metric("herald_broadcast_messages_total") > before).then_some(())
+    });
+    assert!(
+        heard.is_some(),
+        "the change did not reach Firefox\n{}",
+        rig.logs()
+    );
+    rig.close();
+}
+
+/// A plain HTTP/1.1 request to Herald on loopback: (status, body).
+fn raw_http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to Herald");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
 
 #[test]

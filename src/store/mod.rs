@@ -139,6 +139,10 @@ pub trait Store: Send + Sync + 'static {
     /// Counts unexpired messages, stopping at `limit`.
     async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize>;
 
+    /// Every broadcast id with its current version (see `broadcast`).
+    async fn broadcasts(&self) -> StoreResult<std::collections::BTreeMap<String, String>>;
+    async fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()>;
+
     /// Background upkeep: physically remove expired messages.
     async fn purge_expired(&self) -> StoreResult<()>;
     /// Makes everything written so far durable (shutdown).

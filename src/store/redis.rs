@@ -13,6 +13,7 @@
 //! | `herald:m:{uaid}` | sorted set | pending seqs (member = decimal seq, score = seq); expires with its newest message |
 //! | `herald:p:{uaid}:<seq>` | string | encoded `Message`, `EXAT expires_at` |
 //! | `herald:t:{uaid}` | hash | channel id bytes + topic → decimal seq; expires with its newest message |
+//! | `herald:broadcasts` | hash | broadcast id → version |
 //!
 //! Needs Redis 7.0 or later (Valkey 7.2+) for `EXPIRETIME`.
 
@@ -51,6 +52,9 @@ const MAX_SEQ_ATTEMPTS: usize = 8;
 const MESSAGE_CHANNEL: std::ops::Range<usize> = 18..34;
 /// Seqs are passed to Redis as sorted-set scores, which are f64.
 const MAX_EXACT_SCORE: u64 = 1 << 53;
+
+/// Broadcast id → version (see `broadcast`).
+const BROADCASTS_KEY: &str = "herald:broadcasts";
 
 const PUT_COLLISION: i64 = -1;
 const PUT_REPLACED: i64 = 1;
@@ -754,6 +758,22 @@ impl Store for RedisStore {
     /// read or counted.
     async fn purge_expired(&self) -> StoreResult<()> {
         Ok(())
+    }
+
+    /// One hash for the whole cluster: few ids, read by every node each
+    /// second, written rarely.
+    async fn broadcasts(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.query("broadcasts", redis::cmd("HGETALL").arg(BROADCASTS_KEY))
+            .await
+    }
+
+    async fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()> {
+        self.query::<i64>(
+            "put_broadcast",
+            redis::cmd("HSET").arg(BROADCASTS_KEY).arg(id).arg(version),
+        )
+        .await
+        .map(drop)
     }
 
     /// Durability is Redis's own configuration (AOF, replicas).

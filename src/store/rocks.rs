@@ -22,6 +22,8 @@ const MESSAGES: &str = "messages";
 const TOPICS: &str = "topics";
 const META: &str = "meta";
 const SEQ_CEILING_KEY: &[u8] = b"seq_ceiling";
+/// Broadcast versions live in `meta` under this prefix + id.
+const BROADCAST_PREFIX: &[u8] = b"broadcast/";
 /// Sequence numbers are reserved in blocks so a restart (even with the clock
 /// set back) never reuses one: the ceiling is persisted before any number
 /// below it is handed out.
@@ -478,6 +480,26 @@ impl Rocks {
         Ok(n)
     }
 
+    pub fn broadcasts(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        self.for_prefix(META, BROADCAST_PREFIX, |k, v| {
+            let id = std::str::from_utf8(&k[BROADCAST_PREFIX.len()..]);
+            if let (Ok(id), Ok(v)) = (id, std::str::from_utf8(v)) {
+                out.insert(id.to_string(), v.to_string());
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    pub fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()> {
+        let mut key = BROADCAST_PREFIX.to_vec();
+        key.extend_from_slice(id.as_bytes());
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(META), key, version.as_bytes());
+        self.write(b)
+    }
+
     pub fn purge_expired(&self) -> StoreResult<()> {
         let now = now_secs();
         let messages = self.cf(MESSAGES);
@@ -628,6 +650,15 @@ impl Store for RocksStore {
 
     async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
         self.inner.count_messages(uaid, now, limit)
+    }
+
+    async fn broadcasts(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.inner.broadcasts()
+    }
+
+    async fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()> {
+        let (id, version) = (id.to_string(), version.to_string());
+        self.write_op(move |r| r.put_broadcast(&id, &version)).await
     }
 
     async fn purge_expired(&self) -> StoreResult<()> {
