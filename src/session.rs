@@ -15,7 +15,7 @@ use crate::ids::{parse_channel_id, Uaid};
 use crate::protocol::{BroadcastDelta, ClientMessage, ServerMessage, PING_REPLY};
 use crate::store::{now_secs, ChannelRecord, Message, UserRecord};
 use crate::token::{key_hash, MessageId};
-use crate::webpush::{decode_b64url, encode_b64url, Urgency};
+use crate::webpush::{decode_b64url, Urgency};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -618,15 +618,11 @@ impl Session {
             channel: m.channel,
             seq: m.seq,
         });
-        let has_data = !m.data.is_empty();
-        let frame = ServerMessage::Notification {
-            channel_id: m.channel.to_string(),
-            version,
-            data: has_data.then(|| encode_b64url(&m.data)),
-            headers: if has_data { m.headers.as_ref() } else { None },
-            ttl: m.ttl,
-        }
-        .to_json();
+        let data = match (&m.headers, m.data.is_empty()) {
+            (Some(h), false) => Some((&m.data[..], h)),
+            _ => None,
+        };
+        let frame = crate::protocol::notification_json(&m.channel, &version, data, m.ttl);
         self.in_flight.push(InFlight { seq: m.seq });
         self.app.metrics.messages_delivered.inc();
         out.push(Action::Send(frame));
