@@ -397,3 +397,39 @@ async fn a_broadcast_set_on_one_node_reaches_user_agents_on_another() {
         serde_json::json!({"messageType": "broadcast", "broadcasts": {id.as_str(): "7"}})
     );
 }
+
+/// DELETE and the per-user-agent cap hold whichever node a request reaches.
+#[tokio::test]
+async fn cancel_and_the_stored_message_cap_work_across_nodes() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let env = [("HERALD_MAX_STORED_MESSAGES", "3")];
+    let a = node(cluster.url(), &key, None, &env).await;
+    let b = node(cluster.url(), &key, Some(&a.url()), &env).await;
+    let keys = UaKeys::new();
+    let (uaid, ep) = offline_subscription(&b, None).await;
+
+    let first = push(&via(&a, &ep), None, &a.url(), &keys, "cancel me", &[]).await;
+    assert_eq!(first.status, 201);
+    let location = first.header("location").expect("Location");
+    let path = &location[location.find("/m/").unwrap()..];
+    pushed(&via(&b, &ep), &a.url(), &keys, "two", &[]).await;
+    pushed(&via(&a, &ep), &a.url(), &keys, "three", &[]).await;
+    // Three stored, written through both nodes: the fourth is refused on either.
+    for to in [&a, &b] {
+        let r = push(&via(to, &ep), None, &a.url(), &keys, "four", &[]).await;
+        assert_eq!((r.status, r.errno()), (429, 116));
+    }
+    // Cancelled through the node that did not accept it.
+    let r = http(&b, "DELETE", path, &[], vec![]).await.unwrap();
+    assert_eq!(r.status, 204);
+    let r = http(&a, "DELETE", path, &[], vec![]).await.unwrap();
+    assert_eq!((r.status, r.errno()), (404, 117));
+    pushed(&via(&b, &ep), &a.url(), &keys, "four", &[]).await;
+
+    let mut ua = Ua::hello(&a, Some(&uaid)).await;
+    assert_eq!(
+        drain(&mut ua, &keys, Duration::from_secs(2)).await,
+        ["two", "three", "four"]
+    );
+}
