@@ -259,8 +259,7 @@ pub fn notification_json(
 }
 
 fn push_json_str(out: &mut String, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         out.push('"');
