@@ -8,8 +8,10 @@
 pub mod app;
 pub mod appserver;
 pub mod broadcast;
+pub mod client;
 pub mod config;
 pub mod connect;
+pub mod crypto;
 pub mod demo;
 pub mod endpoint;
 pub mod errors;

@@ -4,152 +4,23 @@
 //! A push message is encrypted to the user agent's `p256dh` key and `auth`
 //! secret from its `PushSubscription`. Each message uses a fresh ephemeral
 //! P-256 key and a random salt, so two encryptions of the same text differ.
+//!
+//! The code lives in [`crate::crypto`], shared with the user-agent side
+//! (`herald listen`) that decrypts, so the key derivation exists once.
 
-use aes_gcm::aead::{Aead, KeyInit};
-use aes_gcm::{Aes128Gcm, Nonce};
-use hkdf::Hkdf;
-use p256::elliptic_curve::sec1::ToEncodedPoint;
-use p256::{PublicKey, SecretKey};
-use rand::rngs::OsRng;
-use rand::RngCore;
-use sha2::Sha256;
-use std::fmt;
-
-/// The record size Herald writes. Browsers accept any size; 4096 keeps the
-/// whole body of a message that fits the RFC 8291 budget in one record.
-pub const DEFAULT_RECORD_SIZE: u32 = 4096;
-
-/// Length of the `aes128gcm` header Herald writes: salt (16), rs (4),
-/// idlen (1) and the 65-octet ephemeral public key.
-pub const HEADER_LEN: usize = 16 + 4 + 1 + 65;
-
-/// AES-GCM tag length.
-const TAG_LEN: usize = 16;
-
-/// Largest plaintext that every push service must accept (RFC 8291 §4):
-/// 4096 octets of body minus the header, one padding octet and the tag.
-pub const MAX_PORTABLE_PLAINTEXT: usize = 4096 - HEADER_LEN - 1 - TAG_LEN;
-
-/// Why a message could not be encrypted. All come from a malformed
-/// subscription, so the messages name the subscription field at fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EncryptError {
-    /// `keys.p256dh` is not a 65-octet uncompressed P-256 point.
-    BadP256dh(String),
-    /// `keys.auth` is not 16 octets.
-    BadAuth(usize),
-    /// The plaintext cannot fit in a single record of the largest size.
-    TooLarge(usize),
-}
-
-impl fmt::Display for EncryptError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EncryptError::BadP256dh(why) => write!(f, "subscription key p256dh is unusable: {why}"),
-            EncryptError::BadAuth(len) => {
-                write!(f, "subscription secret auth must be 16 bytes, got {len}")
-            }
-            EncryptError::TooLarge(len) => {
-                write!(f, "payload of {len} bytes is too large to encrypt")
-            }
-        }
-    }
-}
-
-impl std::error::Error for EncryptError {}
-
-/// Encrypts `plaintext` for the user agent holding `p256dh` (65-octet
-/// uncompressed point) and `auth` (16 octets), returning the complete
-/// `aes128gcm` request body: header then a single record.
-///
-/// The record size is 4096, or just large enough for one record when the
-/// plaintext is longer; RFC 8291 requires a single record, and a push service
-/// may refuse bodies over 4096 octets (see [`MAX_PORTABLE_PLAINTEXT`]).
-pub fn encrypt_aes128gcm(
-    p256dh: &[u8],
-    auth: &[u8],
-    plaintext: &[u8],
-) -> Result<Vec<u8>, EncryptError> {
-    let ephemeral = SecretKey::random(&mut OsRng);
-    let mut salt = [0u8; 16];
-    OsRng.fill_bytes(&mut salt);
-    encrypt_with(p256dh, auth, plaintext, &ephemeral, &salt)
-}
-
-/// [`encrypt_aes128gcm`] with a caller-chosen ephemeral key and salt. Only
-/// for reproducing known-answer vectors: reusing either leaks plaintext.
-pub fn encrypt_with(
-    p256dh: &[u8],
-    auth: &[u8],
-    plaintext: &[u8],
-    ephemeral: &SecretKey,
-    salt: &[u8; 16],
-) -> Result<Vec<u8>, EncryptError> {
-    if p256dh.len() != 65 || p256dh[0] != 0x04 {
-        return Err(EncryptError::BadP256dh(format!(
-            "expected 65 bytes starting with 0x04 (uncompressed point), got {} bytes",
-            p256dh.len()
-        )));
-    }
-    let ua_public = PublicKey::from_sec1_bytes(p256dh)
-        .map_err(|_| EncryptError::BadP256dh("not a point on P-256".into()))?;
-    if auth.len() != 16 {
-        return Err(EncryptError::BadAuth(auth.len()));
-    }
-    // One record holds plaintext, the 0x02 delimiter and the tag.
-    let record_len = plaintext
-        .len()
-        .checked_add(1 + TAG_LEN)
-        .filter(|n| u32::try_from(*n).is_ok())
-        .ok_or(EncryptError::TooLarge(plaintext.len()))?;
-    let rs = DEFAULT_RECORD_SIZE.max(record_len as u32);
-
-    let as_public = ephemeral.public_key().to_encoded_point(false);
-    let as_public = as_public.as_bytes();
-
-    let shared = p256::ecdh::diffie_hellman(ephemeral.to_nonzero_scalar(), ua_public.as_affine());
-
-    // RFC 8291 §3.4: mix the auth secret and both public keys into the IKM.
-    let mut key_info = Vec::with_capacity(14 + 65 + 65);
-    key_info.extend_from_slice(b"WebPush: info\0");
-    key_info.extend_from_slice(p256dh);
-    key_info.extend_from_slice(as_public);
-    let mut ikm = [0u8; 32];
-    Hkdf::<Sha256>::new(Some(auth), shared.raw_secret_bytes())
-        .expand(&key_info, &mut ikm)
-        .expect("32 bytes is a valid HKDF-SHA256 output length");
-
-    // RFC 8188 §2.2/2.3: content key and nonce from the salt.
-    let prk = Hkdf::<Sha256>::new(Some(salt), &ikm);
-    let mut cek = [0u8; 16];
-    prk.expand(b"Content-Encoding: aes128gcm\0", &mut cek)
-        .expect("16 bytes is a valid HKDF-SHA256 output length");
-    let mut nonce = [0u8; 12];
-    prk.expand(b"Content-Encoding: nonce\0", &mut nonce)
-        .expect("12 bytes is a valid HKDF-SHA256 output length");
-
-    // Sequence number 0, so the nonce is used as derived. 0x02 marks the
-    // last (only) record; no further padding.
-    let mut record = Vec::with_capacity(plaintext.len() + 1);
-    record.extend_from_slice(plaintext);
-    record.push(0x02);
-    let cipher = Aes128Gcm::new_from_slice(&cek).expect("AES-128 key is 16 bytes");
-    let sealed = cipher
-        .encrypt(&Nonce::from(nonce), record.as_slice())
-        .map_err(|_| EncryptError::TooLarge(plaintext.len()))?;
-
-    let mut body = Vec::with_capacity(HEADER_LEN + sealed.len());
-    body.extend_from_slice(salt);
-    body.extend_from_slice(&rs.to_be_bytes());
-    body.push(65);
-    body.extend_from_slice(as_public);
-    body.extend_from_slice(&sealed);
-    Ok(body)
-}
+pub use crate::crypto::{
+    encrypt_aes128gcm, encrypt_with, EncryptError, DEFAULT_RECORD_SIZE, HEADER_LEN,
+    MAX_PORTABLE_PLAINTEXT,
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::TAG_LEN;
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use p256::SecretKey;
+    use rand::rngs::OsRng;
+    use rand::RngCore;
 
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
