@@ -44,9 +44,14 @@ async fn hello_reply_has_exactly_the_firefox_shape() {
         reply,
         json!({"messageType":"hello","uaid": uaid,"status":200,"use_webpush":true,"broadcasts":{}})
     );
-    // Firefox's follow-up must not break the connection.
+    // Firefox's follow-up must not break the connection; a Herald that
+    // knows no remote-settings version says so, as autopush does.
     ua.send_text(r#"{"messageType":"broadcast_subscribe","broadcasts":{"remote-settings/monitor_changes":"\"0\""}}"#)
         .await;
+    assert_eq!(
+        ua.recv().await,
+        json!({"messageType":"broadcast","broadcasts":{"errors":{"remote-settings/monitor_changes":"Broadcast not found"}}})
+    );
     ua.send_text("{}").await;
     assert_eq!(ua.recv().await, json!({}));
 }

@@ -37,12 +37,24 @@ pub fn now() -> u64 {
         .as_secs()
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up here), so
+/// that a Herald restarted on its port does not find it taken by some
+/// test's outgoing connection meanwhile. The Redis harness uses 20000+.
+/// Ports are handed out in turn from a random start, so tests running at
+/// once in this process never pick the same one.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = *START.get_or_init(|| rand::random::<u16>() % 8000);
+    static START: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    for _ in 0..8000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 12000 + (start.wrapping_add(n)) % 8000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 12000..20000")
 }
 
 /// A Herald process on an ephemeral port with its own data dir.
