@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
 # Short run of every herald-loadtest scenario against a freshly started
-# Herald on loopback, then the HTML report in loadtest/results/report.html.
+# Herald on loopback, then the HTML report in loadtest/results/report.html
+# and a side-by-side table (messages/s, server µs per delivered message,
+# latency p50/p99, idle KiB per connection) printed at the end and written
+# to loadtest/results/side-by-side-<stamp>.md.
+#
+# With AUTOPUSH_URL set (the websocket URL of an autopush-rs that is
+# already running on loopback, e.g. ws://127.0.0.1:8080/), the same
+# throughput and idle runs also go against it, and the table has a row for
+# each. This script neither builds, fetches nor starts autopush-rs, and it
+# stops only what it started. AUTOPUSH_PIDS lists its processes for CPU and
+# memory (comma-separated, optionally named:
+# autoconnect=PID,autoendpoint=PID,redis=PID); without it the autopush row
+# has no server figures. Its push endpoints are POSTed to as handed out
+# (they must be on loopback), or at AUTOPUSH_PUSH_URLS (http://host:port,
+# comma-separated) if set. Being long-running, it is not restarted between
+# its runs.
 #
 # Knobs (environment): BENCH_PORT (default 18080), RESULTS (default
-# loadtest/results), IDLE_UAS (default 25000: past this machine's
+# loadtest/results), SCENARIOS (default "idle throughput backlog storm
+# burst fanout"), IDLE_UAS (default 25000: past this machine's
 # 20,000-file ceiling), TP_UAS, TP_SENDERS, TP_SECS, TP_PAYLOAD, TP_RATE,
 # BACKLOG_UAS, BACKLOG_MSGS, STORM_UAS, STORM_WINDOW, BURST_UAS,
-# BURST_MSGS, BURST_BACKLOG, SKIP_BUILD=1,
+# BURST_MSGS, BURST_BACKLOG, FANOUT_UAS (default 10000 followers),
+# FANOUT_NON (default a tenth of them), FANOUT_CHANGES (default 5),
+# AUTOPUSH_URL, AUTOPUSH_PIDS, AUTOPUSH_PUSH_URLS, AUTOPUSH_IDLE_UAS
+# (default IDLE_UAS), SKIP_BUILD=1,
 # HERALD_BIN / LOADTEST_BIN (default: $CARGO_TARGET_DIR or target/, debug/).
 set -euo pipefail
 
@@ -16,6 +35,33 @@ root="$(cd "$here/.." && pwd)"
 source "$here/bench-lib.sh"
 results="${RESULTS:-$here/results}"
 port="${BENCH_PORT:-18080}"
+scenarios="${SCENARIOS:-idle throughput backlog storm burst fanout}"
+autopush_url="${AUTOPUSH_URL:-}"
+
+for s in $scenarios; do
+    case "$s" in
+    idle | throughput | backlog | storm | burst | fanout) ;;
+    *) echo "bench: unknown scenario '$s' in SCENARIOS" >&2; exit 2 ;;
+    esac
+done
+if [[ -n "$autopush_url" ]]; then
+    # Only a running autopush on this machine: ws://127.x.x.x:PORT/ or ws://localhost:PORT/.
+    ap_hostport="${autopush_url#ws://}"
+    ap_hostport="${ap_hostport%%/*}"
+    ap_host="${ap_hostport%:*}"
+    ap_port="${ap_hostport##*:}"
+    if [[ "$autopush_url" != ws://* || ! "$ap_port" =~ ^[0-9]+$ || ! ( "$ap_host" == localhost || "$ap_host" == 127.* ) ]]; then
+        echo "bench: AUTOPUSH_URL must be ws://127.0.0.1:PORT/ (or localhost) of a running autopush-rs, got '$autopush_url'" >&2
+        exit 2
+    fi
+    if ! port_in_use "$ap_port"; then
+        echo "bench: nothing answers on 127.0.0.1:$ap_port (AUTOPUSH_URL); start autopush-rs first" >&2
+        exit 1
+    fi
+    if [[ -z "${AUTOPUSH_PIDS:-}" ]]; then
+        echo "bench: AUTOPUSH_PIDS not set: no server CPU or memory figures for autopush" >&2
+    fi
+fi
 
 bench_bins
 require_free_port "$port"
@@ -23,6 +69,8 @@ require_free_port "$port"
 mkdir -p "$results"
 pid=""
 data=""
+# Extra environment for the next Herald (VAR=VALUE words).
+herald_env=()
 stop_herald() {
     stop_pid "$pid"
     pid=""
@@ -35,28 +83,74 @@ trap stop_herald EXIT
 start_herald() {
     local log="$1"
     data="$(mktemp -d)"
-    "$herald" serve --listen "127.0.0.1:$port" --data-dir "$data/data" \
-        --public-url "http://127.0.0.1:$port" >"$log" 2>&1 &
+    # env execs Herald in its place, so $! is Herald's PID.
+    env ${herald_env[@]+"${herald_env[@]}"} "$herald" serve --listen "127.0.0.1:$port" \
+        --data-dir "$data/data" --public-url "http://127.0.0.1:$port" >"$log" 2>&1 &
     pid=$!
     wait_herald "$pid" "$port" "$log" || exit 1
 }
 
 url="ws://127.0.0.1:$port/"
 stamp="$(date +%Y%m%d-%H%M%S)"
+files=()
 run() {
     local name="$1"; shift
     echo "== $name" >&2
     start_herald "$results/herald-$name.log"
     "$lt" "$name" --url "$url" --target herald --server-pid "$pid" \
         --out "$results/$name-$stamp.json" "$@"
+    files+=("$results/$name-$stamp.json")
     stop_herald
 }
 
-run idle --uas "${IDLE_UAS:-25000}" --hold 5 --concurrency 400
-run throughput --uas "${TP_UAS:-2000}" --senders "${TP_SENDERS:-32}" \
-    --duration "${TP_SECS:-15}" --payload "${TP_PAYLOAD:-1024}" --rate "${TP_RATE:-0}"
-run backlog --uas "${BACKLOG_UAS:-2000}" --messages-per-channel "${BACKLOG_MSGS:-10}" --senders 32
-run storm --uas "${STORM_UAS:-5000}" --window "${STORM_WINDOW:-5}"
-run burst --uas "${BURST_UAS:-4}" --messages "${BURST_MSGS:-1000}" --backlog "${BURST_BACKLOG:-500}"
+# The same run against the autopush-rs at AUTOPUSH_URL (left running).
+run_autopush() {
+    local name="$1"; shift
+    local extra=()
+    [[ -n "${AUTOPUSH_PIDS:-}" ]] && extra+=(--server-pid "$AUTOPUSH_PIDS")
+    [[ -n "${AUTOPUSH_PUSH_URLS:-}" ]] && extra+=(--push-urls "$AUTOPUSH_PUSH_URLS")
+    echo "== $name (autopush at $autopush_url)" >&2
+    "$lt" "$name" --url "$autopush_url" --target autopush ${extra[@]+"${extra[@]}"} \
+        --out "$results/autopush-$name-$stamp.json" "$@"
+    files+=("$results/autopush-$name-$stamp.json")
+}
 
-"$lt" report "$results"/{idle,throughput,backlog,storm,burst}-"$stamp".json --out "$results/report.html"
+wants() { [[ " $scenarios " == *" $1 "* ]]; }
+
+idle_args=(--hold 5 --concurrency 400)
+tp_args=(--uas "${TP_UAS:-2000}" --senders "${TP_SENDERS:-32}" --duration "${TP_SECS:-15}"
+    --payload "${TP_PAYLOAD:-1024}" --rate "${TP_RATE:-0}")
+
+if wants idle; then run idle --uas "${IDLE_UAS:-25000}" "${idle_args[@]}"; fi
+if wants throughput; then run throughput "${tp_args[@]}"; fi
+if wants backlog; then
+    run backlog --uas "${BACKLOG_UAS:-2000}" --messages-per-channel "${BACKLOG_MSGS:-10}" --senders 32
+fi
+if wants storm; then run storm --uas "${STORM_UAS:-5000}" --window "${STORM_WINDOW:-5}"; fi
+if wants burst; then
+    run burst --uas "${BURST_UAS:-4}" --messages "${BURST_MSGS:-1000}" --backlog "${BURST_BACKLOG:-500}"
+fi
+if wants fanout; then
+    # The broadcast API exists only with a token; the generator reads it
+    # from the environment, so it never shows in a process listing.
+    token="bench-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
+    herald_env=("HERALD_BROADCAST_TOKENS=$token")
+    fanout_uas="${FANOUT_UAS:-10000}"
+    HERALD_BROADCAST_TOKEN="$token" run fanout --uas "$fanout_uas" \
+        --non-followers "${FANOUT_NON:-$((fanout_uas / 10))}" --changes "${FANOUT_CHANGES:-5}" \
+        --api-url "http://127.0.0.1:$port" --concurrency 400
+    herald_env=()
+fi
+
+if [[ -n "$autopush_url" ]]; then
+    if wants idle; then run_autopush idle --uas "${AUTOPUSH_IDLE_UAS:-${IDLE_UAS:-25000}}" "${idle_args[@]}"; fi
+    if wants throughput; then run_autopush throughput "${tp_args[@]}"; fi
+fi
+
+"$lt" report "${files[@]}" --out "$results/report.html"
+side="$results/side-by-side-$stamp.md"
+if wants idle || wants throughput; then
+    echo >&2
+    echo "Side by side (also in $side and report.html):" >&2
+    "$lt" compare "${files[@]}" --out "$side"
+fi

@@ -6,7 +6,7 @@ use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec};
 use crate::net;
 use crate::proto::{self, Target};
-use crate::results::{Common, CpuMeter, RunResult};
+use crate::results::{self, Common, CpuMeter, RunResult};
 use crate::sender::Origins;
 use crate::sender::{self, Endpoint, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
@@ -348,7 +348,7 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
         }
     }
     uas.abort_all();
-    cpu.record(&mut result);
+    let server_cpu = cpu.record(&mut result);
     let _ = samp_stop_tx.send(true);
     let rates = sampler.await.unwrap_or_default();
 
@@ -408,6 +408,9 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
     // Milliseconds survive: a fast server drains a small backlog in under 5 ms.
     result.metric("drain_s", (drain_secs * 1e6).round() / 1e6);
     result.metric("drain_per_s", r2(drain_rate));
+    // Storing and delivering one message: server CPU from the first POST
+    // to the end of the drain.
+    let cpu_us = result.cpu_per("server_cpu_us_per_delivered", server_cpu, delivered);
     if first > drain_start_us {
         result.metric("first_message_s", r2((first - drain_start_us) as f64 / 1e6));
     }
@@ -426,8 +429,9 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
     result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
     let total_errors: u64 = result.errors.values().sum();
     result.summary = format!(
-        "backlog[{}]: {stored} stored, {delivered} delivered ({missing} missing, {extra} extra), drained in {drain_secs:.2}s ({drain_rate:.0}/s), {total_errors} errors",
-        common.target
+        "backlog[{}]: {stored} stored, {delivered} delivered ({missing} missing, {extra} extra), drained in {drain_secs:.2}s ({drain_rate:.0}/s), {total_errors} errors; {}",
+        common.target,
+        results::cpu_text(cpu_us, "delivered message"),
     );
     result.finish(common.out.as_deref())?;
     Ok(())

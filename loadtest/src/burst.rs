@@ -23,7 +23,7 @@ use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec};
 use crate::net;
 use crate::proto::{self, Target, Ws};
-use crate::results::{Common, CpuMeter, RunResult};
+use crate::results::{self, Common, CpuMeter, RunResult};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
@@ -787,6 +787,9 @@ pub async fn run(args: BurstArgs) -> Result<()> {
     uas.abort_all();
     let (live_accepted, live_lost) = books.count(true);
     let live_last_ack = books.last_ack_us[LIVE as usize].load(Relaxed);
+    // Server CPU of the live burst (accepting and delivering), apart from
+    // that of the backlog (storing, then delivering on reconnect).
+    let live_cpu = cpu.server_secs();
 
     // Phase 2: offline, store the backlog, come back and drain it.
     books.phase.store(DRAIN, Relaxed);
@@ -836,7 +839,7 @@ pub async fn run(args: BurstArgs) -> Result<()> {
         }
     }
     uas.abort_all();
-    cpu.record(&mut result);
+    let server_cpu = cpu.record(&mut result);
     let _ = samp_stop_tx.send(true);
     let rates = sampler.await.unwrap_or_default();
 
@@ -954,6 +957,18 @@ pub async fn run(args: BurstArgs) -> Result<()> {
     result.metric("drain_http_429", drain_send.too_many.load(Relaxed));
     result.metric("drain_http_errors", drain_send.errors.total());
     result.metric("never_delivered", live_never + drain_missing);
+    let cpu_us = result.cpu_per(
+        "server_cpu_us_per_delivered",
+        server_cpu,
+        books.delivered_total.load(Relaxed),
+    );
+    result.cpu_per("live_server_cpu_us_per_delivered", live_cpu, live_delivered);
+    let drain_cpu = server_cpu.zip(live_cpu).map(|(all, live)| all - live);
+    result.cpu_per(
+        "drain_server_cpu_us_per_delivered",
+        drain_cpu,
+        drain_delivered + books.late_live.load(Relaxed),
+    );
     result.latency.insert("end_to_end".into(), lat.clone());
     result.latency.insert(
         "reconnect_hello".into(),
@@ -985,12 +1000,13 @@ pub async fn run(args: BurstArgs) -> Result<()> {
     let total_errors: u64 = result.errors.values().sum();
     result.summary = format!(
         "burst[{}]: live {live_accepted} accepted, {live_delivered} delivered ({live_lost} lost, {live_dups} duplicates), last ack {live_secs:.3}s ({live_rate:.0}/s), {}, {} x 429, latency {}; \
-         drain {stored} stored, {drain_delivered} delivered ({drain_missing} missing, {drain_dups} duplicates) in {drain_secs:.3}s ({drain_rate:.0}/s), {}, {reconnects} reconnects; {total_errors} errors",
+         drain {stored} stored, {drain_delivered} delivered ({drain_missing} missing, {drain_dups} duplicates) in {drain_secs:.3}s ({drain_rate:.0}/s), {}, {reconnects} reconnects; {total_errors} errors; {}",
         common.target,
         cut_off_text(live_closed, connected, &live_closes),
         live_send.too_many.load(Relaxed),
         lat.short(),
         cut_off_text(drain_closed, offline, &drain_closes),
+        results::cpu_text(cpu_us, "delivered message"),
     );
     result.finish(common.out.as_deref())?;
     Ok(())

@@ -4,6 +4,7 @@
 use crate::proto::{self, Failure, Target, Ws};
 use crate::stats::{Hist, Tally};
 use futures_util::StreamExt;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,12 +36,36 @@ pub async fn bring_up(
     register: &[(Uuid, &str)],
     limit: Duration,
 ) -> Result<(Ws, String, Vec<String>), Failure> {
+    bring_up_inner(target, src, resume, &BTreeMap::new(), register, limit).await
+}
+
+/// A fresh user agent following `broadcasts` (id -> version it knows) from
+/// its `hello` on, as Firefox follows remote settings.
+pub async fn bring_up_following(
+    target: &Target,
+    src: Option<IpAddr>,
+    broadcasts: &BTreeMap<String, String>,
+    register: &[(Uuid, &str)],
+    limit: Duration,
+) -> Result<(Ws, String, Vec<String>), Failure> {
+    bring_up_inner(target, src, None, broadcasts, register, limit).await
+}
+
+async fn bring_up_inner(
+    target: &Target,
+    src: Option<IpAddr>,
+    resume: Option<(&str, &[Uuid])>,
+    broadcasts: &BTreeMap<String, String>,
+    register: &[(Uuid, &str)],
+    limit: Duration,
+) -> Result<(Ws, String, Vec<String>), Failure> {
     let mut ws = step("connect", limit, proto::open(target, src)).await?;
     let (uaid, channels) = match resume {
         Some((u, c)) => (Some(u), c),
         None => (None, &[][..]),
     };
-    let got = step("hello", limit, proto::hello(&mut ws, uaid, channels)).await?;
+    let hello = proto::hello_following(&mut ws, uaid, channels, broadcasts);
+    let got = step("hello", limit, hello).await?;
     let mut endpoints = Vec::with_capacity(register.len());
     for (channel, key) in register {
         endpoints.push(step("register", limit, proto::register(&mut ws, channel, key)).await?);

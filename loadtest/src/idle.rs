@@ -4,6 +4,7 @@
 //! source address's port range over 127.0.0.x source addresses.
 
 use crate::crypto::Vapid;
+use crate::fanout::{self, Arrivals, FanoutCounts, Follow, Recorder};
 use crate::fleet;
 use crate::net::{self, FileLimit};
 use crate::proto::{self, Target};
@@ -63,6 +64,13 @@ pub struct WorkerSpec {
     pub max_connect_secs: f64,
     /// Hard bound on the worker's life, in case the parent never releases it.
     pub max_life_secs: f64,
+    /// `fanout`: which user agents follow which broadcast; their broadcast
+    /// frames are timestamped and reported. None for `idle`.
+    #[serde(default)]
+    pub follow: Option<Follow>,
+    /// Milliseconds between progress events (0: 200).
+    #[serde(default)]
+    pub progress_ms: u64,
 }
 
 /// Worker → parent, one JSON object per line on the worker's stdout.
@@ -73,6 +81,9 @@ pub enum WorkerEvent {
         established: u64,
         failed: u64,
         open: u64,
+        /// `fanout`: broadcast frames received so far.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fanout: Option<FanoutCounts>,
     },
     Launched {
         established: u64,
@@ -87,10 +98,19 @@ pub enum WorkerEvent {
         rss_start_kib: u64,
         #[serde(default)]
         rss_kib: u64,
+        /// Of `established`, the user agents following a broadcast (`fanout`).
+        #[serde(default)]
+        followers: u64,
+        /// Handshakes by the subprotocol the server selected.
+        #[serde(default)]
+        subprotocols: BTreeMap<String, u64>,
     },
     Final {
         dropped: u64,
         drop_reasons: BTreeMap<String, u64>,
+        /// `fanout`: every broadcast frame's arrival.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fanout: Option<Arrivals>,
     },
     Error {
         message: String,
@@ -104,6 +124,7 @@ struct Counters {
     open: AtomicU64,
     consecutive_failures: AtomicU64,
     last_established_us: AtomicU64,
+    followers: AtomicU64,
 }
 
 /// Opens `spec.count` user agents, reports, holds them until `release`.
@@ -141,18 +162,26 @@ async fn worker_inner(
     let drops = Arc::new(Tally::default());
     let latency = Arc::new(Hist::new());
     let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let recorder = spec.follow.as_ref().map(|f| Arc::new(Recorder::new(&f.id)));
 
     let progress = {
         let c = c.clone();
         let events = events.clone();
+        let recorder = recorder.clone();
+        let every = Duration::from_millis(if spec.progress_ms == 0 {
+            200
+        } else {
+            spec.progress_ms
+        });
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let ev = WorkerEvent::Progress {
                     established: c.established.load(Relaxed),
                     failed: c.failed.load(Relaxed),
                     open: c.open.load(Relaxed),
+                    fanout: recorder.as_ref().map(|r| r.counts()),
                 };
                 if events.send(ev).is_err() {
                     break;
@@ -185,6 +214,14 @@ async fn worker_inner(
         let channels: Vec<(uuid::Uuid, Arc<str>)> = (0..spec.channels)
             .map(|_| (proto::new_channel_id(), key.clone()))
             .collect();
+        // `fanout`: this user agent follows the broadcast (at the version
+        // the parent set), or is one of those that follow nothing.
+        let follows = spec.follow.as_ref().filter(|f| f.follows(g));
+        let broadcasts: BTreeMap<String, String> = follows
+            .map(|f| [(f.id.clone(), f.version.clone())].into())
+            .unwrap_or_default();
+        let follower = follows.is_some();
+        let recorder = recorder.clone();
         let (target, c, failures, drops, latency) = (
             targets[node].clone(),
             c.clone(),
@@ -198,10 +235,18 @@ async fn worker_inner(
             let regs: Vec<(uuid::Uuid, &str)> = channels.iter().map(|(u, k)| (*u, &**k)).collect();
             // Boxed so the (large) handshake state is freed once set up: the
             // task then holds little more than the socket while it idles.
-            let up = Box::pin(fleet::bring_up(&target, src, None, &regs, limit)).await;
+            let up = Box::pin(fleet::bring_up_following(
+                &target,
+                src,
+                &broadcasts,
+                &regs,
+                limit,
+            ))
+            .await;
             drop(permit);
             drop(regs);
             drop(channels);
+            drop(broadcasts);
             let mut ws = match up {
                 Ok((ws, _, _)) => ws,
                 Err(f) => {
@@ -215,8 +260,14 @@ async fn worker_inner(
             c.consecutive_failures.store(0, Relaxed);
             c.open.fetch_add(1, Relaxed);
             c.established.fetch_add(1, Relaxed);
+            if follower {
+                c.followers.fetch_add(1, Relaxed);
+            }
             stats::fetch_max(&c.last_established_us, clock.now_us());
-            let ended = fleet::hold(&mut ws, &mut release).await;
+            let ended = match &recorder {
+                Some(rec) => fanout::watch(&mut ws, follower, rec, &mut release).await,
+                None => fleet::hold(&mut ws, &mut release).await,
+            };
             c.open.fetch_sub(1, Relaxed);
             match ended {
                 Some(reason) => drops.add(reason),
@@ -239,6 +290,8 @@ async fn worker_inner(
         nofile,
         rss_start_kib,
         rss_kib: results::own_rss_kib().unwrap_or(0),
+        followers: c.followers.load(Relaxed),
+        subprotocols: proto::selected_subprotocols(),
     });
 
     let life = stats::secs(spec.max_life_secs.max(1.0));
@@ -262,6 +315,7 @@ async fn worker_inner(
     let _ = events.send(WorkerEvent::Final {
         dropped: dropped_before_release,
         drop_reasons,
+        fanout: recorder.map(|r| r.arrivals()),
     });
     Ok(())
 }
@@ -295,13 +349,13 @@ pub async fn worker_process(spec_json: &str) -> Result<()> {
     Ok(())
 }
 
-enum Worker {
+pub(crate) enum Worker {
     Local(watch::Sender<bool>),
     Child(tokio::process::Child),
 }
 
 impl Worker {
-    async fn release(&mut self) {
+    pub(crate) async fn release(&mut self) {
         match self {
             Worker::Local(tx) => {
                 let _ = tx.send(true);
@@ -403,6 +457,8 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             max_consecutive_failures: args.max_consecutive_failures,
             max_connect_secs: args.max_connect_secs,
             max_life_secs: max_life,
+            follow: None,
+            progress_ms: 0,
         };
         first += count;
         workers.push(spawn_worker(w, procs == 1, spec, tx.clone()).await?);
@@ -415,6 +471,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     let mut drops = BTreeMap::new();
     let mut setup_hist = stats::from_pairs(&[]);
     let mut last_established_us = 0u64;
+    let mut subprotocols = BTreeMap::new();
     let mut memory = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_print = Instant::now();
@@ -424,7 +481,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     while !state.iter().all(|s| s.launched || s.finished) && Instant::now() < launch_deadline {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some((w, ev)) => absorb(w, ev, &mut state, &mut failures, &mut drops, &mut setup_hist, &mut last_established_us, &mut result.errors),
+                Some((w, ev)) => absorb(w, ev, &mut state, &mut failures, &mut drops, &mut setup_hist, &mut last_established_us, &mut result.errors, &mut subprotocols),
                 None => break,
             },
             _ = tick.tick() => {
@@ -456,7 +513,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     while Instant::now() < hold_until {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some((w, ev)) => absorb(w, ev, &mut state, &mut failures, &mut drops, &mut setup_hist, &mut last_established_us, &mut result.errors),
+                Some((w, ev)) => absorb(w, ev, &mut state, &mut failures, &mut drops, &mut setup_hist, &mut last_established_us, &mut result.errors, &mut subprotocols),
                 None => break,
             },
             _ = tokio::time::sleep_until(hold_until.into()) => {}
@@ -487,6 +544,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
                 &mut setup_hist,
                 &mut last_established_us,
                 &mut result.errors,
+                &mut subprotocols,
             ),
             _ => break,
         }
@@ -566,6 +624,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         result.metric("server_nofile_limit", l);
     }
     result.latency.insert("setup".into(), setup.clone());
+    result.set_subprotocols(subprotocols);
     result.memory = memory;
     result.elapsed_s = round2(started.elapsed().as_secs_f64());
     result.summary = format!(
@@ -618,6 +677,7 @@ fn absorb(
     hist: &mut hdrhistogram::Histogram<u64>,
     last_established_us: &mut u64,
     errors: &mut BTreeMap<String, u64>,
+    subprotocols: &mut BTreeMap<String, u64>,
 ) {
     let s = &mut state[w];
     match ev {
@@ -625,6 +685,7 @@ fn absorb(
             established,
             failed,
             open,
+            ..
         } => {
             s.established = established;
             s.failed = failed;
@@ -639,8 +700,10 @@ fn absorb(
             setup_latency,
             rss_start_kib,
             rss_kib,
+            subprotocols: sp,
             ..
         } => {
+            stats::merge_tally(subprotocols, &sp);
             s.rss_growth_kib = rss_kib.saturating_sub(rss_start_kib);
             s.established = established;
             s.failed = failed;
@@ -664,7 +727,7 @@ fn absorb(
     }
 }
 
-async fn spawn_worker(
+pub(crate) async fn spawn_worker(
     w: usize,
     local: bool,
     spec: WorkerSpec,
@@ -676,6 +739,7 @@ async fn spawn_worker(
             WorkerEvent::Final {
                 dropped: 0,
                 drop_reasons: BTreeMap::new(),
+                fanout: None,
             },
         ));
         let (rel, _) = watch::channel(false);
@@ -870,6 +934,8 @@ mod tests {
             nofile: LIM,
             rss_start_kib: 1,
             rss_kib: 2,
+            followers: 0,
+            subprotocols: f(&[("none", 5)]),
         };
         let line = serde_json::to_string(&ev).unwrap();
         assert!(!line.contains('\n'));

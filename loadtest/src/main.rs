@@ -5,6 +5,7 @@
 mod backlog;
 mod burst;
 mod crypto;
+mod fanout;
 mod fleet;
 mod idle;
 mod net;
@@ -49,8 +50,14 @@ enum Command {
     /// Many messages in flight per channel, each acked with its own frame (as Firefox does),
     /// live and from a stored backlog; reports whether the server cut the user agent off.
     Burst(burst::BurstArgs),
+    /// Idle user agents following a broadcast (and some following nothing); change its version
+    /// through the broadcast API and time how long every follower takes to hear of it.
+    Fanout(fanout::FanoutArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
+    /// Print the side-by-side table of result files (one row per target): throughput,
+    /// server CPU per message, latency, idle memory per connection.
+    Compare(report::CompareArgs),
     /// Internal: one worker process of `idle`.
     #[command(hide = true)]
     IdleWorker {
@@ -63,6 +70,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Report(args) => return finish(report::run(args)),
+        Command::Compare(args) => return finish(report::compare(args)),
         other => other,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -85,8 +93,11 @@ fn main() -> ExitCode {
                 Command::Backlog(a) => backlog::run(a).await,
                 Command::Storm(a) => storm::run(a).await,
                 Command::Burst(a) => burst::run(a).await,
+                Command::Fanout(a) => fanout::run(a).await,
                 Command::IdleWorker { spec } => idle::worker_process(&spec).await,
-                Command::Report(_) => Err(anyhow::anyhow!("report runs outside the runtime")),
+                Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(
+                    "report and compare run outside the runtime"
+                )),
             }
         };
         tokio::select! {

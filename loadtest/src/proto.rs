@@ -1,16 +1,20 @@
 //! The user-agent side of the Mozilla push websocket protocol, as Firefox
-//! speaks it: handshake with the `push-notification` subprotocol, `hello`,
-//! `register`, `notification` and `ack` JSON messages, `{}` pings.
+//! speaks it: handshake offering the `push-notification` subprotocol (the
+//! server may select it, as Herald does, or none, as autopush-rs does),
+//! `hello` (optionally following broadcasts), `register`, `notification`
+//! and `ack` JSON messages, `{}` pings.
 
 use crate::net;
 use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
@@ -106,6 +110,27 @@ pub fn ws_error_name(e: &WsError) -> String {
     }
 }
 
+/// The websocket subprotocol Firefox asks for.
+pub const SUBPROTOCOL: &str = "push-notification";
+
+/// Handshakes that selected [`SUBPROTOCOL`] and handshakes that selected
+/// none, in this process. autopush-rs selects none; Herald selects it.
+static SELECTED_PUSH: AtomicU64 = AtomicU64::new(0);
+static SELECTED_NONE: AtomicU64 = AtomicU64::new(0);
+
+/// What servers selected in this process's handshakes so far, by name
+/// ("push-notification", "none"); only names that occurred.
+pub fn selected_subprotocols() -> BTreeMap<String, u64> {
+    [
+        (SUBPROTOCOL, SELECTED_PUSH.load(Relaxed)),
+        ("none", SELECTED_NONE.load(Relaxed)),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(k, n)| (k.to_string(), n))
+    .collect()
+}
+
 /// TCP connect plus websocket handshake. The phase of a failure separates
 /// "could not get a socket" (connect) from "server would not upgrade"
 /// (handshake).
@@ -113,20 +138,127 @@ pub async fn open(target: &Target, src: Option<IpAddr>) -> Result<Ws, Failure> {
     let tcp = net::tcp_connect(target.addr, src)
         .await
         .map_err(|e| Failure::new("connect", net::io_error_name(&e)))?;
-    let mut req = target
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| Failure::new("handshake", ws_error_name(&e)))?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        http::HeaderValue::from_static("push-notification"),
-    );
-    // tungstenite checks that the server selected the subprotocol we asked for.
-    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, tcp, Some(ws_config()))
-        .await
-        .map_err(|e| Failure::new("handshake", ws_error_name(&e)))?;
+    let (ws, selected) = handshake(tcp, &target.url).await?;
+    match selected {
+        Some(_) => SELECTED_PUSH.fetch_add(1, Relaxed),
+        None => SELECTED_NONE.fetch_add(1, Relaxed),
+    };
     Ok(ws)
+}
+
+/// The client half of the websocket handshake (RFC 6455 section 4), asking
+/// for the `push-notification` subprotocol as Firefox does. tungstenite's
+/// own client refuses a server that selects no subprotocol, which is what
+/// autopush-rs does (and what RFC 6455 allows: the server "may" select one
+/// of those offered), so the response is checked here: a 101 with the right
+/// `Sec-WebSocket-Accept`, and either `push-notification` or no subprotocol.
+/// A server selecting anything else is refused. Returns the socket and the
+/// subprotocol selected (None: none).
+pub async fn handshake(
+    mut tcp: TcpStream,
+    url: &str,
+) -> Result<(Ws, Option<&'static str>), Failure> {
+    let fail = |why: String| Failure::new("handshake", why);
+    let uri: http::Uri = url.parse().map_err(|_| fail("invalid URL".into()))?;
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or_else(|| fail("URL without host".into()))?;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = if path.is_empty() { "/" } else { path };
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(|e| fail(net::io_error_name(&e)))?;
+    // The response head, and whatever the server sent after it.
+    let mut buf = Vec::with_capacity(512);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return Err(fail("response head over 16 KiB".into()));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tcp
+            .read(&mut chunk)
+            .await
+            .map_err(|e| fail(net::io_error_name(&e)))?;
+        if n == 0 {
+            return Err(fail("closed".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| fail("response head is not UTF-8".into()))?;
+    let selected = check_response(head, &key).map_err(fail)?;
+    let rest = buf[head_end..].to_vec();
+    let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Client, Some(ws_config())).await;
+    Ok((ws, selected))
+}
+
+/// Checks a handshake response head against the key sent; returns the
+/// subprotocol selected, or why the handshake failed (a short key for
+/// tallies, `http 503` for a refusal as before).
+pub fn check_response(head: &str, key: &str) -> Result<Option<&'static str>, String> {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|_| version.starts_with("HTTP/1."))
+        .ok_or_else(|| "malformed response".to_string())?;
+    if status != 101 {
+        return Err(format!("http {status}"));
+    }
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| "malformed response header".to_string())?;
+        headers.push((name.trim(), value.trim()));
+    }
+    let all = |name: &str| -> Vec<&str> {
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    if !all("Upgrade")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case("websocket"))
+    {
+        return Err("protocol: no Upgrade: websocket".into());
+    }
+    if !all("Connection")
+        .iter()
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    {
+        return Err("protocol: no Connection: Upgrade".into());
+    }
+    let want = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if all("Sec-WebSocket-Accept") != [want.as_str()] {
+        return Err("protocol: wrong Sec-WebSocket-Accept".into());
+    }
+    if !all("Sec-WebSocket-Extensions").is_empty() {
+        return Err("protocol: extension selected, none offered".into());
+    }
+    match all("Sec-WebSocket-Protocol").as_slice() {
+        [] => Ok(None),
+        [p] if *p == SUBPROTOCOL => Ok(Some(SUBPROTOCOL)),
+        [p] => Err(format!(
+            "protocol: server selected subprotocol {p:?}, not {SUBPROTOCOL}"
+        )),
+        _ => Err("protocol: several subprotocols selected".into()),
+    }
 }
 
 /// A message from the server. Borrowed where possible: notifications carry up
@@ -153,9 +285,28 @@ pub fn parse(text: &str) -> Option<ServerMsg<'_>> {
     serde_json::from_str(text).ok()
 }
 
+#[cfg(test)]
 pub fn hello_json(uaid: Option<&str>, channel_ids: &[Uuid]) -> String {
+    hello_json_following(uaid, channel_ids, &BTreeMap::new())
+}
+
+/// `hello` following `broadcasts` (id -> the version this user agent
+/// knows), as Firefox follows `remote-settings/monitor_changes`.
+pub fn hello_json_following(
+    uaid: Option<&str>,
+    channel_ids: &[Uuid],
+    broadcasts: &BTreeMap<String, String>,
+) -> String {
     match uaid {
-        None => r#"{"messageType":"hello","use_webpush":true,"broadcasts":{}}"#.to_string(),
+        None if broadcasts.is_empty() => {
+            r#"{"messageType":"hello","use_webpush":true,"broadcasts":{}}"#.to_string()
+        }
+        None => serde_json::json!({
+            "messageType": "hello",
+            "use_webpush": true,
+            "broadcasts": broadcasts,
+        })
+        .to_string(),
         Some(uaid) => {
             let ids: Vec<String> = channel_ids
                 .iter()
@@ -164,7 +315,7 @@ pub fn hello_json(uaid: Option<&str>, channel_ids: &[Uuid]) -> String {
             serde_json::json!({
                 "messageType": "hello",
                 "use_webpush": true,
-                "broadcasts": {},
+                "broadcasts": broadcasts,
                 "uaid": uaid,
                 "channelIDs": ids,
             })
@@ -225,13 +376,20 @@ async fn expect(
     Err(Failure::new(phase, "no reply among 64 messages"))
 }
 
-/// Sends `hello` and returns the uaid the server assigned (or confirmed).
-pub async fn hello(
+/// Sends `hello`, following `broadcasts` (none if empty), and returns the
+/// uaid the server assigned (or confirmed).
+pub async fn hello_following(
     ws: &mut Ws,
     uaid: Option<&str>,
     channel_ids: &[Uuid],
+    broadcasts: &BTreeMap<String, String>,
 ) -> Result<String, Failure> {
-    send_text(ws, hello_json(uaid, channel_ids), "hello").await?;
+    send_text(
+        ws,
+        hello_json_following(uaid, channel_ids, broadcasts),
+        "hello",
+    )
+    .await?;
     let (status, got, _) = expect(ws, "hello", "hello").await?;
     check_status(status, "hello")?;
     match got {
@@ -278,6 +436,119 @@ mod tests {
             serde_json::from_str(&hello_json(Some("ab12"), &[c])).unwrap();
         assert_eq!(again["uaid"], "ab12");
         assert_eq!(again["channelIDs"][0], c.hyphenated().to_string());
+    }
+
+    #[test]
+    fn hello_can_follow_broadcasts() {
+        let follow: BTreeMap<String, String> = [("a/b".to_string(), "\"7\"".to_string())].into();
+        let v: serde_json::Value =
+            serde_json::from_str(&hello_json_following(None, &[], &follow)).unwrap();
+        assert_eq!(v["broadcasts"]["a/b"], "\"7\"");
+        assert!(v.get("uaid").is_none());
+        let v: serde_json::Value =
+            serde_json::from_str(&hello_json_following(Some("u"), &[], &follow)).unwrap();
+        assert_eq!(v["broadcasts"]["a/b"], "\"7\"");
+        assert_eq!(v["uaid"], "u");
+        let plain: serde_json::Value = serde_json::from_str(&hello_json(None, &[])).unwrap();
+        assert_eq!(plain["broadcasts"], serde_json::json!({}));
+    }
+
+    fn response(key: &str, extra: &str) -> String {
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn handshake_accepts_push_notification_or_no_subprotocol() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let with = response(key, "Sec-WebSocket-Protocol: push-notification\r\n");
+        assert_eq!(check_response(&with, key), Ok(Some(SUBPROTOCOL)));
+        // autopush-rs selects none: accepted, and reported as such.
+        assert_eq!(check_response(&response(key, ""), key), Ok(None));
+        let other = response(key, "Sec-WebSocket-Protocol: chat\r\n");
+        let e = check_response(&other, key).unwrap_err();
+        assert!(
+            e.contains("\"chat\"") && e.contains("not push-notification"),
+            "{e}"
+        );
+        let two = response(
+            key,
+            "Sec-WebSocket-Protocol: push-notification\r\nSec-WebSocket-Protocol: chat\r\n",
+        );
+        assert!(check_response(&two, key).is_err());
+        // Not an upgrade, or not to our key.
+        assert_eq!(
+            check_response("HTTP/1.1 503 Service Unavailable\r\n\r\n", key),
+            Err("http 503".into())
+        );
+        let wrong = response("AAAAAAAAAAAAAAAAAAAAAA==", "");
+        assert!(check_response(&wrong, key).unwrap_err().contains("Accept"));
+        let no_upgrade = with.replace("upgrade: WebSocket\r\n", "");
+        assert!(check_response(&no_upgrade, key).is_err());
+        let ext = response(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+        assert!(check_response(&ext, key).is_err());
+        assert!(check_response("garbage", key).is_err());
+    }
+
+    /// A one-shot server answering the handshake with `extra` headers, then
+    /// sending one text frame right behind the response head.
+    async fn serve_once(extra: &'static str) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            let req = String::from_utf8(got).unwrap();
+            assert!(req.contains("Sec-WebSocket-Protocol: push-notification\r\n"));
+            let key = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap()
+                .trim()
+                .to_string();
+            let mut out = response(&key, extra).into_bytes();
+            // An unmasked server text frame "{}" in the same write.
+            out.extend_from_slice(&[0x81, 2, b'{', b'}']);
+            s.write_all(&out).await.unwrap();
+            // Hold the socket until the client is done.
+            let _ = s.read(&mut buf).await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn open_records_what_the_server_selected() {
+        let before = selected_subprotocols();
+        let n = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        for (extra, _) in [
+            ("", "none"),
+            ("Sec-WebSocket-Protocol: push-notification\r\n", SUBPROTOCOL),
+        ] {
+            let t = Target::new(&serve_once(extra).await).await.unwrap();
+            let mut ws = open(&t, None).await.unwrap();
+            // Bytes that arrived with the response head are not lost.
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "{}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let after = selected_subprotocols();
+        assert!(n(&after, "none") > n(&before, "none"));
+        assert!(n(&after, SUBPROTOCOL) > n(&before, SUBPROTOCOL));
+        let t = Target::new(&serve_once("Sec-WebSocket-Protocol: chat\r\n").await)
+            .await
+            .unwrap();
+        let f = open(&t, None).await.err().unwrap();
+        assert_eq!(f.phase, "handshake");
+        assert!(f.reason.contains("chat"), "{}", f.reason);
     }
 
     #[test]

@@ -24,39 +24,74 @@ pub struct ReportArgs {
     pub out: PathBuf,
 }
 
+#[derive(clap::Args, Clone, Debug)]
+pub struct CompareArgs {
+    /// Result files; each run is counted under the `target` it recorded.
+    pub files: Vec<PathBuf>,
+    /// A result file with an explicit target name, NAME=FILE (repeatable).
+    #[arg(long = "label", value_name = "NAME=FILE")]
+    pub labels: Vec<String>,
+    /// Also write the table (Markdown) to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 pub struct Run {
     pub label: String,
     pub file: String,
     pub r: RunResult,
+    /// The label as given, before `disambiguate` appended a file name:
+    /// what the side-by-side table groups by (empty: the label).
+    pub group: String,
 }
 
-pub fn run(args: ReportArgs) -> Result<()> {
+impl Run {
+    fn group(&self) -> &str {
+        if self.group.is_empty() {
+            &self.label
+        } else {
+            &self.group
+        }
+    }
+}
+
+/// Reads the result files (those given with a label first); unreadable
+/// ones are skipped with a warning rather than losing the lot.
+fn load_runs(files: &[PathBuf], labels: &[String]) -> Result<Vec<Run>> {
     let mut inputs: Vec<(Option<String>, PathBuf)> = Vec::new();
-    for l in &args.labels {
+    for l in labels {
         let Some((name, file)) = l.split_once('=') else {
             bail!("--label expects NAME=FILE, got {l:?}");
         };
         inputs.push((Some(name.to_string()), PathBuf::from(file)));
     }
-    inputs.extend(args.files.iter().map(|f| (None, f.clone())));
+    inputs.extend(files.iter().map(|f| (None, f.clone())));
     if inputs.is_empty() {
         bail!("no result files given");
     }
     let mut runs = Vec::new();
     for (label, path) in inputs {
-        // Skip what cannot be read rather than lose the whole report.
         match read_result(&path) {
-            Ok(r) => runs.push(Run {
-                label: label.unwrap_or_else(|| r.target.clone()),
-                file: path.display().to_string(),
-                r,
-            }),
+            Ok(r) => {
+                let label = label.unwrap_or_else(|| r.target.clone());
+                runs.push(Run {
+                    group: label.clone(),
+                    label,
+                    file: path.display().to_string(),
+                    r,
+                })
+            }
             Err(e) => eprintln!("report: skipping {}: {e:#}", path.display()),
         }
     }
     if runs.is_empty() {
         bail!("none of the given files is a herald-loadtest result");
     }
+    Ok(runs)
+}
+
+pub fn run(args: ReportArgs) -> Result<()> {
+    let mut runs = load_runs(&args.files, &args.labels)?;
     disambiguate(&mut runs);
     let html = render(&runs);
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -88,7 +123,202 @@ fn disambiguate(runs: &mut [Run]) {
     }
 }
 
-const SCENARIOS: [(&str, &str, &str); 5] = [
+/// `compare`: the side-by-side table on stdout (and in --out).
+pub fn compare(args: CompareArgs) -> Result<()> {
+    let runs = load_runs(&args.files, &args.labels)?;
+    let rows = side_by_side(&runs);
+    if rows.is_empty() {
+        bail!("no throughput or idle result among the files given");
+    }
+    let md = markdown(&rows);
+    print!("{md}");
+    if let Some(out) = &args.out {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// One target (system under test) in the side-by-side table: the median of
+/// each figure over its throughput runs and over its idle runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SideRow {
+    pub target: String,
+    pub throughput_runs: usize,
+    pub delivered_per_s: Option<f64>,
+    pub server_us_per_message: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub idle_runs: usize,
+    pub idle_held: Option<f64>,
+    pub idle_kib_per_connection: Option<f64>,
+    /// What the server's handshakes selected, over all its runs.
+    pub subprotocol: String,
+}
+
+fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let mut v: Vec<f64> = v.flatten().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Throughput and idle figures per target, in the order targets first
+/// appear; targets with neither scenario are left out.
+pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
+    let mut targets: Vec<&str> = Vec::new();
+    for r in runs {
+        if !targets.contains(&r.group()) {
+            targets.push(r.group());
+        }
+    }
+    let num = |r: &Run, k: &str| r.r.metrics.get(k).and_then(Value::as_f64);
+    let mut out = Vec::new();
+    for t in targets {
+        let mine: Vec<&Run> = runs.iter().filter(|r| r.group() == t).collect();
+        let tp: Vec<&Run> = mine
+            .iter()
+            .copied()
+            .filter(|r| r.r.scenario == "throughput")
+            .collect();
+        let idle: Vec<&Run> = mine
+            .iter()
+            .copied()
+            .filter(|r| r.r.scenario == "idle")
+            .collect();
+        if tp.is_empty() && idle.is_empty() {
+            continue;
+        }
+        let lat = |r: &Run, f: fn(&LatencySummary) -> f64| {
+            r.r.latency.get("end_to_end").filter(|l| l.count > 0).map(f)
+        };
+        let mut counts = std::collections::BTreeMap::new();
+        for r in tp.iter().chain(&idle) {
+            crate::stats::merge_tally(&mut counts, &r.r.subprotocols);
+        }
+        out.push(SideRow {
+            target: t.to_string(),
+            throughput_runs: tp.len(),
+            delivered_per_s: median_of(tp.iter().map(|r| num(r, "delivered_per_s"))),
+            server_us_per_message: median_of(
+                tp.iter().map(|r| num(r, "server_cpu_us_per_delivered")),
+            ),
+            p50_ms: median_of(tp.iter().map(|r| lat(r, |l| l.p50_ms))),
+            p99_ms: median_of(tp.iter().map(|r| lat(r, |l| l.p99_ms))),
+            idle_runs: idle.len(),
+            idle_held: median_of(idle.iter().map(|r| num(r, "open_at_end"))),
+            idle_kib_per_connection: median_of(
+                idle.iter().map(|r| num(r, "server_kib_per_connection")),
+            ),
+            subprotocol: crate::results::describe_subprotocols(&counts),
+        });
+    }
+    out
+}
+
+const SIDE_HEADERS: [&str; 8] = [
+    "target",
+    "messages/s delivered",
+    "server µs per delivered message",
+    "latency p50 ms",
+    "latency p99 ms",
+    "idle: connections held",
+    "idle: server KiB per connection",
+    "websocket subprotocol",
+];
+
+fn side_cells(r: &SideRow) -> [String; 8] {
+    let f = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |v| format!("{v:.d$}"));
+    let runs = |n: usize| {
+        if n > 1 {
+            format!(" ({n} runs)")
+        } else {
+            String::new()
+        }
+    };
+    [
+        r.target.clone(),
+        format!("{}{}", f(r.delivered_per_s, 0), runs(r.throughput_runs)),
+        f(r.server_us_per_message, 1),
+        f(r.p50_ms, 2),
+        f(r.p99_ms, 2),
+        format!("{}{}", f(r.idle_held, 0), runs(r.idle_runs)),
+        f(r.idle_kib_per_connection, 1),
+        if r.subprotocol.is_empty() {
+            "–".into()
+        } else {
+            r.subprotocol.clone()
+        },
+    ]
+}
+
+/// The side-by-side table in Markdown.
+pub fn markdown(rows: &[SideRow]) -> String {
+    let mut t = format!("| {} |\n", SIDE_HEADERS.join(" | "));
+    t += &format!("|{}\n", "---|".repeat(SIDE_HEADERS.len()));
+    for r in rows {
+        t += &format!("| {} |\n", side_cells(r).join(" | "));
+    }
+    t
+}
+
+fn side_by_side_html(rows: &[SideRow]) -> String {
+    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput and idle runs (latency is end to end).</p>\n<table><tr>");
+    for h in SIDE_HEADERS {
+        let _ = write!(t, "<th>{}</th>", esc(h));
+    }
+    t.push_str("</tr>\n");
+    for r in rows {
+        t.push_str("<tr>");
+        for c in side_cells(r) {
+            let _ = write!(t, "<td>{}</td>", esc(&c));
+        }
+        t.push_str("</tr>\n");
+    }
+    t.push_str("</table>\n");
+    t
+}
+
+/// A run's per-step rows (fanout: one per change) as a table.
+fn rows_table(run: &Run) -> String {
+    let mut keys: Vec<&String> = Vec::new();
+    for row in &run.r.rows {
+        for k in row.keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    let mut t = format!("<h3>{}: per step</h3>\n<table><tr>", esc(&run.label));
+    for k in &keys {
+        let _ = write!(t, "<th>{}</th>", esc(k));
+    }
+    t.push_str("</tr>\n");
+    for row in &run.r.rows {
+        t.push_str("<tr>");
+        for k in &keys {
+            let _ = write!(
+                t,
+                "<td>{}</td>",
+                row.get(*k).map(fmt_value).unwrap_or_default()
+            );
+        }
+        t.push_str("</tr>\n");
+    }
+    t.push_str("</table>\n");
+    t
+}
+
+const SCENARIOS: [(&str, &str, &str); 6] = [
     (
         "idle",
         "User agents opened (hello + register) and held; server memory per connection and what stopped the climb.",
@@ -114,6 +344,11 @@ const SCENARIOS: [(&str, &str, &str); 5] = [
         "Many messages in flight per channel, each acked with its own frame as Firefox does: a live burst, then a stored backlog drained on reconnect; cut_off counts user agents the server closed.",
         "end_to_end",
     ),
+    (
+        "fanout",
+        "Idle user agents following a broadcast (and some following nothing); its version changed through the broadcast API; latency is the PUT's answer to each follower's broadcast frame; server RSS sampled through each fan-out.",
+        "fanout_arrival",
+    ),
 ];
 
 pub fn render(runs: &[Run]) -> String {
@@ -130,7 +365,7 @@ pub fn render(runs: &[Run]) -> String {
          .note{color:#555}\
          code{font-size:13px}\n",
     );
-    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th><th>nodes</th></tr>\n");
+    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th><th>nodes</th><th>subprotocol</th></tr>\n");
     for run in runs {
         let nodes = if run.r.urls.is_empty() {
             run.r.url.clone()
@@ -144,16 +379,21 @@ pub fn render(runs: &[Run]) -> String {
         };
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td style=\"text-align:left\">{}</td><td style=\"text-align:left\"><code>{}</code>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td style=\"text-align:left\">{}</td><td style=\"text-align:left\"><code>{}</code>{}</td><td>{}</td></tr>",
             esc(&run.label),
             esc(&run.r.scenario),
             esc(&run.file),
             esc(&run.r.summary),
             esc(&nodes),
-            esc(&posts)
+            esc(&posts),
+            esc(&run.r.subprotocol)
         );
     }
     h.push_str("</table>\n");
+    let side = side_by_side(runs);
+    if !side.is_empty() {
+        h.push_str(&side_by_side_html(&side));
+    }
     let mut names: Vec<&str> = SCENARIOS.iter().map(|s| s.0).collect();
     for run in runs {
         if !names.contains(&run.r.scenario.as_str()) {
@@ -172,6 +412,9 @@ pub fn render(runs: &[Run]) -> String {
             .unwrap_or(("", None));
         let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(name), esc(about));
         h.push_str(&table(&group));
+        for run in group.iter().filter(|r| !r.r.rows.is_empty()) {
+            h.push_str(&rows_table(run));
+        }
         for run in &group {
             for n in &run.r.notes {
                 let _ = writeln!(h, "<p class=\"note\">{}: {}</p>", esc(&run.label), esc(n));
@@ -600,16 +843,19 @@ mod tests {
                 label: "herald".into(),
                 file: "a.json".into(),
                 r: sample("throughput", "herald", 1),
+                group: String::new(),
             },
             Run {
                 label: "autopush".into(),
                 file: "b.json".into(),
                 r: sample("throughput", "autopush", 3),
+                group: String::new(),
             },
             Run {
                 label: "herald".into(),
                 file: "c.json".into(),
                 r: sample("idle", "herald", 1),
+                group: String::new(),
             },
         ];
         let html = render(&runs);
@@ -646,6 +892,7 @@ mod tests {
             label: "t".into(),
             file: "f".into(),
             r,
+            group: String::new(),
         }]);
         assert!(html.contains("<h2>storm</h2>"));
         let mut odd = sample("custom", "x", 1);
@@ -658,6 +905,7 @@ mod tests {
             label: "x".into(),
             file: "f".into(),
             r: odd,
+            group: String::new(),
         }]);
         assert!(html.contains("<h2>custom</h2>") && html.contains("<svg"));
     }
@@ -675,6 +923,7 @@ mod tests {
             label: "herald".into(),
             file: "burst.json".into(),
             r,
+            group: String::new(),
         }]);
         assert!(html.contains("<h2>burst</h2>"));
         assert!(html.contains("acked with its own frame"));
@@ -711,11 +960,13 @@ mod tests {
                 label: "cluster".into(),
                 file: "a.json".into(),
                 r: a,
+                group: String::new(),
             },
             Run {
                 label: "one".into(),
                 file: "b.json".into(),
                 r: b,
+                group: String::new(),
             },
         ]);
         assert!(html.contains("<code>ws://127.0.0.1:1/ ws://127.0.0.1:2/</code>; POSTs to http://127.0.0.1:1 http://127.0.0.1:2"));
@@ -724,6 +975,88 @@ mod tests {
         assert!(html.contains("<td>server 1 cpu_s</td><td>1.50</td><td></td>"));
         assert!(html.contains("<td>server 2 rss_after_kib</td><td>30</td><td></td>"));
         assert!(html.contains("<td>server 2</td><td>pid 12</td>"));
+    }
+
+    #[test]
+    fn side_by_side_takes_medians_per_target() {
+        let tp = |target: &str, rate: f64, us: Option<f64>| {
+            let mut r = sample("throughput", target, 1);
+            r.metrics
+                .insert("delivered_per_s".into(), serde_json::json!(rate));
+            if let Some(us) = us {
+                r.metrics
+                    .insert("server_cpu_us_per_delivered".into(), serde_json::json!(us));
+            }
+            r.subprotocols = [("push-notification".to_string(), 3)].into();
+            r
+        };
+        let mut idle = sample("idle", "autopush", 1);
+        idle.metrics
+            .insert("open_at_end".into(), serde_json::json!(19000));
+        idle.metrics
+            .insert("server_kib_per_connection".into(), serde_json::json!(27.94));
+        idle.subprotocols = [("none".to_string(), 19000)].into();
+        let run = |label: &str, r: RunResult| Run {
+            label: label.into(),
+            file: "f.json".into(),
+            r,
+            group: String::new(),
+        };
+        let runs = vec![
+            run("herald", tp("herald", 100.0, Some(50.0))),
+            run("herald", tp("herald", 300.0, Some(70.0))),
+            run("herald", tp("herald", 200.0, None)),
+            run("autopush", idle),
+            run("other", sample("storm", "other", 1)),
+        ];
+        let rows = side_by_side(&runs);
+        assert_eq!(
+            rows.len(),
+            2,
+            "targets without throughput or idle are left out"
+        );
+        assert_eq!(rows[0].target, "herald");
+        assert_eq!(rows[0].throughput_runs, 3);
+        assert_eq!(rows[0].delivered_per_s, Some(200.0));
+        assert_eq!(rows[0].server_us_per_message, Some(60.0));
+        assert_eq!(rows[0].idle_kib_per_connection, None);
+        assert_eq!(rows[0].subprotocol, "push-notification");
+        assert_eq!(rows[1].target, "autopush");
+        assert_eq!(rows[1].delivered_per_s, None);
+        assert_eq!(rows[1].idle_held, Some(19000.0));
+        assert_eq!(rows[1].subprotocol, "none");
+        let md = markdown(&rows);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[1].starts_with("|---|"));
+        assert!(
+            lines[2].starts_with("| herald | 200 (3 runs) | 60.0 | "),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[2].ends_with(" | – | – | push-notification |"),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(
+            lines[3],
+            "| autopush | – | – | – | – | 19000 | 27.9 | none |"
+        );
+        // Disambiguated labels still group under the name given.
+        let mut two = vec![
+            run("herald", tp("herald", 1.0, None)),
+            run("herald", tp("herald", 3.0, None)),
+        ];
+        for (i, r) in two.iter_mut().enumerate() {
+            r.group = r.label.clone();
+            r.file = format!("run{i}.json");
+        }
+        disambiguate(&mut two);
+        assert_ne!(two[0].label, two[1].label);
+        assert_eq!(side_by_side(&two).len(), 1);
+        let html = render(&two);
+        assert!(html.contains("<h2>Side by side</h2>"));
     }
 
     #[test]
@@ -743,16 +1076,19 @@ mod tests {
                 label: "herald".into(),
                 file: "x/run1.json".into(),
                 r: sample("storm", "herald", 1),
+                group: String::new(),
             },
             Run {
                 label: "herald".into(),
                 file: "x/run2.json".into(),
                 r: sample("storm", "herald", 1),
+                group: String::new(),
             },
             Run {
                 label: "herald".into(),
                 file: "x/run3.json".into(),
                 r: sample("idle", "herald", 1),
+                group: String::new(),
             },
         ];
         disambiguate(&mut runs);

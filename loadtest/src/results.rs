@@ -164,6 +164,16 @@ pub struct RunResult {
     pub memory: Vec<MemoryPoint>,
     /// Plain-language findings, e.g. which limit stopped the run.
     pub notes: Vec<String>,
+    /// The websocket subprotocol the server selected in its handshakes:
+    /// "push-notification" (Herald), "none" (autopush-rs), or "mixed" when
+    /// handshakes differed; empty in results written before it was recorded.
+    pub subprotocol: String,
+    /// Handshakes by the subprotocol selected ("push-notification", "none").
+    pub subprotocols: BTreeMap<String, u64>,
+    /// Figures per step, one object each, shown as their own table in the
+    /// report (fanout: one per broadcast change).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows: Vec<Map<String, Value>>,
 }
 
 impl RunResult {
@@ -232,8 +242,28 @@ impl RunResult {
         }
     }
 
-    /// Writes the JSON (to `--out` or the default place) and prints the summary.
-    pub fn finish(&self, out: Option<&Path>) -> Result<PathBuf> {
+    /// Records the handshakes' subprotocols (see `subprotocol`).
+    pub fn set_subprotocols(&mut self, counts: BTreeMap<String, u64>) {
+        self.subprotocol = describe_subprotocols(&counts);
+        self.subprotocols = counts;
+    }
+
+    /// Server CPU per unit of work (`n` delivered messages, broadcast
+    /// frames...) as `metric`, in microseconds; returns it for the summary.
+    pub fn cpu_per(&mut self, metric: &str, server_cpu_s: Option<f64>, n: u64) -> Option<f64> {
+        let us = server_cpu_s.filter(|_| n > 0).map(|s| s * 1e6 / n as f64)?;
+        let us = (us * 100.0).round() / 100.0;
+        self.metric(metric, us);
+        Some(us)
+    }
+
+    /// Writes the JSON (to `--out` or the default place) and prints the
+    /// summary. Unless a scenario recorded them itself (idle's workers run
+    /// in other processes), the subprotocols are this process's handshakes.
+    pub fn finish(&mut self, out: Option<&Path>) -> Result<PathBuf> {
+        if self.subprotocols.is_empty() {
+            self.set_subprotocols(crate::proto::selected_subprotocols());
+        }
         let path = match out {
             Some(p) => p.to_path_buf(),
             None => default_dir().join(format!(
@@ -254,6 +284,29 @@ impl RunResult {
         }
         eprintln!("  results: {}", path.display());
         Ok(path)
+    }
+}
+
+/// One word for what the handshakes selected: the one subprotocol they all
+/// selected, "mixed" when they differed, "" when there were none.
+pub fn describe_subprotocols(counts: &BTreeMap<String, u64>) -> String {
+    let seen: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, _)| k)
+        .collect();
+    match seen.as_slice() {
+        [] => String::new(),
+        [one] => (*one).clone(),
+        _ => "mixed".into(),
+    }
+}
+
+/// "server 62.1 µs per delivered message" for a summary line.
+pub fn cpu_text(us: Option<f64>, per: &str) -> String {
+    match us {
+        Some(us) => format!("server {us:.1} µs per {per}"),
+        None => format!("server µs per {per} not measured (no --server-pid)"),
     }
 }
 
@@ -435,6 +488,12 @@ impl CpuMeter {
             client0: client_cpu_secs(),
             server0: server.cpu_each(),
         }
+    }
+
+    /// CPU seconds the servers (summed) used since `start`.
+    pub fn server_secs(&self) -> Option<f64> {
+        let (now, then) = (self.server.cpu_each()?, self.server0.as_ref()?);
+        Some(now.iter().zip(then).map(|(n, t)| n - t).sum())
     }
 
     /// Records CPU used since `start`: the generator's, the servers' summed

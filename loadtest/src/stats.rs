@@ -22,6 +22,19 @@ impl Clock {
     }
 }
 
+/// Microseconds of CLOCK_MONOTONIC: unlike `Instant`, comparable between
+/// processes on one machine, so worker processes can timestamp arrivals
+/// against a moment the parent took.
+pub fn mono_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 /// Highest latency a histogram tracks: one hour. Anything slower is clamped
 /// (saturating_record) rather than dropped, so the count stays exact.
 const MAX_US: u64 = 3_600_000_000;
@@ -314,6 +327,14 @@ mod tests {
         assert_eq!(secs(f64::INFINITY), Duration::from_secs(864_000));
         assert_eq!(secs(1.5), Duration::from_millis(1500));
         assert_eq!(sample_interval(Duration::ZERO), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn monotonic_microseconds_advance() {
+        let a = mono_us();
+        std::thread::sleep(Duration::from_millis(3));
+        let b = mono_us();
+        assert!(b >= a + 2_000 && b < a + 1_000_000, "{a} {b}");
     }
 
     #[test]

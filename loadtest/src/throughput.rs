@@ -12,7 +12,7 @@ use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec, Up};
 use crate::net;
 use crate::proto::{self, Target, Ws};
-use crate::results::{Common, CpuMeter, RunResult};
+use crate::results::{self, Common, CpuMeter, RunResult};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
@@ -585,13 +585,8 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         result.metric("verify_failed", sh.verify_failed.load(Relaxed));
     }
     result.server_rss(rss_before.as_deref(), rss_after.as_deref());
-    if let Some(cpu_s) = server_cpu.filter(|_| delivered > 0) {
-        // What one message cost the server(s), from accept to delivery.
-        result.metric(
-            "server_cpu_us_per_delivered",
-            r2(cpu_s * 1e6 / delivered as f64),
-        );
-    }
+    // What one message cost the server(s), from accept to delivery.
+    let cpu_us = result.cpu_per("server_cpu_us_per_delivered", server_cpu, delivered);
     result.latency.insert("end_to_end".into(), lat.clone());
     result.latency.insert(
         "setup".into(),
@@ -613,9 +608,10 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
     let total_errors: u64 = result.errors.values().sum();
     result.summary = format!(
-        "throughput[{}]: {accepted} accepted ({accepted_rate:.0}/s), {delivered} delivered ({delivered_rate:.0}/s), {lost} lost, {total_errors} errors; latency {}",
+        "throughput[{}]: {accepted} accepted ({accepted_rate:.0}/s), {delivered} delivered ({delivered_rate:.0}/s), {lost} lost, {total_errors} errors; latency {}; {}",
         common.target,
-        lat.short()
+        lat.short(),
+        results::cpu_text(cpu_us, "delivered message"),
     );
     result.finish(common.out.as_deref())?;
     Ok(())

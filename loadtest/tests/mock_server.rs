@@ -22,8 +22,30 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The websocket subprotocol the mock selects in its handshake.
+#[derive(Clone, Copy, Default, PartialEq)]
+enum Subprotocol {
+    /// `push-notification`, as Herald (and Firefox's expectation).
+    #[default]
+    Push,
+    /// None at all, as autopush-rs.
+    None,
+    /// One the user agent never offered.
+    Other,
+}
+
+/// The token the mock's broadcast API takes.
+const BROADCAST_TOKEN: &str = "mock-broadcast-token-0123";
+
 #[derive(Clone, Copy, Default)]
 struct Faults {
+    subprotocol: Subprotocol,
+    /// Broadcast changes: skip every Nth follower (it never hears of it).
+    broadcast_skip_every: u64,
+    /// Broadcast changes: tell every Nth follower twice.
+    broadcast_twice_every: u64,
+    /// Broadcast changes go to every connection, following or not.
+    broadcast_to_everyone: bool,
     /// Accept but never deliver every Nth message.
     drop_every: u64,
     /// Send a non-JSON text frame before every Nth notification.
@@ -48,7 +70,18 @@ struct Ua {
     queue: Vec<String>,
 }
 
+/// A connection that said hello, and the broadcasts it follows.
+struct Listener {
+    conn: u64,
+    follows: Vec<String>,
+    tx: mpsc::UnboundedSender<String>,
+}
+
 struct State {
+    /// Broadcast id -> current version (the operator API's).
+    broadcasts: Mutex<HashMap<String, String>>,
+    listeners: Mutex<Vec<Listener>>,
+    puts: AtomicU64,
     /// The HTTP port endpoints name (node 0's): the "public URL" every node
     /// shares.
     http_port: u16,
@@ -95,6 +128,9 @@ impl Mock {
         let ws_ports: Vec<u16> = listeners.iter().map(|(w, _)| port(w)).collect();
         let http_ports: Vec<u16> = listeners.iter().map(|(_, h)| port(h)).collect();
         let state = Arc::new(State {
+            broadcasts: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
+            puts: AtomicU64::new(0),
             http_port: http_ports[0],
             faults,
             uas: Mutex::new(HashMap::new()),
@@ -158,14 +194,19 @@ impl Mock {
 }
 
 async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
+    let selected = match st.faults.subprotocol {
+        Subprotocol::Push => Some("push-notification"),
+        Subprotocol::None => None,
+        Subprotocol::Other => Some("chat"),
+    };
     // The callback's error type is fixed by tungstenite.
     #[allow(clippy::result_large_err)]
     let cb = |_req: &tokio_tungstenite::tungstenite::handshake::server::Request,
               mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-        resp.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "push-notification".parse().expect("header"),
-        );
+        if let Some(p) = selected {
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", p.parse().expect("header"));
+        }
         Ok(resp)
     };
     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
@@ -173,6 +214,8 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
     };
     let conn = st.counter.fetch_add(1, Relaxed) + 1_000_000;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    // Broadcast frames: sent at once, outside the notification window.
+    let (btx, mut brx) = mpsc::unbounded_channel::<String>();
     let mut uaid: Option<String> = None;
     let window = st.faults.window;
     let mut pending: VecDeque<String> = VecDeque::new();
@@ -190,6 +233,11 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
                 Some(t) => pending.push_back(t),
                 None => break,
             },
+            Some(b) = brx.recv() => {
+                if ws.send(Message::text(b)).await.is_err() {
+                    break;
+                }
+            }
             msg = ws.next() => {
                 let Some(Ok(Message::Text(t))) = msg else {
                     if matches!(msg, Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_)))) { continue }
@@ -210,7 +258,34 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
                         };
                         uaid = Some(id.clone());
                         st.hellos[node].fetch_add(1, Relaxed);
-                        let _ = ws.send(Message::text(json!({"messageType":"hello","uaid":id,"status":200,"use_webpush":true,"broadcasts":{}}).to_string())).await;
+                        // Broadcasts followed from hello on; the reply names
+                        // those whose version differs, as Herald's does.
+                        let follows: Vec<String> = v["broadcasts"]
+                            .as_object()
+                            .map(|b| b.keys().cloned().collect())
+                            .unwrap_or_default();
+                        let mut delta = serde_json::Map::new();
+                        {
+                            let current = st.broadcasts.lock().expect("lock");
+                            for id in &follows {
+                                let known = v["broadcasts"][id].as_str();
+                                match current.get(id) {
+                                    Some(cur) if Some(cur.as_str()) != known => {
+                                        delta.insert(id.clone(), cur.clone().into());
+                                    }
+                                    Some(_) => {}
+                                    None => {
+                                        delta.insert("errors".into(), json!({id: "Broadcast not found"}));
+                                    }
+                                }
+                            }
+                        }
+                        st.listeners.lock().expect("lock").push(Listener {
+                            conn,
+                            follows,
+                            tx: btx.clone(),
+                        });
+                        let _ = ws.send(Message::text(json!({"messageType":"hello","uaid":id,"status":200,"use_webpush":true,"broadcasts":delta}).to_string())).await;
                         for q in queued {
                             let _ = tx.send(q);
                         }
@@ -249,6 +324,10 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
             }
         }
     }
+    st.listeners
+        .lock()
+        .expect("lock")
+        .retain(|l| l.conn != conn);
     if let Some(u) = uaid {
         // What this connection never sent goes back to the store.
         rx.close();
@@ -273,11 +352,84 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
     }
 }
 
+/// The broadcast API, as Herald's: `PUT /v1/broadcasts/<id>` (the id may
+/// hold '/'), `GET /v1/broadcasts`, behind a bearer token. A change goes to
+/// every connection following the id (or, with the faults, not quite).
+async fn broadcast_api(
+    req: Request<hyper::body::Incoming>,
+    st: Arc<State>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let reply = |code: u16, body: String| {
+        Response::builder()
+            .status(code)
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("response")
+    };
+    let authorised = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        == Some(&format!("Bearer {BROADCAST_TOKEN}"));
+    if !authorised {
+        return Ok(reply(401, r#"{"errno":109}"#.into()));
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = req.into_body().collect().await?.to_bytes();
+    if method == hyper::Method::GET && path == "/v1/broadcasts" {
+        let all = st.broadcasts.lock().expect("lock").clone();
+        return Ok(reply(200, json!({ "broadcasts": all }).to_string()));
+    }
+    let Some(id) = path.strip_prefix("/v1/broadcasts/") else {
+        return Ok(reply(404, "{}".into()));
+    };
+    if method != hyper::Method::PUT {
+        return Ok(reply(405, "{}".into()));
+    }
+    st.puts.fetch_add(1, Relaxed);
+    let version = String::from_utf8_lossy(&body).trim().to_string();
+    let changed = st
+        .broadcasts
+        .lock()
+        .expect("lock")
+        .insert(id.to_string(), version.clone())
+        .as_ref()
+        != Some(&version);
+    if changed {
+        let frame = json!({"messageType":"broadcast","broadcasts":{id: version}}).to_string();
+        let f = st.faults;
+        let listeners = st.listeners.lock().expect("lock");
+        let mut n = 0u64;
+        for l in listeners.iter() {
+            let follows = l.follows.iter().any(|x| x == id);
+            if !follows && !f.broadcast_to_everyone {
+                continue;
+            }
+            n += 1;
+            if follows && f.broadcast_skip_every > 0 && n.is_multiple_of(f.broadcast_skip_every) {
+                continue;
+            }
+            let _ = l.tx.send(frame.clone());
+            if follows && f.broadcast_twice_every > 0 && n.is_multiple_of(f.broadcast_twice_every) {
+                let _ = l.tx.send(frame.clone());
+            }
+        }
+    }
+    Ok(reply(
+        200,
+        json!({"id": id, "version": version, "changed": changed}).to_string(),
+    ))
+}
+
 async fn post(
     req: Request<hyper::body::Incoming>,
     st: Arc<State>,
     node: usize,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    if req.uri().path().starts_with("/v1/broadcasts") {
+        return broadcast_api(req, st).await;
+    }
     st.posts[node].fetch_add(1, Relaxed);
     let path = req.uri().path().to_string();
     let auth_ok = req
@@ -900,4 +1052,417 @@ fn burst_reports_a_server_close_mid_burst_as_cut_off() {
     );
     assert!(summary.contains("4 reconnects"), "{summary}");
     assert!(!summary.contains("not cut off"), "{summary}");
+}
+
+/// The fanout flags every run against the mock shares.
+fn fanout_args<'a>(api: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "fanout",
+        "--api-url",
+        api,
+        "--token",
+        BROADCAST_TOKEN,
+        "--target",
+        "mock",
+        "--settle",
+        "0.3",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn fanout_tells_every_follower_once_and_nobody_else() {
+    let mock = Mock::start(Faults::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, api) = (mock.url(), mock.http(0));
+    let pid = std::process::id().to_string();
+    let f = scenario(
+        &fanout_args(
+            &api,
+            &[
+                "--url",
+                &url,
+                "--uas",
+                "40",
+                "--non-followers",
+                "8",
+                "--changes",
+                "3",
+                "--server-pid",
+                &pid,
+            ],
+        ),
+        &out_file(&dir, "fanout.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&f);
+    assert_eq!(metric(&f, "followers_connected"), 40.0);
+    assert_eq!(metric(&f, "non_followers_connected"), 8.0);
+    assert_eq!(metric(&f, "changes"), 3.0);
+    assert_eq!(metric(&f, "changes_complete"), 3.0);
+    assert_eq!(metric(&f, "frames_received"), 120.0);
+    assert_eq!(metric(&f, "missing"), 0.0);
+    assert_eq!(metric(&f, "duplicates"), 0.0);
+    assert_eq!(metric(&f, "non_follower_frames"), 0.0);
+    // The initial version and three changes.
+    assert_eq!(mock.state.puts.load(Relaxed), 4);
+    let rows = f["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["change"], i + 1);
+        assert_eq!(row["received"], 40, "{row}");
+        assert_eq!(row["followers"], 40);
+        assert_eq!(row["put_status"], 200);
+        let (first, last) = (
+            row["first_ms"].as_f64().unwrap(),
+            row["last_ms"].as_f64().unwrap(),
+        );
+        assert!(
+            first <= row["p50_ms"].as_f64().unwrap() && row["p99_ms"].as_f64().unwrap() <= last,
+            "{row}"
+        );
+        assert!(
+            row["rss_peak_kib"].as_u64().unwrap() >= row["rss_before_kib"].as_u64().unwrap() / 2
+        );
+        assert!(row["rss_samples"].as_u64().unwrap() >= 2, "{row}");
+    }
+    assert_eq!(
+        f["params"]["id"], "loadtest/fanout",
+        "the id goes in the path with its '/'"
+    );
+    assert!(metric(&f, "server_rss_peak_kib") > 0.0);
+    assert!(f["metrics"]["server_rss_peak_growth_kib"].is_number());
+    assert!(f["metrics"]["last_frame_ms_max"].is_number());
+    assert!(f["metrics"]["server_cpu_us_per_delivered"].is_number());
+    assert!(f["metrics"]["server_cpu_us_per_broadcast_frame"].is_number());
+    assert_latency(&f, "fanout_arrival", 120);
+    assert_eq!(f["subprotocol"], "push-notification");
+    let summary = f["summary"].as_str().expect("summary");
+    assert!(
+        summary.starts_with("fanout[mock]: 40/40 followers + 8/8 non-followers connected (0 failed); 3 changes, each to every follower exactly once (120 frames), 0 frames to non-followers"),
+        "{summary}"
+    );
+    assert!(summary.contains("µs per broadcast frame"), "{summary}");
+
+    // Spread over worker processes and source addresses, as idle does.
+    let f = scenario(
+        &fanout_args(
+            &api,
+            &[
+                "--url",
+                &url,
+                "--uas",
+                "30",
+                "--non-followers",
+                "6",
+                "--procs",
+                "3",
+                "--source-addrs",
+                "2",
+                "--changes",
+                "2",
+            ],
+        ),
+        &out_file(&dir, "fanout-procs.json"),
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&f);
+    assert_eq!(metric(&f, "procs"), 3.0);
+    assert_eq!(metric(&f, "followers_connected"), 30.0);
+    assert_eq!(metric(&f, "non_followers_connected"), 6.0);
+    assert_eq!(metric(&f, "frames_received"), 60.0);
+    assert_eq!(f["subprotocols"]["push-notification"], 36);
+
+    // The report gives fanout its own section and the per-change table.
+    let html = dir.path().join("report.html");
+    let fanout_json = out_file(&dir, "fanout.json");
+    let ran = run(
+        &[
+            "report",
+            fanout_json.to_str().unwrap(),
+            "--out",
+            html.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(ran.ok, "{}", ran.stderr);
+    let page = std::fs::read_to_string(&html).expect("report");
+    assert!(page.contains("<h2>fanout</h2>") && page.contains("mock: per step"));
+    assert!(page.contains("fanout_arrival latency CDF"));
+}
+
+#[test]
+fn fanout_reports_missed_repeated_and_stray_frames() {
+    // Every 5th connection is skipped, every 2nd told twice, and those
+    // following nothing are told too. Connections are counted in the order
+    // they said hello, so which are followers varies; the counts below hold
+    // whatever the order (7 fifths and 17 seconds among 35, only 5 of
+    // which follow nothing).
+    let mock = Mock::start(Faults {
+        broadcast_skip_every: 5,
+        broadcast_twice_every: 2,
+        broadcast_to_everyone: true,
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, api) = (mock.url(), mock.http(0));
+    let f = scenario(
+        &fanout_args(
+            &api,
+            &[
+                "--url",
+                &url,
+                "--uas",
+                "30",
+                "--non-followers",
+                "5",
+                "--changes",
+                "2",
+                "--change-timeout",
+                "1",
+            ],
+        ),
+        &out_file(&dir, "fanout.json"),
+        Duration::from_secs(60),
+    );
+    let m = |n| metric(&f, n);
+    assert_eq!(m("followers_connected"), 30.0);
+    assert_eq!(m("changes_complete"), 0.0);
+    let missing = m("missing");
+    let dups = m("duplicates");
+    let stray = m("non_follower_frames");
+    assert!(missing > 0.0 && dups > 0.0, "{}", f["metrics"]);
+    // Each of the 5 that follow nothing, told of each of the 2 changes.
+    assert_eq!(stray, 10.0, "{}", f["metrics"]);
+    assert_eq!(m("frames_received") + missing, 60.0);
+    let errors = &f["errors"];
+    assert_eq!(errors["follower missed a change"].as_f64(), Some(missing));
+    assert_eq!(
+        errors["follower heard of a change more than once"].as_f64(),
+        Some(dups)
+    );
+    assert_eq!(
+        errors["broadcast frame to a user agent following nothing"].as_f64(),
+        Some(stray)
+    );
+    assert_eq!(
+        errors["gave up waiting for followers (--change-timeout)"].as_u64(),
+        Some(2)
+    );
+    let summary = f["summary"].as_str().expect("summary");
+    assert!(
+        summary.contains(&format!("{} frames to non-followers", stray)),
+        "{summary}"
+    );
+    assert!(summary.contains("missing"), "{summary}");
+}
+
+#[test]
+fn fanout_needs_the_broadcast_api_and_its_token() {
+    let mock = Mock::start(Faults::default());
+    let api = mock.http(0);
+    let ran = run(
+        &[
+            "fanout",
+            "--url",
+            &mock.url(),
+            "--api-url",
+            &api,
+            "--token",
+            "wrong-token-0123456",
+            "--uas",
+            "2",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !ran.ok && ran.stderr.contains("refused the token"),
+        "{}",
+        ran.stderr
+    );
+    let ran = run(
+        &[
+            "fanout",
+            "--url",
+            &mock.url(),
+            "--api-url",
+            "http://10.0.0.1:80",
+            "--token",
+            "x",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!ran.ok && ran.stderr.contains("loopback"), "{}", ran.stderr);
+    let ran = run(
+        &[
+            "fanout",
+            "--url",
+            &mock.url(),
+            "--api-url",
+            &api,
+            "--id",
+            "a b",
+            "--token",
+            "x",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!ran.ok && ran.stderr.contains("--id"), "{}", ran.stderr);
+    assert_eq!(mock.state.puts.load(Relaxed), 0);
+}
+
+/// autopush-rs selects no subprotocol: every scenario works, and the results
+/// say "none"; a server selecting another one is refused. Then `compare`
+/// puts the two servers side by side.
+#[test]
+fn no_subprotocol_is_accepted_recorded_and_compared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid = std::process::id().to_string();
+    let t = Duration::from_secs(60);
+    let mut files = Vec::new();
+    for (name, sub) in [
+        ("herald-mock", Subprotocol::Push),
+        ("autopush-mock", Subprotocol::None),
+    ] {
+        let mock = Mock::start(Faults {
+            subprotocol: sub,
+            ..Faults::default()
+        });
+        let url = mock.url();
+        let tp = scenario(
+            &[
+                "throughput",
+                "--url",
+                &url,
+                "--target",
+                name,
+                "--uas",
+                "10",
+                "--senders",
+                "2",
+                "--messages",
+                "100",
+                "--duration",
+                "30",
+                "--server-pid",
+                &pid,
+            ],
+            &out_file(&dir, &format!("{name}-tp.json")),
+            t,
+        );
+        assert_no_errors(&tp);
+        assert_eq!(metric(&tp, "delivered"), 100.0);
+        let want = if sub == Subprotocol::None {
+            "none"
+        } else {
+            "push-notification"
+        };
+        assert_eq!(tp["subprotocol"], want);
+        assert_eq!(tp["subprotocols"][want], 10);
+        assert!(tp["summary"]
+            .as_str()
+            .unwrap()
+            .contains("µs per delivered message"));
+        let idle = scenario(
+            &[
+                "idle",
+                "--url",
+                &url,
+                "--target",
+                name,
+                "--uas",
+                "12",
+                "--procs",
+                "2",
+                "--hold",
+                "0.3",
+                "--server-pid",
+                &pid,
+            ],
+            &out_file(&dir, &format!("{name}-idle.json")),
+            t,
+        );
+        assert_no_errors(&idle);
+        // Counted in the worker processes, reported to the parent.
+        assert_eq!(idle["subprotocol"], want);
+        assert_eq!(idle["subprotocols"][want], 12);
+        files.push(out_file(&dir, &format!("{name}-tp.json")));
+        files.push(out_file(&dir, &format!("{name}-idle.json")));
+    }
+
+    let other = Mock::start(Faults {
+        subprotocol: Subprotocol::Other,
+        ..Faults::default()
+    });
+    let ran = run(
+        &[
+            "throughput",
+            "--url",
+            &other.url(),
+            "--uas",
+            "2",
+            "--messages",
+            "1",
+        ],
+        t,
+    );
+    assert!(!ran.ok, "a foreign subprotocol must be refused");
+    assert!(
+        ran.stderr.contains("subprotocol \\\"chat\\\"")
+            || ran.stderr.contains("subprotocol \"chat\""),
+        "{}",
+        ran.stderr
+    );
+
+    let md = dir.path().join("side.md");
+    let mut args: Vec<&str> = vec!["compare"];
+    for f in &files {
+        args.push(f.to_str().unwrap());
+    }
+    args.extend(["--out", md.to_str().unwrap()]);
+    let ran = run(&args, t);
+    assert!(ran.ok, "{}", ran.stderr);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", ran.stdout);
+    assert!(lines[0].starts_with("| target | messages/s delivered | server µs per delivered message | latency p50 ms | latency p99 ms | idle: connections held | idle: server KiB per connection | websocket subprotocol |"));
+    assert!(
+        lines[2].starts_with("| herald-mock | ") && lines[2].ends_with("| push-notification |"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("| autopush-mock | ") && lines[3].ends_with("| none |"),
+        "{}",
+        lines[3]
+    );
+    let cells: Vec<&str> = lines[3].split('|').map(str::trim).collect();
+    assert!(
+        cells[2].parse::<f64>().unwrap() > 0.0,
+        "messages/s: {}",
+        lines[3]
+    );
+    assert!(
+        cells[3].parse::<f64>().is_ok(),
+        "µs per message: {}",
+        lines[3]
+    );
+    assert_eq!(cells[6], "12", "{}", lines[3]);
+    assert!(
+        cells[7].parse::<f64>().is_ok(),
+        "KiB per connection: {}",
+        lines[3]
+    );
+    assert_eq!(std::fs::read_to_string(&md).unwrap(), ran.stdout);
+
+    // The HTML report carries the same table.
+    let html = dir.path().join("report.html");
+    let mut args: Vec<&str> = vec!["report"];
+    for f in &files {
+        args.push(f.to_str().unwrap());
+    }
+    args.extend(["--out", html.to_str().unwrap()]);
+    assert!(run(&args, t).ok);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<h2>Side by side</h2>") && page.contains("<td>autopush-mock</td>"));
 }

@@ -56,6 +56,11 @@ impl Drop for Herald {
 
 impl Herald {
     fn start() -> Herald {
+        Herald::start_with(&[])
+    }
+
+    /// Started with extra environment, such as HERALD_BROADCAST_TOKENS.
+    fn start_with(env: &[(&str, &str)]) -> Herald {
         let bin = herald_bin();
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
@@ -67,6 +72,7 @@ impl Herald {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--public-url", &format!("http://127.0.0.1:{port}")])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log file"))
             .stderr(logf)
@@ -166,6 +172,8 @@ fn every_scenario_against_herald_then_report() {
     assert!(idle["metrics"]["server_kib_per_connection"].is_number());
     assert!(!idle["memory"].as_array().expect("memory").is_empty());
     assert_latency(&idle, "setup", 20);
+    // Herald selects the subprotocol Firefox asks for.
+    assert_eq!(idle["subprotocol"], "push-notification");
 
     let (tp, tp_f) = run_scenario(
         "throughput",
@@ -214,6 +222,11 @@ fn every_scenario_against_herald_then_report() {
     assert_eq!(metric(&bl, "missing"), 0.0);
     assert_eq!(metric(&bl, "extra"), 0.0);
     assert!(metric(&bl, "drain_s") > 0.0 && metric(&bl, "drain_per_s") > 0.0);
+    assert!(bl["metrics"]["server_cpu_us_per_delivered"].is_number());
+    assert!(bl["summary"]
+        .as_str()
+        .unwrap()
+        .contains("µs per delivered message"));
     assert_latency(&bl, "reconnect_hello", 20);
 
     let (st, st_f) = run_scenario(
@@ -325,8 +338,98 @@ fn burst_of_individual_acks_against_herald() {
     assert_eq!(metric(&b, "never_delivered"), 0.0);
     assert!(metric(&b, "live_per_s") > 0.0 && metric(&b, "drain_per_s") > 0.0);
     assert!(b["metrics"]["server_cpu_s"].is_number());
+    for m in [
+        "server_cpu_us_per_delivered",
+        "live_server_cpu_us_per_delivered",
+        "drain_server_cpu_us_per_delivered",
+    ] {
+        assert!(b["metrics"][m].is_number(), "{m}: {}", b["metrics"]);
+    }
     assert_no_errors(&b);
     assert_latency(&b, "end_to_end", 1200);
     assert_latency(&b, "reconnect_hello", 4);
     assert_eq!(summary.matches("not cut off").count(), 2, "{summary}");
+}
+
+/// Issue 12: idle user agents following a broadcast, as Firefox follows
+/// remote settings, each hear of every change exactly once; those
+/// following nothing hear nothing.
+#[test]
+fn fanout_of_broadcast_changes_against_herald() {
+    let token = "smoke-broadcast-token-0123456789";
+    let herald = Herald::start_with(&[("HERALD_BROADCAST_TOKENS", token)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = herald.url();
+    let api = format!("http://127.0.0.1:{}", herald.port);
+    let pid = herald.child.id().to_string();
+    let out = dir.path().join("fanout.json");
+    let f = scenario(
+        &[
+            "fanout",
+            "--url",
+            &url,
+            "--api-url",
+            &api,
+            "--token",
+            token,
+            "--target",
+            "herald",
+            "--server-pid",
+            &pid,
+            "--uas",
+            "60",
+            "--non-followers",
+            "10",
+            "--changes",
+            "3",
+            "--settle",
+            "0.5",
+        ],
+        &out,
+        Duration::from_secs(120),
+    );
+    assert_no_errors(&f);
+    assert_eq!(metric(&f, "followers_connected"), 60.0);
+    assert_eq!(metric(&f, "non_followers_connected"), 10.0);
+    assert_eq!(metric(&f, "changes_complete"), 3.0);
+    assert_eq!(metric(&f, "frames_received"), 180.0);
+    assert_eq!(metric(&f, "missing"), 0.0);
+    assert_eq!(metric(&f, "duplicates"), 0.0);
+    assert_eq!(metric(&f, "non_follower_frames"), 0.0);
+    assert!(metric(&f, "server_rss_peak_kib") >= metric(&f, "server_rss_before_kib"));
+    assert!(f["metrics"]["server_cpu_us_per_delivered"].is_number());
+    assert!(metric(&f, "last_frame_ms_max") < 10_000.0);
+    assert_latency(&f, "fanout_arrival", 180);
+    let rows = f["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3);
+    assert!(rows
+        .iter()
+        .all(|r| r["received"] == 60 && r["put_status"] == 200));
+    // Herald kept the last version set.
+    let versions: Vec<&str> = rows
+        .iter()
+        .map(|r| r["version"].as_str().unwrap())
+        .collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+
+    // Without the token the API refuses, and the run says so.
+    let ran = run(
+        &[
+            "fanout",
+            "--url",
+            &url,
+            "--api-url",
+            &api,
+            "--token",
+            "not-the-token-0123456",
+            "--uas",
+            "2",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !ran.ok && ran.stderr.contains("refused the token"),
+        "{}",
+        ran.stderr
+    );
 }
