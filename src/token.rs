@@ -48,6 +48,8 @@ pub struct MessageId {
 /// be rotated without invalidating endpoints already handed out.
 pub struct TokenCodec {
     keys: Vec<Aes256Gcm>,
+    /// Derives message ids' nonces from their contents (see `message_id`).
+    nonce_key: [u8; 32],
 }
 
 impl TokenCodec {
@@ -55,16 +57,24 @@ impl TokenCodec {
         if keys.is_empty() {
             bail!("at least one endpoint key is needed");
         }
+        let mut nonce_key = [0u8; 32];
+        hkdf::Hkdf::<Sha256>::new(None, &keys[0])
+            .expand(b"herald message id nonce v1", &mut nonce_key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
         Ok(TokenCodec {
             keys: keys
                 .iter()
                 .map(|k| Aes256Gcm::new_from_slice(k).expect("32-byte key"))
                 .collect(),
+            nonce_key,
         })
     }
 
     fn seal(&self, aad: &[u8], plain: &[u8]) -> String {
-        let nonce: [u8; 12] = rand::random();
+        self.seal_with(aad, plain, rand::random())
+    }
+
+    fn seal_with(&self, aad: &[u8], plain: &[u8], nonce: [u8; 12]) -> String {
         let sealed = self.keys[0]
             .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad })
             .expect("AES-GCM sealing does not fail for short inputs");
@@ -119,12 +129,22 @@ impl TokenCodec {
         })
     }
 
+    /// The same message always gets the same id, on every delivery and on
+    /// every node sharing the key, so user agents and senders can recognise
+    /// a redelivery. The nonce is a keyed hash of the contents (a synthetic
+    /// IV): equal nonces come only with equal contents, so AES-GCM's nonce
+    /// is never reused for two different messages.
     pub fn message_id(&self, m: &MessageId) -> String {
         let mut plain = [0u8; 40];
         plain[..16].copy_from_slice(&m.uaid.0);
         plain[16..32].copy_from_slice(m.channel.as_bytes());
         plain[32..].copy_from_slice(&m.seq.to_be_bytes());
-        self.seal(AAD_MSG, &plain)
+        let mut h = Sha256::new();
+        h.update(self.nonce_key);
+        h.update(plain);
+        let digest = h.finalize();
+        let nonce: [u8; 12] = digest[..12].try_into().expect("12 of 32 bytes");
+        self.seal_with(AAD_MSG, &plain, nonce)
     }
 
     pub fn open_message_id(&self, id: &str) -> Option<MessageId> {
@@ -280,6 +300,26 @@ mod tests {
             seq: 1234567890123,
         };
         assert_eq!(c.open_message_id(&c.message_id(&m)), Some(m));
+    }
+
+    #[test]
+    fn a_message_keeps_its_id_and_no_two_share_one() {
+        let c = codec();
+        let m = MessageId {
+            uaid: Uaid::random(),
+            channel: uuid::Uuid::new_v4(),
+            seq: 42,
+        };
+        assert_eq!(
+            c.message_id(&m),
+            c.message_id(&m),
+            "stable across deliveries"
+        );
+        let other = MessageId { seq: 43, ..m };
+        assert_ne!(c.message_id(&m), c.message_id(&other));
+        // Another node with the same key names it the same way.
+        let twin = codec();
+        assert_eq!(twin.message_id(&m), c.message_id(&m));
     }
 
     #[test]

@@ -652,3 +652,27 @@ async fn nothing_accepted_is_lost_on_kill_9() {
         assert_eq!(payload(&keys, &ua.notification().await), "after");
     }
 }
+
+/// A message keeps its id: the version of every delivery is the id in the
+/// Location the sender got, so a user agent can tell a redelivery.
+#[tokio::test]
+async fn a_redelivered_message_keeps_its_version() {
+    let h = Herald::start().await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let uaid = ua.uaid.clone();
+    let (_, ep) = ua.subscribe(None).await;
+    let r = push(&ep, None, &h.url(), &keys, "same", &[]).await;
+    assert_eq!(r.status, 201);
+    let location = r.header("location").unwrap();
+    let first = ua.notification().await;
+    let version = first["version"].as_str().unwrap().to_string();
+    assert!(
+        location.ends_with(&format!("/m/{version}")),
+        "{location} vs {version}"
+    );
+    drop(ua); // unacknowledged
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(ua.notification().await["version"], version.as_str());
+}

@@ -58,11 +58,11 @@
 //! twice.
 //!
 //! A message's identity is a digest of its channel and encrypted body, not
-//! its `version`: Herald seals a fresh `version` for every delivery, and the
-//! encrypted body of a Web Push message starts with a random 16-byte salt,
-//! so it names one send. Messages without payload have nothing that
-//! survives redelivery and are recognised by `version` only (exactly, on
-//! push services whose versions are stable).
+//! its `version`: the encrypted body of a Web Push message starts with a
+//! random 16-byte salt, so it names one send on any push service, while not
+//! every service keeps a message's `version` across redeliveries (Herald
+//! does). Messages without payload are recognised by `version`, exactly on
+//! services like Herald whose versions are stable.
 
 mod backoff;
 pub mod cli;
