@@ -146,6 +146,20 @@ impl Rig {
             .unwrap_or_default()
     }
 
+    /// The subscription the page hands over once Firefox subscribed.
+    fn wait_subscription(&mut self) -> Value {
+        wait_for(SUBSCRIBE_TIMEOUT, || {
+            self.check_browser();
+            self.subscriptions().into_iter().next()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "Firefox did not subscribe within {SUBSCRIBE_TIMEOUT:?}\n{}",
+                self.logs()
+            )
+        })
+    }
+
     fn received(&self) -> Vec<Option<String>> {
         self.demo
             .get_json("/received")
@@ -215,16 +229,7 @@ fn firefox_on_one_node_receives_a_push_sent_to_another() {
     let redis = redis_harness::RedisServer::start();
     let mut rig = Rig::two_nodes(redis.url());
     rig.launch("");
-    let subscription = wait_for(SUBSCRIBE_TIMEOUT, || {
-        rig.check_browser();
-        rig.subscriptions().into_iter().next()
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "Firefox did not subscribe within {SUBSCRIBE_TIMEOUT:?}\n{}",
-            rig.logs()
-        )
-    });
+    let subscription = rig.wait_subscription();
     let endpoint = subscription["endpoint"].as_str().expect("endpoint");
     assert!(
         endpoint.starts_with(&format!("{}/", rig.herald.url())),
@@ -325,16 +330,7 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
 
     // 1. The page subscribes through Herald and hands over the subscription.
     rig.launch("");
-    let subscription = wait_for(SUBSCRIBE_TIMEOUT, || {
-        rig.check_browser();
-        rig.subscriptions().into_iter().next()
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "Firefox did not subscribe within {SUBSCRIBE_TIMEOUT:?}\n{}",
-            rig.logs()
-        )
-    });
+    let subscription = rig.wait_subscription();
     let endpoint = subscription["endpoint"]
         .as_str()
         .expect("endpoint")
