@@ -5,9 +5,8 @@
 use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec};
 use crate::net;
-use crate::proto::{self, Target};
+use crate::proto;
 use crate::results::{self, Common, CpuMeter, RunResult};
-use crate::sender::Origins;
 use crate::sender::{self, Endpoint, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
@@ -71,21 +70,12 @@ impl Books {
 
     /// Books one text frame; returns the ack to send.
     fn on_text(&self, ua: usize, text: &str) -> Option<String> {
-        let Some(m) = proto::parse(text) else {
-            self.malformed.fetch_add(1, Relaxed);
-            return None;
-        };
-        if m.message_type.as_deref() != Some("notification") {
-            return None;
-        }
-        let (Some(ch), Some(ver)) = (m.channel_id.as_deref(), m.version.as_deref()) else {
-            self.malformed.fetch_add(1, Relaxed);
-            return None;
-        };
-        let ack = proto::ack_json(ch, ver);
+        let n = proto::notification(text, &self.malformed)?;
+        let ch = &*n.channel_id;
+        let ack = proto::ack_json(ch, &n.version);
         let owned = channel_of(&self.ids, ua, self.per_ua, ch);
         let ours = owned.filter(|&c| {
-            m.data
+            n.data
                 .as_deref()
                 .and_then(crypto::salt_from_data)
                 .is_some_and(|salt| self.pool.slot_of(c, &salt).is_some())
@@ -111,9 +101,7 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
     {
         bail!("--uas, --senders, --channels and --messages-per-channel must be at least 1");
     }
-    let targets = Target::all(&common.urls).await?;
-    let push_bases = common.push_bases()?;
-    Origins::with_push_urls(&push_bases).await?;
+    let (targets, push_bases) = common.targets_and_push_bases().await?;
     let nofile = net::raise_nofile_limit();
     if (args.uas + args.senders + 100) as u64 > nofile.soft {
         bail!(
@@ -151,13 +139,7 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
     let ids: Arc<Vec<Uuid>> = Arc::new((0..channels).map(|_| proto::new_channel_id()).collect());
     eprintln!("backlog: subscribing {} user agents", args.uas);
     let setup_latency = Hist::new();
-    let spec = FleetSpec {
-        uas: args.uas,
-        channels_per_ua: per_ua,
-        concurrency: common.concurrency,
-        limit,
-        srcs: vec![None],
-    };
+    let spec = FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
     let mut ups = fleet::bring_up_all(
         &targets,
         &spec,
@@ -335,19 +317,10 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
             fleet::close(ws).await;
         });
     }
-    let mut last_print = Instant::now();
-    while tokio::time::timeout_at((drain_deadline + limit * 2).into(), uas.join_next())
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    {
-        if last_print.elapsed() > Duration::from_secs(2) {
-            eprintln!("  delivered {}/{stored}", books.delivered.load(Relaxed));
-            last_print = Instant::now();
-        }
-    }
-    uas.abort_all();
+    fleet::join_all_until(&mut uas, drain_deadline + limit * 2, || {
+        format!("  delivered {}/{stored}", books.delivered.load(Relaxed))
+    })
+    .await;
     let server_cpu = cpu.record(&mut result);
     let _ = samp_stop_tx.send(true);
     let rates = sampler.await.unwrap_or_default();

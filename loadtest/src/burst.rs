@@ -24,7 +24,7 @@ use crate::fleet::{self, FleetSpec};
 use crate::net;
 use crate::proto::{self, Target, Ws};
 use crate::results::{self, Common, CpuMeter, RunResult};
-use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
+use crate::sender::{self, Endpoint, HttpClient, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
 use anyhow::{bail, Result};
@@ -244,22 +244,13 @@ impl Books {
 
     /// Books one text frame; returns the ack to send, one per notification.
     fn on_text(&self, ua: usize, text: &str) -> Option<String> {
-        let Some(m) = proto::parse(text) else {
-            self.malformed.fetch_add(1, Relaxed);
-            return None;
-        };
-        if m.message_type.as_deref() != Some("notification") {
-            return None;
-        }
+        let n = proto::notification(text, &self.malformed)?;
         let now = self.clock.now_us();
-        let (Some(ch), Some(ver)) = (m.channel_id.as_deref(), m.version.as_deref()) else {
-            self.malformed.fetch_add(1, Relaxed);
-            return None;
-        };
-        let ack = proto::ack_json(ch, ver);
+        let ch = &*n.channel_id;
+        let ack = proto::ack_json(ch, &n.version);
         let phase = self.phase.load(Relaxed);
         let id = channel_of(&self.ids, ua, self.per_ua, ch).and_then(|c| {
-            let salt = m.data.as_deref().and_then(crypto::salt_from_data)?;
+            let salt = n.data.as_deref().and_then(crypto::salt_from_data)?;
             let id = *self.salts.get(&salt)? as usize;
             (id / self.per_channel == c).then_some(id)
         });
@@ -633,9 +624,7 @@ pub async fn run(args: BurstArgs) -> Result<()> {
             args.max_stored
         );
     }
-    let targets = Target::all(&common.urls).await?;
-    let push_bases = common.push_bases()?;
-    Origins::with_push_urls(&push_bases).await?;
+    let (targets, push_bases) = common.targets_and_push_bases().await?;
     let nofile = net::raise_nofile_limit();
     if (args.uas + args.senders + 100) as u64 > nofile.soft {
         bail!(
@@ -678,13 +667,7 @@ pub async fn run(args: BurstArgs) -> Result<()> {
     eprintln!("burst: connecting {} user agents", args.uas);
     let setup_errors = Tally::default();
     let setup_latency = Hist::new();
-    let spec = FleetSpec {
-        uas: args.uas,
-        channels_per_ua: per_ua,
-        concurrency: common.concurrency,
-        limit,
-        srcs: vec![None],
-    };
+    let spec = FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
     let ups = fleet::bring_up_all(
         &targets,
         &spec,
@@ -826,19 +809,10 @@ pub async fn run(args: BurstArgs) -> Result<()> {
     }
     // Each reconnect is bounded by the step limit; allow them all.
     let hard_end = cx.deadline + limit * (2 * (args.max_reconnects.min(100) + 1)) + limit;
-    let mut last_print = Instant::now();
-    while tokio::time::timeout_at(hard_end.into(), uas.join_next())
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    {
-        if last_print.elapsed() > Duration::from_secs(2) {
-            eprintln!("  drained {}/{stored}", books.drain_delivered.load(Relaxed));
-            last_print = Instant::now();
-        }
-    }
-    uas.abort_all();
+    fleet::join_all_until(&mut uas, hard_end, || {
+        format!("  drained {}/{stored}", books.drain_delivered.load(Relaxed))
+    })
+    .await;
     let server_cpu = cpu.record(&mut result);
     let _ = samp_stop_tx.send(true);
     let rates = sampler.await.unwrap_or_default();
@@ -1015,7 +989,6 @@ pub async fn run(args: BurstArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine;
 
     /// `channels` channels, `per_ua` per user agent, `live` + `backlog` messages each.
     fn books(channels: usize, per_ua: usize, live: usize, backlog: usize) -> Books {
@@ -1025,15 +998,11 @@ mod tests {
     }
 
     fn notification(b: &Books, c: usize, m: usize, version: &str) -> String {
-        serde_json::json!({
-            "messageType": "notification",
-            "channelID": b.ids[c].hyphenated().to_string(),
-            "version": version,
-            "data": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b.pool.body(c, m)),
-            "headers": {"encoding": "aes128gcm"},
-            "ttl": 60,
-        })
-        .to_string()
+        proto::notification_json(
+            &b.ids[c].hyphenated().to_string(),
+            version,
+            b.pool.body(c, m),
+        )
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! the parent's timestamps of the PUT share, and reports the arrivals when
 //! released.
 
-use crate::idle::{self, Worker, WorkerEvent, WorkerSpec};
+use crate::idle::{self, WorkerEvent, WorkerSpec};
 use crate::net;
 use crate::proto::{self, Target, Ws};
 use crate::results::{self, Common, CpuMeter, MemoryPoint, RunResult, Servers};
@@ -314,17 +314,7 @@ fn percentile(sorted: &[i64], q: f64) -> Option<i64> {
 }
 
 fn median(v: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+    stats::median(v.iter().copied())
 }
 
 fn r2(x: f64) -> f64 {
@@ -576,28 +566,22 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         total,
         non_followers: non,
     };
-    let mut workers: Vec<Worker> = Vec::new();
-    let mut first = 0usize;
-    for w in 0..procs {
-        let count = total / procs + usize::from(w < total % procs);
-        let spec = WorkerSpec {
-            urls: common.urls.clone(),
-            count,
-            first_index: first,
-            source_addrs: srcs,
-            concurrency: common.concurrency.div_ceil(procs).max(1),
-            rate: 0.0,
-            channels: common.channels,
-            timeout: common.timeout,
-            max_consecutive_failures: args.max_consecutive_failures,
-            max_connect_secs: args.max_connect_secs,
-            max_life_secs: max_life,
-            follow: Some(follow.clone()),
-            progress_ms: 20,
-        };
-        first += count;
-        workers.push(idle::spawn_worker(w, procs == 1, spec, tx.clone()).await?);
-    }
+    let template = WorkerSpec {
+        urls: common.urls.clone(),
+        count: 0,
+        first_index: 0,
+        source_addrs: srcs,
+        concurrency: common.concurrency.div_ceil(procs).max(1),
+        rate: 0.0,
+        channels: common.channels,
+        timeout: common.timeout,
+        max_consecutive_failures: args.max_consecutive_failures,
+        max_connect_secs: args.max_connect_secs,
+        max_life_secs: max_life,
+        follow: Some(follow.clone()),
+        progress_ms: 20,
+    };
+    let mut workers = idle::spawn_workers(procs, total, &template, &tx).await?;
     drop(tx);
 
     let started = Instant::now();
@@ -738,17 +722,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             _ => break,
         }
     }
-    for w in workers {
-        if let Worker::Child(mut child) = w {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-                p.errors.insert("worker did not exit".into(), 1);
-            }
-        }
-    }
+    idle::reap_workers(workers, &mut p.errors).await;
 
     // Findings, per change and overall.
     let mut counts = FanoutCounts::default();

@@ -14,6 +14,24 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
+/// Waits for every task in `uas` until `end`, printing `progress()` to stderr
+/// at most every two seconds as tasks finish; the rest are then aborted.
+pub async fn join_all_until(uas: &mut JoinSet<()>, end: Instant, progress: impl Fn() -> String) {
+    let mut last_print = Instant::now();
+    while tokio::time::timeout_at(end.into(), uas.join_next())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        if last_print.elapsed() > Duration::from_secs(2) {
+            eprintln!("{}", progress());
+            last_print = Instant::now();
+        }
+    }
+    uas.abort_all();
+}
+
 /// Runs one protocol step under a deadline, naming the step on timeout.
 pub async fn step<T>(
     phase: &'static str,
@@ -119,6 +137,19 @@ pub struct FleetSpec {
     pub concurrency: usize,
     pub limit: Duration,
     pub srcs: Vec<Option<IpAddr>>,
+}
+
+impl FleetSpec {
+    /// All user agents from the default source address.
+    pub fn new(uas: usize, channels_per_ua: usize, concurrency: usize, limit: Duration) -> Self {
+        FleetSpec {
+            uas,
+            channels_per_ua,
+            concurrency,
+            limit,
+            srcs: vec![None],
+        }
+    }
 }
 
 /// Brings up `uas` user agents, `concurrency` at a time, user agent `u` on

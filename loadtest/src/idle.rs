@@ -440,29 +440,23 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     );
 
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, WorkerEvent)>();
-    let mut workers = Vec::new();
     let max_life = args.max_connect_secs + args.hold + common.timeout * 3.0 + 120.0;
-    let mut first = 0usize;
-    for w in 0..procs {
-        let count = args.uas / procs + usize::from(w < args.uas % procs);
-        let spec = WorkerSpec {
-            urls: common.urls.clone(),
-            count,
-            first_index: first,
-            source_addrs: srcs,
-            concurrency: common.concurrency.div_ceil(procs).max(1),
-            rate: args.rate / procs as f64,
-            channels: common.channels,
-            timeout: common.timeout,
-            max_consecutive_failures: args.max_consecutive_failures,
-            max_connect_secs: args.max_connect_secs,
-            max_life_secs: max_life,
-            follow: None,
-            progress_ms: 0,
-        };
-        first += count;
-        workers.push(spawn_worker(w, procs == 1, spec, tx.clone()).await?);
-    }
+    let template = WorkerSpec {
+        urls: common.urls.clone(),
+        count: 0,
+        first_index: 0,
+        source_addrs: srcs,
+        concurrency: common.concurrency.div_ceil(procs).max(1),
+        rate: args.rate / procs as f64,
+        channels: common.channels,
+        timeout: common.timeout,
+        max_consecutive_failures: args.max_consecutive_failures,
+        max_connect_secs: args.max_connect_secs,
+        max_life_secs: max_life,
+        follow: None,
+        progress_ms: 0,
+    };
+    let mut workers = spawn_workers(procs, args.uas, &template, &tx).await?;
     drop(tx);
 
     let started = Instant::now();
@@ -549,17 +543,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             _ => break,
         }
     }
-    for w in workers {
-        if let Worker::Child(mut child) = w {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-                result.errors.insert("worker did not exit".into(), 1);
-            }
-        }
-    }
+    reap_workers(workers, &mut result.errors).await;
 
     // Findings.
     let dropped: u64 = drops.values().sum();
@@ -723,6 +707,45 @@ fn absorb(
             *errors.entry(format!("worker: {message}")).or_insert(0) += 1;
             s.finished = true;
             s.open = 0;
+        }
+    }
+}
+
+/// Starts `procs` workers sharing `total` user agents as evenly as they can:
+/// each is told `template` with its own share (`count`, `first_index`).
+pub(crate) async fn spawn_workers(
+    procs: usize,
+    total: usize,
+    template: &WorkerSpec,
+    tx: &mpsc::UnboundedSender<(usize, WorkerEvent)>,
+) -> Result<Vec<Worker>> {
+    let mut workers = Vec::new();
+    let mut first = 0usize;
+    for w in 0..procs {
+        let count = total / procs + usize::from(w < total % procs);
+        let spec = WorkerSpec {
+            count,
+            first_index: first,
+            ..template.clone()
+        };
+        first += count;
+        workers.push(spawn_worker(w, procs == 1, spec, tx.clone()).await?);
+    }
+    Ok(workers)
+}
+
+/// Waits up to 5 s for each worker process to exit, killing one that does
+/// not and noting it in `errors`.
+pub(crate) async fn reap_workers(workers: Vec<Worker>, errors: &mut BTreeMap<String, u64>) {
+    for w in workers {
+        if let Worker::Child(mut child) = w {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+                errors.insert("worker did not exit".into(), 1);
+            }
         }
     }
 }

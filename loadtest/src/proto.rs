@@ -285,6 +285,36 @@ pub fn parse(text: &str) -> Option<ServerMsg<'_>> {
     serde_json::from_str(text).ok()
 }
 
+/// A notification from the server, as a user agent books and acks it.
+pub struct Notification<'a> {
+    pub channel_id: Cow<'a, str>,
+    pub version: Cow<'a, str>,
+    pub data: Option<Cow<'a, str>>,
+}
+
+/// The notification in one text frame, if it is one. Anything else a server
+/// may volunteer (`{}` ping replies and the like) is `None`; so is a frame
+/// that is not JSON or a notification without channelID or version, which
+/// is also counted in `malformed`.
+pub fn notification<'a>(text: &'a str, malformed: &AtomicU64) -> Option<Notification<'a>> {
+    let Some(m) = parse(text) else {
+        malformed.fetch_add(1, Relaxed);
+        return None;
+    };
+    if m.message_type.as_deref() != Some("notification") {
+        return None;
+    }
+    let (Some(channel_id), Some(version)) = (m.channel_id, m.version) else {
+        malformed.fetch_add(1, Relaxed);
+        return None;
+    };
+    Some(Notification {
+        channel_id,
+        version,
+        data: m.data,
+    })
+}
+
 #[cfg(test)]
 pub fn hello_json(uaid: Option<&str>, channel_ids: &[Uuid]) -> String {
     hello_json_following(uaid, channel_ids, &BTreeMap::new())
@@ -322,6 +352,21 @@ pub fn hello_json_following(
             .to_string()
         }
     }
+}
+
+/// A notification frame as a server sends it, for tests.
+#[cfg(test)]
+pub fn notification_json(channel_id: &str, version: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    serde_json::json!({
+        "messageType": "notification",
+        "channelID": channel_id,
+        "version": version,
+        "data": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body),
+        "headers": {"encoding": "aes128gcm"},
+        "ttl": 60,
+    })
+    .to_string()
 }
 
 pub fn register_json(channel_id: &Uuid, key_b64: &str) -> String {
@@ -424,6 +469,23 @@ pub fn new_channel_id() -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notifications_and_what_is_malformed() {
+        let malformed = AtomicU64::new(0);
+        let n = notification(
+            r#"{"messageType":"notification","channelID":"c","version":"v","data":"d"}"#,
+            &malformed,
+        )
+        .expect("a notification");
+        assert_eq!((&*n.channel_id, &*n.version), ("c", "v"));
+        assert_eq!(n.data.as_deref(), Some("d"));
+        assert!(notification("{}", &malformed).is_none());
+        assert_eq!(malformed.load(Relaxed), 0);
+        assert!(notification("not json", &malformed).is_none());
+        assert!(notification(r#"{"messageType":"notification"}"#, &malformed).is_none());
+        assert_eq!(malformed.load(Relaxed), 2);
+    }
 
     #[test]
     fn hello_shapes() {

@@ -3,7 +3,7 @@
 //! side.
 
 use crate::results::{read_result, RunResult, ServerStat};
-use crate::stats::LatencySummary;
+use crate::stats::{self, LatencySummary};
 use anyhow::{bail, Context, Result};
 use plotters::coord::ranged1d::{AsRangedCoord, Ranged, ValueFormatter};
 use plotters::prelude::*;
@@ -159,17 +159,7 @@ pub struct SideRow {
 }
 
 fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
-    let mut v: Vec<f64> = v.flatten().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+    stats::median(v.flatten())
 }
 
 /// Throughput and idle figures per target, in the order targets first

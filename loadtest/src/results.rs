@@ -73,6 +73,15 @@ impl Common {
         }
         Ok(Vec::new())
     }
+
+    /// The nodes to connect to and the push bases; bad push URLs are refused
+    /// here, before anyone connects.
+    pub async fn targets_and_push_bases(&self) -> Result<(Vec<crate::proto::Target>, Vec<String>)> {
+        let targets = crate::proto::Target::all(&self.urls).await?;
+        let push_bases = self.push_bases()?;
+        crate::sender::Origins::with_push_urls(&push_bases).await?;
+        Ok((targets, push_bases))
+    }
 }
 
 /// `ws://host:port/...` as the base URL `http://host:port`.

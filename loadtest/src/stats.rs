@@ -268,6 +268,22 @@ pub fn sample_interval(expected: Duration) -> Duration {
 }
 
 /// Adds a value to an atomic maximum.
+/// The median of the finite values, the mean of the middle two when their
+/// number is even; `None` when there are none.
+pub fn median(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
 pub fn fetch_max(a: &AtomicU64, v: u64) {
     a.fetch_max(v, Ordering::Relaxed);
 }

@@ -91,13 +91,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     );
     eprintln!("storm: connecting {} user agents", args.uas);
     let setup_latency = Hist::new();
-    let spec = FleetSpec {
-        uas: args.uas,
-        channels_per_ua: per_ua,
-        concurrency: common.concurrency,
-        limit,
-        srcs: vec![None],
-    };
+    let spec = FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
     let ups =
         fleet::bring_up_all(&targets, &spec, ids.clone(), keys, &errors, &setup_latency).await;
     let up_count = ups.iter().filter(|u| u.is_some()).count();

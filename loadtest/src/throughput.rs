@@ -11,7 +11,7 @@
 use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec, Up};
 use crate::net;
-use crate::proto::{self, Target, Ws};
+use crate::proto::{self, Ws};
 use crate::results::{self, Common, CpuMeter, RunResult};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
@@ -102,26 +102,16 @@ impl Shared {
 
     /// Handles one text frame; returns the ack to send, if any.
     fn on_text(&self, ua: usize, text: &str) -> Option<String> {
-        let Some(m) = proto::parse(text) else {
-            self.malformed.fetch_add(1, Relaxed);
-            return None;
-        };
-        if m.message_type.as_deref() != Some("notification") {
-            // `{}` ping replies and anything else a server may volunteer.
-            return None;
-        }
+        let n = proto::notification(text, &self.malformed)?;
         let now = self.clock.now_us();
-        let (Some(ch), Some(ver)) = (m.channel_id.as_deref(), m.version.as_deref()) else {
-            self.malformed.fetch_add(1, Relaxed);
-            return None;
-        };
-        let ack = proto::ack_json(ch, ver);
+        let ch = &*n.channel_id;
+        let ack = proto::ack_json(ch, &n.version);
         self.acks.fetch_add(1, Relaxed);
         let Some(c) = channel_of(&self.channel_ids, ua, self.per_ua, ch) else {
             self.unexpected.fetch_add(1, Relaxed);
             return Some(ack);
         };
-        let Some(data) = m.data.as_deref() else {
+        let Some(data) = n.data.as_deref() else {
             self.malformed.fetch_add(1, Relaxed);
             return Some(ack);
         };
@@ -316,10 +306,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     if !(1..=64).contains(&args.pool) {
         bail!("--pool must be 1..=64");
     }
-    let targets = Target::all(&common.urls).await?;
-    let push_bases = common.push_bases()?;
-    // Refuse bad push URLs before connecting anyone.
-    Origins::with_push_urls(&push_bases).await?;
+    let (targets, push_bases) = common.targets_and_push_bases().await?;
     let nofile = net::raise_nofile_limit();
     if (args.uas + args.senders + 100) as u64 > nofile.soft {
         bail!(
@@ -367,13 +354,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     eprintln!("throughput: connecting {} user agents", args.uas);
     let setup_errors = Tally::default();
     let setup_latency = Hist::new();
-    let spec = FleetSpec {
-        uas: args.uas,
-        channels_per_ua: common.channels,
-        concurrency: common.concurrency,
-        limit,
-        srcs: vec![None],
-    };
+    let spec = FleetSpec::new(args.uas, common.channels, common.concurrency, limit);
     let ups = fleet::bring_up_all(
         &targets,
         &spec,
@@ -620,7 +601,6 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine;
 
     fn shared(channels: usize, per_ua: usize, pool: usize) -> Shared {
         Shared {
@@ -652,15 +632,11 @@ mod tests {
     }
 
     fn notification(sh: &Shared, c: usize, s: usize) -> String {
-        serde_json::json!({
-            "messageType": "notification",
-            "channelID": sh.channel_ids[c].hyphenated().to_string().to_uppercase(),
-            "version": format!("v{c}-{s}"),
-            "data": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sh.pool.body(c, s)),
-            "headers": {"encoding": "aes128gcm"},
-            "ttl": 60,
-        })
-        .to_string()
+        proto::notification_json(
+            &sh.channel_ids[c].hyphenated().to_string().to_uppercase(),
+            &format!("v{c}-{s}"),
+            sh.pool.body(c, s),
+        )
     }
 
     #[test]

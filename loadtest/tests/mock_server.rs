@@ -1096,15 +1096,8 @@ fn fanout_tells_every_follower_once_and_nobody_else() {
         &out_file(&dir, "fanout.json"),
         Duration::from_secs(60),
     );
-    assert_no_errors(&f);
-    assert_eq!(metric(&f, "followers_connected"), 40.0);
-    assert_eq!(metric(&f, "non_followers_connected"), 8.0);
+    assert_fanout_clean(&f, 40.0, 8.0, 3.0);
     assert_eq!(metric(&f, "changes"), 3.0);
-    assert_eq!(metric(&f, "changes_complete"), 3.0);
-    assert_eq!(metric(&f, "frames_received"), 120.0);
-    assert_eq!(metric(&f, "missing"), 0.0);
-    assert_eq!(metric(&f, "duplicates"), 0.0);
-    assert_eq!(metric(&f, "non_follower_frames"), 0.0);
     // The initial version and three changes.
     assert_eq!(mock.state.puts.load(Relaxed), 4);
     let rows = f["rows"].as_array().expect("rows");
@@ -1177,17 +1170,7 @@ fn fanout_tells_every_follower_once_and_nobody_else() {
     // The report gives fanout its own section and the per-change table.
     let html = dir.path().join("report.html");
     let fanout_json = out_file(&dir, "fanout.json");
-    let ran = run(
-        &[
-            "report",
-            fanout_json.to_str().unwrap(),
-            "--out",
-            html.to_str().unwrap(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(ran.ok, "{}", ran.stderr);
-    let page = std::fs::read_to_string(&html).expect("report");
+    let page = report(&[fanout_json.to_str().unwrap()], &html);
     assert!(page.contains("<h2>fanout</h2>") && page.contains("mock: per step"));
     assert!(page.contains("fanout_arrival latency CDF"));
 }
@@ -1262,25 +1245,7 @@ fn fanout_reports_missed_repeated_and_stray_frames() {
 fn fanout_needs_the_broadcast_api_and_its_token() {
     let mock = Mock::start(Faults::default());
     let api = mock.http(0);
-    let ran = run(
-        &[
-            "fanout",
-            "--url",
-            &mock.url(),
-            "--api-url",
-            &api,
-            "--token",
-            "wrong-token-0123456",
-            "--uas",
-            "2",
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        !ran.ok && ran.stderr.contains("refused the token"),
-        "{}",
-        ran.stderr
-    );
+    assert_fanout_token_refused(&mock.url(), &api, "wrong-token-0123456");
     let ran = run(
         &[
             "fanout",

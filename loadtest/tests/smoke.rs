@@ -241,21 +241,16 @@ fn every_scenario_against_herald_then_report() {
 
     let html = dir.path().join("report.html");
     let label = format!("herald-label={}", tp_f.display());
-    let ran = run(
+    let page = report(
         &[
-            "report",
             idle_f.to_str().unwrap(),
             bl_f.to_str().unwrap(),
             st_f.to_str().unwrap(),
             "--label",
             &label,
-            "--out",
-            html.to_str().unwrap(),
         ],
-        Duration::from_secs(30),
+        &html,
     );
-    assert!(ran.ok, "report failed: {}", ran.stderr);
-    let page = std::fs::read_to_string(&html).expect("report written");
     assert!(page.contains("<svg"), "report has plots");
     assert!(page.matches("<svg").count() >= 4);
     assert!(page.contains("herald-label"));
@@ -299,17 +294,7 @@ fn burst_of_individual_acks_against_herald() {
 
     // The report has a section for it, whatever the outcome.
     let html = dir.path().join("report.html");
-    let ran = run(
-        &[
-            "report",
-            out.to_str().unwrap(),
-            "--out",
-            html.to_str().unwrap(),
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(ran.ok, "report failed: {}", ran.stderr);
-    let page = std::fs::read_to_string(&html).expect("report written");
+    let page = report(&[out.to_str().unwrap()], &html);
     assert!(page.contains("<h2>burst</h2>") && page.contains("live_cut_off"));
 
     let summary = b["summary"].as_str().expect("summary");
@@ -388,14 +373,7 @@ fn fanout_of_broadcast_changes_against_herald() {
         &out,
         Duration::from_secs(120),
     );
-    assert_no_errors(&f);
-    assert_eq!(metric(&f, "followers_connected"), 60.0);
-    assert_eq!(metric(&f, "non_followers_connected"), 10.0);
-    assert_eq!(metric(&f, "changes_complete"), 3.0);
-    assert_eq!(metric(&f, "frames_received"), 180.0);
-    assert_eq!(metric(&f, "missing"), 0.0);
-    assert_eq!(metric(&f, "duplicates"), 0.0);
-    assert_eq!(metric(&f, "non_follower_frames"), 0.0);
+    assert_fanout_clean(&f, 60.0, 10.0, 3.0);
     assert!(metric(&f, "server_rss_peak_kib") >= metric(&f, "server_rss_before_kib"));
     assert!(f["metrics"]["server_cpu_us_per_delivered"].is_number());
     assert!(metric(&f, "last_frame_ms_max") < 10_000.0);
@@ -413,23 +391,5 @@ fn fanout_of_broadcast_changes_against_herald() {
     assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
 
     // Without the token the API refuses, and the run says so.
-    let ran = run(
-        &[
-            "fanout",
-            "--url",
-            &url,
-            "--api-url",
-            &api,
-            "--token",
-            "not-the-token-0123456",
-            "--uas",
-            "2",
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(
-        !ran.ok && ran.stderr.contains("refused the token"),
-        "{}",
-        ran.stderr
-    );
+    assert_fanout_token_refused(&url, &api, "not-the-token-0123456");
 }

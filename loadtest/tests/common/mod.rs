@@ -58,6 +58,54 @@ pub fn run(args: &[&str], deadline: Duration) -> Ran {
     ran
 }
 
+/// Runs `report` on `args` (results files and options) writing `html`; the
+/// run must succeed. Returns the page.
+pub fn report(args: &[&str], html: &Path) -> String {
+    let mut all = vec!["report"];
+    all.extend_from_slice(args);
+    all.extend(["--out", html.to_str().expect("utf-8 path")]);
+    let ran = run(&all, Duration::from_secs(30));
+    assert!(ran.ok, "report failed: {}", ran.stderr);
+    std::fs::read_to_string(html).expect("report written")
+}
+
+/// A fanout run without errors in which every follower heard of every change
+/// once and nobody else heard anything.
+pub fn assert_fanout_clean(f: &Value, followers: f64, non_followers: f64, changes: f64) {
+    assert_no_errors(f);
+    assert_eq!(metric(f, "followers_connected"), followers);
+    assert_eq!(metric(f, "non_followers_connected"), non_followers);
+    assert_eq!(metric(f, "changes_complete"), changes);
+    assert_eq!(metric(f, "frames_received"), followers * changes);
+    assert_eq!(metric(f, "missing"), 0.0);
+    assert_eq!(metric(f, "duplicates"), 0.0);
+    assert_eq!(metric(f, "non_follower_frames"), 0.0);
+}
+
+/// Runs fanout against `url` with a `token` the broadcast API at `api`
+/// refuses; the run must fail saying so.
+pub fn assert_fanout_token_refused(url: &str, api: &str, token: &str) {
+    let ran = run(
+        &[
+            "fanout",
+            "--url",
+            url,
+            "--api-url",
+            api,
+            "--token",
+            token,
+            "--uas",
+            "2",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !ran.ok && ran.stderr.contains("refused the token"),
+        "{}",
+        ran.stderr
+    );
+}
+
 /// Runs a scenario that must succeed and returns its JSON results.
 pub fn scenario(args: &[&str], out: &Path, deadline: Duration) -> Value {
     let mut all: Vec<&str> = args.to_vec();
