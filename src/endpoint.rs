@@ -16,6 +16,12 @@ use std::sync::Arc;
 
 pub type Response = http::Response<Full<Bytes>>;
 
+/// How long a push body may take to arrive once the headers are in. hyper's
+/// `header_read_timeout` covers only the headers: without this a sender
+/// trickling its body a byte at a time holds a connection and a task
+/// forever (slowloris).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -23,6 +29,21 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 fn store_err(e: StoreError) -> ApiError {
     tracing::error!("store: {e}");
     ApiError::storage(e)
+}
+
+/// Room reserved for one message under `max_stored_messages`.
+struct Reservation<'a> {
+    app: &'a App,
+    uaid: crate::ids::Uaid,
+    added: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.added {
+            self.app.pending.released(&self.uaid);
+        }
+    }
 }
 
 /// `POST /wpush/{v1,v2}/<token>`.
@@ -73,9 +94,9 @@ pub async fn push(
     {
         return Err(ApiError::too_large(max));
     }
-    let data = Limited::new(body, max)
-        .collect()
+    let data = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, max).collect())
         .await
+        .map_err(|_| ApiError::body_timeout(BODY_READ_TIMEOUT.as_secs()))?
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -139,13 +160,20 @@ pub async fn push(
             .time(
                 "count_messages",
                 app.pending
-                    .has_room(store.as_ref(), &target.uaid, now, limit),
+                    .reserve(store.as_ref(), &target.uaid, now, limit),
             )
             .await
             .map_err(store_err)?;
         if !room {
             return Err(ApiError::too_many_stored(limit));
         }
+        // Released on every way out, including this future being dropped
+        // when the sender hangs up, unless the message was added.
+        let mut reservation = Reservation {
+            app,
+            uaid: target.uaid,
+            added: false,
+        };
         let outcome = app
             .metrics
             .time("put_message", store.put_message(&target.uaid, &message))
@@ -155,7 +183,9 @@ pub async fn push(
             app.metrics.messages_replaced.inc();
         } else {
             app.pending.added(&target.uaid);
+            reservation.added = true;
         }
+        drop(reservation);
         message.seq = outcome.seq;
     }
     // One allocation shared by the router and the connection.

@@ -112,6 +112,14 @@ impl ApiError {
     pub fn method_not_allowed() -> Self {
         Self::new(405, 118, "method not allowed on this resource")
     }
+    // 408
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            408,
+            999,
+            format!("the request body did not arrive within {secs} s"),
+        )
+    }
     // 410
     pub fn user_gone() -> Self {
         Self::new(

@@ -11,9 +11,18 @@ use crate::ids::Uaid;
 use crate::store::{Store, StoreResult};
 use dashmap::DashMap;
 
+/// Stored messages (an estimate that errs high) and pushes between
+/// `reserve` and `added`/`released`: counting those too keeps concurrent
+/// pushes from all passing the check at `limit - 1`.
+#[derive(Default, Clone, Copy)]
+struct Count {
+    stored: usize,
+    in_flight: usize,
+}
+
 #[derive(Default)]
 pub struct PendingCounts {
-    counts: DashMap<Uaid, usize>,
+    counts: DashMap<Uaid, Count>,
     /// Several nodes share the store: another node's acks never reach this
     /// node's counts, so count in the store every time.
     shared: bool,
@@ -28,8 +37,10 @@ impl PendingCounts {
         }
     }
 
-    /// Whether one more message fits under `limit`.
-    pub async fn has_room(
+    /// Reserves room for one more message under `limit`; false when the
+    /// user agent is full. A `true` must be followed by `added` (stored,
+    /// replacing nothing) or `released` (not stored, or it replaced one).
+    pub async fn reserve(
         &self,
         store: &dyn Store,
         uaid: &Uaid,
@@ -39,25 +50,42 @@ impl PendingCounts {
         if self.shared {
             return Ok(store.count_messages(uaid, now, limit).await? < limit);
         }
-        if self.counts.get(uaid).is_some_and(|c| *c < limit) {
-            return Ok(true);
+        if let Some(mut c) = self.counts.get_mut(uaid) {
+            if c.stored + c.in_flight < limit {
+                c.in_flight += 1;
+                return Ok(true);
+            }
         }
         let exact = store.count_messages(uaid, now, limit).await?;
-        self.counts.insert(*uaid, exact);
-        Ok(exact < limit)
+        let mut c = self.counts.entry(*uaid).or_default();
+        c.stored = exact;
+        if c.stored + c.in_flight < limit {
+            c.in_flight += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
     }
 
-    /// A message was stored (and replaced none).
+    /// A reserved message was stored (and replaced none).
     pub fn added(&self, uaid: &Uaid) {
         if let Some(mut c) = self.counts.get_mut(uaid) {
-            *c += 1;
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.stored += 1;
+        }
+    }
+
+    /// A reservation ended without adding a message.
+    pub fn released(&self, uaid: &Uaid) {
+        if let Some(mut c) = self.counts.get_mut(uaid) {
+            c.in_flight = c.in_flight.saturating_sub(1);
         }
     }
 
     /// A stored message was deleted.
     pub fn removed(&self, uaid: &Uaid) {
         if let Some(mut c) = self.counts.get_mut(uaid) {
-            *c = c.saturating_sub(1);
+            c.stored = c.stored.saturating_sub(1);
         }
     }
 
@@ -95,18 +123,35 @@ mod tests {
         let counts = PendingCounts::default();
         let u = Uaid::random();
         for _ in 0..3 {
-            assert!(counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
+            assert!(counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
             put(&store, &u, 60).await;
             counts.added(&u);
         }
-        assert!(!counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
+        assert!(!counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
         // The estimate is high after an expiry; the exact recount at the
         // limit finds the room.
         let first = store.read_messages(&u, 0, 1).await.unwrap()[0].seq;
         store.delete_message(&u, first).await.unwrap();
-        assert!(counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
+        assert!(counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
         counts.removed(&u);
         counts.forget(&u);
-        assert!(counts.has_room(&store, &u, now_secs(), 3).await.unwrap());
+        assert!(counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn pushes_in_flight_count_against_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), false, None).unwrap();
+        let counts = PendingCounts::default();
+        let u = Uaid::random();
+        // Three concurrent pushes reserve before any is stored.
+        for _ in 0..3 {
+            assert!(counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
+        }
+        assert!(!counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
+        // One failed or replaced a message: its room is free again.
+        counts.released(&u);
+        assert!(counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
+        assert!(!counts.reserve(&store, &u, now_secs(), 3).await.unwrap());
     }
 }

@@ -56,10 +56,31 @@ fn now_micros() -> u64 {
 /// The embedded `Store`: reads and unsynced writes run inline (memtable and
 /// WAL appends, microseconds); fsyncs and whole-database scans run on the
 /// blocking pool so they never hold a runtime worker.
+///
+/// After an I/O error (a full disk) RocksDB stops all writes with a
+/// background error until `DB::Resume()`, which the C API and the `rocksdb`
+/// crate do not offer; without help the store would refuse every write until
+/// a restart. So an I/O error on a write schedules a reopen of the database
+/// (at most one per `REOPEN_INTERVAL`), which replays the WAL and clears the
+/// error once space has returned.
 #[derive(Clone)]
 pub struct RocksStore {
-    inner: Arc<Rocks>,
+    inner: Arc<Reopenable>,
     sync_writes: bool,
+}
+
+/// How often a failing store may be closed and opened again.
+const REOPEN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+struct Reopenable {
+    /// None only while a reopen failed; the next error tries again.
+    db: std::sync::RwLock<Option<Arc<Rocks>>>,
+    path: std::path::PathBuf,
+    sync_writes: bool,
+    expired: Option<prometheus::IntCounter>,
+    /// The highest sequence number handed out, carried across reopens.
+    seq_floor: AtomicU64,
+    last_reopen: Mutex<Option<std::time::Instant>>,
 }
 
 impl RocksStore {
@@ -69,25 +90,68 @@ impl RocksStore {
         sync_writes: bool,
         expired: Option<prometheus::IntCounter>,
     ) -> StoreResult<Self> {
+        let db = Rocks::open(path, sync_writes, expired.clone())?;
         Ok(RocksStore {
-            inner: Arc::new(Rocks::open(path, sync_writes, expired)?),
+            inner: Arc::new(Reopenable {
+                db: std::sync::RwLock::new(Some(Arc::new(db))),
+                path: path.to_path_buf(),
+                sync_writes,
+                expired,
+                seq_floor: AtomicU64::new(0),
+                last_reopen: Mutex::new(None),
+            }),
             sync_writes,
         })
     }
 
     /// The synchronous engine (tests, maintenance tools).
-    pub fn engine(&self) -> &Rocks {
-        &self.inner
+    pub fn engine(&self) -> StoreResult<Arc<Rocks>> {
+        self.db()
+    }
+
+    fn db(&self) -> StoreResult<Arc<Rocks>> {
+        let slot = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(db) => Ok(db.clone()),
+            None => {
+                drop(slot);
+                Err(self.noted(StoreError(
+                    "IO error: the store is being reopened after an I/O error".into(),
+                )))
+            }
+        }
+    }
+
+    /// Schedules a reopen if `e` is an I/O error; returns `e`.
+    fn noted(&self, e: StoreError) -> StoreError {
+        if e.0.starts_with("IO error") {
+            let mut last = self
+                .inner
+                .last_reopen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL) {
+                *last = Some(std::time::Instant::now());
+                let inner = self.inner.clone();
+                std::thread::spawn(move || inner.reopen());
+            }
+        }
+        e
+    }
+
+    fn check<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
+        r.map_err(|e| self.noted(e))
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Rocks) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        let inner = self.db()?;
+        let r = tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError(format!("store task failed: {e}")))?
+            .map_err(|e| StoreError(format!("store task failed: {e}")))?;
+        self.check(r)
     }
 
     /// A write that waits for fsync with `sync_writes` goes to the blocking
@@ -99,16 +163,50 @@ impl RocksStore {
         if self.sync_writes {
             self.blocking(f).await
         } else {
-            f(&self.inner)
+            let r = f(&*self.db()?);
+            self.check(r)
         }
     }
 
     pub fn compact_messages(&self) {
-        self.inner.compact_messages()
+        if let Ok(db) = self.db() {
+            db.compact_messages()
+        }
     }
 
     pub fn raw_message_count(&self) -> usize {
-        self.inner.raw_message_count()
+        self.db().map(|db| db.raw_message_count()).unwrap_or(0)
+    }
+}
+
+impl Reopenable {
+    /// Closes the database and opens it again, which clears a background
+    /// error. Runs on its own thread; waits up to 2 s for operations in
+    /// flight to let go of the old handle.
+    fn reopen(&self) {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.as_ref() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while Arc::strong_count(old) > 1 {
+                if std::time::Instant::now() > deadline {
+                    tracing::warn!("store reopen postponed: operations still in flight");
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.seq_floor
+                .fetch_max(old.seq.load(Ordering::Acquire), Ordering::AcqRel);
+        }
+        // Close before opening: RocksDB locks its directory.
+        *slot = None;
+        let floor = self.seq_floor.load(Ordering::Acquire);
+        match Rocks::open_from(&self.path, self.sync_writes, self.expired.clone(), floor) {
+            Ok(db) => {
+                tracing::warn!("store reopened after an I/O error");
+                *slot = Some(Arc::new(db));
+            }
+            Err(e) => tracing::error!("store reopen failed, will retry: {e}"),
+        }
     }
 }
 
@@ -118,6 +216,17 @@ impl Rocks {
         path: &Path,
         sync_writes: bool,
         expired: Option<prometheus::IntCounter>,
+    ) -> StoreResult<Self> {
+        Self::open_from(path, sync_writes, expired, 0)
+    }
+
+    /// Opens with sequence numbers above `seq_floor` (a reopen in the same
+    /// process continues where the previous handle stopped).
+    fn open_from(
+        path: &Path,
+        sync_writes: bool,
+        expired: Option<prometheus::IntCounter>,
+        seq_floor: u64,
     ) -> StoreResult<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -175,7 +284,7 @@ impl Rocks {
             .map_err(err)?
             .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
-        let start = persisted.max(now_micros());
+        let start = persisted.max(now_micros()).max(seq_floor);
         let store = Rocks {
             db,
             write_opts,
@@ -600,7 +709,7 @@ impl Rocks {
 #[async_trait::async_trait]
 impl Store for RocksStore {
     async fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
-        self.inner.get_user(uaid)
+        self.db()?.get_user(uaid)
     }
 
     async fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
@@ -622,7 +731,7 @@ impl Store for RocksStore {
         uaid: &Uaid,
         channel: &ChannelId,
     ) -> StoreResult<Option<ChannelRecord>> {
-        self.inner.get_channel(uaid, channel)
+        self.db()?.get_channel(uaid, channel)
     }
 
     async fn put_channel(
@@ -643,11 +752,15 @@ impl Store for RocksStore {
     }
 
     async fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
-        self.inner.count_channels(uaid, limit)
+        self.db()?.count_channels(uaid, limit)
     }
 
     fn next_seq(&self) -> u64 {
-        self.inner.next_seq()
+        match self.db() {
+            Ok(db) => db.next_seq(),
+            // No database: the push fails anyway; keep numbers unique.
+            Err(_) => self.inner.seq_floor.fetch_add(1, Ordering::AcqRel) + 1,
+        }
     }
 
     async fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome> {
@@ -655,7 +768,8 @@ impl Store for RocksStore {
             let (uaid, message) = (*uaid, message.clone());
             self.blocking(move |r| r.put_message(&uaid, &message)).await
         } else {
-            self.inner.put_message(uaid, message)
+            let r = self.db()?.put_message(uaid, message);
+            self.check(r)
         }
     }
 
@@ -665,11 +779,11 @@ impl Store for RocksStore {
         after: u64,
         limit: usize,
     ) -> StoreResult<Vec<Message>> {
-        self.inner.read_messages(uaid, after, limit)
+        self.db()?.read_messages(uaid, after, limit)
     }
 
     async fn get_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<Message>> {
-        self.inner.get_message(uaid, seq)
+        self.db()?.get_message(uaid, seq)
     }
 
     async fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
@@ -678,11 +792,11 @@ impl Store for RocksStore {
     }
 
     async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
-        self.inner.count_messages(uaid, now, limit)
+        self.db()?.count_messages(uaid, now, limit)
     }
 
     async fn broadcasts(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
-        self.inner.broadcasts()
+        self.db()?.broadcasts()
     }
 
     async fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()> {
@@ -703,7 +817,7 @@ impl Store for RocksStore {
     }
 
     fn stats(&self) -> StoreStats {
-        self.inner.stats()
+        self.db().map(|db| db.stats()).unwrap_or_default()
     }
 }
 
