@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test deps test-deps lint bench bench-cluster
+.PHONY: run test deps test-deps lint bench bench-cluster fuzz
 
 run: deps
 	cargo run --bin herald -- serve
@@ -19,6 +19,13 @@ bench: deps
 # One node on RocksDB vs. one on Redis vs. three on a Redis Cluster.
 bench-cluster: deps
 	./loadtest/bench-cluster.sh
+
+# Coverage-guided fuzzing (libFuzzer via cargo-fuzz) of every parser that reads
+# outside input, FUZZ_SECS seconds per target; `make test` runs a short,
+# non-guided pass of the same targets. See proto-docs/fuzzing.md.
+FUZZ_SECS ?= 60
+fuzz: deps
+	FUZZ_SECS=$(FUZZ_SECS) ./scripts/fuzz.sh
 
 deps:
 	./scripts/install-deps.sh

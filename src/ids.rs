@@ -16,7 +16,8 @@ impl Uaid {
     /// given a hyphenated UUID by another server, that form too.
     pub fn parse(s: &str) -> Option<Self> {
         let hex: String = s.chars().filter(|c| *c != '-').collect();
-        if hex.len() != 32 {
+        // Hex digits only: `from_str_radix` alone would take "+f" as 0x0f.
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut out = [0u8; 16];

@@ -103,6 +103,9 @@ pub fn is_valid_topic(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The longest `Encryption` or `Crypto-Key` header an aesgcm push may carry.
+pub const MAX_CRYPTO_HEADER: usize = 4096;
+
 /// What the request's encryption headers say about a non-empty body.
 pub fn check_encoding(
     content_encoding: Option<&str>,
@@ -133,6 +136,14 @@ pub fn check_encoding(
             let crypto_key = crypto_key.ok_or_else(|| {
                 ApiError::missing_crypto("aesgcm needs a Crypto-Key header with dh=")
             })?;
+            // Stored with the message and sent on to the user agent whole,
+            // so bounded: real ones are a few hundred bytes, and the store
+            // keeps at most 64 KiB of each.
+            if encryption.len() > MAX_CRYPTO_HEADER || crypto_key.len() > MAX_CRYPTO_HEADER {
+                return Err(ApiError::invalid_crypto(&format!(
+                    "Encryption and Crypto-Key headers are limited to {MAX_CRYPTO_HEADER} bytes"
+                )));
+            }
             let salt = header_param(encryption, "salt")
                 .ok_or_else(|| ApiError::invalid_crypto("Encryption header has no salt="))?;
             if decode_b64url(salt).map(|s| s.len()) != Some(16) {

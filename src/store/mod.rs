@@ -7,7 +7,10 @@ mod redis;
 mod rocks;
 
 pub use self::redis::RedisStore;
-pub use codec::{decode_message, encode_message};
+pub use codec::{
+    decode_channel, decode_message, decode_user, encode_channel, encode_message, encode_user,
+    message_expires_at,
+};
 pub use rocks::RocksStore;
 
 use crate::ids::{ChannelId, Uaid};
