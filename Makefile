@@ -18,6 +18,7 @@ bench: deps
 
 # One node on RocksDB vs. one on Redis vs. three on a Redis Cluster.
 bench-cluster: deps
+	./scripts/redis.sh install
 	./loadtest/bench-cluster.sh
 
 # Coverage-guided fuzzing (libFuzzer via cargo-fuzz) of every parser that reads
@@ -32,3 +33,4 @@ deps:
 
 test-deps: deps
 	./scripts/install-firefox.sh
+	./scripts/redis.sh install
