@@ -61,12 +61,11 @@ impl Router {
     /// Hands a stored (or TTL-0) message to the user agent's connection,
     /// wherever it is.
     pub async fn route(&self, uaid: &Uaid, message: Arc<Message>) -> RouteResult {
-        if self.local.is_connected(uaid) {
-            return self.local.route(uaid, message);
-        }
-        match &self.cluster {
-            Some(cluster) => cluster.wake(uaid, &message).await,
-            None => RouteResult::NotConnected,
+        // One map lookup per push: the local attempt says whether it is here.
+        let local = self.local.route(uaid, message.clone());
+        match (&self.cluster, local) {
+            (Some(cluster), RouteResult::NotConnected) => cluster.wake(uaid, &message).await,
+            _ => local,
         }
     }
 
