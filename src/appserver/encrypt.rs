@@ -16,18 +16,12 @@ pub use crate::crypto::{
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::tests::hex;
     use crate::crypto::TAG_LEN;
     use p256::elliptic_curve::sec1::ToEncodedPoint;
     use p256::SecretKey;
     use rand::rngs::OsRng;
     use rand::RngCore;
-
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
 
     struct Ua {
         private: Vec<u8>,
