@@ -4,8 +4,9 @@ use crate::broadcast::Broadcaster;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::pending::PendingCounts;
+use crate::receipts::Receipts;
 use crate::router::Router;
-use crate::store::Store;
+use crate::store::{ReceiptStore, Store};
 use crate::token::TokenCodec;
 use crate::vapid::VapidVerifier;
 use std::sync::atomic::AtomicUsize;
@@ -20,6 +21,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub vapid: VapidVerifier,
     pub pending: PendingCounts,
+    pub receipts: Arc<Receipts>,
     pub broadcaster: Arc<Broadcaster>,
     /// Flips to true once when shutdown begins; connections watch it.
     pub shutdown: watch::Sender<bool>,
@@ -31,6 +33,7 @@ impl App {
     pub fn new(
         settings: Settings,
         store: Arc<dyn Store>,
+        ledger: Arc<dyn ReceiptStore>,
         tokens: TokenCodec,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -41,9 +44,10 @@ impl App {
             store,
             tokens,
             router: Router::new(),
-            metrics,
+            metrics: metrics.clone(),
             vapid,
             pending: PendingCounts::default(),
+            receipts: Arc::new(Receipts::new(ledger, metrics)),
             broadcaster,
             shutdown: watch::channel(false).0,
             connections: AtomicUsize::new(0),

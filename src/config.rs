@@ -45,6 +45,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("broadcast_source_url", "", "an upstream of broadcast versions to poll (JSON {\"broadcasts\":{id:version}}, as Remote Settings' /v1/__broadcasts__ or a megaphone server)"),
     ("broadcast_source_token", "", "bearer token sent to broadcast_source_url, if it needs one"),
     ("broadcast_poll_interval", "30s", "how often broadcast_source_url is polled"),
+    ("receipt_retention", "3d", "how long delivery receipts stay readable on their receipt subscription"),
 ];
 
 /// `herald serve` flags. Everything else is set in the file or environment.
@@ -117,6 +118,8 @@ pub struct Settings {
     pub delivery_window: usize,
     pub jwt_cache_size: usize,
     pub sweep_interval: Duration,
+    /// How long decided receipts stay readable.
+    pub receipt_retention: Duration,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -280,6 +283,7 @@ impl Settings {
             delivery_window: l.get("delivery_window", parse_count)?,
             jwt_cache_size: l.get("jwt_cache_size", parse_count)?,
             sweep_interval: l.get("sweep_interval", parse_positive_duration)?,
+            receipt_retention: l.get("receipt_retention", parse_positive_duration)?,
             shutdown_timeout: l.get("shutdown_timeout", parse_duration)?,
             log_format: l.get("log_format", |v| match v.trim() {
                 "text" => Ok(LogFormat::Text),

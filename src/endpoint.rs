@@ -3,9 +3,12 @@
 
 use crate::app::App;
 use crate::errors::ApiError;
+use crate::protocol::NotificationHeaders;
+use crate::receipts::{self, api::ReceiptRequest};
+use crate::reply::{json, Response};
 use crate::router::RouteResult;
 use crate::store::{now_secs, Message, StoreError};
-use crate::token::{ApiVersion, MessageId};
+use crate::token::{ApiVersion, EndpointToken, KeyHash, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
 use bytes::Bytes;
@@ -13,8 +16,6 @@ use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use std::sync::Arc;
-
-pub type Response = http::Response<Full<Bytes>>;
 
 /// How long a push body may take to arrive once the headers are in. hyper's
 /// `header_read_timeout` covers only the headers: without this a sender
@@ -46,7 +47,16 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// `POST /wpush/{v1,v2}/<token>`.
+/// What a push request asks for, parsed from its headers.
+struct PushRequest {
+    ttl: u64,
+    urgency: crate::webpush::Urgency,
+    topic: Option<String>,
+    receipt: Option<ReceiptRequest>,
+}
+
+/// `POST /wpush/{v1,v2}/<token>`: parse, authorise, read the body, check
+/// the subscription, persist, route, answer.
 pub async fn push(
     app: &Arc<App>,
     version: ApiVersion,
@@ -59,19 +69,90 @@ pub async fn push(
         .ok_or_else(ApiError::invalid_endpoint)?;
     let (parts, body) = req.into_parts();
     let h = &parts.headers;
-    let ttl = parse_ttl(header(h, "ttl"), app.settings.max_ttl)?;
-    let urgency = parse_urgency(header(h, "urgency"))?;
-    let topic = parse_topic(header(h, "topic"))?;
+    let request = parse(app, h)?;
+    let sender = authorise(app, &target, h)?;
+    let receipt = request
+        .receipt
+        .map(|r| receipts::api::bind(r, sender, &app.tokens))
+        .transpose()?;
+    let (headers, data) = read_body(app, h, body).await?;
+    check_subscription(app, &target).await?;
 
-    // Who is sending: a key-bound subscription only takes its own key.
+    let mut message = Message {
+        seq: app.store.next_seq(),
+        channel: target.channel,
+        expires_at: now_secs().saturating_add(request.ttl),
+        ttl: request.ttl,
+        urgency: request.urgency,
+        topic: request.topic,
+        headers,
+        data,
+        receipt: receipt.is_some(),
+    };
+    message.seq = persist(app, &target.uaid, &message).await?;
+    if let Some((sub, _)) = &receipt {
+        // Tracked before it can be delivered, so its ack finds it.
+        app.receipts
+            .track(
+                &target.uaid,
+                message.seq,
+                *sub,
+                message.channel,
+                message.expires_at,
+            )
+            .await
+            .map_err(store_err)?;
+    }
+    app.metrics
+        .messages_accepted
+        .with_label_values(&[message.urgency.as_str()])
+        .inc();
+    let (ttl, seq) = (message.ttl, message.seq);
+    route(app, &target.uaid, message).await;
+
+    let id = app.tokens.message_id(&MessageId {
+        uaid: target.uaid,
+        channel: target.channel,
+        seq,
+    });
+    let base = &app.settings.public_url.base;
+    let mut response = http::Response::builder()
+        .header("location", format!("{base}/m/{id}"))
+        .header("ttl", ttl.to_string());
+    response = match &receipt {
+        // RFC 8030 §5.1: accepted for delivery with confirmation.
+        Some((_, token)) => response
+            .status(StatusCode::ACCEPTED)
+            .header("link", receipts::api::link_header(base, token)),
+        None => response.status(StatusCode::CREATED),
+    };
+    Ok(response
+        .body(Full::new(Bytes::new()))
+        .expect("valid response"))
+}
+
+fn parse(app: &App, h: &HeaderMap) -> Result<PushRequest, ApiError> {
+    Ok(PushRequest {
+        ttl: parse_ttl(header(h, "ttl"), app.settings.max_ttl)?,
+        urgency: parse_urgency(header(h, "urgency"))?,
+        topic: parse_topic(header(h, "topic"))?,
+        receipt: receipts::api::requested(h)?,
+    })
+}
+
+/// Who is sending: a key-bound subscription only takes its own key.
+/// Returns the sender's key when it signed with VAPID.
+fn authorise(
+    app: &App,
+    target: &EndpointToken,
+    h: &HeaderMap,
+) -> Result<Option<KeyHash>, ApiError> {
     let creds = parse_credentials(header(h, "authorization"), header(h, "crypto-key"))?;
     match (&target.key_hash, creds) {
-        (Some(_), None) => {
-            return Err(ApiError::unauthorized(
-                "missing",
-                "this subscription requires VAPID: send Authorization: vapid t=<JWT>, k=<key>",
-            ))
-        }
+        (Some(_), None) => Err(ApiError::unauthorized(
+            "missing",
+            "this subscription requires VAPID: send Authorization: vapid t=<JWT>, k=<key>",
+        )),
         (bound, Some(c)) => {
             let (sender, cache) = app.vapid.verify(&c, now_secs())?;
             let result = if cache == CacheResult::Hit {
@@ -83,10 +164,18 @@ pub async fn push(
             if bound.is_some_and(|b| b != sender) {
                 return Err(ApiError::key_mismatch());
             }
+            Ok(Some(sender))
         }
-        (None, None) => {}
+        (None, None) => Ok(None),
     }
+}
 
+/// The payload and the headers its user agent needs to decrypt it.
+async fn read_body(
+    app: &App,
+    h: &HeaderMap,
+    body: Incoming,
+) -> Result<(Option<NotificationHeaders>, Bytes), ApiError> {
     let max = app.settings.max_message_bytes;
     if header(h, "content-length")
         .and_then(|l| l.trim().parse::<u64>().ok())
@@ -107,26 +196,29 @@ pub async fn push(
             }
         })?
         .to_bytes();
-    let headers = if data.is_empty() {
-        None
-    } else {
-        Some(check_encoding(
-            header(h, "content-encoding"),
-            header(h, "encryption"),
-            header(h, "crypto-key"),
-            &data,
-        )?)
-    };
+    if data.is_empty() {
+        return Ok((None, data));
+    }
+    let headers = check_encoding(
+        header(h, "content-encoding"),
+        header(h, "encryption"),
+        header(h, "crypto-key"),
+        &data,
+    )?;
+    Ok((Some(headers), data))
+}
 
+/// The user agent is still known and the subscription still has the key
+/// the endpoint was issued for.
+async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), ApiError> {
     let store = &app.store;
     let user = app
         .metrics
         .time("get_user", store.get_user(&target.uaid))
         .await
         .map_err(store_err)?;
-    let now = now_secs();
     match user {
-        Some(u) if u.last_seen + app.settings.ua_expiry.as_secs() > now => {}
+        Some(u) if u.last_seen + app.settings.ua_expiry.as_secs() > now_secs() => {}
         _ => return Err(ApiError::user_gone()),
     }
     let channel = app
@@ -142,81 +234,65 @@ pub async fn push(
     if channel.is_none_or(|c| c.key_hash != target.key_hash) {
         return Err(ApiError::subscription_gone());
     }
+    Ok(())
+}
 
-    let mut message = Message {
-        seq: store.next_seq(),
-        channel: target.channel,
-        expires_at: now.saturating_add(ttl),
-        ttl,
-        urgency,
-        topic,
-        headers,
-        data,
+/// Stores a message with a TTL (within `max_stored_messages`); returns the
+/// sequence number it was stored under. A TTL-0 message is not stored.
+async fn persist(app: &App, uaid: &crate::ids::Uaid, message: &Message) -> Result<u64, ApiError> {
+    if message.ttl == 0 {
+        return Ok(message.seq);
+    }
+    let store = &app.store;
+    let limit = app.settings.max_stored_messages;
+    let room = app
+        .metrics
+        .time(
+            "count_messages",
+            app.pending.reserve(store.as_ref(), uaid, now_secs(), limit),
+        )
+        .await
+        .map_err(store_err)?;
+    if !room {
+        return Err(ApiError::too_many_stored(limit));
+    }
+    // Released on every way out, including this future being dropped when
+    // the sender hangs up, unless the message was added.
+    let mut reservation = Reservation {
+        app,
+        uaid: *uaid,
+        added: false,
     };
-    if ttl > 0 {
-        let limit = app.settings.max_stored_messages;
-        let room = app
-            .metrics
-            .time(
-                "count_messages",
-                app.pending
-                    .reserve(store.as_ref(), &target.uaid, now, limit),
-            )
-            .await
-            .map_err(store_err)?;
-        if !room {
-            return Err(ApiError::too_many_stored(limit));
-        }
-        // Released on every way out, including this future being dropped
-        // when the sender hangs up, unless the message was added.
-        let mut reservation = Reservation {
-            app,
-            uaid: target.uaid,
-            added: false,
-        };
-        let outcome = app
-            .metrics
-            .time("put_message", store.put_message(&target.uaid, &message))
-            .await
-            .map_err(store_err)?;
-        if outcome.replaced {
+    let outcome = app
+        .metrics
+        .time("put_message", store.put_message(uaid, message))
+        .await
+        .map_err(store_err)?;
+    match outcome.replaced {
+        Some(old) => {
             app.metrics.messages_replaced.inc();
-        } else {
-            app.pending.added(&target.uaid);
+            // RFC 8030 §5.4: a replaced message gets no receipt.
+            app.receipts.forget(uaid, old).await;
+        }
+        None => {
+            app.pending.added(uaid);
             reservation.added = true;
         }
-        drop(reservation);
-        message.seq = outcome.seq;
     }
+    Ok(outcome.seq)
+}
+
+/// Hands the message to its user agent's connection, wherever it is.
+async fn route(app: &App, uaid: &crate::ids::Uaid, message: Message) {
+    let ttl = message.ttl;
     // One allocation shared by the router and the connection.
-    let message = Arc::new(message);
-    app.metrics
-        .messages_accepted
-        .with_label_values(&[urgency.as_str()])
-        .inc();
-    let seq = message.seq;
-    let routed = app.router.route(&target.uaid, message).await;
+    let routed = app.router.route(uaid, Arc::new(message)).await;
     if ttl == 0 && !matches!(routed, RouteResult::Queued | RouteResult::Woken) {
         app.metrics
             .messages_dropped
             .with_label_values(&["ttl0_offline"])
             .inc();
     }
-
-    let id = app.tokens.message_id(&MessageId {
-        uaid: target.uaid,
-        channel: target.channel,
-        seq,
-    });
-    Ok(http::Response::builder()
-        .status(StatusCode::CREATED)
-        .header(
-            "location",
-            format!("{}/m/{id}", app.settings.public_url.base),
-        )
-        .header("ttl", ttl.to_string())
-        .body(Full::new(Bytes::new()))
-        .expect("valid response"))
 }
 
 /// `DELETE /m/<id>`: cancel a message that has not been acknowledged.
@@ -233,6 +309,9 @@ pub async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
     if !existed {
         return Err(ApiError::no_message());
     }
+    app.receipts
+        .settle(&id.uaid, id.seq, crate::store::Outcome::Cancelled)
+        .await;
     app.pending.removed(&id.uaid);
     app.metrics
         .messages_dropped
@@ -253,23 +332,4 @@ pub fn discovery(app: &App, version: ApiVersion, token: &str) -> Result<Response
         StatusCode::OK,
         r#"{"unifiedpush":{"version":1}}"#.to_string(),
     ))
-}
-
-pub fn json(status: StatusCode, body: String) -> Response {
-    http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid response")
-}
-
-pub fn error_response(e: &ApiError) -> Response {
-    let mut r = json(
-        StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        e.to_json(),
-    );
-    if let Some(secs) = e.retry_after {
-        r.headers_mut().insert("retry-after", secs.into());
-    }
-    r
 }

@@ -150,6 +150,24 @@ impl ApiError {
         e
     }
     // 5xx
+    /// A receipt subscription URL Herald did not issue (forged, altered,
+    /// truncated), or not a URL at all: 400 on a push, 404 on a GET.
+    pub fn invalid_receipt_subscription(status: u16) -> Self {
+        Self::new(
+            status,
+            121,
+            "the receipt subscription was not issued by this push service",
+        )
+    }
+
+    pub fn receipt_key_mismatch() -> Self {
+        Self::new(
+            400,
+            122,
+            "the receipt subscription belongs to another application server key: sign with the key it was created for, or omit it to get a new one",
+        )
+    }
+
     pub fn storage(err: impl std::fmt::Display) -> Self {
         let mut e = Self::new(503, 201, format!("storage unavailable: {err}"));
         e.retry_after = Some(10);

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub messages_expired: IntCounter,
     pub messages_replaced: IntCounter,
     pub messages_dropped: IntCounterVec,
+    pub receipts: IntCounterVec,
+    pub receipt_streams: IntGauge,
     pub http_responses: IntCounterVec,
     pub vapid_failures: IntCounterVec,
     pub jwt_cache: IntCounterVec,
@@ -98,6 +100,15 @@ impl Metrics {
                 "herald_messages_dropped_total",
                 "Messages dropped before delivery, by reason.",
                 &["reason"],
+            ),
+            receipts: counter_vec(
+                "herald_receipts_total",
+                "Delivery receipts recorded, by outcome (delivered, rejected, expired, cancelled, gone).",
+                &["outcome"],
+            ),
+            receipt_streams: gauge(
+                "herald_receipt_streams",
+                "Receipt subscriptions being streamed to application servers now.",
             ),
             http_responses: counter_vec(
                 "herald_http_responses_total",

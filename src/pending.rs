@@ -112,6 +112,7 @@ mod tests {
             topic: None,
             headers: None,
             data: bytes::Bytes::new(),
+            receipt: false,
         };
         store.put_message(uaid, &m).await.unwrap();
     }

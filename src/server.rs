@@ -4,11 +4,12 @@
 use crate::app::App;
 use crate::config::StoreKind;
 use crate::config::{LogFormat, ServeArgs, Settings};
-use crate::endpoint::{self, error_response, json, Response};
+use crate::endpoint;
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
+use crate::reply::{error_response, json, Response};
 use crate::router::{Cluster, Router};
-use crate::store::{now_secs, Directory, RedisStore, RocksStore, Store};
+use crate::store::{now_secs, Directory, ReceiptStore, RedisStore, RocksStore, Store};
 use crate::token::{load_or_create_keys, ApiVersion, TokenCodec};
 use anyhow::Context;
 use bytes::Bytes;
@@ -103,14 +104,14 @@ impl Server {
         };
         let tokens = TokenCodec::new(&keys)?;
         let metrics = Arc::new(Metrics::new());
-        let (store, directory) = open_store(&settings, &metrics).await?;
+        let (store, ledger, directory) = open_store(&settings, &metrics).await?;
         let tls = match (&settings.tls_cert, &settings.tls_key) {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
             _ => None,
         };
         let cluster = directory
             .map(|d| Cluster::new(d, settings.node_url.clone(), &keys[0], metrics.clone()));
-        let mut app = App::new(settings, store, tokens, metrics);
+        let mut app = App::new(settings, store, ledger, tokens, metrics);
         if let Some(c) = &cluster {
             c.announce()
                 .await
@@ -172,6 +173,11 @@ impl Server {
             )));
         }
         tasks.push(tokio::spawn(upkeep(app.clone())));
+        tasks.push(tokio::spawn(
+            app.receipts
+                .clone()
+                .sweep_loop(app.settings.receipt_retention),
+        ));
         tasks.extend(broadcast_tasks(&app)?);
         if let Some(c) = cluster {
             tasks.push(tokio::spawn(c.heartbeat_loop()));
@@ -236,7 +242,11 @@ fn broadcast_tasks(app: &Arc<App>) -> anyhow::Result<Vec<tokio::task::JoinHandle
 async fn open_store(
     settings: &Settings,
     metrics: &Metrics,
-) -> anyhow::Result<(Arc<dyn Store>, Option<Arc<dyn Directory>>)> {
+) -> anyhow::Result<(
+    Arc<dyn Store>,
+    Arc<dyn ReceiptStore>,
+    Option<Arc<dyn Directory>>,
+)> {
     match settings.store {
         StoreKind::Rocksdb => {
             let db_path = settings.data_dir.join("db");
@@ -246,7 +256,7 @@ async fn open_store(
                 Some(metrics.messages_expired.clone()),
             )
             .map_err(|e| anyhow::anyhow!("opening the store at {}: {e}", db_path.display()))?;
-            Ok((Arc::new(store), None))
+            Ok((Arc::new(store.clone()), Arc::new(store), None))
         }
         StoreKind::Redis => {
             let url = settings.redis_url.as_deref().unwrap_or_default();
@@ -257,9 +267,10 @@ async fn open_store(
             )
             .await
             .map_err(|e| anyhow::anyhow!("connecting to Redis at {url}: {e}"))?
-            .wait_for(settings.redis_wait_replicas, settings.redis_wait_timeout);
+            .wait_for(settings.redis_wait_replicas, settings.redis_wait_timeout)
+            .with_receipt_retention(settings.receipt_retention);
             let store = Arc::new(store);
-            Ok((store.clone(), Some(store)))
+            Ok((store.clone(), store.clone(), Some(store)))
         }
     }
 }
@@ -340,7 +351,35 @@ where
         .await;
 }
 
-async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> Response {
+/// Every response body: whole, or streamed (receipt subscriptions).
+pub type Body = http_body_util::Either<Full<Bytes>, crate::receipts::api::StreamingBody>;
+
+async fn route(
+    app: Arc<App>,
+    req: http::Request<Incoming>,
+    serves: Serves,
+) -> http::Response<Body> {
+    use http_body_util::Either;
+    if serves.api && req.method() == Method::GET {
+        if let Some(token) = req.uri().path().strip_prefix("/r/") {
+            let result =
+                crate::receipts::api::read(&app, token, req.headers(), req.uri().query()).await;
+            return match result {
+                Ok(r) => {
+                    app.metrics
+                        .http_responses
+                        .with_label_values(&["200", "0"])
+                        .inc();
+                    r.map(Either::Right)
+                }
+                Err(e) => api_response(&app, Err(e)).map(Either::Left),
+            };
+        }
+    }
+    route_whole(app, req, serves).await.map(Either::Left)
+}
+
+async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
@@ -385,6 +424,7 @@ async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> R
             None => Err(ApiError::invalid_endpoint()),
         },
         (Method::DELETE, ["m", id]) => endpoint::cancel(&app, id).await,
+        (Method::GET, ["m", id]) => crate::receipts::api::status(&app, id).await,
         (Method::GET, ["v1", "broadcasts"]) => crate::broadcast::api::list(&app, &req),
         (Method::PUT, ["v1", "broadcasts", id]) => {
             let id = id.to_string();
@@ -393,7 +433,7 @@ async fn route(app: Arc<App>, req: http::Request<Incoming>, serves: Serves) -> R
         (_, ["v1", "broadcasts", ..]) if !app.settings.broadcast_tokens.is_empty() => {
             Err(ApiError::method_not_allowed())
         }
-        (_, ["wpush", _, _]) | (_, ["m", _]) => Err(ApiError::method_not_allowed()),
+        (_, ["wpush", _, _]) | (_, ["m", _]) | (_, ["r", _]) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found()),
     };
     api_response(&app, result)
@@ -621,6 +661,7 @@ pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
             continue;
         }
         let lost = app.store.count_messages(&uaid, now, usize::MAX).await?;
+        app.receipts.settle_all(&uaid, None).await;
         app.store.drop_user(&uaid).await?;
         app.pending.forget(&uaid);
         app.metrics

@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::broadcast::{Snapshot, Subscriptions};
 use crate::ids::{parse_channel_id, Uaid};
 use crate::protocol::{BroadcastDelta, ClientMessage, ServerMessage, PING_REPLY};
-use crate::store::{now_secs, ChannelRecord, Message, UserRecord};
+use crate::store::{now_secs, ChannelRecord, Message, Outcome, UserRecord};
 use crate::token::{key_hash, MessageId};
 use crate::webpush::{decode_b64url, Urgency};
 use std::collections::BTreeMap;
@@ -52,6 +52,22 @@ pub mod status {
 #[derive(Clone, Copy)]
 struct InFlight {
     seq: u64,
+    /// Its application server asked for a receipt.
+    receipt: bool,
+}
+
+/// Firefox acks a notification its service worker handled with code 100;
+/// 101 (decryption failed) and 102 (handler failed) are refusals.
+const ACK_DELIVERED: i64 = 100;
+
+/// What an ack or nack says about a message, for its receipt.
+fn ack_outcome(nack: bool, code: Option<i64>) -> Outcome {
+    let code_u32 = |c: i64| u32::try_from(c).unwrap_or(0);
+    match (nack, code) {
+        (true, c) => Outcome::Rejected(c.map_or(0, code_u32)),
+        (false, None) | (false, Some(ACK_DELIVERED)) => Outcome::Delivered,
+        (false, Some(c)) => Outcome::Rejected(code_u32(c)),
+    }
 }
 
 /// Token bucket: `rate` per second, bursts of twice that.
@@ -246,17 +262,21 @@ impl Session {
                 let unsolicited = match updates.len() {
                     0 => 1,
                     _ => {
-                        self.acknowledge(uaid, updates.iter().map(|u| u.version.as_str()), false)
-                            .await
+                        self.acknowledge(
+                            uaid,
+                            updates.iter().map(|u| (u.version.as_str(), u.code)),
+                            false,
+                        )
+                        .await
                     }
                 };
                 if !self.allow(unsolicited) {
                     self.flood_close(out);
                 }
             }
-            ClientMessage::Nack { version, .. } => {
+            ClientMessage::Nack { version, code } => {
                 let unsolicited = self
-                    .acknowledge(uaid, std::iter::once(version.as_str()), true)
+                    .acknowledge(uaid, std::iter::once((version.as_str(), code)), true)
                     .await;
                 if !self.allow(unsolicited) {
                     self.flood_close(out);
@@ -299,6 +319,7 @@ impl Session {
                 Ok(Some(rec)) if rec.last_seen + expiry > now => known = Some((u, rec)),
                 Ok(Some(_)) => {
                     // Silent too long: its subscriptions are dead; start over.
+                    app.receipts.settle_all(&u, None).await;
                     if let Err(e) = app.store.drop_user(&u).await {
                         tracing::warn!("dropping expired user agent: {e}");
                     }
@@ -441,6 +462,7 @@ impl Session {
             Some(channel) => match app
                 .metrics
                 .time("remove_channel", async {
+                    app.receipts.settle_all(&uaid, Some(channel)).await;
                     let removed = app.store.remove_channel(&uaid, &channel).await;
                     app.pending.forget(&uaid);
                     removed
@@ -465,17 +487,18 @@ impl Session {
     }
 
     /// An ack deletes the message; so does a nack (the user agent could not
-    /// handle it, and resending would fail the same way). Returns how many
+    /// handle it, and resending would fail the same way). Either decides
+    /// the message's receipt, when one was asked for. Returns how many
     /// versions were not in flight on this connection (unknown, foreign or
     /// answered twice): those are what the flood limit counts.
     async fn acknowledge<'a>(
         &mut self,
         uaid: Uaid,
-        versions: impl Iterator<Item = &'a str>,
+        versions: impl Iterator<Item = (&'a str, Option<i64>)>,
         nack: bool,
     ) -> usize {
         let mut unsolicited = 0;
-        for version in versions {
+        for (version, code) in versions {
             let Some(id) = self.app.tokens.open_message_id(version) else {
                 tracing::debug!("ack for an unknown version");
                 unsolicited += 1;
@@ -485,14 +508,24 @@ impl Session {
                 unsolicited += 1;
                 continue;
             }
-            let before = self.in_flight.len();
-            self.in_flight.retain(|f| f.seq != id.seq);
-            if self.in_flight.len() == before {
-                // Sent on an earlier connection, or acknowledged twice: still
-                // honoured, but not an answer to this connection.
-                unsolicited += 1;
-            }
+            // Sent on an earlier connection, or acknowledged twice: still
+            // honoured, but not an answer to this connection; and whether
+            // it wants a receipt only the ledger knows.
+            let receipt = match self.in_flight.iter().position(|f| f.seq == id.seq) {
+                Some(i) => self.in_flight.swap_remove(i).receipt,
+                None => {
+                    unsolicited += 1;
+                    true
+                }
+            };
             let app = &self.app;
+            if receipt {
+                // Before the delete: a crash between the two redelivers a
+                // message already reported, never loses the report.
+                app.receipts
+                    .settle(&uaid, id.seq, ack_outcome(nack, code))
+                    .await;
+            }
             match app
                 .metrics
                 .time("delete_message", app.store.delete_message(&uaid, id.seq))
@@ -623,7 +656,13 @@ impl Session {
             _ => None,
         };
         let frame = crate::protocol::notification_json(&m.channel, &version, data, m.ttl);
-        self.in_flight.push(InFlight { seq: m.seq });
+        self.in_flight.push(InFlight {
+            seq: m.seq,
+            receipt: m.receipt,
+        });
+        if m.receipt {
+            self.app.receipts.sent(uaid, m.seq);
+        }
         self.app.metrics.messages_delivered.inc();
         out.push(Action::Send(frame));
     }
@@ -660,6 +699,7 @@ mod tests {
         let store = RocksStore::open(dir, false, None).unwrap();
         Arc::new(App::new(
             settings,
+            Arc::new(store.clone()),
             Arc::new(store),
             TokenCodec::new(&[[5u8; 32]]).unwrap(),
             Arc::new(Metrics::new()),
@@ -703,6 +743,7 @@ mod tests {
             topic: None,
             headers: None,
             data: Bytes::new(),
+            receipt: false,
         }
     }
 

@@ -16,6 +16,7 @@ use std::path::Path;
 const AAD_V1: &[u8] = b"herald endpoint v1";
 const AAD_V2: &[u8] = b"herald endpoint v2";
 const AAD_MSG: &[u8] = b"herald message id";
+const AAD_RECEIPT: &[u8] = b"herald receipt subscription";
 
 pub type KeyHash = [u8; 32];
 
@@ -42,6 +43,14 @@ pub struct MessageId {
     pub uaid: Uaid,
     pub channel: ChannelId,
     pub seq: u64,
+}
+
+/// A receipt subscription URL's contents: which subscription, and the
+/// application server key it belongs to when the sender used VAPID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptToken {
+    pub sub: [u8; 16],
+    pub key_hash: Option<KeyHash>,
 }
 
 /// Seals and opens tokens. The first key seals; every key opens, so keys can
@@ -145,6 +154,26 @@ impl TokenCodec {
         let digest = h.finalize();
         let nonce: [u8; 12] = digest[..12].try_into().expect("12 of 32 bytes");
         self.seal_with(AAD_MSG, &plain, nonce)
+    }
+
+    pub fn receipt_token(&self, t: &ReceiptToken) -> String {
+        let mut plain = Vec::with_capacity(48);
+        plain.extend_from_slice(&t.sub);
+        if let Some(h) = &t.key_hash {
+            plain.extend_from_slice(h);
+        }
+        self.seal(AAD_RECEIPT, &plain)
+    }
+
+    pub fn open_receipt_token(&self, token: &str) -> Option<ReceiptToken> {
+        let plain = self.open(AAD_RECEIPT, token)?;
+        let sub = plain.get(..16)?.try_into().ok()?;
+        let key_hash = match plain.len() {
+            16 => None,
+            48 => Some(plain[16..].try_into().ok()?),
+            _ => return None,
+        };
+        Some(ReceiptToken { sub, key_hash })
     }
 
     pub fn open_message_id(&self, id: &str) -> Option<MessageId> {
@@ -261,6 +290,31 @@ mod tests {
         assert!(c.open_endpoint(ApiVersion::V2, &v1).is_none());
         assert!(c.open_endpoint(ApiVersion::V1, &v2).is_none());
         assert!(c.open_message_id(&v1).is_none());
+        assert!(c.open_receipt_token(&v1).is_none());
+        let r = c.receipt_token(&ReceiptToken {
+            sub: [4; 16],
+            key_hash: None,
+        });
+        assert!(c.open_endpoint(ApiVersion::V1, &r).is_none());
+        assert!(c.open_message_id(&r).is_none());
+    }
+
+    #[test]
+    fn receipt_tokens_round_trip_with_and_without_a_key() {
+        let c = codec();
+        for key_hash in [None, Some(key_hash(b"k"))] {
+            let t = ReceiptToken {
+                sub: rand::random(),
+                key_hash,
+            };
+            let s = c.receipt_token(&t);
+            assert_eq!(c.open_receipt_token(&s), Some(t));
+            let mut bytes = crate::webpush::decode_b64url(&s).unwrap();
+            bytes[14] ^= 1;
+            assert!(c
+                .open_receipt_token(&crate::webpush::encode_b64url(&bytes))
+                .is_none());
+        }
     }
 
     #[test]

@@ -257,14 +257,6 @@ async fn upstream(body: Arc<std::sync::Mutex<String>>) -> (u16, tokio::task::Joi
     (port, task)
 }
 
-async fn metric(h: &Herald, name: &str) -> f64 {
-    let text =
-        String::from_utf8(http(h, "GET", "/metrics", &[], vec![]).await.unwrap().body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn an_upstream_source_is_polled_and_its_failures_keep_the_last_versions() {
     let body = Arc::new(std::sync::Mutex::new(

@@ -433,3 +433,82 @@ async fn cancel_and_the_stored_message_cap_work_across_nodes() {
         ["two", "three", "four"]
     );
 }
+
+#[tokio::test]
+async fn receipts_are_read_on_any_node_whichever_node_decided_them() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let b = node(cluster.url(), &key, Some(&a.url()), &[]).await;
+    let app = AppServer::new();
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let (_, ep) = ua.subscribe(Some(&app.public())).await;
+
+    // Accepted by node a, acked on node b, read on both.
+    let ask = [("prefer", "respond-async")];
+    let r = push(&via(&a, &ep), Some(&app), &a.url(), &keys, "receipt", &ask).await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let link = r.header("link").expect("Link");
+    let url = &link[link.find('<').unwrap() + 1..link.find('>').unwrap()];
+    let path = &url[url.find("/r/").unwrap()..];
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    for h in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            let batch = http(h, "GET", path, &[("prefer", "wait=0")], vec![])
+                .await
+                .unwrap()
+                .json();
+            let got = batch["receipts"].as_array().unwrap().clone();
+            if !got.is_empty() || Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["outcome"], "delivered");
+        assert_eq!(got[0]["message"], n["version"]);
+    }
+
+    // An offline user agent's message expires; exactly one node reports it.
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let link_back = format!("<{url}>; rel=\"urn:ietf:params:push:receipt\"");
+    let brief = [
+        ("prefer", "respond-async"),
+        ("ttl", "1"),
+        ("link", &link_back),
+    ];
+    let r = push(&via(&b, &ep), Some(&app), &a.url(), &keys, "brief", &brief).await;
+    assert_eq!(r.status, 202);
+    let id = r
+        .header("location")
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let batch = http(&a, "GET", path, &[("prefer", "wait=0")], vec![])
+            .await
+            .unwrap()
+            .json();
+        let got = batch["receipts"].as_array().unwrap().clone();
+        if got.len() >= 2 {
+            assert_eq!(got[1]["message"], id.as_str());
+            assert_eq!(got[1]["outcome"], "expired");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no expiry receipt: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let batch = http(&b, "GET", path, &[("prefer", "wait=0")], vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(batch["receipts"].as_array().unwrap().len(), 2, "{batch}");
+}

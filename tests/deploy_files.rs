@@ -102,6 +102,7 @@ const SETTINGS: &[(&str, Kind, Option<&str>)] = &[
     ("broadcast_source_url", Kind::Url, None),
     ("broadcast_source_token", Kind::Text, None),
     ("broadcast_poll_interval", Kind::Duration, Some(r#""30s""#)),
+    ("receipt_retention", Kind::Duration, Some(r#""3d""#)),
 ];
 
 /// The port of `--listen` in the container image and Kubernetes manifests.
@@ -155,6 +156,15 @@ const METRICS: &[(&str, MetricType, &[Label])] = &[
             &["ttl0_offline", "unregistered", "cancelled", "ua_expired"],
         )],
     ),
+    (
+        "herald_receipts_total",
+        MetricType::Counter,
+        &[(
+            "outcome",
+            &["delivered", "rejected", "expired", "cancelled", "gone"],
+        )],
+    ),
+    ("herald_receipt_streams", MetricType::Gauge, &[]),
     (
         "herald_http_responses_total",
         MetricType::Counter,

@@ -485,6 +485,7 @@ fn write_generated_seeds() {
             topic: topic.map(String::from),
             headers,
             data: bytes::Bytes::copy_from_slice(data),
+            receipt: false,
         };
     let aes128gcm = NotificationHeaders {
         encoding: "aes128gcm".into(),

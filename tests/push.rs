@@ -8,16 +8,6 @@ use common::*;
 use serde_json::json;
 use std::time::Duration;
 
-async fn metric(h: &Herald, line_start: &str) -> f64 {
-    let text =
-        String::from_utf8(http(h, "GET", "/metrics", &[], vec![]).await.unwrap().body).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_push_is_accepted_delivered_decrypted_and_acked() {
     let h = Herald::start().await;

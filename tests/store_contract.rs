@@ -4,6 +4,9 @@
 //! every case uses its own random uaids). Redis cases also look at the raw
 //! keys, through plain clients, where the contract is about memory: expired
 //! payloads leave by themselves, a user agent leaves nothing behind.
+//!
+//! The receipt ledger (`ReceiptStore`) has its own cases, on the same
+//! engines.
 
 #[path = "common/redis.rs"]
 mod redis_harness;
@@ -11,7 +14,11 @@ mod redis_harness;
 use bytes::Bytes;
 use herald::ids::{ChannelId, Uaid};
 use herald::protocol::NotificationHeaders;
-use herald::store::{now_secs, ChannelRecord, Message, RedisStore, RocksStore, Store, UserRecord};
+use herald::store::{
+    now_micros, now_secs, ChannelRecord, Message, Outcome, PendingReceipt, ReceiptEvent,
+    ReceiptState, ReceiptStore, ReceiptSub, RedisStore, RocksStore, Store, UserRecord,
+    ACK_GRACE_SECS,
+};
 use herald::webpush::Urgency;
 use redis_harness::{shared_cluster, shared_server, RedisCluster, RedisServer};
 use std::sync::Arc;
@@ -19,6 +26,8 @@ use std::time::{Duration, Instant};
 
 /// Seconds a silent user agent lives in the Redis engines under test.
 const UA_EXPIRY: u64 = 3600;
+/// How long the Redis engines under test keep decided receipts.
+const RECEIPT_RETENTION: Duration = Duration::from_secs(600);
 
 /// Raw access to the Redis behind an engine.
 enum Raw {
@@ -84,33 +93,44 @@ fn channels_key(uaid: &Uaid) -> String {
 }
 
 /// An engine under test. `peer` is a second node on the same data (for
-/// RocksDB, which one process opens once, the same store).
+/// RocksDB, which one process opens once, the same store); `ledger` and
+/// `ledger_peer` are their receipt ledgers.
 struct Engine {
     store: Arc<dyn Store>,
     peer: Arc<dyn Store>,
+    ledger: Arc<dyn ReceiptStore>,
+    ledger_peer: Arc<dyn ReceiptStore>,
     raw: Option<Raw>,
     _dir: Option<tempfile::TempDir>,
 }
 
 async fn rocks() -> Engine {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(RocksStore::open(dir.path(), false, None).unwrap());
+    let rocks = RocksStore::open(dir.path(), false, None).unwrap();
+    let store: Arc<dyn Store> = Arc::new(rocks.clone());
+    let ledger: Arc<dyn ReceiptStore> = Arc::new(rocks);
     Engine {
         peer: store.clone(),
         store,
+        ledger_peer: ledger.clone(),
+        ledger,
         raw: None,
         _dir: Some(dir),
     }
 }
 
 async fn connect(url: &str) -> Arc<RedisStore> {
-    Arc::new(RedisStore::connect(url, None, UA_EXPIRY).await.unwrap())
+    let store = RedisStore::connect(url, None, UA_EXPIRY).await.unwrap();
+    Arc::new(store.with_receipt_retention(RECEIPT_RETENTION))
 }
 
 async fn redis_engine(url: &str, raw: Raw) -> Engine {
+    let (store, peer) = (connect(url).await, connect(url).await);
     Engine {
-        store: connect(url).await,
-        peer: connect(url).await,
+        store: store.clone(),
+        peer: peer.clone(),
+        ledger: store,
+        ledger_peer: peer,
         raw: Some(raw),
         _dir: None,
     }
@@ -154,6 +174,7 @@ fn message(store: &dyn Store, channel: ChannelId, ttl: u64, topic: Option<&str>)
             crypto_key: None,
         }),
         data: Bytes::from(format!("payload {}", rand_u32())),
+        receipt: false,
     }
 }
 
@@ -272,12 +293,12 @@ async fn channels_and_their_removal(e: Engine) {
         .put_message(&u, &message(s, c1, 600, Some("t")))
         .await
         .unwrap();
-    assert!(!fresh.replaced);
+    assert!(fresh.replaced.is_none());
     let again = s
         .put_message(&u, &message(s, c2, 600, Some("t")))
         .await
         .unwrap();
-    assert!(again.replaced);
+    assert!(again.replaced.is_some());
     s.drop_user(&u).await.unwrap();
 }
 
@@ -309,7 +330,7 @@ async fn messages_oldest_first_with_paging(e: Engine) {
             Bytes::from(vec![i as u8; 100 + i])
         };
         let node = if i % 2 == 0 { &e.store } else { &e.peer };
-        assert!(!node.put_message(&u, &m).await.unwrap().replaced);
+        assert!(node.put_message(&u, &m).await.unwrap().replaced.is_none());
         stored.push(m);
     }
     assert_eq!(s.read_messages(&u, 0, 100).await.unwrap(), stored);
@@ -349,13 +370,29 @@ async fn topics_replace_pending_messages(e: Engine) {
     let u = Uaid::random();
     let (c1, c2) = (new_channel(), new_channel());
     let first = message(s, c1, 600, Some("t"));
-    assert!(!s.put_message(&u, &first).await.unwrap().replaced);
+    assert!(s.put_message(&u, &first).await.unwrap().replaced.is_none());
     let other_channel = message(s, c2, 600, Some("t"));
-    assert!(!s.put_message(&u, &other_channel).await.unwrap().replaced);
+    assert!(s
+        .put_message(&u, &other_channel)
+        .await
+        .unwrap()
+        .replaced
+        .is_none());
     let other_topic = message(s, c1, 600, Some("u"));
-    assert!(!s.put_message(&u, &other_topic).await.unwrap().replaced);
+    assert!(s
+        .put_message(&u, &other_topic)
+        .await
+        .unwrap()
+        .replaced
+        .is_none());
     let second = message(&*e.peer, c1, 600, Some("t"));
-    assert!(e.peer.put_message(&u, &second).await.unwrap().replaced);
+    assert!(e
+        .peer
+        .put_message(&u, &second)
+        .await
+        .unwrap()
+        .replaced
+        .is_some());
     assert_eq!(
         seqs(s, &u).await,
         vec![other_channel.seq, other_topic.seq, second.seq]
@@ -365,7 +402,7 @@ async fn topics_replace_pending_messages(e: Engine) {
     // Once acknowledged, the next message with the topic replaces nothing.
     assert!(s.delete_message(&u, second.seq).await.unwrap());
     let third = message(s, c1, 600, Some("t"));
-    assert!(!s.put_message(&u, &third).await.unwrap().replaced);
+    assert!(s.put_message(&u, &third).await.unwrap().replaced.is_none());
     assert_eq!(
         seqs(s, &u).await,
         vec![other_channel.seq, other_topic.seq, third.seq]
@@ -522,6 +559,451 @@ async fn health_check_and_flush_work(e: Engine) {
     e.store.purge_expired().await.unwrap();
 }
 
+// The receipt ledger.
+
+/// Cases that sweep expired receipts take this: a sweep settles every due
+/// message of the shared Redis, not only its own case's. Every other case
+/// tracks messages due long after any sweep's `now`.
+static SWEEPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn now_ms() -> u64 {
+    now_micros() / 1000
+}
+
+/// Unsent, due when it expires.
+fn pending(sub: ReceiptSub, channel: ChannelId, expires_at: u64) -> PendingReceipt {
+    PendingReceipt {
+        sub,
+        channel,
+        expires_at,
+        deadline: expires_at,
+        sent_at: None,
+    }
+}
+
+/// Tracked until long after any sweep of these cases looks.
+fn pending_later(sub: ReceiptSub, channel: ChannelId) -> PendingReceipt {
+    pending(sub, channel, now_secs() + 3600)
+}
+
+fn expiry_member(uaid: &Uaid, seq: u64) -> String {
+    format!("{uaid}:{seq}")
+}
+
+/// Whether the sweep's index still lists a message (Redis only).
+fn indexed(raw: &Raw, uaid: &Uaid, seq: u64) -> bool {
+    let score: Option<f64> = raw.query(
+        "herald:rx",
+        redis::cmd("ZSCORE")
+            .arg("herald:rx")
+            .arg(expiry_member(uaid, seq)),
+    );
+    score.is_some()
+}
+
+async fn receipts_settle_once(e: Engine) {
+    let (l, peer) = (&*e.ledger, &*e.ledger_peer);
+    let (u, ch, sub) = (Uaid::random(), new_channel(), ReceiptSub::random());
+    let seq = e.store.next_seq();
+    let p = pending_later(sub, ch);
+    l.track(&u, seq, &p).await.unwrap();
+    assert_eq!(
+        l.receipt_state(&u, seq).await.unwrap(),
+        Some(ReceiptState::Pending(p))
+    );
+    let at = now_ms();
+    let (got_sub, event) = l
+        .settle(&u, seq, Outcome::Delivered, at)
+        .await
+        .unwrap()
+        .expect("the first settle decides");
+    assert_eq!(got_sub, sub);
+    assert_eq!(
+        (
+            event.uaid,
+            event.channel,
+            event.seq,
+            event.outcome,
+            event.at
+        ),
+        (u, ch, seq, Outcome::Delivered, at)
+    );
+    assert!(event.id > 0);
+    // Decided once, whoever asks again and with whatever outcome.
+    assert_eq!(l.settle(&u, seq, Outcome::Expired, at).await.unwrap(), None);
+    assert_eq!(
+        peer.settle(&u, seq, Outcome::Cancelled, at).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        l.receipt_state(&u, seq).await.unwrap(),
+        Some(ReceiptState::Settled(event))
+    );
+    assert_eq!(l.receipts(&sub, 0, 10).await.unwrap(), vec![event]);
+
+    // Untracked: nothing to decide.
+    let untracked = e.store.next_seq();
+    assert_eq!(
+        l.settle(&u, untracked, Outcome::Delivered, at)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(l.receipt_state(&u, untracked).await.unwrap(), None);
+
+    // Forgotten: no receipt, ever.
+    let gone = e.store.next_seq();
+    l.track(&u, gone, &pending_later(sub, ch)).await.unwrap();
+    l.forget(&u, gone).await.unwrap();
+    l.forget(&u, gone).await.unwrap();
+    assert_eq!(l.receipt_state(&u, gone).await.unwrap(), None);
+    assert_eq!(
+        l.settle(&u, gone, Outcome::Delivered, at).await.unwrap(),
+        None
+    );
+
+    // A rejection keeps its code.
+    let rejected = e.store.next_seq();
+    l.track(&u, rejected, &pending_later(sub, ch))
+        .await
+        .unwrap();
+    let (_, r) = peer
+        .settle(&u, rejected, Outcome::Rejected(301), at + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Rejected(301));
+    assert!(r.id > event.id);
+    assert_eq!(l.receipts(&sub, 0, 10).await.unwrap(), vec![event, r]);
+
+    if let Some(raw) = &e.raw {
+        for s in [seq, gone, rejected] {
+            assert!(!indexed(raw, &u, s), "settled or forgotten: not indexed");
+        }
+        // Everything kept expires with the retention.
+        let retention = RECEIPT_RETENTION.as_millis() as i64;
+        let outcome_key = format!("herald:ro:{{{u}}}:{seq}");
+        let pexpiretime = |key: &str| -> i64 { raw.query(key, redis::cmd("PEXPIRETIME").arg(key)) };
+        assert_eq!(pexpiretime(&outcome_key), at as i64 + retention);
+        let events_key = format!("herald:re:{{{}}}", Uaid(sub.0));
+        assert_eq!(pexpiretime(&events_key), at as i64 + 1 + retention);
+        let pending_key = format!("herald:rp:{{{u}}}");
+        assert!(!raw.exists(&pending_key), "nothing pending is left");
+        assert!(raw.exists(&outcome_key));
+        assert!(!raw.exists(&format!("herald:ro:{{{u}}}:{gone}")));
+    }
+}
+
+/// A sent message waits `ACK_GRACE_SECS` past its expiry for its ack; an
+/// unsent one is swept when it expires.
+async fn receipts_sent_wait_for_their_ack(e: Engine) {
+    let _sweeping = SWEEPS.lock().await;
+    let l = &*e.ledger;
+    let (u, ch, sub) = (Uaid::random(), new_channel(), ReceiptSub::random());
+    let expires = now_secs() - 1000;
+    let (sent, unsent) = (e.store.next_seq(), e.store.next_seq());
+    l.track(&u, sent, &pending(sub, ch, expires)).await.unwrap();
+    l.track(&u, unsent, &pending(sub, ch, expires))
+        .await
+        .unwrap();
+    let sent_at = now_ms();
+    l.mark_sent(&u, sent, sent_at).await.unwrap();
+    // The first send counts; later ones change nothing.
+    l.mark_sent(&u, sent, sent_at + 5).await.unwrap();
+    l.mark_sent(&u, e.store.next_seq(), sent_at).await.unwrap();
+    let Some(ReceiptState::Pending(p)) = l.receipt_state(&u, sent).await.unwrap() else {
+        panic!("still pending")
+    };
+    assert_eq!(p.sent_at, Some(sent_at));
+    assert_eq!(p.deadline, expires + ACK_GRACE_SECS);
+    assert_eq!(p.expires_at, expires);
+
+    let at = now_ms();
+    let swept = l.settle_expired(expires, 1000, at).await.unwrap();
+    assert_eq!(swept.len(), 1, "{swept:?}");
+    let (s, ev) = swept[0];
+    assert_eq!((s, ev.seq, ev.outcome), (sub, unsent, Outcome::Expired));
+    let before_grace = expires + ACK_GRACE_SECS - 1;
+    assert_eq!(l.settle_expired(before_grace, 1000, at).await.unwrap(), []);
+    assert!(matches!(
+        l.receipt_state(&u, sent).await.unwrap(),
+        Some(ReceiptState::Pending(_))
+    ));
+    let swept = l
+        .settle_expired(expires + ACK_GRACE_SECS, 1000, at)
+        .await
+        .unwrap();
+    assert_eq!(swept.len(), 1, "{swept:?}");
+    assert_eq!(
+        (swept[0].1.seq, swept[0].1.outcome),
+        (sent, Outcome::Expired)
+    );
+    assert_eq!(l.settle_expired(now_secs(), 1000, at).await.unwrap(), []);
+
+    // An ack within the grace wins over the sweep.
+    let acked = e.store.next_seq();
+    l.track(&u, acked, &pending(sub, ch, expires))
+        .await
+        .unwrap();
+    l.mark_sent(&u, acked, at).await.unwrap();
+    assert!(l
+        .settle(&u, acked, Outcome::Delivered, at)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(l.settle_expired(now_secs(), 1000, at).await.unwrap(), []);
+    let outcomes: Vec<(u64, Outcome)> = l
+        .receipts(&sub, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| (e.seq, e.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (unsent, Outcome::Expired),
+            (sent, Outcome::Expired),
+            (acked, Outcome::Delivered)
+        ]
+    );
+    if let Some(raw) = &e.raw {
+        for s in [sent, unsent, acked] {
+            assert!(!indexed(raw, &u, s));
+        }
+    }
+}
+
+/// Two nodes sweeping at once settle each expired message exactly once,
+/// and leave the ones not yet due.
+async fn receipts_expire_once_across_nodes(e: Engine) {
+    const N: usize = 60;
+    let _sweeping = SWEEPS.lock().await;
+    let sub = ReceiptSub::random();
+    let ch = new_channel();
+    let now = now_secs();
+    let uaids: Vec<Uaid> = (0..4).map(|_| Uaid::random()).collect();
+    let mut due = Vec::new();
+    for i in 0..N {
+        let u = uaids[i % uaids.len()];
+        let seq = e.store.next_seq();
+        let node = if i % 2 == 0 {
+            &e.ledger
+        } else {
+            &e.ledger_peer
+        };
+        node.track(&u, seq, &pending(sub, ch, now - 100 + (i as u64 % 7)))
+            .await
+            .unwrap();
+        due.push((u, seq));
+    }
+    let later = e.store.next_seq();
+    e.ledger
+        .track(&uaids[0], later, &pending_later(sub, ch))
+        .await
+        .unwrap();
+
+    let mut sweeps = Vec::new();
+    for node in [e.ledger.clone(), e.ledger_peer.clone()] {
+        sweeps.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = node.settle_expired(now, 7, now_ms()).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch);
+            }
+        }));
+    }
+    let mut settled = Vec::new();
+    for s in sweeps {
+        settled.extend(s.await.unwrap());
+    }
+    let mut got: Vec<(Uaid, u64)> = settled.iter().map(|(_, e)| (e.uaid, e.seq)).collect();
+    got.sort();
+    due.sort();
+    assert_eq!(got, due, "each once");
+    assert!(settled
+        .iter()
+        .all(|(s, e)| *s == sub && e.outcome == Outcome::Expired));
+    assert!(matches!(
+        e.ledger.receipt_state(&uaids[0], later).await.unwrap(),
+        Some(ReceiptState::Pending(_))
+    ));
+    let listed = e.ledger.receipts(&sub, 0, 10 * N).await.unwrap();
+    assert_eq!(listed.len(), N);
+    assert!(listed.windows(2).all(|w| w[0].id < w[1].id));
+    e.ledger.forget(&uaids[0], later).await.unwrap();
+}
+
+async fn receipts_settle_all_of_a_channel_or_user_agent(e: Engine) {
+    let l = &*e.ledger;
+    let (u, other) = (Uaid::random(), Uaid::random());
+    let (c1, c2) = (new_channel(), new_channel());
+    let (s1, s2) = (ReceiptSub::random(), ReceiptSub::random());
+    let mut on_c1 = Vec::new();
+    for sub in [s1, s2, s1] {
+        let seq = e.store.next_seq();
+        l.track(&u, seq, &pending_later(sub, c1)).await.unwrap();
+        on_c1.push((sub, seq));
+    }
+    let on_c2 = e.store.next_seq();
+    l.track(&u, on_c2, &pending_later(s2, c2)).await.unwrap();
+    let others = e.store.next_seq();
+    l.track(&other, others, &pending_later(s1, c1))
+        .await
+        .unwrap();
+
+    let at = now_ms();
+    let mut gone = e
+        .ledger_peer
+        .settle_all(&u, Some(c1), Outcome::Gone, at)
+        .await
+        .unwrap();
+    gone.sort_by_key(|(_, e)| e.seq);
+    let got: Vec<(ReceiptSub, u64)> = gone.iter().map(|(s, e)| (*s, e.seq)).collect();
+    assert_eq!(got, on_c1);
+    assert!(gone
+        .iter()
+        .all(|(_, e)| e.outcome == Outcome::Gone && e.channel == c1 && e.uaid == u));
+    let rest = l
+        .settle_all(&u, None, Outcome::Cancelled, at)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!((rest[0].0, rest[0].1.seq), (s2, on_c2));
+    assert_eq!(rest[0].1.outcome, Outcome::Cancelled);
+    assert_eq!(l.settle_all(&u, None, Outcome::Gone, at).await.unwrap(), []);
+    assert!(matches!(
+        l.receipt_state(&other, others).await.unwrap(),
+        Some(ReceiptState::Pending(_))
+    ));
+    for (_, seq) in &on_c1 {
+        assert!(matches!(
+            l.receipt_state(&u, *seq).await.unwrap(),
+            Some(ReceiptState::Settled(ReceiptEvent {
+                outcome: Outcome::Gone,
+                ..
+            }))
+        ));
+    }
+    assert_eq!(l.receipts(&s1, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(l.receipts(&s2, 0, 10).await.unwrap().len(), 2);
+    if let Some(raw) = &e.raw {
+        for (_, seq) in &on_c1 {
+            assert!(!indexed(raw, &u, *seq));
+        }
+        assert!(!indexed(raw, &u, on_c2));
+        assert!(indexed(raw, &other, others));
+    }
+    l.forget(&other, others).await.unwrap();
+}
+
+/// `receipts` pages like `Last-Event-ID`: ids above `after`, oldest first,
+/// increasing within a subscription whichever node settled.
+async fn receipts_page_by_id(e: Engine) {
+    let (sub, noise) = (ReceiptSub::random(), ReceiptSub::random());
+    let ch = new_channel();
+    let mut events = Vec::new();
+    for i in 0..6 {
+        let u = Uaid::random();
+        let node = if i % 2 == 0 {
+            &e.ledger
+        } else {
+            &e.ledger_peer
+        };
+        for s in [sub, noise] {
+            let seq = e.store.next_seq();
+            node.track(&u, seq, &pending_later(s, ch)).await.unwrap();
+            let (got, event) = node
+                .settle(&u, seq, Outcome::Delivered, now_ms())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, s);
+            if s == sub {
+                events.push(event);
+            }
+        }
+    }
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id), "{events:?}");
+    let l = &*e.ledger;
+    assert_eq!(l.receipts(&sub, 0, 100).await.unwrap(), events);
+    assert_eq!(
+        l.receipts(&sub, events[1].id, 2).await.unwrap(),
+        events[2..4]
+    );
+    assert_eq!(
+        e.ledger_peer
+            .receipts(&sub, events[3].id - 1, 100)
+            .await
+            .unwrap(),
+        events[3..]
+    );
+    assert_eq!(l.receipts(&sub, events[5].id, 100).await.unwrap(), []);
+    assert_eq!(l.receipts(&sub, u64::MAX, 100).await.unwrap(), []);
+    assert_eq!(l.receipts(&sub, 0, 0).await.unwrap(), []);
+    assert_eq!(l.receipts(&ReceiptSub::random(), 0, 10).await.unwrap(), []);
+}
+
+/// Receipts older than the retention leave: through `purge_receipts` on
+/// RocksDB, by themselves on Redis (which is told the retention up front).
+async fn receipts_purge_old_ones(e: Engine) {
+    let l = &*e.ledger;
+    let (u, ch, sub) = (Uaid::random(), new_channel(), ReceiptSub::random());
+    let retention = RECEIPT_RETENTION.as_millis() as u64;
+    let now = now_ms();
+    let settle = |at: u64| {
+        let seq = e.store.next_seq();
+        async move {
+            l.track(&u, seq, &pending_later(sub, ch)).await.unwrap();
+            l.settle(&u, seq, Outcome::Delivered, at)
+                .await
+                .unwrap()
+                .unwrap()
+                .1
+        }
+    };
+    let old = settle(now - 2 * retention).await;
+    let fresh = settle(now).await;
+    // Out of order: an old decision recorded after a newer one.
+    let late_old = settle(now - retention - 1000).await;
+    let purged = l.purge_receipts(now - retention).await.unwrap();
+    if e.raw.is_none() {
+        assert_eq!(purged, 2);
+    }
+    assert_eq!(l.receipts(&sub, 0, 10).await.unwrap(), vec![fresh]);
+    for gone in [old, late_old] {
+        assert_eq!(l.receipt_state(&u, gone.seq).await.unwrap(), None);
+    }
+    assert_eq!(
+        l.receipt_state(&u, fresh.seq).await.unwrap(),
+        Some(ReceiptState::Settled(fresh))
+    );
+    assert_eq!(l.purge_receipts(now - retention).await.unwrap(), 0);
+}
+
+/// The `receipt` flag travels with the message.
+async fn messages_keep_their_receipt_flag(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let ch = new_channel();
+    let mut asked = message(s, ch, 600, Some("t"));
+    asked.receipt = true;
+    let plain = message(s, ch, 600, None);
+    s.put_message(&u, &asked).await.unwrap();
+    e.peer.put_message(&u, &plain).await.unwrap();
+    let read = s.read_messages(&u, 0, 10).await.unwrap();
+    assert_eq!(read, vec![asked.clone(), plain.clone()]);
+    assert!(read[0].receipt && !read[1].receipt);
+    assert_eq!(
+        e.peer.get_message(&u, asked.seq).await.unwrap(),
+        Some(asked)
+    );
+    s.drop_user(&u).await.unwrap();
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {$(
         mod $case {
@@ -555,6 +1037,13 @@ contract!(
     seqs_increase,
     concurrent_nodes_lose_nothing,
     health_check_and_flush_work,
+    receipts_settle_once,
+    receipts_sent_wait_for_their_ack,
+    receipts_expire_once_across_nodes,
+    receipts_settle_all_of_a_channel_or_user_agent,
+    receipts_page_by_id,
+    receipts_purge_old_ones,
+    messages_keep_their_receipt_flag,
 );
 
 // Redis only.

@@ -14,12 +14,13 @@ use herald::config::{parse_duration, ServeArgs, Settings};
 use herald::errors::ApiError;
 use herald::ids::{parse_channel_id, Uaid};
 use herald::protocol::{notification_json, ClientMessage, ServerMessage};
+use herald::receipts::api as receipt_api;
 use herald::router::cluster::{Evict, Wake};
 use herald::store::{
     decode_channel, decode_message, decode_user, encode_channel, encode_message, encode_user,
     message_expires_at, Message,
 };
-use herald::token::{key_hash, ApiVersion, EndpointToken, MessageId, TokenCodec};
+use herald::token::{key_hash, ApiVersion, EndpointToken, MessageId, ReceiptToken, TokenCodec};
 use herald::vapid::{parse_credentials, CacheResult, VapidVerifier};
 use herald::webpush::{
     check_encoding, decode_b64url, header_param, parse_topic, parse_ttl, parse_urgency,
@@ -264,6 +265,8 @@ pub fn push_headers(data: &[u8]) {
         Err(e) => check_api_error(e),
     }
 
+    receipt_headers(&h);
+
     // Only a body is checked for its encoding (as the endpoint does).
     let headers = if body.is_empty() {
         Ok(None)
@@ -310,6 +313,7 @@ pub fn push_headers(data: &[u8]) {
         topic,
         headers,
         data: Bytes::copy_from_slice(body),
+        receipt: false,
     };
     // Stored, then read back: the same message.
     let stored = encode_message(&message);
@@ -342,6 +346,47 @@ pub fn push_headers(data: &[u8]) {
         assert_eq!(v["headers"]["encoding"], n.encoding.as_str());
     } else {
         assert!(v.get("data").is_none() && v.get("headers").is_none());
+    }
+}
+
+/// The receipt headers of a push (`Prefer`, `Link`, `Push-Receipt`) and of
+/// a read of a receipt subscription (`Prefer: wait`, `Last-Event-ID`).
+fn receipt_headers(h: &BTreeMap<String, String>) {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in h {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            map.append(name, value);
+        }
+    }
+    match receipt_api::requested(&map) {
+        Ok(Some(req)) => {
+            if let Some(token) = &req.given {
+                assert!(!token.is_empty() && !token.contains('/'), "{token:?}");
+            }
+            match receipt_api::bind(req, None, codec_keys()) {
+                Ok((sub, token)) => {
+                    let opened = codec_keys().open_receipt_token(&token).expect("opens");
+                    assert_eq!(opened.sub, sub.0);
+                }
+                Err(e) => {
+                    assert!(matches!(e.errno, 121 | 122), "{}", e.errno);
+                    check_api_error(&e);
+                }
+            }
+        }
+        Ok(None) => assert!(get(h, "push-receipt").is_none()),
+        Err(e) => {
+            assert_eq!((e.status, e.errno), (400, 121));
+            check_api_error(&e);
+        }
+    }
+    let _ = receipt_api::wants_batch(&map);
+    if let Err(e) = receipt_api::resume_after(&map, get(h, "x-query")) {
+        assert_eq!((e.status, e.errno), (400, 123));
+        check_api_error(&e);
     }
 }
 
@@ -434,8 +479,11 @@ pub fn tokens(data: &[u8]) {
         let v1 = c.open_endpoint(ApiVersion::V1, s);
         let v2 = c.open_endpoint(ApiVersion::V2, s);
         let m = c.open_message_id(s);
-        let opened =
-            usize::from(v1.is_some()) + usize::from(v2.is_some()) + usize::from(m.is_some());
+        let r = c.open_receipt_token(s);
+        let opened = usize::from(v1.is_some())
+            + usize::from(v2.is_some())
+            + usize::from(m.is_some())
+            + usize::from(r.is_some());
         assert!(opened <= 1, "{s:?} opens as {opened} kinds");
         for (t, version) in [(v1, ApiVersion::V1), (v2, ApiVersion::V2)] {
             if let Some(t) = t {
@@ -447,6 +495,9 @@ pub fn tokens(data: &[u8]) {
         }
         if let Some(m) = m {
             assert_eq!(c.open_message_id(&c.message_id(&m)), Some(m));
+        }
+        if let Some(r) = r {
+            assert_eq!(c.open_receipt_token(&c.receipt_token(&r)), Some(r));
         }
     }
 
@@ -466,6 +517,14 @@ pub fn tokens(data: &[u8]) {
         channel,
         key_hash,
     };
+    let receipt = ReceiptToken {
+        sub: data[..16].try_into().expect("16 bytes"),
+        key_hash,
+    };
+    assert_eq!(
+        c.open_receipt_token(&c.receipt_token(&receipt)),
+        Some(receipt)
+    );
     let (version, sealed) = c.endpoint_token(&t);
     assert_eq!(version == ApiVersion::V2, key_hash.is_some());
     assert!(sealed.len() < 200);

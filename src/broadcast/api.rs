@@ -4,8 +4,8 @@
 //! (404), so a default install exposes nothing.
 
 use crate::app::App;
-use crate::endpoint::{json, Response};
 use crate::errors::ApiError;
+use crate::reply::{json, Response};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Limited};

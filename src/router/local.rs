@@ -144,6 +144,7 @@ mod tests {
             topic: None,
             headers: None,
             data: bytes::Bytes::new(),
+            receipt: false,
         })
     }
 

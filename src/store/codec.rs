@@ -1,13 +1,19 @@
 //! Byte layouts of keys and values. Documented in proto-docs/storage.md;
 //! every value starts with a format byte so layouts can evolve.
 
-use super::{ChannelRecord, Message, UserRecord};
+use super::{
+    ChannelRecord, Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptSub, UserRecord,
+};
 use crate::ids::{ChannelId, Uaid};
 use crate::protocol::NotificationHeaders;
 use crate::webpush::Urgency;
 use bytes::Bytes;
 
 const FORMAT: u8 = 1;
+/// A message with a flags byte after its channel (bit 0: receipt
+/// requested). Messages without flags keep format 1, byte for byte.
+const FORMAT_FLAGS: u8 = 2;
+const FLAG_RECEIPT: u8 = 1;
 
 pub fn user_key(uaid: &Uaid) -> [u8; 16] {
     uaid.0
@@ -126,15 +132,18 @@ fn take_str(v: &mut &[u8]) -> Option<String> {
 }
 
 // format | expires_at u64 | ttl u64 | urgency u8 | channel 16 |
-// topic (u8 len + bytes) | encoding u8 (0 none, 1 aes128gcm, 2 aesgcm)
+// [format 2: flags u8] | topic (u8 len + bytes) | encoding u8 (0 none, 1 aes128gcm, 2 aesgcm)
 // [aesgcm: encryption str, crypto_key str] | data (rest)
 pub fn encode_message(m: &Message) -> Vec<u8> {
     let mut v = Vec::with_capacity(64 + m.data.len());
-    v.push(FORMAT);
+    v.push(if m.receipt { FORMAT_FLAGS } else { FORMAT });
     v.extend_from_slice(&m.expires_at.to_be_bytes());
     v.extend_from_slice(&m.ttl.to_be_bytes());
     v.push(m.urgency as u8);
     v.extend_from_slice(m.channel.as_bytes());
+    if m.receipt {
+        v.push(FLAG_RECEIPT);
+    }
     let topic = m.topic.as_deref().unwrap_or("");
     v.push(topic.len().min(255) as u8);
     v.extend_from_slice(&topic.as_bytes()[..topic.len().min(255)]);
@@ -154,13 +163,19 @@ pub fn encode_message(m: &Message) -> Vec<u8> {
 
 pub fn decode_message(seq: u64, mut v: &[u8]) -> Option<Message> {
     let v = &mut v;
-    if take(v, 1)? != [FORMAT] {
+    let format = take(v, 1)?[0];
+    if format != FORMAT && format != FORMAT_FLAGS {
         return None;
     }
     let expires_at = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
     let ttl = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
     let urgency = Urgency::from_u8(take(v, 1)?[0])?;
     let channel = ChannelId::from_slice(take(v, 16)?).ok()?;
+    let flags = if format == FORMAT_FLAGS {
+        take(v, 1)?[0]
+    } else {
+        0
+    };
     let tlen = take(v, 1)?[0] as usize;
     let topic = String::from_utf8(take(v, tlen)?.to_vec()).ok()?;
     let headers = match take(v, 1)?[0] {
@@ -191,6 +206,77 @@ pub fn decode_message(seq: u64, mut v: &[u8]) -> Option<Message> {
         topic: (!topic.is_empty()).then_some(topic),
         headers,
         data: Bytes::copy_from_slice(v),
+        receipt: flags & FLAG_RECEIPT != 0,
+    })
+}
+
+// Receipt ledger (see store::receipt).
+// pending: format | sub 16 | channel 16 | expires_at u64 | deadline u64 |
+// sent_at u64 (unix ms, 0 = not sent)
+pub fn encode_pending(p: &PendingReceipt) -> Vec<u8> {
+    let mut v = Vec::with_capacity(57);
+    v.push(FORMAT);
+    v.extend_from_slice(&p.sub.0);
+    v.extend_from_slice(p.channel.as_bytes());
+    v.extend_from_slice(&p.expires_at.to_be_bytes());
+    v.extend_from_slice(&p.deadline.to_be_bytes());
+    v.extend_from_slice(&p.sent_at.unwrap_or(0).to_be_bytes());
+    v
+}
+
+pub fn decode_pending(mut v: &[u8]) -> Option<PendingReceipt> {
+    let v = &mut v;
+    if take(v, 1)? != [FORMAT] || v.len() != 56 {
+        return None;
+    }
+    let sub = ReceiptSub(take(v, 16)?.try_into().ok()?);
+    let channel = ChannelId::from_slice(take(v, 16)?).ok()?;
+    let expires_at = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
+    let deadline = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
+    let sent_at = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
+    Some(PendingReceipt {
+        sub,
+        channel,
+        expires_at,
+        deadline,
+        sent_at: (sent_at != 0).then_some(sent_at),
+    })
+}
+
+// receipt: format | id u64 | uaid 16 | channel 16 | seq u64 | outcome u8 |
+// code u32 | at u64 (unix ms)
+pub fn encode_receipt(e: &ReceiptEvent) -> Vec<u8> {
+    let mut v = Vec::with_capacity(62);
+    v.push(FORMAT);
+    v.extend_from_slice(&e.id.to_be_bytes());
+    v.extend_from_slice(&e.uaid.0);
+    v.extend_from_slice(e.channel.as_bytes());
+    v.extend_from_slice(&e.seq.to_be_bytes());
+    v.push(e.outcome.to_u8());
+    v.extend_from_slice(&e.outcome.code().unwrap_or(0).to_be_bytes());
+    v.extend_from_slice(&e.at.to_be_bytes());
+    v
+}
+
+pub fn decode_receipt(mut v: &[u8]) -> Option<ReceiptEvent> {
+    let v = &mut v;
+    if take(v, 1)? != [FORMAT] || v.len() != 61 {
+        return None;
+    }
+    let id = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
+    let uaid = Uaid(take(v, 16)?.try_into().ok()?);
+    let channel = ChannelId::from_slice(take(v, 16)?).ok()?;
+    let seq = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
+    let kind = take(v, 1)?[0];
+    let code = u32::from_be_bytes(take(v, 4)?.try_into().ok()?);
+    let at = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
+    Some(ReceiptEvent {
+        id,
+        uaid,
+        channel,
+        seq,
+        outcome: Outcome::from_u8(kind, code)?,
+        at,
     })
 }
 
@@ -208,6 +294,7 @@ mod tests {
             topic: topic.map(String::from),
             headers,
             data: Bytes::from_static(b"\x00\x01payload"),
+            receipt: false,
         }
     }
 
@@ -223,10 +310,15 @@ mod tests {
             encryption: None,
             crypto_key: None,
         };
+        let receipt = Message {
+            receipt: true,
+            ..msg(Some(new.clone()), Some("t2"))
+        };
         for m in [
             msg(None, None),
             msg(Some(new), Some("t1")),
             msg(Some(aesgcm), None),
+            receipt,
         ] {
             let v = encode_message(&m);
             assert_eq!(message_expires_at(&v), Some(m.expires_at));
@@ -250,6 +342,39 @@ mod tests {
             };
             assert_eq!(decode_channel(&encode_channel(&c)), Some(c));
         }
+    }
+
+    #[test]
+    fn receipt_records_round_trip() {
+        let p = PendingReceipt {
+            sub: ReceiptSub([7; 16]),
+            channel: uuid::Uuid::new_v4(),
+            expires_at: 10,
+            deadline: 70,
+            sent_at: Some(9_000),
+        };
+        assert_eq!(decode_pending(&encode_pending(&p)), Some(p));
+        let unsent = PendingReceipt { sent_at: None, ..p };
+        assert_eq!(decode_pending(&encode_pending(&unsent)), Some(unsent));
+        for outcome in [
+            Outcome::Delivered,
+            Outcome::Rejected(302),
+            Outcome::Expired,
+            Outcome::Cancelled,
+            Outcome::Gone,
+        ] {
+            let e = ReceiptEvent {
+                id: 5,
+                uaid: Uaid([2; 16]),
+                channel: p.channel,
+                seq: 99,
+                outcome,
+                at: 1_700_000_000_000,
+            };
+            assert_eq!(decode_receipt(&encode_receipt(&e)), Some(e));
+        }
+        assert_eq!(decode_pending(&[1, 2, 3]), None);
+        assert_eq!(decode_receipt(&[]), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! outside this module may know which engine is in use.
 
 mod codec;
+mod receipt;
 mod redis;
 mod rocks;
 
@@ -10,6 +11,9 @@ pub use self::redis::RedisStore;
 pub use codec::{
     decode_channel, decode_message, decode_user, encode_channel, encode_message, encode_user,
     message_expires_at,
+};
+pub use receipt::{
+    Outcome, PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, ACK_GRACE_SECS,
 };
 pub use rocks::RocksStore;
 
@@ -64,6 +68,9 @@ pub struct Message {
     /// None for a push without payload.
     pub headers: Option<NotificationHeaders>,
     pub data: Bytes,
+    /// The application server asked for a receipt: the receipt ledger
+    /// tracks this message (see `receipt`).
+    pub receipt: bool,
 }
 
 impl Message {
@@ -74,8 +81,9 @@ impl Message {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PutOutcome {
-    /// A pending message with the same topic was replaced.
-    pub replaced: bool,
+    /// The sequence number of the pending message with the same topic that
+    /// this one replaced.
+    pub replaced: Option<u64>,
     /// The sequence number the message was stored under. A shared store may
     /// have to pick another than the message's own (two nodes chose the same
     /// one for a user agent); callers must name the message by this one.

@@ -15,6 +15,9 @@
 //! | `herald:t:{uaid}` | hash | channel id bytes + topic → decimal seq; expires with its newest message |
 //! | `herald:broadcasts` | hash | broadcast id → version |
 //!
+//! The receipt ledger's keys (`herald:rp:`, `herald:rx`, `herald:re:`,
+//! `herald:ro:`) are described in `receipts`.
+//!
 //! Needs Redis 7.0 or later (Valkey 7.2+) for `EXPIRETIME`.
 
 use super::codec::{
@@ -53,11 +56,14 @@ const MESSAGE_CHANNEL: std::ops::Range<usize> = 18..34;
 /// Seqs are passed to Redis as sorted-set scores, which are f64.
 const MAX_EXACT_SCORE: u64 = 1 << 53;
 
+/// How long decided receipts stay listed unless `with_receipt_retention`
+/// says otherwise.
+const DEFAULT_RECEIPT_RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
+
 /// Broadcast id → version (see `broadcast`).
 const BROADCASTS_KEY: &str = "herald:broadcasts";
 
 const PUT_COLLISION: i64 = -1;
-const PUT_REPLACED: i64 = 1;
 
 /// Shared by every script: the big-endian u64 at byte `off` (0-based) of `s`.
 /// Exact while below 2^53, which unix seconds are.
@@ -71,7 +77,8 @@ end
 
 // KEYS: messages zset, payload key, topics hash.
 // ARGV: seq, encoded message, expires_at, topic field ('' for none), payload key prefix.
-// Returns 0 stored, 1 stored and replaced a pending message, -1 seq taken.
+// Returns 0 stored, -1 seq taken, or the seq of the pending message it
+// replaced (seqs are positive and below 2^53, so exact as Lua numbers).
 const PUT_MESSAGE: &str = r"
 local at = tonumber(ARGV[3])
 if at <= tonumber(redis.call('TIME')[1]) then return 0 end
@@ -85,7 +92,7 @@ if ARGV[4] == '' then return 0 end
 local replaced = 0
 local old = redis.call('HGET', KEYS[3], ARGV[4])
 if old and old ~= ARGV[1] then
-  replaced = redis.call('DEL', ARGV[5] .. old)
+  if redis.call('DEL', ARGV[5] .. old) == 1 then replaced = tonumber(old) end
   redis.call('ZREM', KEYS[1], old)
 end
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
@@ -392,6 +399,9 @@ pub struct RedisStore {
     /// Replicas that must confirm each stored message, and for how long to
     /// wait for them.
     wait: Option<(u32, Duration)>,
+    /// How long decided receipts are kept (Redis expires them by itself,
+    /// so it must know the retention up front).
+    receipt_retention: Duration,
 }
 
 impl RedisStore {
@@ -430,6 +440,7 @@ impl RedisStore {
             expired,
             seq_collisions: AtomicU64::new(0),
             wait: None,
+            receipt_retention: DEFAULT_RECEIPT_RETENTION,
         })
     }
 
@@ -439,6 +450,14 @@ impl RedisStore {
     /// written but not yet answered (see proto-docs/storage.md).
     pub fn wait_for(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Keeps decided receipts (and what `receipt_state` knows of settled
+    /// messages) for `retention` after their decision, 3 days by default.
+    /// Redis drops them by itself after that; `purge_receipts` is a no-op.
+    pub fn with_receipt_retention(mut self, retention: Duration) -> Self {
+        self.receipt_retention = retention;
         self
     }
 
@@ -530,7 +549,7 @@ impl RedisStore {
         if m.expired(now_secs()) {
             // It could never be read; storing it would only cost memory.
             return Ok(PutOutcome {
-                replaced: false,
+                replaced: None,
                 seq: m.seq,
             });
         }
@@ -562,7 +581,7 @@ impl RedisStore {
                 }
                 r => {
                     return Ok(PutOutcome {
-                        replaced: r == PUT_REPLACED,
+                        replaced: u64::try_from(r).ok().filter(|&old| old > 0),
                         seq,
                     })
                 }
@@ -825,6 +844,7 @@ mod tests {
             topic: Some("t".into()),
             headers: None,
             data: Bytes::from_static(b"x"),
+            receipt: true,
         };
         let v = encode_message(&m);
         assert_eq!(&v[MESSAGE_CHANNEL], m.channel.as_bytes());
@@ -869,3 +889,6 @@ mod tests {
 
 /// Which node serves which user agent (several Herald nodes on one Redis).
 mod directory;
+
+/// The receipt ledger (RFC 8030 §5.1).
+mod receipts;

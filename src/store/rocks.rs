@@ -16,11 +16,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod receipts;
+
 const USERS: &str = "users";
 const CHANNELS: &str = "channels";
 const MESSAGES: &str = "messages";
 const TOPICS: &str = "topics";
 const META: &str = "meta";
+/// The receipt ledger (see `receipts`).
+const RECEIPTS: &str = "receipts";
 const SEQ_CEILING_KEY: &[u8] = b"seq_ceiling";
 /// Broadcast versions live in `meta` under this prefix + id.
 const BROADCAST_PREFIX: &[u8] = b"broadcast/";
@@ -37,7 +41,8 @@ pub struct Rocks {
     write_opts: WriteOptions,
     seq: AtomicU64,
     seq_ceiling: Mutex<u64>,
-    /// Topic replacement is read-modify-write; serialise it per user agent.
+    /// Topic replacement and the receipt ledger's steps are
+    /// read-modify-write; serialise them per user agent.
     topic_locks: Vec<Mutex<()>>,
     expired: Option<prometheus::IntCounter>,
 }
@@ -274,6 +279,7 @@ impl Rocks {
             ColumnFamilyDescriptor::new(MESSAGES, message_opts),
             ColumnFamilyDescriptor::new(TOPICS, Options::default()),
             ColumnFamilyDescriptor::new(META, Options::default()),
+            ColumnFamilyDescriptor::new(RECEIPTS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(err)?;
         let mut write_opts = WriteOptions::default();
@@ -497,13 +503,13 @@ impl Rocks {
         let Some(topic) = &m.topic else {
             self.write(b)?;
             return Ok(PutOutcome {
-                replaced: false,
+                replaced: None,
                 seq: m.seq,
             });
         };
         let _guard = self.topic_lock(uaid);
         let tkey = topic_key(uaid, &m.channel, topic);
-        let mut replaced = false;
+        let mut replaced = None;
         if let Some(old) = self.db.get_pinned_cf(self.cf(TOPICS), &tkey).map_err(err)? {
             if let Ok(old_seq) = <[u8; 8]>::try_from(&old[..]).map(u64::from_be_bytes) {
                 let old_key = message_key(uaid, old_seq);
@@ -515,7 +521,7 @@ impl Rocks {
                         .is_some()
                 {
                     b.delete_cf(messages, old_key);
-                    replaced = true;
+                    replaced = Some(old_seq);
                 }
             }
         }
@@ -662,7 +668,7 @@ impl Rocks {
 
     pub fn flush(&self) -> StoreResult<()> {
         self.db.flush_wal(true).map_err(err)?;
-        for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META] {
+        for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META, RECEIPTS] {
             self.db.flush_cf(self.cf(cf)).map_err(err)?;
         }
         Ok(())
@@ -677,7 +683,7 @@ impl Rocks {
     pub fn stats(&self) -> StoreStats {
         let mut size = 0;
         let mut pending = 0;
-        for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META] {
+        for cf in [USERS, CHANNELS, MESSAGES, TOPICS, META, RECEIPTS] {
             size += self.int_property(cf, "rocksdb.total-sst-files-size")
                 + self.int_property(cf, "rocksdb.cur-size-all-mem-tables");
             pending += self.int_property(cf, "rocksdb.estimate-pending-compaction-bytes");
@@ -841,6 +847,7 @@ mod tests {
             topic: topic.map(String::from),
             headers: None,
             data: Bytes::from_static(b"x"),
+            receipt: false,
         }
     }
 
@@ -925,19 +932,26 @@ mod tests {
         let u = Uaid::random();
         let (c1, c2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let first = message(&s, c1, 60, Some("t"));
-        assert!(!s.put_message(&u, &first).unwrap().replaced);
+        assert!(s.put_message(&u, &first).unwrap().replaced.is_none());
         let other_channel = message(&s, c2, 60, Some("t"));
-        assert!(!s.put_message(&u, &other_channel).unwrap().replaced);
+        assert!(s
+            .put_message(&u, &other_channel)
+            .unwrap()
+            .replaced
+            .is_none());
         let second = message(&s, c1, 60, Some("t"));
-        assert!(s.put_message(&u, &second).unwrap().replaced);
+        assert_eq!(
+            s.put_message(&u, &second).unwrap().replaced,
+            Some(first.seq)
+        );
         assert_eq!(seqs(&s, &u), vec![other_channel.seq, second.seq]);
         // Once acknowledged, the next message with the topic replaces nothing.
         s.delete_message(&u, second.seq).unwrap();
-        assert!(
-            !s.put_message(&u, &message(&s, c1, 60, Some("t")))
-                .unwrap()
-                .replaced
-        );
+        assert!(s
+            .put_message(&u, &message(&s, c1, 60, Some("t")))
+            .unwrap()
+            .replaced
+            .is_none());
     }
 
     #[test]

@@ -516,3 +516,14 @@ pub fn payload(keys: &UaKeys, n: &Value) -> String {
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The value of the first metric line starting with `line_start` (0 if absent).
+pub async fn metric(h: &Herald, line_start: &str) -> f64 {
+    let text =
+        String::from_utf8(http(h, "GET", "/metrics", &[], vec![]).await.unwrap().body).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0.0)
+}
