@@ -1,7 +1,7 @@
 //! The application-server commands against real processes: `herald vapid`
 //! key round trips, and `herald send` delivering to a websocket user agent
-//! driven here (decrypted with the independent `ece` crate), and reporting
-//! the push service's refusals.
+//! driven here (decrypted with the independent `ece` crate), reporting
+//! the push service's refusals, and waiting for delivery receipts.
 
 #[path = "support/firefox.rs"]
 mod support;
@@ -226,6 +226,14 @@ impl UserAgent {
                 "auth": URL_SAFE_NO_PAD.encode(self.auth),
             }
         })
+    }
+
+    /// Refuses the next notification, as Firefox does with code 302 when
+    /// the service worker failed to handle it.
+    async fn nack_next(&mut self, code: u32) {
+        let n = self.expect("notification").await;
+        self.send(json!({"messageType": "nack", "version": n["version"], "code": code}))
+            .await;
     }
 
     /// Reads a notification, acks it, and returns (channelID, plaintext).
@@ -487,4 +495,208 @@ fn send_fails_clearly_without_a_push_service() {
         "{}",
         stderr(&out)
     );
+}
+
+/// A Herald, a VAPID key, and a user agent subscribed with it whose
+/// subscription JSON is in a file.
+struct ReceiptSetup {
+    server: HeraldServer,
+    _dir: tempfile::TempDir,
+    key: String,
+    sub_file: String,
+    ua: UserAgent,
+}
+
+async fn receipt_setup() -> ReceiptSetup {
+    let server = tokio::task::spawn_blocking(HeraldServer::start)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("vapid.pem");
+    let out = herald(&["vapid", "generate", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let app_key = stdout(&out).trim().to_owned();
+    let mut ua = UserAgent::connect(&server.ws_url()).await;
+    let (_, endpoint) = ua.register(&app_key).await;
+    let sub_file = dir.path().join("subscription.json");
+    std::fs::write(&sub_file, ua.subscription(&endpoint).to_string()).unwrap();
+    ReceiptSetup {
+        key: key.to_str().unwrap().to_owned(),
+        sub_file: sub_file.to_str().unwrap().to_owned(),
+        server,
+        _dir: dir,
+        ua,
+    }
+}
+
+impl ReceiptSetup {
+    /// `herald send --receipt` with `extra` arguments, in the background.
+    fn send(&self, extra: &[&str]) -> tokio::task::JoinHandle<Output> {
+        let mut list = args(&[
+            "--subscription",
+            &self.sub_file,
+            "--vapid-key",
+            &self.key,
+            "--data",
+            "with a receipt",
+            "--receipt",
+            "--receipt-timeout",
+            "8",
+        ]);
+        list.extend(args(extra));
+        tokio::spawn(herald_send(list))
+    }
+}
+
+/// The value of the first stdout line starting with `prefix`.
+fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {out:?}"))
+}
+
+fn message_id(out: &str) -> &str {
+    line(out, "Location: ").rsplit('/').next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_receipt_waits_for_delivery() {
+    let mut s = receipt_setup().await;
+    let send = s.send(&[]);
+    let (_, plain) = s.ua.notification().await;
+    assert_eq!(plain.as_deref(), Some(&b"with a receipt"[..]));
+    let out = send.await.unwrap();
+    let printed = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{printed}{}\n{}",
+        stderr(&out),
+        s.server.proc.log_tail(20)
+    );
+    assert!(printed.starts_with("202 Accepted\n"), "{printed}");
+    let subscription = line(&printed, "Receipt subscription: ").to_owned();
+    assert!(
+        subscription.starts_with(&format!("{}/r/", s.server.url())),
+        "{printed}"
+    );
+    let first = message_id(&printed).to_owned();
+    let receipt = line(&printed, "receipt: ");
+    assert!(receipt.starts_with("delivered at 20"), "{printed}");
+    assert!(
+        receipt.ends_with(&format!("Z (message {first})")),
+        "{printed}"
+    );
+
+    // Reusing the subscription: its first receipt is skipped, and the new
+    // message's is reported.
+    let send = s.send(&["--receipt-subscription", &subscription]);
+    s.ua.notification().await;
+    let out = send.await.unwrap();
+    let printed = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{printed}{}", stderr(&out));
+    assert_eq!(line(&printed, "Receipt subscription: "), subscription);
+    let second = message_id(&printed);
+    assert_ne!(second, first);
+    assert!(
+        line(&printed, "receipt: ").ends_with(&format!("(message {second})")),
+        "{printed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_receipt_reports_a_rejection_with_its_code() {
+    let mut s = receipt_setup().await;
+    let send = s.send(&[]);
+    s.ua.nack_next(302).await;
+    let out = send.await.unwrap();
+    let printed = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{printed}{}", stderr(&out));
+    let receipt = line(&printed, "receipt: ");
+    assert!(receipt.starts_with("rejected (code 302) at "), "{printed}");
+    assert!(
+        receipt.ends_with(&format!("(message {})", message_id(&printed))),
+        "{printed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_receipt_reports_expiry_while_offline() {
+    let ReceiptSetup {
+        server,
+        _dir,
+        key,
+        sub_file,
+        ua,
+    } = receipt_setup().await;
+    drop(ua);
+    // Let Herald see the user agent leave before the push arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Not waiting long enough: a distinct status, and why.
+    let out = herald_send(args(&[
+        "--subscription",
+        &sub_file,
+        "--vapid-key",
+        &key,
+        "--receipt",
+        "--receipt-timeout",
+        "1",
+    ]))
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("no receipt within 1 s; the message is queued"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = herald_send(args(&[
+        "--subscription",
+        &sub_file,
+        "--vapid-key",
+        &key,
+        "--data",
+        "too late",
+        "--ttl",
+        "1",
+        "--receipt",
+        "--receipt-timeout",
+        "8",
+    ]))
+    .await;
+    let printed = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{printed}{}\n{}",
+        stderr(&out),
+        server.proc.log_tail(20)
+    );
+    assert!(
+        line(&printed, "receipt: ").starts_with("expired at "),
+        "{printed}"
+    );
+}
+
+#[test]
+fn send_help_documents_the_receipt_exit_statuses() {
+    let out = herald(&["send", "--help"]);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    for expected in [
+        "--receipt ",
+        "--receipt-subscription <URL>",
+        "--receipt-timeout <SECONDS>",
+        "3  rejected",
+        "4  expired",
+        "7  no receipt within --receipt-timeout",
+    ] {
+        assert!(help.contains(expected), "{expected:?} not in\n{help}");
+    }
 }

@@ -1,13 +1,16 @@
 //! Application-server tools: what a site's backend needs to use a push
 //! service. The library parts (`encrypt`, `vapid_sign`, `subscription`,
-//! `send`) are shared by `herald send`, `herald demo` and the tests.
+//! `send`, `receipt`) are shared by `herald send`, `herald demo` and the
+//! tests.
 
 pub mod encrypt;
+pub mod receipt;
 pub mod send;
 pub mod subscription;
 pub mod vapid_sign;
 
 pub use encrypt::encrypt_aes128gcm;
+pub use receipt::{wait_for_receipt, Receipt, ReceiptTimeout};
 pub use send::{send_push, PushOptions, PushResponse, PushServiceError, Urgency, Vapid};
 pub use subscription::{origin_of, Subscription, SubscriptionKeys};
 pub use vapid_sign::VapidKey;
@@ -50,6 +53,32 @@ pub enum VapidCommand {
     },
 }
 
+/// Exit statuses of `herald send --receipt`, one per outcome, so scripts
+/// can branch on what became of the message without parsing output.
+pub mod exit {
+    pub const DELIVERED: u8 = 0;
+    /// The push was refused, or the receipt could not be read.
+    pub const FAILED: u8 = 1;
+    pub const REJECTED: u8 = 3;
+    pub const EXPIRED: u8 = 4;
+    pub const CANCELLED: u8 = 5;
+    pub const GONE: u8 = 6;
+    pub const NO_RECEIPT: u8 = 7;
+}
+
+const SEND_AFTER_HELP: &str = "\
+Exit status:
+  0  the push service accepted the message (with --receipt: it was delivered)
+  1  the push service refused it (status, errno and message on stderr), or it
+     could not be sent, or its receipt could not be read
+  2  bad command line
+With --receipt, for messages that were not delivered:
+  3  rejected: the user agent refused it (the line shows its code, e.g. 302)
+  4  expired: its TTL ran out before the user agent came online
+  5  cancelled: it was deleted (DELETE on its Location)
+  6  gone: the subscription was removed
+  7  no receipt within --receipt-timeout";
+
 /// Send one push message to a subscription, as an application server would.
 ///
 /// The payload is encrypted with RFC 8291 `aes128gcm` to the subscription's
@@ -57,10 +86,12 @@ pub enum VapidCommand {
 /// token for the endpoint's origin. Works with any RFC 8030 push service
 /// reachable over http://.
 ///
-/// Prints the HTTP status and the message's Location. Exits 0 when the push
-/// service accepted the message (2xx); otherwise exits 1 and prints the
-/// status, errno and message of the service's error on stderr.
+/// Prints the HTTP status and the message's Location and, with --receipt,
+/// the receipt subscription and then the message's outcome. The exit
+/// status (listed after the options) says whether the service accepted
+/// the message and, with --receipt, what became of it.
 #[derive(clap::Args, Debug)]
+#[command(after_help = SEND_AFTER_HELP)]
 pub struct SendArgs {
     /// The subscription as `PushSubscription.toJSON()` gives it:
     /// `{"endpoint": "...", "keys": {"p256dh": "...", "auth": "..."}}`.
@@ -104,6 +135,23 @@ pub struct SendArgs {
     /// Give up when the push service has not answered after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub timeout: u64,
+
+    /// Ask for a delivery receipt (RFC 8030 `Prefer: respond-async`), print
+    /// the receipt subscription URL, then wait for the message's outcome
+    /// (delivered, rejected, expired, cancelled or gone) and print it. The
+    /// exit status tells the outcome (below).
+    #[arg(long)]
+    pub receipt: bool,
+
+    /// Report the receipt to this receipt subscription, printed by an
+    /// earlier `--receipt`, instead of a new one, so one URL collects the
+    /// receipts of many messages. Implies --receipt.
+    #[arg(long, value_name = "URL")]
+    pub receipt_subscription: Option<String>,
+
+    /// With --receipt: how many seconds to wait for the receipt.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub receipt_timeout: u64,
 }
 
 pub fn run_vapid(cmd: VapidCommand) -> anyhow::Result<ExitCode> {
@@ -196,6 +244,8 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
         urgency: args.urgency,
         topic: args.topic.clone(),
         timeout: Duration::from_secs(args.timeout.max(1)),
+        receipt: args.receipt || args.receipt_subscription.is_some(),
+        receipt_subscription: args.receipt_subscription.clone(),
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -216,12 +266,62 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
     if let Some(ttl) = response.ttl {
         println!("TTL: {ttl}");
     }
-    if response.is_success() {
-        Ok(ExitCode::SUCCESS)
-    } else {
+    if !response.is_success() {
         eprintln!("herald send: {}", response.describe_error());
-        Ok(ExitCode::FAILURE)
+        return Ok(ExitCode::FAILURE);
     }
+    if !options.receipt {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // A service may leave the Link out when the subscription passed in is
+    // the one it used; one that answers 201 ignored the request.
+    let subscription_url = response.receipt_subscription.clone().or_else(|| {
+        (response.status == http::StatusCode::ACCEPTED)
+            .then(|| args.receipt_subscription.clone())
+            .flatten()
+    });
+    let Some(subscription_url) = subscription_url else {
+        eprintln!(
+            "herald send: the push service accepted the message but offers no receipt \
+             (it answered {} without a Link rel=\"{}\")",
+            response.status,
+            send::RECEIPT_REL
+        );
+        return Ok(ExitCode::from(exit::FAILED));
+    };
+    println!("Receipt subscription: {subscription_url}");
+    let Some(location) = &response.location else {
+        eprintln!(
+            "herald send: the push service gave no Location, so its receipt cannot be told apart"
+        );
+        return Ok(ExitCode::from(exit::FAILED));
+    };
+    let timeout = Duration::from_secs(args.receipt_timeout);
+    let waited = runtime.block_on(wait_for_receipt(&subscription_url, location, timeout));
+    let receipt = match waited {
+        Ok(receipt) => receipt,
+        Err(e) if e.downcast_ref::<ReceiptTimeout>().is_some() => {
+            let state = runtime.block_on(receipt::message_state(location, Duration::from_secs(5)));
+            match state {
+                Ok(state) => eprintln!("herald send: {e:#}; the message is {state}"),
+                Err(why) => eprintln!("herald send: {e:#}; its state is unknown: {why:#}"),
+            }
+            return Ok(ExitCode::from(exit::NO_RECEIPT));
+        }
+        Err(e) => {
+            eprintln!("herald send: {e:#}");
+            return Ok(ExitCode::from(exit::FAILED));
+        }
+    };
+    println!("receipt: {}", receipt.describe());
+    Ok(ExitCode::from(match receipt.outcome {
+        receipt::Outcome::Delivered => exit::DELIVERED,
+        receipt::Outcome::Rejected => exit::REJECTED,
+        receipt::Outcome::Expired => exit::EXPIRED,
+        receipt::Outcome::Cancelled => exit::CANCELLED,
+        receipt::Outcome::Gone => exit::GONE,
+        receipt::Outcome::Other(_) => exit::FAILED,
+    }))
 }
 
 fn read_payload(args: &SendArgs) -> anyhow::Result<Option<Vec<u8>>> {

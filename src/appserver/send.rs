@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 pub use crate::webpush::Urgency;
+
+use crate::link::parse_links;
+pub use crate::link::RECEIPT as RECEIPT_REL;
 
 /// Checks a `Topic` against RFC 8030 §5.4: at most 32 characters of the
 /// base64url alphabet. Push services refuse anything else, so say so early.
@@ -47,6 +51,13 @@ pub struct PushOptions {
     /// Messages with the same topic replace each other while undelivered.
     pub topic: Option<String>,
     pub timeout: Duration,
+    /// Ask for a delivery receipt (`Prefer: respond-async`); a push
+    /// service that honours it answers 202 with a receipt subscription.
+    pub receipt: bool,
+    /// Report this message's receipt to an existing receipt subscription
+    /// (sent as a `Link` with rel `urn:ietf:params:push:receipt`) rather
+    /// than to a new one.
+    pub receipt_subscription: Option<String>,
 }
 
 impl Default for PushOptions {
@@ -56,6 +67,8 @@ impl Default for PushOptions {
             urgency: None,
             topic: None,
             timeout: DEFAULT_TIMEOUT,
+            receipt: false,
+            receipt_subscription: None,
         }
     }
 }
@@ -91,6 +104,9 @@ pub struct PushResponse {
     /// The TTL the service will actually honour, which may be lower than
     /// asked for.
     pub ttl: Option<u64>,
+    /// Where the message's receipt will be reported (the `Link` with rel
+    /// `urn:ietf:params:push:receipt`), when one was asked for and granted.
+    pub receipt_subscription: Option<String>,
     /// The parsed error body, when the service sent a JSON one.
     pub error: Option<PushServiceError>,
     /// The raw body, for services whose errors are not JSON.
@@ -116,24 +132,36 @@ impl PushResponse {
 
     /// A one-line explanation of a refusal for people.
     pub fn describe_error(&self) -> String {
-        let mut out = format!("push service answered {}", self.status);
-        match &self.error {
-            Some(err) => {
-                if let Some(errno) = err.errno {
-                    out.push_str(&format!(", errno {errno}"));
-                }
-                if let Some(msg) = err.message.as_deref().or(err.error.as_deref()) {
-                    out.push_str(&format!(": {msg}"));
-                }
-            }
-            None if !self.body.trim().is_empty() => {
-                let body: String = self.body.trim().chars().take(300).collect();
-                out.push_str(&format!(": {body}"));
-            }
-            None => {}
-        }
-        out
+        format!(
+            "push service answered {}",
+            describe_answer(self.status, self.error.as_ref(), &self.body)
+        )
     }
+}
+
+/// `404 Not Found, errno 102: message` from an HTTP error answer.
+pub(crate) fn describe_answer(
+    status: StatusCode,
+    error: Option<&PushServiceError>,
+    body: &str,
+) -> String {
+    let mut out = status.to_string();
+    match error {
+        Some(err) => {
+            if let Some(errno) = err.errno {
+                out.push_str(&format!(", errno {errno}"));
+            }
+            if let Some(msg) = err.message.as_deref().or(err.error.as_deref()) {
+                out.push_str(&format!(": {msg}"));
+            }
+        }
+        None if !body.trim().is_empty() => {
+            let body: String = body.trim().chars().take(300).collect();
+            out.push_str(&format!(": {body}"));
+        }
+        None => {}
+    }
+    out
 }
 
 /// Builds the HTTP request for one push message: encrypts `payload` (if
@@ -149,14 +177,8 @@ pub fn build_request(
         .endpoint
         .parse()
         .with_context(|| format!("endpoint {:?} is not a URL", subscription.endpoint))?;
-    let authority = uri
-        .authority()
-        .ok_or_else(|| anyhow!("endpoint {:?} has no host", subscription.endpoint))?
-        .clone();
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+    let (authority, path) =
+        request_target(&uri).with_context(|| format!("endpoint {:?}", subscription.endpoint))?;
 
     // The request line carries origin-form; the URI keeps the full endpoint
     // so callers (and send_request) still know where it goes.
@@ -169,6 +191,15 @@ pub fn build_request(
     if let Some(topic) = &options.topic {
         validate_topic(topic)?;
         request = request.header("Topic", topic.as_str());
+    }
+    if options.receipt {
+        request = request.header("Prefer", "respond-async");
+    }
+    if let Some(url) = &options.receipt_subscription {
+        if url.contains(['<', '>', '"', ' ', '\r', '\n']) {
+            bail!("receipt subscription {url:?} is not a URL");
+        }
+        request = request.header(header::LINK, format!("<{url}>; rel=\"{RECEIPT_REL}\""));
     }
     if let Some(vapid) = vapid {
         let audience = origin_of(&subscription.endpoint)?;
@@ -196,6 +227,16 @@ pub fn build_request(
     *request.uri_mut() = path.parse().context("endpoint path is not valid")?;
     request.extensions_mut().insert(Endpoint(uri));
     Ok(request)
+}
+
+/// The `Host` value and origin-form request target of an absolute URL.
+pub(crate) fn request_target(uri: &http::Uri) -> anyhow::Result<(String, String)> {
+    let authority = uri.authority().ok_or_else(|| anyhow!("no host in URL"))?;
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    Ok((authority.as_str().to_owned(), path))
 }
 
 /// The full endpoint URI of a request built by [`build_request`].
@@ -234,33 +275,59 @@ pub async fn send_request(
     }
 }
 
+/// An HTTP/1.1 connection over plain TCP. A task drives it until this is
+/// dropped, so a streamed response body must be read before dropping it.
+pub(crate) struct Connection<B> {
+    pub(crate) sender: SendRequest<B>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl<B> Drop for Connection<B> {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Connects to the host of `url`, which must be http://; `what` names the
+/// URL in errors ("endpoint", "receipt subscription").
+pub(crate) async fn connect<B>(url: &http::Uri, what: &str) -> anyhow::Result<Connection<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match url.scheme_str() {
+        Some("http") => {}
+        Some("https") => bail!(
+            "https:// {what}s are not supported: herald has no TLS client; \
+             reach the push service over http:// (for example through a local TLS-terminating proxy)"
+        ),
+        other => bail!("unsupported {what} scheme {other:?}"),
+    }
+    let host = url.host().ok_or_else(|| anyhow!("{what} has no host"))?;
+    // IPv6 literals come bracketed in URIs but not in socket addresses.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = url.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake failed")?;
+    let driver = tokio::spawn(async move {
+        // Its errors surface on the request or the body being read.
+        let _ = connection.await;
+    });
+    Ok(Connection { sender, driver })
+}
+
 async fn exchange(
     endpoint: &http::Uri,
     request: Request<Full<Bytes>>,
 ) -> anyhow::Result<PushResponse> {
-    match endpoint.scheme_str() {
-        Some("http") => {}
-        Some("https") => bail!(
-            "https:// endpoints are not supported: herald has no TLS client; \
-             reach the push service over http:// (for example through a local TLS-terminating proxy)"
-        ),
-        other => bail!("unsupported endpoint scheme {other:?}"),
-    }
-    let host = endpoint
-        .host()
-        .ok_or_else(|| anyhow!("endpoint has no host"))?;
-    // IPv6 literals come bracketed in URIs but not in socket addresses.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = endpoint.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host, port))
-        .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake failed")?;
-    // The connection task ends when the response is read and `sender` drops.
-    let driver = tokio::spawn(connection);
-    let response = sender
+    let mut connection = connect(endpoint, "endpoint").await?;
+    let response = connection
+        .sender
         .send_request(request)
         .await
         .context("no HTTP response")?;
@@ -270,8 +337,7 @@ async fn exchange(
         .await
         .map_err(|e| anyhow!("cannot read the response body: {e}"))?
         .to_bytes();
-    drop(sender);
-    driver.abort();
+    drop(connection);
 
     let header_str = |name: &str| {
         parts
@@ -286,13 +352,41 @@ async fn exchange(
     } else {
         serde_json::from_str::<PushServiceError>(&body).ok()
     };
+    let links = parts
+        .headers
+        .get_all(header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let receipt_subscription = links
+        .flat_map(parse_links)
+        .find(|link| link.has_rel(RECEIPT_REL))
+        .map(|link| resolve_reference(endpoint, &link.target));
     Ok(PushResponse {
         status: parts.status,
         location: header_str("location"),
         ttl: header_str("ttl").and_then(|v| v.trim().parse().ok()),
+        receipt_subscription,
         error,
         body,
     })
+}
+
+/// Resolves a link target against the URL of the request it came with,
+/// for the forms push services use: absolute, `//host/path` and `/path`.
+pub(crate) fn resolve_reference(base: &http::Uri, reference: &str) -> String {
+    let scheme = base.scheme_str().unwrap_or("http");
+    if reference.contains("://") {
+        reference.to_owned()
+    } else if let Some(rest) = reference.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if reference.starts_with('/') {
+        match base.authority() {
+            Some(authority) => format!("{scheme}://{authority}{reference}"),
+            None => reference.to_owned(),
+        }
+    } else {
+        reference.to_owned()
+    }
 }
 
 #[cfg(test)]
@@ -383,6 +477,48 @@ mod tests {
     }
 
     #[test]
+    fn receipt_options_become_prefer_and_link() {
+        let sub = Subscription {
+            endpoint: "http://h/e".into(),
+            keys: None,
+        };
+        let plain = build_request(&sub, None, None, &PushOptions::default()).unwrap();
+        assert!(plain.headers().get("prefer").is_none());
+        assert!(plain.headers().get("link").is_none());
+        let options = PushOptions {
+            receipt: true,
+            receipt_subscription: Some("http://h/r/tok".into()),
+            ..PushOptions::default()
+        };
+        let req = build_request(&sub, None, None, &options).unwrap();
+        assert_eq!(req.headers()["prefer"], "respond-async");
+        let link = req.headers()["link"].to_str().unwrap();
+        assert_eq!(
+            link,
+            "<http://h/r/tok>; rel=\"urn:ietf:params:push:receipt\""
+        );
+        // What we send, our own parser reads back.
+        assert_eq!(parse_links(link)[0].target, "http://h/r/tok");
+        assert!(parse_links(link)[0].has_rel(RECEIPT_REL));
+        let bad = PushOptions {
+            receipt_subscription: Some("http://h/r/a>, <x".into()),
+            ..PushOptions::default()
+        };
+        assert!(build_request(&sub, None, None, &bad).is_err());
+    }
+
+    #[test]
+    fn link_targets_resolve_against_the_endpoint() {
+        let base: http::Uri = "http://push.test:8080/wpush/v2/tok".parse().unwrap();
+        assert_eq!(resolve_reference(&base, "http://o/r/a"), "http://o/r/a");
+        assert_eq!(
+            resolve_reference(&base, "/r/a"),
+            "http://push.test:8080/r/a"
+        );
+        assert_eq!(resolve_reference(&base, "//o:1/r/a"), "http://o:1/r/a");
+    }
+
+    #[test]
     fn topics_follow_rfc8030() {
         assert!(validate_topic("abc-DEF_123").is_ok());
         assert!(validate_topic(&"a".repeat(32)).is_ok());
@@ -460,6 +596,28 @@ mod tests {
             assert_eq!(resp.ttl, Some(10));
             let seen = String::from_utf8_lossy(&task.await.unwrap()).into_owned();
             assert!(seen.starts_with("POST /wpush/v2/tok HTTP/1.1\r\n"), "{seen}");
+            assert_eq!(resp.receipt_subscription, None);
+
+            // A 202 with the receipt subscription among other links, one
+            // relative.
+            let (endpoint, _task) = fake_service(
+                "HTTP/1.1 202 Accepted\r\nLocation: http://x/m/2\r\nLink: </y>; rel=\"next\"\r\n\
+                 Link: </r/tok>; rel=\"urn:ietf:params:push:receipt\"\r\nContent-Length: 0\r\n\r\n"
+                    .to_owned(),
+            )
+            .await;
+            let (sub, _, _) = subscription(&endpoint);
+            let options = PushOptions {
+                receipt: true,
+                ..PushOptions::default()
+            };
+            let resp = send_push(&sub, None, None, &options).await.unwrap();
+            assert_eq!(resp.status, StatusCode::ACCEPTED);
+            let origin = endpoint.trim_end_matches("/wpush/v2/tok");
+            assert_eq!(
+                resp.receipt_subscription,
+                Some(format!("{origin}/r/tok"))
+            );
 
             let body = r#"{"code":410,"errno":106,"error":"Gone","message":"Subscription expired"}"#;
             let reply = format!(
