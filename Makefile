@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test deps test-deps lint bench bench-cluster fuzz
+.PHONY: run test deps test-deps lint bench bench-cluster fuzz soak
 
 run: deps
 	cargo run --bin herald -- serve
@@ -27,6 +27,14 @@ bench-cluster: deps
 FUZZ_SECS ?= 60
 fuzz: deps
 	FUZZ_SECS=$(FUZZ_SECS) ./scripts/fuzz.sh
+
+# A fresh Herald under SOAK_SECS seconds of mixed load, then an exact account
+# of every message (delivered, expired, replaced, lost...), the server's peak
+# and final memory and open files, and the store's size; fails if any
+# accepted message was lost. See scripts/soak.sh.
+SOAK_SECS ?= 3600
+soak: deps
+	SOAK_SECS=$(SOAK_SECS) ./scripts/soak.sh
 
 deps:
 	./scripts/install-deps.sh

@@ -13,6 +13,7 @@ mod proto;
 mod report;
 mod results;
 mod sender;
+mod soak;
 mod stats;
 mod storm;
 mod throughput;
@@ -53,6 +54,9 @@ enum Command {
     /// Idle user agents following a broadcast (and some following nothing); change its version
     /// through the broadcast API and time how long every follower takes to hear of it.
     Fanout(fanout::FanoutArgs),
+    /// Mixed load for a long time (reconnects, TTLs, topics, acks, nacks, unregistrations), then
+    /// an exact account of every message; fails if any accepted message was lost.
+    Soak(soak::SoakArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Print the side-by-side table of result files (one row per target): throughput,
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
                 Command::Storm(a) => storm::run(a).await,
                 Command::Burst(a) => burst::run(a).await,
                 Command::Fanout(a) => fanout::run(a).await,
+                Command::Soak(a) => soak::run(a).await,
                 Command::IdleWorker { spec } => idle::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(
                     "report and compare run outside the runtime"

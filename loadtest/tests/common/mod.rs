@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn loadtest_bin() -> PathBuf {
@@ -161,4 +163,129 @@ pub fn assert_latency(v: &Value, name: &str, count: u64) {
     let cdf = l["cdf"].as_array().expect("cdf");
     assert!(!cdf.is_empty());
     assert_eq!(cdf.last().and_then(|p| p[1].as_f64()), Some(1.0));
+}
+
+/// The herald binary: $HERALD_BIN, else next to this crate's binary (same
+/// target directory), else $CARGO_TARGET_DIR/debug, else the workspace's
+/// target/debug.
+pub fn herald_bin() -> PathBuf {
+    let mut tried = Vec::new();
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("HERALD_BIN") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Some(dir) = loadtest_bin().parent() {
+        candidates.push(dir.join("herald"));
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(t).join("debug/herald"));
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/herald"));
+    candidates.dedup();
+    for c in candidates {
+        if c.is_file() {
+            return c;
+        }
+        tried.push(c.display().to_string());
+    }
+    panic!(
+        "the herald binary was not found (tried {}); build it first with `cargo build --workspace --bins`",
+        tried.join(", ")
+    );
+}
+
+/// A Herald on a free loopback port with its own data directory, killed
+/// (by its PID) when dropped.
+pub struct Herald {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    pub data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Herald {
+    pub fn start() -> Herald {
+        Herald::start_with(&[])
+    }
+
+    /// Started with extra environment, such as HERALD_BROADCAST_TOKENS.
+    pub fn start_with(env: &[(&str, &str)]) -> Herald {
+        let bin = herald_bin();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let log = dir.path().join("herald.log");
+        let data = dir.path().join("data");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(&bin)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--public-url", &format!("http://127.0.0.1:{port}")])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log file"))
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut h = Herald {
+            child,
+            port,
+            log,
+            data,
+            _dir: dir,
+        };
+        h.wait_ready();
+        h
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Ready when GET /health answers 200, or (before /health exists) when
+    /// a websocket upgrade is accepted.
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("herald exited during startup ({status}):\n{}", self.log());
+            }
+            if http_status(self.port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") == Some(200)
+                || http_status(
+                    self.port,
+                    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                     Sec-WebSocket-Protocol: push-notification\r\n\r\n",
+                ) == Some(101)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("herald did not become ready within 60 s:\n{}", self.log());
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+}
+
+pub fn http_status(port: u16, request: &str) -> Option<u16> {
+    let mut s =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
 }

@@ -1,0 +1,1131 @@
+//! Scenario `soak`: a mixed load for a long time, then an exact account of
+//! every message. User agents connect, register and unregister channels,
+//! disconnect (politely or by dropping the socket) and come back with their
+//! uaid, some after a long time away; each also plays its own application
+//! server, so it knows whether it was online when each POST was made. POSTs
+//! carry assorted TTLs (short ones to offline user agents so they expire,
+//! TTL 0 to online ones), `Topic`s (several in a row to an offline user
+//! agent so earlier ones are replaced) and payload sizes, each encrypted
+//! (RFC 8291) around a unique id. Notifications are decrypted, and most are
+//! acked, some nacked, some left unanswered until the next connection.
+//! At the end every user agent reconnects and drains; `ledger` then says
+//! what became of each accepted message, and the run fails if any was lost.
+//! The server's memory, open files and store size are sampled throughout.
+
+mod ledger;
+
+use crate::crypto::{Vapid, B64_LENIENT, MAX_PLAINTEXT};
+use crate::fleet;
+use crate::net;
+use crate::proto::{self, Target, Ws};
+use crate::results::{Common, CpuMeter, RunResult, Servers};
+use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome as PostOutcome};
+use crate::stats::{self, Tally};
+use anyhow::{bail, Result};
+use base64::Engine;
+use bytes::Bytes;
+use ece::EcKeyComponents;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use ledger::{Answer, Conn, Outcome, Receipt, Record, Secs, Sent, Unregistration};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use uuid::Uuid;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Seconds of mixed load; the final drain comes after.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// User agents.
+    #[arg(long, default_value_t = 40)]
+    pub uas: usize,
+    /// The server's data directory, whose size on disk is reported.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds a connection must have been up for a message it did not get
+    /// to count against the server (see the rules in soak/ledger.rs).
+    #[arg(long, default_value_t = 2.0)]
+    pub grace: f64,
+    /// Mean seconds between a user agent's actions while online.
+    #[arg(long, default_value_t = 0.5)]
+    pub pace: f64,
+    /// Longest time away, seconds, for the user agents that stay offline
+    /// for a while (the others come back within 4-10 s).
+    #[arg(long, default_value_t = 40.0)]
+    pub long_offline: f64,
+    /// Share of notifications nacked on first receipt (Herald deletes a
+    /// nacked message, as it does an acked one).
+    #[arg(long, default_value_t = 0.05)]
+    pub nack: f64,
+    /// Share of notifications left unanswered on first receipt (at most
+    /// four per connection), to come again on the next connection.
+    #[arg(long, default_value_t = 0.1)]
+    pub hold: f64,
+    /// Longest final drain, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain: f64,
+    /// Seed for the user agents' choices (default: random). Timing still
+    /// varies between runs.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Channels a user agent holds at most.
+const MAX_CHANNELS: usize = 4;
+/// Notifications a user agent leaves unanswered per connection at most: few
+/// enough that the server's delivery window (64) never fills, which would
+/// legitimately drop TTL-0 messages.
+const MAX_HOLDS: usize = 4;
+/// Plaintext sizes, so bodies range from one aes128gcm record to the 4 KiB
+/// every service must take.
+const SIZES: [usize; 6] = [16, 100, 500, 1500, 3000, MAX_PLAINTEXT];
+
+struct Shared {
+    start: Instant,
+    load_end: Instant,
+    limit: Duration,
+    args: SoakArgs,
+    targets: Vec<Target>,
+    client: HttpClient,
+    vapid: Vapid,
+    /// Endpoint origins and the VAPID header for each.
+    origins: tokio::sync::Mutex<(Origins, Vec<HeaderValue>)>,
+    record: Mutex<Record>,
+    next_id: AtomicU64,
+    next_conn: AtomicU64,
+    next_channel: AtomicUsize,
+    accepted: AtomicU64,
+    received: AtomicU64,
+    online: AtomicI64,
+    malformed: AtomicU64,
+    errors: Tally,
+}
+
+impl Shared {
+    fn now(&self) -> Secs {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Channel {
+    /// Soak-wide number, as the ledger knows it.
+    n: usize,
+    id: Uuid,
+    ep: Endpoint,
+    /// The subscription's private key and auth secret, to decrypt.
+    keys: EcKeyComponents,
+    auth: [u8; 16],
+    /// Not unregistered: POSTs may go to it.
+    live: bool,
+}
+
+/// The user agent's open connection.
+struct Live {
+    ws: Ws,
+    conn: u64,
+    /// When the `hello` reply came.
+    up: Secs,
+    since: Instant,
+    /// Notifications left unanswered on this connection.
+    holds: usize,
+}
+
+enum Event {
+    Nothing,
+    Reply {
+        kind: String,
+        status: Option<u32>,
+        endpoint: Option<String>,
+    },
+    Ended {
+        clean: bool,
+        why: String,
+    },
+}
+
+struct Ua {
+    n: usize,
+    sh: Arc<Shared>,
+    rng: StdRng,
+    uaid: Option<String>,
+    channels: Vec<Channel>,
+    live: Option<Live>,
+    /// Ids this user agent has received (a repeat is always acked).
+    seen: HashSet<u64>,
+    draining: bool,
+    topics: u64,
+}
+
+/// A subscription's key pair and auth secret, as a browser makes them.
+fn subscription_keys() -> Result<(EcKeyComponents, [u8; 16])> {
+    let (pair, auth) = ece::generate_keypair_and_auth_secret()
+        .map_err(|e| anyhow::anyhow!("generating subscription keys: {e}"))?;
+    let comps = pair
+        .raw_components()
+        .map_err(|e| anyhow::anyhow!("exporting subscription keys: {e}"))?;
+    Ok((comps, auth))
+}
+
+fn plaintext(id: u64, size: usize) -> Vec<u8> {
+    let mut p = format!("soak id={id};").into_bytes();
+    p.resize(size.max(p.len()), b'.');
+    p
+}
+
+fn id_of(plain: &[u8]) -> Option<u64> {
+    let rest = plain.strip_prefix(b"soak id=")?;
+    let end = rest.iter().position(|&b| b == b';')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// POSTs one message as an application server does, with an optional
+/// `Topic`. Also returns the TTL the service granted (its `TTL` header).
+async fn post(
+    client: HttpClient,
+    ep: Endpoint,
+    auth: HeaderValue,
+    body: Bytes,
+    ttl: u32,
+    topic: Option<String>,
+    timeout: Duration,
+) -> (PostOutcome, Option<u32>) {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(ep.uri(0).clone())
+        .header(http::header::HOST, ep.host.clone())
+        .header("TTL", ttl)
+        .header(http::header::CONTENT_ENCODING, "aes128gcm")
+        .header(http::header::CONTENT_TYPE, "application/octet-stream")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::AUTHORIZATION, auth);
+    if let Some(t) = topic {
+        req = req.header("Topic", t);
+    }
+    let req = match req.body(Full::new(body)) {
+        Ok(r) => r,
+        Err(e) => return (PostOutcome::Transport(format!("request: {e}")), None),
+    };
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                "connect".to_string()
+            } else {
+                "request".to_string()
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let granted = resp
+            .headers()
+            .get("ttl")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|_| "reading response body".to_string())?;
+        Ok::<_, String>((status, granted))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => (PostOutcome::Transport("timeout".into()), None),
+        Ok(Err(e)) => (PostOutcome::Transport(e), None),
+        Ok(Ok((s, granted))) => (PostOutcome::Status(s), granted),
+    }
+}
+
+impl Ua {
+    fn secs(&mut self, lo: f64, hi: f64) -> Duration {
+        stats::secs(self.rng.gen_range(lo..hi.max(lo + 0.001)))
+    }
+
+    fn live_channels(&self) -> Vec<usize> {
+        (0..self.channels.len())
+            .filter(|&i| self.channels[i].live)
+            .collect()
+    }
+
+    fn pick_channel(&mut self) -> Option<usize> {
+        let live = self.live_channels();
+        if live.is_empty() {
+            return None;
+        }
+        Some(live[self.rng.gen_range(0..live.len())])
+    }
+
+    fn size(&mut self) -> usize {
+        SIZES[self.rng.gen_range(0..SIZES.len())]
+    }
+
+    async fn connect(&mut self) -> bool {
+        let sh = self.sh.clone();
+        let target = proto::target_of(&sh.targets, self.n).clone();
+        let ids: Vec<Uuid> = self
+            .channels
+            .iter()
+            .filter(|c| c.live)
+            .map(|c| c.id)
+            .collect();
+        let none = BTreeMap::new();
+        let up = async {
+            let mut ws = fleet::step("connect", sh.limit, proto::open(&target, None)).await?;
+            let hello = proto::hello_following(&mut ws, self.uaid.as_deref(), &ids, &none);
+            let got = fleet::step("hello", sh.limit, hello).await?;
+            Ok::<_, proto::Failure>((ws, got))
+        };
+        match up.await {
+            Ok((ws, got)) => {
+                if self.uaid.as_ref().is_some_and(|u| *u != got) {
+                    // Herald keeps a uaid for 60 days; a new one means the
+                    // subscriptions and stored messages are gone.
+                    sh.errors.add("uaid changed on reconnect");
+                }
+                self.uaid = Some(got);
+                self.live = Some(Live {
+                    ws,
+                    conn: sh.next_conn.fetch_add(1, Relaxed),
+                    up: sh.now(),
+                    since: Instant::now(),
+                    holds: 0,
+                });
+                sh.online.fetch_add(1, Relaxed);
+                true
+            }
+            Err(f) => {
+                sh.errors.add(format!("reconnect {}", f.key()));
+                false
+            }
+        }
+    }
+
+    /// Books the end of connection `live`.
+    fn ended(&mut self, live: Live, down: Secs, clean: bool) {
+        self.sh.online.fetch_sub(1, Relaxed);
+        self.sh.record().conns.push(Conn {
+            id: live.conn,
+            ua: self.n,
+            up: live.up,
+            down,
+            clean,
+        });
+    }
+
+    /// Closes the connection: politely (close frame, reading what the
+    /// server still sends, which goes unanswered) or by dropping the socket.
+    async fn disconnect(&mut self, polite: bool) {
+        let Some(mut live) = self.live.take() else {
+            return;
+        };
+        let down = self.sh.now();
+        if !polite {
+            self.ended(live, down, false);
+            return;
+        }
+        let mut clean = false;
+        if live.ws.send(Message::Close(None)).await.is_ok() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while let Ok(msg) = tokio::time::timeout_at(deadline, live.ws.next()).await {
+                if let Event::Ended { clean: c, .. } = self.handle(&mut live, msg, true).await {
+                    clean = c;
+                    break;
+                }
+            }
+        }
+        self.ended(live, down, clean);
+    }
+
+    /// What one frame means; notifications are booked and answered here.
+    async fn handle(
+        &mut self,
+        live: &mut Live,
+        msg: Option<Result<Message, WsError>>,
+        closing: bool,
+    ) -> Event {
+        let text = match msg {
+            None => {
+                return Event::Ended {
+                    clean: closing,
+                    why: "closed".into(),
+                }
+            }
+            Some(Err(e)) => {
+                return Event::Ended {
+                    clean: false,
+                    why: proto::ws_error_name(&e),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Event::Ended {
+                    clean: closing,
+                    why: match frame {
+                        Some(f) => format!("closed by server: {} {}", u16::from(f.code), f.reason),
+                        None => "closed by server".into(),
+                    },
+                }
+            }
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(_)) => return Event::Nothing,
+        };
+        let Some(m) = proto::parse(text.as_str()) else {
+            self.sh.malformed.fetch_add(1, Relaxed);
+            return Event::Nothing;
+        };
+        match m.message_type.as_deref() {
+            Some("notification") => {
+                let (Some(ch), Some(version)) = (m.channel_id.as_deref(), m.version.as_deref())
+                else {
+                    self.sh.malformed.fetch_add(1, Relaxed);
+                    return Event::Nothing;
+                };
+                self.on_notification(live, ch, version, m.data.as_deref(), closing)
+                    .await;
+                Event::Nothing
+            }
+            Some(kind) => Event::Reply {
+                kind: kind.to_string(),
+                status: m.status,
+                endpoint: m.push_endpoint,
+            },
+            None => Event::Nothing,
+        }
+    }
+
+    fn read_id(&self, channel: &str, data: Option<&str>) -> Option<u64> {
+        let id = Uuid::try_parse(channel).ok()?;
+        let ch = self.channels.iter().find(|c| c.id == id)?;
+        let body = B64_LENIENT.decode(data?).ok()?;
+        // ece panics on some malformed input; that is a bad frame, not a
+        // reason to stop.
+        let plain = std::panic::catch_unwind(|| ece::decrypt(&ch.keys, &ch.auth, &body)).ok()?;
+        id_of(&plain.ok()?)
+    }
+
+    async fn on_notification(
+        &mut self,
+        live: &mut Live,
+        channel: &str,
+        version: &str,
+        data: Option<&str>,
+        closing: bool,
+    ) {
+        let sh = self.sh.clone();
+        let Some(id) = self.read_id(channel, data) else {
+            sh.errors
+                .add("notification that does not decrypt to a soak id");
+            if !closing {
+                let _ = live
+                    .ws
+                    .send(Message::text(proto::ack_json(channel, version)))
+                    .await;
+            }
+            return;
+        };
+        let mut answer = if closing {
+            Answer::None
+        } else if self.draining || self.seen.contains(&id) {
+            Answer::Acked
+        } else {
+            let r: f64 = self.rng.gen();
+            let args = &self.sh.args;
+            if r < args.nack {
+                Answer::Nacked
+            } else if r < args.nack + args.hold && live.holds < MAX_HOLDS {
+                live.holds += 1;
+                Answer::None
+            } else {
+                Answer::Acked
+            }
+        };
+        let frame = match answer {
+            Answer::Acked => Some(proto::ack_json(channel, version)),
+            Answer::Nacked => Some(
+                serde_json::json!({"messageType": "nack", "version": version, "code": 302})
+                    .to_string(),
+            ),
+            Answer::None => None,
+        };
+        if let Some(f) = frame {
+            if live.ws.send(Message::text(f)).await.is_err() {
+                answer = Answer::None;
+            }
+        }
+        self.seen.insert(id);
+        sh.received.fetch_add(1, Relaxed);
+        sh.record().receipts.push(Receipt {
+            id,
+            conn: live.conn,
+            at: sh.now(),
+            answer,
+        });
+    }
+
+    /// Runs `fut` while reading (and answering) what the server sends.
+    async fn while_reading<F: Future>(&mut self, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        loop {
+            let Some(mut live) = self.live.take() else {
+                return fut.await;
+            };
+            let msg = tokio::select! {
+                out = &mut fut => {
+                    self.live = Some(live);
+                    return out;
+                }
+                msg = live.ws.next() => msg,
+            };
+            match self.handle(&mut live, msg, false).await {
+                Event::Ended { why, .. } => {
+                    self.sh.errors.add(format!("connection ended: {why}"));
+                    let now = self.sh.now();
+                    self.ended(live, now, false);
+                }
+                _ => self.live = Some(live),
+            }
+        }
+    }
+
+    async fn pump_for(&mut self, d: Duration) {
+        self.while_reading(tokio::time::sleep(d)).await;
+    }
+
+    /// Sends a request and reads until its reply; None if the connection
+    /// ended or the reply did not come in time. `sent` says whether the
+    /// request left at all.
+    async fn request(
+        &mut self,
+        text: String,
+        want: &str,
+        sent: &mut bool,
+    ) -> Option<(Option<u32>, Option<String>)> {
+        let mut live = self.live.take()?;
+        if live.ws.send(Message::text(text)).await.is_err() {
+            self.live = Some(live);
+            return None;
+        }
+        *sent = true;
+        let deadline = tokio::time::Instant::now() + self.sh.limit;
+        let out = loop {
+            let msg = match tokio::time::timeout_at(deadline, live.ws.next()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    self.sh.errors.add(format!("{want}: no reply in time"));
+                    break None;
+                }
+            };
+            match self.handle(&mut live, msg, false).await {
+                Event::Reply {
+                    kind,
+                    status,
+                    endpoint,
+                } if kind == want => break Some((status, endpoint)),
+                Event::Ended { why, .. } => {
+                    self.sh.errors.add(format!("connection ended: {why}"));
+                    let now = self.sh.now();
+                    self.ended(live, now, false);
+                    return None;
+                }
+                _ => {}
+            }
+        };
+        self.live = Some(live);
+        out
+    }
+
+    async fn register(&mut self) {
+        let sh = self.sh.clone();
+        let (keys, auth) = match subscription_keys() {
+            Ok(k) => k,
+            Err(e) => return sh.errors.add(format!("{e}")),
+        };
+        let id = proto::new_channel_id();
+        let text = proto::register_json(&id, &sh.vapid.public_b64);
+        let reply = self.request(text, "register", &mut false).await;
+        let url = match reply {
+            Some((Some(200), Some(url))) => url,
+            Some((status, _)) => return sh.errors.add(format!("register: status {status:?}")),
+            None => return,
+        };
+        let ep = {
+            let mut g = sh.origins.lock().await;
+            let ep = match g.0.endpoint(&url).await {
+                Ok(ep) => ep,
+                Err(e) => return sh.errors.add(format!("register: {e}")),
+            };
+            while g.1.len() < g.0.list.len() {
+                let header = sh.vapid.authorization(&g.0.list[g.1.len()].0);
+                match header {
+                    Ok(h) => g.1.push(h),
+                    Err(e) => return sh.errors.add(format!("VAPID: {e}")),
+                }
+            }
+            ep
+        };
+        self.channels.push(Channel {
+            n: sh.next_channel.fetch_add(1, Relaxed),
+            id,
+            ep,
+            keys,
+            auth,
+            live: true,
+        });
+    }
+
+    async fn unregister(&mut self, i: usize) {
+        let sh = self.sh.clone();
+        let at = sh.now();
+        let text = serde_json::json!({
+            "messageType": "unregister",
+            "channelID": self.channels[i].id.hyphenated().to_string(),
+            "code": 200,
+        })
+        .to_string();
+        let mut sent = false;
+        let reply = self.request(text, "unregister", &mut sent).await;
+        // Once the request has left, whatever the reply, the channel may be
+        // gone: no more POSTs to it, and its pending messages may have been
+        // dropped from `at` on. One that never left excuses nothing.
+        self.channels[i].live = !sent;
+        if sent {
+            sh.record().unregistered.push(Unregistration {
+                channel: self.channels[i].n,
+                at,
+            });
+        }
+        match reply {
+            Some((Some(200), _)) | None => {}
+            Some((status, _)) => sh.errors.add(format!("unregister: status {status:?}")),
+        }
+    }
+
+    /// One message to channel `i`, encrypted around a fresh id.
+    async fn send(&mut self, i: usize, ttl: u32, topic: Option<String>) {
+        let sh = self.sh.clone();
+        let id = sh.next_id.fetch_add(1, Relaxed);
+        let size = self.size();
+        let ch = &self.channels[i];
+        let body = match ece::encrypt(ch.keys.public_key(), &ch.auth, &plaintext(id, size)) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => return sh.errors.add(format!("encrypting: {e}")),
+        };
+        let (ep, channel) = (ch.ep.clone(), ch.n);
+        let auth = sh.origins.lock().await.1[ep.origin].clone();
+        let sent_at = sh.now();
+        let fut = post(
+            sh.client.clone(),
+            ep,
+            auth,
+            body,
+            ttl,
+            topic.clone(),
+            sh.limit,
+        );
+        let (out, granted) = self.while_reading(fut).await;
+        let outcome = match out {
+            PostOutcome::Status(201 | 202) => {
+                sh.accepted.fetch_add(1, Relaxed);
+                Outcome::Accepted
+            }
+            PostOutcome::Status(s) => {
+                sh.errors.add(format!("POST: status {s}"));
+                Outcome::Rejected
+            }
+            PostOutcome::Transport(t) => {
+                sh.errors.add(format!("POST: {t}"));
+                Outcome::Unknown
+            }
+        };
+        sh.record().sent.push(Sent {
+            id,
+            ua: self.n,
+            channel,
+            // A service may lower the TTL asked for (RFC 8030 section 5.2);
+            // what it granted is what it must honour.
+            ttl: granted.unwrap_or(ttl),
+            topic,
+            sent_at,
+            answered_at: sh.now(),
+            outcome,
+        });
+    }
+
+    async fn online_phase(&mut self, until: Instant) {
+        if self.live_channels().is_empty() {
+            self.register().await;
+        }
+        // Sometimes straight after hello, racing the stored messages.
+        if self.live_channels().len() > 1 && self.rng.gen_bool(0.15) {
+            if let Some(i) = self.pick_channel() {
+                self.unregister(i).await;
+            }
+        }
+        let pace = self.sh.args.pace;
+        while Instant::now() < until && self.live.is_some() {
+            let r: f64 = self.rng.gen();
+            let live = self.live_channels().len();
+            if r < 0.6 {
+                if let Some(i) = self.pick_channel() {
+                    // TTL 0 only once the stored backlog has had time to
+                    // arrive, so the delivery window has room.
+                    let settled = self
+                        .live
+                        .as_ref()
+                        .is_some_and(|l| l.since.elapsed() > Duration::from_secs(1));
+                    let ttl = match self.rng.gen_range(0..10) {
+                        0..=3 if settled => 0,
+                        0..=5 => 30,
+                        6..=7 => 300,
+                        _ => 3600,
+                    };
+                    self.send(i, ttl, None).await;
+                }
+            } else if r < 0.66 && live < MAX_CHANNELS {
+                self.register().await;
+            } else if r < 0.69 && live > 1 {
+                if let Some(i) = self.pick_channel() {
+                    self.unregister(i).await;
+                }
+            }
+            let d = self.secs(pace * 0.5, pace * 1.5);
+            self.pump_for(d).await;
+        }
+    }
+
+    async fn offline_phase(&mut self, until: Instant) {
+        // Short TTLs first, so they run out before the user agent is back.
+        for _ in 0..self.rng.gen_range(1..=3) {
+            if let Some(i) = self.pick_channel() {
+                let ttl = self.rng.gen_range(1..=3);
+                self.send(i, ttl, None).await;
+            }
+        }
+        if self.rng.gen_bool(0.7) {
+            if let Some(i) = self.pick_channel() {
+                self.topics += 1;
+                let topic = format!("u{}t{}", self.n, self.topics);
+                for _ in 0..self.rng.gen_range(2..=4) {
+                    self.send(i, 600, Some(topic.clone())).await;
+                }
+            }
+        }
+        for _ in 0..self.rng.gen_range(1..=3) {
+            let d = self.secs(0.1, 1.0);
+            tokio::time::sleep(d).await;
+            if let Some(i) = self.pick_channel() {
+                let ttl = if self.rng.gen_bool(0.5) { 60 } else { 3600 };
+                self.send(i, ttl, None).await;
+            }
+        }
+        tokio::time::sleep_until(until.into()).await;
+    }
+
+    /// Back one last time, acking everything, until nothing has come for
+    /// two seconds (and the connection has been up longer than the grace).
+    async fn final_drain(&mut self) {
+        self.disconnect(true).await;
+        self.draining = true;
+        for _ in 0..5 {
+            if self.connect().await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if self.live.is_none() {
+            self.sh.errors.add("final drain: could not reconnect");
+            return;
+        }
+        let start = Instant::now();
+        let hard = start + stats::secs(self.sh.args.drain);
+        let least = stats::secs(self.sh.args.grace + 1.0);
+        let mut quiet_since = Instant::now();
+        loop {
+            let before = self.seen.len();
+            let got = self.sh.received.load(Relaxed);
+            self.pump_for(Duration::from_millis(250)).await;
+            if self.seen.len() != before || self.sh.received.load(Relaxed) != got {
+                quiet_since = Instant::now();
+            }
+            if self.live.is_none() {
+                break;
+            }
+            if start.elapsed() >= least && quiet_since.elapsed() >= Duration::from_secs(2) {
+                break;
+            }
+            if Instant::now() > hard {
+                self.sh
+                    .errors
+                    .add("final drain: still receiving at --drain");
+                break;
+            }
+        }
+        self.disconnect(true).await;
+    }
+
+    async fn run(mut self) {
+        let end = self.sh.load_end;
+        // Spread the first connections over a second.
+        let d = self.secs(0.0, 1.0);
+        tokio::time::sleep(d).await;
+        if self.connect().await {
+            for _ in 0..self.sh.args.common.channels.max(1) {
+                self.register().await;
+            }
+        }
+        while Instant::now() < end {
+            if self.live.is_some() {
+                let d = self.secs(3.0, 12.0);
+                self.online_phase((Instant::now() + d).min(end)).await;
+                let polite = self.rng.gen_bool(0.85);
+                self.disconnect(polite).await;
+            }
+            if Instant::now() >= end {
+                break;
+            }
+            let away = if self.rng.gen_bool(0.3) {
+                self.secs(10.0, self.sh.args.long_offline.max(10.5))
+            } else {
+                self.secs(4.0, 10.0)
+            };
+            self.offline_phase((Instant::now() + away).min(end)).await;
+            if Instant::now() < end {
+                self.connect().await;
+            }
+        }
+        self.final_drain().await;
+    }
+}
+
+/// Bytes the files under `dir` take on disk.
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[derive(Default, Clone, Copy)]
+struct Peaks {
+    rss_kib: u64,
+    fds: u64,
+    store: u64,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+pub async fn run(args: SoakArgs) -> Result<()> {
+    let common = &args.common;
+    if args.uas == 0 || args.duration <= 0.0 || args.grace < 1.0 {
+        bail!("--uas and --duration must be positive and --grace at least 1 s (the server's expiry has whole-second granularity)");
+    }
+    let (targets, push_bases) = common.targets_and_push_bases().await?;
+    let nofile = net::raise_nofile_limit();
+    if (args.uas * 2 + 100) as u64 > nofile.soft {
+        bail!(
+            "{} user agents need more than this process's {} open files",
+            args.uas,
+            nofile.soft
+        );
+    }
+    let server: Servers = common.servers();
+    if let Some(pid) = server.unreadable() {
+        bail!("cannot read /proc/{pid}: is --server-pid right?");
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let mut result = RunResult::new(
+        "soak",
+        common,
+        serde_json::json!({
+            "uas": args.uas, "duration_s": args.duration, "grace_s": args.grace,
+            "pace_s": args.pace, "long_offline_s": args.long_offline, "drain_s": args.drain,
+            "nack": args.nack, "hold": args.hold,
+            "seed": seed, "data_dir": args.data_dir,
+        }),
+    );
+    let start = Instant::now();
+    let sh = Arc::new(Shared {
+        start,
+        load_end: start + stats::secs(args.duration),
+        limit: common.limit(),
+        targets,
+        client: sender::client(args.uas),
+        vapid: Vapid::generate()?,
+        origins: tokio::sync::Mutex::new((Origins::with_push_urls(&push_bases).await?, vec![])),
+        record: Mutex::new(Record::default()),
+        next_id: AtomicU64::new(1),
+        next_conn: AtomicU64::new(1),
+        next_channel: AtomicUsize::new(0),
+        accepted: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        online: AtomicI64::new(0),
+        malformed: AtomicU64::new(0),
+        errors: Tally::default(),
+        args: args.clone(),
+    });
+    eprintln!(
+        "soak: {} user agents for {:.0} s (seed {seed}), then a final drain",
+        args.uas, args.duration
+    );
+    let cpu = CpuMeter::start(&server);
+
+    // Server figures every second, for the peaks.
+    let peaks = Arc::new(Mutex::new(Peaks::default()));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let sampler = {
+        let (server, peaks, sh) = (server.clone(), peaks.clone(), sh.clone());
+        let dir = args.data_dir.clone();
+        // About a dozen progress lines per run, at most one a minute.
+        let every = ((args.duration / 12.0) as u64).clamp(5, 60);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let rss = server.rss_kib().unwrap_or(0);
+                let fds = server.open_fds().unwrap_or(0);
+                let store = dir.as_deref().map(disk_bytes).unwrap_or(0);
+                {
+                    let mut p = peaks.lock().unwrap_or_else(|p| p.into_inner());
+                    p.rss_kib = p.rss_kib.max(rss);
+                    p.fds = p.fds.max(fds);
+                    p.store = p.store.max(store);
+                }
+                n += 1;
+                if n.is_multiple_of(every) {
+                    eprintln!(
+                        "  {:>5.0} s: {} accepted, {} received, {} online; server {:.1} MiB, {fds} files, store {:.1} MiB",
+                        sh.now(),
+                        sh.accepted.load(Relaxed),
+                        sh.received.load(Relaxed),
+                        sh.online.load(Relaxed),
+                        mib(rss),
+                        store as f64 / 1048576.0,
+                    );
+                }
+            }
+        })
+    };
+
+    let mut uas = JoinSet::new();
+    for n in 0..args.uas {
+        let ua = Ua {
+            n,
+            sh: sh.clone(),
+            rng: StdRng::seed_from_u64(seed.wrapping_add(n as u64)),
+            uaid: None,
+            channels: Vec::new(),
+            live: None,
+            seen: HashSet::new(),
+            draining: false,
+            topics: 0,
+        };
+        uas.spawn(ua.run());
+    }
+    // Every user agent ends on its own (each step is bounded); this only
+    // guards against a hang.
+    let hard_end = sh.load_end + stats::secs(args.long_offline + args.drain + 60.0);
+    let mut finished = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(hard_end.into(), uas.join_next()).await {
+        finished += 1;
+    }
+    if finished < args.uas {
+        sh.errors.add_n(
+            "user agent still running at the end",
+            (args.uas - finished) as u64,
+        );
+        uas.abort_all();
+    }
+    let _ = stop_tx.send(true);
+    let _ = sampler.await;
+    cpu.record(&mut result);
+
+    let final_rss = server.rss_kib();
+    let final_fds = server.open_fds();
+    let final_store = args.data_dir.as_deref().map(disk_bytes);
+    let mut p = *peaks.lock().unwrap_or_else(|p| p.into_inner());
+    p.rss_kib = p.rss_kib.max(final_rss.unwrap_or(0));
+    p.fds = p.fds.max(final_fds.unwrap_or(0));
+    p.store = p.store.max(final_store.unwrap_or(0));
+
+    let mut record = std::mem::take(&mut *sh.record());
+    record.end = sh.now();
+    let t = ledger::classify(&record, args.grace);
+
+    for (name, n) in [
+        ("lost", t.lost),
+        ("duplicates of acked or nacked messages", t.duplicates),
+        ("notification with an id never sent", t.unknown),
+        ("malformed server message", sh.malformed.load(Relaxed)),
+    ] {
+        if n > 0 {
+            result.errors.insert(name.into(), n);
+        }
+    }
+    stats::merge_tally(&mut result.errors, &sh.errors.snapshot());
+    for (name, v) in [
+        ("accepted", t.accepted),
+        ("accepted_ttl0", t.accepted_ttl0),
+        ("delivered", t.delivered),
+        ("expired", t.expired),
+        ("expired_ttl0", t.expired_ttl0),
+        ("replaced", t.replaced),
+        ("unregistered", t.unregistered),
+        ("lost", t.lost),
+        ("redelivered", t.redelivered),
+        ("duplicates", t.duplicates),
+        ("unknown", t.unknown),
+        ("delivered_unconfirmed", t.delivered_unconfirmed),
+        ("posts", record.sent.len() as u64),
+        ("receipts", record.receipts.len() as u64),
+        ("connections", record.conns.len() as u64),
+        ("unregistrations", record.unregistered.len() as u64),
+        ("server_rss_peak_kib", p.rss_kib),
+        ("server_fds_peak", p.fds),
+    ] {
+        result.metric(name, v);
+    }
+    if let Some(v) = final_rss {
+        result.metric("server_rss_final_kib", v);
+    }
+    if let Some(v) = final_fds {
+        result.metric("server_fds_final", v);
+    }
+    if let Some(v) = final_store {
+        result.metric("store_bytes_final", v);
+        result.metric("store_bytes_peak", p.store);
+    }
+    // Enough about each lost message to reproduce its story by hand.
+    for id in &t.lost_ids {
+        let Some(m) = record.sent.iter().find(|m| m.id == *id) else {
+            continue;
+        };
+        let conns: Vec<String> = record
+            .conns
+            .iter()
+            .filter(|c| c.ua == m.ua)
+            .map(|c| format!("{:.2}-{:.2}", c.up, c.down))
+            .collect();
+        result.notes.push(format!(
+            "lost: id {id}, user agent {}, channel {}, TTL {}, topic {:?}, POST {:.2}-{:.2} s; user agent up {}",
+            m.ua,
+            m.channel,
+            m.ttl,
+            m.topic,
+            m.sent_at,
+            m.answered_at,
+            conns.join(", ")
+        ));
+    }
+    if !t.duplicate_ids.is_empty() {
+        result.notes.push(format!(
+            "ids received again after an ack or nack (first few): {:?}",
+            t.duplicate_ids
+        ));
+    }
+    result.elapsed_s = (start.elapsed().as_secs_f64() * 100.0).round() / 100.0;
+    let server_text = match (final_rss, final_fds) {
+        (Some(rss), Some(fds)) => format!(
+            "server RSS peak {:.1} MiB, final {:.1} MiB; open files peak {}, final {fds}",
+            mib(p.rss_kib),
+            mib(rss),
+            p.fds
+        ),
+        _ => "server figures not measured (no --server-pid)".into(),
+    };
+    let store_text = match final_store {
+        Some(b) => format!(
+            "store {:.2} MiB on disk (peak {:.2} MiB)",
+            b as f64 / 1048576.0,
+            p.store as f64 / 1048576.0
+        ),
+        None => "store size not measured (no --data-dir)".into(),
+    };
+    result.summary = format!(
+        "soak[{}]: {:.0} s, {} user agents, {} connections: {} accepted, {} delivered, {} expired, {} replaced, {} dropped by unregister, {} LOST; {} redelivered after an unanswered receipt, {} duplicates of acked messages; {server_text}; {store_text}; {} other errors",
+        common.target,
+        args.duration,
+        args.uas,
+        record.conns.len(),
+        t.accepted,
+        t.delivered,
+        t.expired,
+        t.replaced,
+        t.unregistered,
+        t.lost,
+        t.redelivered,
+        t.duplicates,
+        sh.errors.total(),
+    );
+    let errors = sh.errors.snapshot();
+    if !errors.is_empty() {
+        eprintln!("  errors: {errors:?}");
+    }
+    result.finish(common.out.as_deref())?;
+    if t.lost > 0 {
+        bail!(
+            "{} accepted messages were lost (ids {:?}...)",
+            t.lost,
+            t.lost_ids
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_travel_in_the_plaintext() {
+        assert_eq!(id_of(&plaintext(42, 100)), Some(42));
+        assert_eq!(plaintext(42, 100).len(), 100);
+        // Too small a size still carries the id.
+        assert_eq!(id_of(&plaintext(123456789, 1)), Some(123456789));
+        assert_eq!(id_of(b"herald-loadtest c=1 s=2;"), None);
+        assert_eq!(id_of(b"soak id=x;"), None);
+    }
+
+    #[test]
+    fn encrypted_ids_decrypt() {
+        let (keys, auth) = subscription_keys().unwrap();
+        let body = ece::encrypt(keys.public_key(), &auth, &plaintext(7, MAX_PLAINTEXT)).unwrap();
+        assert!(body.len() <= 4096);
+        let plain = ece::decrypt(&keys, &auth, &body).unwrap();
+        assert_eq!(id_of(&plain), Some(7));
+    }
+
+    #[test]
+    fn disk_bytes_counts_nested_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/f"), vec![1u8; 10000]).unwrap();
+        assert!(disk_bytes(dir.path()) >= 10000);
+        assert_eq!(disk_bytes(&dir.path().join("missing")), 0);
+    }
+}
