@@ -205,17 +205,45 @@ pub async fn post(
     ttl: u32,
     timeout: Duration,
 ) -> Outcome {
+    let options = PostOptions {
+        ttl,
+        receipt: false,
+    };
+    post_with(client, ep, k, authorization, body, options, timeout).await
+}
+
+/// Per-message request options.
+#[derive(Debug, Clone, Copy)]
+pub struct PostOptions {
+    pub ttl: u32,
+    /// Ask for a delivery receipt (`Prefer: respond-async`); the service
+    /// answers 202 instead of 201.
+    pub receipt: bool,
+}
+
+pub async fn post_with(
+    client: &HttpClient,
+    ep: &Endpoint,
+    k: usize,
+    authorization: &HeaderValue,
+    body: Bytes,
+    options: PostOptions,
+    timeout: Duration,
+) -> Outcome {
     let len = body.len();
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::POST)
         .uri(ep.uri(k).clone())
         .header(http::header::HOST, ep.host.clone())
-        .header("TTL", ttl)
+        .header("TTL", options.ttl)
         .header(http::header::CONTENT_ENCODING, "aes128gcm")
         .header(http::header::CONTENT_TYPE, "application/octet-stream")
         .header(http::header::CONTENT_LENGTH, len)
-        .header(http::header::AUTHORIZATION, authorization.clone())
-        .body(Full::new(body));
+        .header(http::header::AUTHORIZATION, authorization.clone());
+    if options.receipt {
+        req = req.header("prefer", "respond-async");
+    }
+    let req = req.body(Full::new(body));
     let req = match req {
         Ok(r) => r,
         Err(e) => return Outcome::Transport(format!("request: {e}")),

@@ -63,6 +63,10 @@ pub struct ThroughputArgs {
     /// Decrypt every Nth notification and check its plaintext (0: never; costs CPU).
     #[arg(long, default_value_t = 0)]
     pub verify_every: u64,
+    /// Ask for a delivery receipt on every message (`Prefer: respond-async`,
+    /// RFC 8030 §5.1): what receipts cost the server, against a run without.
+    #[arg(long)]
+    pub receipts: bool,
 }
 
 /// Everything user agents and senders share. Per channel: `pool` slots of
@@ -191,6 +195,7 @@ async fn sender_loop(
     interval: Option<Duration>,
     max_messages: u64,
     ttl: u32,
+    receipts: bool,
     limit: Duration,
 ) {
     let per = sh.pool.per_channel;
@@ -247,18 +252,23 @@ async fn sender_loop(
         let ts = sh.clock.now_us();
         slot.store(ts, Release);
         sh.sent.fetch_add(1, Relaxed);
-        let out = sender::post(
+        let out = sender::post_with(
             &client,
             ep,
             posts,
             &plan.auth[ep.origin],
             sh.pool.body(c, s).clone(),
-            ttl,
+            sender::PostOptions {
+                ttl,
+                receipt: receipts,
+            },
             limit,
         )
         .await;
         posts += 1;
-        if out == Outcome::Status(201) {
+        // 202: accepted with a receipt to come (RFC 8030 §5.1).
+        let accepted = if receipts { 202 } else { 201 };
+        if out == Outcome::Status(accepted) {
             sh.accepted.fetch_add(1, Relaxed);
         } else {
             sh.send_errors.add(out.key());
@@ -329,6 +339,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             "payload_bytes": args.payload, "rate": args.rate, "duration_s": args.duration,
             "messages": args.messages, "pool": args.pool, "ttl": args.ttl,
             "verify_every": args.verify_every, "concurrency": common.concurrency,
+            "receipts": args.receipts,
         }),
     );
     let run_start = Instant::now();
@@ -472,6 +483,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             interval,
             args.messages,
             args.ttl,
+            args.receipts,
             limit,
         ));
     }
