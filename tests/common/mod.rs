@@ -65,6 +65,10 @@ pub struct Herald {
     child: Option<Child>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A command the herald binary runs under from the next `restart()`
+    /// (`strace ...`), empty for none; with one, `pid()` and `kill9()` are
+    /// the wrapper's, not Herald's.
+    pub wrapper: Vec<String>,
     log: PathBuf,
 }
 
@@ -87,6 +91,7 @@ impl Herald {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: Vec::new(),
         };
         h.spawn().await;
         h
@@ -106,7 +111,16 @@ impl Herald {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        let bin = env!("CARGO_BIN_EXE_herald");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
