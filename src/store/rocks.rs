@@ -45,6 +45,9 @@ pub struct Rocks {
     /// read-modify-write; serialise them per user agent.
     topic_locks: Vec<Mutex<()>>,
     expired: Option<prometheus::IntCounter>,
+    /// The expiry sweep of the receipt ledger starts here (see
+    /// `receipts::settle_expired`).
+    receipt_sweep: receipts::SweepFloor,
 }
 
 fn err(e: rocksdb::Error) -> StoreError {
@@ -273,13 +276,20 @@ impl Rocks {
                 _ => Decision::Keep,
             }
         });
+        let mut receipt_opts = Options::default();
+        // The ledger's records are small and mostly short-lived (tracked,
+        // then settled within milliseconds), and its inserts land all over
+        // the key space, so each one descends the memtable's skip list from
+        // the top: a small memtable keeps that descent short. Flushing it
+        // more often costs little, since most of it is deletion markers.
+        receipt_opts.set_write_buffer_size(4 << 20);
         let cfs = vec![
             ColumnFamilyDescriptor::new(USERS, Options::default()),
             ColumnFamilyDescriptor::new(CHANNELS, Options::default()),
             ColumnFamilyDescriptor::new(MESSAGES, message_opts),
             ColumnFamilyDescriptor::new(TOPICS, Options::default()),
             ColumnFamilyDescriptor::new(META, Options::default()),
-            ColumnFamilyDescriptor::new(RECEIPTS, Options::default()),
+            ColumnFamilyDescriptor::new(RECEIPTS, receipt_opts),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(err)?;
         let mut write_opts = WriteOptions::default();
@@ -298,6 +308,7 @@ impl Rocks {
             seq_ceiling: Mutex::new(0),
             topic_locks: (0..TOPIC_LOCKS).map(|_| Mutex::new(())).collect(),
             expired,
+            receipt_sweep: Default::default(),
         };
         store.raise_ceiling(start + SEQ_BLOCK)?;
         Ok(store)

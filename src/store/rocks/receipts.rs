@@ -20,6 +20,23 @@ use super::super::{
 use super::{err, Rocks, RocksStore, RECEIPTS};
 use crate::ids::{ChannelId, Uaid};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Where the next expiry sweep starts reading the `x` index. Everything
+/// due before it was settled by an earlier sweep, and acked messages leave
+/// deletion markers there that a sweep from the start would walk every
+/// second. The floor trails the last sweep by `SWEEP_OVERLAP` seconds, for
+/// pushes that computed their deadline just before a sweep and indexed it
+/// just after; every `FULL_SWEEP_EVERY` sweeps start from the beginning,
+/// for a push stalled longer than that.
+#[derive(Default)]
+pub struct SweepFloor {
+    floor: AtomicU64,
+    sweeps: AtomicU64,
+}
+
+const SWEEP_OVERLAP: u64 = 5;
+const FULL_SWEEP_EVERY: u64 = 60;
 
 fn uaid_seq_key(kind: u8, uaid: &Uaid, seq: u64) -> [u8; 25] {
     let mut k = [0u8; 25];
@@ -85,17 +102,39 @@ impl Rocks {
         if p.sent_at.is_some() {
             return Ok(());
         }
+        // The grace it earns is applied by the sweep, the rare time it
+        // matters; most messages are acked long before their expiry, and
+        // moving their index entry here would be two more writes each.
+        p.sent_at = Some(at_ms);
+        self.db
+            .put_cf_opt(
+                self.cf(RECEIPTS),
+                uaid_seq_key(b'p', uaid, seq),
+                encode_pending(&p),
+                &self.write_opts,
+            )
+            .map_err(err)
+    }
+
+    /// A due message that was sent gets `ACK_GRACE_SECS` past its expiry
+    /// for its ack: its index entry moves there. True if it moved.
+    fn postpone_if_sent(&self, uaid: &Uaid, seq: u64, now: u64) -> StoreResult<bool> {
+        let _guard = self.topic_lock(uaid);
+        let Some(mut p) = self.pending(uaid, seq)? else {
+            return Ok(false);
+        };
+        let deadline = p.deadline.max(p.expires_at.saturating_add(ACK_GRACE_SECS));
+        if p.sent_at.is_none() || deadline <= now {
+            return Ok(false);
+        }
         let cf = self.cf(RECEIPTS);
         let mut b = WriteBatch::default();
-        let deadline = p.deadline.max(p.expires_at.saturating_add(ACK_GRACE_SECS));
-        if deadline != p.deadline {
-            b.delete_cf(cf, expiry_key(p.deadline, uaid, seq));
-            b.put_cf(cf, expiry_key(deadline, uaid, seq), []);
-            p.deadline = deadline;
-        }
-        p.sent_at = Some(at_ms);
+        b.delete_cf(cf, expiry_key(p.deadline, uaid, seq));
+        b.put_cf(cf, expiry_key(deadline, uaid, seq), []);
+        p.deadline = deadline;
         b.put_cf(cf, uaid_seq_key(b'p', uaid, seq), encode_pending(&p));
-        self.write(b)
+        self.write(b)?;
+        Ok(true)
     }
 
     pub fn settle(
@@ -180,13 +219,23 @@ impl Rocks {
         limit: usize,
         at_ms: u64,
     ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
+        let sweep = &self.receipt_sweep;
+        let from = if sweep.sweeps.fetch_add(1, Ordering::Relaxed) % FULL_SWEEP_EVERY == 0 {
+            0
+        } else {
+            sweep.floor.load(Ordering::Relaxed)
+        };
         let mut due = Vec::new();
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(prefix_end(b"x"));
+        let mut start = vec![b'x'];
+        start.extend_from_slice(&from.to_be_bytes());
+        let mut end = vec![b'x'];
+        end.extend_from_slice(&now.saturating_add(1).to_be_bytes());
+        ro.set_iterate_upper_bound(end);
         for item in self.db.iterator_cf_opt(
             self.cf(RECEIPTS),
             ro,
-            IteratorMode::From(b"x", Direction::Forward),
+            IteratorMode::From(&start, Direction::Forward),
         ) {
             let (k, _) = item.map_err(err)?;
             let Some(deadline) = k.get(1..9).and_then(|d| d.try_into().ok()) else {
@@ -197,9 +246,18 @@ impl Rocks {
             }
             due.extend(uaid_seq(&k[9..]));
         }
+        let complete = due.len() < limit;
         let mut settled = Vec::with_capacity(due.len());
         for (uaid, seq) in due {
+            if self.postpone_if_sent(&uaid, seq, now)? {
+                continue;
+            }
             settled.extend(self.settle(&uaid, seq, Outcome::Expired, at_ms)?);
+        }
+        if complete {
+            sweep
+                .floor
+                .store(now.saturating_sub(SWEEP_OVERLAP), Ordering::Relaxed);
         }
         Ok(settled)
     }
@@ -229,7 +287,12 @@ impl Rocks {
     }
 
     pub fn receipt_state(&self, uaid: &Uaid, seq: u64) -> StoreResult<Option<ReceiptState>> {
-        if let Some(p) = self.pending(uaid, seq)? {
+        if let Some(mut p) = self.pending(uaid, seq)? {
+            // As the sweep will see it: a sent message has its grace (its
+            // index entry moves there only when the sweep reaches it).
+            if p.sent_at.is_some() {
+                p.deadline = p.deadline.max(p.expires_at.saturating_add(ACK_GRACE_SECS));
+            }
             return Ok(Some(ReceiptState::Pending(p)));
         }
         let cf = self.cf(RECEIPTS);
