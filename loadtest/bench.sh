@@ -18,7 +18,7 @@
 # its runs.
 #
 # Knobs (environment): BENCH_PORT (default 18080), RESULTS (default
-# loadtest/results), SCENARIOS (default "idle throughput backlog storm
+# loadtest/results), SCENARIOS (default "idle throughput receipts backlog storm
 # burst fanout"), IDLE_UAS (default 25000: past this machine's
 # 20,000-file ceiling), TP_UAS, TP_SENDERS, TP_SECS, TP_PAYLOAD, TP_RATE,
 # BACKLOG_UAS, BACKLOG_MSGS, STORM_UAS, STORM_WINDOW, BURST_UAS,
@@ -35,12 +35,12 @@ root="$(cd "$here/.." && pwd)"
 source "$here/bench-lib.sh"
 results="${RESULTS:-$here/results}"
 port="${BENCH_PORT:-18080}"
-scenarios="${SCENARIOS:-idle throughput backlog storm burst fanout}"
+scenarios="${SCENARIOS:-idle throughput receipts backlog storm burst fanout}"
 autopush_url="${AUTOPUSH_URL:-}"
 
 for s in $scenarios; do
     case "$s" in
-    idle | throughput | backlog | storm | burst | fanout) ;;
+    idle | throughput | receipts | backlog | storm | burst | fanout) ;;
     *) echo "bench: unknown scenario '$s' in SCENARIOS" >&2; exit 2 ;;
     esac
 done
@@ -94,12 +94,20 @@ url="ws://127.0.0.1:$port/"
 stamp="$(date +%Y%m%d-%H%M%S)"
 files=()
 run() {
-    local name="$1"; shift
-    echo "== $name" >&2
-    start_herald "$results/herald-$name.log"
-    "$lt" "$name" --url "$url" --target herald --server-pid "$pid" \
-        --out "$results/$name-$stamp.json" "$@"
-    files+=("$results/$name-$stamp.json")
+    run_as herald "$@"
+}
+
+# `run` under another target name: the same scenario with other options
+# gets its own row in the side-by-side table.
+run_as() {
+    local target="$1" name="$2"; shift 2
+    local out="$results/$name-$stamp.json"
+    [[ "$target" != herald ]] && out="$results/$name-$target-$stamp.json"
+    echo "== $name ($target)" >&2
+    start_herald "$results/herald-$name-$target.log"
+    "$lt" "$name" --url "$url" --target "$target" --server-pid "$pid" \
+        --out "$out" "$@"
+    files+=("$out")
     stop_herald
 }
 
@@ -123,6 +131,8 @@ tp_args=(--uas "${TP_UAS:-2000}" --senders "${TP_SENDERS:-32}" --duration "${TP_
 
 if wants idle; then run idle --uas "${IDLE_UAS:-25000}" "${idle_args[@]}"; fi
 if wants throughput; then run throughput "${tp_args[@]}"; fi
+# The same throughput with a delivery receipt asked for on every message.
+if wants receipts; then run_as herald+receipts throughput "${tp_args[@]}" --receipts; fi
 if wants backlog; then
     run backlog --uas "${BACKLOG_UAS:-2000}" --messages-per-channel "${BACKLOG_MSGS:-10}" --senders 32
 fi
@@ -149,7 +159,7 @@ fi
 
 "$lt" report "${files[@]}" --out "$results/report.html"
 side="$results/side-by-side-$stamp.md"
-if wants idle || wants throughput; then
+if wants idle || wants throughput || wants receipts; then
     echo >&2
     echo "Side by side (also in $side and report.html):" >&2
     "$lt" compare "${files[@]}" --out "$side"
