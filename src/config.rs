@@ -46,6 +46,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("broadcast_source_token", "", "bearer token sent to broadcast_source_url, if it needs one"),
     ("broadcast_poll_interval", "30s", "how often broadcast_source_url is polled"),
     ("receipt_retention", "3d", "how long delivery receipts stay readable on their receipt subscription"),
+    ("worker_threads", "", "threads running connections and requests; unset: one per core"),
 ];
 
 /// `herald serve` flags. Everything else is set in the file or environment.
@@ -120,6 +121,8 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// How long decided receipts stay readable.
     pub receipt_retention: Duration,
+    /// Runtime worker threads; None: one per core.
+    pub worker_threads: Option<usize>,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -284,6 +287,7 @@ impl Settings {
             jwt_cache_size: l.get("jwt_cache_size", parse_count)?,
             sweep_interval: l.get("sweep_interval", parse_positive_duration)?,
             receipt_retention: l.get("receipt_retention", parse_positive_duration)?,
+            worker_threads: l.opt("worker_threads", parse_count)?,
             shutdown_timeout: l.get("shutdown_timeout", parse_duration)?,
             log_format: l.get("log_format", |v| match v.trim() {
                 "text" => Ok(LogFormat::Text),
@@ -501,6 +505,15 @@ mod tests {
         assert_eq!(s.max_ttl, 30 * 86400);
         assert_eq!(s.ua_expiry, Duration::from_secs(60 * 86400));
         assert!(!s.sync_writes);
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_and_must_be_positive() {
+        let load = |pairs: &[(&str, &str)]| Settings::load(&ServeArgs::default(), &env(pairs));
+        assert_eq!(load(&[]).unwrap().worker_threads, None);
+        let one = load(&[("HERALD_WORKER_THREADS", "1")]).unwrap();
+        assert_eq!(one.worker_threads, Some(1));
+        assert!(load(&[("HERALD_WORKER_THREADS", "0")]).is_err());
     }
 
     #[test]

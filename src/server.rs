@@ -50,7 +50,11 @@ pub fn run_from_args(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(&settings);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = settings.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -103,6 +103,7 @@ const SETTINGS: &[(&str, Kind, Option<&str>)] = &[
     ("broadcast_source_token", Kind::Text, None),
     ("broadcast_poll_interval", Kind::Duration, Some(r#""30s""#)),
     ("receipt_retention", Kind::Duration, Some(r#""3d""#)),
+    ("worker_threads", Kind::Int, None),
 ];
 
 /// The port of `--listen` in the container image and Kubernetes manifests.
