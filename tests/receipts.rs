@@ -59,6 +59,18 @@ async fn status(location: &str) -> Resp {
 
 const ASK: (&str, &str) = ("prefer", "respond-async");
 
+/// Sends `text` to `ep` as `app` would: encrypted for `keys`, VAPID-signed.
+async fn tell(
+    h: &Herald,
+    app: &AppServer,
+    keys: &UaKeys,
+    ep: &str,
+    text: &str,
+    extra: &[(&str, &str)],
+) -> Resp {
+    push(ep, Some(app), &h.url(), keys, text, extra).await
+}
+
 #[tokio::test]
 async fn an_acknowledged_message_is_reported_delivered() {
     let h = Herald::start().await;
@@ -67,7 +79,7 @@ async fn an_acknowledged_message_is_reported_delivered() {
     let mut ua = Ua::hello(&h, None).await;
     let (_, ep) = ua.subscribe(Some(&app.public())).await;
 
-    let r = push(&ep, Some(&app), &h.url(), &keys, "with receipt", &[ASK]).await;
+    let r = tell(&h, &app, &keys, &ep, "with receipt", &[ASK]).await;
     let url = receipt_url(&r);
     assert!(url.starts_with(&format!("{}/r/", h.url())), "{url}");
     let location = r.header("location").unwrap();
@@ -101,7 +113,7 @@ async fn an_acknowledged_message_is_reported_delivered() {
     assert_eq!(s["receipt"], true);
 
     // Without the preference: 201, no Link, and no receipt.
-    let plain = push(&ep, Some(&app), &h.url(), &keys, "plain", &[]).await;
+    let plain = tell(&h, &app, &keys, &ep, "plain", &[]).await;
     assert_eq!(plain.status, 201);
     assert_eq!(plain.header("link"), None);
     let n = ua.notification().await;
@@ -126,21 +138,13 @@ async fn nacks_and_error_acks_are_reported_rejected_with_their_code() {
     let mut ua = Ua::hello(&h, None).await;
     let (ch, ep) = ua.subscribe(Some(&app.public())).await;
 
-    let first = push(&ep, Some(&app), &h.url(), &keys, "one", &[ASK]).await;
+    let first = tell(&h, &app, &keys, &ep, "one", &[ASK]).await;
     let url = receipt_url(&first);
     let n = ua.notification().await;
     ua.send(json!({"messageType": "nack", "version": n["version"], "code": 302}))
         .await;
     let link = format!("<{url}>; rel=\"{REL}\"");
-    let second = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "two",
-        &[ASK, ("link", &link)],
-    )
-    .await;
+    let second = tell(&h, &app, &keys, &ep, "two", &[ASK, ("link", &link)]).await;
     assert_eq!(receipt_url(&second), url);
     let n = ua.notification().await;
     // Firefox acks a message it could not decrypt with code 101.
@@ -163,15 +167,7 @@ async fn a_message_that_expires_offline_is_reported_expired() {
     let keys = UaKeys::new();
     let (uaid, ep) = offline_subscription(&h, Some(&app.public())).await;
 
-    let r = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "brief",
-        &[ASK, ("ttl", "1")],
-    )
-    .await;
+    let r = tell(&h, &app, &keys, &ep, "brief", &[ASK, ("ttl", "1")]).await;
     let url = receipt_url(&r);
     let location = r.header("location").unwrap();
     assert_eq!(status(&location).await.json()["state"], "queued");
@@ -192,7 +188,7 @@ async fn a_cancelled_message_is_reported_cancelled() {
     let keys = UaKeys::new();
     let (_, ep) = offline_subscription(&h, Some(&app.public())).await;
 
-    let r = push(&ep, Some(&app), &h.url(), &keys, "never mind", &[ASK]).await;
+    let r = tell(&h, &app, &keys, &ep, "never mind", &[ASK]).await;
     let url = receipt_url(&r);
     let location = r.header("location").unwrap();
     assert_eq!(
@@ -214,22 +210,14 @@ async fn a_message_replaced_by_topic_gets_no_receipt() {
     let keys = UaKeys::new();
     let (uaid, ep) = offline_subscription(&h, Some(&app.public())).await;
 
-    let old = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "old",
-        &[ASK, ("topic", "score")],
-    )
-    .await;
+    let old = tell(&h, &app, &keys, &ep, "old", &[ASK, ("topic", "score")]).await;
     let url = receipt_url(&old);
     let link = format!("<{url}>; rel=\"{REL}\"");
-    let new = push(
-        &ep,
-        Some(&app),
-        &h.url(),
+    let new = tell(
+        &h,
+        &app,
         &keys,
+        &ep,
         "new",
         &[ASK, ("topic", "score"), ("link", &link)],
     )
@@ -260,7 +248,7 @@ async fn removing_the_subscription_reports_its_messages_gone() {
     let keys = UaKeys::new();
     let mut ua = Ua::hello(&h, None).await;
     let (ch, ep) = ua.subscribe(Some(&app.public())).await;
-    let r = push(&ep, Some(&app), &h.url(), &keys, "unread", &[ASK]).await;
+    let r = tell(&h, &app, &keys, &ep, "unread", &[ASK]).await;
     let url = receipt_url(&r);
     // Received, never acknowledged, then unsubscribed.
     ua.notification().await;
@@ -280,16 +268,16 @@ async fn one_receipt_subscription_collects_many_messages_for_its_key_only() {
     let mut ua = Ua::hello(&h, None).await;
     let (_, ep) = ua.subscribe(Some(&app.public())).await;
 
-    let first = push(&ep, Some(&app), &h.url(), &keys, "m0", &[ASK]).await;
+    let first = tell(&h, &app, &keys, &ep, "m0", &[ASK]).await;
     let url = receipt_url(&first);
     let link = format!("<{url}>; rel=\"{REL}\"");
     let mut ids = vec![message_id(&first)];
     for i in 1..5 {
-        let r = push(
-            &ep,
-            Some(&app),
-            &h.url(),
+        let r = tell(
+            &h,
+            &app,
             &keys,
+            &ep,
             &format!("m{i}"),
             &[ASK, ("link", &link)],
         )
@@ -340,15 +328,7 @@ async fn one_receipt_subscription_collects_many_messages_for_its_key_only() {
         "<{}/r/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA>; rel=\"{REL}\"",
         h.url()
     );
-    let r = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "x",
-        &[ASK, ("link", &forged)],
-    )
-    .await;
+    let r = tell(&h, &app, &keys, &ep, "x", &[ASK, ("link", &forged)]).await;
     assert_eq!((r.status, r.errno()), (400, 121));
     let r = request("GET", &format!("{}/r/forged", h.url()), &[], vec![])
         .await
@@ -422,7 +402,7 @@ async fn receipts_stream_as_server_sent_events_and_resume_after_last_event_id() 
     let mut ua = Ua::hello(&h, None).await;
     let (_, ep) = ua.subscribe(Some(&app.public())).await;
 
-    let first = push(&ep, Some(&app), &h.url(), &keys, "a", &[ASK]).await;
+    let first = tell(&h, &app, &keys, &ep, "a", &[ASK]).await;
     let url = receipt_url(&first);
     let link = format!("<{url}>; rel=\"{REL}\"");
     let mut events = Events::open(&url, None).await;
@@ -433,15 +413,7 @@ async fn receipts_stream_as_server_sent_events_and_resume_after_last_event_id() 
     assert_eq!(e1["outcome"], "delivered");
     assert_eq!(e1["id"], id1.as_str());
 
-    let second = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "b",
-        &[ASK, ("link", &link)],
-    )
-    .await;
+    let second = tell(&h, &app, &keys, &ep, "b", &[ASK, ("link", &link)]).await;
     let n = ua.notification().await;
     ua.ack(&n).await;
     let (id2, e2) = events.next().await;
@@ -449,15 +421,7 @@ async fn receipts_stream_as_server_sent_events_and_resume_after_last_event_id() 
     drop(events);
 
     // Disconnected: a receipt recorded meanwhile waits for the reader.
-    let third = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "c",
-        &[ASK, ("link", &link)],
-    )
-    .await;
+    let third = tell(&h, &app, &keys, &ep, "c", &[ASK, ("link", &link)]).await;
     let n = ua.notification().await;
     ua.ack(&n).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -478,18 +442,10 @@ async fn receipts_survive_a_restart_between_the_push_and_the_ack() {
     let app = AppServer::new();
     let keys = UaKeys::new();
     let (uaid, ep) = offline_subscription(&h, Some(&app.public())).await;
-    let first = push(&ep, Some(&app), &h.url(), &keys, "before", &[ASK]).await;
+    let first = tell(&h, &app, &keys, &ep, "before", &[ASK]).await;
     let url = receipt_url(&first);
     let link = format!("<{url}>; rel=\"{REL}\"");
-    let second = push(
-        &ep,
-        Some(&app),
-        &h.url(),
-        &keys,
-        "crash",
-        &[ASK, ("link", &link)],
-    )
-    .await;
+    let second = tell(&h, &app, &keys, &ep, "crash", &[ASK, ("link", &link)]).await;
     assert_eq!(second.status, 202);
 
     h.stop();
@@ -523,7 +479,7 @@ async fn a_message_without_a_receipt_is_queued_until_acknowledged() {
     let app = AppServer::new();
     let keys = UaKeys::new();
     let (uaid, ep) = offline_subscription(&h, Some(&app.public())).await;
-    let r = push(&ep, Some(&app), &h.url(), &keys, "plain", &[]).await;
+    let r = tell(&h, &app, &keys, &ep, "plain", &[]).await;
     assert_eq!(r.status, 201);
     let location = r.header("location").unwrap();
     let s = status(&location).await.json();
