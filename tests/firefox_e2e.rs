@@ -346,6 +346,27 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
     rig.send(json!({ "text": "live message ✓", "ttl": 60, "urgency": "high" }));
     rig.wait_received("live message ✓", "live push");
 
+    // 2b. A push asking for a delivery receipt: Firefox's own ack, sent once
+    // its service worker has handled the message, reports it delivered.
+    let out = Command::new(HERALD)
+        .args(["send", "--subscription", &subscription.to_string()])
+        .arg("--vapid-key")
+        .arg(rig.demo.data_dir.join("vapid.pem"))
+        .args(["--subject", "mailto:e2e@example.com"])
+        .args(["--data", "with a receipt", "--ttl", "60", "--receipt"])
+        .args(["--receipt-timeout", "30"])
+        .output()
+        .expect("run herald send");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.contains("receipt: delivered"),
+        "no delivered receipt from Firefox: exit {}, stdout {printed:?}, stderr {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        rig.logs()
+    );
+    rig.wait_received("with a receipt", "push with a receipt");
+
     // 3. While the browser is closed Herald keeps messages: a newer one
     // with the same topic replaces the older, and an expired one is dropped.
     rig.close();
@@ -375,7 +396,12 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
         0,
         "expired message was delivered: {received:?}"
     );
-    for text in ["live message ✓", "topic v2", "kept while offline"] {
+    for text in [
+        "live message ✓",
+        "with a receipt",
+        "topic v2",
+        "kept while offline",
+    ] {
         assert_eq!(
             rig.count_received(text),
             1,
