@@ -33,6 +33,14 @@ const BROADCAST_PREFIX: &[u8] = b"broadcast/";
 /// below it is handed out.
 const SEQ_BLOCK: u64 = 1 << 22;
 const TOPIC_LOCKS: usize = 64;
+/// The write-ahead log on disk, at most (about). A WAL file can be removed
+/// only once every column family has flushed what it holds, and the small
+/// ones (users, channels, topics, meta, receipts) may take days to fill a
+/// memtable: without a bound, the log grew by every message and ack written
+/// (a one-hour soak: 130 MiB and rising, for a few MiB of live data), and a
+/// restart would replay all of it. Past the bound RocksDB flushes whichever
+/// column families hold the oldest log.
+const MAX_WAL_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
 
 /// The RocksDB engine itself, synchronous. `RocksStore` puts the async
 /// `Store` face on it.
@@ -249,6 +257,7 @@ impl Rocks {
         // only burns the CPU the leader needs.
         opts.set_enable_write_thread_adaptive_yield(false);
         opts.set_keep_log_file_num(4);
+        opts.set_max_total_wal_size(MAX_WAL_BYTES);
 
         let mut message_opts = Options::default();
         // Messages live for milliseconds (stored, sent, acked) and are only
@@ -846,6 +855,52 @@ mod tests {
 
     fn open(dir: &Path) -> Rocks {
         Rocks::open(dir, false, None).unwrap()
+    }
+
+    fn wal_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
+    #[test]
+    fn the_write_ahead_log_stays_bounded_while_small_families_sit_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        // One write to a column family that then sees no more: without a
+        // bound, it pins every log file written after it.
+        let u = Uaid::random();
+        s.put_user(
+            &u,
+            &UserRecord {
+                created: 1,
+                last_seen: 1,
+            },
+        )
+        .unwrap();
+        let c = uuid::Uuid::new_v4();
+        let mut written = 0u64;
+        while written < 12 * MAX_WAL_BYTES {
+            let mut m = message(&s, c, 60, None);
+            m.data = Bytes::from(vec![7u8; 2000]);
+            s.put_message(&u, &m).unwrap();
+            assert!(s.delete_message(&u, m.seq).unwrap());
+            written += 2000;
+        }
+        // Flushes run in the background: give them a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wal_bytes(dir.path()) > 4 * MAX_WAL_BYTES && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let wal = wal_bytes(dir.path());
+        assert!(
+            wal <= 4 * MAX_WAL_BYTES,
+            "{wal} bytes of WAL after writing {written} (bound {MAX_WAL_BYTES})"
+        );
+        assert_eq!(s.get_user(&u).unwrap().map(|r| r.created), Some(1));
     }
 
     fn message(store: &Rocks, channel: ChannelId, ttl: u64, topic: Option<&str>) -> Message {
