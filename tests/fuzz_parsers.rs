@@ -313,9 +313,11 @@ fn cluster_wire() {
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand"]
 fn write_generated_seeds() {
+    use herald::ids::Uaid;
     use herald::protocol::NotificationHeaders;
     use herald::store::{
-        encode_channel, encode_message, encode_user, ChannelRecord, Message, UserRecord,
+        encode_channel, encode_message, encode_pending, encode_receipt, encode_user, ChannelRecord,
+        Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptSub, UserRecord,
     };
     use herald::token::{ApiVersion, EndpointToken, MessageId};
     use herald::webpush::{encode_b64url, Urgency};
@@ -440,7 +442,7 @@ fn write_generated_seeds() {
     }
 
     // Stored values, behind the target's selector byte (0 user, 1 channel,
-    // 2 message).
+    // 2 message, 3 pending receipt, 4 receipt).
     let with = |sel: u8, v: Vec<u8>| [vec![sel], v].concat();
     write(
         "codec",
@@ -513,6 +515,36 @@ fn write_generated_seeds() {
         "message-empty",
         &with(2, encode_message(&message(None, None, b""))),
     );
+    let receipt_asked = Message {
+        receipt: true,
+        ..message(Some("score"), None, b"")
+    };
+    write(
+        "codec",
+        "message-receipt",
+        &with(2, encode_message(&receipt_asked)),
+    );
+    let pending = PendingReceipt {
+        sub: ReceiptSub([0x5c; 16]),
+        channel: ch1,
+        expires_at: targets::NOW + 60,
+        deadline: targets::NOW + 61,
+        sent_at: Some(targets::NOW * 1000 + 5),
+    };
+    write(
+        "codec",
+        "pending-receipt",
+        &with(3, encode_pending(&pending)),
+    );
+    let receipt = ReceiptEvent {
+        id: 1_795_000_000_000_001,
+        uaid: Uaid([0x11; 16]),
+        channel: ch1,
+        seq: 2,
+        outcome: Outcome::Rejected(302),
+        at: targets::NOW * 1000 + 9,
+    };
+    write("codec", "receipt", &with(4, encode_receipt(&receipt)));
 
     // Broadcast sources: Remote Settings and a megaphone server.
     write(

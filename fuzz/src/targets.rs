@@ -17,8 +17,8 @@ use herald::protocol::{notification_json, ClientMessage, ServerMessage};
 use herald::receipts::api as receipt_api;
 use herald::router::cluster::{Evict, Wake};
 use herald::store::{
-    decode_channel, decode_message, decode_user, encode_channel, encode_message, encode_user,
-    message_expires_at, Message,
+    decode_channel, decode_message, decode_pending, decode_receipt, decode_user, encode_channel,
+    encode_message, encode_pending, encode_receipt, encode_user, message_expires_at, Message,
 };
 use herald::token::{key_hash, ApiVersion, EndpointToken, MessageId, ReceiptToken, TokenCodec};
 use herald::vapid::{parse_credentials, CacheResult, VapidVerifier};
@@ -675,7 +675,7 @@ pub fn codec(data: &[u8]) {
     let Some((&which, v)) = data.split_first() else {
         return;
     };
-    match which % 3 {
+    match which % 5 {
         0 => {
             if let Some(u) = decode_user(v) {
                 assert_eq!(encode_user(&u), v);
@@ -686,16 +686,29 @@ pub fn codec(data: &[u8]) {
                 assert_eq!(encode_channel(&c), v);
             }
         }
+        3 => {
+            if let Some(p) = decode_pending(v) {
+                assert_eq!(encode_pending(&p), v);
+            }
+        }
+        4 => {
+            if let Some(e) = decode_receipt(v) {
+                assert_eq!(encode_receipt(&e), v);
+            }
+        }
         _ => {
             let seq = u64::from(which);
             if let Some(m) = decode_message(seq, v) {
                 assert_eq!(m.seq, seq);
+                assert_eq!(m.receipt, v[0] == 2);
                 assert_eq!(message_expires_at(v), Some(m.expires_at));
                 let again = encode_message(&m);
                 assert_eq!(decode_message(seq, &again), Some(m.clone()));
                 // The one non-canonical form: aes128gcm spelled out as a
-                // legacy header set (encoding byte 2).
-                let at = 1 + 8 + 8 + 1 + 16 + 1 + v[34] as usize;
+                // legacy header set (encoding byte 2). Format 2 has a flags
+                // byte before the topic.
+                let flags = usize::from(v[0] == 2);
+                let at = 1 + 8 + 8 + 1 + 16 + flags + 1 + v[34 + flags] as usize;
                 if v[at] != 2 {
                     assert_eq!(again, v);
                 }

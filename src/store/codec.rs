@@ -171,8 +171,13 @@ pub fn decode_message(seq: u64, mut v: &[u8]) -> Option<Message> {
     let ttl = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
     let urgency = Urgency::from_u8(take(v, 1)?[0])?;
     let channel = ChannelId::from_slice(take(v, 16)?).ok()?;
+    // Format 2 exists only to carry a flag, so it always carries one, and
+    // only the known one: every value has a single encoding.
     let flags = if format == FORMAT_FLAGS {
-        take(v, 1)?[0]
+        match take(v, 1)?[0] {
+            FLAG_RECEIPT => FLAG_RECEIPT,
+            _ => return None,
+        }
     } else {
         0
     };
@@ -269,6 +274,11 @@ pub fn decode_receipt(mut v: &[u8]) -> Option<ReceiptEvent> {
     let seq = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
     let kind = take(v, 1)?[0];
     let code = u32::from_be_bytes(take(v, 4)?.try_into().ok()?);
+    // Only a rejection has a code: anything else with one is not a value
+    // this codec wrote (found by the codec fuzz target).
+    if code != 0 && kind != Outcome::Rejected(0).to_u8() {
+        return None;
+    }
     let at = u64::from_be_bytes(take(v, 8)?.try_into().ok()?);
     Some(ReceiptEvent {
         id,

@@ -9,8 +9,8 @@ mod rocks;
 
 pub use self::redis::RedisStore;
 pub use codec::{
-    decode_channel, decode_message, decode_user, encode_channel, encode_message, encode_user,
-    message_expires_at,
+    decode_channel, decode_message, decode_pending, decode_receipt, decode_user, encode_channel,
+    encode_message, encode_pending, encode_receipt, encode_user, message_expires_at,
 };
 pub use receipt::{
     Outcome, PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, ACK_GRACE_SECS,
