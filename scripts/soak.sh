@@ -5,7 +5,8 @@
 # unregistrations, then a final drain and an exact account of every
 # accepted message (delivered, expired, replaced, dropped by unregister,
 # lost), duplicates, the server's peak and final memory and open files, and
-# the store's size on disk. Exits non-zero if any accepted message was lost.
+# the store's size on disk, and a check of every delivery receipt asked for.
+# Exits non-zero if any accepted message was lost or any receipt was wrong.
 #
 # Knobs (environment): SOAK_SECS, SOAK_UAS (default 40), SOAK_PORT (default
 # 18090), RESULTS (default loadtest/results; the JSON goes to

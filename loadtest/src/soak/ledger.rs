@@ -70,6 +70,11 @@ pub struct Sent {
     pub sent_at: Secs,
     pub answered_at: Secs,
     pub outcome: Outcome,
+    /// It asked for a delivery receipt (`Prefer: respond-async`).
+    pub receipt: bool,
+    /// Its message id (the last segment of the 202's `Location`), when it
+    /// asked for a receipt and was accepted.
+    pub message: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +155,8 @@ pub struct Tally {
     /// The first lost and duplicated ids, for the report.
     pub lost_ids: Vec<u64>,
     pub duplicate_ids: Vec<u64>,
+    /// Each accepted message's fate, for checking its delivery receipt.
+    pub fates: HashMap<u64, Fate>,
 }
 
 const KEEP_IDS: usize = 20;
@@ -256,7 +263,7 @@ pub fn classify(r: &Record, grace: Secs) -> Tally {
         }
         let conns = conns_of.get(&m.ua).unwrap_or(&none);
         let same = by_channel.get(&m.channel).map(Vec::as_slice).unwrap_or(&[]);
-        match fate(
+        let f = fate(
             m,
             received,
             conns,
@@ -264,7 +271,9 @@ pub fn classify(r: &Record, grace: Secs) -> Tally {
             unreg.get(&m.channel).copied(),
             r.end,
             grace,
-        ) {
+        );
+        t.fates.insert(m.id, f);
+        match f {
             Fate::Delivered => t.delivered += 1,
             Fate::Expired => {
                 t.expired += 1;
@@ -328,6 +337,8 @@ mod tests {
             sent_at: at,
             answered_at: at + 0.01,
             outcome: Outcome::Accepted,
+            receipt: false,
+            message: None,
         }
     }
 

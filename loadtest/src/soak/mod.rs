@@ -10,9 +10,14 @@
 //! acked, some nacked, some left unanswered until the next connection.
 //! At the end every user agent reconnects and drains; `ledger` then says
 //! what became of each accepted message, and the run fails if any was lost.
+//! Some POSTs ask for delivery receipts (RFC 8030 section 5.1), each user
+//! agent collecting its own in one receipt subscription; at the end every
+//! receipt is checked against what the ledger says became of its message
+//! (`receipts`), and the run fails on any wrong, missing or extra receipt.
 //! The server's memory, open files and store size are sampled throughout.
 
 mod ledger;
+mod receipts;
 
 use crate::crypto::{Vapid, B64_LENIENT, MAX_PLAINTEXT};
 use crate::fleet;
@@ -77,6 +82,15 @@ pub struct SoakArgs {
     /// Longest final drain, seconds.
     #[arg(long, default_value_t = 60.0)]
     pub drain: f64,
+    /// Share of POSTs that ask for a delivery receipt (`Prefer:
+    /// respond-async`); 0 asks for none.
+    #[arg(long, default_value_t = 0.3)]
+    pub receipts: f64,
+    /// Longest wait, seconds, after the final drain for receipts still due
+    /// (an unacknowledged message that was sent gets 60 s past its TTL).
+    /// Receipts not due by the end of the wait are not required.
+    #[arg(long, default_value_t = 75.0)]
+    pub receipt_wait: f64,
     /// Seed for the user agents' choices (default: random). Timing still
     /// varies between runs.
     #[arg(long)]
@@ -112,6 +126,8 @@ struct Shared {
     online: AtomicI64,
     malformed: AtomicU64,
     errors: Tally,
+    /// Each user agent's receipt subscription URL.
+    subscriptions: Mutex<BTreeMap<usize, String>>,
 }
 
 impl Shared {
@@ -171,6 +187,8 @@ struct Ua {
     seen: HashSet<u64>,
     draining: bool,
     topics: u64,
+    /// The receipt subscription the first 202 named.
+    receipt_sub: Option<String>,
 }
 
 /// A subscription's key pair and auth secret, as a browser makes them.
@@ -195,17 +213,61 @@ fn id_of(plain: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
-/// POSTs one message as an application server does, with an optional
-/// `Topic`. Also returns the TTL the service granted (its `TTL` header).
+/// What a POST's answer said.
+#[derive(Default)]
+struct Answered {
+    /// The TTL the service granted (its `TTL` header).
+    granted: Option<u32>,
+    /// Last segment of `Location`: the message id receipts name.
+    message: Option<String>,
+    /// The receipt subscription in `Link`.
+    receipt_sub: Option<String>,
+}
+
+const RECEIPT_REL: &str = "urn:ietf:params:push:receipt";
+
+/// The receipt subscription URL among `Link` headers, if any.
+fn receipt_link(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|link| {
+            let (url, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+            params
+                .split(';')
+                .any(|p| {
+                    p.trim()
+                        .strip_prefix("rel=")
+                        .is_some_and(|r| r.trim_matches('"') == RECEIPT_REL)
+                })
+                .then(|| url.to_string())
+        })
+}
+
+/// What a POST asks of the service besides delivery.
+struct Asks {
+    ttl: u32,
+    topic: Option<String>,
+    /// A receipt, in the given receipt subscription if any.
+    receipt: Option<Option<String>>,
+}
+
+/// POSTs one message as an application server does.
 async fn post(
     client: HttpClient,
     ep: Endpoint,
     auth: HeaderValue,
     body: Bytes,
-    ttl: u32,
-    topic: Option<String>,
+    asks: Asks,
     timeout: Duration,
-) -> (PostOutcome, Option<u32>) {
+) -> (PostOutcome, Answered) {
+    let Asks {
+        ttl,
+        topic,
+        receipt,
+    } = asks;
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(ep.uri(0).clone())
@@ -218,9 +280,23 @@ async fn post(
     if let Some(t) = topic {
         req = req.header("Topic", t);
     }
+    if let Some(sub) = receipt {
+        req = req.header("Prefer", "respond-async");
+        if let Some(url) = sub {
+            req = req.header(
+                http::header::LINK,
+                format!("<{url}>; rel=\"{RECEIPT_REL}\""),
+            );
+        }
+    }
     let req = match req.body(Full::new(body)) {
         Ok(r) => r,
-        Err(e) => return (PostOutcome::Transport(format!("request: {e}")), None),
+        Err(e) => {
+            return (
+                PostOutcome::Transport(format!("request: {e}")),
+                Answered::default(),
+            )
+        }
     };
     let exchange = async {
         let resp = client.request(req).await.map_err(|e| {
@@ -236,16 +312,34 @@ async fn post(
             .get("ttl")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
+        let message = resp
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim_end_matches('/').rsplit('/').next())
+            .filter(|m| !m.is_empty())
+            .map(String::from);
+        let receipt_sub = receipt_link(resp.headers());
         Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
             .map_err(|_| "reading response body".to_string())?;
-        Ok::<_, String>((status, granted))
+        Ok::<_, String>((
+            status,
+            Answered {
+                granted,
+                message,
+                receipt_sub,
+            },
+        ))
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => (PostOutcome::Transport("timeout".into()), None),
-        Ok(Err(e)) => (PostOutcome::Transport(e), None),
-        Ok(Ok((s, granted))) => (PostOutcome::Status(s), granted),
+        Err(_) => (
+            PostOutcome::Transport("timeout".into()),
+            Answered::default(),
+        ),
+        Ok(Err(e)) => (PostOutcome::Transport(e), Answered::default()),
+        Ok(Ok((s, a))) => (PostOutcome::Status(s), a),
     }
 }
 
@@ -624,20 +718,28 @@ impl Ua {
         };
         let (ep, channel) = (ch.ep.clone(), ch.n);
         let auth = sh.origins.lock().await.1[ep.origin].clone();
+        let asked = sh.args.receipts > 0.0 && self.rng.gen_bool(sh.args.receipts.min(1.0));
+        let receipt = asked.then(|| self.receipt_sub.clone());
         let sent_at = sh.now();
         let fut = post(
             sh.client.clone(),
             ep,
             auth,
             body,
-            ttl,
-            topic.clone(),
+            Asks {
+                ttl,
+                topic: topic.clone(),
+                receipt,
+            },
             sh.limit,
         );
-        let (out, granted) = self.while_reading(fut).await;
+        let (out, answered) = self.while_reading(fut).await;
         let outcome = match out {
-            PostOutcome::Status(201 | 202) => {
+            PostOutcome::Status(s @ (201 | 202)) => {
                 sh.accepted.fetch_add(1, Relaxed);
+                if asked {
+                    self.took_receipt(s, &answered);
+                }
                 Outcome::Accepted
             }
             PostOutcome::Status(s) => {
@@ -655,12 +757,41 @@ impl Ua {
             channel,
             // A service may lower the TTL asked for (RFC 8030 section 5.2);
             // what it granted is what it must honour.
-            ttl: granted.unwrap_or(ttl),
+            ttl: answered.granted.unwrap_or(ttl),
             topic,
             sent_at,
             answered_at: sh.now(),
             outcome,
+            receipt: asked,
+            message: answered.message.filter(|_| asked),
         });
+    }
+
+    /// Checks the answer to a POST that asked for a receipt, and keeps the
+    /// receipt subscription the first one named.
+    fn took_receipt(&mut self, status: u16, a: &Answered) {
+        let errors = &self.sh.errors;
+        if status != 202 {
+            errors.add(format!("POST asking for a receipt: status {status}"));
+        }
+        if a.message.is_none() {
+            errors.add("POST asking for a receipt: no Location");
+        }
+        match (&a.receipt_sub, &self.receipt_sub) {
+            (None, _) => errors.add("POST asking for a receipt: no receipt Link"),
+            (Some(got), Some(mine)) if got != mine => {
+                errors.add("POST asking for a receipt: another receipt subscription")
+            }
+            (Some(_), Some(_)) => {}
+            (Some(got), None) => {
+                self.receipt_sub = Some(got.clone());
+                self.sh
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(self.n, got.clone());
+            }
+        }
     }
 
     async fn online_phase(&mut self, until: Instant) {
@@ -809,6 +940,125 @@ impl Ua {
     }
 }
 
+/// Reads user agent `ua`'s receipts after `cursor` (the last event id read)
+/// into `out`, a batch at a time, and moves `cursor` on.
+async fn read_receipts(
+    client: &HttpClient,
+    url: &str,
+    ua: usize,
+    cursor: &mut Option<String>,
+    out: &mut Vec<receipts::DeliveryReceipt>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|_| "bad receipt URL".to_string())?;
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or("receipt URL without a host")?;
+    // Each batch holds at most 500; this bounds a server that says `more`
+    // for ever.
+    for _ in 0..10_000 {
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(uri.clone())
+            .header(http::header::HOST, host.as_str())
+            .header("Prefer", "wait=0");
+        if let Some(c) = cursor.as_deref() {
+            req = req.header("Last-Event-ID", c);
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("request: {e}"))?;
+        let exchange = async {
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|_| "request".to_string())?;
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), 4 << 20)
+                .collect()
+                .await
+                .map_err(|_| "reading response body".to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| "timeout".to_string())??;
+        if status != 200 {
+            return Err(format!("status {status}"));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| "not JSON".to_string())?;
+        let list = v["receipts"].as_array().ok_or("no receipts array")?;
+        for r in list {
+            let (Some(message), Some(outcome)) = (r["message"].as_str(), r["outcome"].as_str())
+            else {
+                return Err("receipt without message or outcome".into());
+            };
+            let verdict = receipts::Verdict::parse(outcome, r["code"].as_u64())
+                .ok_or_else(|| format!("unknown outcome {outcome:?}"))?;
+            out.push(receipts::DeliveryReceipt {
+                ua,
+                message: message.to_string(),
+                verdict,
+            });
+        }
+        if let Some(last) = v["last_event_id"].as_str() {
+            *cursor = Some(last.to_string());
+        } else if !list.is_empty() {
+            return Err("receipts without last_event_id".into());
+        }
+        if v["more"].as_bool() != Some(true) {
+            return Ok(());
+        }
+        if list.is_empty() {
+            return Err("an empty batch with more to come".into());
+        }
+    }
+    Err("more batches than any run makes".into())
+}
+
+/// After the run, reads every receipt subscription until each receipt due
+/// within `--receipt-wait` has come (or the wait is over), then checks them.
+async fn collect_receipts(
+    sh: &Shared,
+    record: &ledger::Record,
+    fates: &std::collections::HashMap<u64, ledger::Fate>,
+) -> receipts::ReceiptTally {
+    let subs: Vec<(usize, String)> = sh
+        .subscriptions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let wait_end = sh.now() + sh.args.receipt_wait.max(0.0);
+    let mut cursors: BTreeMap<usize, Option<String>> = BTreeMap::new();
+    let mut got = Vec::new();
+    let mut failed: HashSet<usize> = HashSet::new();
+    loop {
+        let read_at = sh.now();
+        for (ua, url) in &subs {
+            if failed.contains(ua) {
+                continue;
+            }
+            let cursor = cursors.entry(*ua).or_default();
+            let read = read_receipts(&sh.client, url, *ua, cursor, &mut got, sh.limit).await;
+            if let Err(e) = read {
+                sh.errors.add(format!("reading receipts: {e}"));
+                failed.insert(*ua);
+            }
+        }
+        let t = receipts::check(record, fates, &got, read_at);
+        let waiting = t.undecided_due.iter().any(|&d| d <= wait_end);
+        if !waiting || sh.now() >= wait_end {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 /// Bytes the files under `dir` take on disk.
 fn disk_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -841,6 +1091,9 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     if args.uas == 0 || args.duration <= 0.0 || args.grace < 1.0 {
         bail!("--uas and --duration must be positive and --grace at least 1 s (the server's expiry has whole-second granularity)");
     }
+    if !(0.0..=1.0).contains(&args.receipts) {
+        bail!("--receipts is a fraction of POSTs, 0 to 1");
+    }
     let (targets, push_bases) = common.targets_and_push_bases().await?;
     let nofile = net::raise_nofile_limit();
     if (args.uas * 2 + 100) as u64 > nofile.soft {
@@ -862,6 +1115,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             "uas": args.uas, "duration_s": args.duration, "grace_s": args.grace,
             "pace_s": args.pace, "long_offline_s": args.long_offline, "drain_s": args.drain,
             "nack": args.nack, "hold": args.hold,
+            "receipts": args.receipts, "receipt_wait_s": args.receipt_wait,
             "seed": seed, "data_dir": args.data_dir,
         }),
     );
@@ -883,6 +1137,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         online: AtomicI64::new(0),
         malformed: AtomicU64::new(0),
         errors: Tally::default(),
+        subscriptions: Mutex::new(BTreeMap::new()),
         args: args.clone(),
     });
     eprintln!(
@@ -944,6 +1199,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             seen: HashSet::new(),
             draining: false,
             topics: 0,
+            receipt_sub: None,
         };
         uas.spawn(ua.run());
     }
@@ -976,12 +1232,14 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     let mut record = std::mem::take(&mut *sh.record());
     record.end = sh.now();
     let t = ledger::classify(&record, args.grace);
+    let rt = collect_receipts(&sh, &record, &t.fates).await;
 
     for (name, n) in [
         ("lost", t.lost),
         ("duplicates of acked or nacked messages", t.duplicates),
         ("notification with an id never sent", t.unknown),
         ("malformed server message", sh.malformed.load(Relaxed)),
+        ("receipt errors", rt.errors),
     ] {
         if n > 0 {
             result.errors.insert(name.into(), n);
@@ -1005,6 +1263,16 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         ("receipts", record.receipts.len() as u64),
         ("connections", record.conns.len() as u64),
         ("unregistrations", record.unregistered.len() as u64),
+        ("receipts_asked", rt.asked),
+        ("receipts_received", rt.received),
+        ("receipt_errors", rt.errors),
+        ("receipts_undecided", rt.undecided),
+        ("receipts_unmatched", rt.unmatched),
+        ("receipts_delivered", rt.outcomes[0]),
+        ("receipts_rejected", rt.outcomes[1]),
+        ("receipts_expired", rt.outcomes[2]),
+        ("receipts_cancelled", rt.outcomes[3]),
+        ("receipts_gone", rt.outcomes[4]),
         ("server_rss_peak_kib", p.rss_kib),
         ("server_fds_peak", p.fds),
     ] {
@@ -1048,6 +1316,9 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             t.duplicate_ids
         ));
     }
+    for n in &rt.notes {
+        result.notes.push(format!("receipt: {n}"));
+    }
     result.elapsed_s = (start.elapsed().as_secs_f64() * 100.0).round() / 100.0;
     let server_text = match (final_rss, final_fds) {
         (Some(rss), Some(fds)) => format!(
@@ -1067,7 +1338,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         None => "store size not measured (no --data-dir)".into(),
     };
     result.summary = format!(
-        "soak[{}]: {:.0} s, {} user agents, {} connections: {} accepted, {} delivered, {} expired, {} replaced, {} dropped by unregister, {} LOST; {} redelivered after an unanswered receipt, {} duplicates of acked messages; {server_text}; {store_text}; {} other errors",
+        "soak[{}]: {:.0} s, {} user agents, {} connections: {} accepted, {} delivered, {} expired, {} replaced, {} dropped by unregister, {} LOST; {} redelivered after an unanswered receipt, {} duplicates of acked messages; {} receipts asked, {} received, {} receipt errors; {server_text}; {store_text}; {} other errors",
         common.target,
         args.duration,
         args.uas,
@@ -1080,6 +1351,9 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         t.lost,
         t.redelivered,
         t.duplicates,
+        rt.asked,
+        rt.received,
+        rt.errors,
         sh.errors.total(),
     );
     let errors = sh.errors.snapshot();
@@ -1092,6 +1366,13 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             "{} accepted messages were lost (ids {:?}...)",
             t.lost,
             t.lost_ids
+        );
+    }
+    if rt.errors > 0 {
+        bail!(
+            "{} receipt errors (first: {:?})",
+            rt.errors,
+            rt.notes.first()
         );
     }
     Ok(())
