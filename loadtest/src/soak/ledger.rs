@@ -322,12 +322,13 @@ pub fn classify(r: &Record, grace: Secs) -> Tally {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const G: Secs = 2.0;
 
-    fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
+    /// An accepted POST without a receipt; tests change what they need.
+    pub(in crate::soak) fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
         Sent {
             id,
             ua: 0,

@@ -347,16 +347,9 @@ mod tests {
 
     fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
         Sent {
-            id,
-            ua: 0,
-            channel: 7,
-            ttl,
-            topic: topic.map(String::from),
-            sent_at: at,
-            answered_at: at + 0.01,
-            outcome: Outcome::Accepted,
             receipt: true,
             message: Some(format!("m{id}")),
+            ..super::super::ledger::tests::sent(id, ttl, topic, at)
         }
     }
 

@@ -38,36 +38,38 @@ pub struct SweepFloor {
 const SWEEP_OVERLAP: u64 = 5;
 const FULL_SWEEP_EVERY: u64 = 60;
 
-fn uaid_seq_key(kind: u8, uaid: &Uaid, seq: u64) -> [u8; 25] {
+/// `kind | id 16 | n u64`: the shape of every key but the time-ordered ones.
+fn key(kind: u8, id: &[u8; 16], n: u64) -> [u8; 25] {
     let mut k = [0u8; 25];
     k[0] = kind;
-    k[1..17].copy_from_slice(&uaid.0);
-    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k[1..17].copy_from_slice(id);
+    k[17..].copy_from_slice(&n.to_be_bytes());
     k
+}
+
+/// `kind | at u64 | id 16 | n u64`: an index ordered by time.
+fn timed_key(kind: u8, at: u64, id: &[u8; 16], n: u64) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = kind;
+    k[1..9].copy_from_slice(&at.to_be_bytes());
+    k[9..].copy_from_slice(&key(0, id, n)[1..]);
+    k
+}
+
+fn uaid_seq_key(kind: u8, uaid: &Uaid, seq: u64) -> [u8; 25] {
+    key(kind, &uaid.0, seq)
 }
 
 fn expiry_key(deadline: u64, uaid: &Uaid, seq: u64) -> [u8; 33] {
-    let mut k = [0u8; 33];
-    k[0] = b'x';
-    k[1..9].copy_from_slice(&deadline.to_be_bytes());
-    k[9..33].copy_from_slice(&uaid_seq_key(0, uaid, seq)[1..]);
-    k
+    timed_key(b'x', deadline, &uaid.0, seq)
 }
 
 fn event_key(sub: &ReceiptSub, id: u64) -> [u8; 25] {
-    let mut k = [0u8; 25];
-    k[0] = b'e';
-    k[1..17].copy_from_slice(&sub.0);
-    k[17..].copy_from_slice(&id.to_be_bytes());
-    k
+    key(b'e', &sub.0, id)
 }
 
 fn age_key(at: u64, sub: &ReceiptSub, id: u64) -> [u8; 33] {
-    let mut k = [0u8; 33];
-    k[0] = b't';
-    k[1..9].copy_from_slice(&at.to_be_bytes());
-    k[9..].copy_from_slice(&event_key(sub, id)[1..]);
-    k
+    timed_key(b't', at, &sub.0, id)
 }
 
 fn uaid_seq(bytes: &[u8]) -> Option<(Uaid, u64)> {
