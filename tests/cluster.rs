@@ -512,3 +512,96 @@ async fn receipts_are_read_on_any_node_whichever_node_decided_them() {
         .json();
     assert_eq!(batch["receipts"].as_array().unwrap().len(), 2, "{batch}");
 }
+
+/// Redis commands run so far, from `INFO commandstats` (INFO itself left out).
+fn redis_calls(conn: &mut ::redis::Connection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter(|l| !l.starts_with("info:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The fewest Redis commands `op` (an expression, awaited inside) was seen
+/// to cost in five tries: the node's background work (heartbeats, broadcast
+/// polls, receipt sweeps) can only add to one try, never take away.
+macro_rules! redis_cost {
+    ($conn:expr, $op:expr) => {{
+        let mut best = u64::MAX;
+        for _ in 0..5 {
+            let before = redis_calls($conn);
+            $op;
+            best = best.min(redis_calls($conn) - before);
+        }
+        best
+    }};
+}
+
+/// Sends `unregister` for a channel the user agent never had; waits for the
+/// answer (notifications in between are skipped).
+async fn unregister_unknown(ua: &mut Ua) {
+    let ch = uuid::Uuid::new_v4().to_string();
+    ua.send(serde_json::json!({"messageType": "unregister", "channelID": ch}))
+        .await;
+    loop {
+        let m = ua.recv().await;
+        if m["messageType"] == "unregister" {
+            assert_eq!(m["status"], 200, "{m}");
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_work_per_request_does_not_grow_with_the_queue() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let h = node(redis.url(), &shared_key(), None, &[]).await;
+    let aud = h.url();
+    let keys = UaKeys::new();
+    let (small_uaid, small) = offline_subscription(&h, None).await;
+    let (full_uaid, full) = offline_subscription(&h, None).await;
+    // 995 waiting messages; the tries below bring it to the limit (1000).
+    let ttl = [("ttl", "600")];
+    let texts: Vec<String> = (0..995).map(|i| format!("m{i}")).collect();
+    for chunk in texts.chunks(25) {
+        futures_util::future::join_all(chunk.iter().map(|t| pushed(&full, &aud, &keys, t, &ttl)))
+            .await;
+    }
+    let mut conn = redis.client();
+    let small_cost = redis_cost!(&mut conn, pushed(&small, &aud, &keys, "s", &ttl).await);
+    let full_cost = redis_cost!(&mut conn, pushed(&full, &aud, &keys, "f", &ttl).await);
+    let refused_cost = redis_cost!(&mut conn, {
+        let r = push(&full, None, &aud, &keys, "x", &ttl).await;
+        assert_eq!((r.status, r.errno()), (429, 116));
+    });
+    println!("Redis commands per push: 5 queued {small_cost}, 995 queued {full_cost}, 1000 queued (429) {refused_cost}");
+    // Before counting was O(1), a push to the full queue ran one command
+    // per queued message (over 1,000).
+    assert!(full_cost <= small_cost + 2, "{full_cost} vs {small_cost}");
+    assert!(refused_cost <= small_cost, "{refused_cost} vs {small_cost}");
+
+    // Unregistering a channel it never had: one existence check.
+    let mut small_ua = Ua::hello(&h, Some(&small_uaid)).await;
+    let mut full_ua = Ua::hello(&h, Some(&full_uaid)).await;
+    // Let both fill their delivery windows and go quiet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let small_cost = redis_cost!(&mut conn, unregister_unknown(&mut small_ua).await);
+    let full_cost = redis_cost!(&mut conn, unregister_unknown(&mut full_ua).await);
+    println!(
+        "Redis commands per unknown unregister: 5 queued {small_cost}, 1000 queued {full_cost}"
+    );
+    assert!(full_cost <= small_cost, "{full_cost} vs {small_cost}");
+}

@@ -226,7 +226,8 @@ async fn users_round_trip_and_drop(e: Engine) {
             let want = (now + UA_EXPIRY) as i64;
             assert!((want - 5..=want + 5).contains(&at), "{key} expires at {at}");
         }
-        assert_eq!(raw.keys_of(&u).len(), 6, "{:?}", raw.keys_of(&u));
+        // user, channels, messages, expiries, topics, two payloads.
+        assert_eq!(raw.keys_of(&u).len(), 7, "{:?}", raw.keys_of(&u));
     }
 
     e.peer.drop_user(&u).await.unwrap();
@@ -446,6 +447,8 @@ async fn expired_messages_are_never_returned(e: Engine) {
         // Nothing outlives its content, nothing dies before it.
         assert_eq!(raw.expiretime(&messages_key(&u)), long.expires_at as i64);
         assert_eq!(raw.expiretime(&topics_key(&u)), long.expires_at as i64);
+        let expiries = format!("herald:x:{{{u}}}");
+        assert_eq!(raw.expiretime(&expiries), long.expires_at as i64);
     }
 
     sleep_past(short.expires_at).await;
@@ -491,6 +494,71 @@ async fn counting_stops_at_the_limit(e: Engine) {
         0
     );
     s.drop_user(&u).await.unwrap();
+}
+
+/// The count a push is refused by must match the queue through everything
+/// that changes it: a store, a replacement by topic, an ack (delete), a
+/// removed subscription, expiry, and a user agent dropped and reused.
+async fn counts_stay_exact(e: Engine) {
+    let s = &*e.store;
+    let u = Uaid::random();
+    let (c1, c2) = (new_channel(), new_channel());
+    s.put_channel(&u, &c1, &channel_record(None)).await.unwrap();
+    s.put_channel(&u, &c2, &channel_record(None)).await.unwrap();
+    let count = |now: u64| async move { s.count_messages(&u, now, 1000).await.unwrap() };
+    assert_eq!(count(now_secs()).await, 0);
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        let m = message(s, if i % 2 == 0 { c1 } else { c2 }, 600, None);
+        s.put_message(&u, &m).await.unwrap();
+        kept.push(m);
+    }
+    assert_eq!(count(now_secs()).await, 5);
+    // Replacing by topic keeps the count; the peer's replacement too.
+    let t1 = message(s, c1, 600, Some("t"));
+    s.put_message(&u, &t1).await.unwrap();
+    assert_eq!(count(now_secs()).await, 6);
+    let t2 = message(&*e.peer, c1, 600, Some("t"));
+    assert!(e
+        .peer
+        .put_message(&u, &t2)
+        .await
+        .unwrap()
+        .replaced
+        .is_some());
+    assert_eq!(count(now_secs()).await, 6);
+    // Acks, once each.
+    assert!(s.delete_message(&u, kept[0].seq).await.unwrap());
+    assert!(!e.peer.delete_message(&u, kept[0].seq).await.unwrap());
+    assert_eq!(count(now_secs()).await, 5);
+    assert!(s.delete_message(&u, t2.seq).await.unwrap());
+    assert_eq!(count(now_secs()).await, 4);
+    // Removing a subscription takes its messages (kept[2], kept[4]: c1).
+    assert!(s.remove_channel(&u, &c1).await.unwrap());
+    assert_eq!(count(now_secs()).await, 2);
+    assert!(!s.remove_channel(&u, &c1).await.unwrap());
+    assert!(!s.remove_channel(&u, &new_channel()).await.unwrap());
+    assert_eq!(count(now_secs()).await, 2);
+    // Expiry: by the caller's clock, then by the engine's own.
+    let short = message(s, c2, 1, None);
+    s.put_message(&u, &short).await.unwrap();
+    assert_eq!(count(now_secs()).await, 3);
+    assert_eq!(count(short.expires_at).await, 2);
+    sleep_past(short.expires_at).await;
+    assert_eq!(count(now_secs()).await, 2);
+    let after = message(s, c2, 600, None);
+    s.put_message(&u, &after).await.unwrap();
+    assert_eq!(count(now_secs()).await, 3);
+    assert_eq!(count(now_secs() + 601).await, 0);
+    // A dropped user agent counts nothing, and starts from zero.
+    s.drop_user(&u).await.unwrap();
+    assert_eq!(count(now_secs()).await, 0);
+    s.put_message(&u, &message(s, c2, 600, None)).await.unwrap();
+    assert_eq!(count(now_secs()).await, 1);
+    s.drop_user(&u).await.unwrap();
+    if let Some(raw) = &e.raw {
+        assert!(raw.keys_of(&u).is_empty(), "{:?}", raw.keys_of(&u));
+    }
 }
 
 async fn seqs_increase(e: Engine) {
@@ -1034,6 +1102,7 @@ contract!(
     topics_replace_pending_messages,
     expired_messages_are_never_returned,
     counting_stops_at_the_limit,
+    counts_stay_exact,
     seqs_increase,
     concurrent_nodes_lose_nothing,
     health_check_and_flush_work,
@@ -1134,13 +1203,14 @@ async fn redis_cluster_keys_of_one_user_agent_share_one_slot() {
             "herald:m:",
             "herald:p:",
             "herald:t:",
-            "herald:u:"
+            "herald:u:",
+            "herald:x:"
         ]
     );
     let primary = cluster.primary_for(user_key(&u).as_bytes());
     assert!(
-        keys.iter().filter(|(port, _)| *port == primary).count() >= 7,
-        "user, channels, messages, topics and 4 pending payloads on the primary"
+        keys.iter().filter(|(port, _)| *port == primary).count() >= 8,
+        "user, channels, messages, expiries, topics and 4 pending payloads on the primary"
     );
     store.drop_user(&u).await.unwrap();
 }

@@ -11,6 +11,7 @@
 //! | `herald:u:{uaid}` | string | encoded `UserRecord`; expires `ua_expiry` after the last `put_user` |
 //! | `herald:c:{uaid}` | hash | channel id bytes → encoded `ChannelRecord`; expiry refreshed with the user |
 //! | `herald:m:{uaid}` | sorted set | pending seqs (member = decimal seq, score = seq); expires with its newest message |
+//! | `herald:x:{uaid}` | sorted set | the same seqs scored by `expires_at`, so counting live messages is one `ZCOUNT`; expires with its newest message |
 //! | `herald:p:{uaid}:<seq>` | string | encoded `Message`, `EXAT expires_at` |
 //! | `herald:t:{uaid}` | hash | channel id bytes + topic → decimal seq; expires with its newest message |
 //! | `herald:broadcasts` | hash | broadcast id → version |
@@ -75,32 +76,51 @@ local function be64(s, off)
 end
 ";
 
-// KEYS: messages zset, payload key, topics hash.
+// KEYS: messages zset, payload key, topics hash, expiries zset.
 // ARGV: seq, encoded message, expires_at, topic field ('' for none), payload key prefix.
 // Returns 0 stored, -1 seq taken, or the seq of the pending message it
 // replaced (seqs are positive and below 2^53, so exact as Lua numbers).
+// Every command here runs once whatever the queue holds, except when the
+// expiries zset is missing: then it is built from the queue (a queue stored
+// before it existed, or one whose entries all expired; members whose payload
+// expired are pruned on the way, so each is visited once).
 const PUT_MESSAGE: &str = r"
 local at = tonumber(ARGV[3])
-if at <= tonumber(redis.call('TIME')[1]) then return 0 end
+local now = tonumber(redis.call('TIME')[1])
+if at <= now then return 0 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EXAT', ARGV[3]) then return -1 end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  for _, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local head = redis.call('GETRANGE', ARGV[5] .. s, ARGV[6], ARGV[6] + 7)
+    if head == '' then
+      redis.call('ZREM', KEYS[1], s)
+    else
+      redis.call('ZADD', KEYS[4], be64(head, 0), s)
+    end
+  end
+end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local function outlive(key)
   if redis.call('EXPIRETIME', key) < at then redis.call('EXPIREAT', key, ARGV[3]) end
 end
 outlive(KEYS[1])
+outlive(KEYS[4])
 if ARGV[4] == '' then return 0 end
 local replaced = 0
 local old = redis.call('HGET', KEYS[3], ARGV[4])
 if old and old ~= ARGV[1] then
   if redis.call('DEL', ARGV[5] .. old) == 1 then replaced = tonumber(old) end
   redis.call('ZREM', KEYS[1], old)
+  redis.call('ZREM', KEYS[4], old)
 end
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
 outlive(KEYS[3])
 return replaced
 ";
 
-// KEYS: messages zset. ARGV: after, limit, now, payload key prefix, expires_at offset.
+// KEYS: messages zset, expiries zset. ARGV: after, limit, now, payload key prefix, expires_at offset.
 // Returns {pruned, seqs, values}.
 const READ_MESSAGES: &str = r"
 local limit, now, off = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
@@ -113,6 +133,7 @@ while #seqs < limit do
     local v = redis.call('GET', ARGV[4] .. s)
     if not v then
       redis.call('ZREM', KEYS[1], s)
+      redis.call('ZREM', KEYS[2], s)
       pruned = pruned + 1
     elseif be64(v, off) > now then
       seqs[#seqs + 1] = s
@@ -125,52 +146,34 @@ end
 return {pruned, seqs, values}
 ";
 
-// KEYS: messages zset. ARGV: now, limit, payload key prefix, expires_at offset.
-// Returns {pruned, count}.
-const COUNT_MESSAGES: &str = r"
-local now, limit, off = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-local count, pruned = 0, 0
-local from = '-inf'
-while count < limit do
-  local batch = redis.call('ZRANGEBYSCORE', KEYS[1], from, '+inf', 'LIMIT', 0, 256)
-  if #batch == 0 then break end
-  for _, s in ipairs(batch) do
-    local head = redis.call('GETRANGE', ARGV[3] .. s, off, off + 7)
-    if head == '' then
-      redis.call('ZREM', KEYS[1], s)
-      pruned = pruned + 1
-    elseif be64(head, 0) > now then
-      count = count + 1
-      if count >= limit then break end
-    end
-  end
-  from = '(' .. batch[#batch]
-end
-return {pruned, count}
-";
-
-// KEYS: messages zset, payload key. ARGV: seq. Returns 1 if the payload existed.
+// KEYS: messages zset, payload key, expiries zset. ARGV: seq. Returns 1 if
+// the payload existed.
 const DELETE_MESSAGE: &str = r"
 local existed = redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return existed
 ";
 
-// KEYS: channels hash, messages zset, topics hash.
+// KEYS: channels hash, messages zset, topics hash, expiries zset.
 // ARGV: channel id bytes, payload key prefix, channel offset in a message.
-// Returns {existed, pruned}.
+// Returns {existed, pruned}. An unknown channel costs one HDEL: messages are
+// only stored for a channel that exists, so there is nothing to scan for.
 const REMOVE_CHANNEL: &str = r"
 local existed = redis.call('HDEL', KEYS[1], ARGV[1])
+if existed == 0 then return {0, 0} end
 local off = tonumber(ARGV[3])
 local pruned = 0
 for _, s in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local ch = redis.call('GETRANGE', ARGV[2] .. s, off, off + 15)
   if ch == '' then
     redis.call('ZREM', KEYS[2], s)
+    redis.call('ZREM', KEYS[4], s)
     pruned = pruned + 1
   elseif ch == ARGV[1] then
     redis.call('DEL', ARGV[2] .. s)
     redis.call('ZREM', KEYS[2], s)
+    redis.call('ZREM', KEYS[4], s)
   end
 end
 for _, f in ipairs(redis.call('HKEYS', KEYS[3])) do
@@ -179,12 +182,13 @@ end
 return {existed, pruned}
 ";
 
-// KEYS: user, channels hash, messages zset, topics hash. ARGV: payload key prefix.
+// KEYS: user, channels hash, messages zset, topics hash, expiries zset.
+// ARGV: payload key prefix.
 const DROP_USER: &str = r"
 for _, s in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   redis.call('DEL', ARGV[1] .. s)
 end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 ";
 
 // KEYS: user, channels hash. ARGV: encoded record, expiry in seconds (0: never).
@@ -210,7 +214,6 @@ return 0
 struct Scripts {
     put_message: Script,
     read_messages: Script,
-    count_messages: Script,
     delete_message: Script,
     remove_channel: Script,
     drop_user: Script,
@@ -222,9 +225,8 @@ impl Scripts {
     fn new() -> Self {
         let with_be64 = |body: &str| Script::new(&format!("{LUA_BE64}{body}"));
         Scripts {
-            put_message: Script::new(PUT_MESSAGE),
+            put_message: with_be64(PUT_MESSAGE),
             read_messages: with_be64(READ_MESSAGES),
-            count_messages: with_be64(COUNT_MESSAGES),
             delete_message: Script::new(DELETE_MESSAGE),
             remove_channel: Script::new(REMOVE_CHANNEL),
             drop_user: Script::new(DROP_USER),
@@ -291,6 +293,9 @@ impl Keys {
     }
     fn topics(&self) -> String {
         format!("herald:t:{}", self.tag)
+    }
+    fn expiries(&self) -> String {
+        format!("herald:x:{}", self.tag)
     }
     /// Scripts build payload keys of seqs they find from this prefix.
     fn payload_prefix(&self) -> String {
@@ -569,11 +574,13 @@ impl RedisStore {
             inv.key(keys.messages())
                 .key(keys.payload(seq))
                 .key(keys.topics())
+                .key(keys.expiries())
                 .arg(seq)
                 .arg(&value)
                 .arg(m.expires_at)
                 .arg(&topic)
-                .arg(keys.payload_prefix());
+                .arg(keys.payload_prefix())
+                .arg(EXPIRES_AT.start);
             match self.eval::<i64>("put_message", &inv).await? {
                 PUT_COLLISION => {
                     self.seq_collisions.fetch_add(1, Ordering::Relaxed);
@@ -619,6 +626,7 @@ impl Store for RedisStore {
             .key(keys.channels())
             .key(keys.messages())
             .key(keys.topics())
+            .key(keys.expiries())
             .arg(keys.payload_prefix());
         self.eval::<i64>("drop_user", &inv).await.map(drop)
     }
@@ -661,6 +669,7 @@ impl Store for RedisStore {
         inv.key(keys.channels())
             .key(keys.messages())
             .key(keys.topics())
+            .key(keys.expiries())
             .arg(channel.as_bytes().as_slice())
             .arg(keys.payload_prefix())
             .arg(MESSAGE_CHANNEL.start);
@@ -714,6 +723,7 @@ impl Store for RedisStore {
         let keys = Keys::new(uaid);
         let mut inv = self.scripts.read_messages.prepare_invoke();
         inv.key(keys.messages())
+            .key(keys.expiries())
             .arg(after)
             .arg(lua_count(limit))
             .arg(now_secs())
@@ -750,31 +760,32 @@ impl Store for RedisStore {
     async fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
         let keys = Keys::new(uaid);
         let mut inv = self.scripts.delete_message.prepare_invoke();
-        inv.key(keys.messages()).key(keys.payload(seq)).arg(seq);
+        inv.key(keys.messages())
+            .key(keys.payload(seq))
+            .key(keys.expiries())
+            .arg(seq);
         let existed: i64 = self.eval("delete_message", &inv).await?;
         Ok(existed > 0)
     }
 
+    /// One `ZCOUNT` on the expiries zset, whatever the queue holds: every
+    /// push counts, including those refused as over the limit.
     async fn count_messages(&self, uaid: &Uaid, now: u64, limit: usize) -> StoreResult<usize> {
         if limit == 0 {
             return Ok(0);
         }
-        let keys = Keys::new(uaid);
-        let mut inv = self.scripts.count_messages.prepare_invoke();
-        inv.key(keys.messages())
-            .arg(now)
-            .arg(lua_count(limit))
-            .arg(keys.payload_prefix())
-            .arg(EXPIRES_AT.start);
-        let (pruned, count): (u64, usize) = self.eval("count_messages", &inv).await?;
-        self.count_expired(pruned);
-        Ok(count)
+        let mut cmd = redis::cmd("ZCOUNT");
+        cmd.arg(Keys::new(uaid).expiries())
+            .arg(format!("({now}"))
+            .arg("+inf");
+        let n: usize = self.query("count_messages", &cmd).await?;
+        Ok(n.min(limit))
     }
 
     /// Nothing to sweep: payloads expire by themselves (`EXAT`), the sorted
     /// set and topic hash expire with their newest message, and members left
     /// by expired payloads are pruned whenever the user agent's messages are
-    /// read or counted.
+    /// read (and trimmed from the expiries zset on every store).
     async fn purge_expired(&self) -> StoreResult<()> {
         Ok(())
     }
@@ -864,6 +875,7 @@ mod tests {
             k.channels(),
             k.messages(),
             k.topics(),
+            k.expiries(),
             k.payload(1_700_000_000_000_000),
             format!("{}42", k.payload_prefix()),
         ] {
