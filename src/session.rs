@@ -49,6 +49,19 @@ pub mod status {
     pub const INTERNAL: u16 = 500;
 }
 
+/// One message an ack or nack frame settles.
+struct Settle {
+    seq: u64,
+    receipt: bool,
+    code: Option<i64>,
+}
+
+#[derive(Default)]
+struct AckPlan {
+    settle: Vec<Settle>,
+    unsolicited: usize,
+}
+
 #[derive(Clone, Copy)]
 struct InFlight {
     seq: u64,
@@ -83,6 +96,10 @@ const FREE_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5
 pub struct Session {
     app: Arc<App>,
     uaid: Option<Uaid>,
+    /// The user agent has a user record. One that said hello without a
+    /// uaid gets its record with its first subscription: an anonymous
+    /// hello must cost the store nothing.
+    persisted: bool,
     in_flight: Vec<InFlight>,
     storage_mode: bool,
     /// Highest sequence number any scan has seen; a routed message at or
@@ -104,6 +121,7 @@ impl Session {
         Session {
             app,
             uaid: None,
+            persisted: false,
             in_flight: Vec::new(),
             storage_mode: true,
             max_scanned: 0,
@@ -191,8 +209,9 @@ impl Session {
 
     /// How much of a message the flood limit counts before it is handled.
     /// Only what the user agent says unprompted counts: acks and nacks answer
-    /// what Herald sent (they are charged afterwards, and only for versions
-    /// that were not in flight), and a ping at keepalive pace is free.
+    /// what Herald sent (they are charged once their versions are sorted,
+    /// still before the store, and only for versions that were not in
+    /// flight), and a ping at keepalive pace is free.
     fn upfront_charge(&mut self, msg: &ClientMessage) -> usize {
         match msg {
             ClientMessage::Ack { .. } | ClientMessage::Nack { .. } => 0,
@@ -259,28 +278,38 @@ impl Session {
                 self.unregister(uaid, &channel_id, out).await
             }
             ClientMessage::Ack { updates } => {
-                let unsolicited = match updates.len() {
-                    0 => 1,
-                    _ => {
-                        self.acknowledge(
-                            uaid,
-                            updates.iter().map(|u| (u.version.as_str(), u.code)),
-                            false,
-                        )
-                        .await
-                    }
+                // A frame's updates are counted, deduplicated and charged to
+                // the flood limit before any of them reaches the store, so
+                // one frame costs at most `delivery_window` store steps.
+                let window = self.app.settings.delivery_window;
+                if updates.len() > window {
+                    out.push(Action::Close(
+                        close::POLICY,
+                        format!("an ack may carry at most {window} updates"),
+                    ));
+                    return;
+                }
+                let plan =
+                    self.plan_acks(uaid, updates.iter().map(|u| (u.version.as_str(), u.code)));
+                // An empty ack answers nothing.
+                let unsolicited = if updates.is_empty() {
+                    1
+                } else {
+                    plan.unsolicited
                 };
                 if !self.allow(unsolicited) {
                     self.flood_close(out);
+                    return;
                 }
+                self.acknowledge(uaid, plan.settle, false).await;
             }
             ClientMessage::Nack { version, code } => {
-                let unsolicited = self
-                    .acknowledge(uaid, std::iter::once((version.as_str(), code)), true)
-                    .await;
-                if !self.allow(unsolicited) {
+                let plan = self.plan_acks(uaid, std::iter::once((version.as_str(), code)));
+                if !self.allow(plan.unsolicited) {
                     self.flood_close(out);
+                    return;
                 }
+                self.acknowledge(uaid, plan.settle, true).await;
             }
             ClientMessage::Urgency { min } => {
                 if min < self.min_urgency {
@@ -334,24 +363,31 @@ impl Session {
                 }
             }
         }
-        let (uaid, created, outcome) = match known {
-            Some((u, rec)) => (u, rec.created, "existing"),
-            None => (Uaid::random(), now, "new"),
+        // A known user agent's record is refreshed (its expiry restarts);
+        // a new one is only remembered once it subscribes (`register`).
+        // An unknown or expired uaid gets a fresh one: it has no
+        // subscriptions left for the user agent to lose.
+        let (uaid, outcome) = match known {
+            Some((u, rec)) => {
+                let record = UserRecord {
+                    created: rec.created,
+                    last_seen: now,
+                };
+                if let Err(e) = app
+                    .metrics
+                    .time("put_user", app.store.put_user(&u, &record))
+                    .await
+                {
+                    tracing::error!("hello: {e}");
+                    app.metrics.ws_hello.with_label_values(&["rejected"]).inc();
+                    out.push(Action::Close(close::INTERNAL, "storage unavailable".into()));
+                    return;
+                }
+                self.persisted = true;
+                (u, "existing")
+            }
+            None => (Uaid::random(), "new"),
         };
-        let record = UserRecord {
-            created,
-            last_seen: now,
-        };
-        if let Err(e) = app
-            .metrics
-            .time("put_user", app.store.put_user(&uaid, &record))
-            .await
-        {
-            tracing::error!("hello: {e}");
-            app.metrics.ws_hello.with_label_values(&["rejected"]).inc();
-            out.push(Action::Close(close::INTERNAL, "storage unavailable".into()));
-            return;
-        }
         app.metrics.ws_hello.with_label_values(&[outcome]).inc();
         tracing::debug!(uaid = %uaid.short(), outcome, "hello");
         self.uaid = Some(uaid);
@@ -411,6 +447,7 @@ impl Session {
                 }
             },
         };
+        let persisted = self.persisted;
         let result: crate::store::StoreResult<u16> = async {
             match app.store.get_channel(&uaid, &channel).await? {
                 // Same subscription asked for again: hand out its endpoint.
@@ -421,9 +458,21 @@ impl Session {
                     if app.store.count_channels(&uaid, max).await? >= max {
                         return Ok(status::TOO_MANY_CHANNELS);
                     }
+                    let now = now_secs();
+                    if !persisted {
+                        // The first subscription of a user agent that said
+                        // hello without a uaid: now it is worth a record.
+                        let user = UserRecord {
+                            created: now,
+                            last_seen: now,
+                        };
+                        app.metrics
+                            .time("put_user", app.store.put_user(&uaid, &user))
+                            .await?;
+                    }
                     let rec = ChannelRecord {
                         key_hash,
-                        created: now_secs(),
+                        created: now,
                     };
                     app.metrics
                         .time("put_channel", app.store.put_channel(&uaid, &channel, &rec))
@@ -435,6 +484,7 @@ impl Session {
         .await;
         match result {
             Ok(status::OK) => {
+                self.persisted = true;
                 let (version, token) = app.tokens.endpoint_token(&crate::token::EndpointToken {
                     uaid,
                     channel,
@@ -486,26 +536,25 @@ impl Session {
         ));
     }
 
-    /// An ack deletes the message; so does a nack (the user agent could not
-    /// handle it, and resending would fail the same way). Either decides
-    /// the message's receipt, when one was asked for. Returns how many
-    /// versions were not in flight on this connection (unknown, foreign or
-    /// answered twice): those are what the flood limit counts.
-    async fn acknowledge<'a>(
+    /// Sorts the versions of an ack or nack frame, touching nothing but this
+    /// session: which messages to settle (each once, however often the
+    /// frame names it) and how many versions were not in flight on this
+    /// connection (unknown, foreign, repeated or answered before): those
+    /// are what the flood limit counts.
+    fn plan_acks<'a>(
         &mut self,
         uaid: Uaid,
         versions: impl Iterator<Item = (&'a str, Option<i64>)>,
-        nack: bool,
-    ) -> usize {
-        let mut unsolicited = 0;
+    ) -> AckPlan {
+        let mut plan = AckPlan::default();
         for (version, code) in versions {
             let Some(id) = self.app.tokens.open_message_id(version) else {
                 tracing::debug!("ack for an unknown version");
-                unsolicited += 1;
+                plan.unsolicited += 1;
                 continue;
             };
-            if id.uaid != uaid {
-                unsolicited += 1;
+            if id.uaid != uaid || plan.settle.iter().any(|a| a.seq == id.seq) {
+                plan.unsolicited += 1;
                 continue;
             }
             // Sent on an earlier connection, or acknowledged twice: still
@@ -514,21 +563,35 @@ impl Session {
             let receipt = match self.in_flight.iter().position(|f| f.seq == id.seq) {
                 Some(i) => self.in_flight.swap_remove(i).receipt,
                 None => {
-                    unsolicited += 1;
+                    plan.unsolicited += 1;
                     true
                 }
             };
-            let app = &self.app;
+            plan.settle.push(Settle {
+                seq: id.seq,
+                receipt,
+                code,
+            });
+        }
+        plan
+    }
+
+    /// An ack deletes the message; so does a nack (the user agent could not
+    /// handle it, and resending would fail the same way). Either decides
+    /// the message's receipt, when one was asked for.
+    async fn acknowledge(&mut self, uaid: Uaid, settle: Vec<Settle>, nack: bool) {
+        let app = &self.app;
+        for Settle { seq, receipt, code } in settle {
             if receipt {
                 // Before the delete: a crash between the two redelivers a
                 // message already reported, never loses the report.
                 app.receipts
-                    .settle(&uaid, id.seq, ack_outcome(nack, code))
+                    .settle(&uaid, seq, ack_outcome(nack, code))
                     .await;
             }
             match app
                 .metrics
-                .time("delete_message", app.store.delete_message(&uaid, id.seq))
+                .time("delete_message", app.store.delete_message(&uaid, seq))
                 .await
             {
                 Ok(true) => app.pending.removed(&uaid),
@@ -541,7 +604,6 @@ impl Session {
                 app.metrics.messages_acked.inc();
             }
         }
-        unsolicited
     }
 
     /// The router handed this connection a message.
@@ -759,7 +821,11 @@ mod tests {
     async fn hello_issues_then_keeps_a_uaid() {
         let dir = tempfile::tempdir().unwrap();
         let a = app(dir.path(), &[]);
-        let uaid = hello(&mut Session::new(a.clone()), None).await;
+        let mut s = Session::new(a.clone());
+        let uaid = hello(&mut s, None).await;
+        let ch = uuid::Uuid::new_v4();
+        let reg = format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#);
+        assert_eq!(sent(&step(&mut s, &reg).await)[0]["status"], 200);
         assert_eq!(hello(&mut Session::new(a.clone()), Some(&uaid)).await, uaid);
         assert_ne!(
             hello(
@@ -769,6 +835,43 @@ mod tests {
             .await,
             uaid
         );
+    }
+
+    #[tokio::test]
+    async fn a_user_agent_is_stored_with_its_first_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[]);
+        let mut s = Session::new(a.clone());
+        let first = hello(&mut s, None).await;
+        let u = Uaid::parse(&first).unwrap();
+        // Broadcasts are followed in memory only.
+        let sub = r#"{"messageType":"broadcast_subscribe","broadcasts":{"b":"v0"}}"#;
+        step(&mut s, sub).await;
+        assert_eq!(
+            a.store.get_user(&u).await.unwrap(),
+            None,
+            "hello stored nothing"
+        );
+        // Coming back with a uaid that never subscribed: nothing to keep, and
+        // still nothing stored.
+        let again = hello(&mut Session::new(a.clone()), Some(&first)).await;
+        assert_ne!(again, first);
+        let again = Uaid::parse(&again).unwrap();
+        assert_eq!(a.store.get_user(&again).await.unwrap(), None);
+        // The first register stores the user agent, and the next hello
+        // refreshes it.
+        let reg = format!(
+            r#"{{"messageType":"register","channelID":"{}"}}"#,
+            uuid::Uuid::new_v4()
+        );
+        assert_eq!(sent(&step(&mut s, &reg).await)[0]["status"], 200);
+        let rec = a.store.get_user(&u).await.unwrap().expect("stored");
+        assert_eq!(rec.created, rec.last_seen);
+        assert_eq!(
+            hello(&mut Session::new(a.clone()), Some(&first)).await,
+            first
+        );
+        assert_eq!(a.store.count_channels(&u, 10).await.unwrap(), 1);
     }
 
     #[tokio::test]
@@ -975,6 +1078,76 @@ mod tests {
         hello(&mut s, None).await;
         let empty = r#"{"messageType":"ack","updates":[]}"#;
         assert!(cut_within(&mut s, empty, 10).await);
+    }
+
+    /// Puts a message in the store, routes it, and returns its version.
+    async fn delivered(s: &mut Session, a: &App, uaid: &Uaid) -> (Message, String) {
+        let m = message(a, 60, Urgency::Normal);
+        a.store.put_message(uaid, &m).await.unwrap();
+        let mut out = vec![];
+        s.on_routed(&m, &mut out);
+        let v = sent(&out)[0]["version"].as_str().unwrap().to_string();
+        (m, v)
+    }
+
+    fn ack_of(versions: &[&str]) -> String {
+        let updates: Vec<Value> = versions
+            .iter()
+            .map(|v| serde_json::json!({"channelID": "x", "version": v, "code": 100}))
+            .collect();
+        serde_json::json!({"messageType": "ack", "updates": updates}).to_string()
+    }
+
+    #[tokio::test]
+    async fn one_ack_frame_settles_each_version_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let (m, v) = delivered(&mut s, &a, &uaid).await;
+        let out = step(&mut s, &ack_of(&[v.as_str(); 60])).await;
+        assert!(!cut_off(&out), "{out:?}");
+        assert_eq!(a.metrics.messages_acked.get(), 1, "settled once");
+        assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_none());
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_ack_over_the_window_is_refused_before_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[("HERALD_DELIVERY_WINDOW", "4")]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let (m, v) = delivered(&mut s, &a, &uaid).await;
+        let out = step(&mut s, &ack_of(&[v.as_str(); 5])).await;
+        assert!(
+            matches!(&out[..], [Action::Close(close::POLICY, r)] if r.contains("at most 4")),
+            "{out:?}"
+        );
+        assert_eq!(a.metrics.messages_acked.get(), 0);
+        assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_some());
+        // Up to the window is fine.
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let (_, v2) = delivered(&mut s, &a, &uaid).await;
+        let out = step(&mut s, &ack_of(&[v2.as_str(); 4])).await;
+        assert!(!cut_off(&out), "{out:?}");
+        assert_eq!(a.metrics.messages_acked.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flooding_ack_is_charged_before_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = Session::new(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let (m, v) = delivered(&mut s, &a, &uaid).await;
+        // One real answer among forgeries worth more than the burst (4).
+        let mut versions = vec![v.as_str()];
+        versions.extend(["forged"; 10]);
+        assert!(cut_off(&step(&mut s, &ack_of(&versions)).await));
+        assert_eq!(a.metrics.messages_acked.get(), 0, "nothing settled");
+        assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -18,7 +18,11 @@ async fn hello_gives_a_new_uaid_and_keeps_a_known_one() {
         .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
     drop(ua);
 
-    let first = Ua::hello(&h, None).await.uaid;
+    // Known once it has subscribed.
+    let mut ua = Ua::hello(&h, None).await;
+    ua.subscribe(None).await;
+    let first = ua.uaid.clone();
+    drop(ua);
     let again = Ua::hello(&h, Some(&first)).await;
     assert_eq!(again.uaid, first, "a known uaid is kept");
 
@@ -475,4 +479,145 @@ async fn a_thousand_unsolicited_registers_a_second_are_cut_off() {
     let (code, reason) = ua.closed(Duration::from_secs(10)).await;
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("rate limit"), "{reason}");
+}
+
+/// Keys Herald keeps per user agent (everything but node heartbeats, the
+/// broadcast hash and readiness probes).
+fn user_agent_keys(redis: &common::redis::RedisServer) -> Vec<String> {
+    let mut conn = redis.client();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("herald:*")
+        .query(&mut conn)
+        .unwrap();
+    keys.into_iter()
+        .filter(|k| {
+            !k.starts_with("herald:node:")
+                && !k.starts_with("herald:health:")
+                && k != "herald:broadcasts"
+        })
+        .collect()
+}
+
+async fn anonymous_hellos(h: &Herald, n: usize) -> Vec<String> {
+    let mut uaids = Vec::new();
+    for i in 0..n {
+        let mut ua = Ua::hello(h, None).await;
+        if i % 2 == 0 {
+            // What Firefox sends next; followed in memory only.
+            ua.send(json!({"messageType": "broadcast_subscribe", "broadcasts": {"remote-settings/monitor_changes": "\"0\""}}))
+                .await;
+        }
+        uaids.push(ua.uaid.clone());
+    }
+    uaids
+}
+
+#[tokio::test]
+async fn anonymous_hellos_leave_no_user_records_in_rocksdb() {
+    let mut h = Herald::start().await;
+    anonymous_hellos(&h, 40).await;
+    let mut ua = Ua::hello(&h, None).await;
+    ua.subscribe(None).await;
+    let registered = ua.uaid.clone();
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.stop();
+    let store = herald::store::RocksStore::open(&h.data_dir.join("db"), false, None).unwrap();
+    let users = herald::store::Store::stale_users(&store, u64::MAX, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        users.iter().map(|u| u.to_string()).collect::<Vec<_>>(),
+        vec![registered],
+        "only the user agent that subscribed is stored"
+    );
+}
+
+#[tokio::test]
+async fn anonymous_hellos_leave_no_keys_in_redis() {
+    let redis = tokio::task::spawn_blocking(common::redis::RedisServer::start)
+        .await
+        .unwrap();
+    let key = b64(&rand::random::<[u8; 32]>());
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_STORE", "redis"),
+            ("HERALD_REDIS_URL", redis.url()),
+            ("HERALD_ENDPOINT_KEYS", &key),
+        ],
+    )
+    .await;
+    let uaids = anonymous_hellos(&h, 40).await;
+    // Connections own their uaid while open (cluster.md); gone once closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !user_agent_keys(&redis).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            user_agent_keys(&redis)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back with an unregistered uaid: a fresh one, and still nothing stored.
+    let back = Ua::hello(&h, Some(&uaids[0])).await;
+    assert_ne!(back.uaid, uaids[0]);
+    drop(back);
+
+    // The first register stores the user agent; it is then known.
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let uaid = ua.uaid.clone();
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let keys = user_agent_keys(&redis);
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| k.contains(&uaid)),
+        "{keys:?}"
+    );
+    let keys = UaKeys::new();
+    let r = push(&ep, None, &h.url(), &keys, "kept", &[]).await;
+    assert_eq!(r.status, 201);
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid);
+    assert_eq!(payload(&keys, &ua.notification().await), "kept");
+}
+
+#[tokio::test]
+async fn one_ack_frame_settles_each_version_once_and_is_bounded() {
+    let h = Herald::start().await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (ch, ep) = ua.subscribe(None).await;
+    let acked = || metric(&h, "herald_messages_acked_total ");
+
+    // 60 copies of one version (within the window of 64): settled once.
+    assert_eq!(push(&ep, None, &h.url(), &keys, "a", &[]).await.status, 201);
+    let n = ua.notification().await;
+    let update = json!({"channelID": ch, "version": n["version"], "code": 100});
+    ua.send(json!({"messageType": "ack", "updates": vec![update.clone(); 60]}))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while acked().await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never acked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(acked().await, 1.0);
+    // The connection is still up and serves the next message.
+    assert_eq!(push(&ep, None, &h.url(), &keys, "b", &[]).await.status, 201);
+    let n = ua.notification().await;
+    assert_eq!(payload(&keys, &n), "b");
+
+    // 100 copies: more than the window, refused before any is applied.
+    let update = json!({"channelID": ch, "version": n["version"], "code": 100});
+    ua.send(json!({"messageType": "ack", "updates": vec![update; 100]}))
+        .await;
+    let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("at most 64"), "{reason}");
+    assert_eq!(acked().await, 1.0, "nothing applied");
+    // The message is still stored and comes again.
+    let mut ua = Ua::hello(&h, Some(&ua.uaid)).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "b");
 }
