@@ -39,6 +39,10 @@ impl App {
     ) -> Self {
         let vapid = VapidVerifier::new(&settings.public_url.origin, settings.jwt_cache_size);
         let broadcaster = Arc::new(Broadcaster::new(Default::default(), metrics.clone()));
+        let stream_limits = crate::receipts::StreamLimits {
+            per_subscription: settings.max_receipt_streams_per_subscription,
+            total: settings.max_receipt_streams,
+        };
         App {
             settings,
             store,
@@ -47,7 +51,7 @@ impl App {
             metrics: metrics.clone(),
             vapid,
             pending: PendingCounts::default(),
-            receipts: Arc::new(Receipts::new(ledger, metrics)),
+            receipts: Arc::new(Receipts::new(ledger, metrics, stream_limits)),
             broadcaster,
             shutdown: watch::channel(false).0,
             connections: AtomicUsize::new(0),

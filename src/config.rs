@@ -46,6 +46,9 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("broadcast_source_token", "", "bearer token sent to broadcast_source_url, if it needs one"),
     ("broadcast_poll_interval", "30s", "how often broadcast_source_url is polled"),
     ("receipt_retention", "3d", "how long delivery receipts stay readable on their receipt subscription"),
+    ("max_receipt_streams_per_subscription", "4", "most event streams open at once on one receipt subscription, per node; beyond it readers get 429"),
+    ("max_receipt_streams", "10000", "most receipt event streams a node holds open at once; beyond it readers get 429"),
+    ("receipt_stream_lifetime", "1h", "longest a receipt event stream stays open; it then ends and the reader resumes with Last-Event-ID"),
     ("worker_threads", "", "threads running connections and requests; unset: one per core"),
 ];
 
@@ -121,6 +124,9 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// How long decided receipts stay readable.
     pub receipt_retention: Duration,
+    pub max_receipt_streams_per_subscription: usize,
+    pub max_receipt_streams: usize,
+    pub receipt_stream_lifetime: Duration,
     /// Runtime worker threads; None: one per core.
     pub worker_threads: Option<usize>,
     pub shutdown_timeout: Duration,
@@ -287,6 +293,10 @@ impl Settings {
             jwt_cache_size: l.get("jwt_cache_size", parse_count)?,
             sweep_interval: l.get("sweep_interval", parse_positive_duration)?,
             receipt_retention: l.get("receipt_retention", parse_positive_duration)?,
+            max_receipt_streams_per_subscription: l
+                .get("max_receipt_streams_per_subscription", parse_count)?,
+            max_receipt_streams: l.get("max_receipt_streams", parse_count)?,
+            receipt_stream_lifetime: l.get("receipt_stream_lifetime", parse_positive_duration)?,
             worker_threads: l.opt("worker_threads", parse_count)?,
             shutdown_timeout: l.get("shutdown_timeout", parse_duration)?,
             log_format: l.get("log_format", |v| match v.trim() {

@@ -149,6 +149,22 @@ impl ApiError {
         e.retry_after = Some(60);
         e
     }
+    /// Reading receipts: this node already streams as many as it allows,
+    /// on this receipt subscription or in all.
+    pub fn too_many_receipt_streams(refused: crate::receipts::StreamRefused) -> Self {
+        use crate::receipts::StreamRefused;
+        let message = match refused {
+            StreamRefused::Subscription(max) => format!(
+                "this receipt subscription already has {max} open streams; close one, or read with Prefer: wait=0"
+            ),
+            StreamRefused::Node(max) => {
+                format!("this node already holds {max} receipt streams; retry later")
+            }
+        };
+        let mut e = Self::new(429, 124, message);
+        e.retry_after = Some(30);
+        e
+    }
     // 5xx
     /// A receipt subscription URL Herald did not issue (forged, altered,
     /// truncated), or not a URL at all: 400 on a push, 404 on a GET.

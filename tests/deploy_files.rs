@@ -103,6 +103,9 @@ const SETTINGS: &[(&str, Kind, Option<&str>)] = &[
     ("broadcast_source_token", Kind::Text, None),
     ("broadcast_poll_interval", Kind::Duration, Some(r#""30s""#)),
     ("receipt_retention", Kind::Duration, Some(r#""3d""#)),
+    ("max_receipt_streams_per_subscription", Kind::Int, Some("4")),
+    ("max_receipt_streams", Kind::Int, Some("10000")),
+    ("receipt_stream_lifetime", Kind::Duration, Some(r#""1h""#)),
     ("worker_threads", Kind::Int, None),
 ];
 

@@ -336,6 +336,159 @@ async fn one_receipt_subscription_collects_many_messages_for_its_key_only() {
     assert_eq!((r.status, r.errno()), (404, 121));
 }
 
+/// A receipt subscription with one delivered receipt; returns its URL and
+/// the receipt's event id.
+async fn one_receipt(h: &Herald, app: &AppServer, ua: &mut Ua, keys: &UaKeys, ep: &str) -> String {
+    let url = receipt_url(&tell(h, app, keys, ep, "r", &[ASK]).await);
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    receipts(&url, None, 1).await;
+    url
+}
+
+#[tokio::test]
+async fn receipt_streams_are_capped_per_subscription_and_per_node() {
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_MAX_RECEIPT_STREAMS_PER_SUBSCRIPTION", "2"),
+            ("HERALD_MAX_RECEIPT_STREAMS", "3"),
+        ],
+    )
+    .await;
+    let app = AppServer::new();
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(Some(&app.public())).await;
+    let (one, two) = (
+        one_receipt(&h, &app, &mut ua, &keys, &ep).await,
+        one_receipt(&h, &app, &mut ua, &keys, &ep).await,
+    );
+
+    let a = Events::open(&one, None).await;
+    let _b = Events::open(&one, None).await;
+    let refused = Events::try_open(&one, None)
+        .await
+        .err()
+        .expect("a third on one");
+    assert_eq!((refused.status, refused.errno()), (429, 124));
+    assert!(refused.header("retry-after").is_some());
+    assert!(refused.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 open streams"));
+    // A JSON batch is no stream: still served.
+    assert_eq!(
+        batch(&one, None).await["receipts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let _c = Events::open(&two, None).await;
+    let refused = Events::try_open(&two, None)
+        .await
+        .err()
+        .expect("a fourth on the node");
+    assert_eq!((refused.status, refused.errno()), (429, 124));
+    assert!(refused.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("3 receipt streams"));
+    assert_eq!(metric(&h, "herald_receipt_streams ").await, 3.0);
+
+    // A reader that leaves gives its place back.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut d = loop {
+        match Events::try_open(&two, None).await {
+            Ok(events) => break events,
+            Err(r) => assert_eq!(r.status, 429),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    d.next().await;
+}
+
+#[tokio::test]
+async fn a_receipt_stream_ends_at_its_lifetime_and_resumes_after_last_event_id() {
+    let h = Herald::start_with(&[], &[("HERALD_RECEIPT_STREAM_LIFETIME", "2s")]).await;
+    let app = AppServer::new();
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(Some(&app.public())).await;
+    let url = one_receipt(&h, &app, &mut ua, &keys, &ep).await;
+    let opened = tokio::time::Instant::now();
+    let mut events = Events::open(&url, None).await;
+    let (first, _) = events.next().await;
+    events.ended(Duration::from_secs(5)).await;
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        opened.elapsed()
+    );
+
+    // Meanwhile another receipt; the reader resumes where it was.
+    let link = format!("<{url}>; rel=\"{REL}\"");
+    let second = tell(&h, &app, &keys, &ep, "s", &[ASK, ("link", &link)]).await;
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    let mut events = Events::open(&url, Some(&first)).await;
+    let (id, e) = events.next().await;
+    assert_eq!(e["message"], message_id(&second));
+    assert!(id.parse::<u64>().unwrap() > first.parse::<u64>().unwrap());
+}
+
+#[tokio::test]
+async fn idle_receipt_streams_wait_for_wake_ups_instead_of_polling() {
+    let h = Herald::start().await;
+    let app = AppServer::new();
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(Some(&app.public())).await;
+    let url = one_receipt(&h, &app, &mut ua, &keys, &ep).await;
+    let reads = || metric(&h, "herald_store_operation_seconds_count{op=\"receipts\"}");
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut events = Events::open(&url, None).await;
+        events.next().await;
+        streams.push(events);
+    }
+    let opened = reads().await;
+    assert!(
+        opened >= 4.0,
+        "each stream reads once when it opens: {opened}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reads().await, opened, "idle streams read nothing");
+
+    // A receipt decided here wakes every reader at once.
+    let link = format!("<{url}>; rel=\"{REL}\"");
+    let r = tell(&h, &app, &keys, &ep, "w", &[ASK, ("link", &link)]).await;
+    let n = ua.notification().await;
+    let acked = tokio::time::Instant::now();
+    ua.ack(&n).await;
+    for events in &mut streams {
+        assert_eq!(events.next().await.1["message"], message_id(&r));
+    }
+    assert!(
+        acked.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        acked.elapsed()
+    );
+    let after = reads().await;
+    assert!(
+        after - opened <= 8.0,
+        "one or two reads per stream: {}",
+        after - opened
+    );
+}
+
 /// A minimal `text/event-stream` reader: (id, data) of each event.
 struct Events {
     body: hyper::body::Incoming,
@@ -344,6 +497,14 @@ struct Events {
 
 impl Events {
     async fn open(url: &str, last_event_id: Option<&str>) -> Events {
+        match Events::try_open(url, last_event_id).await {
+            Ok(e) => e,
+            Err(r) => panic!("{}: {}", r.status, String::from_utf8_lossy(&r.body)),
+        }
+    }
+
+    /// The stream, or the refusal with its body.
+    async fn try_open(url: &str, last_event_id: Option<&str>) -> Result<Events, Resp> {
         use hyper_util::client::legacy::Client;
         use hyper_util::rt::TokioExecutor;
         let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
@@ -356,12 +517,50 @@ impl Events {
             .request(req.body(http_body_util::Empty::new()).unwrap())
             .await
             .unwrap();
-        assert_eq!(resp.status(), 200);
+        if resp.status() != 200 {
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec();
+            return Err(Resp {
+                status,
+                headers,
+                body,
+            });
+        }
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Events {
+        Ok(Events {
             body: resp.into_body(),
             buf: String::new(),
+        })
+    }
+
+    /// Waits for the server to end the stream cleanly; no event may come.
+    async fn ended(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .expect("the stream ends in time");
+            match frame {
+                None => break,
+                Some(f) => {
+                    if let Ok(chunk) = f.expect("a clean end").into_data() {
+                        self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+                    }
+                }
+            }
         }
+        assert!(
+            !self.buf.contains("\nid: ") && !self.buf.starts_with("id: "),
+            "{}",
+            self.buf
+        );
     }
 
     async fn next(&mut self) -> (String, Value) {

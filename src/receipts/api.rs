@@ -22,9 +22,10 @@ pub use crate::link::RECEIPT as REL;
 const BATCH: usize = 500;
 /// A stream with nothing to say still says this much this often.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// How often a stream re-reads the ledger without being woken (receipts
-/// recorded by other nodes arrive this way).
-const POLL: Duration = Duration::from_secs(1);
+/// With several nodes, how often a stream re-reads the ledger without being
+/// woken: a receipt decided on another node arrives this way (this node is
+/// only woken by what it decides itself). A single node never polls.
+const SHARED_POLL: Duration = Duration::from_secs(5);
 
 /// A push that asked for a receipt; `given` is the receipt subscription
 /// token it passed back, if any.
@@ -187,9 +188,11 @@ pub async fn read(
     let after = resume_after(headers, query)?;
     if wants_batch(headers) {
         let found = app
-            .receipts
-            .ledger()
-            .receipts(&sub, after, BATCH + 1)
+            .metrics
+            .time(
+                "receipts",
+                app.receipts.ledger().receipts(&sub, after, BATCH + 1),
+            )
             .await
             .map_err(ApiError::storage)?;
         let more = found.len() > BATCH;
@@ -212,8 +215,12 @@ pub async fn read(
             .body(Full::new(Bytes::from(body)).boxed_unsync())
             .expect("valid response"));
     }
+    let slot = app
+        .receipts
+        .listen(sub)
+        .map_err(ApiError::too_many_receipt_streams)?;
     let (tx, body) = sse::channel(16);
-    tokio::spawn(stream(app.clone(), sub, after, tx));
+    tokio::spawn(stream(app.clone(), sub, slot, after, tx));
     Ok(http::Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
@@ -224,22 +231,33 @@ pub async fn read(
         .expect("valid response"))
 }
 
-/// Feeds one stream until its reader leaves or the server shuts down.
+/// Feeds one stream until its reader leaves, its lifetime is up or the
+/// server shuts down. It reads the ledger when woken by a receipt decided on
+/// this node, and (with several nodes) every `SHARED_POLL`.
 async fn stream(
     app: Arc<App>,
     sub: ReceiptSub,
+    slot: super::StreamSlot,
     mut after: u64,
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
-    let notify = app.receipts.listen(sub);
     let mut shutdown = app.shutdown.subscribe();
+    let poll = app.router.cluster().is_some().then_some(SHARED_POLL);
+    let end = tokio::time::Instant::now() + app.settings.receipt_stream_lifetime;
     let mut quiet_since = tokio::time::Instant::now();
     let _ = tx.send(sse::retry(2000)).await;
     loop {
-        let woken = notify.notified();
+        let woken = slot.notify().notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        match app.receipts.ledger().receipts(&sub, after, BATCH).await {
+        match app
+            .metrics
+            .time(
+                "receipts",
+                app.receipts.ledger().receipts(&sub, after, BATCH),
+            )
+            .await
+        {
             Ok(found) => {
                 let full = found.len() == BATCH;
                 let mut gone = false;
@@ -261,20 +279,33 @@ async fn stream(
             }
             Err(e) => tracing::warn!("receipt stream: reading receipts: {e}"),
         }
-        if quiet_since.elapsed() >= KEEPALIVE {
-            if tx.send(sse::comment("keepalive")).await.is_err() {
-                break;
-            }
-            quiet_since = tokio::time::Instant::now();
-        }
+        let keepalive = quiet_since + KEEPALIVE;
         tokio::select! {
             _ = &mut woken => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = sleep_opt(poll) => {}
+            _ = tokio::time::sleep_until(keepalive) => {
+                if tx.send(sse::comment("keepalive")).await.is_err() {
+                    break;
+                }
+                quiet_since = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep_until(end) => {
+                // A clean end: the reader resumes after the last id it saw.
+                let _ = tx.send(sse::comment("stream lifetime reached; reconnect with Last-Event-ID")).await;
+                break;
+            }
             _ = tx.closed() => break,
             _ = crate::app::shutdown_begun(&mut shutdown) => break,
         }
     }
-    app.receipts.release(sub, notify);
+    drop(slot);
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// `GET /m/<id>`: what Herald knows of a message.

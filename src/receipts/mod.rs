@@ -16,6 +16,7 @@ use crate::ids::{ChannelId, Uaid};
 use crate::metrics::Metrics;
 use crate::store::{Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -27,13 +28,60 @@ const EXPIRY_BATCH: usize = 1000;
 /// How often receipts older than the retention are removed.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
+/// How many receipt streams this node holds open at once.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// On one receipt subscription (`max_receipt_streams_per_subscription`).
+    pub per_subscription: usize,
+    /// On this node in all (`max_receipt_streams`).
+    pub total: usize,
+}
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRefused {
+    Subscription(usize),
+    Node(usize),
+}
+
+/// The readers of one receipt subscription on this node.
+#[derive(Default)]
+struct Listener {
+    notify: Arc<Notify>,
+    streams: usize,
+}
+
 pub struct Receipts {
     ledger: Arc<dyn ReceiptStore>,
     metrics: Arc<Metrics>,
-    /// Receipt subscriptions being streamed on this node, so a new receipt
-    /// wakes its readers at once. Readers also re-read every second, which
-    /// is how receipts recorded by other nodes reach them.
-    listeners: DashMap<ReceiptSub, Arc<Notify>>,
+    /// Receipt subscriptions being streamed on this node, so a receipt
+    /// decided here wakes its readers at once (readers do not poll; with
+    /// several nodes they also re-read now and then, which is how receipts
+    /// decided on other nodes reach them).
+    listeners: DashMap<ReceiptSub, Listener>,
+    limits: StreamLimits,
+    streams: AtomicUsize,
+}
+
+/// One open stream's place under the limits; gives it back when dropped,
+/// however the stream ends.
+pub struct StreamSlot {
+    receipts: Arc<Receipts>,
+    sub: ReceiptSub,
+    notify: Arc<Notify>,
+}
+
+impl StreamSlot {
+    /// Fires when a receipt of this subscription is decided on this node.
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.receipts.release(self.sub);
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -41,11 +89,13 @@ pub fn now_ms() -> u64 {
 }
 
 impl Receipts {
-    pub fn new(ledger: Arc<dyn ReceiptStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(ledger: Arc<dyn ReceiptStore>, metrics: Arc<Metrics>, limits: StreamLimits) -> Self {
         Receipts {
             ledger,
             metrics,
             listeners: DashMap::new(),
+            limits,
+            streams: AtomicUsize::new(0),
         }
     }
 
@@ -121,24 +171,48 @@ impl Receipts {
                 .receipts
                 .with_label_values(&[event.outcome.as_str()])
                 .inc();
-            if let Some(n) = self.listeners.get(&sub) {
-                n.notify_waiters();
+            if let Some(l) = self.listeners.get(&sub) {
+                l.notify.notify_waiters();
             }
         }
     }
 
-    /// What a stream of `sub` waits on; `release` it when the stream ends.
-    fn listen(&self, sub: ReceiptSub) -> Arc<Notify> {
+    /// A place for one more stream of `sub`, within the limits.
+    pub fn listen(self: &Arc<Self>, sub: ReceiptSub) -> Result<StreamSlot, StreamRefused> {
+        let total = self.limits.total;
+        if self
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < total).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(StreamRefused::Node(total));
+        }
+        let mut l = self.listeners.entry(sub).or_default();
+        if l.streams >= self.limits.per_subscription {
+            drop(l);
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return Err(StreamRefused::Subscription(self.limits.per_subscription));
+        }
+        l.streams += 1;
+        let notify = l.notify.clone();
+        drop(l);
         self.metrics.receipt_streams.inc();
-        self.listeners.entry(sub).or_default().clone()
+        Ok(StreamSlot {
+            receipts: self.clone(),
+            sub,
+            notify,
+        })
     }
 
-    fn release(&self, sub: ReceiptSub, notify: Arc<Notify>) {
+    fn release(&self, sub: ReceiptSub) {
         self.metrics.receipt_streams.dec();
-        drop(notify);
-        // Only the map's own reference left: nobody streams it here now.
-        self.listeners
-            .remove_if(&sub, |_, n| Arc::strong_count(n) == 1);
+        if let Some(mut l) = self.listeners.get_mut(&sub) {
+            l.streams = l.streams.saturating_sub(1);
+        }
+        self.listeners.remove_if(&sub, |_, l| l.streams == 0);
+        self.streams.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Settles expired messages every second and purges receipts past
