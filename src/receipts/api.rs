@@ -233,7 +233,9 @@ pub async fn read(
 
 /// Feeds one stream until its reader leaves, its lifetime is up or the
 /// server shuts down. It reads the ledger when woken by a receipt decided on
-/// this node, and (with several nodes) every `SHARED_POLL`.
+/// this node, (with several nodes) every `SHARED_POLL`, and after each
+/// keepalive: a fresh wait is only armed together with a read, so no wake-up
+/// can fall between two waits unseen.
 async fn stream(
     app: Arc<App>,
     sub: ReceiptSub,
