@@ -380,6 +380,9 @@ async fn nodes_refuse_forged_stale_and_replayed_wake_ups() {
     let key = shared_key();
     let a = node(cluster.url(), &key, None, &[]).await;
     let path = "/_herald/node/wake";
+    // Without node_listen the node paths are on the public listener: said
+    // at start.
+    assert!(a.logs().contains("set node_listen"), "{}", a.logs());
 
     // A connected user agent, and a wake-up carrying a message for it: what
     // a forger would send to bypass VAPID.
@@ -460,6 +463,7 @@ async fn node_listen_keeps_wake_ups_off_the_public_listener() {
         &[("HERALD_NODE_LISTEN", lb.as_str())],
     )
     .await;
+    assert!(!b.logs().contains("set node_listen"), "{}", b.logs());
     let keys = UaKeys::new();
     let mut ua = Ua::hello(&b, None).await;
     let (_, ep) = ua.subscribe(None).await;
