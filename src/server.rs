@@ -122,8 +122,8 @@ impl Server {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
             _ => None,
         };
-        let cluster = directory
-            .map(|d| Cluster::new(d, settings.node_url.clone(), &keys[0], metrics.clone()));
+        let cluster =
+            directory.map(|d| Cluster::new(d, settings.node_url.clone(), &keys, metrics.clone()));
         let mut app = App::new(settings, store, ledger, tokens, metrics);
         if let Some(c) = &cluster {
             c.announce()

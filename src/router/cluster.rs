@@ -69,8 +69,10 @@ pub struct Cluster {
     url: String,
     directory: Arc<dyn Directory>,
     client: Client<HttpConnector, Full<Bytes>>,
-    /// Signs this node's requests and checks other nodes'.
+    /// Signs this node's requests.
     key: NodeKey,
+    /// Check other nodes' requests: one per endpoint key.
+    accepted: Vec<NodeKey>,
     /// Nonces of node requests accepted lately, to refuse replays.
     replays: ReplayWindow,
     node_urls: DashMap<u64, (Option<String>, Instant)>,
@@ -80,11 +82,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `secret` is shared by every node (derived from the endpoint key).
+    /// `endpoint_keys` are shared by every node: requests are signed with the
+    /// first's node key and accepted with any's, so a key rotation can roll
+    /// through the nodes one at a time, as it does for endpoints.
     pub fn new(
         directory: Arc<dyn Directory>,
         url: String,
-        secret: &[u8; 32],
+        endpoint_keys: &[[u8; 32]],
         metrics: Arc<Metrics>,
     ) -> Arc<Cluster> {
         let mut connector = HttpConnector::new();
@@ -95,7 +99,8 @@ impl Cluster {
             url,
             directory,
             client: Client::builder(TokioExecutor::new()).build(connector),
-            key: NodeKey::derive(secret),
+            key: NodeKey::derive(&endpoint_keys[0]),
+            accepted: endpoint_keys.iter().map(NodeKey::derive).collect(),
             replays: ReplayWindow::new(MAX_NONCES),
             node_urls: DashMap::new(),
             metrics,
@@ -278,7 +283,7 @@ impl Cluster {
         path: &str,
         body: &[u8],
     ) -> Result<(), ApiError> {
-        signed.verify(&self.key, method, path, body)?;
+        signed.verify(&self.accepted, method, path, body)?;
         self.replays.check(signed, now_secs())
     }
 

@@ -122,17 +122,23 @@ pub fn parse(authorization: Option<&str>, now: u64) -> Result<Signed<'_>, ApiErr
 }
 
 impl Signed<'_> {
-    /// Checks the signature over this request (in constant time).
+    /// Checks the signature over this request (each comparison in constant
+    /// time) against the node key of every endpoint key.
     pub fn verify(
         &self,
-        key: &NodeKey,
+        keys: &[NodeKey],
         method: &str,
         path: &str,
         body: &[u8],
     ) -> Result<(), ApiError> {
-        key.mac(method, path, self.ts, self.nonce, body)
-            .verify_slice(&self.sig)
-            .map_err(|_| forged("bad signature"))
+        keys.iter()
+            .any(|k| {
+                k.mac(method, path, self.ts, self.nonce, body)
+                    .verify_slice(&self.sig)
+                    .is_ok()
+            })
+            .then_some(())
+            .ok_or_else(|| forged("bad signature"))
     }
 }
 
@@ -227,7 +233,7 @@ mod tests {
     ) -> Result<(), u16> {
         let signed = parse(Some(auth), now).map_err(|e| e.errno)?;
         signed
-            .verify(&key(), "POST", path, body)
+            .verify(&[key()], "POST", path, body)
             .map_err(|e| e.errno)?;
         window.check(&signed, now).map_err(|e| e.errno)
     }
@@ -270,6 +276,25 @@ mod tests {
             Err(130)
         );
         assert!(w.is_empty(), "refused requests leave no nonce behind");
+    }
+
+    #[test]
+    fn any_endpoint_key_is_accepted_for_a_rolling_rotation() {
+        let (old, new) = (NodeKey::derive(&[9; 32]), NodeKey::derive(&[10; 32]));
+        let body = b"{}";
+        for signer in [&old, &new] {
+            let auth = signer.sign("POST", "/p", NOW, body);
+            let signed = parse(Some(&auth), NOW).unwrap();
+            assert!(signed
+                .verify(&[new.clone(), old.clone()], "POST", "/p", body)
+                .is_ok());
+        }
+        let auth = new.sign("POST", "/p", NOW, body);
+        let signed = parse(Some(&auth), NOW).unwrap();
+        assert_eq!(
+            signed.verify(&[old], "POST", "/p", body).unwrap_err().errno,
+            130
+        );
     }
 
     #[test]
