@@ -113,10 +113,10 @@ start_config() {
         p=$((port + i))
         if [[ -n "$redis_url" ]]; then
             HERALD_STORE=redis HERALD_REDIS_URL="$redis_url" HERALD_ENDPOINT_KEYS="$key" \
-                "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
+                HERALD_METRICS_PUBLIC=true "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
                 --public-url "http://127.0.0.1:$port" >"$log.node$i" 2>&1 &
         else
-            "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
+            HERALD_METRICS_PUBLIC=true "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
                 --public-url "http://127.0.0.1:$port" >"$log.node$i" 2>&1 &
         fi
         herald_pids+=($!)

@@ -12,7 +12,8 @@ use std::time::Duration;
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("listen", "127.0.0.1:8080", "address for the user-agent websocket and, unless endpoint_listen is set, the HTTP API"),
     ("endpoint_listen", "", "optional separate address for the application-server HTTP API"),
-    ("metrics_listen", "", "optional private address serving /metrics (otherwise on the main listener)"),
+    ("metrics_listen", "", "private address serving /metrics (unset: /metrics is not served, unless metrics_public)"),
+    ("metrics_public", "false", "with metrics_listen unset, serve /metrics on the main listener (reachable by whoever reaches listen)"),
     ("data_dir", "./herald-data", "directory for the database and the generated endpoint key"),
     ("public_url", "", "base URL of every endpoint handed out (default http://<listen>); its origin is the VAPID audience"),
     ("endpoint_keys", "", "base64url 32-byte keys for endpoint tokens, comma-separated; the first seals, all open"),
@@ -40,7 +41,8 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("redis_url", "", "with store = redis: redis://host:port of a standalone Redis, or the comma-separated seed nodes of a Redis Cluster"),
     ("redis_wait_replicas", "0", "with store = redis: replicas that must confirm each accepted message (Redis WAIT) before 201"),
     ("redis_wait_timeout", "1s", "how long an accepted message waits for redis_wait_replicas before the push answers 503"),
-    ("node_url", "", "with store = redis: the URL other nodes reach this node at for wake-ups (default http://<listen>)"),
+    ("node_listen", "", "with store = redis: private address for node-to-node wake-ups (/_herald/node/), which listen then refuses; unset: served on listen"),
+    ("node_url", "", "with store = redis: the http:// URL other nodes reach this node at for wake-ups (default http://<node_listen or listen>)"),
     ("broadcast_tokens", "", "bearer tokens allowed to PUT /v1/broadcasts/<id>, comma-separated; unset: the broadcast API answers 404"),
     ("broadcast_source_url", "", "an upstream of broadcast versions to poll (JSON {\"broadcasts\":{id:version}}, as Remote Settings' /v1/__broadcasts__ or a megaphone server)"),
     ("broadcast_source_token", "", "bearer token sent to broadcast_source_url, if it needs one"),
@@ -104,6 +106,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub endpoint_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve /metrics on `listen` when `metrics_listen` is unset.
+    pub metrics_public: bool,
+    /// Where `/_herald/node/…` is served instead of `listen`.
+    pub node_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub public_url: PublicUrl,
     pub endpoint_keys: Vec<[u8; 32]>,
@@ -242,6 +248,7 @@ impl Settings {
         let l = Layered { values };
 
         let listen: SocketAddr = l.get("listen", parse_addr)?;
+        let node_listen: Option<SocketAddr> = l.opt("node_listen", parse_addr)?;
         let public_url = match l.opt("public_url", parse_public_url)? {
             Some(u) => u,
             None => parse_public_url(&format!("http://{listen}")).map_err(ConfigError)?,
@@ -250,6 +257,8 @@ impl Settings {
             listen,
             endpoint_listen: l.opt("endpoint_listen", parse_addr)?,
             metrics_listen: l.opt("metrics_listen", parse_addr)?,
+            metrics_public: l.get("metrics_public", parse_bool)?,
+            node_listen,
             data_dir: l.get("data_dir", |v| {
                 if v.trim().is_empty() {
                     Err("must not be empty".into())
@@ -321,7 +330,7 @@ impl Settings {
             redis_wait_timeout: l.get("redis_wait_timeout", parse_positive_duration)?,
             node_url: match l.opt("node_url", parse_node_url)? {
                 Some(u) => u,
-                None => format!("http://{listen}"),
+                None => format!("http://{}", node_listen.unwrap_or(listen)),
             },
             broadcast_tokens: l
                 .opt("broadcast_tokens", |v| {
@@ -353,6 +362,11 @@ impl Settings {
                     "setting `endpoint_keys`: required with store = redis, the same on every node (generate one with `herald keygen`)".into(),
                 ));
             }
+        }
+        if settings.node_listen.is_some() && settings.store != StoreKind::Redis {
+            return Err(ConfigError(
+                "setting `node_listen`: only with store = redis (a single node has no node-to-node traffic)".into(),
+            ));
         }
         if settings.tls_cert.is_some() != settings.tls_key.is_some() {
             return Err(ConfigError(
@@ -406,13 +420,19 @@ fn parse_source_url(v: &str) -> Result<String, String> {
     }
 }
 
+/// Node-to-node requests are plain HTTP for now: the node client has no TLS,
+/// so an https:// node_url would make every wake-up fail (and messages wait
+/// for the 30 s re-read). Refused at start rather than failing quietly;
+/// requests are signed, and node_listen keeps them on a private network.
 fn parse_node_url(v: &str) -> Result<String, String> {
     let v = v.trim().trim_end_matches('/');
     match v.parse::<http::Uri>() {
-        Ok(u) if matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some() => {
-            Ok(v.to_string())
-        }
-        _ => Err("expected an http:// or https:// URL".into()),
+        Ok(u) if u.scheme_str() == Some("https") => Err(
+            "https:// is not supported for node-to-node requests yet: use http:// on a private network (see node_listen)"
+                .into(),
+        ),
+        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => Ok(v.to_string()),
+        _ => Err("expected an http:// URL".into()),
     }
 }
 
@@ -559,6 +579,53 @@ mod tests {
         assert!(load(&[("HERALD_STORE", "mongo")]).is_err());
         assert!(load(&[("HERALD_REDIS_URL", "http://x")]).is_err());
         assert!(load(&[("HERALD_NODE_URL", "not a url")]).is_err());
+    }
+
+    #[test]
+    fn node_listen_and_node_url() {
+        let load = |pairs: &[(&str, &str)]| Settings::load(&ServeArgs::default(), &env(pairs));
+        let key = crate::webpush::encode_b64url(&[7u8; 32]);
+        let redis = [
+            ("HERALD_STORE", "redis"),
+            ("HERALD_REDIS_URL", "redis://127.0.0.1:7000"),
+            ("HERALD_ENDPOINT_KEYS", key.as_str()),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all: Vec<(&str, &str)> = redis.to_vec();
+            all.extend_from_slice(extra);
+            load(&all)
+        };
+        let s = with(&[]).unwrap();
+        assert_eq!(
+            (s.node_listen, s.node_url.as_str()),
+            (None, "http://127.0.0.1:8080")
+        );
+        // node_url follows node_listen unless set.
+        let s = with(&[("HERALD_NODE_LISTEN", "10.0.0.5:8081")]).unwrap();
+        assert_eq!(s.node_listen.unwrap().to_string(), "10.0.0.5:8081");
+        assert_eq!(s.node_url, "http://10.0.0.5:8081");
+        // https would be accepted and then fail every wake-up: refused.
+        let e = with(&[("HERALD_NODE_URL", "https://10.0.0.5:8081")]).unwrap_err();
+        assert!(
+            e.0.contains("`node_url`") && e.0.contains("https:// is not supported"),
+            "{e}"
+        );
+        // A single node has no node traffic to listen for.
+        let e = load(&[("HERALD_NODE_LISTEN", "127.0.0.1:8081")]).unwrap_err();
+        assert!(e.0.contains("`node_listen`"), "{e}");
+    }
+
+    #[test]
+    fn metrics_are_private_unless_asked_otherwise() {
+        let load = |pairs: &[(&str, &str)]| Settings::load(&ServeArgs::default(), &env(pairs));
+        let s = load(&[]).unwrap();
+        assert_eq!((s.metrics_listen, s.metrics_public), (None, false));
+        assert!(
+            load(&[("HERALD_METRICS_PUBLIC", "true")])
+                .unwrap()
+                .metrics_public
+        );
+        assert!(load(&[("HERALD_METRICS_PUBLIC", "maybe")]).is_err());
     }
 
     #[test]

@@ -28,7 +28,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn store_err(e: StoreError) -> ApiError {
-    tracing::error!("store: {e}");
     ApiError::storage(e)
 }
 

@@ -184,12 +184,18 @@ impl ApiError {
         )
     }
 
+    /// The client gets a fixed message: the store's own error names hosts,
+    /// ports, commands and engine internals. The detail goes to the log.
     pub fn storage(err: impl std::fmt::Display) -> Self {
-        let mut e = Self::new(503, 201, format!("storage unavailable: {err}"));
+        tracing::error!("storage unavailable: {err}");
+        let mut e = Self::new(503, 201, STORAGE_UNAVAILABLE);
         e.retry_after = Some(10);
         e
     }
 }
+
+/// The `message` of every 503 with errno 201.
+pub const STORAGE_UNAVAILABLE: &str = "storage unavailable; retry later";
 
 pub fn reason_phrase(status: u16) -> &'static str {
     http::StatusCode::from_u16(status)
@@ -210,6 +216,14 @@ mod tests {
         assert_eq!(v["errno"], 102);
         assert_eq!(v["error"], "Not Found");
         assert!(v["message"].as_str().unwrap().contains("endpoint"));
+    }
+
+    #[test]
+    fn storage_errors_keep_their_detail_out_of_the_body() {
+        let e = ApiError::storage("redis get_user: Connection refused (os error 111)");
+        assert_eq!((e.status, e.errno, e.retry_after), (503, 201, Some(10)));
+        assert_eq!(e.message, STORAGE_UNAVAILABLE);
+        assert!(!e.to_json().contains("redis"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub wakeups_sent: IntCounterVec,
     pub wakeups_received: IntCounter,
+    pub node_requests_refused: IntCounterVec,
     pub node_request_seconds: Histogram,
     pub broadcast_changes: IntCounter,
     pub broadcast_frames: IntCounter,
@@ -153,6 +154,11 @@ impl Metrics {
             wakeups_received: counter(
                 "herald_node_wakeups_received_total",
                 "Wake-ups received from other nodes.",
+            ),
+            node_requests_refused: counter_vec(
+                "herald_node_requests_refused_total",
+                "Node-to-node requests refused, by reason (bad_signature, stale, replayed, window_full).",
+                &["reason"],
             ),
             node_request_seconds: reg(
                 &registry,

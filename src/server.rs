@@ -29,12 +29,21 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+/// The largest request head (request line and headers) read before the
+/// request is refused with 431. Web Push's largest legitimate head is an
+/// `aesgcm` push with VAPID: `Encryption` and `Crypto-Key` of up to 4096 bytes
+/// each (webpush::MAX_CRYPTO_HEADER), a JWT of up to 4096 bytes
+/// (vapid::MAX_JWT_BYTES), the endpoint URL and a few short headers.
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
 /// What one listener answers besides the health checks.
 #[derive(Clone, Copy)]
 struct Serves {
     websocket: bool,
     api: bool,
     metrics: bool,
+    /// Node-to-node wake-ups and evictions (`/_herald/node/…`).
+    node: bool,
 }
 
 /// Entry point of `herald serve`.
@@ -113,8 +122,8 @@ impl Server {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
             _ => None,
         };
-        let cluster = directory
-            .map(|d| Cluster::new(d, settings.node_url.clone(), &keys[0], metrics.clone()));
+        let cluster =
+            directory.map(|d| Cluster::new(d, settings.node_url.clone(), &keys, metrics.clone()));
         let mut app = App::new(settings, store, ledger, tokens, metrics);
         if let Some(c) = &cluster {
             c.announce()
@@ -132,34 +141,37 @@ impl Server {
         app.broadcaster.apply(versions);
         let s = &app.settings;
 
+        let only = Serves {
+            websocket: false,
+            api: false,
+            metrics: false,
+            node: false,
+        };
         let mut plan = vec![(
             s.listen,
             Serves {
                 websocket: true,
                 api: s.endpoint_listen.is_none(),
-                metrics: s.metrics_listen.is_none(),
+                metrics: s.metrics_listen.is_none() && s.metrics_public,
+                node: s.node_listen.is_none(),
             },
         )];
         if let Some(a) = s.endpoint_listen {
-            plan.push((
-                a,
-                Serves {
-                    websocket: false,
-                    api: true,
-                    metrics: false,
-                },
-            ));
+            plan.push((a, Serves { api: true, ..only }));
         }
         if let Some(a) = s.metrics_listen {
             plan.push((
                 a,
                 Serves {
-                    websocket: false,
-                    api: false,
                     metrics: true,
+                    ..only
                 },
             ));
         }
+        if let Some(a) = s.node_listen {
+            plan.push((a, Serves { node: true, ..only }));
+        }
+        warn_about_exposure(s);
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
         for (addr, serves) in plan {
@@ -167,7 +179,7 @@ impl Server {
                 .await
                 .with_context(|| format!("listening on {addr}"))?;
             let local = listener.local_addr()?;
-            tracing::info!(%local, websocket = serves.websocket, api = serves.api, metrics = serves.metrics, "listening");
+            tracing::info!(%local, websocket = serves.websocket, api = serves.api, metrics = serves.metrics, node = serves.node, "listening");
             addrs.push(local);
             tasks.push(tokio::spawn(accept_loop(
                 app.clone(),
@@ -212,6 +224,20 @@ impl Server {
             Ok(()) => tracing::info!("store flushed; bye"),
             Err(e) => tracing::error!("flushing the store: {e}"),
         }
+    }
+}
+
+/// Says at start what the settings leave reachable that an operator may not
+/// expect, and how to close it.
+fn warn_about_exposure(s: &Settings) {
+    if s.store == StoreKind::Redis && s.node_listen.is_none() {
+        tracing::warn!(
+            listen = %s.listen,
+            "node-to-node requests (/_herald/node/wake and /evict) are served on the public listener; they are signed (HMAC, timestamp, nonce), but set node_listen to a private address to keep them off it"
+        );
+    }
+    if s.metrics_listen.is_none() && !s.metrics_public {
+        tracing::info!("/metrics is not served: set metrics_listen to a private address (or metrics_public = true)");
     }
 }
 
@@ -350,6 +376,10 @@ where
     let _ = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
+        // hyper's default (about 400 KB) lets each connection hold that much
+        // of an unfinished request head. Header count stays at hyper's
+        // default of 100 (setting it would move the parser's array to the heap).
+        .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
@@ -410,7 +440,7 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
             )
         }
         (Method::GET, ["metrics"]) if serves.metrics => return metrics(&app),
-        (Method::POST, ["_herald", "node", action]) if serves.websocket => {
+        (Method::POST, ["_herald", "node", action]) if serves.node => {
             return node_request(&app, action, req).await
         }
         _ => {}
@@ -450,17 +480,34 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
     let Some(cluster) = app.router.cluster() else {
         return error_response(&ApiError::not_found());
     };
-    let auth = req
-        .headers()
+    let refused = |e: ApiError| {
+        app.metrics
+            .node_requests_refused
+            .with_label_values(&[node_refusal(e.errno)])
+            .inc();
+        error_response(&e)
+    };
+    let (parts, body) = req.into_parts();
+    let auth = parts
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if !cluster.authorised(auth) {
-        return error_response(&ApiError::new(401, 109, "not a node of this cluster"));
-    }
-    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error_response(&ApiError::new(400, 999, "unreadable body")),
+    let signed = match cluster.check_header(auth) {
+        Ok(s) => s,
+        Err(e) => return refused(e),
     };
+    let body = match tokio::time::timeout(
+        endpoint::BODY_READ_TIMEOUT,
+        Limited::new(body, 64 * 1024).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => return error_response(&ApiError::new(400, 999, "unreadable body")),
+    };
+    if let Err(e) = cluster.check_request(&signed, parts.method.as_str(), parts.uri.path(), &body) {
+        return refused(e);
+    }
     let done = match action {
         "wake" => match serde_json::from_slice::<Wake>(&body) {
             Ok(w) => cluster.on_wake(&app.router.local, &w),
@@ -476,6 +523,16 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
         StatusCode::OK,
         serde_json::json!({ "done": done }).to_string(),
     )
+}
+
+/// The metric label of a refused node request.
+fn node_refusal(errno: u16) -> &'static str {
+    match errno {
+        131 => "stale",
+        132 => "replayed",
+        133 => "window_full",
+        _ => "bad_signature",
+    }
 }
 
 fn api_version(v: &str) -> Option<ApiVersion> {
@@ -515,10 +572,15 @@ async fn readiness(app: &Arc<App>) -> Response {
     }
     match app.store.health_check().await {
         Ok(()) => json(StatusCode::OK, r#"{"status":"OK"}"#.into()),
-        Err(e) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "store unavailable", "error": e.to_string()}).to_string(),
-        ),
+        Err(e) => {
+            // Probes and load balancers see a fixed answer; the cause
+            // (hosts, ports, engine errors) is for the log only.
+            tracing::warn!("/ready: store unavailable: {e}");
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"status":"store unavailable"}"#.into(),
+            )
+        }
     }
 }
 

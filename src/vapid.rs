@@ -14,6 +14,31 @@ use serde::Deserialize;
 /// clock skew between the application server and Herald.
 const MAX_EXP_AHEAD: u64 = 24 * 3600 + 60;
 
+/// The longest JWT accepted. A real VAPID token (ES256 header, `aud`, `exp`,
+/// `sub`) is a few hundred bytes; refusing longer ones before decoding keeps
+/// a sender from making Herald parse, hash and hold large tokens.
+pub const MAX_JWT_BYTES: usize = 4096;
+
+/// What one cache entry holds: the digest it is keyed by and the verified
+/// result, whatever the size of the token. The map's own overhead comes on
+/// top; `jwt_cache_size` entries of this size bound the cache.
+pub const CACHE_ENTRY_BYTES: usize =
+    std::mem::size_of::<CacheKey>() + std::mem::size_of::<Verified>();
+
+/// SHA-256 of the JWT and the key it came with: entries have a fixed size
+/// however long the token, and a hit still needs the same key.
+type CacheKey = [u8; 32];
+
+fn cache_key(creds: &Credentials<'_>) -> CacheKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(creds.jwt.as_bytes());
+    // The JWT alphabet has no space, so the two parts cannot run together.
+    h.update(b" ");
+    h.update(creds.key.as_bytes());
+    h.finalize().into()
+}
+
 /// Credentials as they arrived, before verification.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Credentials<'a> {
@@ -78,7 +103,7 @@ pub enum CacheResult {
 
 pub struct VapidVerifier {
     audience: String,
-    cache: DashMap<String, Verified>,
+    cache: DashMap<CacheKey, Verified>,
     capacity: usize,
 }
 
@@ -98,7 +123,13 @@ impl VapidVerifier {
         creds: &Credentials<'_>,
         now: u64,
     ) -> Result<(KeyHash, CacheResult), ApiError> {
-        let cache_key = format!("{}.{}", creds.jwt, creds.key);
+        if creds.jwt.len() > MAX_JWT_BYTES {
+            return Err(ApiError::unauthorized(
+                "jwt_too_long",
+                format!("VAPID token is longer than {MAX_JWT_BYTES} bytes"),
+            ));
+        }
+        let cache_key = cache_key(creds);
         if let Some(v) = self.cache.get(&cache_key).map(|e| *e) {
             if v.exp > now {
                 return Ok((v.key_hash, CacheResult::Hit));
@@ -111,7 +142,7 @@ impl VapidVerifier {
         Ok((verified.key_hash, CacheResult::Miss))
     }
 
-    fn remember(&self, key: String, v: Verified, now: u64) {
+    fn remember(&self, key: CacheKey, v: Verified, now: u64) {
         if self.cache.len() >= self.capacity {
             self.cache.retain(|_, e| e.exp > now);
             if self.cache.len() >= self.capacity {
@@ -213,6 +244,11 @@ impl VapidVerifier {
 
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Bytes held by the cache's entries (not counting the map's overhead).
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.len() * CACHE_ENTRY_BYTES
     }
 }
 
@@ -352,6 +388,69 @@ mod tests {
         );
         assert!(check(&v, &none, &s.public()).is_err());
         assert!(check(&v, "garbage", &s.public()).is_err());
+    }
+
+    #[test]
+    fn long_tokens_are_refused_before_decoding() {
+        let s = Sender::new();
+        let v = VapidVerifier::new(AUD, 10);
+        // A valid token just under the limit is accepted...
+        let pad = |n: usize| format!("mailto:{}@example.com", "a".repeat(n));
+        let mut n = 2000;
+        let fits = loop {
+            let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n)}));
+            if jwt.len() > MAX_JWT_BYTES {
+                break s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n - 8)}));
+            }
+            n += 8;
+        };
+        assert!(fits.len() <= MAX_JWT_BYTES && fits.len() > MAX_JWT_BYTES - 16);
+        check(&v, &fits, &s.public()).unwrap();
+        // ...one signed the same way but longer is not, and is not cached.
+        let long = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n + 8)}));
+        assert!(long.len() > MAX_JWT_BYTES);
+        let err = check(&v, &long, &s.public()).unwrap_err();
+        assert_eq!((err.status, err.errno), (401, 109));
+        assert_eq!(err.vapid_reason, Some("jwt_too_long"));
+        // Not even a garbage token that long is looked at.
+        let err = check(&v, &"x".repeat(MAX_JWT_BYTES + 1), &s.public()).unwrap_err();
+        assert_eq!(err.vapid_reason, Some("jwt_too_long"));
+        assert_eq!(v.cached(), 1);
+    }
+
+    #[test]
+    fn cache_memory_does_not_grow_with_token_size() {
+        let s = Sender::new();
+        let v = VapidVerifier::new(AUD, 50);
+        // Distinct tokens near the size limit, more than the cache holds.
+        let sub = format!("mailto:{}@example.com", "b".repeat(2800));
+        for i in 0..120 {
+            let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60 + i, "sub": sub}));
+            assert!(jwt.len() > 3500);
+            check(&v, &jwt, &s.public()).unwrap();
+            assert!(v.cached() <= 50);
+            assert!(v.cached_bytes() <= 50 * CACHE_ENTRY_BYTES);
+        }
+        // Each entry is a digest and a result: a small fraction of the
+        // (over 3,500-byte) token it stands for.
+        assert!(v.cached() > 0);
+        assert!(
+            v.cached_bytes() * 40 < v.cached() * 3500,
+            "{}",
+            v.cached_bytes()
+        );
+    }
+
+    #[test]
+    fn a_cached_token_needs_the_same_key() {
+        let (s, other) = (Sender::new(), Sender::new());
+        let v = VapidVerifier::new(AUD, 10);
+        let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60}));
+        check(&v, &jwt, &s.public()).unwrap();
+        assert_eq!(
+            check(&v, &jwt, &other.public()).unwrap_err().vapid_reason,
+            Some("bad_signature")
+        );
     }
 
     #[test]

@@ -303,13 +303,23 @@ async fn redis_unreachable_gives_503_and_service_returns_with_it() {
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.errno(), 201);
     assert!(r.header("retry-after").is_some());
+    // A fixed message for the client; the store's error stays in the log.
+    assert_eq!(r.json()["message"], "storage unavailable; retry later");
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "answered promptly"
     );
+    let ready = http(&a, "GET", "/ready", &[], vec![]).await.unwrap();
+    assert_eq!(ready.status, 503);
     assert_eq!(
-        http(&a, "GET", "/ready", &[], vec![]).await.unwrap().status,
-        503
+        ready.json(),
+        serde_json::json!({"status": "store unavailable"})
+    );
+    let logs = a.logs();
+    assert!(
+        logs.contains("storage unavailable: redis")
+            && logs.contains("/ready: store unavailable: redis"),
+        "{logs}"
     );
     // The websocket stays up.
     ua.send_text("{}").await;
@@ -330,25 +340,175 @@ async fn redis_unreachable_gives_503_and_service_returns_with_it() {
     assert!(!got.contains(&"before".to_string()), "{got:?}");
 }
 
+/// Signs a node request as proto-docs/cluster.md describes, independently
+/// of Herald's code: HMAC-SHA256 keyed by HKDF-SHA256 of the endpoint key.
+fn node_signature(endpoint_key: &str, path: &str, ts: u64, nonce: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, &unb64(endpoint_key));
+    let mut key = [0u8; 32];
+    hk.expand(b"herald node-to-node hmac v2", &mut key).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("herald-node-v2\nPOST\n{path}\n{ts}\n{nonce}\n").as_bytes());
+    mac.update(body);
+    let sig = b64(&mac.finalize().into_bytes());
+    format!("HeraldNode ts={ts}, nonce={nonce}, sig={sig}")
+}
+
+fn fresh_nonce() -> String {
+    b64(&rand::random::<[u8; 16]>())
+}
+
+/// POSTs a wake-up with `authorization` to `base` (a node's listener).
+async fn wake_at(base: &str, authorization: Option<&str>, body: &[u8]) -> Resp {
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|a| ("authorization", *a))
+        .collect();
+    request(
+        "POST",
+        &format!("{base}/_herald/node/wake"),
+        &headers,
+        body.to_vec(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
-async fn nodes_refuse_wake_ups_without_the_cluster_credential() {
+async fn nodes_refuse_forged_stale_and_replayed_wake_ups() {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
-    let a = node(cluster.url(), &shared_key(), None, &[]).await;
-    let body = br#"{"uaid":"00000000000000000000000000000000"}"#.to_vec();
-    for auth in [None, Some("Bearer wrong")] {
-        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
-        let r = http(&a, "POST", "/_herald/node/wake", &headers, body.clone())
-            .await
-            .unwrap();
-        assert_eq!(r.status, 401);
-        assert_eq!(r.errno(), 109);
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let path = "/_herald/node/wake";
+    // Without node_listen the node paths are on the public listener: said
+    // at start.
+    assert!(a.logs().contains("set node_listen"), "{}", a.logs());
+
+    // A connected user agent, and a wake-up carrying a message for it: what
+    // a forger would send to bypass VAPID.
+    let mut ua = Ua::hello(&a, None).await;
+    ua.subscribe(None).await;
+    let forged_message = serde_json::to_vec(&serde_json::json!({
+        "uaid": ua.uaid,
+        "message": {"seq": 1, "value": b64(b"anything")}
+    }))
+    .unwrap();
+
+    // No credential, the old static bearer, or a signature made with
+    // another key: refused as not a node.
+    let other_key = shared_key();
+    let forged = node_signature(&other_key, path, now(), &fresh_nonce(), &forged_message);
+    for auth in [None, Some("Bearer wrong"), Some(forged.as_str())] {
+        let r = wake_at(&a.url(), auth, &forged_message).await;
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(r.errno(), 130, "{auth:?}");
+    }
+    // Signed right but for another body: refused too.
+    let other_body = br#"{"uaid":"00000000000000000000000000000000"}"#;
+    let moved = node_signature(&key, path, now(), &fresh_nonce(), other_body);
+    let r = wake_at(&a.url(), Some(&moved), &forged_message).await;
+    assert_eq!((r.status, r.errno()), (401, 130));
+
+    // Signed right, a minute old: stale.
+    let stale = node_signature(&key, path, now() - 60, &fresh_nonce(), other_body);
+    let r = wake_at(&a.url(), Some(&stale), other_body).await;
+    assert_eq!((r.status, r.errno()), (401, 131));
+
+    // Signed right and fresh: accepted once, refused when replayed.
+    let good = node_signature(&key, path, now(), &fresh_nonce(), other_body);
+    let r = wake_at(&a.url(), Some(&good), other_body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = wake_at(&a.url(), Some(&good), other_body).await;
+    assert_eq!((r.status, r.errno()), (401, 132));
+
+    // Nothing forged reached the user agent.
+    assert!(ua.try_recv(Duration::from_millis(500)).await.is_none());
+    for reason in ["bad_signature", "stale", "replayed"] {
+        let line = format!("herald_node_requests_refused_total{{reason=\"{reason}\"}}");
+        assert!(metric(&a, &line).await >= 1.0, "{line}");
     }
     // A single node on RocksDB has no such route at all.
     let solo = Herald::start().await;
-    let r = http(&solo, "POST", "/_herald/node/wake", &[], body)
+    let r = http(
+        &solo,
+        "POST",
+        "/_herald/node/wake",
+        &[],
+        other_body.to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+/// With node_listen, node traffic has its own listener: the public one
+/// refuses `/_herald/node/`, and pushes still cross nodes through it.
+#[tokio::test]
+async fn node_listen_keeps_wake_ups_off_the_public_listener() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let (pa, pb) = (free_port(), free_port());
+    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let a = node(
+        cluster.url(),
+        &key,
+        None,
+        &[("HERALD_NODE_LISTEN", la.as_str())],
+    )
+    .await;
+    let b = node(
+        cluster.url(),
+        &key,
+        Some(&a.url()),
+        &[("HERALD_NODE_LISTEN", lb.as_str())],
+    )
+    .await;
+    assert!(!b.logs().contains("set node_listen"), "{}", b.logs());
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    // Both reach b's user agent only through a wake-up (the re-read is 30 s
+    // away): a stored message, then a TTL-0 one carried in the request.
+    pushed(&via(&a, &ep), &a.url(), &keys, "stored", &[]).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "stored");
+    pushed(&via(&a, &ep), &a.url(), &keys, "now", &[("ttl", "0")]).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "now");
+
+    // The public listener does not know the path; the node listener does.
+    let body = br#"{"uaid":"00000000000000000000000000000000"}"#;
+    let signed = node_signature(&key, "/_herald/node/wake", now(), &fresh_nonce(), body);
+    let r = wake_at(&b.url(), Some(&signed), body).await;
+    assert_eq!((r.status, r.errno()), (404, 119));
+    let r = wake_at(&format!("http://{lb}"), Some(&signed), body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The node listener serves nothing else.
+    let r = request("POST", &via_base(&lb, &ep), &[("ttl", "60")], vec![])
         .await
         .unwrap();
     assert_eq!(r.status, 404);
+}
+
+fn via_base(addr: &str, endpoint: &str) -> String {
+    let path = &endpoint[endpoint.find("/wpush/").expect("an endpoint URL")..];
+    format!("http://{addr}{path}")
+}
+
+#[tokio::test]
+async fn an_https_node_url_is_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("HERALD_STORE", "redis")
+        .env("HERALD_REDIS_URL", "redis://127.0.0.1:1")
+        .env("HERALD_ENDPOINT_KEYS", shared_key())
+        .env("HERALD_NODE_URL", "https://127.0.0.1:9443")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`node_url`") && err.contains("https:// is not supported"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

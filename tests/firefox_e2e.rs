@@ -253,7 +253,11 @@ fn firefox_on_one_node_receives_a_push_sent_to_another() {
 #[test]
 fn firefox_follows_remote_settings_broadcasts() {
     const TOKEN: &str = "e2e-broadcast-token-0123";
-    let mut rig = Rig::with_env(&[("HERALD_BROADCAST_TOKENS", TOKEN)]);
+    // /metrics on the main listener, where raw_http reads it.
+    let mut rig = Rig::with_env(&[
+        ("HERALD_BROADCAST_TOKENS", TOKEN),
+        ("HERALD_METRICS_PUBLIC", "true"),
+    ]);
     let port = rig.herald.port;
     let put = |version: &str| {
         let (status, body) = raw_http(

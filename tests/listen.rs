@@ -81,9 +81,8 @@ async fn send(sub: &Value, extra: &[&str]) -> String {
 }
 
 async fn acked(h: &Herald) -> u64 {
-    let m = http(h, "GET", "/metrics", &[], vec![]).await.unwrap();
-    String::from_utf8(m.body)
-        .unwrap()
+    metrics_text(h)
+        .await
         .lines()
         .find_map(|l| l.strip_prefix("herald_messages_acked_total "))
         .map(|v| v.trim().parse::<f64>().unwrap() as u64)

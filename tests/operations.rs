@@ -7,12 +7,6 @@ use common::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn metrics_text(h: &Herald) -> String {
-    let r = http(h, "GET", "/metrics", &[], vec![]).await.unwrap();
-    assert_eq!(r.status, 200);
-    String::from_utf8(r.body).unwrap()
-}
-
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))

@@ -5,7 +5,7 @@
 //! compare-and-sets the user record's owner to (node, connection, time):
 //! the newest connection wins, and the node it displaced is told to close
 //! the old one. A node that accepts a push stores it first, then wakes the
-//! owner's node with an authenticated request to `/_herald/node/wake`; the
+//! owner's node with a signed request to `/_herald/node/wake` (node_auth); the
 //! woken connection reads the store. A lost wake-up (the owner died, the
 //! network dropped the request) therefore delays a message but never loses
 //! it: the next connection of the user agent, on any node, reads the store,
@@ -13,9 +13,11 @@
 //! proto-docs/cluster.md explains the choice and its failure cases.
 
 use super::local::{LocalRouter, RouteResult};
+use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
+use crate::errors::ApiError;
 use crate::ids::Uaid;
 use crate::metrics::Metrics;
-use crate::store::{now_micros, Claim, Directory, Message, Owner, Store, StoreResult};
+use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
 use bytes::Bytes;
 use dashmap::DashMap;
 use http_body_util::{BodyExt, Full};
@@ -67,8 +69,12 @@ pub struct Cluster {
     url: String,
     directory: Arc<dyn Directory>,
     client: Client<HttpConnector, Full<Bytes>>,
-    /// `Authorization` value nodes present to each other.
-    bearer: String,
+    /// Signs this node's requests.
+    key: NodeKey,
+    /// Check other nodes' requests: one per endpoint key.
+    accepted: Vec<NodeKey>,
+    /// Nonces of node requests accepted lately, to refuse replays.
+    replays: ReplayWindow,
     node_urls: DashMap<u64, (Option<String>, Instant)>,
     metrics: Arc<Metrics>,
     /// Owners of this node's connections, to release them exactly.
@@ -76,11 +82,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `secret` is shared by every node (derived from the endpoint key).
+    /// `endpoint_keys` are shared by every node: requests are signed with the
+    /// first's node key and accepted with any's, so a key rotation can roll
+    /// through the nodes one at a time, as it does for endpoints.
     pub fn new(
         directory: Arc<dyn Directory>,
         url: String,
-        secret: &[u8; 32],
+        endpoint_keys: &[[u8; 32]],
         metrics: Arc<Metrics>,
     ) -> Arc<Cluster> {
         let mut connector = HttpConnector::new();
@@ -91,7 +99,9 @@ impl Cluster {
             url,
             directory,
             client: Client::builder(TokioExecutor::new()).build(connector),
-            bearer: format!("Bearer {}", node_token(secret)),
+            key: NodeKey::derive(&endpoint_keys[0]),
+            accepted: endpoint_keys.iter().map(NodeKey::derive).collect(),
+            replays: ReplayWindow::new(MAX_NONCES),
             node_urls: DashMap::new(),
             metrics,
             owners: DashMap::new(),
@@ -208,7 +218,7 @@ impl Cluster {
         let this = self.request_sender();
         // The push is already stored: its answer does not wait for the wake.
         tokio::spawn(async move {
-            let ok = this.post(&format!("{url}{WAKE_PATH}"), body).await;
+            let ok = this.post(&url, WAKE_PATH, body).await;
             this.metrics
                 .wakeups_sent
                 .with_label_values(&[if ok { "ok" } else { "failed" }])
@@ -228,7 +238,7 @@ impl Cluster {
         .unwrap_or_default();
         let this = self.request_sender();
         tokio::spawn(async move {
-            this.post(&format!("{url}{EVICT_PATH}"), body).await;
+            this.post(&url, EVICT_PATH, body).await;
         });
     }
 
@@ -253,18 +263,28 @@ impl Cluster {
     fn request_sender(&self) -> Sender {
         Sender {
             client: self.client.clone(),
-            bearer: self.bearer.clone(),
+            key: self.key.clone(),
             metrics: self.metrics.clone(),
         }
     }
 
-    /// Whether a request from another node carries the shared credential.
-    pub fn authorised(&self, authorization: Option<&str>) -> bool {
-        use sha2::{Digest, Sha256};
-        // Compare digests so the comparison's timing says nothing about the
-        // credential.
-        let given = Sha256::digest(authorization.unwrap_or_default().as_bytes());
-        given == Sha256::digest(self.bearer.as_bytes())
+    /// First check of a request from another node, before its body is read:
+    /// a well-formed signature header with a timestamp within the skew.
+    pub fn check_header<'a>(&self, authorization: Option<&'a str>) -> Result<Signed<'a>, ApiError> {
+        super::node_auth::parse(authorization, now_secs())
+    }
+
+    /// Second check, with the body: the signature, then the nonce (only a
+    /// verified request can take room in the replay window).
+    pub fn check_request(
+        &self,
+        signed: &Signed<'_>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(), ApiError> {
+        signed.verify(&self.accepted, method, path, body)?;
+        self.replays.check(signed, now_secs())
     }
 
     /// A wake-up from another node.
@@ -298,14 +318,23 @@ impl Cluster {
 /// What a spawned request needs, so it does not borrow the cluster.
 struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
-    bearer: String,
+    key: NodeKey,
     metrics: Arc<Metrics>,
 }
 
 impl Sender {
-    async fn post(&self, url: &str, body: Vec<u8>) -> bool {
-        let req = http::Request::post(url)
-            .header("authorization", &self.bearer)
+    /// POSTs `body` to `path` on the node at `base` (its node_url).
+    async fn post(&self, base: &str, path: &str, body: Vec<u8>) -> bool {
+        let url = format!("{base}{path}");
+        // Signed over the path the receiver sees: node_url's own path, if
+        // any, and ours.
+        let signed_path = url
+            .parse::<http::Uri>()
+            .map(|u| u.path().to_string())
+            .unwrap_or_else(|_| path.to_string());
+        let auth = self.key.sign("POST", &signed_path, now_secs(), &body);
+        let req = http::Request::post(&url)
+            .header("authorization", auth)
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)));
         let Ok(req) = req else { return false };
@@ -323,33 +352,16 @@ impl Sender {
         match result {
             Ok(Some(ok)) => ok,
             _ => {
-                tracing::debug!(url, "node request failed");
+                tracing::debug!(url = %url, "node request failed");
                 false
             }
         }
     }
 }
 
-/// The credential nodes present to each other: derived from the shared
-/// endpoint key, so configuring the key configures the cluster.
-fn node_token(secret: &[u8; 32]) -> String {
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, secret);
-    let mut okm = [0u8; 32];
-    hk.expand(b"herald node-to-node v1", &mut okm)
-        .expect("32 bytes is a valid HKDF-SHA256 output length");
-    crate::webpush::encode_b64url(&okm)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_token_depends_on_the_secret_only() {
-        assert_eq!(node_token(&[1; 32]), node_token(&[1; 32]));
-        assert_ne!(node_token(&[1; 32]), node_token(&[2; 32]));
-        assert_eq!(node_token(&[1; 32]).len(), 43);
-    }
 
     #[test]
     fn wake_messages_round_trip_through_json() {

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 mod local;
+pub mod node_auth;
 
 pub use cluster::Cluster;
 pub use local::{Backlog, Binding, LocalRouter, RouteResult};

@@ -42,7 +42,7 @@ pub fn now() -> u64 {
 /// test's outgoing connection meanwhile. The Redis harness uses 20000+.
 /// Ports are handed out in turn from a random start, so tests running at
 /// once in this process never pick the same one.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = *START.get_or_init(|| rand::random::<u16>() % 8000);
@@ -70,6 +70,10 @@ pub struct Herald {
     /// the wrapper's, not Herald's.
     pub wrapper: Vec<String>,
     log: PathBuf,
+    /// The private listener serving /metrics, which the harness gives every
+    /// Herald unless the test sets `HERALD_METRICS_LISTEN` or
+    /// `HERALD_METRICS_PUBLIC` itself.
+    metrics_port: Option<u16>,
 }
 
 impl Herald {
@@ -80,6 +84,17 @@ impl Herald {
     /// `args` are extra `herald serve` flags; `env` extra environment.
     pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Herald {
         let tmp = tempfile::tempdir().unwrap();
+        let sets_metrics = env
+            .iter()
+            .any(|(k, _)| *k == "HERALD_METRICS_LISTEN" || *k == "HERALD_METRICS_PUBLIC");
+        let metrics_port = (!sets_metrics).then(free_port);
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(p) = metrics_port {
+            env.push(("HERALD_METRICS_LISTEN".into(), format!("127.0.0.1:{p}")));
+        }
         let mut h = Herald {
             port: free_port(),
             data_dir: tmp.path().join("data"),
@@ -87,11 +102,9 @@ impl Herald {
             _tmp: Some(tmp),
             child: None,
             args: args.iter().map(|s| s.to_string()).collect(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env,
             wrapper: Vec::new(),
+            metrics_port,
         };
         h.spawn().await;
         h
@@ -99,6 +112,18 @@ impl Herald {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Where GET /metrics is served: the harness's private listener, the
+    /// test's own `HERALD_METRICS_LISTEN`, or else the main listener.
+    pub fn metrics_url(&self) -> String {
+        if let Some(p) = self.metrics_port {
+            return format!("http://127.0.0.1:{p}/metrics");
+        }
+        match self.env.iter().find(|(k, _)| k == "HERALD_METRICS_LISTEN") {
+            Some((_, addr)) => format!("http://{addr}/metrics"),
+            None => format!("{}/metrics", self.url()),
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -531,10 +556,16 @@ pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
 
+/// The text of GET /metrics, wherever this Herald serves it.
+pub async fn metrics_text(h: &Herald) -> String {
+    let r = request("GET", &h.metrics_url(), &[], vec![]).await.unwrap();
+    assert_eq!(r.status, 200, "GET {}", h.metrics_url());
+    String::from_utf8(r.body).unwrap()
+}
+
 /// The value of the first metric line starting with `line_start` (0 if absent).
 pub async fn metric(h: &Herald, line_start: &str) -> f64 {
-    let text =
-        String::from_utf8(http(h, "GET", "/metrics", &[], vec![]).await.unwrap().body).unwrap();
+    let text = metrics_text(h).await;
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
