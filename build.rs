@@ -8,7 +8,7 @@
 //!    default features here makes every build resolve the same, so the C++
 //!    compiles once. Nothing below may change that.
 //!
-//! 2. The commit `/__version__` reports: `HERALD_COMMIT`, the output of
+//! 2. The commit `/__version__` reports: `BUILD_GIT_COMMIT`, the output of
 //!    `git rev-parse HEAD` when the source is a git checkout and git is
 //!    installed, else "unknown" (a source archive, a container build
 //!    without `.git`).
@@ -21,7 +21,10 @@ fn main() {
     let commit = git(&["rev-parse", "HEAD"])
         .filter(|c| c.len() >= 40 && c.bytes().all(|b| b.is_ascii_hexdigit()))
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=HERALD_COMMIT={commit}");
+    // Not HERALD_*: `cargo run` and `cargo test` also put this variable in
+    // the environment of what they run, where Herald would take it for a
+    // mistyped setting.
+    println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
     if commit == "unknown" {
         return;
     }

@@ -467,7 +467,7 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
                 serde_json::json!({
                     "source": SOURCE,
                     "version": env!("CARGO_PKG_VERSION"),
-                    "commit": env!("HERALD_COMMIT"),
+                    "commit": env!("BUILD_GIT_COMMIT"),
                     "build": "cargo",
                 })
                 .to_string(),

@@ -3256,10 +3256,11 @@ fn docker_compose_cluster_is_consistent() {
     p.finish();
 }
 
-/// Every `N KiB` in a sentence of `text` about memory per connection.
+/// Every `N KiB` in a sentence (or table cell) of `text` about memory per
+/// connection.
 fn per_connection_kib(text: &str) -> Vec<String> {
     let mut found = Vec::new();
-    for sentence in text.split(". ") {
+    for sentence in text.split(". ").flat_map(|s| s.split('|')) {
         let lower = sentence.to_ascii_lowercase().replace('\n', " ");
         if !(lower.contains("per idle connection")
             || lower.contains("per connection")
