@@ -754,3 +754,26 @@ fn demo_keeps_its_private_key_in_the_user_state_dir() {
         "herald demo wrote into its working directory: {left:?}"
     );
 }
+
+/// `herald send` warns about a large payload in the same words Herald's 413
+/// uses, so the two numbers add up.
+#[test]
+fn send_explains_the_portable_payload_budget() {
+    let key = SecretKey::random(&mut rand::rngs::OsRng);
+    let dead = support::free_port();
+    let subscription = json!({
+        "endpoint": format!("http://127.0.0.1:{dead}/wpush/v1/x"),
+        "keys": {
+            "p256dh": URL_SAFE_NO_PAD.encode(key.public_key().to_encoded_point(false).as_bytes()),
+            "auth": URL_SAFE_NO_PAD.encode([7u8; 16]),
+        }
+    })
+    .to_string();
+    let data = "x".repeat(4000);
+    let out = herald(&["send", "--subscription", &subscription, "--data", &data]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("the payload is 4000 bytes of plaintext; push services only have to accept an encrypted body of at most 4096 bytes, of which RFC 8291's framing takes 103 for one record, leaving 3993 bytes of plaintext"),
+        "{err}"
+    );
+}
