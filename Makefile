@@ -1,17 +1,33 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test deps test-deps lint bench bench-cluster fuzz soak
+.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak
 
 run: deps
 	cargo run --bin herald -- serve
 
 # The load generator's smoke test runs the herald binary, so bins are built
-# before the tests run.
+# before the tests run. The last step checks that `make run` finds this
+# build complete: every dependency shared by herald, the load generator and
+# the tests resolves the same features (see Cargo.toml and build.rs), so
+# building herald alone compiles nothing. A `Compiling` line there means
+# some feature set drifted and `make run` after `make test` would recompile.
 test: test-deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo build --workspace --bins
 	cargo test --workspace
+	@echo "checking that \`cargo build --bin herald\` reuses this build"
+	@out=$$(cargo build --bin herald 2>&1); echo "$$out"; \
+	  if echo "$$out" | grep -q 'Compiling'; then \
+	    echo "make test: building herald after the tests compiled again (feature sets differ); see Cargo.toml" >&2; exit 1; \
+	  fi
+
+# `herald` on PATH: $(PREFIX)/bin/herald. --debug is the project's one
+# profile (fully optimised, see Cargo.toml), so this reuses `make run`'s build
+# instead of compiling RocksDB again for the release profile.
+PREFIX ?= /usr/local
+install: deps
+	cargo install --path . --root $(PREFIX) --locked --debug --bin herald
 
 bench: deps
 	./loadtest/bench.sh

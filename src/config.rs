@@ -25,7 +25,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("max_frame_size", "32768", "largest websocket message accepted from a user agent, in bytes"),
     ("client_rate_limit", "50", "unsolicited websocket messages per second a user agent may send (bursts of twice that; acks of what was sent are free)"),
     ("max_ttl", "30d", "longest TTL applied; larger requested TTLs are lowered"),
-    ("max_message_bytes", "4096", "largest push payload accepted, in bytes"),
+    ("max_message_bytes", "4096", "largest push body accepted, in bytes, counted encrypted (4096 leaves 3993 bytes of plaintext after RFC 8291's 103 bytes of framing)"),
     ("max_stored_messages", "1000", "most undelivered messages kept per user agent; beyond it senders get 429"),
     ("ua_expiry", "60d", "user agents silent this long are dropped with their subscriptions"),
     ("sync_writes", "false", "fsync every accepted message before answering (group commit)"),
@@ -53,6 +53,61 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("receipt_stream_lifetime", "1h", "longest a receipt event stream stays open; it then ends and the reader resumes with Last-Event-ID"),
     ("worker_threads", "", "threads running connections and requests; unset: one per core"),
 ];
+
+/// Variables other `herald` commands read (`herald send`, `listen`, `demo`,
+/// `broadcast`): set in an operator's shell, they are not typos of a
+/// setting. Kept equal to the commands' clap definitions by a unit test.
+pub const OTHER_COMMANDS_ENV: &[&str] = &[
+    "HERALD_BROADCAST_TOKEN",
+    "HERALD_LISTEN_STATE",
+    "HERALD_PUSH_URL",
+    "HERALD_VAPID_KEY",
+    "HERALD_VAPID_SUBJECT",
+];
+
+/// `HERALD_*` variables in `env` that name no setting, each with the
+/// closest setting's variable when one is a likely typo. Herald reads only
+/// the variables of its settings, so a mistyped one would otherwise be
+/// ignored without a word. `also_known` are variables read elsewhere.
+pub fn unknown_env_vars<'a>(
+    env: impl IntoIterator<Item = &'a str>,
+    also_known: &[&str],
+) -> Vec<(String, Option<String>)> {
+    let known: Vec<String> = SETTINGS
+        .iter()
+        .map(|(n, _, _)| format!("HERALD_{}", n.to_ascii_uppercase()))
+        .chain(also_known.iter().map(|s| s.to_string()))
+        .collect();
+    env.into_iter()
+        .filter(|k| k.starts_with("HERALD_") && !known.iter().any(|n| n == k))
+        .map(|k| {
+            // Close enough to be a typo: two edits, more for long names.
+            let closest = known
+                .iter()
+                .map(|n| (edit_distance(k, n), n))
+                .min()
+                .filter(|(d, n)| *d <= 2.max(n.len() / 6))
+                .map(|(_, n)| n.clone());
+            (k.to_string(), closest)
+        })
+        .collect()
+}
+
+/// Levenshtein distance, for suggesting the setting a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
 
 /// `herald serve` flags. Everything else is set in the file or environment.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -251,6 +306,15 @@ impl Settings {
         let node_listen: Option<SocketAddr> = l.opt("node_listen", parse_addr)?;
         let public_url = match l.opt("public_url", parse_public_url)? {
             Some(u) => u,
+            // A wildcard address accepts connections but names no host: the
+            // endpoints handed out would point nowhere.
+            None if listen.ip().is_unspecified() => {
+                return Err(ConfigError(format!(
+                    "setting `public_url`: required when `listen` is a wildcard address ({listen}): \
+                     endpoints would be handed out as http://{listen}/..., which no application server can reach; \
+                     set public_url to the URL the outside world reaches Herald at, e.g. https://push.example.com"
+                )))
+            }
             None => parse_public_url(&format!("http://{listen}")).map_err(ConfigError)?,
         };
         let settings = Settings {
@@ -498,6 +562,15 @@ fn parse_public_url(v: &str) -> Result<PublicUrl, String> {
         return Err("must start with http:// or https://".into());
     }
     let host = uri.host().ok_or_else(|| "has no host".to_string())?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "host {host} is a wildcard address, which no application server can reach; use the name or address clients connect to"
+        ));
+    }
     if uri.query().is_some() {
         return Err("must not have a query".into());
     }
@@ -717,6 +790,93 @@ mod tests {
         };
         let err = Settings::load(&args, &BTreeMap::new()).unwrap_err();
         assert!(err.0.contains("unknown setting `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_named_with_the_closest_setting() {
+        let found = unknown_env_vars(
+            [
+                "HERALD_MAX_TTLS",
+                "HERALD_MAX_TTL",
+                "HERALD_LISTEN",
+                "HERALD_VAPID_KEY",
+                "HERALD_PUBLICURL",
+                "HERALD_SOMETHING_ELSE_ENTIRELY",
+                "PATH",
+            ],
+            OTHER_COMMANDS_ENV,
+        );
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "HERALD_MAX_TTLS".to_string(),
+                    Some("HERALD_MAX_TTL".to_string())
+                ),
+                (
+                    "HERALD_PUBLICURL".to_string(),
+                    Some("HERALD_PUBLIC_URL".to_string())
+                ),
+                ("HERALD_SOMETHING_ELSE_ENTIRELY".to_string(), None),
+            ]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+
+    /// OTHER_COMMANDS_ENV is what the other commands' clap definitions read.
+    #[test]
+    fn other_commands_env_matches_their_flags() {
+        use clap::{Args, Subcommand};
+        fn envs(cmd: &clap::Command, out: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if let Some(e) = a.get_env() {
+                    out.push(e.to_string_lossy().into_owned());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                envs(sub, out);
+            }
+        }
+        let mut found = Vec::new();
+        let new = || clap::Command::new("herald");
+        for cmd in [
+            crate::appserver::VapidCommand::augment_subcommands(new()),
+            crate::appserver::SendArgs::augment_args(new()),
+            crate::demo::DemoArgs::augment_args(new()),
+            crate::broadcast::cli::BroadcastCommand::augment_subcommands(new()),
+            crate::client::cli::ListenArgs::augment_args(new()),
+            ServeArgs::augment_args(new()),
+        ] {
+            envs(&cmd, &mut found);
+        }
+        found.sort();
+        found.dedup();
+        assert_eq!(found, OTHER_COMMANDS_ENV);
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_a_public_url() {
+        for listen in ["0.0.0.0:8080", "[::]:8080"] {
+            let args = ServeArgs {
+                listen: Some(listen.into()),
+                ..Default::default()
+            };
+            let err = Settings::load(&args, &BTreeMap::new()).unwrap_err();
+            assert!(err.0.starts_with("setting `public_url`: required"), "{err}");
+            let e = env(&[("HERALD_PUBLIC_URL", "https://push.example.com")]);
+            let s = Settings::load(&args, &e).unwrap();
+            assert_eq!(s.public_url.origin, "https://push.example.com");
+        }
+        for wild in ["http://0.0.0.0:8080", "http://[::]:8080/"] {
+            let e = env(&[("HERALD_PUBLIC_URL", wild)]);
+            let err = Settings::load(&ServeArgs::default(), &e).unwrap_err();
+            assert!(
+                err.0.contains("public_url") && err.0.contains("wildcard"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -30,9 +30,26 @@ pub const HEADER_LEN: usize = 16 + 4 + 1 + 65;
 /// AES-GCM tag length.
 pub const TAG_LEN: usize = 16;
 
-/// Largest plaintext that every push service must accept (RFC 8291 §4):
-/// 4096 octets of body minus the header, one padding octet and the tag.
-pub const MAX_PORTABLE_PLAINTEXT: usize = 4096 - HEADER_LEN - 1 - TAG_LEN;
+/// Largest encrypted body every push service must accept (RFC 8030 §7.2).
+pub const PORTABLE_BODY: usize = 4096;
+
+/// What RFC 8291's `aes128gcm` framing adds to a one-record message: the
+/// header, one padding delimiter octet and the tag (103 octets).
+pub const AES128GCM_OVERHEAD: usize = HEADER_LEN + 1 + TAG_LEN;
+
+/// Largest plaintext that every push service must accept (RFC 8291 §4).
+pub const MAX_PORTABLE_PLAINTEXT: usize = PORTABLE_BODY - AES128GCM_OVERHEAD;
+
+/// How a body limit splits into framing and plaintext, in the same words
+/// for senders' warnings and Herald's 413, so the numbers add up: "an
+/// encrypted body of at most 4096 bytes, of which RFC 8291's framing takes
+/// 103 for one record, leaving 3993 bytes of plaintext".
+pub fn body_limit_explained(max_body: usize) -> String {
+    format!(
+        "an encrypted body of at most {max_body} bytes, of which RFC 8291's framing takes {AES128GCM_OVERHEAD} for one record, leaving {} bytes of plaintext",
+        max_body.saturating_sub(AES128GCM_OVERHEAD)
+    )
+}
 
 const SALT_LEN: usize = 16;
 const POINT_LEN: usize = 65;
@@ -501,6 +518,18 @@ impl ReceiverKeys {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_portable_budget_adds_up() {
+        assert_eq!(AES128GCM_OVERHEAD, 103);
+        assert_eq!(MAX_PORTABLE_PLAINTEXT, 3993);
+        let text = body_limit_explained(PORTABLE_BODY);
+        assert_eq!(
+            text,
+            "an encrypted body of at most 4096 bytes, of which RFC 8291's framing takes 103 for one record, leaving 3993 bytes of plaintext"
+        );
+        assert!(body_limit_explained(50).ends_with("leaving 0 bytes of plaintext"));
+    }
 
     /// Test vectors are written in hex (the sender's tests use it too).
     pub(crate) fn hex(s: &str) -> Vec<u8> {

@@ -137,7 +137,14 @@ impl ApiError {
     }
     // 413
     pub fn too_large(max: usize) -> Self {
-        Self::new(413, 104, format!("payload too large: at most {max} bytes"))
+        Self::new(
+            413,
+            104,
+            format!(
+                "payload too large: this push service accepts {} (max_message_bytes)",
+                crate::crypto::body_limit_explained(max)
+            ),
+        )
     }
     // 429
     pub fn too_many_stored(max: usize) -> Self {

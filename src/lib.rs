@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod connect;
 pub mod crypto;
+pub mod datadir;
 pub mod demo;
 pub mod endpoint;
 pub mod errors;

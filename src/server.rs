@@ -59,6 +59,7 @@ pub fn run_from_args(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(&settings);
+    warn_unknown_env(&env);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = settings.worker_threads {
         runtime.worker_threads(n);
@@ -82,11 +83,42 @@ fn init_logging(settings: &Settings) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_wants_colour())
         .with_writer(std::io::stderr);
     let _ = match settings.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Settings come from `HERALD_<SETTING>` only; any other `HERALD_*` is most
+/// likely a typo that would otherwise change nothing without a word.
+fn warn_unknown_env(env: &std::collections::BTreeMap<String, String>) {
+    let unknown = crate::config::unknown_env_vars(
+        env.keys().map(String::as_str),
+        crate::config::OTHER_COMMANDS_ENV,
+    );
+    for (name, closest) in unknown {
+        match closest {
+            Some(c) => tracing::warn!("environment variable {name} is not a setting and is ignored; did you mean {c}?"),
+            None => tracing::warn!("environment variable {name} is not a setting and is ignored (see `herald serve --help`)"),
+        }
+    }
+}
+
+/// Whether logs on stderr may carry colour codes; see `colour_logs`.
+pub fn stderr_wants_colour() -> bool {
+    colour_logs(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// Colour codes only help a person at a terminal: in files, pipes, journald
+/// and `docker logs` they are noise. `NO_COLOR` (no-color.org) set to
+/// anything but the empty string turns them off even on a terminal.
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn wait_for_signal() {
@@ -104,12 +136,13 @@ pub struct Server {
     /// Where each listener actually bound (ports may have been 0).
     pub addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Released when the server is dropped, after the store is flushed.
+    _data_dir_lock: crate::datadir::DataDirLock,
 }
 
 impl Server {
     pub async fn start(settings: Settings) -> anyhow::Result<Server> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        let data_dir_lock = crate::datadir::claim(&settings.data_dir)?;
         let keys = if settings.endpoint_keys.is_empty() {
             load_or_create_keys(&settings.data_dir)?
         } else {
@@ -202,7 +235,12 @@ impl Server {
             tasks.push(tokio::spawn(reload_on_sighup(tls)));
         }
         tracing::info!(public_url = %app.settings.public_url.base, "herald ready");
-        Ok(Server { app, addrs, tasks })
+        Ok(Server {
+            app,
+            addrs,
+            tasks,
+            _data_dir_lock: data_dir_lock,
+        })
     }
 
     /// Turns /ready to 503 and refuses new websockets, closes open ones with
@@ -385,6 +423,32 @@ where
         .await;
 }
 
+/// `/__version__`'s `source`: Cargo.toml's `repository`, or "unknown" when
+/// the package names none (a made-up URL would be worse than none). The
+/// commit comes from build.rs.
+const SOURCE: &str = match env!("CARGO_PKG_REPOSITORY").as_bytes() {
+    b"" => "unknown",
+    _ => env!("CARGO_PKG_REPOSITORY"),
+};
+
+/// Where user agents open their websocket: exactly this path, with Upgrade.
+pub const WEBSOCKET_PATH: &str = "/";
+/// Push endpoints: `POST|GET /wpush/v1|v2/<token>`.
+const ENDPOINTS: &str = "/wpush/";
+/// Message resources (a push's Location): `DELETE|GET /m/<id>`.
+const MESSAGES: &str = "/m/";
+/// Receipt subscriptions: `GET /r/<token>`.
+const RECEIPTS: &str = "/r/";
+
+/// The application-server API's path prefixes: with `WEBSOCKET_PATH`, what
+/// the internet must reach, so what every reverse proxy and Ingress in
+/// deploy/ must route (tests/deploy_files.rs checks them against this list).
+/// The router dispatches the push API only under these prefixes, so a
+/// public route cannot exist without being listed here. Everything else
+/// (health, metrics, the broadcast and node-to-node APIs) is for operators
+/// and other nodes and may stay private.
+pub const PUBLIC_PATH_PREFIXES: &[&str] = &[ENDPOINTS, MESSAGES, RECEIPTS];
+
 /// Every response body: whole, or streamed (receipt subscriptions).
 pub type Body = http_body_util::Either<Full<Bytes>, crate::receipts::api::StreamingBody>;
 
@@ -395,7 +459,7 @@ async fn route(
 ) -> http::Response<Body> {
     use http_body_util::Either;
     if serves.api && req.method() == Method::GET {
-        if let Some(token) = req.uri().path().strip_prefix("/r/") {
+        if let Some(token) = req.uri().path().strip_prefix(RECEIPTS) {
             let result =
                 crate::receipts::api::read(&app, token, req.headers(), req.uri().query()).await;
             return match result {
@@ -418,7 +482,7 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
 
-    if serves.websocket && path == "/" && is_upgrade(&req) {
+    if serves.websocket && path == WEBSOCKET_PATH && is_upgrade(&req) {
         return upgrade(app, req);
     }
     match (method.clone(), segments.as_slice()) {
@@ -431,9 +495,9 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
             return json(
                 StatusCode::OK,
                 serde_json::json!({
-                    "source": "https://example.invalid/herald",
+                    "source": SOURCE,
                     "version": env!("CARGO_PKG_VERSION"),
-                    "commit": option_env!("HERALD_COMMIT").unwrap_or("unknown"),
+                    "commit": env!("BUILD_GIT_COMMIT"),
                     "build": "cargo",
                 })
                 .to_string(),
@@ -448,29 +512,56 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
     if !serves.api {
         return api_response(&app, Err(ApiError::not_found()));
     }
-    let result = match (method, segments.as_slice()) {
-        (Method::POST, ["wpush", v, token]) => match api_version(v) {
-            Some(v) => endpoint::push(&app, v, token, req).await,
-            None => Err(ApiError::invalid_endpoint()),
-        },
-        (Method::GET, ["wpush", v, token]) => match api_version(v) {
-            Some(v) => endpoint::discovery(&app, v, token),
-            None => Err(ApiError::invalid_endpoint()),
-        },
-        (Method::DELETE, ["m", id]) => endpoint::cancel(&app, id).await,
-        (Method::GET, ["m", id]) => crate::receipts::api::status(&app, id).await,
-        (Method::GET, ["v1", "broadcasts"]) => crate::broadcast::api::list(&app, &req),
+    let result = if let Some(rest) = path.strip_prefix(ENDPOINTS) {
+        match (method, rest.split('/').collect::<Vec<_>>().as_slice()) {
+            (Method::POST, [v, token]) => match api_version(v) {
+                Some(v) => endpoint::push(&app, v, token, req).await,
+                None => Err(ApiError::invalid_endpoint()),
+            },
+            (Method::GET, [v, token]) => match api_version(v) {
+                Some(v) => endpoint::discovery(&app, v, token),
+                None => Err(ApiError::invalid_endpoint()),
+            },
+            (_, [_, _]) => Err(ApiError::method_not_allowed()),
+            _ => Err(ApiError::not_found()),
+        }
+    } else if let Some(rest) = path.strip_prefix(MESSAGES) {
+        match (method, rest.split('/').collect::<Vec<_>>().as_slice()) {
+            (Method::DELETE, [id]) => endpoint::cancel(&app, id).await,
+            (Method::GET, [id]) => crate::receipts::api::status(&app, id).await,
+            (_, [_]) => Err(ApiError::method_not_allowed()),
+            _ => Err(ApiError::not_found()),
+        }
+    } else if let Some(rest) = path.strip_prefix(RECEIPTS) {
+        // GET was answered by `route`, as a stream.
+        match rest.split('/').count() {
+            1 => Err(ApiError::method_not_allowed()),
+            _ => Err(ApiError::not_found()),
+        }
+    } else {
+        operator_api(&app, method, &segments, req).await
+    };
+    api_response(&app, result)
+}
+
+/// The API for operators: broadcast versions.
+async fn operator_api(
+    app: &App,
+    method: Method,
+    segments: &[&str],
+    req: http::Request<Incoming>,
+) -> Result<Response, ApiError> {
+    match (method, segments) {
+        (Method::GET, ["v1", "broadcasts"]) => crate::broadcast::api::list(app, &req),
         (Method::PUT, ["v1", "broadcasts", id]) => {
             let id = id.to_string();
-            crate::broadcast::api::put(&app, &id, req).await
+            crate::broadcast::api::put(app, &id, req).await
         }
         (_, ["v1", "broadcasts", ..]) if !app.settings.broadcast_tokens.is_empty() => {
             Err(ApiError::method_not_allowed())
         }
-        (_, ["wpush", _, _]) | (_, ["m", _]) | (_, ["r", _]) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found()),
-    };
-    api_response(&app, result)
+    }
 }
 
 /// Wake-ups and evictions from other nodes (see router::cluster).
@@ -737,4 +828,38 @@ pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
         dropped += 1;
     }
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
+        assert!(!colour_logs(false, Some(OsStr::new("1"))));
+    }
+
+    /// Proxies route by these; each is a whole path segment ending in `/`
+    /// so that `/m/` does not also claim `/metrics`.
+    #[test]
+    fn public_prefixes_are_whole_segments_and_exclude_private_paths() {
+        assert_eq!(WEBSOCKET_PATH, "/");
+        for prefix in PUBLIC_PATH_PREFIXES {
+            assert!(prefix.starts_with('/') && prefix.ends_with('/'), "{prefix}");
+            assert_eq!(prefix.matches('/').count(), 2, "{prefix}");
+            for private in [
+                "/metrics",
+                "/_herald/node/wake",
+                "/health",
+                "/v1/broadcasts",
+            ] {
+                assert!(!private.starts_with(prefix), "{prefix} claims {private}");
+            }
+        }
+    }
 }

@@ -700,3 +700,80 @@ fn send_help_documents_the_receipt_exit_statuses() {
         assert!(help.contains(expected), "{expected:?} not in\n{help}");
     }
 }
+
+/// `herald demo` without `--data-dir` keeps its VAPID private key in the
+/// user's state directory (`$XDG_STATE_HOME/herald/demo`, else
+/// `~/.local/state/herald/demo`), never in the directory it runs from.
+#[test]
+fn demo_keeps_its_private_key_in_the_user_state_dir() {
+    use support::{free_port, http, wait_for, Proc};
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path().join("repo");
+    let home = tmp.path().join("home");
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let start = |xdg: Option<&Path>, log: &str| -> (Proc, String) {
+        let port = free_port();
+        let mut command = Command::new(HERALD);
+        command
+            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(&cwd)
+            .env("HOME", &home)
+            .env_remove("XDG_STATE_HOME");
+        if let Some(dir) = xdg {
+            command.env("XDG_STATE_HOME", dir);
+        }
+        let mut proc = Proc::spawn("herald demo", command, tmp.path().join(log));
+        let key = wait_for(Duration::from_secs(30), || {
+            assert!(proc.exited().is_none(), "{}", proc.log_tail(20));
+            http("127.0.0.1", port, "GET", "/vapid-public-key", None)
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|r| r.body.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("herald demo did not answer\n{}", proc.log_tail(20)));
+        (proc, key)
+    };
+
+    let (mut demo, key) = start(Some(&state), "demo1.log");
+    let pem = state.join("herald/demo/vapid.pem");
+    assert!(pem.is_file(), "no {}", pem.display());
+    demo.stop(Duration::from_secs(5));
+    // The same key on the next start: browsers' subscriptions are bound to it.
+    let (mut demo, again) = start(Some(&state), "demo2.log");
+    assert_eq!(again, key);
+    demo.stop(Duration::from_secs(5));
+
+    let (mut demo, _) = start(None, "demo3.log");
+    assert!(home.join(".local/state/herald/demo/vapid.pem").is_file());
+    demo.stop(Duration::from_secs(5));
+
+    let left: Vec<_> = std::fs::read_dir(&cwd).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "herald demo wrote into its working directory: {left:?}"
+    );
+}
+
+/// `herald send` warns about a large payload in the same words Herald's 413
+/// uses, so the two numbers add up.
+#[test]
+fn send_explains_the_portable_payload_budget() {
+    let key = SecretKey::random(&mut rand::rngs::OsRng);
+    let dead = support::free_port();
+    let subscription = json!({
+        "endpoint": format!("http://127.0.0.1:{dead}/wpush/v1/x"),
+        "keys": {
+            "p256dh": URL_SAFE_NO_PAD.encode(key.public_key().to_encoded_point(false).as_bytes()),
+            "auth": URL_SAFE_NO_PAD.encode([7u8; 16]),
+        }
+    })
+    .to_string();
+    let data = "x".repeat(4000);
+    let out = herald(&["send", "--subscription", &subscription, "--data", &data]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("the payload is 4000 bytes of plaintext; push services only have to accept an encrypted body of at most 4096 bytes, of which RFC 8291's framing takes 103 for one record, leaving 3993 bytes of plaintext"),
+        "{err}"
+    );
+}

@@ -1273,6 +1273,18 @@ fn selects(match_labels: &Yaml, pod_labels: &Yaml) -> bool {
     })
 }
 
+/// One request path under each of the router's public prefixes, and the
+/// websocket path: what every proxy and Ingress must pass to Herald. Taken
+/// from the server's own router, so a new public route cannot be forgotten.
+fn public_request_paths() -> Vec<String> {
+    let mut paths = vec![herald::server::WEBSOCKET_PATH.to_string()];
+    for prefix in herald::server::PUBLIC_PATH_PREFIXES {
+        assert!(prefix.starts_with('/') && prefix.ends_with('/'), "{prefix}");
+        paths.push(format!("{prefix}v1/some-token"));
+    }
+    paths
+}
+
 /// Whether an Ingress rule's paths send `request_path` to a backend
 /// (Kubernetes path matching: Exact, or Prefix by whole path elements).
 fn ingress_routes(rule: &Yaml, request_path: &str) -> bool {
@@ -1687,10 +1699,10 @@ fn check_herald_layout(docs: &[(String, Yaml)], kind: &str, p: &mut Problems) ->
                     ),
                 );
             }
-            for public in ["/", "/wpush/v1/token", "/wpush/v2/token", "/m/id"] {
+            for public in public_request_paths() {
                 p.check(
-                    ingress_routes(rule, public),
-                    format!("Ingress does not route {public}"),
+                    ingress_routes(rule, &public),
+                    format!("Ingress does not route {public}, a public path of Herald's router (herald::server::PUBLIC_PATH_PREFIXES)"),
                 );
             }
             for private in ["/_herald/node/wake", "/_herald/node/evict", "/metrics"] {
@@ -2407,6 +2419,33 @@ fn nginx_blocks<'a>(text: &'a str, word: &str) -> Vec<(Vec<&'a str>, Vec<Vec<&'a
 
 /// What every nginx file in front of Herald needs for websockets and pushes,
 /// and its refusal of the node-to-node paths.
+/// The location nginx picks for `path`: an exact `=` match, else the
+/// longest prefix; regex locations are not used in deploy/ and are refused
+/// here rather than modelled.
+fn nginx_location<'a, 'b>(
+    locations: &'b [(Vec<&'a str>, Vec<Vec<&'a str>>)],
+    path: &str,
+) -> Option<&'b (Vec<&'a str>, Vec<Vec<&'a str>>)> {
+    if let Some(exact) = locations
+        .iter()
+        .find(|(head, _)| head.len() == 3 && head[1] == "=" && head[2] == path)
+    {
+        return Some(exact);
+    }
+    locations
+        .iter()
+        .filter_map(|l| {
+            let prefix = match l.0.as_slice() {
+                [_, prefix] => *prefix,
+                [_, "^~", prefix] => *prefix,
+                _ => return None,
+            };
+            path.starts_with(prefix).then_some((prefix.len(), l))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, l)| l)
+}
+
 fn check_nginx_proxy(file: &str, text: &str, p: &mut Problems) {
     let idle = herald_duration_secs(&default_value("ping_interval")).unwrap()
         + herald_duration_secs(&default_value("ping_timeout")).unwrap();
@@ -2464,6 +2503,21 @@ fn check_nginx_proxy(file: &str, text: &str, p: &mut Problems) {
         }),
         format!("{file}: /metrics is not refused"),
     );
+    p.check(
+        locations
+            .iter()
+            .all(|(head, _)| !head.iter().any(|w| w.starts_with('~'))),
+        format!("{file}: regex locations are not checked by this test; use prefix locations"),
+    );
+    for public in public_request_paths() {
+        let proxied = nginx_location(&locations, &public).is_some_and(|(_, body)| {
+            body.iter().any(|d| d.first() == Some(&"proxy_pass")) && !body.iter().any(refuses)
+        });
+        p.check(
+            proxied,
+            format!("{file}: {public} (a public path of Herald's router) is not proxied to Herald"),
+        );
+    }
 }
 
 #[test]
@@ -2542,6 +2596,22 @@ fn reverse_proxy_snippets_pass_websockets_and_keep_them_open() {
             .any(|l| l.trim() == "respond /_herald/* 404" || l.trim() == "respond /_herald/* 403"),
         "Caddyfile: /_herald/* is not refused (respond /_herald/* 404)",
     );
+    // Caddy sends everything to reverse_proxy except what a `respond`
+    // answers first.
+    for public in public_request_paths() {
+        let refused_by = caddy.lines().map(str::trim).find(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words.first() == Some(&"respond")
+                && words.get(1).is_some_and(|m| match m.strip_suffix('*') {
+                    Some(prefix) => public.starts_with(prefix),
+                    None => *m == public,
+                })
+        });
+        p.check(
+            refused_by.is_none(),
+            format!("Caddyfile: {public} (a public path of Herald's router) is refused by {refused_by:?}"),
+        );
+    }
     p.finish();
 }
 
@@ -3197,6 +3267,88 @@ fn docker_compose_cluster_is_consistent() {
         );
     }
     p.finish();
+}
+
+/// Every `N KiB` in a sentence (or table cell) of `text` about memory per
+/// connection.
+fn per_connection_kib(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for sentence in text.split(". ").flat_map(|s| s.split('|')) {
+        let lower = sentence.to_ascii_lowercase().replace('\n', " ");
+        if !(lower.contains("per idle connection")
+            || lower.contains("per connection")
+            || lower.contains("per idle registered connection"))
+        {
+            continue;
+        }
+        let words: Vec<&str> = lower.split_whitespace().collect();
+        for pair in words.windows(2) {
+            let number = pair[0].trim_start_matches(['(', '*']);
+            if pair[1].starts_with("kib") && number.parse::<f64>().is_ok() {
+                found.push(number.to_string());
+            }
+        }
+    }
+    found
+}
+
+/// The README's measured per-connection memory: figures in sentences about
+/// it, and the cells of tables whose header has a "KiB per connection"
+/// column.
+fn readme_per_connection_figures(readme: &str) -> BTreeSet<String> {
+    let mut figures: BTreeSet<String> = per_connection_kib(readme).into_iter().collect();
+    let mut columns: Vec<usize> = Vec::new();
+    for line in readme.lines() {
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .collect();
+        if !line.trim_start().starts_with('|') {
+            columns.clear();
+            continue;
+        }
+        if cells.iter().any(|c| c.contains("KiB per connection")) {
+            columns = (0..cells.len())
+                .filter(|&i| cells[i].contains("KiB per connection"))
+                .collect();
+            continue;
+        }
+        for &i in &columns {
+            if let Some(cell) = cells.get(i) {
+                let n = cell.trim_matches('*');
+                if n.parse::<f64>().is_ok() {
+                    figures.insert(n.to_string());
+                }
+            }
+        }
+    }
+    figures
+}
+
+/// deploy/README.md links to the README's measurements rather than
+/// repeating them; any per-connection figure it does quote must be one the
+/// README measured (it once said 5.0 KiB where the README said 5.7).
+#[test]
+fn deploy_readme_quotes_no_per_connection_figure_the_readme_lacks() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let measured = readme_per_connection_figures(&readme);
+    assert!(
+        measured.contains("5.7"),
+        "README's per-connection figures not found (the parser is stale): {measured:?}"
+    );
+    let deploy = read("README.md");
+    let quoted = per_connection_kib(&deploy);
+    let stray: Vec<&String> = quoted.iter().filter(|q| !measured.contains(*q)).collect();
+    assert!(
+        stray.is_empty(),
+        "deploy/README.md quotes {stray:?} KiB per connection; README.md measures {measured:?}: link to README instead"
+    );
+    // The check bites: the old wording is caught.
+    let old = "5.6 KiB of resident memory per idle connection with `store = \"redis\"`; the embedded store measures 5.0 KiB per connection";
+    assert_eq!(per_connection_kib(old), ["5.6", "5.0"]);
 }
 
 #[test]

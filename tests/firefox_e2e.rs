@@ -349,6 +349,30 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
     // 2. A push while the browser runs is decrypted by its service worker.
     rig.send(json!({ "text": "live message ✓", "ttl": 60, "urgency": "high" }));
     rig.wait_received("live message ✓", "live push");
+    // The service worker says which subscription it came to, so the page
+    // lists only this browser's messages.
+    let query = format!(
+        "/received?endpoint={}",
+        endpoint
+            .replace('%', "%25")
+            .replace(':', "%3A")
+            .replace('/', "%2F")
+            .replace('+', "%2B")
+    );
+    let own = rig.demo.get_json(&query);
+    assert!(
+        own.as_array()
+            .is_some_and(|l| l.iter().any(|m| m["text"] == "live message ✓")),
+        "the page's own list lacks the message: {own}"
+    );
+    let foreign = rig
+        .demo
+        .get_json("/received?endpoint=http%3A%2F%2Felsewhere%2F");
+    assert_eq!(
+        foreign,
+        json!([]),
+        "another subscription's list is not empty"
+    );
 
     // 2b. A push asking for a delivery receipt: Firefox's own ack, sent once
     // its service worker has handled the message, reports it delivered.

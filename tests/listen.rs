@@ -530,6 +530,36 @@ async fn aesgcm_and_undecryptable_messages() {
     assert_eq!(listener.line()["text"], "after");
 }
 
+/// `--count N` counts what it settles, so an undecryptable message (acked
+/// with 101, never coming back) cannot leave it waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_includes_messages_acknowledged_unhandled() {
+    let h = Herald::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("listen.json");
+    let sub = subscribe(&state, &h, "counted", None).await;
+    let endpoint = sub["endpoint"].as_str().unwrap();
+    let mut listener = Listener::start(&state, &["--count", "2"]);
+    send(&sub, &["--data", "readable"]).await;
+    assert_eq!(listener.line()["text"], "readable");
+    let stranger = UaKeys::new();
+    let r = post(
+        endpoint,
+        &[("content-encoding", "aes128gcm")],
+        encrypt(&stranger, b"not yours"),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let status = listener.exit_within(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {}", listener.stderr());
+    assert!(
+        listener.stderr().contains("code 101"),
+        "{}",
+        listener.stderr()
+    );
+    wait_acked(&h, 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_user_agent_and_unknown_channels_are_reported() {
     let mut h = Herald::start().await;

@@ -172,6 +172,157 @@ async fn a_bad_setting_stops_the_start_with_one_line() {
     }
 }
 
+/// Logs read in files, pipes, journald and `docker logs` carry no terminal
+/// colour codes.
+#[tokio::test]
+async fn logs_to_a_file_carry_no_colour_codes() {
+    let h = Herald::start_with(&[], &[("RUST_LOG", "info")]).await;
+    let mut ua = Ua::hello(&h, None).await;
+    ua.subscribe(None).await;
+    let logs = h.logs();
+    assert!(logs.contains("herald ready"), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "ESC in logs written to a file:\n{logs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wildcard_listen_address_without_public_url_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let (code, err) = serve_refused(
+            &["--listen", listen, "--data-dir", data.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(code, Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("setting `public_url`: required when `listen` is a wildcard address"),
+            "{err}"
+        );
+    }
+    let (code, err) = serve_refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[("HERALD_PUBLIC_URL", "http://0.0.0.0:8080")],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("public_url") && err.contains("wildcard"),
+        "{err}"
+    );
+    assert!(
+        !data.exists(),
+        "a refused start must not create the data dir"
+    );
+}
+
+#[tokio::test]
+async fn a_data_dir_in_use_or_not_a_directory_is_named_in_herald_words() {
+    let h = Herald::start().await;
+    let (code, err) = serve_refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            h.data_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ne!(code, Some(0), "{err}");
+    let expected = format!(
+        "data_dir {}: already in use by another herald process",
+        h.data_dir.display()
+    );
+    assert!(err.contains(&expected), "{err}");
+    assert!(!err.contains("LOCK"), "RocksDB's own words leaked: {err}");
+    // The running one is unharmed.
+    assert_eq!(
+        http(&h, "GET", "/ready", &[], vec![]).await.unwrap().status,
+        200
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let (code, err) = serve_refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains(&format!("data_dir {}: not a directory", file.display())),
+        "{err}"
+    );
+    assert!(!err.contains("os error 17"), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_herald_environment_variables_are_warned_about() {
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_MAX_TTLS", "7d"),
+            ("HERALD_COMPLETELY_UNRELATED", "1"),
+            // Read by `herald send`, not a typo.
+            ("HERALD_VAPID_KEY", "/nonexistent.pem"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await;
+    let logs = h.logs();
+    assert!(
+        logs.contains("environment variable HERALD_MAX_TTLS is not a setting and is ignored; did you mean HERALD_MAX_TTL?"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("environment variable HERALD_COMPLETELY_UNRELATED is not a setting"),
+        "{logs}"
+    );
+    assert!(!logs.contains("HERALD_VAPID_KEY"), "{logs}");
+    let warnings = logs
+        .lines()
+        .filter(|l| l.contains("is not a setting"))
+        .count();
+    assert_eq!(warnings, 2, "{logs}");
+}
+
+/// `/__version__` names the commit this binary was built from.
+#[tokio::test]
+async fn version_names_the_commit_it_was_built_from() {
+    let h = Herald::start().await;
+    let v = http(&h, "GET", "/__version__", &[], vec![])
+        .await
+        .unwrap()
+        .json();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
+    let expected = head.as_deref().unwrap_or("unknown");
+    assert_eq!(v["commit"], expected, "{v}");
+    let source = match env!("CARGO_PKG_REPOSITORY") {
+        "" => "unknown",
+        repo => repo,
+    };
+    assert_eq!(v["source"], source, "{v}");
+    assert!(!v.to_string().contains("example.invalid"), "{v}");
+}
+
 #[tokio::test]
 async fn split_listeners() {
     let api_port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -167,6 +167,15 @@ async fn header_rules_give_400_with_errnos() {
 
     let r = post(vec![enc.clone(), ttl.clone()], vec![0u8; 4097]).await;
     assert_eq!((r.status, r.errno()), (413, 104));
+    // The same account of the limit `herald send` warns with: what is
+    // counted, and what is left for plaintext.
+    let message = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("encrypted body of at most 4096 bytes")
+            && message.contains("framing takes 103")
+            && message.contains("3993 bytes of plaintext"),
+        "{message}"
+    );
     let ok = post(vec![enc.clone(), ttl.clone()], body.clone()).await;
     assert_eq!(ok.status, 201);
 }

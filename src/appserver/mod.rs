@@ -233,9 +233,9 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &payload {
         if p.len() > encrypt::MAX_PORTABLE_PLAINTEXT {
             eprintln!(
-                "herald send: warning: the payload is {} bytes; push services only have to accept {}",
+                "herald send: warning: the payload is {} bytes of plaintext; push services only have to accept {}",
                 p.len(),
-                encrypt::MAX_PORTABLE_PLAINTEXT
+                crate::crypto::body_limit_explained(crate::crypto::PORTABLE_BODY)
             );
         }
     }

@@ -83,7 +83,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
 
-    /// Exit after handling N messages.
+    /// Exit after settling N messages: each one printed or handled by
+    /// --exec, and each one acknowledged without being handled (code 101:
+    /// it did not decrypt; 102: no subscription here has its channel).
+    /// A message whose --exec failed comes again and counts then.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
 
@@ -231,8 +234,10 @@ async fn listen(mut options: ClientOptions, args: RunArgs) -> anyhow::Result<Exi
     }
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut handled = 0u64;
-    while args.count.is_none_or(|n| handled < n) {
+    // Messages acknowledged, whatever the code: each is gone from the
+    // server, so a `--count N` waiting for N sends must count it.
+    let mut settled = 0u64;
+    while args.count.is_none_or(|n| settled < n) {
         let event = tokio::select! {
             event = client.next_event() => event?,
             _ = &mut shutdown => break,
@@ -245,6 +250,9 @@ async fn listen(mut options: ClientOptions, args: RunArgs) -> anyhow::Result<Exi
             }
             other => {
                 report(&other);
+                if matches!(other, Event::Dropped { .. }) {
+                    settled += 1;
+                }
                 continue;
             }
         };
@@ -254,6 +262,7 @@ async fn listen(mut options: ClientOptions, args: RunArgs) -> anyhow::Result<Exi
                 message.name, err
             );
             client.ack(&message).await?;
+            settled += 1;
             continue;
         }
         match &args.exec {
@@ -262,12 +271,12 @@ async fn listen(mut options: ClientOptions, args: RunArgs) -> anyhow::Result<Exi
                 // stays on the server.
                 print_line(&message_line(&message).to_string())?;
                 client.ack(&message).await?;
-                handled += 1;
+                settled += 1;
             }
             Some(command) => match run_command(command, &message).await {
                 Ok(status) if status.success() => {
                     client.ack(&message).await?;
-                    handled += 1;
+                    settled += 1;
                 }
                 outcome => {
                     let why = match outcome {

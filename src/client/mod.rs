@@ -129,19 +129,24 @@ impl ClientOptions {
     /// `$XDG_STATE_HOME/herald/listen.json`, else
     /// `~/.local/state/herald/listen.json`.
     pub fn default_state_path() -> anyhow::Result<PathBuf> {
-        let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
-            Some(dir) => PathBuf::from(dir),
-            None => {
-                let home = std::env::var_os("HOME")
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| {
-                        anyhow!("neither XDG_STATE_HOME nor HOME is set; pass --state FILE")
-                    })?;
-                PathBuf::from(home).join(".local/state")
-            }
-        };
-        Ok(base.join("herald/listen.json"))
+        Ok(user_state_dir("--state FILE")?.join("listen.json"))
     }
+}
+
+/// Herald's per-user state directory: `$XDG_STATE_HOME/herald`, else
+/// `~/.local/state/herald` (XDG Base Directory). `flag` names the option
+/// that replaces it, for the error when neither variable is set.
+pub fn user_state_dir(flag: &str) -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| anyhow!("neither XDG_STATE_HOME nor HOME is set; pass {flag}"))?;
+            PathBuf::from(home).join(".local/state")
+        }
+    };
+    Ok(base.join("herald"))
 }
 
 /// A subscription as `PushSubscription.toJSON()` gives it, which is what

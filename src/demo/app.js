@@ -67,6 +67,11 @@ async function postJson(path, body) {
 }
 
 let registration = null;
+// This browser's subscription: the received list and the Send button are
+// about it alone, not every browser that ever opened the page.
+let myEndpoint = null;
+// The demo server's /config, for advice when subscribing fails.
+let config = null;
 
 async function registerWorker() {
   step('support', 'running');
@@ -119,6 +124,7 @@ async function subscribe() {
   const key = await serverKey();
   step('subscribe', 'running');
   let subscription = null;
+  let lastError = null;
   for (let attempt = 1; attempt <= SUBSCRIBE_ATTEMPTS && !subscription; attempt++) {
     try {
       const existing = await currentSubscription();
@@ -139,15 +145,18 @@ async function subscribe() {
       );
       step('subscribe', 'ok', `subscribed on attempt ${attempt}`);
     } catch (e) {
+      lastError = e;
       step('subscribe', 'running', `attempt ${attempt} failed (${e}); retrying`);
       await sleep(1000);
     }
   }
   if (!subscription) {
-    step('subscribe', 'fail', `no subscription after ${SUBSCRIBE_ATTEMPTS} attempts`);
+    step('subscribe', 'fail', subscribeAdvice(lastError));
     throw new Error('subscribe failed');
   }
+  myEndpoint = subscription.endpoint;
   document.getElementById('endpoint').textContent = subscription.endpoint;
+  refreshReceived();
 
   step('store', 'running');
   try {
@@ -157,6 +166,17 @@ async function subscribe() {
     step('store', 'fail', String(e));
     throw e;
   }
+}
+
+// What to check when the browser gives no subscription: it talks to the push
+// service named in its own preferences, which this page cannot read.
+function subscribeAdvice(error) {
+  const ws = (config && config.websocketUrl) || 'ws://127.0.0.1:8080/';
+  const push = (config && config.pushUrl) || 'Herald';
+  return `no subscription after ${SUBSCRIBE_ATTEMPTS} attempts; the browser said: ${error}. ` +
+    `Check in about:config: dom.push.serverURL must be ${ws} (then restart the browser); ` +
+    `for a ws:// address dom.push.testing.allowInsecureServerURL must be true; ` +
+    `and Herald must be running and reachable at that address (${push}).`;
 }
 
 async function unsubscribe() {
@@ -172,6 +192,7 @@ async function unsubscribe() {
         const ok = await withTimeout(existing.unsubscribe(), SUBSCRIBE_ATTEMPT_MS, 'unsubscribe()');
         if (!ok) throw new Error('unsubscribe() returned false');
       }
+      myEndpoint = null;
       document.getElementById('endpoint').textContent = 'none (unsubscribed)';
       step('subscribe', 'ok', endpoint ? 'unsubscribed' : 'there was no subscription');
       await postJson('/unsubscribe', { endpoint });
@@ -186,19 +207,26 @@ async function unsubscribe() {
 }
 
 async function refreshReceived() {
-  try {
-    const response = await fetch('/received');
-    const messages = await response.json();
-    const body = document.getElementById('received');
+  const body = document.getElementById('received');
+  const note = (text) => {
     body.replaceChildren();
+    const cell = body.insertRow().insertCell();
+    cell.colSpan = 3;
+    cell.className = 'muted';
+    cell.textContent = text;
+  };
+  if (!myEndpoint) {
+    note('not subscribed yet');
+    return;
+  }
+  try {
+    const response = await fetch('/received?endpoint=' + encodeURIComponent(myEndpoint));
+    const messages = await response.json();
     if (messages.length === 0) {
-      const row = body.insertRow();
-      const cell = row.insertCell();
-      cell.colSpan = 3;
-      cell.className = 'muted';
-      cell.textContent = 'nothing yet';
+      note('nothing yet');
       return;
     }
+    body.replaceChildren();
     for (const m of messages.slice().reverse()) {
       const row = body.insertRow();
       row.insertCell().textContent = m.seq;
@@ -219,12 +247,17 @@ async function sendForm(event) {
     ttl: ttl === '' ? null : Number(ttl),
     urgency: document.getElementById('urgency').value || null,
     topic: document.getElementById('topic').value || null,
+    endpoint: myEndpoint,
   };
+  if (!myEndpoint) {
+    out.textContent = 'this browser has no subscription yet: nothing to send to';
+    return;
+  }
   out.textContent = 'sending…';
   try {
     const result = await postJson('/send', body);
     if (result.results.length === 0) {
-      out.textContent = 'no subscriptions to send to';
+      out.textContent = 'the demo server no longer has this subscription; press "Subscribe again"';
       return;
     }
     out.textContent = result.results
@@ -238,7 +271,7 @@ async function sendForm(event) {
 
 async function showConfig() {
   try {
-    const config = await (await fetch('/config')).json();
+    config = await (await fetch('/config')).json();
     document.getElementById('ws-url').textContent = config.websocketUrl;
   } catch (e) { /* informational only */ }
 }

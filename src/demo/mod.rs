@@ -17,8 +17,10 @@
 //!   optional; without `endpoint` it goes to every subscription) answers
 //!   `{"results":[{"endpoint","status","location","errno","message","forgotten"}]}`;
 //!   subscriptions answered 404 or 410 are forgotten
-//! - `POST /received` `{"text"}` from the service worker, `GET /received`
-//!   lists them as `[{"seq","text","receivedAtMs"}]`
+//! - `POST /received` `{"text","endpoint"}` from the service worker (the
+//!   subscription it came to), `GET /received?endpoint=URL` lists those of
+//!   one subscription (the page asks for its own browser's) as
+//!   `[{"seq","text","receivedAtMs","endpoint"}]`, all without the query
 //! - `POST /log` `{"message"}`: the page's progress, written to the log
 
 pub mod server;
@@ -51,10 +53,13 @@ pub struct DemoArgs {
     )]
     pub push_url: String,
 
-    /// Directory for the demo's VAPID key (vapid.pem, made on first start)
-    /// and stored subscriptions (subscriptions.json).
-    #[arg(long, value_name = "DIR", default_value = "herald-demo")]
-    pub data_dir: PathBuf,
+    /// Directory for the demo's VAPID key (vapid.pem, made on first start,
+    /// a private key) and stored subscriptions (subscriptions.json).
+    /// Default: $XDG_STATE_HOME/herald/demo, else ~/.local/state/herald/demo,
+    /// never the current directory, where a private key could end up
+    /// committed.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 
     /// Contact put in the VAPID `sub` claim (mailto: or https:).
     #[arg(
@@ -70,10 +75,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     vapid_sign::validate_subject(&args.subject)?;
     let push_origin = crate::appserver::origin_of(&args.push_url)
         .with_context(|| format!("--push-url {:?} is not a URL", args.push_url))?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let key = state::load_or_create_key(&args.data_dir)?;
-    let subscriptions = state::Subscriptions::load(&args.data_dir)?;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => crate::client::user_state_dir("--data-dir DIR")?.join("demo"),
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let key = state::load_or_create_key(&data_dir)?;
+    let subscriptions = state::Subscriptions::load(&data_dir)?;
     let demo = Arc::new(Demo::new(
         Vapid {
             key,
@@ -99,6 +108,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             format!("http://{addr}/")
         };
         println!("herald demo: page at {page}");
+        println!("herald demo: VAPID key and subscriptions in {}", data_dir.display());
         println!(
             "herald demo: the browser must use dom.push.serverURL = {} (and, for ws://, dom.push.testing.allowInsecureServerURL = true)",
             demo.websocket_url()
@@ -122,7 +132,6 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        // Colour codes only help on a terminal; in log files they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(crate::server::stderr_wants_colour())
         .try_init();
 }

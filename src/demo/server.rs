@@ -33,6 +33,9 @@ pub struct Received {
     /// `null` for a message without payload.
     pub text: Option<String>,
     pub received_at_ms: u64,
+    /// The subscription it came to, as the service worker saw it; `null`
+    /// when the worker could not tell.
+    pub endpoint: Option<String>,
 }
 
 /// Shared state of a running demo.
@@ -133,7 +136,15 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Reply, Infall
             json_reply(StatusCode::OK, &list)
         }
         (&Method::GET, "/received") => {
-            let list = demo.received().clone();
+            // `?endpoint=URL`: what one browser received (the page asks for
+            // its own); without it, everything (tests, curl).
+            let only = req.uri().query().and_then(|q| query_param(q, "endpoint"));
+            let list: Vec<Received> = demo
+                .received()
+                .iter()
+                .filter(|r| only.is_none() || r.endpoint == only)
+                .cloned()
+                .collect();
             json_reply(StatusCode::OK, &list)
         }
         (&Method::POST, "/subscribe") => with_body(req, |body| subscribe(&demo, &body)).await,
@@ -155,6 +166,39 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Reply, Infall
         _ => error(StatusCode::NOT_FOUND, format!("no such page: {path}")),
     };
     Ok(reply)
+}
+
+/// The first value of `name` in a URL query, percent-decoded (`+` is a
+/// space, as browsers' `URLSearchParams` write it).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
@@ -250,6 +294,8 @@ fn unsubscribe(demo: &Demo, body: &[u8]) -> Reply {
 #[derive(Deserialize)]
 struct ReceivedForm {
     text: Option<String>,
+    #[serde(default)]
+    endpoint: Option<String>,
 }
 
 fn received(demo: &Demo, body: &[u8]) -> Reply {
@@ -270,6 +316,7 @@ fn received(demo: &Demo, body: &[u8]) -> Reply {
         seq,
         text: form.text,
         received_at_ms: now_ms(),
+        endpoint: form.endpoint,
     });
     if list.len() > MAX_RECEIVED {
         let excess = list.len() - MAX_RECEIVED;
@@ -362,7 +409,7 @@ async fn send(demo: &Demo, body: &[u8]) -> Reply {
                 format!(
                     "text is {} bytes; push services only have to accept {}",
                     text.len(),
-                    encrypt::MAX_PORTABLE_PLAINTEXT
+                    crate::crypto::body_limit_explained(crate::crypto::PORTABLE_BODY)
                 ),
             );
         }
@@ -598,5 +645,62 @@ mod tests {
         );
         let (_, list) = call(port, "GET", "/subscriptions", "").await;
         assert_eq!(list, "[]");
+    }
+
+    /// Each browser's page sees what came to its own subscription only.
+    #[tokio::test]
+    async fn received_messages_are_listed_per_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = start(dir.path()).await;
+        let mine = "http://127.0.0.1:8080/wpush/v2/mine+a/b";
+        let report = |text: &str, endpoint: &str| {
+            serde_json::json!({ "text": text, "endpoint": endpoint }).to_string()
+        };
+        for body in [
+            report("for me", mine),
+            report(
+                "for another browser",
+                "http://127.0.0.1:8080/wpush/v2/other",
+            ),
+        ] {
+            assert_eq!(call(port, "POST", "/received", &body).await.0, 204);
+        }
+        let query = format!(
+            "/received?endpoint={}",
+            mine.replace('+', "%2B")
+                .replace('/', "%2F")
+                .replace(':', "%3A")
+        );
+        let (_, got) = call(port, "GET", &query, "").await;
+        let got: Value = serde_json::from_str(&got).unwrap();
+        let texts: Vec<&str> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["for me"]);
+        let (_, all) = call(port, "GET", "/received", "").await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&all)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        assert_eq!(
+            query_param("a=1&endpoint=http%3A%2F%2Fh%2Fx%2By+z&b=", "endpoint").as_deref(),
+            Some("http://h/x+y z")
+        );
+        assert_eq!(query_param("a=1", "endpoint"), None);
+        assert_eq!(query_param("endpoint", "endpoint").as_deref(), Some(""));
+        // A stray % is kept as it is.
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -11,6 +11,21 @@ self.addEventListener('push', (event) => {
   event.waitUntil(handlePush(event));
 });
 
+// Which subscription a push came to, so the page lists only its own
+// browser's messages. Bounded: a slow getSubscription() must not hold the
+// push event (the message is reported unscoped then).
+async function ownEndpoint() {
+  try {
+    const sub = await Promise.race([
+      self.registration.pushManager.getSubscription(),
+      new Promise((resolve) => setTimeout(() => resolve(null), 3000)),
+    ]);
+    return sub ? sub.endpoint : null;
+  } catch (e) {
+    return null;
+  }
+}
+
 async function handlePush(event) {
   let text = null;
   if (event.data) {
@@ -24,7 +39,7 @@ async function handlePush(event) {
     await fetch('/received', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ text }),
+      body: JSON.stringify({ text, endpoint: await ownEndpoint() }),
     });
   } catch (e) {
     // The demo server being down must not turn the push into a nack.

@@ -57,6 +57,39 @@ pub fn free_port() -> u16 {
     panic!("no free port in 12000..20000")
 }
 
+/// `herald serve ARGS` expected to stop at start (a refused setting, a
+/// taken data directory): its exit code and stderr. Panics if it is still
+/// running after 20 s, killing it first.
+pub fn serve_refused(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = tmp.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("serve")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("herald starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "herald serve {args:?} kept running:\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), std::fs::read_to_string(&err).unwrap())
+}
+
 /// A Herald process on an ephemeral port with its own data dir.
 pub struct Herald {
     pub port: u16,
