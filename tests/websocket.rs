@@ -199,6 +199,35 @@ async fn a_second_connection_for_the_same_uaid_closes_the_first() {
 }
 
 #[tokio::test]
+async fn a_client_close_is_answered_with_the_same_code() {
+    let h = Herald::start().await;
+    for code in [1000, 1001, 4000] {
+        let mut ua = Ua::hello(&h, None).await;
+        let (answer, _) = ua.close_handshake(code, Duration::from_secs(5)).await;
+        assert_eq!(answer, code, "RFC 6455 §5.5.1: the Close is echoed");
+    }
+    // Also before hello, and with messages waiting to be delivered.
+    let mut ua = Ua::connect(&h).await;
+    assert_eq!(
+        ua.close_handshake(1000, Duration::from_secs(5)).await.0,
+        1000
+    );
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let r = push(&ep, None, &h.url(), &keys, "kept", &[]).await;
+    assert_eq!(r.status, 201);
+    let uaid = ua.uaid.clone();
+    assert_eq!(
+        ua.close_handshake(1000, Duration::from_secs(5)).await.0,
+        1000
+    );
+    // Unacknowledged, so delivered again on the next connection.
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "kept");
+}
+
+#[tokio::test]
 async fn garbage_frames_close_with_a_protocol_error() {
     let h = Herald::start().await;
     for bad in [
