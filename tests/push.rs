@@ -287,6 +287,40 @@ async fn vapid_rules() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // The other draft form, Authorization: Bearer <JWT>, with the same checks.
+    let r = send_with(
+        format!("Bearer {jwt}"),
+        vec![("crypto-key", format!("p256ecdsa={}", app.public()))],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let other = AppServer::new();
+    let r = send_with(
+        format!(
+            "bearer {}",
+            other.jwt(json!({"aud": aud, "exp": now() + 600}))
+        ),
+        vec![("crypto-key", format!("p256ecdsa={}", other.public()))],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.errno()),
+        (403, 115),
+        "Bearer keeps the key binding"
+    );
+    for claims in [
+        json!({"aud": "https://elsewhere.example", "exp": now() + 600}),
+        json!({"aud": aud, "exp": now() - 5}),
+    ] {
+        let r = send_with(
+            format!("Bearer {}", app.jwt(claims.clone())),
+            vec![("crypto-key", format!("p256ecdsa={}", app.public()))],
+        )
+        .await;
+        assert_eq!((r.status, r.errno()), (401, 109), "Bearer {claims}");
+    }
+    let r = send_with(format!("Bearer {jwt}"), vec![]).await;
+    assert_eq!((r.status, r.errno()), (401, 109), "Bearer needs Crypto-Key");
 
     // A subscription without a key takes any valid VAPID, or none, but not an invalid one.
     assert_eq!(
