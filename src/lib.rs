@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod demo;
 pub mod endpoint;
 pub mod errors;
+pub mod http_client;
 pub mod ids;
 pub mod link;
 pub mod metrics;

@@ -152,7 +152,8 @@ impl HeraldServer {
     }
 
     /// One node of several: data and log under `dir/name`, endpoints on
-    /// `public_url` (the first node's URL when None), settings from `env`.
+    /// `public_url` (the first node's URL when None; `{port}` in it is this
+    /// node's port), settings from `env`.
     pub fn start_node(
         dir: &Path,
         name: &str,
@@ -175,6 +176,9 @@ impl HeraldServer {
     ) -> (u16, Proc) {
         let port = free_port();
         let own = format!("http://127.0.0.1:{port}");
+        // `{port}` in a public URL stands for the port chosen here.
+        let public_url = public_url.map(|u| u.replace("{port}", &port.to_string()));
+        let public_url = public_url.as_deref();
         let mut command = Command::new(HERALD);
         command
             .arg("serve")
