@@ -260,13 +260,23 @@ where
 }
 
 /// The server closes TCP first (RFC 6455 §7.1.1): a FIN after the last
-/// frame (and TLS close_notify), so nothing written is cut off by a reset.
+/// frame (and TLS close_notify). Then whatever the peer still sends (its
+/// answering Close, frames already in flight) is read and dropped until it
+/// closes too: a socket closed with unread data sends a reset, which can
+/// destroy our Close frame before the peer has read it.
 async fn end_tcp<S>(ws: &mut WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    use tokio::io::AsyncWriteExt;
-    let _ = tokio::time::timeout(CLOSE_GRACE, ws.get_mut().shutdown()).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = ws.get_mut();
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if stream.shutdown().await.is_ok() {
+            let mut sink = [0u8; 512];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await;
 }
 
 async fn recv(

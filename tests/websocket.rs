@@ -272,7 +272,7 @@ async fn oversized_frames_and_floods_are_refused() {
     let mut ua = Ua::hello(&h, None).await;
     let big = format!(r#"{{"messageType":"ping","pad":"{}"}}"#, "x".repeat(4096));
     ua.send_text(&big).await;
-    assert_eq!(ua.closed(Duration::from_secs(5)).await.0, 1009);
+    assert_eq!(ua.closed_cleanly(Duration::from_secs(5)).await.0, 1009);
 
     let mut ua = Ua::hello(&h, None).await;
     for _ in 0..30 {
@@ -286,7 +286,7 @@ async fn oversized_frames_and_floods_are_refused() {
             break;
         }
     }
-    let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+    let (code, reason) = ua.closed_cleanly(Duration::from_secs(5)).await;
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("rate"), "{reason}");
 }

@@ -454,6 +454,17 @@ impl Ua {
         }
     }
 
+    /// Like [`Ua::closed`], and then the server must end the TCP connection
+    /// cleanly (after the client's answering Close), not reset it.
+    pub async fn closed_cleanly(&mut self, within: Duration) -> (u16, String) {
+        let close = self.closed(within).await;
+        assert_ne!(close.0, 1006, "no close frame from the server");
+        match tokio::time::timeout(within, self.ws.next()).await {
+            Ok(None) => close,
+            other => panic!("after the server's close {close:?}: {other:?}"),
+        }
+    }
+
     /// Starts the closing handshake with `code` and returns the code and
     /// reason of the server's answering Close frame: (1006, "") when the
     /// connection ended without one. Panics if the server then fails to
