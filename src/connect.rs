@@ -98,7 +98,10 @@ where
                                 actions.push(Action::Close(close::UNSUPPORTED, "binary frames are not part of the protocol".into()));
                                 Flow::Continue
                             }
-                            WsMessage::Close(_) => Flow::Stop,
+                            WsMessage::Close(_) => {
+                                answer_close(&mut ws).await;
+                                Flow::Stop
+                            }
                             // tungstenite answers pings itself.
                             WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Flow::Continue,
                         }
@@ -233,8 +236,45 @@ where
     };
     let _ = ws.send(WsMessage::Close(Some(frame))).await;
     // Give the peer a moment to answer the close handshake.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    end_tcp(ws).await;
+}
+
+/// How long a closing handshake may take before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// RFC 6455 §5.5.1: the peer's Close gets a Close back, echoing its code.
+/// tungstenite queues that echo when it reads the frame but sends it only on
+/// the next write or flush; without this the connection was dropped with the
+/// echo unsent and every client saw an abnormal closure (1006).
+async fn answer_close<S>(ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Ends in ConnectionClosed once the echo is written: that is success.
+    let _ = tokio::time::timeout(CLOSE_GRACE, ws.flush()).await;
+    end_tcp(ws).await;
+}
+
+/// The server closes TCP first (RFC 6455 §7.1.1): a FIN after the last
+/// frame (and TLS close_notify). Then whatever the peer still sends (its
+/// answering Close, frames already in flight) is read and dropped until it
+/// closes too: a socket closed with unread data sends a reset, which can
+/// destroy our Close frame before the peer has read it.
+async fn end_tcp<S>(ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = ws.get_mut();
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if stream.shutdown().await.is_ok() {
+            let mut sink = [0u8; 512];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
     })
     .await;
 }

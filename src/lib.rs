@@ -5,6 +5,7 @@
 //! (`endpoint`, checked by `vapid` and `webpush` header parsing). Messages are
 //! kept in a `store` and handed to live connections by the `router`.
 
+pub mod aesgcm;
 pub mod app;
 pub mod appserver;
 pub mod broadcast;
@@ -16,6 +17,7 @@ pub mod datadir;
 pub mod demo;
 pub mod endpoint;
 pub mod errors;
+pub mod http_client;
 pub mod ids;
 pub mod link;
 pub mod metrics;

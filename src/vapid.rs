@@ -1,5 +1,6 @@
 //! RFC 8292 VAPID: who is sending. Parses the `Authorization` header (and
-//! the legacy `WebPush` + `Crypto-Key: p256ecdsa=` form), verifies the ES256
+//! the legacy `WebPush`/`Bearer` + `Crypto-Key: p256ecdsa=` forms of the
+//! early VAPID drafts, which libraries still send), verifies the ES256
 //! JWT, and remembers tokens it has verified so an application server that
 //! reuses one JWT for many messages pays for one signature check.
 
@@ -62,19 +63,23 @@ pub fn parse_credentials<'a>(
         let key = header_param(rest, "k")
             .ok_or_else(|| malformed("vapid Authorization needs k=<public key>"))?;
         Ok(Some(Credentials { jwt, key }))
-    } else if scheme.eq_ignore_ascii_case("webpush") {
+    } else if scheme.eq_ignore_ascii_case("webpush") || scheme.eq_ignore_ascii_case("bearer") {
+        // Drafts 00-01 of VAPID: the JWT alone, its key in Crypto-Key.
         let key = crypto_key
             .and_then(|c| header_param(c, "p256ecdsa"))
             .ok_or_else(|| {
-                malformed("WebPush Authorization needs Crypto-Key: p256ecdsa=<public key>")
+                malformed(&format!(
+                    "{scheme} Authorization needs Crypto-Key: p256ecdsa=<public key>"
+                ))
             })?;
-        Ok(Some(Credentials {
-            jwt: rest.trim(),
-            key,
-        }))
+        let jwt = rest.trim();
+        if jwt.is_empty() {
+            return Err(malformed(&format!("{scheme} Authorization needs a JWT")));
+        }
+        Ok(Some(Credentials { jwt, key }))
     } else {
         Err(malformed(
-            "Authorization scheme must be vapid (RFC 8292) or WebPush",
+            "Authorization scheme must be vapid (RFC 8292), or the legacy WebPush or Bearer",
         ))
     }
 }
@@ -307,7 +312,22 @@ mod tests {
             })
         );
         assert!(parse_credentials(Some("WebPush a.b.c"), None).is_err());
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            assert_eq!(
+                parse_credentials(
+                    Some(&format!("{scheme} a.b.c")),
+                    Some("dh=x; p256ecdsa=\"KEY\"")
+                )
+                .unwrap(),
+                Some(Credentials {
+                    jwt: "a.b.c",
+                    key: "KEY"
+                })
+            );
+        }
         assert!(parse_credentials(Some("Bearer x"), None).is_err());
+        assert!(parse_credentials(Some("Bearer"), Some("p256ecdsa=KEY")).is_err());
+        assert!(parse_credentials(Some("Basic dXNlcg=="), Some("p256ecdsa=KEY")).is_err());
         assert!(parse_credentials(Some("vapid k=KEY"), None).is_err());
     }
 

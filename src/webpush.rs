@@ -144,20 +144,12 @@ pub fn check_encoding(
                     "Encryption and Crypto-Key headers are limited to {MAX_CRYPTO_HEADER} bytes"
                 )));
             }
-            let salt = header_param(encryption, "salt")
-                .ok_or_else(|| ApiError::invalid_crypto("Encryption header has no salt="))?;
-            if decode_b64url(salt).map(|s| s.len()) != Some(16) {
-                return Err(ApiError::invalid_crypto(
-                    "Encryption salt must be 16 bytes of base64url",
-                ));
-            }
-            if header_param(crypto_key, "dh").is_none() {
-                return Err(ApiError::invalid_crypto("Crypto-Key header has no dh="));
-            }
+            // Stored and forwarded in the one form user agents decode.
+            let normalised = crate::aesgcm::normalise(encryption, crypto_key)?;
             Ok(NotificationHeaders {
                 encoding,
-                encryption: Some(encryption.trim().to_string()),
-                crypto_key: Some(crypto_key.trim().to_string()),
+                encryption: Some(normalised.encryption),
+                crypto_key: Some(normalised.crypto_key),
             })
         }
         other => Err(ApiError::invalid_crypto(&format!(
@@ -299,21 +291,28 @@ mod tests {
     }
 
     #[test]
-    fn aesgcm_needs_salt_and_dh() {
-        let salt = encode_b64url(&[1u8; 16]);
+    fn aesgcm_needs_salt_and_dh_and_is_normalised() {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let dh = p256::SecretKey::random(&mut rand::rngs::OsRng)
+            .public_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec();
+        let (salt, dh) = (encode_b64url(&[1u8; 16]), encode_b64url(&dh));
         let enc = format!("salt={salt}");
+        let ck = format!("dh={dh}");
         let h = check_encoding(
             Some("aesgcm"),
-            Some(&enc),
-            Some("dh=BBBB;p256ecdsa=CCCC"),
+            Some(&format!("salt=\"{salt}\"")),
+            Some(&format!("dh=\"{dh}\"")),
             b"x",
         )
         .unwrap();
         assert_eq!(h.encoding, "aesgcm");
         assert_eq!(h.encryption.as_deref(), Some(enc.as_str()));
-        assert_eq!(h.crypto_key.as_deref(), Some("dh=BBBB;p256ecdsa=CCCC"));
+        assert_eq!(h.crypto_key.as_deref(), Some(ck.as_str()));
         assert_eq!(
-            check_encoding(Some("aesgcm"), None, Some("dh=BBBB"), b"x")
+            check_encoding(Some("aesgcm"), None, Some(&ck), b"x")
                 .unwrap_err()
                 .errno,
             101
@@ -325,7 +324,7 @@ mod tests {
             101
         );
         assert_eq!(
-            check_encoding(Some("aesgcm"), Some("salt=short"), Some("dh=B"), b"x")
+            check_encoding(Some("aesgcm"), Some("salt=short"), Some(&ck), b"x")
                 .unwrap_err()
                 .errno,
             110

@@ -490,11 +490,137 @@ fn send_fails_clearly_without_a_push_service() {
     let https = sub.replace("http://", "https://");
     let out = herald(&["send", "--subscription", &https, "--data", "x"]);
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("https:// endpoints are not supported"),
-        "{}",
-        stderr(&out)
+    assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
+    let out = herald(&[
+        "send",
+        "--subscription",
+        &sub,
+        "--ca",
+        "/nonexistent/ca.pem",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("CA file"), "{}", stderr(&out));
+}
+
+/// A throwaway CA and a certificate for `localhost` it signed: the CA's
+/// PEM, the certificate's, and the certificate's key.
+fn private_ca(dir: &Path) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Herald test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let issuer: &rcgen::Issuer<'_, KeyPair> = &ca;
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, issuer)
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    (
+        write("ca.pem", ca.pem()),
+        write("cert.pem", cert.pem()),
+        write("key.pem", key.serialize_pem()),
+    )
+}
+
+#[test]
+fn send_speaks_https_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
+    let server = HeraldServer::start_node(
+        dir.path(),
+        "herald",
+        Some("https://localhost:{port}"),
+        &[("HERALD_TLS_CERT", &cert), ("HERALD_TLS_KEY", &key)],
     );
+    let vapid = dir.path().join("vapid.pem");
+    let out = herald(&["vapid", "generate", "--out", vapid.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let app_key = stdout(&out).trim().to_owned();
+    let vapid = vapid.to_str().unwrap();
+
+    // A user agent over wss:// (herald listen, trusting the same CA).
+    let state = dir.path().join("listen.json");
+    let state = state.to_str().unwrap();
+    let wss = format!("wss://localhost:{}/", server.port);
+    let out = herald(&[
+        "listen",
+        "--state",
+        state,
+        "--ca",
+        &ca,
+        "subscribe",
+        "s",
+        "--server",
+        &wss,
+        "--vapid-key",
+        &app_key,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sub = stdout(&out).trim().to_owned();
+    let endpoint = serde_json::from_str::<Value>(&sub).unwrap()["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        endpoint.starts_with(&format!("https://localhost:{}/", server.port)),
+        "{endpoint}"
+    );
+    let send = |extra: &[&str], text: &str| {
+        let mut a = vec!["send", "--subscription", &sub, "--vapid-key", vapid];
+        a.extend_from_slice(&["--subject", "mailto:ops@example.com", "--data", text]);
+        a.extend_from_slice(extra);
+        herald(&a)
+    };
+
+    // The CA is private: without --ca the certificate is not trusted.
+    let out = send(&[], "untrusted");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("TLS handshake") && err.contains("certificate"),
+        "{err}"
+    );
+
+    let out = send(&["--ca", &ca], "over https");
+    assert!(
+        out.status.success() && stdout(&out).starts_with("201"),
+        "{}{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        server.proc.log_tail(20)
+    );
+
+    // Delivered: the user agent receives it.
+    let mut listener = Command::new(HERALD)
+        .args(["listen", "--state", state, "--ca", &ca, "run"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("herald listen run starts");
+    let lines = listener.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(lines).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30));
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let line: Value = serde_json::from_str(&line.expect("a message within 30 s")).unwrap();
+    assert_eq!(line["text"], "over https", "{line}");
 }
 
 /// A Herald, a VAPID key, and a user agent subscribed with it whose

@@ -395,6 +395,14 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
     );
     rig.wait_received("with a receipt", "push with a receipt");
 
+    // 2c. Legacy aesgcm in each spelling application servers use: quoted
+    // or not, base64 padded or not. Herald normalises the headers, so all
+    // four decrypt in Firefox (which refuses padded base64).
+    let forms = push_aesgcm_forms(&rig, &subscription);
+    for text in &forms {
+        rig.wait_received(text, "aesgcm push");
+    }
+
     // 3. While the browser is closed Herald keeps messages: a newer one
     // with the same topic replaces the older, and an expired one is dropped.
     rig.close();
@@ -429,7 +437,10 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
         "with a receipt",
         "topic v2",
         "kept while offline",
-    ] {
+    ]
+    .into_iter()
+    .chain(forms.iter().map(String::as_str))
+    {
         assert_eq!(
             rig.count_received(text),
             1,
@@ -507,4 +518,96 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
         0,
         "a message reached the browser after it unsubscribed"
     );
+}
+
+/// Pushes one aesgcm message per spelling of its `Encryption` and
+/// `Crypto-Key` headers (quoted or not × padded base64 or not), signed with
+/// the demo's VAPID key; returns the texts sent. Each must be accepted.
+fn push_aesgcm_forms(rig: &Rig, subscription: &Value) -> Vec<String> {
+    use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let endpoint = subscription["endpoint"].as_str().unwrap();
+    let key = |name: &str| {
+        URL_SAFE_NO_PAD
+            .decode(
+                subscription["keys"][name]
+                    .as_str()
+                    .unwrap()
+                    .trim_end_matches('='),
+            )
+            .unwrap()
+    };
+    let (p256dh, auth) = (key("p256dh"), key("auth"));
+    let vapid = herald::appserver::VapidKey::from_file(&rig.demo.data_dir.join("vapid.pem"))
+        .expect("the demo's VAPID key");
+    let audience = herald::appserver::origin_of(endpoint).unwrap();
+    let url: http::Uri = endpoint.parse().unwrap();
+    let mut sent = Vec::new();
+    for quoted in [false, true] {
+        for padded in [false, true] {
+            let text = format!(
+                "aesgcm {} {}",
+                if quoted { "quoted" } else { "unquoted" },
+                if padded { "padded" } else { "unpadded" }
+            );
+            let block = ece::legacy::encrypt_aesgcm(&p256dh, &auth, text.as_bytes()).unwrap();
+            let headers = block.headers(None);
+            let value = |header: &str, name: &str| {
+                let h = &headers.iter().find(|(k, _)| *k == header).unwrap().1;
+                let v = h
+                    .split(';')
+                    .find_map(|p| p.trim().strip_prefix(&format!("{name}=")))
+                    .unwrap();
+                URL_SAFE_NO_PAD.decode(v).unwrap()
+            };
+            let (salt, dh) = (value("Encryption", "salt"), value("Crypto-Key", "dh"));
+            let enc = |b: &[u8]| {
+                let s = if padded {
+                    URL_SAFE.encode(b)
+                } else {
+                    URL_SAFE_NO_PAD.encode(b)
+                };
+                if quoted {
+                    format!("\"{s}\"")
+                } else {
+                    s
+                }
+            };
+            let (encryption, crypto_key) = if quoted {
+                (
+                    format!("keyid=\"p256dh\"; salt={}; rs=\"4096\"", enc(&salt)),
+                    format!("keyid=\"p256dh\"; dh={}", enc(&dh)),
+                )
+            } else {
+                (
+                    format!("salt={};rs=4096", enc(&salt)),
+                    format!("dh={}", enc(&dh)),
+                )
+            };
+            let authorization = vapid.authorization(&audience, Some("mailto:e2e@example.com"));
+            let body = URL_SAFE_NO_PAD.decode(block.body()).unwrap();
+            let reply = support::http_with(
+                url.host().unwrap(),
+                url.port_u16().unwrap_or(80),
+                "POST",
+                url.path(),
+                &[
+                    ("TTL", "60"),
+                    ("Content-Encoding", "aesgcm"),
+                    ("Encryption", &encryption),
+                    ("Crypto-Key", &crypto_key),
+                    ("Authorization", &authorization),
+                ],
+                &body,
+            )
+            .expect("push to Herald");
+            assert_eq!(
+                reply.status, 201,
+                "{text}: Herald refused {encryption} / {crypto_key}: {}",
+                reply.body
+            );
+            sent.push(text);
+        }
+    }
+    sent
 }

@@ -601,7 +601,12 @@ fn seeds_reach_the_success_paths() {
         let verifier = VapidVerifier::new(targets::AUDIENCE, 4);
         assert!(verifier.verify(&creds, targets::NOW).is_ok(), "{name}");
     }
-    for name in ["pywebpush-0", "pywebpush-2", "rfc8188-example-2-keyid"] {
+    for name in [
+        "pywebpush-0",
+        "pywebpush-2",
+        "rfc8188-example-2-keyid",
+        "aesgcm-quoted-padded",
+    ] {
         let data = std::fs::read(corpus.join("push_headers").join(name)).unwrap();
         let (h, body) = targets::request(&data);
         let get = |n: &str| h.get(n).map(String::as_str);
@@ -665,6 +670,14 @@ fn regression_long_crypto_header_is_refused_not_truncated() {
             .unwrap_err();
         assert_eq!((e.status, e.errno), (400, 110));
     }
-    let fits = format!("padding={};dh=BBBB", "A".repeat(4000));
+    // Since headers are normalised, a dh must be a real P-256 point.
+    let dh = herald::webpush::encode_b64url(
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
+            &p256::SecretKey::random(&mut rand::rngs::OsRng).public_key(),
+            false,
+        )
+        .as_bytes(),
+    );
+    let fits = format!("padding={};dh={dh}", "A".repeat(3900));
     assert!(herald::webpush::check_encoding(Some("aesgcm"), Some(salt), Some(&fits), b"x").is_ok());
 }

@@ -296,6 +296,40 @@ async fn vapid_rules() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // The other draft form, Authorization: Bearer <JWT>, with the same checks.
+    let r = send_with(
+        format!("Bearer {jwt}"),
+        vec![("crypto-key", format!("p256ecdsa={}", app.public()))],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let other = AppServer::new();
+    let r = send_with(
+        format!(
+            "bearer {}",
+            other.jwt(json!({"aud": aud, "exp": now() + 600}))
+        ),
+        vec![("crypto-key", format!("p256ecdsa={}", other.public()))],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.errno()),
+        (403, 115),
+        "Bearer keeps the key binding"
+    );
+    for claims in [
+        json!({"aud": "https://elsewhere.example", "exp": now() + 600}),
+        json!({"aud": aud, "exp": now() - 5}),
+    ] {
+        let r = send_with(
+            format!("Bearer {}", app.jwt(claims.clone())),
+            vec![("crypto-key", format!("p256ecdsa={}", app.public()))],
+        )
+        .await;
+        assert_eq!((r.status, r.errno()), (401, 109), "Bearer {claims}");
+    }
+    let r = send_with(format!("Bearer {jwt}"), vec![]).await;
+    assert_eq!((r.status, r.errno()), (401, 109), "Bearer needs Crypto-Key");
 
     // A subscription without a key takes any valid VAPID, or none, but not an invalid one.
     assert_eq!(
@@ -545,6 +579,118 @@ async fn push_without_payload_and_legacy_aesgcm() {
     .unwrap();
     let plain = ece::legacy::decrypt_aesgcm(&keys.components, &keys.auth, &block).unwrap();
     assert_eq!(plain, b"legacy");
+}
+
+/// The value of `name=` in a canonical `;`/`,`-separated header.
+fn param<'a>(header: &'a str, name: &str) -> &'a str {
+    header
+        .split([';', ','])
+        .find_map(|p| p.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in {header}"))
+}
+
+#[tokio::test]
+async fn aesgcm_headers_reach_the_user_agent_normalised() {
+    use base64::engine::general_purpose::URL_SAFE;
+    use base64::Engine;
+    let h = Herald::start().await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let block = ece::legacy::encrypt_aesgcm(&keys.public, &keys.auth, b"padded").unwrap();
+    let headers = block.headers(None);
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let (salt, dh) = (
+        unb64(param(&get("Encryption"), "salt")),
+        unb64(param(&get("Crypto-Key"), "dh")),
+    );
+    // Quoted, padded, spaced, with key ids, a VAPID key in a second entry
+    // and a parameter no user agent reads.
+    let vapid = AppServer::new().public_raw();
+    let encryption = format!(
+        "keyid=\"p256dh\"; salt=\"{}\"; rs=\"4096\"",
+        URL_SAFE.encode(&salt)
+    );
+    let crypto_key = format!(
+        "keyid=\"p256dh\"; dh=\"{}\"; future=1, p256ecdsa=\"{}\"",
+        URL_SAFE.encode(&dh),
+        URL_SAFE.encode(&vapid)
+    );
+    let send = |encryption: String, crypto_key: String| {
+        let (ep, body) = (ep.clone(), unb64(&block.body()));
+        async move {
+            request(
+                "POST",
+                &ep,
+                &[
+                    ("ttl", "60"),
+                    ("content-encoding", "aesgcm"),
+                    ("encryption", &encryption),
+                    ("crypto-key", &crypto_key),
+                ],
+                body,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let r = send(encryption, crypto_key).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let n = ua.notification().await;
+    let (enc_out, ck_out) = (
+        n["headers"]["encryption"].as_str().unwrap(),
+        n["headers"]["crypto_key"].as_str().unwrap(),
+    );
+    assert_eq!(enc_out, format!("keyid=p256dh;salt={};rs=4096", b64(&salt)));
+    assert_eq!(
+        ck_out,
+        format!("keyid=p256dh;dh={},p256ecdsa={}", b64(&dh), b64(&vapid))
+    );
+    // What arrived decrypts with exactly the headers that came with it.
+    let block = ece::legacy::AesGcmEncryptedBlock::new(
+        &unb64(param(ck_out, "dh")),
+        &unb64(param(enc_out, "salt")),
+        param(enc_out, "rs").parse().unwrap(),
+        unb64(n["data"].as_str().unwrap()),
+    )
+    .unwrap();
+    let plain = ece::legacy::decrypt_aesgcm(&keys.components, &keys.auth, &block).unwrap();
+    assert_eq!(plain, b"padded");
+    ua.ack(&n).await;
+
+    // What no user agent could decode is refused, not accepted and lost.
+    for (encryption, crypto_key) in [
+        // The issue's example: the Encryption keyid names no Crypto-Key entry.
+        (
+            "keyid=\"http://example.org/bob/keys/123\";salt=\"XZwpw6o37R-6qoZjw6KwAw==\""
+                .to_string(),
+            format!("keyid=\"a1\"; dh=\"{}\"", URL_SAFE.encode(&dh)),
+        ),
+        (
+            format!("salt={}", b64(&salt)),
+            "dh=\"JcqK-OLkJZlJ3sJJWstJCA\"".to_string(),
+        ),
+        (format!("salt=\"{}", b64(&salt)), format!("dh={}", b64(&dh))),
+        (
+            format!("salt={};rs=1", b64(&salt)),
+            format!("dh={}", b64(&dh)),
+        ),
+    ] {
+        let r = send(encryption.clone(), crypto_key.clone()).await;
+        assert_eq!(
+            (r.status, r.errno()),
+            (400, 110),
+            "{encryption} / {crypto_key}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(ua.try_recv(Duration::from_millis(300)).await, None);
 }
 
 #[tokio::test]

@@ -203,6 +203,35 @@ async fn a_second_connection_for_the_same_uaid_closes_the_first() {
 }
 
 #[tokio::test]
+async fn a_client_close_is_answered_with_the_same_code() {
+    let h = Herald::start().await;
+    for code in [1000, 1001, 4000] {
+        let mut ua = Ua::hello(&h, None).await;
+        let (answer, _) = ua.close_handshake(code, Duration::from_secs(5)).await;
+        assert_eq!(answer, code, "RFC 6455 §5.5.1: the Close is echoed");
+    }
+    // Also before hello, and with messages waiting to be delivered.
+    let mut ua = Ua::connect(&h).await;
+    assert_eq!(
+        ua.close_handshake(1000, Duration::from_secs(5)).await.0,
+        1000
+    );
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    let r = push(&ep, None, &h.url(), &keys, "kept", &[]).await;
+    assert_eq!(r.status, 201);
+    let uaid = ua.uaid.clone();
+    assert_eq!(
+        ua.close_handshake(1000, Duration::from_secs(5)).await.0,
+        1000
+    );
+    // Unacknowledged, so delivered again on the next connection.
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "kept");
+}
+
+#[tokio::test]
 async fn garbage_frames_close_with_a_protocol_error() {
     let h = Herald::start().await;
     for bad in [
@@ -247,7 +276,7 @@ async fn oversized_frames_and_floods_are_refused() {
     let mut ua = Ua::hello(&h, None).await;
     let big = format!(r#"{{"messageType":"ping","pad":"{}"}}"#, "x".repeat(4096));
     ua.send_text(&big).await;
-    assert_eq!(ua.closed(Duration::from_secs(5)).await.0, 1009);
+    assert_eq!(ua.closed_cleanly(Duration::from_secs(5)).await.0, 1009);
 
     let mut ua = Ua::hello(&h, None).await;
     for _ in 0..30 {
@@ -261,7 +290,7 @@ async fn oversized_frames_and_floods_are_refused() {
             break;
         }
     }
-    let (code, reason) = ua.closed(Duration::from_secs(5)).await;
+    let (code, reason) = ua.closed_cleanly(Duration::from_secs(5)).await;
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("rate"), "{reason}");
 }

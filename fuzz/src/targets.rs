@@ -295,6 +295,14 @@ pub fn push_headers(data: &[u8]) {
             let key = n.crypto_key.as_deref().expect("aesgcm keeps Crypto-Key");
             assert!(header_param(key, "dh").is_some());
             assert!(enc.len() <= MAX_CRYPTO_HEADER && key.len() <= MAX_CRYPTO_HEADER);
+            // Stored in the canonical form: no quotes or spaces, and
+            // normalising it again changes nothing.
+            assert!(!enc.contains(['"', ' ']) && !key.contains(['"', ' ']));
+            let again = herald::aesgcm::normalise(enc, key).expect("canonical headers normalise");
+            assert_eq!(
+                (again.encryption.as_str(), again.crypto_key.as_str()),
+                (enc, key)
+            );
         }
         Ok(None) => {}
         Err(e) => check_api_error(e),

@@ -110,6 +110,13 @@ pub struct SendArgs {
     #[arg(long, value_name = "URI", env = "HERALD_VAPID_SUBJECT")]
     pub subject: Option<String>,
 
+    /// Also trust the CA certificates in this PEM file for https://
+    /// endpoints and receipt subscriptions (for a push service with a
+    /// private or self-signed certificate). The public roots are always
+    /// trusted.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
     /// Seconds the push service should keep the message while the browser
     /// is offline (the TTL header); 0 means deliver now or drop.
     #[arg(long, value_name = "SECONDS", default_value_t = send::DEFAULT_TTL)]
@@ -246,6 +253,7 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout.max(1)),
         receipt: args.receipt || args.receipt_subscription.is_some(),
         receipt_subscription: args.receipt_subscription.clone(),
+        client: crate::http_client::HttpClient::new(args.ca.as_deref())?,
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -297,11 +305,20 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(exit::FAILED));
     };
     let timeout = Duration::from_secs(args.receipt_timeout);
-    let waited = runtime.block_on(wait_for_receipt(&subscription_url, location, timeout));
+    let waited = runtime.block_on(wait_for_receipt(
+        &options.client,
+        &subscription_url,
+        location,
+        timeout,
+    ));
     let receipt = match waited {
         Ok(receipt) => receipt,
         Err(e) if e.downcast_ref::<ReceiptTimeout>().is_some() => {
-            let state = runtime.block_on(receipt::message_state(location, Duration::from_secs(5)));
+            let state = runtime.block_on(receipt::message_state(
+                &options.client,
+                location,
+                Duration::from_secs(5),
+            ));
             match state {
                 Ok(state) => eprintln!("herald send: {e:#}; the message is {state}"),
                 Err(why) => eprintln!("herald send: {e:#}; its state is unknown: {why:#}"),

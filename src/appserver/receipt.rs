@@ -3,7 +3,8 @@
 //! `Last-Event-ID` when the stream drops, until the receipt of that message
 //! arrives. What `herald send --receipt` uses.
 
-use crate::appserver::send::{connect, describe_answer, request_target, PushServiceError};
+use crate::appserver::send::{describe_answer, request_target, PushServiceError};
+use crate::http_client::HttpClient;
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
@@ -118,6 +119,7 @@ impl std::error::Error for ReceiptTimeout {}
 /// `message` is the message's `Location` or just its id. Earlier receipts
 /// of other messages on the same subscription are skipped.
 pub async fn wait_for_receipt(
+    client: &HttpClient,
     receipt_url: &str,
     message: &str,
     timeout: Duration,
@@ -132,7 +134,7 @@ pub async fn wait_for_receipt(
     let deadline = Instant::now() + timeout;
     let mut parser = SseParser::new();
     let mut last_error = None;
-    let follow = follow(&url, wanted, &mut parser, &mut last_error);
+    let follow = follow(client, &url, wanted, &mut parser, &mut last_error);
     match tokio::time::timeout_at(deadline, follow).await {
         Ok(result) => result,
         Err(_) => Err(ReceiptTimeout {
@@ -147,6 +149,7 @@ pub async fn wait_for_receipt(
 /// does. A failure before any stream opened is final: a wrong URL or a
 /// refused subscription is better reported at once than after the timeout.
 async fn follow(
+    client: &HttpClient,
     url: &http::Uri,
     wanted: &str,
     parser: &mut SseParser,
@@ -154,7 +157,7 @@ async fn follow(
 ) -> anyhow::Result<Receipt> {
     let mut opened_once = false;
     loop {
-        match read_stream(url, wanted, parser, &mut opened_once).await {
+        match read_stream(client, url, wanted, parser, &mut opened_once).await {
             Ok(Some(receipt)) => return Ok(receipt),
             Ok(None) => *last_error = None,
             Err(Failure::Final(e)) => return Err(e),
@@ -175,13 +178,15 @@ enum Failure {
 /// One connection: `Some` when the receipt came, `None` when the stream
 /// ended without it.
 async fn read_stream(
+    client: &HttpClient,
     url: &http::Uri,
     wanted: &str,
     parser: &mut SseParser,
     opened_once: &mut bool,
 ) -> Result<Option<Receipt>, Failure> {
     let (host, path) = request_target(url).map_err(Failure::Final)?;
-    let mut connection = connect::<Empty<Bytes>>(url, "receipt subscription")
+    let mut connection = client
+        .connect::<Empty<Bytes>>(url, "receipt subscription")
         .await
         .map_err(Failure::Retry)?;
     let mut request = Request::get(path)
@@ -252,7 +257,11 @@ async fn read_stream(
 /// The message's state as its push service reports it on `GET <Location>`
 /// (Herald answers `{"state": "queued" | "sent" | ...}`): why a receipt is
 /// late.
-pub async fn message_state(location: &str, timeout: Duration) -> anyhow::Result<String> {
+pub async fn message_state(
+    client: &HttpClient,
+    location: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     #[derive(Deserialize)]
     struct Status {
         state: String,
@@ -262,7 +271,7 @@ pub async fn message_state(location: &str, timeout: Duration) -> anyhow::Result<
         .with_context(|| format!("Location {location:?} is not a URL"))?;
     let (host, path) = request_target(&url)?;
     let ask = async {
-        let mut connection = connect::<Empty<Bytes>>(&url, "Location").await?;
+        let mut connection = client.connect::<Empty<Bytes>>(&url, "Location").await?;
         let request = Request::get(path)
             .header(header::HOST, host)
             .header(header::ACCEPT, "application/json")
@@ -651,9 +660,14 @@ mod tests {
             ])
             .await;
             let started = Instant::now();
-            let r = wait_for_receipt(&url, "http://h/m/mine", Duration::from_secs(5))
-                .await
-                .unwrap();
+            let r = wait_for_receipt(
+                &HttpClient::default(),
+                &url,
+                "http://h/m/mine",
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
             assert!(started.elapsed() < Duration::from_secs(2));
             assert_eq!((r.id.as_str(), r.outcome), ("2", Outcome::Expired));
             let seen = task.await.unwrap();
@@ -677,7 +691,7 @@ mod tests {
                 body.len()
             )])
             .await;
-            let err = wait_for_receipt(&url, "m", Duration::from_secs(5))
+            let err = wait_for_receipt(&HttpClient::default(), &url, "m", Duration::from_secs(5))
                 .await
                 .unwrap_err();
             assert!(err.downcast_ref::<ReceiptTimeout>().is_none());
@@ -689,7 +703,7 @@ mod tests {
             // Streams that end without the receipt are followed until the
             // time is up.
             let (url, _task) = fake_stream(vec![sse_reply("retry: 10\n\n"); 1000]).await;
-            let err = wait_for_receipt(&url, "m", Duration::from_millis(300))
+            let err = wait_for_receipt(&HttpClient::default(), &url, "m", Duration::from_millis(300))
                 .await
                 .unwrap_err();
             let timeout = err.downcast_ref::<ReceiptTimeout>().expect("a timeout");
@@ -702,6 +716,7 @@ mod tests {
                 .unwrap()
                 .port();
             let err = wait_for_receipt(
+                &HttpClient::default(),
                 &format!("http://127.0.0.1:{port}/r/x"),
                 "m",
                 Duration::from_secs(5),
@@ -709,11 +724,16 @@ mod tests {
             .await
             .unwrap_err();
             assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
-            let err = wait_for_receipt("https://h/r/x", "m", Duration::from_secs(5))
-                .await
-                .unwrap_err();
+            let err = wait_for_receipt(
+                &HttpClient::default(),
+                "ftp://h/r/x",
+                "m",
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_err();
             assert!(
-                format!("{err:#}").contains("https:// receipt subscriptions are not supported"),
+                format!("{err:#}").contains("unsupported receipt subscription scheme"),
                 "{err:#}"
             );
         });

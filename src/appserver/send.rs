@@ -2,20 +2,18 @@
 //! application server does: encrypt, sign, POST, and read the answer.
 //!
 //! Nothing here is Herald-specific; it talks to any RFC 8030 push service
-//! reachable over plain HTTP.
+//! over http:// or https:// (see [`crate::http_client`]).
 
 use crate::appserver::encrypt::encrypt_aes128gcm;
 use crate::appserver::subscription::{origin_of, Subscription};
 use crate::appserver::vapid_sign::VapidKey;
+use crate::http_client::HttpClient;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// The TTL used when none is given: one day, so a message still reaches a
 /// browser that is closed for a while, without piling up for weeks.
@@ -58,6 +56,9 @@ pub struct PushOptions {
     /// (sent as a `Link` with rel `urn:ietf:params:push:receipt`) rather
     /// than to a new one.
     pub receipt_subscription: Option<String>,
+    /// How the push service is reached: the public roots, plus a private CA
+    /// when one was given (`--ca`).
+    pub client: HttpClient,
 }
 
 impl Default for PushOptions {
@@ -69,6 +70,7 @@ impl Default for PushOptions {
             timeout: DEFAULT_TIMEOUT,
             receipt: false,
             receipt_subscription: None,
+            client: HttpClient::default(),
         }
     }
 }
@@ -253,11 +255,12 @@ pub async fn send_push(
     options: &PushOptions,
 ) -> anyhow::Result<PushResponse> {
     let request = build_request(subscription, payload, vapid, options)?;
-    send_request(request, options.timeout).await
+    send_request(&options.client, request, options.timeout).await
 }
 
 /// Sends a request made by [`build_request`].
 pub async fn send_request(
+    client: &HttpClient,
     request: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> anyhow::Result<PushResponse> {
@@ -266,7 +269,7 @@ pub async fn send_request(
         .get::<Endpoint>()
         .map(|e| e.0.clone())
         .ok_or_else(|| anyhow!("request was not made by build_request"))?;
-    match tokio::time::timeout(timeout, exchange(&endpoint, request)).await {
+    match tokio::time::timeout(timeout, exchange(client, &endpoint, request)).await {
         Ok(result) => result.with_context(|| format!("push to {endpoint} failed")),
         Err(_) => bail!(
             "push to {endpoint} got no answer within {} s",
@@ -275,57 +278,12 @@ pub async fn send_request(
     }
 }
 
-/// An HTTP/1.1 connection over plain TCP. A task drives it until this is
-/// dropped, so a streamed response body must be read before dropping it.
-pub(crate) struct Connection<B> {
-    pub(crate) sender: SendRequest<B>,
-    driver: tokio::task::JoinHandle<()>,
-}
-
-impl<B> Drop for Connection<B> {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
-/// Connects to the host of `url`, which must be http://; `what` names the
-/// URL in errors ("endpoint", "receipt subscription").
-pub(crate) async fn connect<B>(url: &http::Uri, what: &str) -> anyhow::Result<Connection<B>>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    match url.scheme_str() {
-        Some("http") => {}
-        Some("https") => bail!(
-            "https:// {what}s are not supported: herald has no TLS client; \
-             reach the push service over http:// (for example through a local TLS-terminating proxy)"
-        ),
-        other => bail!("unsupported {what} scheme {other:?}"),
-    }
-    let host = url.host().ok_or_else(|| anyhow!("{what} has no host"))?;
-    // IPv6 literals come bracketed in URIs but not in socket addresses.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = url.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host, port))
-        .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake failed")?;
-    let driver = tokio::spawn(async move {
-        // Its errors surface on the request or the body being read.
-        let _ = connection.await;
-    });
-    Ok(Connection { sender, driver })
-}
-
 async fn exchange(
+    client: &HttpClient,
     endpoint: &http::Uri,
     request: Request<Full<Bytes>>,
 ) -> anyhow::Result<PushResponse> {
-    let mut connection = connect(endpoint, "endpoint").await?;
+    let mut connection = client.connect(endpoint, "endpoint").await?;
     let response = connection
         .sender
         .send_request(request)
@@ -529,8 +487,8 @@ mod tests {
     }
 
     #[test]
-    fn https_is_refused_clearly() {
-        let (sub, _, _) = subscription("https://push.example.net/x");
+    fn other_schemes_are_refused_clearly() {
+        let (sub, _, _) = subscription("ftp://push.example.net/x");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -538,7 +496,10 @@ mod tests {
         let err = rt
             .block_on(send_push(&sub, Some(b"x"), None, &PushOptions::default()))
             .unwrap_err();
-        assert!(format!("{err:#}").contains("https:// endpoints are not supported"));
+        assert!(
+            format!("{err:#}").contains("unsupported endpoint scheme"),
+            "{err:#}"
+        );
     }
 
     /// A one-shot fake push service: records the request, answers `reply`.

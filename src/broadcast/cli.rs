@@ -3,8 +3,7 @@
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -34,6 +33,10 @@ pub struct ServerArgs {
     /// One of the server's broadcast_tokens
     #[arg(long, env = "HERALD_BROADCAST_TOKEN", hide_env_values = true)]
     token: String,
+    /// Also trust the CA certificates in this PEM file for an https://
+    /// --server (a private or self-signed certificate).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 pub fn run(cmd: BroadcastCommand) -> anyhow::Result<ExitCode> {
@@ -59,7 +62,8 @@ pub fn run(cmd: BroadcastCommand) -> anyhow::Result<ExitCode> {
         ),
     };
     let url = format!("{}{path}", server.server.trim_end_matches('/'));
-    let (status, text) = runtime.block_on(request(method, &url, &server.token, body))?;
+    let client = crate::http_client::HttpClient::new(server.ca.as_deref())?;
+    let (status, text) = runtime.block_on(request(&client, method, &url, &server.token, body))?;
     println!("{text}");
     Ok(if status.is_success() {
         ExitCode::SUCCESS
@@ -70,17 +74,13 @@ pub fn run(cmd: BroadcastCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn request(
+    client: &crate::http_client::HttpClient,
     method: http::Method,
     url: &str,
     token: &str,
     body: String,
 ) -> anyhow::Result<(http::StatusCode, String)> {
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client = client.pooled::<Full<Bytes>>();
     let req = http::Request::builder()
         .method(method)
         .uri(url)

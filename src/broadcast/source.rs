@@ -10,7 +10,6 @@ use crate::store::Store;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,15 +47,10 @@ pub struct Source {
 
 impl Source {
     pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Source> {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Source {
             url: url.parse()?,
             token,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: crate::http_client::HttpClient::default().pooled(),
         })
     }
 

@@ -5,9 +5,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use std::path::Path;
+use rustls::pki_types::ServerName;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,34 +26,8 @@ pub(crate) struct Connection {
     ws: WebSocketStream<Box<dyn Io>>,
 }
 
-/// The client TLS configuration: public roots plus the PEM certificates in
-/// `ca_file`.
-pub(crate) fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("cannot read CA file {}", path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("CA file {} is not PEM", path.display()))?;
-        if certs.is_empty() {
-            bail!("CA file {} holds no certificate", path.display());
-        }
-        for cert in certs {
-            roots.add(cert).with_context(|| {
-                format!("CA file {} holds an unusable certificate", path.display())
-            })?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
+/// The client TLS configuration, shared with the HTTP clients.
+pub(crate) use crate::http_client::tls_config;
 
 /// Connects and completes the websocket handshake within `timeout`.
 pub(crate) async fn connect(

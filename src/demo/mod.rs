@@ -68,6 +68,11 @@ pub struct DemoArgs {
         default_value = "mailto:herald-demo@example.com"
     )]
     pub subject: String,
+
+    /// Also trust the CA certificates in this PEM file when sending to
+    /// https:// endpoints (a push service with a private CA).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -83,14 +88,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let key = state::load_or_create_key(&data_dir)?;
     let subscriptions = state::Subscriptions::load(&data_dir)?;
-    let demo = Arc::new(Demo::new(
-        Vapid {
-            key,
-            subject: Some(args.subject.clone()),
-        },
-        push_origin,
-        subscriptions,
-    ));
+    let demo = Arc::new(
+        Demo::new(
+            Vapid {
+                key,
+                subject: Some(args.subject.clone()),
+            },
+            push_origin,
+            subscriptions,
+        )
+        .with_client(crate::http_client::HttpClient::new(args.ca.as_deref())?),
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

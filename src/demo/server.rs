@@ -4,6 +4,7 @@
 use crate::appserver::send::{send_push, validate_topic, PushOptions, Urgency, Vapid, DEFAULT_TTL};
 use crate::appserver::{encrypt, Subscription};
 use crate::demo::state::Subscriptions;
+use crate::http_client::HttpClient;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -44,6 +45,7 @@ pub struct Demo {
     push_url: String,
     subscriptions: Mutex<Subscriptions>,
     received: Mutex<Vec<Received>>,
+    client: HttpClient,
 }
 
 impl Demo {
@@ -53,7 +55,14 @@ impl Demo {
             push_url,
             subscriptions: Mutex::new(subscriptions),
             received: Mutex::new(Vec::new()),
+            client: HttpClient::default(),
         }
+    }
+
+    /// Sends through `client` (say, one trusting a private CA).
+    pub fn with_client(mut self, client: HttpClient) -> Self {
+        self.client = client;
+        self
     }
 
     /// The `dom.push.serverURL` a browser needs for this push service.
@@ -418,6 +427,7 @@ async fn send(demo: &Demo, body: &[u8]) -> Reply {
         ttl: form.ttl.unwrap_or(DEFAULT_TTL),
         urgency,
         topic,
+        client: demo.client.clone(),
         ..PushOptions::default()
     };
     let targets: Vec<Subscription> = demo

@@ -512,6 +512,40 @@ impl Ua {
         }
     }
 
+    /// Like [`Ua::closed`], and then the server must end the TCP connection
+    /// cleanly (after the client's answering Close), not reset it.
+    pub async fn closed_cleanly(&mut self, within: Duration) -> (u16, String) {
+        let close = self.closed(within).await;
+        assert_ne!(close.0, 1006, "no close frame from the server");
+        match tokio::time::timeout(within, self.ws.next()).await {
+            Ok(None) => close,
+            other => panic!("after the server's close {close:?}: {other:?}"),
+        }
+    }
+
+    /// Starts the closing handshake with `code` and returns the code and
+    /// reason of the server's answering Close frame: (1006, "") when the
+    /// connection ended without one. Panics if the server then fails to
+    /// end the TCP connection cleanly within `within`.
+    pub async fn close_handshake(&mut self, code: u16, within: Duration) -> (u16, String) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "client leaving".into(),
+        };
+        self.ws.send(Message::Close(Some(frame))).await.unwrap();
+        let answer = self.closed(within).await;
+        if answer.0 != 1006 {
+            // After the handshake the server closes TCP: a clean end of
+            // stream, not a reset.
+            match tokio::time::timeout(within, self.ws.next()).await {
+                Ok(None) => {}
+                other => panic!("after the close handshake: {other:?}"),
+            }
+        }
+        answer
+    }
+
     pub async fn register(&mut self, channel: &str, key: Option<&str>) -> Value {
         let mut msg = json!({"messageType": "register", "channelID": channel});
         if let Some(k) = key {

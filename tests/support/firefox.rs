@@ -152,7 +152,8 @@ impl HeraldServer {
     }
 
     /// One node of several: data and log under `dir/name`, endpoints on
-    /// `public_url` (the first node's URL when None), settings from `env`.
+    /// `public_url` (the first node's URL when None; `{port}` in it is this
+    /// node's port), settings from `env`.
     pub fn start_node(
         dir: &Path,
         name: &str,
@@ -175,6 +176,9 @@ impl HeraldServer {
     ) -> (u16, Proc) {
         let port = free_port();
         let own = format!("http://127.0.0.1:{port}");
+        // `{port}` in a public URL stands for the port chosen here.
+        let public_url = public_url.map(|u| u.replace("{port}", &port.to_string()));
+        let public_url = public_url.as_deref();
         let mut command = Command::new(HERALD);
         command
             .arg("serve")
@@ -310,16 +314,40 @@ pub fn http(
     path: &str,
     json: Option<&str>,
 ) -> std::io::Result<HttpReply> {
+    let headers: &[(&str, &str)] = match json {
+        Some(_) => &[("Content-Type", "application/json")],
+        None => &[],
+    };
+    http_with(
+        host,
+        port,
+        method,
+        path,
+        headers,
+        json.unwrap_or("").as_bytes(),
+    )
+}
+
+/// Like [`http`], with any headers and a binary body.
+pub fn http_with(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpReply> {
     let mut stream = TcpStream::connect((host, port))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = json.unwrap_or("");
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n");
-    if json.is_some() {
-        request.push_str("Content-Type: application/json\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
-    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(request.as_bytes())?;
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let raw = String::from_utf8_lossy(&raw).into_owned();

@@ -1,0 +1,197 @@
+//! The one way Herald's clients reach an HTTP server: `herald send` and the
+//! demo (pushes, receipts), `herald broadcast`, `herald listen` (wss://) and
+//! the broadcast source. Plain `http://` and `https://` alike; TLS is
+//! rustls with the ring provider the server side uses, trusting the Mozilla
+//! root set (webpki-roots) plus the certificates of an optional CA file
+//! (`--ca FILE`), so a push service with a private CA works too.
+
+use anyhow::{anyhow, bail, Context};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpStream;
+
+/// The client TLS configuration: public roots plus the PEM certificates in
+/// `ca_file`. ALPN offers HTTP/1.1, which both the push API and the
+/// websocket upgrade speak.
+pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("cannot read CA file {}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("CA file {} is not PEM", path.display()))?;
+        if certs.is_empty() {
+            bail!("CA file {} holds no certificate", path.display());
+        }
+        for cert in certs {
+            roots.add(cert).with_context(|| {
+                format!("CA file {} holds an unusable certificate", path.display())
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What a client trusts; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Default for HttpClient {
+    /// The public roots only, built once per process.
+    fn default() -> Self {
+        static PUBLIC: OnceLock<HttpClient> = OnceLock::new();
+        PUBLIC
+            .get_or_init(|| HttpClient::new(None).expect("the public roots load"))
+            .clone()
+    }
+}
+
+impl HttpClient {
+    /// Trusts the public roots and, with `ca_file`, that file's CAs too.
+    pub fn new(ca_file: Option<&Path>) -> anyhow::Result<HttpClient> {
+        Ok(HttpClient {
+            tls: tls_config(ca_file)?,
+        })
+    }
+
+    pub fn tls(&self) -> &Arc<rustls::ClientConfig> {
+        &self.tls
+    }
+
+    /// A pooling client for many requests to `http://` or `https://` URLs
+    /// (absolute URIs in the requests).
+    pub fn pooled<B>(
+        &self,
+    ) -> hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, B>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+    {
+        let mut config = (*self.tls).clone();
+        // hyper-rustls sets ALPN itself from the protocols enabled.
+        config.alpn_protocols.clear();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
+    }
+
+    /// One HTTP/1.1 connection to the host of `url` (`http://` or
+    /// `https://`); `what` names the URL in errors ("endpoint", "receipt
+    /// subscription").
+    pub async fn connect<B>(&self, url: &http::Uri, what: &str) -> anyhow::Result<Connection<B>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let https = match url.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            other => bail!("unsupported {what} scheme {other:?}: use http:// or https://"),
+        };
+        let host = url.host().ok_or_else(|| anyhow!("{what} has no host"))?;
+        // IPv6 literals come bracketed in URIs but not in socket addresses.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .with_context(|| format!("cannot connect to {host}:{port}"))?;
+        let _ = tcp.set_nodelay(true);
+        if !https {
+            return Connection::start(tcp).await;
+        }
+        let name = ServerName::try_from(host.to_owned())
+            .with_context(|| format!("{host:?} is not a valid TLS server name"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .with_context(|| {
+                format!(
+                    "TLS handshake with {host}:{port} failed (for a private CA, pass --ca FILE)"
+                )
+            })?;
+        Connection::start(tls).await
+    }
+}
+
+/// An HTTP/1.1 connection. A task drives it until this is dropped, so a
+/// streamed response body must be read before dropping it.
+pub struct Connection<B> {
+    pub sender: SendRequest<B>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl<B> Connection<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    async fn start<S>(stream: S) -> anyhow::Result<Self>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake failed")?;
+        let driver = tokio::spawn(async move {
+            // Its errors surface on the request or the body being read.
+            let _ = connection.await;
+        });
+        Ok(Connection { sender, driver })
+    }
+}
+
+impl<B> Drop for Connection<B> {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = format!("{:#}", HttpClient::new(Some(&missing)).unwrap_err());
+        assert!(e.contains("missing.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = format!("{:#}", HttpClient::new(Some(&empty)).unwrap_err());
+        assert!(e.contains("no certificate"), "{e}");
+        assert!(HttpClient::new(None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_http_and_https_urls() {
+        let client = HttpClient::default();
+        let url: http::Uri = "ftp://127.0.0.1/x".parse().unwrap();
+        let e = client
+            .connect::<http_body_util::Empty<bytes::Bytes>>(&url, "endpoint")
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("scheme"), "{e}");
+    }
+}
