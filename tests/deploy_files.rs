@@ -28,88 +28,11 @@ use serde_yaml_ng::Value as Yaml;
 // What Herald provides. Keep in step with the code.
 // ---------------------------------------------------------------------------
 
-/// How a setting's value is written in TOML.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
-    /// host:port
-    Addr,
-    /// http:// or https:// URL
-    Url,
-    Path,
-    /// list of base64url-encoded 32-byte keys
-    Keys,
-    /// one redis:// URL, or several (comma-separated, or a list in TOML)
-    RedisUrls,
-    /// integer seconds, or a string: a number with an s/m/h/d suffix
-    Duration,
-    /// positive integer
-    Int,
-    /// integer, zero allowed
-    Count,
-    Bool,
-    /// one of the listed strings
-    OneOf(&'static [&'static str]),
-    /// bearer tokens of at least 16 characters (comma-separated, or a list)
-    Tokens,
-    /// any non-empty text (a secret)
-    Text,
-    LogLevel,
-}
+use herald::config::{DefaultValue, Kind, SETTINGS};
 
-/// Every setting of `herald serve`: TOML key, kind, and default written as a
-/// TOML value (None: no fixed default, the setting is optional).
-const SETTINGS: &[(&str, Kind, Option<&str>)] = &[
-    ("listen", Kind::Addr, Some(r#""127.0.0.1:8080""#)),
-    ("endpoint_listen", Kind::Addr, None),
-    ("metrics_listen", Kind::Addr, None),
-    ("metrics_public", Kind::Bool, Some("false")),
-    ("data_dir", Kind::Path, Some(r#""./herald-data""#)),
-    ("public_url", Kind::Url, None),
-    ("endpoint_keys", Kind::Keys, Some("[]")),
-    ("hello_timeout", Kind::Duration, Some(r#""10s""#)),
-    ("ping_interval", Kind::Duration, Some(r#""5m""#)),
-    ("ping_timeout", Kind::Duration, Some(r#""30s""#)),
-    ("max_connections", Kind::Int, Some("100000")),
-    ("max_channels_per_uaid", Kind::Int, Some("500")),
-    ("max_frame_size", Kind::Int, Some("32768")),
-    ("client_rate_limit", Kind::Int, Some("50")),
-    ("max_ttl", Kind::Duration, Some(r#""30d""#)),
-    ("max_message_bytes", Kind::Int, Some("4096")),
-    ("max_stored_messages", Kind::Int, Some("1000")),
-    ("ua_expiry", Kind::Duration, Some(r#""60d""#)),
-    ("sync_writes", Kind::Bool, Some("false")),
-    ("delivery_window", Kind::Int, Some("64")),
-    ("jwt_cache_size", Kind::Int, Some("10000")),
-    ("sweep_interval", Kind::Duration, Some(r#""1h""#)),
-    ("shutdown_timeout", Kind::Duration, Some(r#""10s""#)),
-    (
-        "log_format",
-        Kind::OneOf(&["text", "json"]),
-        Some(r#""text""#),
-    ),
-    ("log_level", Kind::LogLevel, Some(r#""info""#)),
-    ("tls_cert", Kind::Path, None),
-    ("tls_key", Kind::Path, None),
-    (
-        "store",
-        Kind::OneOf(&["rocksdb", "redis"]),
-        Some(r#""rocksdb""#),
-    ),
-    ("redis_url", Kind::RedisUrls, None),
-    ("redis_wait_replicas", Kind::Count, Some("0")),
-    ("redis_wait_timeout", Kind::Duration, Some(r#""1s""#)),
-    ("node_listen", Kind::Addr, None),
-    ("node_url", Kind::Url, None),
-    ("broadcast_tokens", Kind::Tokens, None),
-    ("broadcast_source_url", Kind::Url, None),
-    ("broadcast_source_token", Kind::Text, None),
-    ("broadcast_poll_interval", Kind::Duration, Some(r#""30s""#)),
-    ("receipt_retention", Kind::Duration, Some(r#""3d""#)),
-    ("max_receipt_streams_per_subscription", Kind::Int, Some("4")),
-    ("max_receipt_streams", Kind::Int, Some("10000")),
-    ("receipt_stream_lifetime", Kind::Duration, Some(r#""1h""#)),
-    ("worker_threads", Kind::Int, None),
-];
+/// Settings herald.toml sets to an empty value rather than commenting out:
+/// its comment explains the generated key, and `[]` loads as unset.
+const WRITTEN_EMPTY: &[(&str, &str)] = &[("endpoint_keys", "[]")];
 
 /// The port of `--listen` in the container image and Kubernetes manifests.
 const HTTP_PORT: i64 = 8080;
@@ -284,11 +207,21 @@ impl Problems {
     }
 }
 
-fn setting(key: &str) -> Option<(Kind, Option<&'static str>)> {
-    SETTINGS
-        .iter()
-        .find(|(k, ..)| *k == key)
-        .map(|&(_, kind, default)| (kind, default))
+/// A setting's kind and its default written as a TOML value (None: no
+/// fixed default, the setting is optional), derived from the library's table.
+fn setting(key: &str) -> Option<(Kind, Option<String>)> {
+    let s = herald::config::setting_named(key)?;
+    let written = match s.default {
+        DefaultValue::Value(v) => Some(match s.kind {
+            Kind::Int | Kind::Count | Kind::Bool => v.to_string(),
+            _ => format!("{v:?}"),
+        }),
+        DefaultValue::Unset | DefaultValue::Derived(_) => WRITTEN_EMPTY
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string()),
+    };
+    Some((s.kind, written))
 }
 
 /// Herald duration: integer seconds, or "<number><s|m|h|d>".
@@ -420,7 +353,7 @@ fn redis_host_port(url: &str) -> Option<String> {
 /// The setting a `HERALD_<NAME>` environment variable sets.
 fn setting_of_env(name: &str) -> Option<&'static str> {
     let key = name.strip_prefix("HERALD_")?.to_ascii_lowercase();
-    SETTINGS.iter().map(|(k, ..)| *k).find(|k| *k == key)
+    SETTINGS.iter().map(|s| s.name).find(|k| *k == key)
 }
 
 /// Checks a `HERALD_<NAME>=value` environment variable: a real setting, and
@@ -486,43 +419,34 @@ fn port_of(addr: &str) -> Option<i64> {
 #[test]
 fn settings_and_metrics_tables_match_the_code() {
     let mut p = Problems::new("../tests/deploy_files.rs");
-    // Settings: every one listed here exists in the code, in the same order,
-    // with the same default (the code writes "" for "no default" and lists as
-    // comma-separated text). Settings the code has and this table lacks are
-    // a failure too: a setting is not done until deploy/ documents it.
-    let code: Vec<&str> = herald::config::SETTINGS.iter().map(|(k, ..)| *k).collect();
-    let ours: Vec<&str> = SETTINGS.iter().map(|(k, ..)| *k).collect();
-    let common: Vec<&str> = code.iter().copied().filter(|k| ours.contains(k)).collect();
-    p.check(
-        common == ours,
-        format!("SETTINGS lists {ours:?}, which src/config.rs SETTINGS does not have in this order: {code:?}"),
-    );
-    let unlisted: Vec<&str> = code.iter().copied().filter(|k| !ours.contains(k)).collect();
-    p.check(
-        unlisted.is_empty(),
-        format!("settings in src/config.rs that deploy/ does not document: {unlisted:?}"),
-    );
-    for (key, code_default, _) in herald::config::SETTINGS {
-        let Some((_, default)) = setting(key) else {
+    // Settings come from the library's table; what this file derives from it
+    // (a default written as TOML) must read back as the code's default.
+    for s in SETTINGS {
+        let Some((_, Some(_))) = setting(s.name) else {
             continue;
         };
-        let ours = match default {
-            None => String::new(),
-            Some(_) => match default_value(key) {
-                toml::Value::String(s) => s,
-                toml::Value::Array(a) => a
-                    .iter()
-                    .map(|v| v.as_str().unwrap_or("").to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => other.to_string(),
-            },
+        let ours = match default_value(s.name) {
+            toml::Value::String(v) => v,
+            toml::Value::Array(a) => a
+                .iter()
+                .map(|v| v.as_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
         };
         p.check(
-            ours == *code_default,
-            format!("`{key}`: default {ours:?} here, {code_default:?} in src/config.rs"),
+            ours == s.default_text(),
+            format!(
+                "`{}`: default {ours:?} here, {:?} in src/config.rs",
+                s.name,
+                s.default_text()
+            ),
         );
     }
+    p.check(
+        WRITTEN_EMPTY.iter().all(|(k, _)| setting(k).is_some()),
+        format!("WRITTEN_EMPTY names a setting src/config.rs lacks: {WRITTEN_EMPTY:?}"),
+    );
 
     // Metrics: every one listed here is registered in src/metrics.rs (the
     // same rule for ones only the code has).
@@ -549,6 +473,72 @@ fn settings_and_metrics_tables_match_the_code() {
 }
 
 // ---------------------------------------------------------------------------
+// README.md's configuration reference
+// ---------------------------------------------------------------------------
+
+/// The rows of README.md's "Configuration reference" table: the settings a
+/// row names (`a`, `b` in its first cell) and its default cell, backticks
+/// removed.
+fn readme_settings_rows(readme: &str) -> Vec<(Vec<String>, String)> {
+    let section = readme
+        .split("### Configuration reference")
+        .nth(1)
+        .expect("README.md has a Configuration reference section");
+    section
+        .lines()
+        .skip_while(|l| !l.starts_with("| setting |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let names = cells[1]
+                .split(',')
+                .map(|n| n.trim().trim_matches('`').to_string())
+                .collect();
+            (names, cells[2].replace('`', ""))
+        })
+        .collect()
+}
+
+#[test]
+fn readme_configuration_table_matches_the_settings() {
+    let mut p = Problems::new("../README.md");
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let rows = readme_settings_rows(&readme);
+    p.check(!rows.is_empty(), "the configuration table has no rows");
+    let mut seen = BTreeSet::new();
+    for (names, default) in &rows {
+        for name in names {
+            let Some(s) = herald::config::setting_named(name) else {
+                p.add(format!(
+                    "`{name}` is in the configuration table but is no setting"
+                ));
+                continue;
+            };
+            p.check(
+                seen.insert(name.clone()),
+                format!("`{name}` is listed twice"),
+            );
+            p.check(
+                *default == s.shown_default(),
+                format!(
+                    "`{name}`: default {default:?} in README.md, {:?} in src/config.rs",
+                    s.shown_default()
+                ),
+            );
+        }
+    }
+    for s in SETTINGS {
+        p.check(
+            seen.contains(s.name),
+            format!("`{}` is missing from the configuration table", s.name),
+        );
+    }
+    p.finish();
+}
+
+// ---------------------------------------------------------------------------
 // herald.toml
 // ---------------------------------------------------------------------------
 
@@ -559,7 +549,8 @@ fn example_config_names_and_documents_every_setting() {
     let active = check_herald_toml(&text, &mut p, "herald.toml");
     let lines: Vec<&str> = text.lines().collect();
 
-    for &(key, _, default) in SETTINGS {
+    for key in SETTINGS.iter().map(|s| s.name) {
+        let (_, default) = setting(key).expect("a setting");
         // Where the setting is: an active `key = ...` line, or, for settings
         // without a default, a commented-out `# key = ...` example.
         let active_line = lines.iter().position(|l| toml_key_of(l) == Some(key));
@@ -569,7 +560,7 @@ fn example_config_names_and_documents_every_setting() {
                 .and_then(toml_key_of)
                 == Some(key)
         });
-        let line = match (default, active_line, commented_line) {
+        let line = match (&default, active_line, commented_line) {
             (Some(_), Some(i), _) => i,
             (Some(_), None, _) => {
                 p.add(format!(
@@ -617,13 +608,10 @@ fn example_config_names_and_documents_every_setting() {
             format!("the comment above `{key}` does not state its default (\"Default: ...\")"),
         );
         // The example shows the real defaults.
-        if let (Some(_), Some(value)) = (default, active.get(key)) {
+        if let (Some(written), Some(value)) = (&default, active.get(key)) {
             p.check(
                 *value == default_value(key),
-                format!(
-                    "`{key}` = {value} in the example, but the default is {}",
-                    default.unwrap()
-                ),
+                format!("`{key}` = {value} in the example, but the default is {written}"),
             );
         }
     }
