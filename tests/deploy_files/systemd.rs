@@ -205,3 +205,45 @@ pub(crate) fn systemd_unit_is_hardened_and_stops_gracefully() {
     }
     p.finish();
 }
+
+/// systemd's own parser: `systemd-analyze verify` reads the unit as systemd
+/// would (unknown keys, bad values, missing binaries) and needs no running
+/// systemd. Unknown keys are only warnings there, so any line naming the unit
+/// fails the test. The binary path is pointed at the one cargo built, since
+/// verify checks that ExecStart exists. Skipped, with a note, where Debian's
+/// `systemd` package is absent (`make test-deps` installs it).
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let mut p = Problems::new("herald.service");
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not installed (make test-deps): skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let unit = dir.path().join("herald.service");
+    let text =
+        read("herald.service").replace("/usr/local/bin/herald", env!("CARGO_BIN_EXE_herald"));
+    p.check(
+        text.contains(env!("CARGO_BIN_EXE_herald")),
+        "ExecStart no longer runs /usr/local/bin/herald; update this test",
+    );
+    std::fs::write(&unit, text).expect("write unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    p.check(
+        out.status.success(),
+        format!("systemd-analyze verify failed: {stderr}"),
+    );
+    for line in stderr.lines().filter(|l| l.contains("herald.service")) {
+        p.add(format!("systemd-analyze verify: {line}"));
+    }
+    p.finish();
+}
