@@ -7,51 +7,145 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Every setting: name, default, help. The name is the TOML key; the
-/// environment variable is `HERALD_` + the name in upper case.
-pub const SETTINGS: &[(&str, &str, &str)] = &[
-    ("listen", "127.0.0.1:8080", "address for the user-agent websocket and, unless endpoint_listen is set, the HTTP API"),
-    ("endpoint_listen", "", "optional separate address for the application-server HTTP API"),
-    ("metrics_listen", "", "private address serving /metrics (unset: /metrics is not served, unless metrics_public)"),
-    ("metrics_public", "false", "with metrics_listen unset, serve /metrics on the main listener (reachable by whoever reaches listen)"),
-    ("data_dir", "./herald-data", "directory for the database and the generated endpoint key"),
-    ("public_url", "", "base URL of every endpoint handed out (default http://<listen>); its origin is the VAPID audience"),
-    ("endpoint_keys", "", "base64url 32-byte keys for endpoint tokens, comma-separated; the first seals, all open"),
-    ("hello_timeout", "10s", "time a new websocket has to send hello"),
-    ("ping_interval", "5m", "idle time after which the server pings a websocket"),
-    ("ping_timeout", "30s", "time to answer a server ping before the connection is closed"),
-    ("max_connections", "100000", "most websocket connections held at once"),
-    ("max_channels_per_uaid", "500", "most subscriptions one user agent may hold"),
-    ("max_frame_size", "32768", "largest websocket message accepted from a user agent, in bytes"),
-    ("client_rate_limit", "50", "unsolicited websocket messages per second a user agent may send (bursts of twice that; acks of what was sent are free)"),
-    ("max_ttl", "30d", "longest TTL applied; larger requested TTLs are lowered"),
-    ("max_message_bytes", "4096", "largest push body accepted, in bytes, counted encrypted (4096 leaves 3993 bytes of plaintext after RFC 8291's 103 bytes of framing)"),
-    ("max_stored_messages", "1000", "most undelivered messages kept per user agent; beyond it senders get 429"),
-    ("ua_expiry", "60d", "user agents silent this long are dropped with their subscriptions"),
-    ("sync_writes", "false", "fsync every accepted message before answering (group commit)"),
-    ("delivery_window", "64", "most unacknowledged messages in flight per connection"),
-    ("jwt_cache_size", "10000", "verified VAPID tokens remembered"),
-    ("sweep_interval", "1h", "how often expired messages and silent user agents are removed"),
-    ("shutdown_timeout", "10s", "how long shutdown waits for connections to close"),
-    ("log_format", "text", "text or json"),
-    ("log_level", "info", "tracing filter, e.g. info or herald=debug (RUST_LOG overrides)"),
-    ("tls_cert", "", "PEM certificate chain; with tls_key, listeners speak wss:// and https://"),
-    ("tls_key", "", "PEM private key for tls_cert; both are reloaded on SIGHUP"),
-    ("store", "rocksdb", "rocksdb (embedded, one node) or redis (shared by several nodes)"),
-    ("redis_url", "", "with store = redis: redis://host:port of a standalone Redis, or the comma-separated seed nodes of a Redis Cluster"),
-    ("redis_wait_replicas", "0", "with store = redis: replicas that must confirm each accepted message (Redis WAIT) before 201"),
-    ("redis_wait_timeout", "1s", "how long an accepted message waits for redis_wait_replicas before the push answers 503"),
-    ("node_listen", "", "with store = redis: private address for node-to-node wake-ups (/_herald/node/), which listen then refuses; unset: served on listen"),
-    ("node_url", "", "with store = redis: the http:// URL other nodes reach this node at for wake-ups (default http://<node_listen or listen>)"),
-    ("broadcast_tokens", "", "bearer tokens allowed to PUT /v1/broadcasts/<id>, comma-separated; unset: the broadcast API answers 404"),
-    ("broadcast_source_url", "", "an upstream of broadcast versions to poll (JSON {\"broadcasts\":{id:version}}, as Remote Settings' /v1/__broadcasts__ or a megaphone server)"),
-    ("broadcast_source_token", "", "bearer token sent to broadcast_source_url, if it needs one"),
-    ("broadcast_poll_interval", "30s", "how often broadcast_source_url is polled"),
-    ("receipt_retention", "3d", "how long delivery receipts stay readable on their receipt subscription"),
-    ("max_receipt_streams_per_subscription", "4", "most event streams open at once on one receipt subscription, per node; beyond it readers get 429"),
-    ("max_receipt_streams", "10000", "most receipt event streams a node holds open at once; beyond it readers get 429"),
-    ("receipt_stream_lifetime", "1h", "longest a receipt event stream stays open; it then ends and the reader resumes with Last-Event-ID"),
-    ("worker_threads", "", "threads running connections and requests; unset: one per core"),
+/// How a setting's value is written, which decides how it is parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// host:port
+    Addr,
+    /// http:// or https:// URL
+    Url,
+    Path,
+    /// base64url-encoded 32-byte keys, comma-separated (a list in TOML)
+    Keys,
+    /// one redis:// URL, or several (comma-separated, or a list in TOML)
+    RedisUrls,
+    /// a number with an ms/s/m/h/d suffix; bare numbers are seconds
+    Duration,
+    /// positive integer
+    Int,
+    /// integer, zero allowed
+    Count,
+    Bool,
+    /// one of the listed strings
+    OneOf(&'static [&'static str]),
+    /// bearer tokens of at least 16 characters (comma-separated, or a list)
+    Tokens,
+    /// any text (a secret)
+    Text,
+    /// a tracing filter; deployment files use a plain level
+    LogLevel,
+}
+
+/// What a setting is when nothing sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// This value, parsed like any other.
+    Value(&'static str),
+    /// Off: the feature it configures is not used.
+    Unset,
+    /// Computed at start from other settings or the machine; the text says
+    /// how, for `--help` and README.md.
+    Derived(&'static str),
+}
+
+/// One row of [`SETTINGS`].
+#[derive(Clone, Copy, Debug)]
+pub struct Setting {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub default: DefaultValue,
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// The text the loader starts from: empty unless there is a fixed value.
+    pub fn default_text(&self) -> &'static str {
+        match self.default {
+            DefaultValue::Value(v) => v,
+            DefaultValue::Unset | DefaultValue::Derived(_) => "",
+        }
+    }
+
+    /// The default as `--help` and README.md show it.
+    pub fn shown_default(&self) -> &'static str {
+        match self.default {
+            DefaultValue::Value(v) | DefaultValue::Derived(v) => v,
+            DefaultValue::Unset => "unset",
+        }
+    }
+
+    /// `HERALD_` + the name in upper case.
+    pub fn env_var(&self) -> String {
+        format!("HERALD_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+/// The setting called `name`, if there is one.
+pub fn setting_named(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+const fn setting(
+    name: &'static str,
+    kind: Kind,
+    default: DefaultValue,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        name,
+        kind,
+        default,
+        help,
+    }
+}
+
+/// Every setting of `herald serve`: the one table loading, `--help`, the
+/// unknown-variable warning and the checks of README.md and `deploy/` are
+/// derived from. The name is the TOML key; the environment variable is
+/// `HERALD_` + the name in upper case.
+pub const SETTINGS: &[Setting] = &[
+    setting("listen", Kind::Addr, DefaultValue::Value("127.0.0.1:8080"), "address for the user-agent websocket and, unless endpoint_listen is set, the HTTP API"),
+    setting("endpoint_listen", Kind::Addr, DefaultValue::Unset, "optional separate address for the application-server HTTP API"),
+    setting("metrics_listen", Kind::Addr, DefaultValue::Unset, "private address serving /metrics (unset: /metrics is not served, unless metrics_public)"),
+    setting("metrics_public", Kind::Bool, DefaultValue::Value("false"), "with metrics_listen unset, serve /metrics on the main listener (reachable by whoever reaches listen)"),
+    setting("data_dir", Kind::Path, DefaultValue::Value("./herald-data"), "directory for the database and the generated endpoint key"),
+    setting("public_url", Kind::Url, DefaultValue::Derived("http://<listen>"), "base URL of every endpoint handed out (default http://<listen>); its origin is the VAPID audience"),
+    setting("endpoint_keys", Kind::Keys, DefaultValue::Derived("generated"), "base64url 32-byte keys for endpoint tokens, comma-separated; the first seals, all open"),
+    setting("hello_timeout", Kind::Duration, DefaultValue::Value("10s"), "time a new websocket has to send hello"),
+    setting("ping_interval", Kind::Duration, DefaultValue::Value("5m"), "idle time after which the server pings a websocket"),
+    setting("ping_timeout", Kind::Duration, DefaultValue::Value("30s"), "time to answer a server ping before the connection is closed"),
+    setting("max_connections", Kind::Int, DefaultValue::Value("100000"), "most websocket connections held at once"),
+    setting("max_channels_per_uaid", Kind::Int, DefaultValue::Value("500"), "most subscriptions one user agent may hold"),
+    setting("max_frame_size", Kind::Int, DefaultValue::Value("32768"), "largest websocket message accepted from a user agent, in bytes"),
+    setting("client_rate_limit", Kind::Int, DefaultValue::Value("50"), "unsolicited websocket messages per second a user agent may send (bursts of twice that; acks of what was sent are free)"),
+    setting("max_ttl", Kind::Duration, DefaultValue::Value("30d"), "longest TTL applied; larger requested TTLs are lowered"),
+    setting("max_message_bytes", Kind::Int, DefaultValue::Value("4096"), "largest push body accepted, in bytes, counted encrypted (4096 leaves 3993 bytes of plaintext after RFC 8291's 103 bytes of framing)"),
+    setting("max_stored_messages", Kind::Int, DefaultValue::Value("1000"), "most undelivered messages kept per user agent; beyond it senders get 429"),
+    setting("ua_expiry", Kind::Duration, DefaultValue::Value("60d"), "user agents silent this long are dropped with their subscriptions"),
+    setting("sync_writes", Kind::Bool, DefaultValue::Value("false"), "fsync every accepted message before answering (group commit)"),
+    setting("delivery_window", Kind::Int, DefaultValue::Value("64"), "most unacknowledged messages in flight per connection"),
+    setting("jwt_cache_size", Kind::Int, DefaultValue::Value("10000"), "verified VAPID tokens remembered"),
+    setting("sweep_interval", Kind::Duration, DefaultValue::Value("1h"), "how often expired messages and silent user agents are removed"),
+    setting("shutdown_timeout", Kind::Duration, DefaultValue::Value("10s"), "how long shutdown waits for connections to close"),
+    setting("log_format", Kind::OneOf(&["text", "json"]), DefaultValue::Value("text"), "text or json"),
+    setting("log_level", Kind::LogLevel, DefaultValue::Value("info"), "tracing filter, e.g. info or herald=debug (RUST_LOG overrides)"),
+    setting("tls_cert", Kind::Path, DefaultValue::Unset, "PEM certificate chain; with tls_key, listeners speak wss:// and https://"),
+    setting("tls_key", Kind::Path, DefaultValue::Unset, "PEM private key for tls_cert; both are reloaded on SIGHUP"),
+    setting("store", Kind::OneOf(&["rocksdb", "redis"]), DefaultValue::Value("rocksdb"), "rocksdb (embedded, one node) or redis (shared by several nodes)"),
+    setting("redis_url", Kind::RedisUrls, DefaultValue::Unset, "with store = redis: redis://host:port of a standalone Redis, or the comma-separated seed nodes of a Redis Cluster"),
+    setting("redis_wait_replicas", Kind::Count, DefaultValue::Value("0"), "with store = redis: replicas that must confirm each accepted message (Redis WAIT) before 201"),
+    setting("redis_wait_timeout", Kind::Duration, DefaultValue::Value("1s"), "how long an accepted message waits for redis_wait_replicas before the push answers 503"),
+    setting("node_listen", Kind::Addr, DefaultValue::Unset, "with store = redis: private address for node-to-node wake-ups (/_herald/node/), which listen then refuses; unset: served on listen"),
+    setting("node_url", Kind::Url, DefaultValue::Derived("http://<node_listen or listen>"), "with store = redis: the http:// URL other nodes reach this node at for wake-ups (default http://<node_listen or listen>)"),
+    setting("broadcast_tokens", Kind::Tokens, DefaultValue::Unset, "bearer tokens allowed to PUT /v1/broadcasts/<id>, comma-separated; unset: the broadcast API answers 404"),
+    setting("broadcast_source_url", Kind::Url, DefaultValue::Unset, "an upstream of broadcast versions to poll (JSON {\"broadcasts\":{id:version}}, as Remote Settings' /v1/__broadcasts__ or a megaphone server)"),
+    setting("broadcast_source_token", Kind::Text, DefaultValue::Unset, "bearer token sent to broadcast_source_url, if it needs one"),
+    setting("broadcast_poll_interval", Kind::Duration, DefaultValue::Value("30s"), "how often broadcast_source_url is polled"),
+    setting("receipt_retention", Kind::Duration, DefaultValue::Value("3d"), "how long delivery receipts stay readable on their receipt subscription"),
+    setting("max_receipt_streams_per_subscription", Kind::Int, DefaultValue::Value("4"), "most event streams open at once on one receipt subscription, per node; beyond it readers get 429"),
+    setting("max_receipt_streams", Kind::Int, DefaultValue::Value("10000"), "most receipt event streams a node holds open at once; beyond it readers get 429"),
+    setting("receipt_stream_lifetime", Kind::Duration, DefaultValue::Value("1h"), "longest a receipt event stream stays open; it then ends and the reader resumes with Last-Event-ID"),
+    setting("worker_threads", Kind::Int, DefaultValue::Derived("one per core"), "threads running connections and requests; unset: one per core"),
 ];
 
 /// Variables other `herald` commands read (`herald send`, `listen`, `demo`,
@@ -75,7 +169,7 @@ pub fn unknown_env_vars<'a>(
 ) -> Vec<(String, Option<String>)> {
     let known: Vec<String> = SETTINGS
         .iter()
-        .map(|(n, _, _)| format!("HERALD_{}", n.to_ascii_uppercase()))
+        .map(Setting::env_var)
         .chain(also_known.iter().map(|s| s.to_string()))
         .collect();
     env.into_iter()
@@ -113,30 +207,35 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[derive(clap::Args, Debug, Default, Clone)]
 #[command(after_long_help = settings_help())]
 pub struct ServeArgs {
-    /// Address for the websocket (GET / with Upgrade) and the HTTP API [default: 127.0.0.1:8080]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help = flag_help("listen", "Address for the websocket (GET / with Upgrade) and the HTTP API"))]
     pub listen: Option<String>,
-    /// Data directory, created if missing [default: ./herald-data]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help = flag_help("data_dir", "Data directory, created if missing"))]
     pub data_dir: Option<String>,
-    /// Base of every endpoint URL handed out [default: http://<listen>]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help = flag_help("public_url", "Base of every endpoint URL handed out"))]
     pub public_url: Option<String>,
     /// TOML file with any of the settings listed below
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Log format: text or json [default: text]
-    #[arg(long, value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT", help = flag_help("log_format", "Log format: text or json"))]
     pub log_format: Option<String>,
 }
+
+/// A flag's help with its setting's default from the table.
+fn flag_help(name: &str, text: &str) -> String {
+    let s = setting_named(name).expect("a flag names a setting");
+    format!("{text} [default: {}]", s.shown_default())
+}
+
+/// The settings a flag may set, in `ServeArgs`' order.
+const FLAG_SETTINGS: [&str; 4] = ["listen", "data_dir", "public_url", "log_format"];
 
 fn settings_help() -> String {
     let mut s = String::from(
         "Settings (TOML key in --config FILE; environment variable HERALD_<KEY>).\n\
          Precedence: flags > environment > file > defaults. Durations: 30, 30s, 5m, 2h, 60d.\n\n",
     );
-    for (name, default, help) in SETTINGS {
-        let d = if default.is_empty() { "unset" } else { default };
+    for set in SETTINGS {
+        let (name, help, d) = (set.name, set.help, set.shown_default());
         s.push_str(&format!("  {name:<22} {help} [default: {d}]\n"));
     }
     s
@@ -260,7 +359,7 @@ impl Settings {
     pub fn load(args: &ServeArgs, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
         let mut values: BTreeMap<&'static str, (String, &'static str)> = SETTINGS
             .iter()
-            .map(|(n, d, _)| (*n, (d.to_string(), "default")))
+            .map(|s| (s.name, (s.default_text().to_string(), "default")))
             .collect();
 
         if let Some(path) = &args.config {
@@ -270,32 +369,29 @@ impl Settings {
                 ConfigError(format!("config file {}: {}", path.display(), e.message()))
             })?;
             for (key, value) in table {
-                let name = SETTINGS
-                    .iter()
-                    .map(|(n, _, _)| *n)
-                    .find(|n| *n == key)
-                    .ok_or_else(|| {
-                        ConfigError(format!(
-                            "config file {}: unknown setting `{key}`",
-                            path.display()
-                        ))
-                    })?;
+                let name = setting_named(&key).map(|s| s.name).ok_or_else(|| {
+                    ConfigError(format!(
+                        "config file {}: unknown setting `{key}`",
+                        path.display()
+                    ))
+                })?;
                 let text = toml_to_string(&value)
                     .map_err(|e| ConfigError(format!("setting `{name}` (config file): {e}")))?;
                 values.insert(name, (text, "config file"));
             }
         }
-        for (name, _, _) in SETTINGS {
-            if let Some(v) = env.get(&format!("HERALD_{}", name.to_ascii_uppercase())) {
-                values.insert(name, (v.clone(), "environment"));
+        for s in SETTINGS {
+            if let Some(v) = env.get(&s.env_var()) {
+                values.insert(s.name, (v.clone(), "environment"));
             }
         }
-        for (name, flag) in [
-            ("listen", &args.listen),
-            ("data_dir", &args.data_dir),
-            ("public_url", &args.public_url),
-            ("log_format", &args.log_format),
-        ] {
+        let flags = [
+            &args.listen,
+            &args.data_dir,
+            &args.public_url,
+            &args.log_format,
+        ];
+        for (name, flag) in FLAG_SETTINGS.into_iter().zip(flags) {
             if let Some(v) = flag {
                 values.insert(name, (v.clone(), "flag"));
             }
@@ -608,6 +704,52 @@ mod tests {
         assert_eq!(s.max_ttl, 30 * 86400);
         assert_eq!(s.ua_expiry, Duration::from_secs(60 * 86400));
         assert!(!s.sync_writes);
+    }
+
+    /// Ties the loader to the table: every setting whose kind can be
+    /// written wrong is read, and refuses a value its kind refuses, with
+    /// an error that names it.
+    #[test]
+    fn every_setting_is_read_as_its_kind() {
+        for s in SETTINGS {
+            let bad = match s.kind {
+                Kind::Addr => "nowhere",
+                Kind::Url => "ftp://x",
+                Kind::Keys | Kind::Tokens => "short",
+                Kind::RedisUrls => "http://x",
+                Kind::Duration => "soon",
+                Kind::Int => "0",
+                Kind::Count => "-1",
+                Kind::Bool => "maybe",
+                Kind::OneOf(_) => "neither",
+                Kind::Path | Kind::Text | Kind::LogLevel => continue,
+            };
+            let err = Settings::load(&ServeArgs::default(), &env(&[(&s.env_var(), bad)]))
+                .expect_err(s.name);
+            assert!(
+                err.0.contains(&format!("`{}`", s.name)),
+                "{}: {err}",
+                s.name
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_is_well_formed() {
+        let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len(), "a setting is listed twice");
+        for s in SETTINGS {
+            assert!(!s.help.is_empty(), "{} has no help", s.name);
+            if let (Kind::OneOf(allowed), DefaultValue::Value(v)) = (s.kind, s.default) {
+                assert!(allowed.contains(&v), "{}: default {v:?}", s.name);
+            }
+        }
+        let help = settings_help();
+        assert!(help.contains("public_url"));
+        assert!(help.contains("[default: http://<listen>]"), "{help}");
+        assert!(flag_help("listen", "x").ends_with("[default: 127.0.0.1:8080]"));
     }
 
     #[test]

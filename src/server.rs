@@ -442,7 +442,7 @@ const RECEIPTS: &str = "/r/";
 
 /// The application-server API's path prefixes: with `WEBSOCKET_PATH`, what
 /// the internet must reach, so what every reverse proxy and Ingress in
-/// deploy/ must route (tests/deploy_files.rs checks them against this list).
+/// deploy/ must route (tests/deploy_files/ checks them against this list).
 /// The router dispatches the push API only under these prefixes, so a
 /// public route cannot exist without being listed here. Everything else
 /// (health, metrics, the broadcast and node-to-node APIs) is for operators
