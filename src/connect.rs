@@ -7,7 +7,7 @@ use crate::app::App;
 use crate::broadcast::Snapshot;
 use crate::router::cluster::RECHECK_INTERVAL;
 use crate::router::Binding;
-use crate::session::{close, Action, Session};
+use crate::session::{close, Action, Now, Session};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ pub async fn serve<S>(app: Arc<App>, mut ws: WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut session = Session::new(app.clone());
+    let mut session = Session::new(app.clone(), Now::read().instant);
     let mut binding: Option<Binding> = None;
     let mut shutdown = app.shutdown.subscribe();
     let mut actions = Vec::new();
@@ -91,7 +91,7 @@ where
                         awaiting_pong = false;
                         match frame {
                             WsMessage::Text(text) => {
-                                session.on_text(text.as_str(), &mut actions).await;
+                                session.on_text(text.as_str(), Now::read(), &mut actions).await;
                                 Flow::Continue
                             }
                             WsMessage::Binary(_) => {
@@ -123,7 +123,7 @@ where
             }
             routed = recv(routed_rx) => {
                 match routed {
-                    Some(m) => session.on_routed(&m, &mut actions),
+                    Some(m) => session.on_routed(&m, Now::read(), &mut actions),
                     None => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
                 }
                 Flow::Continue

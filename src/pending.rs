@@ -99,10 +99,10 @@ impl PendingCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{now_secs, Message, RocksStore, Store};
+    use crate::store::{now_secs, MemStore, Message, Store};
     use crate::webpush::Urgency;
 
-    async fn put(store: &RocksStore, uaid: &Uaid, ttl: u64) {
+    async fn put(store: &MemStore, uaid: &Uaid, ttl: u64) {
         let m = Message {
             seq: store.next_seq(),
             channel: uuid::Uuid::nil(),
@@ -119,8 +119,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_only_when_the_store_is_really_full() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path(), false, None).unwrap();
+        let store = MemStore::new();
         let counts = PendingCounts::default();
         let u = Uaid::random();
         for _ in 0..3 {
@@ -141,8 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn pushes_in_flight_count_against_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path(), false, None).unwrap();
+        let store = MemStore::new();
         let counts = PendingCounts::default();
         let u = Uaid::random();
         // Three concurrent pushes reserve before any is stored.

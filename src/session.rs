@@ -20,6 +20,28 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The caller's clock, read once per event. The session never reads a clock
+/// itself (as quinn-proto's `handle_timeout(now)`), so its time rules (the
+/// flood budget, keepalive pace, expiry, record timestamps) can be driven
+/// by a test without sleeping.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Monotonic: the flood budget and the keepalive pace.
+    pub instant: Instant,
+    /// Unix seconds: record timestamps and message expiry.
+    pub unix: u64,
+}
+
+impl Now {
+    /// The clocks as they read now: what `connect` passes in.
+    pub fn read() -> Self {
+        Now {
+            instant: Instant::now(),
+            unix: now_secs(),
+        }
+    }
+}
+
 /// What the connection must do, in order.
 #[derive(Debug, PartialEq)]
 pub enum Action {
@@ -116,7 +138,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(app: Arc<App>) -> Self {
+    /// `now`: when the connection opened (the flood budget starts full).
+    pub fn new(app: Arc<App>, now: Instant) -> Self {
         let burst = app.settings.client_rate_limit as f32 * 2.0;
         Session {
             app,
@@ -128,7 +151,7 @@ impl Session {
             min_urgency: Urgency::VeryLow,
             rate: RateLimit {
                 tokens: burst,
-                last: Instant::now(),
+                last: now,
             },
             last_free_ping: None,
             read_failed: false,
@@ -179,12 +202,11 @@ impl Session {
 
     /// Charges `n` unsolicited messages to the flood limit; false once the
     /// budget is spent.
-    fn allow(&mut self, n: usize) -> bool {
+    fn allow(&mut self, n: usize, now: Instant) -> bool {
         if n == 0 {
             return true;
         }
         let rate = self.app.settings.client_rate_limit as f32;
-        let now = Instant::now();
         let elapsed = now.duration_since(self.rate.last).as_secs_f32();
         self.rate.last = now;
         self.rate.tokens = (self.rate.tokens + elapsed * rate).min(rate * 2.0);
@@ -212,25 +234,22 @@ impl Session {
     /// what Herald sent (they are charged once their versions are sorted,
     /// still before the store, and only for versions that were not in
     /// flight), and a ping at keepalive pace is free.
-    fn upfront_charge(&mut self, msg: &ClientMessage) -> usize {
+    fn upfront_charge(&mut self, msg: &ClientMessage, now: Instant) -> usize {
         match msg {
             ClientMessage::Ack { .. } | ClientMessage::Nack { .. } => 0,
-            ClientMessage::Ping => {
-                let now = Instant::now();
-                match self.last_free_ping {
-                    Some(t) if now.duration_since(t) < FREE_PING_INTERVAL => 1,
-                    _ => {
-                        self.last_free_ping = Some(now);
-                        0
-                    }
+            ClientMessage::Ping => match self.last_free_ping {
+                Some(t) if now.duration_since(t) < FREE_PING_INTERVAL => 1,
+                _ => {
+                    self.last_free_ping = Some(now);
+                    0
                 }
-            }
+            },
             _ => 1,
         }
     }
 
     /// A text frame from the user agent.
-    pub async fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
+    pub async fn on_text(&mut self, text: &str, now: Now, out: &mut Vec<Action>) {
         let msg = match ClientMessage::parse(text) {
             Ok(m) => m,
             // Closes at once, so garbage cannot flood.
@@ -239,8 +258,8 @@ impl Session {
                 return;
             }
         };
-        let charge = self.upfront_charge(&msg);
-        if !self.allow(charge) {
+        let charge = self.upfront_charge(&msg, now.instant);
+        if !self.allow(charge, now.instant) {
             self.flood_close(out);
             return;
         }
@@ -251,7 +270,7 @@ impl Session {
                 },
                 None,
             ) => {
-                return self.hello(uaid, broadcasts, out).await;
+                return self.hello(uaid, broadcasts, now.unix, out).await;
             }
             (ClientMessage::Hello { .. }, Some(_)) => {
                 out.push(Action::Close(
@@ -272,7 +291,8 @@ impl Session {
         match msg {
             ClientMessage::Hello { .. } => unreachable!("handled above"),
             ClientMessage::Register { channel_id, key } => {
-                self.register(uaid, &channel_id, key.as_deref(), out).await
+                self.register(uaid, &channel_id, key.as_deref(), now.unix, out)
+                    .await
             }
             ClientMessage::Unregister { channel_id, .. } => {
                 self.unregister(uaid, &channel_id, out).await
@@ -297,7 +317,7 @@ impl Session {
                 } else {
                     plan.unsolicited
                 };
-                if !self.allow(unsolicited) {
+                if !self.allow(unsolicited, now.instant) {
                     self.flood_close(out);
                     return;
                 }
@@ -305,7 +325,7 @@ impl Session {
             }
             ClientMessage::Nack { version, code } => {
                 let plan = self.plan_acks(uaid, std::iter::once((version.as_str(), code)));
-                if !self.allow(plan.unsolicited) {
+                if !self.allow(plan.unsolicited, now.instant) {
                     self.flood_close(out);
                     return;
                 }
@@ -337,10 +357,10 @@ impl Session {
         &mut self,
         sent: Option<String>,
         client_broadcasts: BTreeMap<String, String>,
+        now: u64,
         out: &mut Vec<Action>,
     ) {
         let app = &self.app;
-        let now = now_secs();
         let expiry = app.settings.ua_expiry.as_secs();
         let mut known = None;
         if let Some(u) = sent.as_deref().and_then(Uaid::parse) {
@@ -416,6 +436,7 @@ impl Session {
         uaid: Uaid,
         channel_id: &str,
         key: Option<&str>,
+        now: u64,
         out: &mut Vec<Action>,
     ) {
         let app = &self.app;
@@ -458,7 +479,6 @@ impl Session {
                     if app.store.count_channels(&uaid, max).await? >= max {
                         return Ok(status::TOO_MANY_CHANNELS);
                     }
-                    let now = now_secs();
                     if !persisted {
                         // The first subscription of a user agent that said
                         // hello without a uaid: now it is worth a record.
@@ -607,11 +627,11 @@ impl Session {
     }
 
     /// The router handed this connection a message.
-    pub fn on_routed(&mut self, m: &Message, out: &mut Vec<Action>) {
+    pub fn on_routed(&mut self, m: &Message, now: Now, out: &mut Vec<Action>) {
         let stored = m.ttl > 0;
         // A TTL-0 message "expires" the instant it is accepted; it is routed
         // within that instant or never.
-        if self.uaid.is_none() || (stored && m.expired(now_secs())) {
+        if self.uaid.is_none() || (stored && m.expired(now.unix)) {
             return;
         }
         let room = self.in_flight.len() < self.app.settings.delivery_window;
@@ -747,22 +767,47 @@ mod tests {
     use super::*;
     use crate::config::{ServeArgs, Settings};
     use crate::metrics::Metrics;
-    use crate::store::RocksStore;
+    use crate::store::MemStore;
     use crate::token::TokenCodec;
     use bytes::Bytes;
     use serde_json::Value;
+    use std::sync::OnceLock;
+    use std::time::Duration;
 
-    fn app(dir: &std::path::Path, env: &[(&str, &str)]) -> Arc<App> {
+    /// The tests' clock: `at(d)` is `d` after a fixed start, so time only
+    /// moves when a test says so.
+    fn at(d: Duration) -> Now {
+        static START: OnceLock<Now> = OnceLock::new();
+        let start = START.get_or_init(Now::read);
+        Now {
+            instant: start.instant + d,
+            unix: start.unix + d.as_secs(),
+        }
+    }
+
+    fn t0() -> Now {
+        at(Duration::ZERO)
+    }
+
+    fn secs(s: f32) -> Now {
+        at(Duration::from_secs_f32(s))
+    }
+
+    fn session(app: Arc<App>) -> Session {
+        Session::new(app, t0().instant)
+    }
+
+    fn app(env: &[(&str, &str)]) -> Arc<App> {
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let settings = Settings::load(&ServeArgs::default(), &env).unwrap();
-        let store = RocksStore::open(dir, false, None).unwrap();
+        let store = Arc::new(MemStore::new());
         Arc::new(App::new(
             settings,
-            Arc::new(store.clone()),
-            Arc::new(store),
+            store.clone(),
+            store,
             TokenCodec::new(&[[5u8; 32]]).unwrap(),
             Arc::new(Metrics::new()),
         ))
@@ -779,8 +824,12 @@ mod tests {
     }
 
     async fn step(s: &mut Session, text: &str) -> Vec<Action> {
+        step_at(s, text, t0()).await
+    }
+
+    async fn step_at(s: &mut Session, text: &str, now: Now) -> Vec<Action> {
         let mut out = vec![];
-        s.on_text(text, &mut out).await;
+        s.on_text(text, now, &mut out).await;
         s.pump(&mut out).await;
         out
     }
@@ -799,7 +848,7 @@ mod tests {
         Message {
             seq: app.store.next_seq(),
             channel: uuid::Uuid::new_v4(),
-            expires_at: now_secs() + ttl,
+            expires_at: t0().unix + ttl,
             ttl,
             urgency,
             topic: None,
@@ -811,37 +860,30 @@ mod tests {
 
     #[tokio::test]
     async fn first_message_must_be_hello() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::new(app(dir.path(), &[]));
+        let mut s = session(app(&[]));
         let out = step(&mut s, r#"{"messageType":"register","channelID":"x"}"#).await;
         assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
     }
 
     #[tokio::test]
     async fn hello_issues_then_keeps_a_uaid() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[]);
+        let mut s = session(a.clone());
         let uaid = hello(&mut s, None).await;
         let ch = uuid::Uuid::new_v4();
         let reg = format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#);
         assert_eq!(sent(&step(&mut s, &reg).await)[0]["status"], 200);
-        assert_eq!(hello(&mut Session::new(a.clone()), Some(&uaid)).await, uaid);
+        assert_eq!(hello(&mut session(a.clone()), Some(&uaid)).await, uaid);
         assert_ne!(
-            hello(
-                &mut Session::new(a),
-                Some("00000000000000000000000000000000")
-            )
-            .await,
+            hello(&mut session(a), Some("00000000000000000000000000000000")).await,
             uaid
         );
     }
 
     #[tokio::test]
     async fn a_user_agent_is_stored_with_its_first_subscription() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[]);
+        let mut s = session(a.clone());
         let first = hello(&mut s, None).await;
         let u = Uaid::parse(&first).unwrap();
         // Broadcasts are followed in memory only.
@@ -854,7 +896,7 @@ mod tests {
         );
         // Coming back with a uaid that never subscribed: nothing to keep, and
         // still nothing stored.
-        let again = hello(&mut Session::new(a.clone()), Some(&first)).await;
+        let again = hello(&mut session(a.clone()), Some(&first)).await;
         assert_ne!(again, first);
         let again = Uaid::parse(&again).unwrap();
         assert_eq!(a.store.get_user(&again).await.unwrap(), None);
@@ -867,17 +909,13 @@ mod tests {
         assert_eq!(sent(&step(&mut s, &reg).await)[0]["status"], 200);
         let rec = a.store.get_user(&u).await.unwrap().expect("stored");
         assert_eq!(rec.created, rec.last_seen);
-        assert_eq!(
-            hello(&mut Session::new(a.clone()), Some(&first)).await,
-            first
-        );
+        assert_eq!(hello(&mut session(a.clone()), Some(&first)).await, first);
         assert_eq!(a.store.count_channels(&u, 10).await.unwrap(), 1);
     }
 
     #[tokio::test]
     async fn second_hello_is_a_protocol_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::new(app(dir.path(), &[]));
+        let mut s = session(app(&[]));
         hello(&mut s, None).await;
         let out = step(&mut s, r#"{"messageType":"hello"}"#).await;
         assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
@@ -885,8 +923,7 @@ mod tests {
 
     #[tokio::test]
     async fn register_statuses() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Session::new(app(dir.path(), &[("HERALD_MAX_CHANNELS_PER_UAID", "1")]));
+        let mut s = session(app(&[("HERALD_MAX_CHANNELS_PER_UAID", "1")]));
         hello(&mut s, None).await;
         async fn reg(s: &mut Session, ch: &str) -> Value {
             let text = format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#);
@@ -913,15 +950,14 @@ mod tests {
 
     #[tokio::test]
     async fn routed_messages_go_straight_out_in_direct_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         // The first pump after hello found an empty store: direct mode.
         let m = message(&a, 60, Urgency::Normal);
         a.store.put_message(&uaid, &m).await.unwrap();
         let mut out = vec![];
-        s.on_routed(&m, &mut out);
+        s.on_routed(&m, t0(), &mut out);
         let frames = sent(&out);
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0]["messageType"], "notification");
@@ -941,9 +977,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_window_sends_delivery_back_to_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_DELIVERY_WINDOW", "1")]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[("HERALD_DELIVERY_WINDOW", "1")]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let (m1, m2) = (
             message(&a, 60, Urgency::Normal),
@@ -952,7 +987,7 @@ mod tests {
         let mut out = vec![];
         for m in [&m1, &m2] {
             a.store.put_message(&uaid, m).await.unwrap();
-            s.on_routed(m, &mut out);
+            s.on_routed(m, t0(), &mut out);
             s.pump(&mut out).await;
         }
         let frames = sent(&out);
@@ -974,15 +1009,14 @@ mod tests {
 
     #[tokio::test]
     async fn ttl_zero_is_dropped_when_it_cannot_go_now() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[]);
+        let mut s = session(a.clone());
         hello(&mut s, None).await;
         let mut out = vec![];
         step(&mut s, r#"{"messageType":"urgency","min":"high"}"#).await;
-        s.on_routed(&message(&a, 0, Urgency::Normal), &mut out);
+        s.on_routed(&message(&a, 0, Urgency::Normal), t0(), &mut out);
         assert!(out.is_empty());
-        s.on_routed(&message(&a, 0, Urgency::High), &mut out);
+        s.on_routed(&message(&a, 0, Urgency::High), t0(), &mut out);
         assert_eq!(sent(&out).len(), 1);
     }
 
@@ -1002,30 +1036,28 @@ mod tests {
 
     #[tokio::test]
     async fn unsolicited_floods_are_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = session(a.clone());
         hello(&mut s, None).await;
         let register = r#"{"messageType":"register","channelID":"bogus"}"#;
         assert!(cut_within(&mut s, register, 10).await);
 
         // Pings faster than keepalive pace count too.
-        let mut s = Session::new(a);
+        let mut s = session(a);
         hello(&mut s, None).await;
         assert!(cut_within(&mut s, "{}", 10).await);
     }
 
     #[tokio::test]
     async fn acks_for_what_was_sent_are_never_a_flood() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         for i in 0..200 {
             let m = message(&a, 60, Urgency::Normal);
             a.store.put_message(&uaid, &m).await.unwrap();
             let mut out = vec![];
-            s.on_routed(&m, &mut out);
+            s.on_routed(&m, t0(), &mut out);
             let frames = sent(&out);
             assert_eq!(frames.len(), 1, "message {i} delivered");
             let v = frames[0]["version"].as_str().unwrap();
@@ -1043,7 +1075,7 @@ mod tests {
             let m = message(&a, 60, Urgency::Normal);
             a.store.put_message(&uaid, &m).await.unwrap();
             let mut out = vec![];
-            s.on_routed(&m, &mut out);
+            s.on_routed(&m, t0(), &mut out);
             let v = sent(&out)[0]["version"].as_str().unwrap().to_string();
             let nack = format!(r#"{{"messageType":"nack","version":"{v}","code":302}}"#);
             assert!(
@@ -1056,25 +1088,24 @@ mod tests {
 
     #[tokio::test]
     async fn acks_for_versions_never_sent_or_sent_twice_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let m = message(&a, 60, Urgency::Normal);
         a.store.put_message(&uaid, &m).await.unwrap();
         let mut out = vec![];
-        s.on_routed(&m, &mut out);
+        s.on_routed(&m, t0(), &mut out);
         let v = sent(&out)[0]["version"].as_str().unwrap().to_string();
         let ack = format!(r#"{{"messageType":"ack","updates":[{{"version":"{v}"}}]}}"#);
         assert!(!cut_off(&step(&mut s, &ack).await));
         // The same ack again, then forged versions, then empty acks.
         let repeats = cut_within(&mut s, &ack, 10).await;
         assert!(repeats, "a repeated ack is charged");
-        let mut s = Session::new(a.clone());
+        let mut s = session(a.clone());
         hello(&mut s, None).await;
         let forged = r#"{"messageType":"ack","updates":[{"version":"not-a-version"}]}"#;
         assert!(cut_within(&mut s, forged, 10).await);
-        let mut s = Session::new(a);
+        let mut s = session(a);
         hello(&mut s, None).await;
         let empty = r#"{"messageType":"ack","updates":[]}"#;
         assert!(cut_within(&mut s, empty, 10).await);
@@ -1085,7 +1116,7 @@ mod tests {
         let m = message(a, 60, Urgency::Normal);
         a.store.put_message(uaid, &m).await.unwrap();
         let mut out = vec![];
-        s.on_routed(&m, &mut out);
+        s.on_routed(&m, t0(), &mut out);
         let v = sent(&out)[0]["version"].as_str().unwrap().to_string();
         (m, v)
     }
@@ -1100,9 +1131,8 @@ mod tests {
 
     #[tokio::test]
     async fn one_ack_frame_settles_each_version_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let (m, v) = delivered(&mut s, &a, &uaid).await;
         let out = step(&mut s, &ack_of(&[v.as_str(); 60])).await;
@@ -1114,9 +1144,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_ack_over_the_window_is_refused_before_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_DELIVERY_WINDOW", "4")]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[("HERALD_DELIVERY_WINDOW", "4")]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let (m, v) = delivered(&mut s, &a, &uaid).await;
         let out = step(&mut s, &ack_of(&[v.as_str(); 5])).await;
@@ -1127,7 +1156,7 @@ mod tests {
         assert_eq!(a.metrics.messages_acked.get(), 0);
         assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_some());
         // Up to the window is fine.
-        let mut s = Session::new(a.clone());
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let (_, v2) = delivered(&mut s, &a, &uaid).await;
         let out = step(&mut s, &ack_of(&[v2.as_str(); 4])).await;
@@ -1137,9 +1166,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_flooding_ack_is_charged_before_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "2")]);
-        let mut s = Session::new(a.clone());
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        let mut s = session(a.clone());
         let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
         let (m, v) = delivered(&mut s, &a, &uaid).await;
         // One real answer among forgeries worth more than the burst (4).
@@ -1152,14 +1180,123 @@ mod tests {
 
     #[tokio::test]
     async fn a_ping_at_keepalive_pace_is_free() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = app(dir.path(), &[("HERALD_CLIENT_RATE_LIMIT", "1")]);
-        let mut s = Session::new(a);
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "1")]);
+        let mut s = session(a);
         hello(&mut s, None).await;
         // The budget (2) is spent on unsolicited registers...
         let register = r#"{"messageType":"register","channelID":"bogus"}"#;
         assert!(!cut_off(&step(&mut s, register).await));
         // ...but the first ping is keepalive and costs nothing.
         assert_eq!(sent(&step(&mut s, "{}").await), vec![serde_json::json!({})]);
+    }
+
+    const REGISTER: &str = r#"{"messageType":"register","channelID":"bogus"}"#;
+
+    /// Sends `text` at `now` and says whether the connection stays.
+    async fn survives(s: &mut Session, text: &str, now: Now) -> bool {
+        !cut_off(&step_at(s, text, now).await)
+    }
+
+    #[tokio::test]
+    async fn the_flood_budget_refills_at_the_rate_up_to_the_burst() {
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "2")]);
+        // Burst 4: hello takes one, three registers the rest.
+        let mut s = session(a.clone());
+        hello(&mut s, None).await;
+        for _ in 0..3 {
+            assert!(survives(&mut s, REGISTER, t0()).await);
+        }
+        // A second later, two more (2 per second)...
+        for _ in 0..2 {
+            assert!(survives(&mut s, REGISTER, secs(1.0)).await);
+        }
+        // ...and no third.
+        assert!(!survives(&mut s, REGISTER, secs(1.0)).await);
+
+        // A long silence refills the burst, not more.
+        let mut s = session(a);
+        hello(&mut s, None).await;
+        for _ in 0..4 {
+            assert!(survives(&mut s, REGISTER, secs(100.0)).await);
+        }
+        assert!(!survives(&mut s, REGISTER, secs(100.0)).await);
+    }
+
+    #[tokio::test]
+    async fn pings_are_free_only_at_keepalive_pace() {
+        let a = app(&[("HERALD_CLIENT_RATE_LIMIT", "1")]);
+        let mut s = session(a.clone());
+        hello(&mut s, None).await;
+        // Burst 2: hello and a register leave nothing.
+        assert!(survives(&mut s, REGISTER, t0()).await);
+        // The first ping is keepalive: free even with the budget spent.
+        assert!(survives(&mut s, "{}", t0()).await);
+        // One sooner than FREE_PING_INTERVAL after it is charged: the 4.9 s
+        // since the register refilled the burst (2), which two pings spend.
+        let soon = secs(4.9);
+        assert!(survives(&mut s, "{}", soon).await);
+        assert!(survives(&mut s, "{}", soon).await);
+        assert!(!survives(&mut s, "{}", soon).await);
+
+        // FREE_PING_INTERVAL after the last free ping, the next is free
+        // again, even with the budget spent at that very instant.
+        let mut s = session(a);
+        hello(&mut s, None).await;
+        assert!(survives(&mut s, "{}", t0()).await);
+        let later = at(FREE_PING_INTERVAL);
+        for _ in 0..2 {
+            assert!(survives(&mut s, REGISTER, later).await);
+        }
+        assert!(survives(&mut s, "{}", later).await);
+        assert!(!survives(&mut s, "{}", later).await, "then charged again");
+    }
+
+    #[tokio::test]
+    async fn a_routed_message_past_its_expiry_by_the_callers_clock_is_not_sent() {
+        let a = app(&[]);
+        let mut s = session(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let m = message(&a, 60, Urgency::Normal);
+        a.store.put_message(&uaid, &m).await.unwrap();
+        let mut out = vec![];
+        s.on_routed(&m, secs(60.0), &mut out);
+        assert!(out.is_empty(), "expired at 60 s: {out:?}");
+        s.on_routed(&m, secs(59.0), &mut out);
+        assert_eq!(sent(&out).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn hello_keeps_a_user_agent_until_ua_expiry_by_the_callers_clock() {
+        let a = app(&[]);
+        let expiry = a.settings.ua_expiry;
+        let mut s = session(a.clone());
+        let first = hello(&mut s, None).await;
+        let reg = format!(
+            r#"{{"messageType":"register","channelID":"{}"}}"#,
+            uuid::Uuid::new_v4()
+        );
+        assert_eq!(sent(&step(&mut s, &reg).await)[0]["status"], 200);
+        let u = Uaid::parse(&first).unwrap();
+        // Each hello on a connection of its own.
+        let hello_at = |now: Now| {
+            let (a, text) = (
+                a.clone(),
+                format!(r#"{{"messageType":"hello","uaid":"{first}"}}"#),
+            );
+            async move {
+                let out = step_at(&mut session(a), &text, now).await;
+                sent(&out)[0]["uaid"].as_str().unwrap().to_string()
+            }
+        };
+        // Just inside the expiry: kept, and its last hello recorded.
+        let inside = at(expiry - Duration::from_secs(1));
+        assert_eq!(hello_at(inside).await, first);
+        let rec = a.store.get_user(&u).await.unwrap().unwrap();
+        assert_eq!((rec.created, rec.last_seen), (t0().unix, inside.unix));
+        // Silent a whole expiry since that hello: dropped, a fresh uaid.
+        let past = at(expiry * 2 - Duration::from_secs(1));
+        assert_ne!(hello_at(past).await, first);
+        assert_eq!(a.store.get_user(&u).await.unwrap(), None);
+        assert_eq!(a.store.count_channels(&u, 10).await.unwrap(), 0);
     }
 }

@@ -1,5 +1,6 @@
 //! One contract for every `Store` engine: each case is written once and run
-//! against RocksDB (in a tempdir), a standalone Redis and a Redis Cluster
+//! against RocksDB (in a tempdir), the in-memory store, a standalone Redis
+//! and a Redis Cluster
 //! (real servers from scripts/redis.sh, shared by the cases of this process;
 //! every case uses its own random uaids). Redis cases also look at the raw
 //! keys, through plain clients, where the contract is about memory: expired
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use herald::ids::{ChannelId, Uaid};
 use herald::protocol::NotificationHeaders;
 use herald::store::{
-    now_micros, now_secs, ChannelRecord, Message, Outcome, PendingReceipt, ReceiptEvent,
+    now_micros, now_secs, ChannelRecord, MemStore, Message, Outcome, PendingReceipt, ReceiptEvent,
     ReceiptState, ReceiptStore, ReceiptSub, RedisStore, RocksStore, Store, UserRecord,
     ACK_GRACE_SECS,
 };
@@ -116,6 +117,19 @@ async fn rocks() -> Engine {
         ledger,
         raw: None,
         _dir: Some(dir),
+    }
+}
+
+/// One process, one store: its peer is itself, as with RocksDB.
+async fn memory() -> Engine {
+    let mem = Arc::new(MemStore::new());
+    Engine {
+        store: mem.clone(),
+        peer: mem.clone(),
+        ledger: mem.clone(),
+        ledger_peer: mem,
+        raw: None,
+        _dir: None,
     }
 }
 
@@ -1080,6 +1094,11 @@ macro_rules! contract {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn rocksdb() {
                 super::$case(rocks().await).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$case(super::memory().await).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,12 @@
-//! Durable state behind one trait. RocksDB (`rocks`) is the embedded
-//! default; a distributed engine will be a second implementation, so nothing
-//! outside this module may know which engine is in use.
+//! Durable state behind traits (`Store`, `ReceiptStore`, `Directory`), so
+//! nothing outside this module knows which engine is in use. RocksDB
+//! (`rocks`) is the embedded default for one node; Redis or Redis Cluster
+//! (`redis`) is the shared engine for several nodes; `mem` keeps
+//! everything in memory with RocksDB's one-node semantics, for tests.
+//! `tests/store_contract.rs` holds every engine to the same cases.
 
 mod codec;
+mod mem;
 mod receipt;
 mod redis;
 mod rocks;
@@ -12,6 +16,7 @@ pub use codec::{
     decode_channel, decode_message, decode_pending, decode_receipt, decode_user, encode_channel,
     encode_message, encode_pending, encode_receipt, encode_user, message_expires_at,
 };
+pub use mem::MemStore;
 pub use receipt::{
     Outcome, PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, ACK_GRACE_SECS,
 };
