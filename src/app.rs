@@ -3,13 +3,13 @@
 use crate::broadcast::Broadcaster;
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::occupancy::Occupancy;
 use crate::pending::PendingCounts;
 use crate::receipts::Receipts;
 use crate::router::Router;
 use crate::store::{ReceiptStore, Store};
 use crate::token::TokenCodec;
 use crate::vapid::VapidVerifier;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -26,7 +26,7 @@ pub struct App {
     /// Flips to true once when shutdown begins; connections watch it.
     pub shutdown: watch::Sender<bool>,
     /// Websocket connections open now (including those still before hello).
-    pub connections: AtomicUsize,
+    pub connections: Arc<Occupancy>,
 }
 
 impl App {
@@ -54,7 +54,7 @@ impl App {
             receipts: Arc::new(Receipts::new(ledger, metrics, stream_limits)),
             broadcaster,
             shutdown: watch::channel(false).0,
-            connections: AtomicUsize::new(0),
+            connections: Occupancy::new(),
         }
     }
 

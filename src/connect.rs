@@ -5,11 +5,11 @@
 
 use crate::app::App;
 use crate::broadcast::Snapshot;
+use crate::occupancy::Held;
 use crate::router::cluster::RECHECK_INTERVAL;
 use crate::router::Binding;
 use crate::session::{close, Action, Now, Session};
 use futures_util::{SinkExt, StreamExt};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -40,8 +40,9 @@ enum Flow {
     Stop,
 }
 
-/// Runs one user agent's connection to its end.
-pub async fn serve<S>(app: Arc<App>, mut ws: WebSocketStream<S>)
+/// Runs one user agent's connection to its end; `_place` is its place
+/// under `max_connections`, given back when this returns or is dropped.
+pub async fn serve<S>(app: Arc<App>, mut ws: WebSocketStream<S>, _place: Held)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -182,7 +183,6 @@ where
     if let (Some(uaid), Some(b)) = (session.uaid(), &binding) {
         app.router.unbind(&uaid, b.id).await;
     }
-    app.connections.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Returns true when the connection must end.

@@ -3,6 +3,7 @@
 
 use crate::app::App;
 use crate::errors::ApiError;
+use crate::mailbox::{Mailbox, Refused};
 use crate::protocol::NotificationHeaders;
 use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
@@ -29,21 +30,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 fn store_err(e: StoreError) -> ApiError {
     ApiError::storage(e)
-}
-
-/// Room reserved for one message under `max_stored_messages`.
-struct Reservation<'a> {
-    app: &'a App,
-    uaid: crate::ids::Uaid,
-    added: bool,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if !self.added {
-            self.app.pending.released(&self.uaid);
-        }
-    }
 }
 
 /// What a push request asks for, parsed from its headers.
@@ -88,20 +74,17 @@ pub async fn push(
         data,
         receipt: receipt.is_some(),
     };
-    message.seq = persist(app, &target.uaid, &message).await?;
-    if let Some((sub, _)) = &receipt {
-        // Tracked before it can be delivered, so its ack finds it.
-        app.receipts
-            .track(
-                &target.uaid,
-                message.seq,
-                *sub,
-                message.channel,
-                message.expires_at,
-            )
-            .await
-            .map_err(store_err)?;
-    }
+    message.seq = Mailbox::of(app)
+        .accept(
+            &target.uaid,
+            &message,
+            receipt.as_ref().map(|(sub, _)| *sub),
+        )
+        .await
+        .map_err(|refused| match refused {
+            Refused::Full(limit) => ApiError::too_many_stored(limit),
+            Refused::Store(e) => store_err(e),
+        })?;
     app.metrics
         .messages_accepted
         .with_label_values(&[message.urgency.as_str()])
@@ -236,51 +219,6 @@ async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), Api
     Ok(())
 }
 
-/// Stores a message with a TTL (within `max_stored_messages`); returns the
-/// sequence number it was stored under. A TTL-0 message is not stored.
-async fn persist(app: &App, uaid: &crate::ids::Uaid, message: &Message) -> Result<u64, ApiError> {
-    if message.ttl == 0 {
-        return Ok(message.seq);
-    }
-    let store = &app.store;
-    let limit = app.settings.max_stored_messages;
-    let room = app
-        .metrics
-        .time(
-            "count_messages",
-            app.pending.reserve(store.as_ref(), uaid, now_secs(), limit),
-        )
-        .await
-        .map_err(store_err)?;
-    if !room {
-        return Err(ApiError::too_many_stored(limit));
-    }
-    // Released on every way out, including this future being dropped when
-    // the sender hangs up, unless the message was added.
-    let mut reservation = Reservation {
-        app,
-        uaid: *uaid,
-        added: false,
-    };
-    let outcome = app
-        .metrics
-        .time("put_message", store.put_message(uaid, message))
-        .await
-        .map_err(store_err)?;
-    match outcome.replaced {
-        Some(old) => {
-            app.metrics.messages_replaced.inc();
-            // RFC 8030 §5.4: a replaced message gets no receipt.
-            app.receipts.forget(uaid, old).await;
-        }
-        None => {
-            app.pending.added(uaid);
-            reservation.added = true;
-        }
-    }
-    Ok(outcome.seq)
-}
-
 /// Hands the message to its user agent's connection, wherever it is.
 async fn route(app: &App, uaid: &crate::ids::Uaid, message: Message) {
     let ttl = message.ttl;
@@ -300,18 +238,13 @@ pub async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
         .tokens
         .open_message_id(id)
         .ok_or_else(ApiError::no_message)?;
-    let existed = app
-        .metrics
-        .time("delete_message", app.store.delete_message(&id.uaid, id.seq))
+    let existed = Mailbox::of(app)
+        .cancel(&id.uaid, id.seq)
         .await
         .map_err(store_err)?;
     if !existed {
         return Err(ApiError::no_message());
     }
-    app.receipts
-        .settle(&id.uaid, id.seq, crate::store::Outcome::Cancelled)
-        .await;
-    app.pending.removed(&id.uaid);
     app.metrics
         .messages_dropped
         .with_label_values(&["cancelled"])

@@ -21,7 +21,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -250,9 +249,7 @@ impl Server {
         tracing::info!("shutting down");
         self.app.begin_shutdown();
         let deadline = tokio::time::Instant::now() + self.app.settings.shutdown_timeout;
-        while self.app.connections.load(Ordering::Acquire) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.app.connections.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for t in &self.tasks {
@@ -678,8 +675,7 @@ async fn readiness(app: &Arc<App>) -> Response {
 fn metrics(app: &App) -> Response {
     let stats = app.store.stats();
     let m = &app.metrics;
-    m.ws_connections
-        .set(app.connections.load(Ordering::Acquire) as i64);
+    m.ws_connections.set(app.connections.get() as i64);
     m.broadcast_subscribed
         .set(app.broadcaster.subscribed() as i64);
     m.stored_messages.set(stats.estimated_messages as i64);
@@ -742,14 +738,13 @@ fn upgrade(app: Arc<App>, mut req: http::Request<Incoming>) -> Response {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     let max = app.settings.max_connections;
-    if app.connections.fetch_add(1, Ordering::AcqRel) >= max {
-        app.connections.fetch_sub(1, Ordering::AcqRel);
+    let Some(place) = app.connections.try_hold(max) else {
         return http::Response::builder()
             .status(StatusCode::SERVICE_UNAVAILABLE)
             .header(header::RETRY_AFTER, "30")
             .body(Full::new(Bytes::from_static(b"too many connections")))
             .expect("valid response");
-    }
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = crate::connect::ws_config(app.settings.max_frame_size);
     tokio::spawn(async move {
@@ -761,11 +756,11 @@ fn upgrade(app: Arc<App>, mut req: http::Request<Incoming>) -> Response {
                     Some(config),
                 )
                 .await;
-                crate::connect::serve(app, ws).await;
+                crate::connect::serve(app, ws, place).await;
             }
             Err(e) => {
                 tracing::debug!("websocket upgrade failed: {e}");
-                app.connections.fetch_sub(1, Ordering::AcqRel);
+                drop(place);
             }
         }
     });
@@ -799,7 +794,8 @@ async fn upkeep(app: Arc<App>) {
 
 /// One sweep; returns how many user agents were dropped.
 pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
-    app.store.purge_expired().await?;
+    let mailbox = crate::mailbox::Mailbox::of(app);
+    mailbox.expire().await?;
     if let Some(cluster) = app.router.cluster() {
         // A shared store expires silent user agents by itself; those
         // connected here all along are not silent.
@@ -818,9 +814,7 @@ pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
             continue;
         }
         let lost = app.store.count_messages(&uaid, now, usize::MAX).await?;
-        app.receipts.settle_all(&uaid, None).await;
-        app.store.drop_user(&uaid).await?;
-        app.pending.forget(&uaid);
+        mailbox.drop_user_agent(&uaid).await?;
         app.metrics
             .messages_dropped
             .with_label_values(&["ua_expired"])

@@ -12,6 +12,7 @@
 use crate::app::App;
 use crate::broadcast::{Snapshot, Subscriptions};
 use crate::ids::{parse_channel_id, Uaid};
+use crate::mailbox::Mailbox;
 use crate::protocol::{BroadcastDelta, ClientMessage, ServerMessage, PING_REPLY};
 use crate::store::{now_secs, ChannelRecord, Message, Outcome, UserRecord};
 use crate::token::{key_hash, MessageId};
@@ -368,11 +369,9 @@ impl Session {
                 Ok(Some(rec)) if rec.last_seen + expiry > now => known = Some((u, rec)),
                 Ok(Some(_)) => {
                     // Silent too long: its subscriptions are dead; start over.
-                    app.receipts.settle_all(&u, None).await;
-                    if let Err(e) = app.store.drop_user(&u).await {
+                    if let Err(e) = Mailbox::of(app).drop_user_agent(&u).await {
                         tracing::warn!("dropping expired user agent: {e}");
                     }
-                    app.pending.forget(&u);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -531,12 +530,10 @@ impl Session {
             None => status::BAD_REQUEST,
             Some(channel) => match app
                 .metrics
-                .time("remove_channel", async {
-                    app.receipts.settle_all(&uaid, Some(channel)).await;
-                    let removed = app.store.remove_channel(&uaid, &channel).await;
-                    app.pending.forget(&uaid);
-                    removed
-                })
+                .time(
+                    "remove_channel",
+                    Mailbox::of(app).unsubscribe(&uaid, &channel),
+                )
                 .await
             {
                 Ok(_) => status::OK,
@@ -602,21 +599,9 @@ impl Session {
     async fn acknowledge(&mut self, uaid: Uaid, settle: Vec<Settle>, nack: bool) {
         let app = &self.app;
         for Settle { seq, receipt, code } in settle {
-            if receipt {
-                // Before the delete: a crash between the two redelivers a
-                // message already reported, never loses the report.
-                app.receipts
-                    .settle(&uaid, seq, ack_outcome(nack, code))
-                    .await;
-            }
-            match app
-                .metrics
-                .time("delete_message", app.store.delete_message(&uaid, seq))
-                .await
-            {
-                Ok(true) => app.pending.removed(&uaid),
-                Ok(false) => {}
-                Err(e) => tracing::error!("ack: {e}"),
+            let outcome = receipt.then(|| ack_outcome(nack, code));
+            if let Err(e) = Mailbox::of(app).acknowledge(&uaid, seq, outcome).await {
+                tracing::error!("ack: {e}");
             }
             if nack {
                 app.metrics.messages_nacked.inc();
@@ -742,9 +727,7 @@ impl Session {
             seq: m.seq,
             receipt: m.receipt,
         });
-        if m.receipt {
-            self.app.receipts.sent(uaid, m.seq);
-        }
+        Mailbox::of(&self.app).delivered(uaid, m);
         self.app.metrics.messages_delivered.inc();
         out.push(Action::Send(frame));
     }

@@ -14,9 +14,9 @@ mod sse;
 
 use crate::ids::{ChannelId, Uaid};
 use crate::metrics::Metrics;
+use crate::occupancy::{Held, Occupancy};
 use crate::store::{Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -60,7 +60,7 @@ pub struct Receipts {
     /// decided on other nodes reach them).
     listeners: DashMap<ReceiptSub, Listener>,
     limits: StreamLimits,
-    streams: AtomicUsize,
+    streams: Arc<Occupancy>,
 }
 
 /// One open stream's place under the limits; gives it back when dropped,
@@ -69,6 +69,8 @@ pub struct StreamSlot {
     receipts: Arc<Receipts>,
     sub: ReceiptSub,
     notify: Arc<Notify>,
+    /// Its place under `max_receipt_streams`, given back after `release`.
+    _place: Held,
 }
 
 impl StreamSlot {
@@ -95,7 +97,7 @@ impl Receipts {
             metrics,
             listeners: DashMap::new(),
             limits,
-            streams: AtomicUsize::new(0),
+            streams: Occupancy::new(),
         }
     }
 
@@ -180,19 +182,14 @@ impl Receipts {
     /// A place for one more stream of `sub`, within the limits.
     pub fn listen(self: &Arc<Self>, sub: ReceiptSub) -> Result<StreamSlot, StreamRefused> {
         let total = self.limits.total;
-        if self
+        let place = self
             .streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < total).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(StreamRefused::Node(total));
-        }
+            .try_hold(total)
+            .ok_or(StreamRefused::Node(total))?;
         let mut l = self.listeners.entry(sub).or_default();
         if l.streams >= self.limits.per_subscription {
             drop(l);
-            self.streams.fetch_sub(1, Ordering::AcqRel);
+            drop(place);
             return Err(StreamRefused::Subscription(self.limits.per_subscription));
         }
         l.streams += 1;
@@ -203,6 +200,7 @@ impl Receipts {
             receipts: self.clone(),
             sub,
             notify,
+            _place: place,
         })
     }
 
@@ -212,7 +210,6 @@ impl Receipts {
             l.streams = l.streams.saturating_sub(1);
         }
         self.listeners.remove_if(&sub, |_, l| l.streams == 0);
-        self.streams.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Settles expired messages every second and purges receipts past

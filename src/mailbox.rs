@@ -1,0 +1,192 @@
+//! One owner for the rules that span the message store, the receipt ledger
+//! and the pending counts. Each step a message takes (accepted, delivered,
+//! acknowledged, cancelled, expired, its subscription or user agent
+//! removed) is settled here, so every caller gets the same order.
+//!
+//! The order follows one rule: the ledger records a fact only once the fact
+//! is certain, and where a crash could fall between the two writes, the
+//! side that loses nothing goes first.
+//! - accept: reserve room, store, then track the receipt. Tracked before
+//!   the message is routed, so its ack finds it; a replaced message's
+//!   receipt is forgotten (RFC 8030 §5.4).
+//! - ack/nack: settle the receipt, then delete. The user agent's frame
+//!   already proves the outcome; a crash between the two redelivers a
+//!   message already reported, never loses the report.
+//! - cancel: delete, then settle. Only the delete tells whether the cancel
+//!   came before the ack; settling first could report "cancelled" for a
+//!   message the user agent then received.
+//! - unsubscribe and drop a user agent: settle everything waiting as gone,
+//!   then remove, then forget the pending estimate (it recounts from the
+//!   store). A crash between reports a message gone that is still stored,
+//!   which is about to be removed anyway.
+//! - expire: the store drops expired messages by itself; the receipt
+//!   ledger's own sweep (`receipts::Receipts::sweep_loop`) reports them.
+
+use crate::app::App;
+use crate::ids::{ChannelId, Uaid};
+use crate::store::{now_secs, Message, Outcome, ReceiptSub, StoreError, StoreResult};
+
+/// Why a message was not accepted.
+#[derive(Debug)]
+pub enum Refused {
+    /// The user agent already holds `max_stored_messages` (the value).
+    Full(usize),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        Refused::Store(e)
+    }
+}
+
+pub struct Mailbox<'a> {
+    app: &'a App,
+}
+
+/// Room reserved for one message under `max_stored_messages`; released on
+/// every way out (including the push's future being dropped when the
+/// sender hangs up) unless the message was added.
+struct Reservation<'a> {
+    app: &'a App,
+    uaid: Uaid,
+    added: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.added {
+            self.app.pending.released(&self.uaid);
+        }
+    }
+}
+
+impl<'a> Mailbox<'a> {
+    pub fn of(app: &'a App) -> Self {
+        Mailbox { app }
+    }
+
+    /// Stores `message` (a TTL-0 message is not stored) and tracks its
+    /// receipt; returns the sequence number it is known by.
+    pub async fn accept(
+        &self,
+        uaid: &Uaid,
+        message: &Message,
+        receipt: Option<ReceiptSub>,
+    ) -> Result<u64, Refused> {
+        let seq = self.persist(uaid, message).await?;
+        if let Some(sub) = receipt {
+            self.app
+                .receipts
+                .track(uaid, seq, sub, message.channel, message.expires_at)
+                .await?;
+        }
+        Ok(seq)
+    }
+
+    async fn persist(&self, uaid: &Uaid, message: &Message) -> Result<u64, Refused> {
+        let app = self.app;
+        if message.ttl == 0 {
+            return Ok(message.seq);
+        }
+        let store = &app.store;
+        let limit = app.settings.max_stored_messages;
+        let room = app
+            .metrics
+            .time(
+                "count_messages",
+                app.pending.reserve(store.as_ref(), uaid, now_secs(), limit),
+            )
+            .await?;
+        if !room {
+            return Err(Refused::Full(limit));
+        }
+        let mut reservation = Reservation {
+            app,
+            uaid: *uaid,
+            added: false,
+        };
+        let outcome = app
+            .metrics
+            .time("put_message", store.put_message(uaid, message))
+            .await?;
+        match outcome.replaced {
+            Some(old) => {
+                app.metrics.messages_replaced.inc();
+                app.receipts.forget(uaid, old).await;
+            }
+            None => {
+                app.pending.added(uaid);
+                reservation.added = true;
+            }
+        }
+        Ok(outcome.seq)
+    }
+
+    /// A message went out to its user agent.
+    pub fn delivered(&self, uaid: Uaid, message: &Message) {
+        if message.receipt {
+            self.app.receipts.sent(uaid, message.seq);
+        }
+    }
+
+    /// The user agent acknowledged (or nacked) a message: `outcome` is its
+    /// receipt when one was asked for. True when the message was stored.
+    pub async fn acknowledge(
+        &self,
+        uaid: &Uaid,
+        seq: u64,
+        outcome: Option<Outcome>,
+    ) -> StoreResult<bool> {
+        let app = self.app;
+        if let Some(outcome) = outcome {
+            app.receipts.settle(uaid, seq, outcome).await;
+        }
+        let existed = app
+            .metrics
+            .time("delete_message", app.store.delete_message(uaid, seq))
+            .await?;
+        if existed {
+            app.pending.removed(uaid);
+        }
+        Ok(existed)
+    }
+
+    /// The application server withdrew a message; false when it was no
+    /// longer stored (delivered, expired or never there).
+    pub async fn cancel(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
+        let app = self.app;
+        let existed = app
+            .metrics
+            .time("delete_message", app.store.delete_message(uaid, seq))
+            .await?;
+        if existed {
+            app.receipts.settle(uaid, seq, Outcome::Cancelled).await;
+            app.pending.removed(uaid);
+        }
+        Ok(existed)
+    }
+
+    /// The user agent unsubscribed `channel`; true when it was subscribed.
+    pub async fn unsubscribe(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {
+        let app = self.app;
+        app.receipts.settle_all(uaid, Some(*channel)).await;
+        let removed = app.store.remove_channel(uaid, channel).await;
+        app.pending.forget(uaid);
+        removed
+    }
+
+    /// Removes a user agent with everything it holds (silent too long).
+    pub async fn drop_user_agent(&self, uaid: &Uaid) -> StoreResult<()> {
+        let app = self.app;
+        app.receipts.settle_all(uaid, None).await;
+        let dropped = app.store.drop_user(uaid).await;
+        app.pending.forget(uaid);
+        dropped
+    }
+
+    /// Removes messages whose TTL ran out.
+    pub async fn expire(&self) -> StoreResult<()> {
+        self.app.store.purge_expired().await
+    }
+}
