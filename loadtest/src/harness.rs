@@ -41,6 +41,27 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// For scenarios that only connect user agents: the push bases are
+    /// neither needed nor checked.
+    pub async fn start_without_senders(
+        scenario: &str,
+        common: &'a Common,
+        params: serde_json::Value,
+    ) -> Result<Run<'a>> {
+        let targets = Target::all(&common.urls).await?;
+        let nofile = net::raise_nofile_limit();
+        Ok(Run {
+            common,
+            targets,
+            push_bases: Vec::new(),
+            nofile,
+            server: common.servers(),
+            limit: common.limit(),
+            result: RunResult::new(scenario, common, params),
+            started: Instant::now(),
+        })
+    }
+
     /// Adds each tally's failures to the results' errors.
     pub fn errors_from(&mut self, tallies: &[&Tally]) {
         for t in tallies {
