@@ -139,31 +139,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
         ));
     }
 
-    let every = stats::sample_interval(window + Duration::from_secs(1));
-    let mut sampler = RateSampler::new(&["reconnects"], &[0]);
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    let end_of_window = storm_start + window;
-    // Every reconnect is bounded by two step limits after its moment.
-    let hard_end = end_of_window + limit * 2 + Duration::from_secs(1);
-    let mut last_print = Instant::now();
-    loop {
-        tick.tick().await;
-        sampler.sample(&[counts.reconnected.load(Relaxed)]);
-        let done = counts.reconnected.load(Relaxed) + counts.failed.load(Relaxed);
-        if last_print.elapsed() >= Duration::from_secs(2) {
-            eprintln!(
-                "  reconnected {}/{up_count}",
-                counts.reconnected.load(Relaxed)
-            );
-            last_print = Instant::now();
-        }
-        if (done as usize >= up_count && Instant::now() >= end_of_window)
-            || Instant::now() >= hard_end
-        {
-            break;
-        }
-    }
+    let sampler = watch_storm(&counts, up_count, storm_start, window, limit).await;
     let storm_secs = storm_start.elapsed().as_secs_f64();
     cpu.record(&mut run.result);
     tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
@@ -291,4 +267,41 @@ async fn storm_one(
             errors.add(format!("reconnect {}", f.key()));
         }
     }
+}
+
+/// Samples reconnects/s until every user agent has reconnected or failed
+/// after the window closed, or the last one could no longer finish.
+async fn watch_storm(
+    counts: &Counts,
+    up_count: usize,
+    storm_start: Instant,
+    window: Duration,
+    limit: Duration,
+) -> RateSampler {
+    let every = stats::sample_interval(window + Duration::from_secs(1));
+    let mut sampler = RateSampler::new(&["reconnects"], &[0]);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let end_of_window = storm_start + window;
+    // Every reconnect is bounded by two step limits after its moment.
+    let hard_end = end_of_window + limit * 2 + Duration::from_secs(1);
+    let mut last_print = Instant::now();
+    loop {
+        tick.tick().await;
+        sampler.sample(&[counts.reconnected.load(Relaxed)]);
+        let done = counts.reconnected.load(Relaxed) + counts.failed.load(Relaxed);
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "  reconnected {}/{up_count}",
+                counts.reconnected.load(Relaxed)
+            );
+            last_print = Instant::now();
+        }
+        if (done as usize >= up_count && Instant::now() >= end_of_window)
+            || Instant::now() >= hard_end
+        {
+            break;
+        }
+    }
+    sampler
 }
