@@ -7,6 +7,7 @@ mod burst;
 mod crypto;
 mod fanout;
 mod fleet;
+mod harness;
 mod idle;
 mod net;
 mod proto;

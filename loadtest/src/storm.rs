@@ -5,9 +5,9 @@
 //! subscriptions).
 
 use crate::fleet::{self, FleetSpec};
-use crate::net;
+use crate::harness::Run;
 use crate::proto::{self, Target};
-use crate::results::{Common, CpuMeter, RunResult};
+use crate::results::{Common, CpuMeter};
 use crate::stats::{self, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -58,20 +58,8 @@ pub async fn run(args: StormArgs) -> Result<()> {
     if args.uas == 0 || common.channels == 0 {
         bail!("--uas and --channels must be at least 1");
     }
-    let targets = Target::all(&common.urls).await?;
-    let nofile = net::raise_nofile_limit();
-    // Dropped sockets linger briefly while new ones open: leave headroom.
-    if (args.uas + 200) as u64 > nofile.soft {
-        bail!(
-            "{} user agents need more than this process's {} open files",
-            args.uas,
-            nofile.soft
-        );
-    }
-    let server = common.servers();
-    let limit = common.limit();
     let per_ua = common.channels;
-    let mut result = RunResult::new(
+    let mut run = Run::start_without_senders(
         "storm",
         common,
         serde_json::json!({
@@ -79,8 +67,17 @@ pub async fn run(args: StormArgs) -> Result<()> {
             "close": format!("{:?}", args.close).to_lowercase(), "settle_s": args.settle,
             "concurrency": common.concurrency,
         }),
-    );
-    let run_start = Instant::now();
+    )
+    .await?;
+    // Dropped sockets linger briefly while new ones open: leave headroom.
+    if (args.uas + 200) as u64 > run.nofile.soft {
+        bail!(
+            "{} user agents need more than this process's {} open files",
+            args.uas,
+            run.nofile.soft
+        );
+    }
+    let (targets, server, limit) = (run.targets.clone(), run.server.clone(), run.limit);
     let errors = Arc::new(Tally::default());
     let vapid = crate::crypto::Vapid::generate()?;
     let keys = Arc::new(vec![vapid.public_b64.clone()]);
@@ -122,53 +119,165 @@ pub async fn run(args: StormArgs) -> Result<()> {
             errors.clone(),
             hello_latency.clone(),
         );
-        let mut stop = stop_rx.clone();
-        let mode = args.close;
-        tasks.spawn(async move {
-            let mut ws = up.ws;
-            // Hold until this user agent's moment. The sender is kept alive
-            // (never fired) so only the sleep or a server drop ends the wait.
-            let (_never, mut early) = watch::channel(false);
-            tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                ended = fleet::hold(&mut ws, &mut early) => {
-                    if let Some(reason) = ended {
-                        counts.dropped_before.fetch_add(1, Relaxed);
-                        errors.add(format!("dropped before storm: {reason}"));
-                    }
-                    tokio::time::sleep_until(at.into()).await;
-                }
-            }
-            match mode {
-                CloseMode::Clean => fleet::close(ws).await,
-                CloseMode::Drop => drop(ws),
-            }
-            counts.attempted.fetch_add(1, Relaxed);
-            let t0 = Instant::now();
-            let mine = &ids[u * per_ua..(u + 1) * per_ua];
-            match fleet::bring_up(&target, None, Some((&up.uaid, mine)), &[], limit).await {
-                Ok((mut ws, got, _)) => {
-                    hello_latency.record(u, t0.elapsed().as_micros() as u64);
-                    counts.reconnected.fetch_add(1, Relaxed);
-                    if got != up.uaid {
-                        counts.uaid_changed.fetch_add(1, Relaxed);
-                    }
-                    match fleet::hold(&mut ws, &mut stop).await {
-                        Some(reason) => {
-                            counts.dropped_after.fetch_add(1, Relaxed);
-                            errors.add(format!("dropped after reconnect: {reason}"));
-                        }
-                        None => fleet::close(ws).await,
-                    }
-                }
-                Err(f) => {
-                    counts.failed.fetch_add(1, Relaxed);
-                    errors.add(format!("reconnect {}", f.key()));
-                }
-            }
-        });
+        let stop = stop_rx.clone();
+        let ua = Storming {
+            u,
+            at,
+            mode: args.close,
+            limit,
+            per_ua,
+        };
+        tasks.spawn(storm_one(
+            ua,
+            up,
+            target,
+            ids,
+            counts,
+            errors,
+            hello_latency,
+            stop,
+        ));
     }
 
+    let sampler = watch_storm(&counts, up_count, storm_start, window, limit).await;
+    let storm_secs = storm_start.elapsed().as_secs_f64();
+    cpu.record(&mut run.result);
+    tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
+    let rss_after = server.rss_each();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+
+    let lat = LatencySummary::from_hist(&hello_latency.merged());
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    run.errors_from(&[&errors]);
+    let changed = counts.uaid_changed.load(Relaxed);
+    run.error_counts(&[("uaid changed on reconnect", changed)]);
+    let reconnected = counts.reconnected.load(Relaxed);
+    let failed = counts.failed.load(Relaxed);
+    run.result.metric("uas_connected", up_count as u64);
+    run.result
+        .metric("reconnect_attempts", counts.attempted.load(Relaxed));
+    run.result.metric("reconnected", reconnected);
+    run.result.metric("failed", failed);
+    run.result.metric("uaid_changed", changed);
+    run.result
+        .metric("dropped_before_storm", counts.dropped_before.load(Relaxed));
+    run.result.metric(
+        "dropped_after_reconnect",
+        counts.dropped_after.load(Relaxed),
+    );
+    run.result.metric("storm_s", r2(storm_secs));
+    run.result.metric(
+        "reconnects_per_s",
+        r2(if storm_secs > 0.0 {
+            reconnected as f64 / storm_secs
+        } else {
+            0.0
+        }),
+    );
+    run.result
+        .server_rss(rss_before.as_deref(), rss_after.as_deref());
+    run.result
+        .latency
+        .insert("reconnect_hello".into(), lat.clone());
+    run.result.latency.insert(
+        "setup".into(),
+        LatencySummary::from_hist(&setup_latency.merged()),
+    );
+    run.result.rates = sampler.points;
+    run.finish(format!(
+        "storm[{}]: {reconnected}/{up_count} reconnected within {:.1}s ({failed} failed, {changed} uaid changed); hello {}",
+        common.target,
+        args.window,
+        lat.short()
+    ))
+}
+
+/// One user agent of the storm: where and how it goes away and comes back.
+struct Storming {
+    u: usize,
+    at: Instant,
+    mode: CloseMode,
+    limit: Duration,
+    per_ua: usize,
+}
+
+/// Holds until this user agent's moment, goes away, reconnects resuming its
+/// uaid and channels, and holds again until `stop`.
+#[allow(clippy::too_many_arguments)] // each is a shared handle the task owns
+async fn storm_one(
+    ua: Storming,
+    up: fleet::Up,
+    target: Target,
+    ids: Arc<Vec<Uuid>>,
+    counts: Arc<Counts>,
+    errors: Arc<Tally>,
+    hello_latency: Arc<Hist>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Storming {
+        u,
+        at,
+        mode,
+        limit,
+        per_ua,
+    } = ua;
+    let mut ws = up.ws;
+    // Hold until this user agent's moment. The sender is kept alive
+    // (never fired) so only the sleep or a server drop ends the wait.
+    let (_never, mut early) = watch::channel(false);
+    tokio::select! {
+        _ = tokio::time::sleep_until(at.into()) => {}
+        ended = fleet::hold(&mut ws, &mut early) => {
+            if let Some(reason) = ended {
+                counts.dropped_before.fetch_add(1, Relaxed);
+                errors.add(format!("dropped before storm: {reason}"));
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
+    }
+    match mode {
+        CloseMode::Clean => fleet::close(ws).await,
+        CloseMode::Drop => drop(ws),
+    }
+    counts.attempted.fetch_add(1, Relaxed);
+    let t0 = Instant::now();
+    let mine = &ids[u * per_ua..(u + 1) * per_ua];
+    match fleet::bring_up(&target, None, Some((&up.uaid, mine)), &[], limit).await {
+        Ok((mut ws, got, _)) => {
+            hello_latency.record(u, t0.elapsed().as_micros() as u64);
+            counts.reconnected.fetch_add(1, Relaxed);
+            if got != up.uaid {
+                counts.uaid_changed.fetch_add(1, Relaxed);
+            }
+            match fleet::hold(&mut ws, &mut stop).await {
+                Some(reason) => {
+                    counts.dropped_after.fetch_add(1, Relaxed);
+                    errors.add(format!("dropped after reconnect: {reason}"));
+                }
+                None => fleet::close(ws).await,
+            }
+        }
+        Err(f) => {
+            counts.failed.fetch_add(1, Relaxed);
+            errors.add(format!("reconnect {}", f.key()));
+        }
+    }
+}
+
+/// Samples reconnects/s until every user agent has reconnected or failed
+/// after the window closed, or the last one could no longer finish.
+async fn watch_storm(
+    counts: &Counts,
+    up_count: usize,
+    storm_start: Instant,
+    window: Duration,
+    limit: Duration,
+) -> RateSampler {
     let every = stats::sample_interval(window + Duration::from_secs(1));
     let mut sampler = RateSampler::new(&["reconnects"], &[0]);
     let mut tick = tokio::time::interval(every);
@@ -194,61 +303,5 @@ pub async fn run(args: StormArgs) -> Result<()> {
             break;
         }
     }
-    let storm_secs = storm_start.elapsed().as_secs_f64();
-    cpu.record(&mut result);
-    tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
-    let rss_after = server.rss_each();
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(15), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    tasks.abort_all();
-
-    let lat = LatencySummary::from_hist(&hello_latency.merged());
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    stats::merge_tally(&mut result.errors, &errors.snapshot());
-    let changed = counts.uaid_changed.load(Relaxed);
-    if changed > 0 {
-        result
-            .errors
-            .insert("uaid changed on reconnect".into(), changed);
-    }
-    let reconnected = counts.reconnected.load(Relaxed);
-    let failed = counts.failed.load(Relaxed);
-    result.metric("uas_connected", up_count as u64);
-    result.metric("reconnect_attempts", counts.attempted.load(Relaxed));
-    result.metric("reconnected", reconnected);
-    result.metric("failed", failed);
-    result.metric("uaid_changed", changed);
-    result.metric("dropped_before_storm", counts.dropped_before.load(Relaxed));
-    result.metric(
-        "dropped_after_reconnect",
-        counts.dropped_after.load(Relaxed),
-    );
-    result.metric("storm_s", r2(storm_secs));
-    result.metric(
-        "reconnects_per_s",
-        r2(if storm_secs > 0.0 {
-            reconnected as f64 / storm_secs
-        } else {
-            0.0
-        }),
-    );
-    result.server_rss(rss_before.as_deref(), rss_after.as_deref());
-    result.latency.insert("reconnect_hello".into(), lat.clone());
-    result.latency.insert(
-        "setup".into(),
-        LatencySummary::from_hist(&setup_latency.merged()),
-    );
-    result.rates = sampler.points;
-    result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
-    result.summary = format!(
-        "storm[{}]: {reconnected}/{up_count} reconnected within {:.1}s ({failed} failed, {changed} uaid changed); hello {}",
-        common.target,
-        args.window,
-        lat.short()
-    );
-    result.finish(common.out.as_deref())?;
-    Ok(())
+    sampler
 }

@@ -10,9 +10,9 @@
 
 use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, FleetSpec, Up};
-use crate::net;
+use crate::harness::Run;
 use crate::proto::{self, Ws};
-use crate::results::{self, Common, CpuMeter, RunResult};
+use crate::results::{self, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
@@ -100,6 +100,37 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counters at zero; the clock starts now, once user agents are up.
+    fn new(pool: Pool, per_ua: usize, channel_ids: Arc<Vec<Uuid>>, args: &ThroughputArgs) -> Self {
+        let slots = channel_ids.len() * args.pool;
+        Shared {
+            clock: Clock::new(),
+            pool,
+            per_ua,
+            channel_ids,
+            slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            latency: Hist::new(),
+            delivered: AtomicU64::new(0),
+            unexpected: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+            verify_every: args.verify_every,
+            verify_ok: AtomicU64::new(0),
+            verify_failed: AtomicU64::new(0),
+            last_delivery_us: AtomicU64::new(0),
+            ua_errors: Tally::default(),
+            sent: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            delivered_after_error: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            late_sends: AtomicU64::new(0),
+            max_lag_us: AtomicU64::new(0),
+            send_errors: Tally::default(),
+        }
+    }
+
     fn slot(&self, channel: usize, s: usize) -> &AtomicU64 {
         &self.slots[channel * self.pool.per_channel + s]
     }
@@ -316,22 +347,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     if !(1..=64).contains(&args.pool) {
         bail!("--pool must be 1..=64");
     }
-    let (targets, push_bases) = common.targets_and_push_bases().await?;
-    let nofile = net::raise_nofile_limit();
-    if (args.uas + args.senders + 100) as u64 > nofile.soft {
-        bail!(
-            "{} user agents and {} senders need more than this process's {} open files; \
-             the throughput scenario runs in one process (use `idle` for the connection ceiling)",
-            args.uas,
-            args.senders,
-            nofile.soft
-        );
-    }
-    let server = common.servers();
-    let rss_before = server.rss_each();
-    let limit = common.limit();
-    let channels = args.uas * common.channels;
-    let mut result = RunResult::new(
+    let mut run = Run::start(
         "throughput",
         common,
         serde_json::json!({
@@ -341,9 +357,70 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             "verify_every": args.verify_every, "concurrency": common.concurrency,
             "receipts": args.receipts,
         }),
-    );
-    let run_start = Instant::now();
+    )
+    .await?;
+    if (args.uas + args.senders + 100) as u64 > run.nofile.soft {
+        bail!(
+            "{} user agents and {} senders need more than this process's {} open files; \
+             the throughput scenario runs in one process (use `idle` for the connection ceiling)",
+            args.uas,
+            args.senders,
+            run.nofile.soft
+        );
+    }
+    let rss_before = run.server.rss_each();
+    let fleet = connect(&args, &run).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut uas = JoinSet::new();
+    for (u, up) in fleet.ups.into_iter().enumerate() {
+        if let Some(up) = up {
+            uas.spawn(ua_loop(u, up.ws, fleet.sh.clone(), stop_rx.clone()));
+        }
+    }
+    let sent = send_and_drain(
+        &args,
+        &mut run,
+        &fleet.sh,
+        fleet.plans,
+        fleet.endpoints,
+        fleet.setup.connected,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while uas.join_next().await.is_some() {}
+    })
+    .await;
+    let rss_after = run.server.rss_each();
+    run.result
+        .server_rss(rss_before.as_deref(), rss_after.as_deref());
+    let summary = record(&args, &mut run, &fleet.sh, &sent, &fleet.setup);
+    run.finish(summary)
+}
 
+/// How user-agent setup went.
+struct SetupStats {
+    connected: usize,
+    channels: usize,
+    errors: Tally,
+    latency: Hist,
+}
+
+/// The user agents connected and registered, and what senders need.
+struct Fleet {
+    ups: Vec<Option<Up>>,
+    sh: Arc<Shared>,
+    plans: Vec<SenderPlan>,
+    endpoints: Arc<Vec<Option<Endpoint>>>,
+    setup: SetupStats,
+}
+
+/// Keys, payload pool, user agents with their channels, and one sending
+/// plan per VAPID key: channel c belongs to sender c % K, whose key it
+/// registered with.
+async fn connect(args: &ThroughputArgs, run: &Run<'_>) -> Result<Fleet> {
+    let common = &args.common;
+    let channels = args.uas * common.channels;
     eprintln!(
         "throughput: encrypting {} payloads for {channels} channels",
         channels * args.pool
@@ -365,9 +442,9 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     eprintln!("throughput: connecting {} user agents", args.uas);
     let setup_errors = Tally::default();
     let setup_latency = Hist::new();
-    let spec = FleetSpec::new(args.uas, common.channels, common.concurrency, limit);
+    let spec = FleetSpec::new(args.uas, common.channels, common.concurrency, run.limit);
     let ups = fleet::bring_up_all(
-        &targets,
+        &run.targets,
         &spec,
         channel_ids.clone(),
         keys.clone(),
@@ -377,49 +454,12 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     .await;
     let connected = ups.iter().filter(|u| u.is_some()).count();
     let (endpoints, origins) =
-        resolve_endpoints(&ups, common.channels, &push_bases, &setup_errors).await?;
+        resolve_endpoints(&ups, common.channels, &run.push_bases, &setup_errors).await?;
     let endpoints = Arc::new(endpoints);
     if connected == 0 {
         bail!("no user agent could connect: {:?}", setup_errors.snapshot());
     }
-
-    let sh = Arc::new(Shared {
-        clock: Clock::new(),
-        pool,
-        per_ua: common.channels,
-        channel_ids,
-        slots: (0..channels * args.pool)
-            .map(|_| AtomicU64::new(0))
-            .collect(),
-        latency: Hist::new(),
-        delivered: AtomicU64::new(0),
-        unexpected: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-        malformed: AtomicU64::new(0),
-        acks: AtomicU64::new(0),
-        verify_every: args.verify_every,
-        verify_ok: AtomicU64::new(0),
-        verify_failed: AtomicU64::new(0),
-        last_delivery_us: AtomicU64::new(0),
-        ua_errors: Tally::default(),
-        sent: AtomicU64::new(0),
-        accepted: AtomicU64::new(0),
-        claimed: AtomicU64::new(0),
-        delivered_after_error: AtomicU64::new(0),
-        stalls: AtomicU64::new(0),
-        late_sends: AtomicU64::new(0),
-        max_lag_us: AtomicU64::new(0),
-        send_errors: Tally::default(),
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut uas = JoinSet::new();
-    for (u, up) in ups.into_iter().enumerate() {
-        if let Some(up) = up {
-            uas.spawn(ua_loop(u, up.ws, sh.clone(), stop_rx.clone()));
-        }
-    }
-
-    // Plans: channel c belongs to sender c % K, whose key it registered with.
+    let sh = Arc::new(Shared::new(pool, common.channels, channel_ids, args));
     let mut plans: Vec<SenderPlan> = Vec::with_capacity(args.senders);
     for v in &vapids {
         let mut auth = Vec::new();
@@ -436,10 +476,43 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             plans[c % args.senders].channels.push(c as u32);
         }
     }
+    Ok(Fleet {
+        ups,
+        sh,
+        plans,
+        endpoints,
+        setup: SetupStats {
+            connected,
+            channels,
+            errors: setup_errors,
+            latency: setup_latency,
+        },
+    })
+}
+
+/// What the send and drain phases measured.
+struct Sent {
+    send_secs: f64,
+    send_start_us: u64,
+    lost: u64,
+    server_cpu: Option<f64>,
+}
+
+/// Senders run for --duration (sampling accepted/s and delivered/s), then
+/// the user agents get --drain seconds to receive what was accepted.
+async fn send_and_drain(
+    args: &ThroughputArgs,
+    run: &mut Run<'_>,
+    sh: &Arc<Shared>,
+    plans: Vec<SenderPlan>,
+    endpoints: Arc<Vec<Option<Endpoint>>>,
+    connected: usize,
+) -> Sent {
     let client = sender::client(args.senders);
     let interval = (args.rate > 0.0).then(|| stats::secs(args.senders as f64 / args.rate));
     eprintln!(
-        "throughput: {connected} user agents up; sending for {}s with {} senders{}",
+        "throughput: {} user agents up; sending for {}s with {} senders{}",
+        connected,
         args.duration,
         args.senders,
         match interval {
@@ -447,7 +520,6 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             None => " as fast as possible".into(),
         }
     );
-
     // Sampler: accepted/s and delivered/s over time, through the drain.
     let sample_every = stats::sample_interval(stats::secs(args.duration + 1.0));
     let (samp_stop_tx, mut samp_stop) = watch::channel(false);
@@ -468,7 +540,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         })
     };
 
-    let cpu = CpuMeter::start(&server);
+    let cpu = CpuMeter::start(&run.server);
     let send_start_us = sh.clock.now_us();
     let send_start = Instant::now();
     let deadline = send_start + stats::secs(args.duration);
@@ -484,7 +556,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             args.messages,
             args.ttl,
             args.receipts,
-            limit,
+            run.limit,
         ));
     }
     while senders.join_next().await.is_some() {}
@@ -493,20 +565,36 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     // Drain: wait for every accepted message to arrive, or give up.
     let drain_deadline = Instant::now() + stats::secs(args.drain);
     let outstanding = |sh: &Shared| sh.slots.iter().filter(|s| s.load(Acquire) != 0).count() as u64;
-    while outstanding(&sh) > 0 && Instant::now() < drain_deadline {
+    while outstanding(sh) > 0 && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let lost = outstanding(&sh);
-    let server_cpu = cpu.record(&mut result);
+    let lost = outstanding(sh);
+    let server_cpu = cpu.record(&mut run.result);
     let _ = samp_stop_tx.send(true);
-    let rates = sampler.await.unwrap_or_default();
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while uas.join_next().await.is_some() {}
-    })
-    .await;
-    let rss_after = server.rss_each();
+    run.result.rates = sampler.await.unwrap_or_default();
+    Sent {
+        send_secs,
+        send_start_us,
+        lost,
+        server_cpu,
+    }
+}
 
+/// Rates, counts, latency and notes into the results; returns the summary.
+fn record(
+    args: &ThroughputArgs,
+    run: &mut Run<'_>,
+    sh: &Shared,
+    sent: &Sent,
+    setup: &SetupStats,
+) -> String {
+    let Sent {
+        send_secs,
+        send_start_us,
+        lost,
+        server_cpu,
+    } = *sent;
+    let (connected, channels) = (setup.connected, setup.channels);
     let accepted = sh.accepted.load(Relaxed);
     let delivered = sh.delivered.load(Relaxed);
     let last = sh.last_delivery_us.load(Relaxed);
@@ -526,13 +614,8 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     } else {
         0.0
     };
-    let errs = |m: &mut std::collections::BTreeMap<String, u64>, t: &Tally| {
-        stats::merge_tally(m, &t.snapshot())
-    };
-    errs(&mut result.errors, &setup_errors);
-    errs(&mut result.errors, &sh.send_errors);
-    errs(&mut result.errors, &sh.ua_errors);
-    for (name, n) in [
+    run.errors_from(&[&setup.errors, &sh.send_errors, &sh.ua_errors]);
+    run.error_counts(&[
         ("lost (accepted, never delivered)", lost),
         ("unexpected notification", sh.unexpected.load(Relaxed)),
         ("duplicate notification", sh.duplicates.load(Relaxed)),
@@ -541,73 +624,68 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
             "payload failed verification",
             sh.verify_failed.load(Relaxed),
         ),
-    ] {
-        if n > 0 {
-            result.errors.insert(name.into(), n);
-        }
-    }
+    ]);
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    result.metric("uas_connected", connected as u64);
-    result.metric("channels", channels as u64);
-    result.metric("senders", args.senders as u64);
-    result.metric("payload_bytes", args.payload as u64);
-    result.metric("body_bytes", crypto::body_len(args.payload) as u64);
-    result.metric("sent", sh.sent.load(Relaxed));
-    result.metric("accepted", accepted);
-    result.metric("delivered", delivered);
-    result.metric("lost", lost);
-    result.metric("accepted_per_s", r2(accepted_rate));
-    result.metric("delivered_per_s", r2(delivered_rate));
-    result.metric("send_phase_s", r2(send_secs));
-    result.metric("acks_sent", sh.acks.load(Relaxed));
-    result.metric(
+    run.result.metric("uas_connected", connected as u64);
+    run.result.metric("channels", channels as u64);
+    run.result.metric("senders", args.senders as u64);
+    run.result.metric("payload_bytes", args.payload as u64);
+    run.result
+        .metric("body_bytes", crypto::body_len(args.payload) as u64);
+    run.result.metric("sent", sh.sent.load(Relaxed));
+    run.result.metric("accepted", accepted);
+    run.result.metric("delivered", delivered);
+    run.result.metric("lost", lost);
+    run.result.metric("accepted_per_s", r2(accepted_rate));
+    run.result.metric("delivered_per_s", r2(delivered_rate));
+    run.result.metric("send_phase_s", r2(send_secs));
+    run.result.metric("acks_sent", sh.acks.load(Relaxed));
+    run.result.metric(
         "delivered_after_error",
         sh.delivered_after_error.load(Relaxed),
     );
-    result.metric("sender_stalls", sh.stalls.load(Relaxed));
+    run.result.metric("sender_stalls", sh.stalls.load(Relaxed));
     if args.rate > 0.0 {
-        result.metric("target_rate_per_s", args.rate);
-        result.metric("late_sends", sh.late_sends.load(Relaxed));
-        result.metric(
+        run.result.metric("target_rate_per_s", args.rate);
+        run.result.metric("late_sends", sh.late_sends.load(Relaxed));
+        run.result.metric(
             "max_schedule_lag_ms",
             r2(sh.max_lag_us.load(Relaxed) as f64 / 1000.0),
         );
     }
     if args.verify_every > 0 {
-        result.metric("verified_ok", sh.verify_ok.load(Relaxed));
-        result.metric("verify_failed", sh.verify_failed.load(Relaxed));
+        run.result.metric("verified_ok", sh.verify_ok.load(Relaxed));
+        run.result
+            .metric("verify_failed", sh.verify_failed.load(Relaxed));
     }
-    result.server_rss(rss_before.as_deref(), rss_after.as_deref());
     // What one message cost the server(s), from accept to delivery.
-    let cpu_us = result.cpu_per("server_cpu_us_per_delivered", server_cpu, delivered);
-    result.latency.insert("end_to_end".into(), lat.clone());
-    result.latency.insert(
+    let cpu_us = run
+        .result
+        .cpu_per("server_cpu_us_per_delivered", server_cpu, delivered);
+    run.result.latency.insert("end_to_end".into(), lat.clone());
+    run.result.latency.insert(
         "setup".into(),
-        LatencySummary::from_hist(&setup_latency.merged()),
+        LatencySummary::from_hist(&setup.latency.merged()),
     );
-    result.rates = rates;
     if sh.stalls.load(Relaxed) > 0 {
-        result.notes.push(format!(
+        run.result.notes.push(format!(
             "senders waited {} times for a channel with a free slot: the server delivered slower than it accepted (raise --pool or --uas to queue more)",
             sh.stalls.load(Relaxed)
         ));
     }
     if args.rate > 0.0 && accepted_rate < args.rate * 0.95 {
-        result.notes.push(format!(
+        run.result.notes.push(format!(
             "accepted {accepted_rate:.0}/s, below the {} msg/s target: the server or {} senders could not keep up",
             args.rate, args.senders
         ));
     }
-    result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
-    let total_errors: u64 = result.errors.values().sum();
-    result.summary = format!(
+    let total_errors = run.total_errors();
+    format!(
         "throughput[{}]: {accepted} accepted ({accepted_rate:.0}/s), {delivered} delivered ({delivered_rate:.0}/s), {lost} lost, {total_errors} errors; latency {}; {}",
-        common.target,
+        run.common.target,
         lat.short(),
         results::cpu_text(cpu_us, "delivered message"),
-    );
-    result.finish(common.out.as_deref())?;
-    Ok(())
+    )
 }
 
 #[cfg(test)]
