@@ -155,18 +155,10 @@ async fn a_push_with_the_largest_legitimate_headers_is_accepted() {
     let (_, ep) = ua.subscribe(Some(&app.public())).await;
     // aesgcm with Encryption and Crypto-Key near their 4096-byte limit (a
     // long keyid) and a VAPID token near its own: about 12 KB of headers.
-    let block = ece::legacy::encrypt_aesgcm(&keys.public, &keys.auth, b"big").unwrap();
-    let headers = block.headers(None);
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .unwrap()
-    };
+    let legacy = LegacyAesgcm::encrypt(&keys.public, &keys.auth, b"big");
     // One keyid names the Crypto-Key's dh from Encryption (a keyid that
     // names no dh is refused), sized so the longer header nears the limit.
-    let (encryption, crypto_key) = (get("Encryption"), get("Crypto-Key"));
+    let (encryption, crypto_key) = (legacy.encryption, legacy.crypto_key);
     let keyid = "k".repeat(4090 - encryption.len().max(crypto_key.len()) - ";keyid=".len());
     let (encryption, crypto_key) = (
         format!("{encryption};keyid={keyid}"),
@@ -186,7 +178,7 @@ async fn a_push_with_the_largest_legitimate_headers_is_accepted() {
             ("crypto-key", &crypto_key),
             ("authorization", &auth),
         ],
-        unb64(&block.body()),
+        legacy.body,
     )
     .await
     .unwrap();

@@ -476,15 +476,12 @@ async fn aesgcm_and_undecryptable_messages() {
     let listener = Listener::start(&state, &[]);
 
     // The legacy aesgcm coding, as the ece crate writes it.
-    let block = ece::legacy::encrypt_aesgcm(
+    let legacy = LegacyAesgcm::encrypt(
         &key_bytes(&sub, "p256dh"),
         &key_bytes(&sub, "auth"),
         b"old but gold",
-    )
-    .unwrap();
-    let headers = block.headers(None);
-    let header = |name: &str| headers.iter().find(|(k, _)| *k == name).unwrap().1.clone();
-    let (encryption, crypto_key) = (header("Encryption"), header("Crypto-Key"));
+    );
+    let (encryption, crypto_key) = (legacy.encryption, legacy.crypto_key);
     let r = post(
         endpoint,
         &[
@@ -492,7 +489,7 @@ async fn aesgcm_and_undecryptable_messages() {
             ("encryption", &encryption),
             ("crypto-key", &crypto_key),
         ],
-        unb64(&block.body()),
+        legacy.body,
     )
     .await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));

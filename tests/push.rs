@@ -542,16 +542,8 @@ async fn push_without_payload_and_legacy_aesgcm() {
     ua.ack(&n).await;
 
     // aesgcm (draft): encrypt with ece's legacy scheme; headers go to the UA.
-    let block = ece::legacy::encrypt_aesgcm(&keys.public, &keys.auth, b"legacy").unwrap();
-    let encryption = block.headers(None);
-    let get = |name: &str| {
-        encryption
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .unwrap()
-    };
-    let (enc_h, ck_h) = (get("Encryption"), get("Crypto-Key"));
+    let legacy = LegacyAesgcm::encrypt(&keys.public, &keys.auth, b"legacy");
+    let (enc_h, ck_h) = (legacy.encryption, legacy.crypto_key);
     let r = request(
         "POST",
         &ep,
@@ -561,7 +553,7 @@ async fn push_without_payload_and_legacy_aesgcm() {
             ("encryption", &enc_h),
             ("crypto-key", &ck_h),
         ],
-        unb64(&block.body()),
+        legacy.body,
     )
     .await
     .unwrap();
@@ -597,18 +589,10 @@ async fn aesgcm_headers_reach_the_user_agent_normalised() {
     let keys = UaKeys::new();
     let mut ua = Ua::hello(&h, None).await;
     let (_, ep) = ua.subscribe(None).await;
-    let block = ece::legacy::encrypt_aesgcm(&keys.public, &keys.auth, b"padded").unwrap();
-    let headers = block.headers(None);
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .unwrap()
-    };
+    let legacy = LegacyAesgcm::encrypt(&keys.public, &keys.auth, b"padded");
     let (salt, dh) = (
-        unb64(param(&get("Encryption"), "salt")),
-        unb64(param(&get("Crypto-Key"), "dh")),
+        unb64(param(&legacy.encryption, "salt")),
+        unb64(param(&legacy.crypto_key, "dh")),
     );
     // Quoted, padded, spaced, with key ids, a VAPID key in a second entry
     // and a parameter no user agent reads.
@@ -623,7 +607,7 @@ async fn aesgcm_headers_reach_the_user_agent_normalised() {
         URL_SAFE.encode(&vapid)
     );
     let send = |encryption: String, crypto_key: String| {
-        let (ep, body) = (ep.clone(), unb64(&block.body()));
+        let (ep, body) = (ep.clone(), legacy.body.clone());
         async move {
             request(
                 "POST",

@@ -101,8 +101,16 @@ struct Shared {
 
 impl Shared {
     /// Counters at zero; the clock starts now, once user agents are up.
-    fn new(pool: Pool, per_ua: usize, channel_ids: Arc<Vec<Uuid>>, args: &ThroughputArgs) -> Self {
-        let slots = channel_ids.len() * args.pool;
+    /// `slots_per_channel` send slots per channel; every `verify_every`th
+    /// message is decrypted.
+    fn new(
+        pool: Pool,
+        per_ua: usize,
+        channel_ids: Arc<Vec<Uuid>>,
+        slots_per_channel: usize,
+        verify_every: u64,
+    ) -> Self {
+        let slots = channel_ids.len() * slots_per_channel;
         Shared {
             clock: Clock::new(),
             pool,
@@ -115,7 +123,7 @@ impl Shared {
             duplicates: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             acks: AtomicU64::new(0),
-            verify_every: args.verify_every,
+            verify_every,
             verify_ok: AtomicU64::new(0),
             verify_failed: AtomicU64::new(0),
             last_delivery_us: AtomicU64::new(0),
@@ -459,7 +467,13 @@ async fn connect(args: &ThroughputArgs, run: &Run<'_>) -> Result<Fleet> {
     if connected == 0 {
         bail!("no user agent could connect: {:?}", setup_errors.snapshot());
     }
-    let sh = Arc::new(Shared::new(pool, common.channels, channel_ids, args));
+    let sh = Arc::new(Shared::new(
+        pool,
+        common.channels,
+        channel_ids,
+        args.pool,
+        args.verify_every,
+    ));
     let mut plans: Vec<SenderPlan> = Vec::with_capacity(args.senders);
     for v in &vapids {
         let mut auth = Vec::new();
@@ -693,32 +707,14 @@ mod tests {
     use super::*;
 
     fn shared(channels: usize, per_ua: usize, pool: usize) -> Shared {
-        Shared {
-            clock: Clock::new(),
-            pool: Pool::build(channels, pool, 32, true).unwrap(),
+        let ids = Arc::new((0..channels).map(|_| proto::new_channel_id()).collect());
+        Shared::new(
+            Pool::build(channels, pool, 32, true).unwrap(),
             per_ua,
-            channel_ids: Arc::new((0..channels).map(|_| proto::new_channel_id()).collect()),
-            slots: (0..channels * pool).map(|_| AtomicU64::new(0)).collect(),
-            latency: Hist::new(),
-            delivered: AtomicU64::new(0),
-            unexpected: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            malformed: AtomicU64::new(0),
-            acks: AtomicU64::new(0),
-            verify_every: 1,
-            verify_ok: AtomicU64::new(0),
-            verify_failed: AtomicU64::new(0),
-            last_delivery_us: AtomicU64::new(0),
-            ua_errors: Tally::default(),
-            sent: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
-            claimed: AtomicU64::new(0),
-            delivered_after_error: AtomicU64::new(0),
-            stalls: AtomicU64::new(0),
-            late_sends: AtomicU64::new(0),
-            max_lag_us: AtomicU64::new(0),
-            send_errors: Tally::default(),
-        }
+            ids,
+            pool,
+            1,
+        )
     }
 
     fn notification(sh: &Shared, c: usize, s: usize) -> String {

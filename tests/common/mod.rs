@@ -350,6 +350,33 @@ pub async fn http(
 }
 
 /// A user agent's subscription keys (RFC 8291 receiver side).
+/// A payload in the legacy `aesgcm` coding as the `ece` crate writes it: the
+/// `Encryption` and `Crypto-Key` header values and the body.
+pub struct LegacyAesgcm {
+    pub encryption: String,
+    pub crypto_key: String,
+    pub body: Vec<u8>,
+}
+
+impl LegacyAesgcm {
+    pub fn encrypt(public: &[u8], auth: &[u8], plaintext: &[u8]) -> LegacyAesgcm {
+        let block = ece::legacy::encrypt_aesgcm(public, auth, plaintext).expect("aesgcm");
+        let headers = block.headers(None);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("ece wrote no {name}"))
+        };
+        LegacyAesgcm {
+            encryption: get("Encryption"),
+            crypto_key: get("Crypto-Key"),
+            body: unb64(&block.body()),
+        }
+    }
+}
+
 pub struct UaKeys {
     pub components: ece::EcKeyComponents,
     pub public: Vec<u8>,
