@@ -364,6 +364,7 @@ impl Session {
         let app = &self.app;
         let expiry = app.settings.ua_expiry.as_secs();
         let mut known = None;
+        let mut live = None;
         if let Some(u) = sent.as_deref().and_then(Uaid::parse) {
             match app.metrics.time("get_user", app.store.get_user(&u)).await {
                 Ok(Some(rec)) if rec.last_seen + expiry > now => known = Some((u, rec)),
@@ -373,6 +374,10 @@ impl Session {
                         tracing::warn!("dropping expired user agent: {e}");
                     }
                 }
+                // Not stored yet, but connected right now (a second client
+                // of the same user agent, before its first subscription):
+                // the same uaid, still unstored.
+                Ok(None) if app.router.is_connected_anywhere(&u).await => live = Some(u),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::error!("hello: {e}");
@@ -385,7 +390,9 @@ impl Session {
         // A known user agent's record is refreshed (its expiry restarts);
         // a new one is only remembered once it subscribes (`register`).
         // An unknown or expired uaid gets a fresh one: it has no
-        // subscriptions left for the user agent to lose.
+        // subscriptions left for the user agent to lose. One that is
+        // connected elsewhere keeps its uaid, so two clients sharing it
+        // (`herald listen run` and `subscribe`) meet on one user agent.
         let (uaid, outcome) = match known {
             Some((u, rec)) => {
                 let record = UserRecord {
@@ -405,7 +412,10 @@ impl Session {
                 self.persisted = true;
                 (u, "existing")
             }
-            None => (Uaid::random(), "new"),
+            None => match live {
+                Some(u) => (u, "existing"),
+                None => (Uaid::random(), "new"),
+            },
         };
         app.metrics.ws_hello.with_label_values(&[outcome]).inc();
         tracing::debug!(uaid = %uaid.short(), outcome, "hello");
@@ -861,6 +871,21 @@ mod tests {
             hello(&mut session(a), Some("00000000000000000000000000000000")).await,
             uaid
         );
+    }
+
+    #[tokio::test]
+    async fn a_connected_uaid_is_kept_before_it_is_stored() {
+        let a = app(&[]);
+        let first = hello(&mut session(a.clone()), None).await;
+        let u = Uaid::parse(&first).unwrap();
+        // What connect.rs does with the session's Bind: the first client is
+        // connected, so a second client with its uaid joins it.
+        let binding = a.router.bind(u).await.unwrap();
+        assert_eq!(hello(&mut session(a.clone()), Some(&first)).await, first);
+        assert_eq!(a.store.get_user(&u).await.unwrap(), None, "still unstored");
+        // Once nobody holds it, the unstored uaid is forgotten.
+        a.router.unbind(&u, binding.id).await;
+        assert_ne!(hello(&mut session(a.clone()), Some(&first)).await, first);
     }
 
     #[tokio::test]

@@ -193,6 +193,12 @@ impl Cluster {
         }
     }
 
+    /// Whether any node holds a connection for `uaid` (a store error counts
+    /// as no).
+    pub async fn is_owned(&self, uaid: &Uaid) -> bool {
+        matches!(self.directory.owner(uaid).await, Ok(Some(_)))
+    }
+
     /// Wakes the node serving `uaid`, if another live node does.
     pub async fn wake(&self, uaid: &Uaid, message: &Message) -> RouteResult {
         let owner = match self.directory.owner(uaid).await {

@@ -74,6 +74,18 @@ impl Router {
         self.local.is_connected(uaid)
     }
 
+    /// Whether a connection for `uaid` is open on this node or, with
+    /// several nodes, on any node.
+    pub async fn is_connected_anywhere(&self, uaid: &Uaid) -> bool {
+        if self.local.is_connected(uaid) {
+            return true;
+        }
+        match &self.cluster {
+            Some(cluster) => cluster.is_owned(uaid).await,
+            None => false,
+        }
+    }
+
     pub fn connected(&self) -> usize {
         self.local.connected()
     }
