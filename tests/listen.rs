@@ -115,6 +115,19 @@ async fn post(endpoint: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Resp {
         .expect("push request")
 }
 
+/// Pushes a message encrypted to someone else's keys: accepted by Herald,
+/// undecryptable by the listener.
+async fn push_undecryptable(endpoint: &str) {
+    let stranger = UaKeys::new();
+    let r = post(
+        endpoint,
+        &[("content-encoding", "aes128gcm")],
+        encrypt(&stranger, b"not yours"),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+}
+
 /// A running `herald listen run`: stdout lines arrive on a channel, stderr
 /// goes to a file.
 struct Listener {
@@ -501,14 +514,7 @@ async fn aesgcm_and_undecryptable_messages() {
 
     // Encrypted to someone else's keys: reported, acknowledged (code 101),
     // never handed over, and not redelivered.
-    let stranger = UaKeys::new();
-    let r = post(
-        endpoint,
-        &[("content-encoding", "aes128gcm")],
-        encrypt(&stranger, b"not yours"),
-    )
-    .await;
-    assert_eq!(r.status, 201);
+    push_undecryptable(endpoint).await;
     listener.wait_stderr("code 101", Duration::from_secs(20));
     assert!(
         listener.stderr().contains("cannot decrypt"),
@@ -539,14 +545,7 @@ async fn count_includes_messages_acknowledged_unhandled() {
     let mut listener = Listener::start(&state, &["--count", "2"]);
     send(&sub, &["--data", "readable"]).await;
     assert_eq!(listener.line()["text"], "readable");
-    let stranger = UaKeys::new();
-    let r = post(
-        endpoint,
-        &[("content-encoding", "aes128gcm")],
-        encrypt(&stranger, b"not yours"),
-    )
-    .await;
-    assert_eq!(r.status, 201);
+    push_undecryptable(endpoint).await;
     let status = listener.exit_within(Duration::from_secs(20));
     assert!(status.success(), "{status}: {}", listener.stderr());
     assert!(
