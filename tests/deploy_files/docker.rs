@@ -1,4 +1,7 @@
-//! `deploy/Dockerfile`.
+//! `deploy/Dockerfile`, checked by hand: Debian packages no Dockerfile
+//! checker that works without a Docker daemon (no hadolint; `docker build`
+//! and `buildah` need a daemon or user namespaces and the network). The
+//! parsing here is only what the checks need: instructions per stage.
 
 use crate::shared::*;
 

@@ -1,4 +1,11 @@
 //! `deploy/kubernetes/`: both layouts, with and without `kubectl kustomize`.
+//!
+//! Debian packages neither kubectl nor kustomize (bookworm), so `make
+//! test-deps` cannot install them and the kustomization is resolved by hand
+//! (`kustomize_static`); where a kubectl is on PATH anyway, its `kubectl
+//! kustomize` build is compared with ours, and its absence is printed, not
+//! failed. Server-side validation (`kubectl apply --dry-run=server`) needs a
+//! cluster and is out of reach here.
 
 use crate::docker::dockerfile_user_uid;
 use crate::shared::*;

@@ -417,8 +417,36 @@ fn nginx_t(dir: &Path) -> Result<String, String> {
     }
 }
 
-/// The `http {}` directives that keep nginx's temporary files in `dir`
-/// (Debian's defaults are under /var/lib/nginx, root's).
+/// nginx -t binds every `listen` address: the copy listens on free loopback
+/// ports instead (ports below 1024 need root, and tests stay on loopback),
+/// one per distinct address so that no server lists one twice.
+fn loopback_listens(text: &str, tree: &[Directive], p: &mut Problems) -> String {
+    let mut copy = text.to_string();
+    let mut seen = BTreeSet::new();
+    for listen in find_all(tree, "listen") {
+        let Some(addr) = listen.args.first() else {
+            continue;
+        };
+        if !seen.insert(addr.clone()) {
+            continue;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut found = false;
+        for end in [";", " "] {
+            let from = format!("listen {addr}{end}");
+            found |= copy.contains(&from);
+            copy = copy.replace(&from, &format!("listen 127.0.0.1:{port}{end}"));
+        }
+        p.check(found, format!("`listen {addr}` not found to rewrite"));
+    }
+    copy
+}
+
+/// The `http {}` directives that keep nginx's files in `dir` (Debian's
+/// defaults are under /var/lib/nginx and /var/log/nginx, root's).
 fn temp_paths(dir: &Path) -> String {
     ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
         .iter()
@@ -426,26 +454,30 @@ fn temp_paths(dir: &Path) -> String {
         .collect()
 }
 
+/// The snippet's main configuration also names the access log, which the
+/// cluster file sets itself.
+fn access_log(dir: &Path) -> String {
+    format!("    access_log {}/access.log;\n", dir.display())
+}
+
 /// A snippet for the `http {}` context, in a minimal main configuration, with
 /// what an unprivileged run needs: pid file and temporary paths in `dir`.
 fn snippet_main(dir: &Path, snippet: &str) -> String {
     let d = dir.display();
     format!(
-        "pid {d}/nginx.pid;\nevents {{}}\nhttp {{\n{}    include {d}/{snippet};\n}}\n",
-        temp_paths(dir)
+        "pid {d}/nginx.pid;\nevents {{}}\nhttp {{\n{}{}    include {d}/{snippet};\n}}\n",
+        temp_paths(dir),
+        access_log(dir)
     )
 }
 
-#[test]
-fn nginx_t_accepts_the_tls_snippet() {
-    let mut p = Problems::new("nginx.conf");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let text = read("nginx.conf");
-    let tree = parse_nginx(&text);
+/// nginx.conf's copy under test in `dir`, with its main configuration.
+fn prepare_snippet(dir: &Path, text: &str, p: &mut Problems) {
+    let tree = parse_nginx(text);
     // Its certificate paths (Let's Encrypt's) do not exist here, and nginx
     // loads certificates while testing: a fresh self-signed pair instead.
     let pair = rcgen::generate_simple_self_signed(vec!["push.example.com".into()]).unwrap();
-    let mut copy = text.clone();
+    let mut copy = text.to_string();
     for (directive, file, pem) in [
         ("ssl_certificate", "cert.pem", pair.cert.pem()),
         (
@@ -454,19 +486,23 @@ fn nginx_t_accepts_the_tls_snippet() {
             pair.signing_key.serialize_pem(),
         ),
     ] {
-        let path = dir.path().join(file);
+        let path = dir.join(file);
         std::fs::write(&path, pem).unwrap();
         for d in find_all(&tree, directive) {
             let from = d.args.first().cloned().unwrap_or_default();
-            copy = rewrite(&copy, &from, path.to_str().unwrap(), &mut p);
+            copy = rewrite(&copy, &from, path.to_str().unwrap(), p);
         }
     }
-    std::fs::write(dir.path().join("herald.conf"), copy).unwrap();
-    std::fs::write(
-        dir.path().join("main.conf"),
-        snippet_main(dir.path(), "herald.conf"),
-    )
-    .unwrap();
+    let copy = loopback_listens(&copy, &tree, p);
+    std::fs::write(dir.join("herald.conf"), copy).unwrap();
+    std::fs::write(dir.join("main.conf"), snippet_main(dir, "herald.conf")).unwrap();
+}
+
+#[test]
+fn nginx_t_accepts_the_tls_snippet() {
+    let mut p = Problems::new("nginx.conf");
+    let dir = tempfile::tempdir().expect("temp dir");
+    prepare_snippet(dir.path(), &read("nginx.conf"), &mut p);
     match nginx_t(dir.path()) {
         Ok(dump) => p.check(
             dump.contains("# configuration file") && dump.contains("location ^~ /_herald/"),
@@ -475,6 +511,27 @@ fn nginx_t_accepts_the_tls_snippet() {
         Err(e) => p.add(format!("nginx -t refused it:\n{e}")),
     }
     p.finish();
+}
+
+/// The check above can fail: nginx refuses a directive that does not exist
+/// in the same copy.
+#[test]
+fn nginx_t_refuses_a_misspelt_directive() {
+    let mut p = Problems::new("nginx.conf");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = rewrite(
+        &read("nginx.conf"),
+        "proxy_buffering off;",
+        "proxy_bufering off;",
+        &mut p,
+    );
+    prepare_snippet(dir.path(), &text, &mut p);
+    p.finish();
+    let err = nginx_t(dir.path()).expect_err("nginx -t accepted proxy_bufering");
+    assert!(
+        err.contains("unknown directive \"proxy_bufering\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -517,30 +574,12 @@ fn nginx_t_accepts_the_cluster_conf() {
         &format!("\nhttp {{\n{}", temp_paths(dir.path())),
         &mut p,
     );
+    let copy = loopback_listens(&copy, &tree, &mut p);
     std::fs::write(dir.path().join("main.conf"), copy).unwrap();
     if let Err(e) = nginx_t(dir.path()) {
         p.add(format!("nginx -t refused it:\n{e}"));
     }
     p.finish();
-}
-
-/// The check above can fail: nginx refuses a directive that does not exist
-/// in an otherwise valid snippet.
-#[test]
-fn nginx_t_refuses_a_misspelt_directive() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let text = read("nginx.conf").replace("proxy_buffering off;", "proxy_bufering off;");
-    let text = text.replace("ssl_certificate", "# ssl_certificate");
-    let text = text.replace("listen 443 ssl;", "listen 443;");
-    let text = text.replace("listen [::]:443 ssl;", "listen [::]:443;");
-    std::fs::write(dir.path().join("herald.conf"), text).unwrap();
-    std::fs::write(
-        dir.path().join("main.conf"),
-        snippet_main(dir.path(), "herald.conf"),
-    )
-    .unwrap();
-    let err = nginx_t(dir.path()).expect_err("nginx -t accepted proxy_bufering");
-    assert!(err.contains("proxy_bufering"), "{err}");
 }
 
 #[test]
