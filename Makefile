@@ -58,3 +58,4 @@ deps:
 test-deps: deps
 	./scripts/install-firefox.sh
 	./scripts/redis.sh install
+	./scripts/install-checkers.sh

@@ -15,6 +15,61 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Prometheus's own linter on everything Herald exports: names, HELP and
+/// TYPE lines, counter suffixes, histogram series. The traffic first makes
+/// the labelled families appear (a family with no series yet is not
+/// printed).
+#[tokio::test]
+async fn promtool_check_metrics_accepts_the_exposition() {
+    let h = Herald::start().await;
+    let app = AppServer::new();
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(Some(&app.public())).await;
+    let r = push(&ep, Some(&app), &h.url(), &keys, "x", &[("urgency", "low")]).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    let bad = http(&h, "POST", "/wpush/v1/forged", &[("ttl", "1")], vec![])
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 404);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = metrics_text(&h).await;
+    for family in [
+        "herald_messages_accepted_total",
+        "herald_http_responses_total",
+        "herald_store_operation_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{text}"
+        );
+    }
+
+    let mut cmd = tools::require("promtool", "prometheus");
+    cmd.args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("promtool starts");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn metrics_move_with_traffic() {
     let h = Herald::start_with(&[], &[("HERALD_SWEEP_INTERVAL", "1s")]).await;

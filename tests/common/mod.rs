@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod tools;
 
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};

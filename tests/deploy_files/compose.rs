@@ -1,6 +1,6 @@
 //! `deploy/docker-compose.cluster.yml`: several nodes on a Redis Cluster.
 
-use crate::nginx::{nginx_blocks, nginx_directives};
+use crate::nginx::{nginx_listen_ports, nginx_upstream_servers, parse_nginx};
 use crate::shared::*;
 
 // ---------------------------------------------------------------------------
@@ -162,11 +162,17 @@ pub(crate) fn word_after<'a>(words: &'a [String], flag: &str) -> Option<&'a str>
         .map(|w| w[1].as_str())
 }
 
-#[test]
-pub(crate) fn docker_compose_cluster_is_consistent() {
-    let mut p = Problems::new("docker-compose.cluster.yml");
+/// The Compose file as the checks read it: the YAML with merge keys
+/// applied (`raw`), the same with every variable interpolated as on a
+/// machine with no .env (`doc`), and the variables it requires.
+pub(crate) struct Compose {
+    raw: Yaml,
+    doc: Yaml,
+    required: BTreeSet<String>,
+}
+
+pub(crate) fn load_compose(p: &mut Problems) -> Compose {
     let text = read("docker-compose.cluster.yml");
-    check_yaml11_booleans("docker-compose.cluster.yml", &text, &mut p);
     let mut raw: Yaml = match serde_yaml_ng::from_str(&text) {
         Ok(v) => v,
         Err(e) => panic!("deploy/docker-compose.cluster.yml is not valid YAML: {e}"),
@@ -174,6 +180,103 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
     if let Err(e) = raw.apply_merge() {
         p.add(format!("YAML merge keys (<<): {e}"));
     }
+    let mut required = BTreeSet::new();
+    let doc = compose_interpolate_all(&raw, &mut required);
+    Compose { raw, doc, required }
+}
+
+type Services<'a> = Vec<(&'a str, &'a Yaml)>;
+
+impl Compose {
+    fn services(&self) -> Services<'_> {
+        self.doc["services"]
+            .as_mapping()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, s)| (k.as_str().unwrap_or(""), s))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    fn services_where(&self, keep: impl Fn(&Yaml) -> bool) -> Services<'_> {
+        self.services()
+            .into_iter()
+            .filter(|(_, s)| keep(s))
+            .collect()
+    }
+    /// The six Redis Cluster nodes.
+    fn redis_nodes(&self) -> Services<'_> {
+        self.services_where(|s| {
+            image_of(s).starts_with("redis:")
+                && compose_words(&s["command"])
+                    .first()
+                    .is_some_and(|c| c == "redis-server")
+        })
+    }
+    /// `service:port` of every Redis node.
+    fn redis_addrs(&self) -> BTreeSet<String> {
+        self.redis_nodes()
+            .iter()
+            .map(|(name, svc)| {
+                let words = compose_words(&svc["command"]);
+                format!("{name}:{}", word_after(&words, "--port").unwrap_or("6379"))
+            })
+            .collect()
+    }
+    /// The one-shot running `redis-cli --cluster create`.
+    fn init(&self) -> Services<'_> {
+        self.services_where(|s| {
+            compose_words(&s["command"])
+                .join(" ")
+                .contains("--cluster create")
+        })
+    }
+    fn herald_nodes(&self) -> Services<'_> {
+        self.services_where(|s| {
+            s["build"]["dockerfile"].as_str() == Some("deploy/Dockerfile")
+                || image_of(s).starts_with("herald")
+        })
+    }
+}
+
+pub(crate) fn image_of(svc: &Yaml) -> String {
+    svc["image"].as_str().unwrap_or("").to_string()
+}
+
+/// A service's depends_on as service → condition.
+pub(crate) fn depends(svc: &Yaml) -> BTreeMap<String, String> {
+    match &svc["depends_on"] {
+        Yaml::Sequence(list) => list
+            .iter()
+            .filter_map(|d| d.as_str())
+            .map(|d| (d.to_string(), "service_started".to_string()))
+            .collect(),
+        Yaml::Mapping(m) => m
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().unwrap_or("").to_string(),
+                    v["condition"]
+                        .as_str()
+                        .unwrap_or("service_started")
+                        .to_string(),
+                )
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+#[test]
+fn docker_compose_file_has_known_keys_and_its_references_resolve() {
+    let mut p = Problems::new("docker-compose.cluster.yml");
+    check_yaml11_booleans(
+        "docker-compose.cluster.yml",
+        &read("docker-compose.cluster.yml"),
+        &mut p,
+    );
+    let compose = load_compose(&mut p);
+    let (raw, doc) = (&compose.raw, &compose.doc);
     // Top-level keys Compose knows (x-* are extensions).
     if let Some(m) = raw.as_mapping() {
         for k in m.keys().filter_map(|k| k.as_str()) {
@@ -187,14 +290,9 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
             );
         }
     }
-    let mut required = BTreeSet::new();
-    let doc = compose_interpolate_all(&raw, &mut required);
-    let Some(services) = doc["services"].as_mapping() else {
-        p.add("no services");
-        p.finish();
-        return;
-    };
-    let service_names: BTreeSet<&str> = services.keys().filter_map(|k| k.as_str()).collect();
+    let services = compose.services();
+    p.check(!services.is_empty(), "no services");
+    let service_names: BTreeSet<&str> = services.iter().map(|(k, _)| *k).collect();
     let declared_volumes: BTreeSet<&str> = doc["volumes"]
         .as_mapping()
         .map(|m| m.keys().filter_map(|k| k.as_str()).collect())
@@ -203,32 +301,8 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
         .as_mapping()
         .map(|m| m.keys().filter_map(|k| k.as_str()).collect())
         .unwrap_or_default();
-    let depends = |svc: &Yaml| -> BTreeMap<String, String> {
-        match &svc["depends_on"] {
-            Yaml::Sequence(list) => list
-                .iter()
-                .filter_map(|d| d.as_str())
-                .map(|d| (d.to_string(), "service_started".to_string()))
-                .collect(),
-            Yaml::Mapping(m) => m
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().unwrap_or("").to_string(),
-                        v["condition"]
-                            .as_str()
-                            .unwrap_or("service_started")
-                            .to_string(),
-                    )
-                })
-                .collect(),
-            _ => BTreeMap::new(),
-        }
-    };
-
     // References between services, volumes and networks resolve.
-    for (name, svc) in services {
-        let name = name.as_str().unwrap_or("");
+    for (name, svc) in &services {
         for dep in depends(svc).keys() {
             p.check(
                 service_names.contains(dep.as_str()),
@@ -264,18 +338,17 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
         }
     }
 
-    // --- The Redis Cluster: six nodes, as deploy/README.md recommends.
-    let image_of = |svc: &Yaml| svc["image"].as_str().unwrap_or("").to_string();
-    let redis_nodes: Vec<(&str, &Yaml)> = services
-        .iter()
-        .filter(|(_, s)| {
-            image_of(s).starts_with("redis:")
-                && compose_words(&s["command"])
-                    .first()
-                    .is_some_and(|c| c == "redis-server")
-        })
-        .map(|(k, s)| (k.as_str().unwrap_or(""), s))
-        .collect();
+    p.finish();
+}
+
+/// The Redis Cluster: six nodes, as deploy/README.md recommends, each
+/// persistent, at a fixed address the cluster remembers it by.
+#[test]
+fn docker_compose_redis_cluster_is_six_persistent_nodes_at_fixed_addresses() {
+    let mut p = Problems::new("docker-compose.cluster.yml");
+    let compose = load_compose(&mut p);
+    let doc = &compose.doc;
+    let redis_nodes = compose.redis_nodes();
     p.check(
         redis_nodes.len() == 6,
         format!(
@@ -296,7 +369,6 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
         .and_then(|c| c["ip_range"].as_str())
         .map(String::from);
     let mut fixed = BTreeSet::new();
-    let mut redis_addrs = BTreeSet::new();
     for (name, svc) in &redis_nodes {
         p.check(
             image_of(svc).starts_with("redis:7"),
@@ -332,8 +404,6 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
             timeout.is_some_and(|t| (1000..=15000).contains(&t)),
             format!("{name}: --cluster-node-timeout {timeout:?} ms: set it, between 1000 and Redis's default 15000"),
         );
-        let port = word_after(&words, "--port").unwrap_or("6379").to_string();
-        redis_addrs.insert(format!("{name}:{port}"));
         p.check(
             seq(&svc["volumes"])
                 .iter()
@@ -364,21 +434,20 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
         }
     }
 
-    // --- The one-shot that creates the cluster.
-    let init: Vec<(&str, &Yaml)> = services
-        .iter()
-        .filter(|(_, s)| {
-            compose_words(&s["command"])
-                .join(" ")
-                .contains("--cluster create")
-        })
-        .map(|(k, s)| (k.as_str().unwrap_or(""), s))
-        .collect();
+    p.finish();
+}
+
+#[test]
+fn docker_compose_init_creates_the_cluster_from_every_redis_node() {
+    let mut p = Problems::new("docker-compose.cluster.yml");
+    let compose = load_compose(&mut p);
+    let init = compose.init();
+    let redis_nodes = compose.redis_nodes();
+    let redis_addrs = compose.redis_addrs();
     p.check(
         init.len() == 1,
         "no one-shot service running `redis-cli --cluster create`",
     );
-    let init_name = init.first().map(|(n, _)| n.to_string()).unwrap_or_default();
     if let Some((name, svc)) = init.first() {
         p.check(
             image_of(svc).starts_with("redis:7"),
@@ -445,59 +514,28 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
         }
     }
 
-    // --- The Herald nodes.
-    let herald_nodes: Vec<(&str, &Yaml)> = services
-        .iter()
-        .filter(|(_, s)| {
-            s["build"]["dockerfile"].as_str() == Some("deploy/Dockerfile")
-                || image_of(s).starts_with("herald")
-        })
-        .map(|(k, s)| (k.as_str().unwrap_or(""), s))
-        .collect();
+    p.finish();
+}
+
+#[test]
+fn docker_compose_herald_nodes_share_one_store_and_one_key() {
+    let mut p = Problems::new("docker-compose.cluster.yml");
+    let compose = load_compose(&mut p);
+    let herald_nodes = compose.herald_nodes();
     p.check(
         herald_nodes.len() == 3,
         format!("{} Herald nodes: want 3", herald_nodes.len()),
     );
-    let raw_services = &raw["services"];
+    let init_name = compose
+        .init()
+        .first()
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_default();
+    let redis_addrs = compose.redis_addrs();
     let mut shared: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     let mut node_urls = BTreeSet::new();
     for (name, svc) in &herald_nodes {
-        if let Some(build) = svc["build"].as_mapping() {
-            let context = build.get("context").and_then(|c| c.as_str()).unwrap_or(".");
-            p.check(
-                deploy_dir().join(context).join("Cargo.toml").exists()
-                    && deploy_dir().join(context).join(svc["build"]["dockerfile"].as_str().unwrap_or("")).exists(),
-                format!("{name}: build context {context} is not the repository root with deploy/Dockerfile"),
-            );
-        }
-        let words = compose_words(&svc["command"]);
-        p.check(
-            words.first().is_some_and(|w| w == "serve"),
-            format!("{name}: command {words:?} must be `serve ...`"),
-        );
-        let listen = word_after(&words, "--listen").unwrap_or("");
-        p.check(
-            port_of(listen) == Some(HTTP_PORT) && listen.starts_with("0.0.0.0:"),
-            format!("{name}: --listen {listen:?}: want 0.0.0.0:{HTTP_PORT}"),
-        );
-        let env = compose_env(svc);
-        let raw_env = compose_env(&raw_services[*name]);
-        for (k, v) in &env {
-            if k.starts_with("HERALD_") && !v.starts_with('<') {
-                if let Err(e) = check_env_setting(k, v) {
-                    p.add(format!("{name}: {e}"));
-                }
-            } else if k.starts_with("HERALD_") {
-                p.check(
-                    setting_of_env(k).is_some(),
-                    format!("{name}: {k} is not a Herald setting"),
-                );
-            }
-        }
-        p.check(
-            env.get("HERALD_STORE").map(String::as_str) == Some("redis"),
-            format!("{name}: HERALD_STORE must be redis"),
-        );
+        let raw_env = compose_env(&compose.raw["services"][*name]);
         for k in [
             "HERALD_REDIS_URL",
             "HERALD_ENDPOINT_KEYS",
@@ -510,63 +548,15 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
                 None => p.add(format!("{name}: {k} is not set")),
             }
         }
-        // The endpoint key: a reference to a required variable, never a
-        // literal key in the file.
-        let keys = raw_env
-            .get("HERALD_ENDPOINT_KEYS")
+        let node_url = compose_env(svc)
+            .get("HERALD_NODE_URL")
             .cloned()
             .unwrap_or_default();
         p.check(
-            keys.starts_with("${") && keys.contains(":?"),
-            format!("{name}: HERALD_ENDPOINT_KEYS {keys:?} must be a required variable (${{HERALD_ENDPOINT_KEYS:?...}}), not a key written in the file"),
-        );
-        // The Redis URL names the cluster's nodes.
-        let urls: BTreeSet<String> = env
-            .get("HERALD_REDIS_URL")
-            .map(|u| {
-                u.split(',')
-                    .filter_map(|u| redis_host_port(u.trim()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        p.check(
-            urls == redis_addrs,
-            format!("{name}: HERALD_REDIS_URL names {urls:?}, the Redis nodes are {redis_addrs:?}"),
-        );
-        // node_url: this very node, by its service name, on --listen's port.
-        let node_url = env.get("HERALD_NODE_URL").cloned().unwrap_or_default();
-        p.check(
-            node_url == format!("http://{name}:{HTTP_PORT}"),
-            format!("{name}: HERALD_NODE_URL {node_url:?}: want http://{name}:{HTTP_PORT}, where the other nodes reach this one"),
-        );
-        p.check(
-            node_urls.insert(node_url.clone()),
+            node_urls.insert(node_url),
             format!("{name}: HERALD_NODE_URL shared with another node"),
         );
-        let deps = depends(svc);
-        p.check(
-            deps.get(&init_name).map(String::as_str) == Some("service_completed_successfully"),
-            format!("{name}: must start after {init_name} completed successfully"),
-        );
-        let grace = svc["stop_grace_period"].as_str().and_then(compose_secs);
-        let shutdown = herald_duration_secs(&default_value("shutdown_timeout")).unwrap() as f64;
-        p.check(
-            grace.is_some_and(|g| g > shutdown),
-            format!(
-                "{name}: stop_grace_period {grace:?} s must exceed shutdown_timeout ({shutdown} s)"
-            ),
-        );
-        p.check(
-            !svc["ulimits"]["nofile"].is_null(),
-            format!("{name}: no ulimits.nofile (one descriptor per websocket)"),
-        );
-        let health = compose_words(&svc["healthcheck"]["test"]).join(" ");
-        p.check(
-            [READINESS_PATH, LIVENESS_PATH]
-                .iter()
-                .any(|path| health.contains(&format!("127.0.0.1:{HTTP_PORT}{path}"))),
-            format!("{name}: healthcheck `{health}` does not hit /ready or /health"),
-        );
+        check_herald_node(name, svc, &raw_env, &redis_addrs, &init_name, &mut p);
     }
     for (k, values) in &shared {
         p.check(
@@ -575,16 +565,140 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
         );
     }
     p.check(
-        required.contains("HERALD_ENDPOINT_KEYS"),
+        compose.required.contains("HERALD_ENDPOINT_KEYS"),
         "HERALD_ENDPOINT_KEYS is not a required variable",
     );
 
-    // --- nginx in front: the cluster config, after the nodes, published
-    // where public_url says.
+    p.finish();
+}
+
+/// One Herald node: built from this repository, `serve` on the HTTP port,
+/// its settings valid, its Redis URL naming the cluster, its node_url its
+/// own, started after the cluster exists, and stopped gracefully.
+fn check_herald_node(
+    name: &str,
+    svc: &Yaml,
+    raw_env: &BTreeMap<String, String>,
+    redis_addrs: &BTreeSet<String>,
+    init_name: &str,
+    p: &mut Problems,
+) {
+    if let Some(build) = svc["build"].as_mapping() {
+        let context = build.get("context").and_then(|c| c.as_str()).unwrap_or(".");
+        p.check(
+            deploy_dir().join(context).join("Cargo.toml").exists()
+                && deploy_dir()
+                    .join(context)
+                    .join(svc["build"]["dockerfile"].as_str().unwrap_or(""))
+                    .exists(),
+            format!(
+                "{name}: build context {context} is not the repository root with deploy/Dockerfile"
+            ),
+        );
+    }
+    let words = compose_words(&svc["command"]);
+    p.check(
+        words.first().is_some_and(|w| w == "serve"),
+        format!("{name}: command {words:?} must be `serve ...`"),
+    );
+    let listen = word_after(&words, "--listen").unwrap_or("");
+    p.check(
+        port_of(listen) == Some(HTTP_PORT) && listen.starts_with("0.0.0.0:"),
+        format!("{name}: --listen {listen:?}: want 0.0.0.0:{HTTP_PORT}"),
+    );
+    let env = compose_env(svc);
+    for (k, v) in &env {
+        if k.starts_with("HERALD_") && !v.starts_with('<') {
+            if let Err(e) = check_env_setting(k, v) {
+                p.add(format!("{name}: {e}"));
+            }
+        } else if k.starts_with("HERALD_") {
+            p.check(
+                setting_of_env(k).is_some(),
+                format!("{name}: {k} is not a Herald setting"),
+            );
+        }
+    }
+    p.check(
+        env.get("HERALD_STORE").map(String::as_str) == Some("redis"),
+        format!("{name}: HERALD_STORE must be redis"),
+    );
+    // The endpoint key: a reference to a required variable, never a
+    // literal key in the file.
+    let keys = raw_env
+        .get("HERALD_ENDPOINT_KEYS")
+        .cloned()
+        .unwrap_or_default();
+    p.check(
+        keys.starts_with("${") && keys.contains(":?"),
+        format!("{name}: HERALD_ENDPOINT_KEYS {keys:?} must be a required variable (${{HERALD_ENDPOINT_KEYS:?...}}), not a key written in the file"),
+    );
+    // The Redis URL names the cluster's nodes.
+    let urls: BTreeSet<String> = env
+        .get("HERALD_REDIS_URL")
+        .map(|u| {
+            u.split(',')
+                .filter_map(|u| redis_host_port(u.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+    p.check(
+        urls == *redis_addrs,
+        format!("{name}: HERALD_REDIS_URL names {urls:?}, the Redis nodes are {redis_addrs:?}"),
+    );
+    // node_url: this very node, by its service name, on --listen's port.
+    let node_url = env.get("HERALD_NODE_URL").cloned().unwrap_or_default();
+    p.check(
+        node_url == format!("http://{name}:{HTTP_PORT}"),
+        format!("{name}: HERALD_NODE_URL {node_url:?}: want http://{name}:{HTTP_PORT}, where the other nodes reach this one"),
+    );
+    let deps = depends(svc);
+    p.check(
+        deps.get(init_name).map(String::as_str) == Some("service_completed_successfully"),
+        format!("{name}: must start after {init_name} completed successfully"),
+    );
+    let grace = svc["stop_grace_period"].as_str().and_then(compose_secs);
+    let shutdown = herald_duration_secs(&default_value("shutdown_timeout")).unwrap() as f64;
+    p.check(
+        grace.is_some_and(|g| g > shutdown),
+        format!(
+            "{name}: stop_grace_period {grace:?} s must exceed shutdown_timeout ({shutdown} s)"
+        ),
+    );
+    p.check(
+        !svc["ulimits"]["nofile"].is_null(),
+        format!("{name}: no ulimits.nofile (one descriptor per websocket)"),
+    );
+    let health = compose_words(&svc["healthcheck"]["test"]).join(" ");
+    p.check(
+        [READINESS_PATH, LIVENESS_PATH]
+            .iter()
+            .any(|path| health.contains(&format!("127.0.0.1:{HTTP_PORT}{path}"))),
+        format!("{name}: healthcheck `{health}` does not hit /ready or /health"),
+    );
+}
+
+/// nginx in front: the cluster config, after the nodes, published where
+/// public_url says.
+#[test]
+fn docker_compose_nginx_fronts_the_herald_nodes_where_public_url_says() {
+    let mut p = Problems::new("docker-compose.cluster.yml");
+    let compose = load_compose(&mut p);
+    let services = compose.services();
+    let herald_nodes = compose.herald_nodes();
+    let public = compose
+        .herald_nodes()
+        .first()
+        .and_then(|(name, _)| {
+            compose_env(&compose.raw["services"][*name])
+                .get("HERALD_PUBLIC_URL")
+                .cloned()
+        })
+        .map(|v| compose_interpolate(&v, &mut BTreeSet::new()))
+        .unwrap_or_default();
     let nginx: Vec<(&str, &Yaml)> = services
-        .iter()
+        .into_iter()
         .filter(|(_, s)| image_of(s).starts_with("nginx"))
-        .map(|(k, s)| (k.as_str().unwrap_or(""), s))
         .collect();
     p.check(nginx.len() == 1, "no nginx service");
     if let Some((name, svc)) = nginx.first() {
@@ -597,13 +711,8 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
             mount.starts_with("./nginx-cluster.conf:/etc/nginx/nginx.conf"),
             format!("{name}: nginx-cluster.conf (a whole nginx.conf) is not mounted at /etc/nginx/nginx.conf"),
         );
-        let conf = read("nginx-cluster.conf");
-        let upstream: BTreeSet<String> = nginx_blocks(&conf, "upstream")
-            .iter()
-            .flat_map(|(_, body)| body)
-            .filter(|d| d.first() == Some(&"server"))
-            .filter_map(|d| d.get(1).map(|s| s.to_string()))
-            .collect();
+        let conf = parse_nginx(&read("nginx-cluster.conf"));
+        let upstream: BTreeSet<String> = nginx_upstream_servers(&conf).into_iter().collect();
         let nodes: BTreeSet<String> = herald_nodes
             .iter()
             .map(|(n, _)| format!("{n}:{HTTP_PORT}"))
@@ -622,10 +731,7 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
             );
         }
         // public_url's port is nginx's published port.
-        let listen_port = nginx_directives(&conf)
-            .iter()
-            .find(|d| d[0] == "listen")
-            .and_then(|d| d.get(1)?.rsplit(':').next()?.parse::<u16>().ok());
+        let listen_port = nginx_listen_ports(&conf).first().copied();
         let published: Vec<(String, String)> = seq(&svc["ports"])
             .iter()
             .filter_map(|p| p.as_str())
@@ -635,11 +741,6 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
                 Some((host_port.to_string(), container.to_string()))
             })
             .collect();
-        let public = shared
-            .get("HERALD_PUBLIC_URL")
-            .and_then(|v| v.iter().next())
-            .map(|v| compose_interpolate(v, &mut BTreeSet::new()))
-            .unwrap_or_default();
         let public_port = public
             .split("://")
             .nth(1)
@@ -654,5 +755,60 @@ pub(crate) fn docker_compose_cluster_is_consistent() {
             format!("{name}: publishes {published:?}, but HERALD_PUBLIC_URL is {public} and nginx listens on {listen_port:?}"),
         );
     }
+    p.finish();
+}
+
+/// Compose's own reading of the file, as far as Debian packages one that
+/// works offline: `docker-compose config` (1.29) validates the file against
+/// the Compose schema and interpolates it, with no Docker daemon. That
+/// version predates the top-level `name` key (Compose v2), so the copy under
+/// test goes without it (`name` is among the top-level keys checked above).
+/// It runs with an empty environment and .env file, so nothing of this
+/// machine's settles the outcome; first without HERALD_ENDPOINT_KEYS, which
+/// it must refuse, then with one.
+#[test]
+fn docker_compose_config_accepts_the_file() {
+    let mut p = Problems::new("docker-compose.cluster.yml");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = read("docker-compose.cluster.yml");
+    p.check(
+        text.lines().any(|l| l.starts_with("name:")),
+        "no top-level name: update this test",
+    );
+    let copy: String = text
+        .lines()
+        .filter(|l| !l.starts_with("name:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let file = dir.path().join("docker-compose.yml");
+    std::fs::write(&file, copy).unwrap();
+    let env_file = dir.path().join("empty.env");
+    std::fs::write(&env_file, "").unwrap();
+    let config = |endpoint_keys: Option<&str>| {
+        let mut cmd = crate::tools::require("docker-compose", "docker-compose");
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .arg("--project-directory")
+            .arg(deploy_dir())
+            .arg("--env-file")
+            .arg(&env_file)
+            .arg("-f")
+            .arg(&file)
+            .args(["config", "-q"]);
+        if let Some(keys) = endpoint_keys {
+            cmd.env("HERALD_ENDPOINT_KEYS", keys);
+        }
+        crate::tools::run(cmd)
+    };
+    let (ok, _, err) = config(None);
+    p.check(
+        !ok && err.contains("HERALD_ENDPOINT_KEYS"),
+        format!("docker-compose config without HERALD_ENDPOINT_KEYS: want a refusal naming it, got ok={ok}: {err}"),
+    );
+    let (ok, _, err) = config(Some("a-key-from-herald-keygen"));
+    p.check(
+        ok,
+        format!("docker-compose config refused the file:\n{err}"),
+    );
     p.finish();
 }

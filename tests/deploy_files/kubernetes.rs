@@ -1,4 +1,11 @@
 //! `deploy/kubernetes/`: both layouts, with and without `kubectl kustomize`.
+//!
+//! Debian packages neither kubectl nor kustomize (bookworm), so `make
+//! test-deps` cannot install them and the kustomization is resolved by hand
+//! (`kustomize_static`); where a kubectl is on PATH anyway, its `kubectl
+//! kustomize` build is compared with ours, and its absence is printed, not
+//! failed. Server-side validation (`kubectl apply --dry-run=server`) needs a
+//! cluster and is out of reach here.
 
 use crate::docker::dockerfile_user_uid;
 use crate::shared::*;
@@ -260,6 +267,14 @@ pub(crate) fn pre_stop_secs(container: &Yaml) -> i64 {
     }
 }
 
+/// The documents of one kind.
+fn docs_of_kind<'a>(docs: &'a [(String, Yaml)], kind: &str) -> Vec<&'a Yaml> {
+    docs.iter()
+        .map(|(_, d)| d)
+        .filter(|d| kind_of(d) == kind)
+        .collect()
+}
+
 /// Checks every layout makes alike: the kinds, the one Herald workload of
 /// `kind`, its pod, container, config, probes, Services and Ingress.
 pub(crate) fn check_herald_layout(
@@ -267,12 +282,55 @@ pub(crate) fn check_herald_layout(
     kind: &str,
     p: &mut Problems,
 ) -> Option<Workload> {
-    let by_kind = |k: &str| -> Vec<&Yaml> {
-        docs.iter()
-            .map(|(_, d)| d)
-            .filter(|d| kind_of(d) == k)
-            .collect()
+    check_documents(docs, kind, p);
+    let workloads = docs_of_kind(docs, kind);
+    p.check(
+        workloads.len() == 1,
+        format!("expected one {kind}, found {}", workloads.len()),
+    );
+    let w = *workloads.first()?;
+    let spec = w["spec"].clone();
+    let pod = spec["template"]["spec"].clone();
+    let pod_labels = spec["template"]["metadata"]["labels"].clone();
+    check_string_map("pod template label", &pod_labels, p);
+    check_string_map(
+        "pod template annotation",
+        &spec["template"]["metadata"]["annotations"],
+        p,
+    );
+    p.check(
+        selects(&spec["selector"]["matchLabels"], &pod_labels),
+        format!("{kind} selector.matchLabels does not match the pod labels"),
+    );
+    let Some(c) = seq(&pod["containers"])
+        .iter()
+        .find(|c| c["name"].as_str() == Some("herald"))
+        .cloned()
+    else {
+        p.add("no container named herald");
+        return None;
     };
+
+    let (config, claims) = check_args_and_mounts(docs, &spec, &pod, &c, p);
+    check_pod_security(&pod, &c, &config, p);
+    let public_url = check_env(&c, p);
+    check_ports_and_probes(&c, &config, p);
+    let services = docs_of_kind(docs, "Service");
+    check_services(&services, &pod_labels, &c, p);
+    check_ingress(docs, &services, public_url.as_deref(), p);
+    Some(Workload {
+        spec,
+        pod,
+        pod_labels,
+        container: c,
+        config,
+        claims,
+    })
+}
+
+/// Every document: a known kind, apiVersion, a unique name, string labels
+/// and annotations; and one kind of workload.
+fn check_documents(docs: &[(String, Yaml)], kind: &str, p: &mut Problems) {
     let mut seen = BTreeSet::new();
     for (file, doc) in docs {
         let k = kind_of(doc);
@@ -309,40 +367,22 @@ pub(crate) fn check_herald_layout(
     }
     for other in ["StatefulSet", "Deployment"].iter().filter(|k| **k != kind) {
         p.check(
-            by_kind(other).is_empty(),
+            docs_of_kind(docs, other).is_empty(),
             format!("a {other} beside the {kind}: one workload per layout"),
         );
     }
-    let workloads = by_kind(kind);
-    p.check(
-        workloads.len() == 1,
-        format!("expected one {kind}, found {}", workloads.len()),
-    );
-    let w = *workloads.first()?;
-    let spec = w["spec"].clone();
-    let pod = spec["template"]["spec"].clone();
-    let pod_labels = spec["template"]["metadata"]["labels"].clone();
-    check_string_map("pod template label", &pod_labels, p);
-    check_string_map(
-        "pod template annotation",
-        &spec["template"]["metadata"]["annotations"],
-        p,
-    );
-    p.check(
-        selects(&spec["selector"]["matchLabels"], &pod_labels),
-        format!("{kind} selector.matchLabels does not match the pod labels"),
-    );
-    let Some(c) = seq(&pod["containers"])
-        .iter()
-        .find(|c| c["name"].as_str() == Some("herald"))
-        .cloned()
-    else {
-        p.add("no container named herald");
-        return None;
-    };
+}
 
-    // Arguments: serve, config from a ConfigMap mount, listen on the HTTP
-    // port.
+/// Arguments: serve, config from a ConfigMap mount, listen on the HTTP
+/// port; every mount has a volume. Returns the mounted herald.toml and the
+/// volume claim templates.
+fn check_args_and_mounts(
+    docs: &[(String, Yaml)],
+    spec: &Yaml,
+    pod: &Yaml,
+    c: &Yaml,
+    p: &mut Problems,
+) -> (toml::Table, BTreeSet<String>) {
     let args: Vec<&str> = seq(&c["args"]).iter().filter_map(|a| a.as_str()).collect();
     let flag = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1]);
     p.check(
@@ -362,7 +402,7 @@ pub(crate) fn check_herald_layout(
             .iter()
             .find(|m| m["mountPath"].as_str() == Some(path))
     };
-    let configmaps = by_kind("ConfigMap");
+    let configmaps = docs_of_kind(docs, "ConfigMap");
     let mut config = toml::Table::new();
     match flag("--config") {
         None => p.add("args lack --config (the ConfigMap's herald.toml)"),
@@ -405,9 +445,13 @@ pub(crate) fn check_herald_layout(
         );
     }
 
+    (config, claims)
+}
+
+fn check_pod_security(pod: &Yaml, c: &Yaml, config: &toml::Table, p: &mut Problems) {
     // Graceful shutdown (after any preStop pause) fits in the grace period.
     let grace = pod["terminationGracePeriodSeconds"].as_i64();
-    let stop = shutdown_timeout_secs(&config) as i64 + pre_stop_secs(&c);
+    let stop = shutdown_timeout_secs(config) as i64 + pre_stop_secs(c);
     p.check(
         grace.is_some_and(|g| g > stop),
         format!(
@@ -454,7 +498,10 @@ pub(crate) fn check_herald_layout(
             format!("resources.{part}.memory is missing"),
         );
     }
+}
 
+/// Returns HERALD_PUBLIC_URL.
+fn check_env(c: &Yaml, p: &mut Problems) -> Option<String> {
     // Environment: strings or references; every HERALD_* is a setting with a
     // value Herald accepts (values built from $(VAR) are checked per layout).
     for e in seq(&c["env"]) {
@@ -488,8 +535,10 @@ pub(crate) fn check_herald_layout(
             .is_some_and(|u| u.starts_with("https://")),
         format!("env HERALD_PUBLIC_URL {public_url:?} must be set to an https:// URL"),
     );
+    public_url
+}
 
-    // Ports and probes.
+fn check_ports_and_probes(c: &Yaml, config: &toml::Table, p: &mut Problems) {
     p.check(
         seq(&c["ports"])
             .iter()
@@ -519,17 +568,18 @@ pub(crate) fn check_herald_layout(
             format!("{probe} must GET {path}, has {:?}", get["path"]),
         );
         p.check(
-            resolve_port(&get["port"], &c) == Some(HTTP_PORT),
+            resolve_port(&get["port"], c) == Some(HTTP_PORT),
             format!("{probe} port {:?} is not {HTTP_PORT}", get["port"]),
         );
     }
+}
 
-    // Services select the pods and target their ports.
-    let services = by_kind("Service");
+/// Services select the pods and target their ports.
+fn check_services(services: &[&Yaml], pod_labels: &Yaml, c: &Yaml, p: &mut Problems) {
     p.check(!services.is_empty(), "no Service");
-    for s in &services {
+    for s in services {
         p.check(
-            selects(&s["spec"]["selector"], &pod_labels),
+            selects(&s["spec"]["selector"], pod_labels),
             format!("Service {} does not select the Herald pods", name_of(s)),
         );
         for port in seq(&s["spec"]["ports"]) {
@@ -539,7 +589,7 @@ pub(crate) fn check_herald_layout(
                 &port["targetPort"]
             };
             p.check(
-                resolve_port(target, &c).is_some_and(|n| {
+                resolve_port(target, c).is_some_and(|n| {
                     seq(&c["ports"])
                         .iter()
                         .any(|cp| cp["containerPort"].as_i64() == Some(n))
@@ -551,10 +601,17 @@ pub(crate) fn check_herald_layout(
             );
         }
     }
+}
 
-    // The Ingress: for the public URL's host, to Service ports that exist,
-    // with TLS, and only for the public paths.
-    for ing in by_kind("Ingress") {
+/// The Ingress: for the public URL's host, to Service ports that exist,
+/// with TLS, and only for the public paths.
+fn check_ingress(
+    docs: &[(String, Yaml)],
+    services: &[&Yaml],
+    public_url: Option<&str>,
+    p: &mut Problems,
+) {
+    for ing in docs_of_kind(docs, "Ingress") {
         for rule in seq(&ing["spec"]["rules"]) {
             if let Some(url) = &public_url {
                 let host = url
@@ -614,14 +671,6 @@ pub(crate) fn check_herald_layout(
             "Ingress has no tls section (Firefox needs wss://)",
         );
     }
-    Some(Workload {
-        spec,
-        pod,
-        pod_labels,
-        container: c,
-        config,
-        claims,
-    })
 }
 
 /// `kubectl kustomize DIR`, when kubectl is installed: the documents
@@ -764,8 +813,20 @@ pub(crate) fn kubernetes_single_node_is_one_statefulset_pod_with_a_volume() {
     p.finish();
 }
 
+/// The Redis layout's documents and Herald workload, for the focused tests
+/// below. What every layout shares is checked and reported by
+/// `kubernetes_redis_layout_runs_three_stateless_nodes`; the others only need
+/// the workload, and fail if there is none.
+fn redis_layout(p: &mut Problems) -> Option<(Vec<(String, Yaml)>, Workload)> {
+    let docs = kustomize_static(&kubernetes_dir().join("redis"), p, &mut BTreeSet::new());
+    let mut shared = Problems::new("kubernetes/redis/");
+    let w = check_herald_layout(&docs, "Deployment", &mut shared);
+    p.check(w.is_some(), "no Herald Deployment");
+    Some((docs, w?))
+}
+
 #[test]
-pub(crate) fn kubernetes_redis_layout_runs_three_stateless_nodes() {
+fn kubernetes_redis_layout_runs_three_stateless_nodes() {
     let mut p = Problems::new("kubernetes/redis/ (several nodes on Redis)");
     let docs = kustomize_static(
         &kubernetes_dir().join("redis"),
@@ -773,8 +834,7 @@ pub(crate) fn kubernetes_redis_layout_runs_three_stateless_nodes() {
         &mut BTreeSet::new(),
     );
     let Some(w) = check_herald_layout(&docs, "Deployment", &mut p) else {
-        p.finish();
-        return;
+        return p.finish();
     };
     let replicas = w.spec["replicas"].as_i64().unwrap_or(1);
     p.check(replicas == 3, format!("replicas {replicas}: want 3 nodes"));
@@ -787,6 +847,15 @@ pub(crate) fn kubernetes_redis_layout_runs_three_stateless_nodes() {
         "a persistentVolumeClaim volume: nodes on Redis keep nothing locally",
     );
 
+    p.finish();
+}
+
+#[test]
+fn kubernetes_redis_layout_takes_its_keys_and_redis_url_from_secrets() {
+    let mut p = Problems::new("kubernetes/redis/ (several nodes on Redis)");
+    let Some((_, w)) = redis_layout(&mut p) else {
+        return p.finish();
+    };
     // Redis mode, with its required settings.
     p.check(
         w.setting("store").as_deref() == Some("redis"),
@@ -820,6 +889,15 @@ pub(crate) fn kubernetes_redis_layout_runs_three_stateless_nodes() {
         );
     }
 
+    p.finish();
+}
+
+#[test]
+fn kubernetes_redis_layout_node_url_is_the_pods_own_address() {
+    let mut p = Problems::new("kubernetes/redis/ (several nodes on Redis)");
+    let Some((_, w)) = redis_layout(&mut p) else {
+        return p.finish();
+    };
     // node_url: this pod's own IP (downward API) and the --listen port.
     let env = seq(&w.container["env"]);
     match w.env_value("HERALD_NODE_URL") {
@@ -868,6 +946,16 @@ pub(crate) fn kubernetes_redis_layout_runs_three_stateless_nodes() {
         }
     }
 
+    p.finish();
+}
+
+#[test]
+fn kubernetes_redis_layout_spreads_nodes_and_keeps_capacity_in_updates() {
+    let mut p = Problems::new("kubernetes/redis/ (several nodes on Redis)");
+    let Some((docs, w)) = redis_layout(&mut p) else {
+        return p.finish();
+    };
+    let replicas = w.spec["replicas"].as_i64().unwrap_or(1);
     // Spread over machines, sized, and updated without losing capacity.
     let anti =
         seq(&w.pod["affinity"]["podAntiAffinity"]

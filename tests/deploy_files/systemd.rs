@@ -165,64 +165,17 @@ pub(crate) fn systemd_unit_is_hardened_and_stops_gracefully() {
         format!("TimeoutStopSec ({stop:?} s) must exceed shutdown_timeout ({shutdown} s)"),
     );
 
-    // systemd's own parser, when this machine has it. It warns (exit code 0)
-    // about unknown keys and bad values, so any message about the unit fails.
-    // ExecStart points at a stand-in executable: verify insists that the
-    // binary exists, and Herald is not installed here.
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let stub = dir.path().join("herald");
-        std::fs::write(&stub, "#!/bin/sh\nexit 0\n").unwrap();
-        std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let binary = words.first().copied().unwrap_or("/usr/local/bin/herald");
-        let unit_path = dir.path().join("herald.service");
-        std::fs::write(&unit_path, text.replace(binary, stub.to_str().unwrap())).unwrap();
-        let out = Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .arg(&unit_path)
-            .output()
-            .unwrap();
-        let messages = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        let about_unit: Vec<&str> = messages.lines().filter(|l| l.contains("herald")).collect();
-        p.check(
-            out.status.success() && about_unit.is_empty(),
-            format!(
-                "systemd-analyze verify: {}\n{}",
-                out.status,
-                about_unit.join("\n")
-            ),
-        );
-    } else {
-        println!(
-            "note: systemd-analyze not found; skipped `systemd-analyze verify` of herald.service"
-        );
-    }
     p.finish();
 }
 
 /// systemd's own parser: `systemd-analyze verify` reads the unit as systemd
 /// would (unknown keys, bad values, missing binaries) and needs no running
-/// systemd. Unknown keys are only warnings there, so any line naming the unit
-/// fails the test. The binary path is pointed at the one cargo built, since
-/// verify checks that ExecStart exists. Skipped, with a note, where Debian's
-/// `systemd` package is absent (`make test-deps` installs it).
+/// systemd. Unknown keys are only warnings there (exit code 0), so any line
+/// naming the unit or its binary fails the test. ExecStart is pointed at the
+/// binary cargo built, since verify checks that it exists.
 #[test]
 fn systemd_analyze_verify_accepts_the_unit() {
     let mut p = Problems::new("herald.service");
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("systemd-analyze not installed (make test-deps): skipped");
-        return;
-    }
     let dir = tempfile::tempdir().expect("temp dir");
     let unit = dir.path().join("herald.service");
     let text =
@@ -232,17 +185,11 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "ExecStart no longer runs /usr/local/bin/herald; update this test",
     );
     std::fs::write(&unit, text).expect("write unit");
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&unit)
-        .output()
-        .expect("run systemd-analyze");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    p.check(
-        out.status.success(),
-        format!("systemd-analyze verify failed: {stderr}"),
-    );
-    for line in stderr.lines().filter(|l| l.contains("herald.service")) {
+    let mut cmd = crate::tools::require("systemd-analyze", "systemd");
+    cmd.args(["verify", "--man=no"]).arg(&unit);
+    let (ok, stdout, stderr) = crate::tools::run(cmd);
+    p.check(ok, format!("systemd-analyze verify failed: {stderr}"));
+    for line in (stdout + &stderr).lines().filter(|l| l.contains("herald")) {
         p.add(format!("systemd-analyze verify: {line}"));
     }
     p.finish();
