@@ -358,76 +358,7 @@ async fn send_delivers_and_reports_refusals() {
     let (_, plain) = ua.notification().await;
     assert_eq!(plain.as_deref(), Some(&payload[..]));
 
-    // A forged endpoint: the token does not decrypt.
-    let (base, _) = endpoint.rsplit_once('/').unwrap();
-    let mut junk = [0u8; 64];
-    rand::rngs::OsRng.fill_bytes(&mut junk);
-    let forged = ua
-        .subscription(&format!("{base}/{}", URL_SAFE_NO_PAD.encode(junk)))
-        .to_string();
-    let out = herald_send(args(&[
-        "--subscription",
-        &forged,
-        "--vapid-key",
-        &key,
-        "--data",
-        "x",
-    ]))
-    .await;
-    assert!(
-        !out.status.success(),
-        "forged endpoint accepted: {}",
-        stdout(&out)
-    );
-    assert!(stdout(&out).starts_with("404"), "{}", stdout(&out));
-    assert!(stderr(&out).contains("errno 102"), "{}", stderr(&out));
-
-    // Another application server's key for a key-bound subscription.
-    let other_key = dir.path().join("other.pem");
-    let out = herald(&["vapid", "generate", "--out", other_key.to_str().unwrap()]);
-    assert!(out.status.success());
-    let out = herald_send(args(&[
-        "--subscription",
-        &sub_file,
-        "--vapid-key",
-        other_key.to_str().unwrap(),
-        "--data",
-        "x",
-    ]))
-    .await;
-    assert!(
-        !out.status.success(),
-        "wrong VAPID key accepted: {}",
-        stdout(&out)
-    );
-    assert!(stdout(&out).starts_with("403"), "{}", stdout(&out));
-    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
-
-    // No VAPID at all on a key-bound subscription.
-    let out = herald_send(args(&["--subscription", &sub_file, "--data", "x"])).await;
-    assert!(
-        !out.status.success(),
-        "unsigned push accepted: {}",
-        stdout(&out)
-    );
-    assert!(stdout(&out).starts_with("401"), "{}", stdout(&out));
-    assert!(stderr(&out).contains("errno 109"), "{}", stderr(&out));
-
-    // Bad input is refused locally, with the reason, before any request.
-    let out = herald_send(args(&[
-        "--subscription",
-        &sub_file,
-        "--topic",
-        "no spaces allowed",
-        "--data",
-        "x",
-    ]))
-    .await;
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("topic"), "{}", stderr(&out));
-    let out = herald_send(args(&["--subscription", "{\"endpoint\": 5}"])).await;
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("subscription"), "{}", stderr(&out));
+    refusals_are_reported(&ua, &endpoint, &sub_file, dir.path(), &key).await;
 
     // After the user agent unregisters, the endpoint is gone.
     ua.send(json!({"messageType": "unregister", "channelID": channel}))
@@ -454,6 +385,87 @@ async fn send_delivers_and_reports_refusals() {
         stdout(&out),
         stderr(&out)
     );
+}
+
+/// What `herald send` prints when the push service refuses, and what it
+/// refuses itself before sending.
+async fn refusals_are_reported(
+    ua: &UserAgent,
+    endpoint: &str,
+    sub_file: &str,
+    dir: &Path,
+    key: &str,
+) {
+    // A forged endpoint: the token does not decrypt.
+    let (base, _) = endpoint.rsplit_once('/').unwrap();
+    let mut junk = [0u8; 64];
+    rand::rngs::OsRng.fill_bytes(&mut junk);
+    let forged = ua
+        .subscription(&format!("{base}/{}", URL_SAFE_NO_PAD.encode(junk)))
+        .to_string();
+    let out = herald_send(args(&[
+        "--subscription",
+        &forged,
+        "--vapid-key",
+        key,
+        "--data",
+        "x",
+    ]))
+    .await;
+    assert!(
+        !out.status.success(),
+        "forged endpoint accepted: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).starts_with("404"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("errno 102"), "{}", stderr(&out));
+
+    // Another application server's key for a key-bound subscription.
+    let other_key = dir.join("other.pem");
+    let out = herald(&["vapid", "generate", "--out", other_key.to_str().unwrap()]);
+    assert!(out.status.success());
+    let out = herald_send(args(&[
+        "--subscription",
+        sub_file,
+        "--vapid-key",
+        other_key.to_str().unwrap(),
+        "--data",
+        "x",
+    ]))
+    .await;
+    assert!(
+        !out.status.success(),
+        "wrong VAPID key accepted: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).starts_with("403"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+
+    // No VAPID at all on a key-bound subscription.
+    let out = herald_send(args(&["--subscription", sub_file, "--data", "x"])).await;
+    assert!(
+        !out.status.success(),
+        "unsigned push accepted: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).starts_with("401"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("errno 109"), "{}", stderr(&out));
+
+    // Bad input is refused locally, with the reason, before any request.
+    let out = herald_send(args(&[
+        "--subscription",
+        sub_file,
+        "--topic",
+        "no spaces allowed",
+        "--data",
+        "x",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("topic"), "{}", stderr(&out));
+    let out = herald_send(args(&["--subscription", "{\"endpoint\": 5}"])).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("subscription"), "{}", stderr(&out));
 }
 
 #[test]

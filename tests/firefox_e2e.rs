@@ -331,7 +331,22 @@ fn raw_http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str
 #[test]
 fn firefox_subscribes_receives_queues_and_unsubscribes() {
     let mut rig = Rig::new();
+    let subscription = subscribe_and_receive_live(&mut rig);
+    firefox_acks_a_push_that_asks_for_a_receipt(&mut rig, &subscription);
+    // 2c. Legacy aesgcm in each spelling application servers use: quoted
+    // or not, base64 padded or not. Herald normalises the headers, so all
+    // four decrypt in Firefox (which refuses padded base64).
+    let forms = push_aesgcm_forms(&rig, &subscription);
+    for text in &forms {
+        rig.wait_received(text, "aesgcm push");
+    }
+    queued_while_closed_arrive_once(&mut rig, &forms);
+    unsubscribing_makes_the_endpoint_gone(&mut rig, &subscription);
+}
 
+/// Steps 1 and 2: the subscription the page handed over, after a live push
+/// reached its service worker.
+fn subscribe_and_receive_live(rig: &mut Rig) -> Value {
     // 1. The page subscribes through Herald and hands over the subscription.
     rig.launch("");
     let subscription = rig.wait_subscription();
@@ -374,6 +389,10 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
         "another subscription's list is not empty"
     );
 
+    subscription
+}
+
+fn firefox_acks_a_push_that_asks_for_a_receipt(rig: &mut Rig, subscription: &Value) {
     // 2b. A push asking for a delivery receipt: Firefox's own ack, sent once
     // its service worker has handled the message, reports it delivered.
     let out = Command::new(HERALD)
@@ -394,15 +413,9 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
         rig.logs()
     );
     rig.wait_received("with a receipt", "push with a receipt");
+}
 
-    // 2c. Legacy aesgcm in each spelling application servers use: quoted
-    // or not, base64 padded or not. Herald normalises the headers, so all
-    // four decrypt in Firefox (which refuses padded base64).
-    let forms = push_aesgcm_forms(&rig, &subscription);
-    for text in &forms {
-        rig.wait_received(text, "aesgcm push");
-    }
-
+fn queued_while_closed_arrive_once(rig: &mut Rig, forms: &[String]) {
     // 3. While the browser is closed Herald keeps messages: a newer one
     // with the same topic replaces the older, and an expired one is dropped.
     rig.close();
@@ -447,7 +460,9 @@ fn firefox_subscribes_receives_queues_and_unsubscribes() {
             "{text:?} not delivered exactly once: {received:?}"
         );
     }
+}
 
+fn unsubscribing_makes_the_endpoint_gone(rig: &mut Rig, subscription: &Value) {
     // 4. The page unsubscribes; the endpoint is then gone.
     rig.close();
     rig.launch("?action=unsubscribe");

@@ -246,14 +246,29 @@ fn key_bytes(sub: &Value, field: &str) -> Vec<u8> {
     unb64(sub["keys"][field].as_str().unwrap())
 }
 
+/// The subscriptions `round_trips_with_herald_send_and_an_independent_sender`
+/// works with, and the VAPID key one of them is bound to.
+struct Subscribed {
+    open: Value,
+    bound: Value,
+    key_file: std::path::PathBuf,
+    app_key: String,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_with_herald_send_and_an_independent_sender() {
     let h = Herald::start().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("listen.json");
+    let subs = subscribe_open_and_bound(&h, &state, dir.path()).await;
+    listener_receives_every_kind_of_push(&h, &state, &subs).await;
+    run_count_takes_a_message_queued_while_nobody_listens(&h, &state, &subs).await;
+    list_and_unsubscribe(&h, &state, &subs).await;
+}
 
+async fn subscribe_open_and_bound(h: &Herald, state: &Path, dir: &Path) -> Subscribed {
     // An open subscription: exactly the shape PushSubscription.toJSON() has.
-    let open = subscribe(&state, &h, "open", None).await;
+    let open = subscribe(state, &h, "open", None).await;
     let fields: Vec<&String> = open.as_object().unwrap().keys().collect();
     assert_eq!(fields, ["endpoint", "expirationTime", "keys"], "{open}");
     assert!(open["expirationTime"].is_null());
@@ -266,12 +281,12 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
     );
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        let mode = std::fs::metadata(state).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "state file mode {mode:o}");
     }
 
     // Bound to a VAPID key made by `herald vapid`.
-    let key_file = dir.path().join("vapid.pem");
+    let key_file = dir.join("vapid.pem");
     let out = herald(strings(&[
         "vapid",
         "generate",
@@ -281,15 +296,15 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let app_key = stdout(&out).trim().to_string();
-    let bound = subscribe(&state, &h, "bound", Some(&app_key)).await;
+    let bound = subscribe(state, &h, "bound", Some(&app_key)).await;
     assert!(
         bound["endpoint"].as_str().unwrap().contains("/wpush/v2/"),
         "{bound}"
     );
     // The same name and key again (by public key or by key file): the same subscription.
-    assert_eq!(subscribe(&state, &h, "bound", Some(&app_key)).await, bound);
+    assert_eq!(subscribe(state, &h, "bound", Some(&app_key)).await, bound);
     assert_eq!(
-        subscribe(&state, &h, "bound", Some(key_file.to_str().unwrap())).await,
+        subscribe(state, &h, "bound", Some(key_file.to_str().unwrap())).await,
         bound
     );
     // Another key for an existing name is refused.
@@ -310,6 +325,21 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
         stderr(&out)
     );
 
+    Subscribed {
+        open,
+        bound,
+        key_file,
+        app_key,
+    }
+}
+
+async fn listener_receives_every_kind_of_push(h: &Herald, state: &Path, subs: &Subscribed) {
+    let Subscribed {
+        open,
+        bound,
+        key_file,
+        ..
+    } = subs;
     let mut listener = Listener::start(&state, &[]);
     listener.wait_stderr("connected", Duration::from_secs(20));
 
@@ -393,7 +423,16 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
 
     wait_acked(&h, 4).await;
     assert_eq!(listener.stop().code(), Some(0), "{}", listener.stderr());
+}
 
+async fn run_count_takes_a_message_queued_while_nobody_listens(
+    h: &Herald,
+    state: &Path,
+    subs: &Subscribed,
+) {
+    let Subscribed {
+        bound, key_file, ..
+    } = subs;
     // Sent while nobody listens; `run --count 1` takes it and exits.
     send(
         &bound,
@@ -424,7 +463,11 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
     assert_eq!(lines.len(), 1, "{}", stdout(&out));
     assert_eq!(lines[0]["text"], "one shot");
     wait_acked(&h, 5).await;
+}
 
+async fn list_and_unsubscribe(h: &Herald, state: &Path, subs: &Subscribed) {
+    let Subscribed { open, app_key, .. } = subs;
+    let endpoint = open["endpoint"].as_str().unwrap();
     // list shows all three; unsubscribe makes the endpoint gone.
     let listed: Value =
         serde_json::from_str(&listen_ok(&state, &["list", "--json"]).await).unwrap();
@@ -439,7 +482,7 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
         listed["subscriptions"]["bound"]["app_server_key"],
         app_key.as_str()
     );
-    assert_eq!(listed["subscriptions"]["open"]["subscription"], open);
+    assert_eq!(listed["subscriptions"]["open"]["subscription"], *open);
     let table = listen_ok(&state, &["list"]).await;
     assert!(
         table.contains("bound") && table.contains("vapid") && table.contains(endpoint),
