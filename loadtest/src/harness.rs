@@ -81,6 +81,15 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Refuses to start when a --server-pid cannot be read: every server
+    /// figure of the run would silently be missing.
+    pub fn require_readable_servers(&self) -> Result<()> {
+        if let Some(pid) = self.server.unreadable() {
+            bail!("cannot read /proc/{pid}/status: is --server-pid right?");
+        }
+        Ok(())
+    }
+
     /// Brings up `uas` user agents with --channels channels each (user agent
     /// u registers `ids[u*channels..]`, channel c with `keys[c % len]`),
     /// --concurrency at a time, spread over the nodes.
