@@ -311,3 +311,23 @@ fn collect(
         Err(_) => failures.add("setup: task failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_with_nobody_up_is_refused_with_its_failures() {
+        let setup = Setup {
+            ups: vec![None, None],
+            connected: 0,
+            errors: Tally::default(),
+            latency: Hist::new(),
+        };
+        setup.errors.add_n("setup connect: ECONNREFUSED", 2);
+        let e = setup.require_any("subscribe").unwrap_err().to_string();
+        assert!(e.starts_with("no user agent could subscribe"), "{e}");
+        assert!(e.contains("ECONNREFUSED"), "{e}");
+        assert_eq!(setup.uaids(), vec![None, None]);
+    }
+}

@@ -198,3 +198,28 @@ impl RateWatch {
         self.task.await.unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    #[tokio::test]
+    async fn rate_watch_counts_from_its_start_and_samples_at_the_stop() {
+        let n = Arc::new(AtomicU64::new(5));
+        let counter = n.clone();
+        // An hour between ticks: only the stop takes a sample.
+        let watch = RateWatch::spawn(&["x"], Duration::from_secs(3600), move || {
+            vec![counter.load(Relaxed)]
+        });
+        n.store(105, Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let points = watch.stop().await;
+        assert_eq!(points.len(), 1, "{points:?}");
+        let p = &points[0];
+        assert!(p.t_s >= 0.019, "{p:?}");
+        // The 5 counted before the watch started are not a rate.
+        let counted = p.rates["x"] * p.t_s;
+        assert!((counted - 100.0).abs() < 1e-6, "{counted}");
+    }
+}

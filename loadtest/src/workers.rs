@@ -741,6 +741,48 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
     }
 
+    const LIM: FileLimit = FileLimit {
+        soft: 1100,
+        hard: 1100,
+    };
+
+    #[test]
+    fn sizing_spreads_over_processes_by_the_open_file_limit() {
+        // 1000 connections per process under a 1100-file limit.
+        assert_eq!(Sizing::new(2500, None, None, LIM).procs, 3);
+        assert_eq!(Sizing::new(1000, None, None, LIM).procs, 1);
+        assert_eq!(Sizing::new(10, Some(0), None, LIM).procs, 1);
+        let given = Sizing::new(10, Some(4), Some(7), LIM);
+        assert_eq!((given.procs, given.srcs), (4, 7));
+        assert_eq!(Sizing::new(10, None, Some(999), LIM).srcs, 250);
+        assert!(Sizing::new(10, None, None, LIM).ports > 0);
+    }
+
+    #[tokio::test]
+    async fn workers_with_nobody_to_open_report_final_and_release() {
+        let template = WorkerSpec {
+            urls: vec!["ws://127.0.0.1:9/".into()],
+            count: 0,
+            first_index: 0,
+            source_addrs: 1,
+            concurrency: 1,
+            rate: 0.0,
+            channels: 1,
+            timeout: 1.0,
+            max_consecutive_failures: 1,
+            max_connect_secs: 1.0,
+            max_life_secs: 1.0,
+            follow: None,
+            progress_ms: 0,
+        };
+        // Two workers with nobody to open: each reports its Final at once.
+        let mut w = Workers::spawn(2, 0, &template).await.unwrap();
+        w.release().await;
+        assert!(w.state.iter().all(|s| s.finished));
+        assert!(w.errors.is_empty(), "{:?}", w.errors);
+        assert_eq!(w.sum(|s| s.established), 0);
+    }
+
     #[test]
     fn worker_events_round_trip_as_json_lines() {
         let ev = WorkerEvent::Launched {
@@ -750,10 +792,7 @@ mod tests {
             last_established_us: 99,
             failures: f(&[("connect: EMFILE", 1)]),
             setup_latency: vec![(100, 2), (2000, 3)],
-            nofile: FileLimit {
-                soft: 20000,
-                hard: 20000,
-            },
+            nofile: LIM,
             rss_start_kib: 1,
             rss_kib: 2,
             followers: 0,
