@@ -741,7 +741,8 @@ fn record(
     // One broadcast frame delivered is this scenario's delivered message.
     let cpu_us = result.cpu_per("server_cpu_us_per_broadcast_frame", server_cpu, f.received);
     result.cpu_per("server_cpu_us_per_delivered", server_cpu, f.received);
-    let arrival = LatencySummary::from_hist(f.arrival_hist.as_ref().expect("booked"));
+    let empty = || stats::from_pairs(&[]);
+    let arrival = LatencySummary::from_hist(f.arrival_hist.as_ref().unwrap_or(&empty()));
     result
         .latency
         .insert("fanout_arrival".into(), arrival.clone());
