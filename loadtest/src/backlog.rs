@@ -3,19 +3,19 @@
 //! channelIDs, as a browser does after a restart.
 
 use crate::crypto::{self, Pool, Vapid};
-use crate::fleet::{self, FleetSpec};
-use crate::net;
-use crate::proto;
-use crate::results::{self, Common, CpuMeter, RunResult};
-use crate::sender::{self, Endpoint, Outcome};
-use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
+use crate::fleet::{self, Setup};
+use crate::harness::{self, RateWatch, Run};
+use crate::proto::{self, Target, Ws};
+use crate::results::{self, Common, CpuMeter};
+use crate::sender::{self, Endpoint, Origins, Outcome};
+use crate::stats::{self, Clock, Hist, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
@@ -101,77 +101,68 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
     {
         bail!("--uas, --senders, --channels and --messages-per-channel must be at least 1");
     }
-    let (targets, push_bases) = common.targets_and_push_bases().await?;
-    let nofile = net::raise_nofile_limit();
-    if (args.uas + args.senders + 100) as u64 > nofile.soft {
-        bail!(
-            "{} user agents need more than this process's {} open files",
-            args.uas,
-            nofile.soft
-        );
-    }
-    let server = common.servers();
-    let limit = common.limit();
-    let per_ua = common.channels;
-    let channels = args.uas * per_ua;
-    let per = args.pool.clamp(1, 64).min(args.messages_per_channel);
-    let mut result = RunResult::new(
+    let mut run = Run::start(
         "backlog",
         common,
         serde_json::json!({
-            "uas": args.uas, "channels_per_ua": per_ua,
+            "uas": args.uas, "channels_per_ua": common.channels,
             "messages_per_channel": args.messages_per_channel, "senders": args.senders,
             "payload_bytes": args.payload, "ttl": args.ttl, "drain_s": args.drain,
             "concurrency": common.concurrency,
         }),
-    );
-    let run_start = Instant::now();
-    let errors = Tally::default();
-
-    // Phase 1: subscribe, then go offline.
-    let vapids: Vec<Vapid> = (0..args.senders)
-        .map(|_| Vapid::generate())
-        .collect::<Result<_>>()?;
-    let keys: Arc<Vec<String>> = Arc::new(vapids.iter().map(|v| v.public_b64.clone()).collect());
-    let payload = args.payload;
-    let pool =
-        tokio::task::spawn_blocking(move || Pool::build(channels, per, payload, false)).await??;
-    let ids: Arc<Vec<Uuid>> = Arc::new((0..channels).map(|_| proto::new_channel_id()).collect());
-    eprintln!("backlog: subscribing {} user agents", args.uas);
-    let setup_latency = Hist::new();
-    let spec = FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
-    let mut ups = fleet::bring_up_all(
-        &targets,
-        &spec,
-        ids.clone(),
-        keys.clone(),
-        &errors,
-        &setup_latency,
     )
-    .await;
-    let (endpoints, origins) = resolve_endpoints(&ups, per_ua, &push_bases, &errors).await?;
-    let uaids: Vec<Option<String>> = ups
-        .iter()
-        .map(|u| u.as_ref().map(|u| u.uaid.clone()))
-        .collect();
-    let online = uaids.iter().filter(|u| u.is_some()).count();
-    if online == 0 {
-        bail!("no user agent could subscribe: {:?}", errors.snapshot());
+    .await?;
+    run.need_files(
+        args.uas + args.senders + 100,
+        &format!("{} user agents", args.uas),
+    )?;
+    let (offline, vapids) = subscribe(&args, &run).await?;
+    // Storing and delivering one message: server CPU from the first POST
+    // to the end of the drain.
+    let cpu = CpuMeter::start(&run.server);
+    let stored = store(&args, &run, &offline, &vapids).await?;
+    let rss_stored = run.server.rss_kib();
+    let drained = drain(&args, &run, &offline, stored.stored).await;
+    let server_cpu = cpu.record(&mut run.result);
+    if let Some(rss) = rss_stored {
+        run.result.metric("server_rss_with_backlog_kib", rss);
     }
-    let mut closing = JoinSet::new();
-    for up in ups.iter_mut() {
-        if let Some(up) = up.take() {
-            closing.spawn(fleet::close(up.ws));
-        }
-    }
-    while closing.join_next().await.is_some() {}
+    let summary = record(&args, &mut run, &offline, &stored, &drained, server_cpu);
+    run.finish(summary)
+}
 
-    // Phase 2: store the backlog.
+/// User agents that subscribed and went offline, and what their
+/// application servers need to store messages for them.
+struct Offline {
+    setup: Setup,
+    uaids: Vec<Option<String>>,
+    online: usize,
+    books: Arc<Books>,
+    endpoints: Arc<Vec<Option<Endpoint>>>,
+    origins: Origins,
+}
+
+/// Phase 1: keys, payloads and channels; every user agent subscribes, then
+/// goes offline.
+async fn subscribe(args: &BacklogArgs, run: &Run<'_>) -> Result<(Offline, Vec<Vapid>)> {
+    let per_ua = args.common.channels;
+    let channels = args.uas * per_ua;
+    let per = args.pool.clamp(1, 64).min(args.messages_per_channel);
+    let (vapids, keys) = harness::vapids(args.senders)?;
+    let pool = harness::payload_pool(channels, per, args.payload, false).await?;
+    let ids = harness::channel_ids(channels);
+    eprintln!("backlog: subscribing {} user agents", args.uas);
+    let mut setup = run.bring_up(args.uas, ids.clone(), keys).await;
+    let (endpoints, origins) =
+        resolve_endpoints(&setup.ups, per_ua, &run.push_bases, &setup.errors).await?;
+    let uaids = setup.uaids();
+    setup.require_any("subscribe")?;
+    fleet::close_all(&mut setup.ups).await;
     let books = Arc::new(Books {
         clock: Clock::new(),
         pool,
         per_ua,
-        ids: ids.clone(),
+        ids,
         accepted: (0..channels).map(|_| AtomicU32::new(0)).collect(),
         received: (0..channels).map(|_| AtomicU32::new(0)).collect(),
         delivered: AtomicU64::new(0),
@@ -180,33 +171,61 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
         first_us: AtomicU64::new(0),
         last_ack_us: AtomicU64::new(0),
     });
-    let endpoints: Arc<Vec<Option<Endpoint>>> = Arc::new(endpoints);
+    let offline = Offline {
+        online: setup.connected,
+        setup,
+        uaids,
+        books,
+        endpoints: Arc::new(endpoints),
+        origins,
+    };
+    Ok((offline, vapids))
+}
+
+/// What phase 2 stored.
+struct Stored {
+    stored: u64,
+    send_secs: f64,
+    errors: Arc<Tally>,
+}
+
+/// Phase 2: each sender stores --messages-per-channel messages on its
+/// share of the channels (channel c is sender c % K's, whose key it
+/// registered with).
+async fn store(
+    args: &BacklogArgs,
+    run: &Run<'_>,
+    off: &Offline,
+    vapids: &[Vapid],
+) -> Result<Stored> {
+    let channels = off.books.accepted.len();
     let client = sender::client(args.senders);
     let send_errors = Arc::new(Tally::default());
     eprintln!(
-        "backlog: storing {} messages for {online} offline user agents",
-        online * per_ua * args.messages_per_channel
+        "backlog: storing {} messages for {} offline user agents",
+        off.online * args.common.channels * args.messages_per_channel,
+        off.online
     );
-    let cpu = CpuMeter::start(&server);
     let send_start = Instant::now();
     let mut senders = JoinSet::new();
     for (k, v) in vapids.iter().enumerate() {
-        let auth: Vec<http::HeaderValue> = origins
+        let auth: Vec<http::HeaderValue> = off
+            .origins
             .list
             .iter()
             .map(|(o, _)| v.authorization(o))
             .collect::<Result<_>>()?;
         let mine: Vec<usize> = (k..channels)
             .step_by(args.senders)
-            .filter(|&c| endpoints[c].is_some())
+            .filter(|&c| off.endpoints[c].is_some())
             .collect();
         let (books, endpoints, client, send_errors) = (
-            books.clone(),
-            endpoints.clone(),
+            off.books.clone(),
+            off.endpoints.clone(),
             client.clone(),
             send_errors.clone(),
         );
-        let (m, ttl) = (args.messages_per_channel, args.ttl);
+        let (m, ttl, limit) = (args.messages_per_channel, args.ttl, run.limit);
         senders.spawn(async move {
             // This sender's POSTs, round-robin over the push nodes.
             let mut posts = 0usize;
@@ -230,182 +249,201 @@ pub async fn run(args: BacklogArgs) -> Result<()> {
     }
     while senders.join_next().await.is_some() {}
     let send_secs = send_start.elapsed().as_secs_f64();
-    let stored: u64 = books.accepted.iter().map(|a| a.load(Relaxed) as u64).sum();
-    let rss_stored = server.rss_kib();
+    let stored: u64 = off
+        .books
+        .accepted
+        .iter()
+        .map(|a| a.load(Relaxed) as u64)
+        .sum();
+    Ok(Stored {
+        stored,
+        send_secs,
+        errors: send_errors,
+    })
+}
 
-    // Phase 3: come back and drain.
+/// How the drain went.
+struct Drained {
+    start_us: u64,
+    hello_latency: Arc<Hist>,
+    errors: Arc<Tally>,
+    uaid_changed: Arc<AtomicU64>,
+    rates: Vec<stats::RatePoint>,
+}
+
+/// Phase 3: every user agent comes back with its uaid and channels and
+/// takes its backlog, until all of it is in or --drain runs out.
+async fn drain(args: &BacklogArgs, run: &Run<'_>, off: &Offline, stored: u64) -> Drained {
     eprintln!("backlog: {stored} stored; reconnecting");
-    let hello_latency = Arc::new(Hist::new());
-    let reconnect_errors = Arc::new(Tally::default());
-    let uaid_changed = Arc::new(AtomicU64::new(0));
-    let sem = Arc::new(Semaphore::new(common.concurrency.max(1)));
-    let drain_start_us = books.clock.now_us();
-    let drain_start = Instant::now();
-    let drain_deadline = drain_start + stats::secs(args.drain);
-    let (samp_stop_tx, mut samp_stop) = watch::channel(false);
-    let sampler = {
+    let books = &off.books;
+    let d = Drained {
+        start_us: books.clock.now_us(),
+        hello_latency: Arc::new(Hist::new()),
+        errors: Arc::new(Tally::default()),
+        uaid_changed: Arc::new(AtomicU64::new(0)),
+        rates: Vec::new(),
+    };
+    let sem = Arc::new(Semaphore::new(args.common.concurrency.max(1)));
+    let deadline = Instant::now() + stats::secs(args.drain);
+    // Drains are often short: sample finely (the phase is bounded by --drain).
+    let rates = {
         let books = books.clone();
-        // Drains are often short: sample finely (the phase is bounded by --drain).
-        let every = Duration::from_millis(100);
-        tokio::spawn(async move {
-            let mut s = RateSampler::new(&["delivered"], &[books.delivered.load(Relaxed)]);
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => s.sample(&[books.delivered.load(Relaxed)]),
-                    _ = samp_stop.changed() => break,
-                }
-            }
-            s.sample(&[books.delivered.load(Relaxed)]);
-            s.points
+        RateWatch::spawn(&["delivered"], Duration::from_millis(100), move || {
+            vec![books.delivered.load(Relaxed)]
         })
     };
     let mut uas = JoinSet::new();
-    for (u, uaid) in uaids.iter().enumerate() {
+    for (u, uaid) in off.uaids.iter().enumerate() {
         let Some(uaid) = uaid.clone() else { continue };
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
-        let target = proto::target_of(&targets, u).clone();
-        let (books, ids) = (books.clone(), ids.clone());
-        let (hello_latency, errs, uaid_changed) = (
-            hello_latency.clone(),
-            reconnect_errors.clone(),
-            uaid_changed.clone(),
+        let back = Returning {
+            u,
+            uaid,
+            target: proto::target_of(&run.targets, u).clone(),
+            limit: run.limit,
+            deadline,
+        };
+        let (books, hello, errs, changed) = (
+            books.clone(),
+            d.hello_latency.clone(),
+            d.errors.clone(),
+            d.uaid_changed.clone(),
         );
         uas.spawn(async move {
-            let t0 = Instant::now();
-            let mine = &ids[u * per_ua..(u + 1) * per_ua];
-            let up = fleet::bring_up(&target, None, Some((&uaid, mine)), &[], limit).await;
+            let mine = &books.ids[u * books.per_ua..(u + 1) * books.per_ua];
+            let up = fleet::resume(
+                &back.target,
+                u,
+                &back.uaid,
+                mine,
+                back.limit,
+                &hello,
+                &changed,
+            )
+            .await;
             drop(permit);
-            let (mut ws, got, _) = match up {
-                Ok(x) => x,
-                Err(f) => return errs.add(format!("reconnect {}", f.key())),
-            };
-            hello_latency.record(u, t0.elapsed().as_micros() as u64);
-            if got != uaid {
-                uaid_changed.fetch_add(1, Relaxed);
+            match up {
+                Ok(ws) => take_backlog(&back, ws, &books, &errs).await,
+                Err(f) => errs.add(format!("reconnect {}", f.key())),
             }
-            while books.owed(u) && Instant::now() < drain_deadline {
-                let wait = limit.min(drain_deadline.saturating_duration_since(Instant::now()));
-                match tokio::time::timeout(wait, ws.next()).await {
-                    Err(_) => {
-                        errs.add("drain: no message within the step timeout");
-                        break;
-                    }
-                    Ok(Some(Ok(Message::Text(t)))) => {
-                        if let Some(ack) = books.on_text(u, t.as_str()) {
-                            if let Err(f) = proto::send_text(&mut ws, ack, "ack").await {
-                                errs.add(format!("drain {}", f.key()));
-                                return;
-                            }
-                            stats::fetch_max(&books.last_ack_us, books.clock.now_us());
-                        }
-                    }
-                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) => {
-                        errs.add("drain: closed by server");
-                        return;
-                    }
-                    Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(e))) => {
-                        errs.add(format!("drain: {}", proto::ws_error_name(&e)));
-                        return;
-                    }
-                }
-            }
-            fleet::close(ws).await;
         });
     }
-    fleet::join_all_until(&mut uas, drain_deadline + limit * 2, || {
+    fleet::join_all_until(&mut uas, deadline + run.limit * 2, || {
         format!("  delivered {}/{stored}", books.delivered.load(Relaxed))
     })
     .await;
-    let server_cpu = cpu.record(&mut result);
-    let _ = samp_stop_tx.send(true);
-    let rates = sampler.await.unwrap_or_default();
+    Drained {
+        rates: rates.stop().await,
+        ..d
+    }
+}
 
-    let mut delivered = 0u64;
-    let mut missing = 0u64;
-    let mut extra = 0u64;
-    for c in 0..channels {
-        let (a, r) = (
-            books.accepted[c].load(Relaxed) as u64,
-            books.received[c].load(Relaxed) as u64,
-        );
+/// One user agent coming back for its backlog.
+struct Returning {
+    u: usize,
+    uaid: String,
+    target: Target,
+    limit: Duration,
+    deadline: Instant,
+}
+
+/// Reads and acks notifications until nothing is owed to this user agent,
+/// the drain deadline passes or the connection fails.
+async fn take_backlog(back: &Returning, mut ws: Ws, books: &Books, errs: &Tally) {
+    let u = back.u;
+    while books.owed(u) && Instant::now() < back.deadline {
+        let wait = back
+            .limit
+            .min(back.deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(wait, ws.next()).await {
+            Err(_) => {
+                errs.add("drain: no message within the step timeout");
+                break;
+            }
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let Some(ack) = books.on_text(u, t.as_str()) {
+                    if let Err(f) = proto::send_text(&mut ws, ack, "ack").await {
+                        errs.add(format!("drain {}", f.key()));
+                        return;
+                    }
+                    stats::fetch_max(&books.last_ack_us, books.clock.now_us());
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => {
+                errs.add("drain: closed by server");
+                return;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => {
+                errs.add(format!("drain: {}", proto::ws_error_name(&e)));
+                return;
+            }
+        }
+    }
+    fleet::close(ws).await;
+}
+
+/// Per-channel accounting, errors, metrics and latency into the results;
+/// returns the summary.
+fn record(
+    args: &BacklogArgs,
+    run: &mut Run<'_>,
+    off: &Offline,
+    st: &Stored,
+    d: &Drained,
+    server_cpu: Option<f64>,
+) -> String {
+    let books = &off.books;
+    let (mut delivered, mut missing, mut extra) = (0u64, 0u64, 0u64);
+    for (a, r) in books.accepted.iter().zip(&books.received) {
+        let (a, r) = (a.load(Relaxed) as u64, r.load(Relaxed) as u64);
         delivered += a.min(r);
         missing += a.saturating_sub(r);
         extra += r.saturating_sub(a);
     }
     let last_ack = books.last_ack_us.load(Relaxed);
-    let drain_secs = if last_ack > drain_start_us {
-        (last_ack - drain_start_us) as f64 / 1e6
+    let drain_secs = if last_ack > d.start_us {
+        (last_ack - d.start_us) as f64 / 1e6
     } else {
         0.0
     };
     let first = books.first_us.load(Relaxed);
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    stats::merge_tally(&mut result.errors, &errors.snapshot());
-    stats::merge_tally(&mut result.errors, &send_errors.snapshot());
-    stats::merge_tally(&mut result.errors, &reconnect_errors.snapshot());
-    for (name, n) in [
+    run.errors_from(&[&off.setup.errors, &st.errors, &d.errors]);
+    run.error_counts(&[
         ("missing (stored, never delivered)", missing),
         ("extra deliveries (duplicates)", extra),
         ("unexpected notification", books.unexpected.load(Relaxed)),
         ("malformed server message", books.malformed.load(Relaxed)),
-        ("uaid changed on reconnect", uaid_changed.load(Relaxed)),
-    ] {
-        if n > 0 {
-            result.errors.insert(name.into(), n);
-        }
-    }
-    let drain_rate = if drain_secs > 0.0 {
-        delivered as f64 / drain_secs
-    } else {
-        0.0
-    };
-    result.metric("uas_subscribed", online as u64);
-    result.metric("channels", channels as u64);
+        ("uaid changed on reconnect", d.uaid_changed.load(Relaxed)),
+    ]);
+    let per_s = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let drain_rate = per_s(delivered, drain_secs);
+    let stored = st.stored;
+    let result = &mut run.result;
+    result.metric("uas_subscribed", off.online as u64);
+    result.metric("channels", books.accepted.len() as u64);
     result.metric("stored", stored);
-    result.metric(
-        "store_per_s",
-        r2(if send_secs > 0.0 {
-            stored as f64 / send_secs
-        } else {
-            0.0
-        }),
-    );
+    result.metric("store_per_s", r2(per_s(stored, st.send_secs)));
     result.metric("delivered", delivered);
     result.metric("missing", missing);
     result.metric("extra", extra);
     // Milliseconds survive: a fast server drains a small backlog in under 5 ms.
     result.metric("drain_s", (drain_secs * 1e6).round() / 1e6);
     result.metric("drain_per_s", r2(drain_rate));
-    // Storing and delivering one message: server CPU from the first POST
-    // to the end of the drain.
     let cpu_us = result.cpu_per("server_cpu_us_per_delivered", server_cpu, delivered);
-    if first > drain_start_us {
-        result.metric("first_message_s", r2((first - drain_start_us) as f64 / 1e6));
+    if first > d.start_us {
+        result.metric("first_message_s", r2((first - d.start_us) as f64 / 1e6));
     }
-    if let Some(rss) = rss_stored {
-        result.metric("server_rss_with_backlog_kib", rss);
-    }
-    result.latency.insert(
-        "reconnect_hello".into(),
-        LatencySummary::from_hist(&hello_latency.merged()),
-    );
-    result.latency.insert(
-        "setup".into(),
-        LatencySummary::from_hist(&setup_latency.merged()),
-    );
-    result.rates = rates;
-    result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
-    let total_errors: u64 = result.errors.values().sum();
-    result.summary = format!(
-        "backlog[{}]: {stored} stored, {delivered} delivered ({missing} missing, {extra} extra), drained in {drain_secs:.2}s ({drain_rate:.0}/s), {total_errors} errors; {}",
-        common.target,
+    result.rates = d.rates.clone();
+    run.latency("reconnect_hello", &d.hello_latency);
+    run.latency("setup", &off.setup.latency);
+    format!(
+        "backlog[{}]: {stored} stored, {delivered} delivered ({missing} missing, {extra} extra), drained in {drain_secs:.2}s ({drain_rate:.0}/s), {} errors; {}",
+        args.common.target,
+        run.total_errors(),
         results::cpu_text(cpu_us, "delivered message"),
-    );
-    result.finish(common.out.as_deref())?;
-    Ok(())
+    )
 }

@@ -19,13 +19,13 @@
 //! hence its own random salt, so (channelID, salt) names exactly one send
 //! however many are in flight and in whatever order they arrive.
 
-use crate::crypto::{self, Pool, Vapid};
-use crate::fleet::{self, FleetSpec};
-use crate::net;
+use crate::crypto::{self, Pool};
+use crate::fleet;
+use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Target, Ws};
-use crate::results::{self, Common, CpuMeter, RunResult};
+use crate::results::{self, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, Outcome};
-use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
+use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
@@ -559,23 +559,20 @@ async fn drain_ua(ua: usize, uaid: String, mine: Vec<Uuid>, cx: Arc<DrainCtx>) {
     let (_keep, mut never) = watch::channel(false);
     let mut reconnects = 0u32;
     loop {
-        let t0 = Instant::now();
-        let (ws, got) = match fleet::bring_up(
+        let ws = match fleet::resume(
             proto::target_of(&cx.targets, ua),
-            None,
-            Some((&uaid, &mine)),
-            &[],
+            ua,
+            &uaid,
+            &mine,
             cx.limit,
+            &cx.hello_latency,
+            &cx.uaid_changed,
         )
         .await
         {
-            Ok((ws, got, _)) => (ws, got),
+            Ok(ws) => ws,
             Err(f) => return cx.errors.add(format!("reconnect {}", f.key())),
         };
-        cx.hello_latency.record(ua, t0.elapsed().as_micros() as u64);
-        if got != uaid {
-            cx.uaid_changed.fetch_add(1, Relaxed);
-        }
         let books = &cx.books;
         let done = || !books.owed(ua, false);
         match ack_each(ua, ws, books, done, &mut never, cx.deadline).await {
@@ -624,21 +621,7 @@ pub async fn run(args: BurstArgs) -> Result<()> {
             args.max_stored
         );
     }
-    let (targets, push_bases) = common.targets_and_push_bases().await?;
-    let nofile = net::raise_nofile_limit();
-    if (args.uas + args.senders + 100) as u64 > nofile.soft {
-        bail!(
-            "{} user agents and {} senders need more than this process's {} open files",
-            args.uas,
-            args.senders,
-            nofile.soft
-        );
-    }
-    let server = common.servers();
-    let limit = common.limit();
-    let channels = args.uas * per_ua;
-    let per_channel = args.messages + args.backlog;
-    let mut result = RunResult::new(
+    let mut run = Run::start(
         "burst",
         common,
         serde_json::json!({
@@ -648,110 +631,131 @@ pub async fn run(args: BurstArgs) -> Result<()> {
             "max_reconnects": args.max_reconnects, "max_stored": args.max_stored,
             "retry_for_s": args.retry_for, "concurrency": common.concurrency,
         }),
+    )
+    .await?;
+    run.need_files(
+        args.uas + args.senders + 100,
+        &format!("{} user agents and {} senders", args.uas, args.senders),
+    )?;
+    let (mut fleet, sending) = connect(&args, &run).await?;
+    let books = sending.books.clone();
+    let rates = RateWatch::spawn(
+        &["accepted", "delivered"],
+        Duration::from_millis(200),
+        move || {
+            vec![
+                books.accepted_total.load(Relaxed),
+                books.delivered_total.load(Relaxed),
+            ]
+        },
     );
-    let run_start = Instant::now();
+    let cpu = CpuMeter::start(&run.server);
+    let live = live_burst(&args, &mut fleet, &sending).await;
+    // Server CPU of the live burst (accepting and delivering), apart from
+    // that of the backlog (storing, then delivering on reconnect).
+    let live_cpu = cpu.server_secs();
+    let drain = backlog_drain(&args, &run, &fleet, &sending).await;
+    let server_cpu = cpu.record(&mut run.result);
+    run.result.rates = rates.stop().await;
+    let cpu = PhaseCpu {
+        all: server_cpu,
+        live: live_cpu,
+    };
+    let summary = record(&args, &mut run, &fleet, &live, &drain, cpu);
+    run.finish(summary)
+}
 
+/// The user agents up for the live burst.
+struct Fleet {
+    setup: fleet::Setup,
+    uaids: Vec<Option<String>>,
+    ids: Arc<Vec<Uuid>>,
+}
+
+/// One payload per message, the user agents with their channels, and what
+/// senders need to reach them (one VAPID key for all).
+async fn connect(args: &BurstArgs, run: &Run<'_>) -> Result<(Fleet, Sending)> {
+    let per_ua = args.common.channels;
+    let channels = args.uas * per_ua;
+    let per_channel = args.messages + args.backlog;
     eprintln!(
         "burst: encrypting {} payloads (one per message, each with its own salt)",
         channels * per_channel
     );
-    let vapid = Vapid::generate()?;
-    let keys: Arc<Vec<String>> = Arc::new(vec![vapid.public_b64.clone()]);
-    let payload = args.payload;
-    let pool =
-        tokio::task::spawn_blocking(move || Pool::build(channels, per_channel, payload, false))
-            .await??;
-    let ids: Arc<Vec<Uuid>> = Arc::new((0..channels).map(|_| proto::new_channel_id()).collect());
+    let (vapids, keys) = harness::vapids(1)?;
+    let pool = harness::payload_pool(channels, per_channel, args.payload, false).await?;
+    let ids = harness::channel_ids(channels);
     let books = Arc::new(Books::new(pool, ids.clone(), per_ua, args.messages)?);
 
     eprintln!("burst: connecting {} user agents", args.uas);
-    let setup_errors = Tally::default();
-    let setup_latency = Hist::new();
-    let spec = FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
-    let ups = fleet::bring_up_all(
-        &targets,
-        &spec,
-        ids.clone(),
-        keys,
-        &setup_errors,
-        &setup_latency,
-    )
-    .await;
-    let connected = ups.iter().filter(|u| u.is_some()).count();
-    if connected == 0 {
-        bail!("no user agent could connect: {:?}", setup_errors.snapshot());
-    }
-    let (endpoints, origins) = resolve_endpoints(&ups, per_ua, &push_bases, &setup_errors).await?;
-    let endpoints = Arc::new(endpoints);
+    let setup = run.bring_up(args.uas, ids.clone(), keys).await;
+    setup.require_any("connect")?;
+    let (endpoints, origins) =
+        resolve_endpoints(&setup.ups, per_ua, &run.push_bases, &setup.errors).await?;
     let auth = origins
         .list
         .iter()
-        .map(|(o, _)| vapid.authorization(o))
+        .map(|(o, _)| vapids[0].authorization(o))
         .collect::<Result<Vec<_>>>()?;
-    let uaids: Vec<Option<String>> = ups
-        .iter()
-        .map(|u| u.as_ref().map(|u| u.uaid.clone()))
-        .collect();
     let sending = Sending {
-        books: books.clone(),
-        endpoints: endpoints.clone(),
+        books,
+        endpoints: Arc::new(endpoints),
         auth: Arc::new(auth),
         client: sender::client(args.senders),
         ttl: args.ttl,
-        limit,
+        limit: run.limit,
         retry_for: stats::secs(args.retry_for),
     };
-
-    let (samp_stop_tx, mut samp_stop) = watch::channel(false);
-    let sampler = {
-        let books = books.clone();
-        tokio::spawn(async move {
-            let counts = |b: &Books| {
-                [
-                    b.accepted_total.load(Relaxed),
-                    b.delivered_total.load(Relaxed),
-                ]
-            };
-            let mut s = RateSampler::new(&["accepted", "delivered"], &counts(&books));
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => s.sample(&counts(&books)),
-                    _ = samp_stop.changed() => break,
-                }
-            }
-            s.sample(&counts(&books));
-            s.points
-        })
+    let fleet = Fleet {
+        uaids: setup.uaids(),
+        setup,
+        ids,
     };
+    Ok((fleet, sending))
+}
 
-    // Phase 1: the live burst.
-    let cpu = CpuMeter::start(&server);
+/// What the live burst left behind.
+struct Live {
+    send: Arc<SendStats>,
+    send_secs: f64,
+    start_us: u64,
+    /// Accepted and lost (accepted, not delivered while connected), as the
+    /// live burst ended: late arrivals in the drain do not make up for it.
+    accepted: u64,
+    lost: u64,
+    last_ack_us: u64,
+}
+
+/// Phase 1: connected user agents ack each notification with its own frame
+/// while the senders post --messages per channel; then --drain seconds for
+/// whatever is still owed.
+async fn live_burst(args: &BurstArgs, fleet: &mut Fleet, s: &Sending) -> Live {
+    let books = &s.books;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut uas = JoinSet::new();
-    for (u, up) in ups.into_iter().enumerate() {
-        if let Some(up) = up {
+    for (u, up) in fleet.setup.ups.iter_mut().enumerate() {
+        if let Some(up) = up.take() {
             books.open[u].store(true, Relaxed);
             uas.spawn(live_ua(u, up.ws, books.clone(), stop_rx.clone()));
         }
     }
-    let order = send_order(&books, &endpoints, 0..args.messages);
+    let order = send_order(books, &s.endpoints, 0..args.messages);
     eprintln!(
-        "burst: live: {connected} user agents up; {} senders posting {} messages ({} per channel), each acked with its own frame",
+        "burst: live: {} user agents up; {} senders posting {} messages ({} per channel), each acked with its own frame",
+        fleet.setup.connected,
         args.senders,
         order.len(),
         args.messages
     );
-    let live_start_us = books.clock.now_us();
-    let live_send = Arc::new(SendStats::new(channels));
+    let start_us = books.clock.now_us();
+    let send = Arc::new(SendStats::new(books.ids.len()));
     let send_start = Instant::now();
-    send_phase(&sending, order, args.senders, live_send.clone()).await;
-    let live_send_secs = send_start.elapsed().as_secs_f64();
+    send_phase(s, order, args.senders, send.clone()).await;
+    let send_secs = send_start.elapsed().as_secs_f64();
     let wait_deadline = Instant::now() + stats::secs(args.drain);
     let owed_live = |b: &Books| (0..args.uas).any(|u| b.open[u].load(Relaxed) && b.owed(u, true));
     let mut last_print = Instant::now();
-    while owed_live(&books) && Instant::now() < wait_deadline {
+    while owed_live(books) && Instant::now() < wait_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if last_print.elapsed() > Duration::from_secs(2) {
             eprintln!(
@@ -762,137 +766,138 @@ pub async fn run(args: BurstArgs) -> Result<()> {
             last_print = Instant::now();
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while uas.join_next().await.is_some() {}
-    })
-    .await;
-    uas.abort_all();
-    let (live_accepted, live_lost) = books.count(true);
-    let live_last_ack = books.last_ack_us[LIVE as usize].load(Relaxed);
-    // Server CPU of the live burst (accepting and delivering), apart from
-    // that of the backlog (storing, then delivering on reconnect).
-    let live_cpu = cpu.server_secs();
+    fleet::stop_all(&stop_tx, &mut uas, Duration::from_secs(10)).await;
+    let (accepted, lost) = books.count(true);
+    Live {
+        send,
+        send_secs,
+        start_us,
+        accepted,
+        lost,
+        last_ack_us: books.last_ack_us[LIVE as usize].load(Relaxed),
+    }
+}
 
-    // Phase 2: offline, store the backlog, come back and drain it.
+/// What the backlog drain left behind.
+struct Drain {
+    send: Arc<SendStats>,
+    store_secs: f64,
+    stored: u64,
+    offline: usize,
+    start_us: u64,
+    cx: Arc<DrainCtx>,
+}
+
+/// Phase 2: the user agents are offline (their live sockets closed);
+/// --backlog messages per channel are stored; they come back and ack each
+/// stored notification, reconnecting after a server close.
+async fn backlog_drain(args: &BurstArgs, run: &Run<'_>, fleet: &Fleet, s: &Sending) -> Drain {
+    let books = &s.books;
+    let per_channel = args.messages + args.backlog;
     books.phase.store(DRAIN, Relaxed);
-    let order = send_order(&books, &endpoints, args.messages..per_channel);
-    let offline = uaids.iter().filter(|u| u.is_some()).count();
+    let order = send_order(books, &s.endpoints, args.messages..per_channel);
+    let offline = fleet.uaids.iter().filter(|u| u.is_some()).count();
     eprintln!(
         "burst: drain: {offline} user agents offline; storing {} messages",
         order.len()
     );
-    let drain_send = Arc::new(SendStats::new(channels));
+    let send = Arc::new(SendStats::new(books.ids.len()));
     let store_start = Instant::now();
-    send_phase(&sending, order, args.senders, drain_send.clone()).await;
+    send_phase(s, order, args.senders, send.clone()).await;
     let store_secs = store_start.elapsed().as_secs_f64();
     let (stored, _) = books.count(false);
     eprintln!("burst: drain: {stored} stored; reconnecting");
-    let drain_start_us = books.clock.now_us();
-    let drain_start = Instant::now();
+    let start_us = books.clock.now_us();
     let cx = Arc::new(DrainCtx {
-        targets: targets.clone(),
+        targets: run.targets.clone(),
         books: books.clone(),
-        limit,
-        deadline: drain_start + stats::secs(args.drain),
+        limit: run.limit,
+        deadline: Instant::now() + stats::secs(args.drain),
         max_reconnects: args.max_reconnects,
         hello_latency: Hist::new(),
         errors: Tally::default(),
         uaid_changed: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
     });
+    let per_ua = args.common.channels;
     let mut uas = JoinSet::new();
-    for (u, uaid) in uaids.iter().enumerate() {
+    for (u, uaid) in fleet.uaids.iter().enumerate() {
         let Some(uaid) = uaid.clone() else { continue };
-        let mine = ids[u * per_ua..(u + 1) * per_ua].to_vec();
+        let mine = fleet.ids[u * per_ua..(u + 1) * per_ua].to_vec();
         uas.spawn(drain_ua(u, uaid, mine, cx.clone()));
     }
     // Each reconnect is bounded by the step limit; allow them all.
+    let limit = run.limit;
     let hard_end = cx.deadline + limit * (2 * (args.max_reconnects.min(100) + 1)) + limit;
     fleet::join_all_until(&mut uas, hard_end, || {
         format!("  drained {}/{stored}", books.drain_delivered.load(Relaxed))
     })
     .await;
-    let server_cpu = cpu.record(&mut result);
-    let _ = samp_stop_tx.send(true);
-    let rates = sampler.await.unwrap_or_default();
+    Drain {
+        send,
+        store_secs,
+        stored,
+        offline,
+        start_us,
+        cx,
+    }
+}
 
-    // Results.
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    // Durations to the millisecond: a small burst can finish in under 5 ms.
-    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
-    let secs_between = |from: u64, to: u64| {
-        if to > from {
-            (to - from) as f64 / 1e6
-        } else {
-            0.0
-        }
-    };
-    let per_s = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+/// Server CPU seconds over the whole run and over the live burst.
+struct PhaseCpu {
+    all: Option<f64>,
+    live: Option<f64>,
+}
+
+fn r2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Durations to the millisecond: a small burst can finish in under 5 ms.
+fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn secs_between(from: u64, to: u64) -> f64 {
+    if to > from {
+        (to - from) as f64 / 1e6
+    } else {
+        0.0
+    }
+}
+
+fn per_s(n: u64, s: f64) -> f64 {
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+/// Both phases' errors, metrics, latency and notes into the results;
+/// returns the summary.
+fn record(
+    args: &BurstArgs,
+    run: &mut Run<'_>,
+    fleet: &Fleet,
+    live: &Live,
+    drain: &Drain,
+    cpu: PhaseCpu,
+) -> String {
+    let books = &drain.cx.books;
+    record_errors(run, &fleet.setup.errors, live, drain);
+    let result = &mut run.result;
+    let (live_accepted, live_lost) = (live.accepted, live.lost);
+    let (_, live_never) = books.count(true);
     let live_delivered = books.live_delivered.load(Relaxed);
     let live_dups = books.duplicates[LIVE as usize].load(Relaxed);
-    let live_secs = secs_between(live_start_us, live_last_ack);
+    let live_secs = secs_between(live.start_us, live.last_ack_us);
     let live_rate = per_s(live_delivered, live_secs);
     let live_closes = books.closes_in(LIVE);
     let live_closed = books.uas_closed_in(LIVE);
-    let drain_delivered = books.drain_delivered.load(Relaxed);
-    let (_, drain_missing) = books.count(false);
-    let (_, live_never) = books.count(true);
-    let drain_dups = books.duplicates[DRAIN as usize].load(Relaxed);
-    let drain_secs = secs_between(
-        drain_start_us,
-        books.last_ack_us[DRAIN as usize].load(Relaxed),
-    );
-    let drain_rate = per_s(drain_delivered, drain_secs);
-    let drain_closes = books.closes_in(DRAIN);
-    let drain_closed = books.uas_closed_in(DRAIN);
-    let reconnects = cx.reconnects.load(Relaxed);
-    let lat = LatencySummary::from_hist(&books.latency.merged());
-
-    stats::merge_tally(&mut result.errors, &setup_errors.snapshot());
-    for (phase, st) in [(LIVE, &live_send), (DRAIN, &drain_send)] {
-        let name = phase_name(phase);
-        for (k, n) in st.errors.snapshot() {
-            result.errors.insert(format!("{name}: {k}"), n);
-        }
-        let not_sent = st.not_sent.load(Relaxed);
-        if not_sent > 0 {
-            result.errors.insert(
-                format!("{name}: not sent (429 for longer than --retry-for)"),
-                not_sent,
-            );
-        }
-    }
-    for (k, n) in cx.errors.snapshot() {
-        result.errors.insert(format!("drain: {k}"), n);
-    }
-    for (phase, closes) in [(LIVE, &live_closes), (DRAIN, &drain_closes)] {
-        for (why, n) in closes {
-            result.errors.insert(
-                format!("{}: closed by server: {why}", phase_name(phase)),
-                *n,
-            );
-        }
-    }
-    for (name, n) in [
-        (
-            "live: lost (accepted, not delivered while connected)",
-            live_lost,
-        ),
-        ("live: duplicate notification", live_dups),
-        ("drain: missing (stored, never delivered)", drain_missing),
-        ("drain: duplicate notification", drain_dups),
-        ("unexpected notification", books.unexpected.load(Relaxed)),
-        ("malformed server message", books.malformed.load(Relaxed)),
-        ("uaid changed on reconnect", cx.uaid_changed.load(Relaxed)),
-    ] {
-        if n > 0 {
-            result.errors.insert(name.into(), n);
-        }
-    }
-
+    let connected = fleet.setup.connected;
     result.metric("uas_connected", connected as u64);
-    result.metric("channels", channels as u64);
+    result.metric("channels", books.ids.len() as u64);
     result.metric("live_accepted", live_accepted);
     result.metric("live_delivered", live_delivered);
     result.metric("live_lost", live_lost);
@@ -904,86 +909,174 @@ pub async fn run(args: BurstArgs) -> Result<()> {
     }
     result.metric("live_last_ack_s", r3(live_secs));
     result.metric("live_per_s", r2(live_rate));
-    result.metric("live_send_s", r3(live_send_secs));
+    result.metric("live_send_s", r3(live.send_secs));
     result.metric(
         "live_accepted_per_s",
-        r2(per_s(live_accepted, live_send_secs)),
+        r2(per_s(live_accepted, live.send_secs)),
     );
     result.metric("live_acks_sent", books.acks[LIVE as usize].load(Relaxed));
-    result.metric("live_http_429", live_send.too_many.load(Relaxed));
-    result.metric("live_http_errors", live_send.errors.total());
-    result.metric("drain_stored", stored);
-    result.metric("drain_store_per_s", r2(per_s(stored, store_secs)));
-    result.metric("drain_delivered", drain_delivered);
-    result.metric("drain_missing", drain_missing);
-    result.metric("drain_duplicates", drain_dups);
-    result.metric("drain_late_live", books.late_live.load(Relaxed));
-    result.metric("drain_s", r3(drain_secs));
-    result.metric("drain_per_s", r2(drain_rate));
-    result.metric("drain_cut_off", drain_closed);
-    result.metric("drain_closes", drain_closes.values().copied().sum::<u64>());
-    if !drain_closes.is_empty() {
-        let why: Vec<&str> = drain_closes.keys().map(|s| s.as_str()).collect();
-        result.metric("drain_close", why.join("; "));
-    }
-    result.metric("drain_reconnects", reconnects);
-    result.metric("drain_acks_sent", books.acks[DRAIN as usize].load(Relaxed));
-    result.metric("drain_http_429", drain_send.too_many.load(Relaxed));
-    result.metric("drain_http_errors", drain_send.errors.total());
-    result.metric("never_delivered", live_never + drain_missing);
+    result.metric("live_http_429", live.send.too_many.load(Relaxed));
+    result.metric("live_http_errors", live.send.errors.total());
+    let d = record_drain(result, drain);
+    result.metric("never_delivered", live_never + d.missing);
     let cpu_us = result.cpu_per(
         "server_cpu_us_per_delivered",
-        server_cpu,
+        cpu.all,
         books.delivered_total.load(Relaxed),
     );
-    result.cpu_per("live_server_cpu_us_per_delivered", live_cpu, live_delivered);
-    let drain_cpu = server_cpu.zip(live_cpu).map(|(all, live)| all - live);
+    result.cpu_per("live_server_cpu_us_per_delivered", cpu.live, live_delivered);
+    let drain_cpu = cpu.all.zip(cpu.live).map(|(all, live)| all - live);
     result.cpu_per(
         "drain_server_cpu_us_per_delivered",
         drain_cpu,
-        drain_delivered + books.late_live.load(Relaxed),
+        d.delivered + books.late_live.load(Relaxed),
     );
+    let lat = LatencySummary::from_hist(&books.latency.merged());
     result.latency.insert("end_to_end".into(), lat.clone());
-    result.latency.insert(
-        "reconnect_hello".into(),
-        LatencySummary::from_hist(&cx.hello_latency.merged()),
-    );
-    result.latency.insert(
-        "setup".into(),
-        LatencySummary::from_hist(&setup_latency.merged()),
-    );
-    result.rates = rates;
+    run.latency("reconnect_hello", &drain.cx.hello_latency);
+    run.latency("setup", &fleet.setup.latency);
+    let result = &mut run.result;
     if !live_closes.is_empty() {
         result.notes.push(format!(
             "the server closed the websocket of {live_closed} of {connected} user agents during the live burst while they acked each notification with its own frame ({})",
             live_closes.keys().cloned().collect::<Vec<_>>().join("; ")
         ));
     }
+    let reconnects = drain.cx.reconnects.load(Relaxed);
     if reconnects > 0 {
         result.notes.push(format!(
             "the drain needed {reconnects} reconnects after server closes"
         ));
     }
-    let too_many = live_send.too_many.load(Relaxed) + drain_send.too_many.load(Relaxed);
+    let too_many = live.send.too_many.load(Relaxed) + drain.send.too_many.load(Relaxed);
     if too_many > 0 {
         result.notes.push(format!(
             "senders were answered 429 {too_many} times and backed off: the user agents' stores were full"
         ));
     }
-    result.elapsed_s = r2(run_start.elapsed().as_secs_f64());
-    let total_errors: u64 = result.errors.values().sum();
-    result.summary = format!(
+    let stored = drain.stored;
+    format!(
         "burst[{}]: live {live_accepted} accepted, {live_delivered} delivered ({live_lost} lost, {live_dups} duplicates), last ack {live_secs:.3}s ({live_rate:.0}/s), {}, {} x 429, latency {}; \
-         drain {stored} stored, {drain_delivered} delivered ({drain_missing} missing, {drain_dups} duplicates) in {drain_secs:.3}s ({drain_rate:.0}/s), {}, {reconnects} reconnects; {total_errors} errors; {}",
-        common.target,
+         drain {stored} stored, {} delivered ({} missing, {} duplicates) in {:.3}s ({:.0}/s), {}, {reconnects} reconnects; {} errors; {}",
+        args.common.target,
         cut_off_text(live_closed, connected, &live_closes),
-        live_send.too_many.load(Relaxed),
+        live.send.too_many.load(Relaxed),
         lat.short(),
-        cut_off_text(drain_closed, offline, &drain_closes),
+        d.delivered,
+        d.missing,
+        d.dups,
+        d.secs,
+        d.rate,
+        cut_off_text(d.closed, drain.offline, &d.closes),
+        run.total_errors(),
         results::cpu_text(cpu_us, "delivered message"),
+    )
+}
+
+/// The drain's figures, as recorded and as the summary quotes them.
+struct DrainFigures {
+    delivered: u64,
+    missing: u64,
+    dups: u64,
+    secs: f64,
+    rate: f64,
+    closed: u64,
+    closes: BTreeMap<String, u64>,
+}
+
+/// The backlog drain's metrics.
+fn record_drain(result: &mut crate::results::RunResult, drain: &Drain) -> DrainFigures {
+    let books = &drain.cx.books;
+    let delivered = books.drain_delivered.load(Relaxed);
+    let (_, missing) = books.count(false);
+    let dups = books.duplicates[DRAIN as usize].load(Relaxed);
+    let secs = secs_between(
+        drain.start_us,
+        books.last_ack_us[DRAIN as usize].load(Relaxed),
     );
-    result.finish(common.out.as_deref())?;
-    Ok(())
+    let rate = per_s(delivered, secs);
+    let closes = books.closes_in(DRAIN);
+    let closed = books.uas_closed_in(DRAIN);
+    result.metric("drain_stored", drain.stored);
+    result.metric(
+        "drain_store_per_s",
+        r2(per_s(drain.stored, drain.store_secs)),
+    );
+    result.metric("drain_delivered", delivered);
+    result.metric("drain_missing", missing);
+    result.metric("drain_duplicates", dups);
+    result.metric("drain_late_live", books.late_live.load(Relaxed));
+    result.metric("drain_s", r3(secs));
+    result.metric("drain_per_s", r2(rate));
+    result.metric("drain_cut_off", closed);
+    result.metric("drain_closes", closes.values().copied().sum::<u64>());
+    if !closes.is_empty() {
+        let why: Vec<&str> = closes.keys().map(|s| s.as_str()).collect();
+        result.metric("drain_close", why.join("; "));
+    }
+    result.metric("drain_reconnects", drain.cx.reconnects.load(Relaxed));
+    result.metric("drain_acks_sent", books.acks[DRAIN as usize].load(Relaxed));
+    result.metric("drain_http_429", drain.send.too_many.load(Relaxed));
+    result.metric("drain_http_errors", drain.send.errors.total());
+    DrainFigures {
+        delivered,
+        missing,
+        dups,
+        secs,
+        rate,
+        closed,
+        closes,
+    }
+}
+
+/// Every failure of both phases, each under its phase's name.
+fn record_errors(run: &mut Run<'_>, setup_errors: &Tally, live: &Live, drain: &Drain) {
+    let books = &drain.cx.books;
+    run.errors_from(&[setup_errors]);
+    let errors = &mut run.result.errors;
+    for (phase, st) in [(LIVE, &live.send), (DRAIN, &drain.send)] {
+        let name = phase_name(phase);
+        for (k, n) in st.errors.snapshot() {
+            errors.insert(format!("{name}: {k}"), n);
+        }
+        let not_sent = st.not_sent.load(Relaxed);
+        if not_sent > 0 {
+            errors.insert(
+                format!("{name}: not sent (429 for longer than --retry-for)"),
+                not_sent,
+            );
+        }
+    }
+    for (k, n) in drain.cx.errors.snapshot() {
+        errors.insert(format!("drain: {k}"), n);
+    }
+    for phase in [LIVE, DRAIN] {
+        for (why, n) in books.closes_in(phase) {
+            errors.insert(format!("{}: closed by server: {why}", phase_name(phase)), n);
+        }
+    }
+    let (_, drain_missing) = books.count(false);
+    run.error_counts(&[
+        (
+            "live: lost (accepted, not delivered while connected)",
+            live.lost,
+        ),
+        (
+            "live: duplicate notification",
+            books.duplicates[LIVE as usize].load(Relaxed),
+        ),
+        ("drain: missing (stored, never delivered)", drain_missing),
+        (
+            "drain: duplicate notification",
+            books.duplicates[DRAIN as usize].load(Relaxed),
+        ),
+        ("unexpected notification", books.unexpected.load(Relaxed)),
+        ("malformed server message", books.malformed.load(Relaxed)),
+        (
+            "uaid changed on reconnect",
+            drain.cx.uaid_changed.load(Relaxed),
+        ),
+    ]);
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
@@ -124,6 +125,91 @@ pub async fn hold(ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> Option<Strin
     }
 }
 
+/// A user agent coming back with its uaid and channels (after going away or
+/// while its messages were stored): its `hello` is timed into `hello`
+/// (sharded by `u`) and a changed uaid counted in `uaid_changed`.
+pub async fn resume(
+    target: &Target,
+    u: usize,
+    uaid: &str,
+    channels: &[Uuid],
+    limit: Duration,
+    hello: &Hist,
+    uaid_changed: &AtomicU64,
+) -> Result<Ws, Failure> {
+    let t0 = Instant::now();
+    let (ws, got, _) = bring_up(target, None, Some((uaid, channels)), &[], limit).await?;
+    hello.record(u, t0.elapsed().as_micros() as u64);
+    if got != uaid {
+        uaid_changed.fetch_add(1, Relaxed);
+    }
+    Ok(ws)
+}
+
+/// Closes every user agent still up, all at once.
+pub async fn close_all(ups: &mut [Option<Up>]) {
+    let mut closing = JoinSet::new();
+    for up in ups.iter_mut() {
+        if let Some(up) = up.take() {
+            closing.spawn(close(up.ws));
+        }
+    }
+    while closing.join_next().await.is_some() {}
+}
+
+/// Tells the user-agent tasks to stop and waits up to `grace` for them;
+/// the rest are aborted.
+pub async fn stop_all(stop: &watch::Sender<bool>, uas: &mut JoinSet<()>, grace: Duration) {
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(grace, async { while uas.join_next().await.is_some() {} }).await;
+    uas.abort_all();
+}
+
+/// A fleet as brought up: who made it, how long each took, what failed.
+pub struct Setup {
+    pub ups: Vec<Option<Up>>,
+    pub connected: usize,
+    pub errors: Tally,
+    pub latency: Hist,
+}
+
+impl Setup {
+    /// Refuses to go on with nobody up: `verb` as in "no user agent could
+    /// connect".
+    pub fn require_any(&self, verb: &str) -> anyhow::Result<()> {
+        if self.connected == 0 {
+            anyhow::bail!("no user agent could {verb}: {:?}", self.errors.snapshot());
+        }
+        Ok(())
+    }
+
+    /// Each user agent's uaid, None for those that never came up.
+    pub fn uaids(&self) -> Vec<Option<String>> {
+        self.ups
+            .iter()
+            .map(|u| u.as_ref().map(|u| u.uaid.clone()))
+            .collect()
+    }
+}
+
+/// `bring_up_all` with its own failure tally and latency histogram.
+pub async fn bring_up_fleet(
+    targets: &[Target],
+    spec: &FleetSpec,
+    channel_ids: Arc<Vec<Uuid>>,
+    keys: Arc<Vec<String>>,
+) -> Setup {
+    let (errors, latency) = (Tally::default(), Hist::new());
+    let ups = bring_up_all(targets, spec, channel_ids, keys, &errors, &latency).await;
+    let connected = ups.iter().filter(|u| u.is_some()).count();
+    Setup {
+        ups,
+        connected,
+        errors,
+        latency,
+    }
+}
+
 /// A user agent that made it through hello and registration.
 pub struct Up {
     pub ws: Ws,
@@ -223,5 +309,25 @@ fn collect(
         }
         Ok((_, _, Err(f))) => failures.add(format!("setup {}", f.key())),
         Err(_) => failures.add("setup: task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_with_nobody_up_is_refused_with_its_failures() {
+        let setup = Setup {
+            ups: vec![None, None],
+            connected: 0,
+            errors: Tally::default(),
+            latency: Hist::new(),
+        };
+        setup.errors.add_n("setup connect: ECONNREFUSED", 2);
+        let e = setup.require_any("subscribe").unwrap_err().to_string();
+        assert!(e.starts_with("no user agent could subscribe"), "{e}");
+        assert!(e.contains("ECONNREFUSED"), "{e}");
+        assert_eq!(setup.uaids(), vec![None, None]);
     }
 }

@@ -7,6 +7,7 @@ mod burst;
 mod crypto;
 mod fanout;
 mod fleet;
+mod follow;
 mod harness;
 mod idle;
 mod net;
@@ -18,6 +19,7 @@ mod soak;
 mod stats;
 mod storm;
 mod throughput;
+mod workers;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -100,7 +102,7 @@ fn main() -> ExitCode {
                 Command::Burst(a) => burst::run(a).await,
                 Command::Fanout(a) => fanout::run(a).await,
                 Command::Soak(a) => soak::run(a).await,
-                Command::IdleWorker { spec } => idle::worker_process(&spec).await,
+                Command::IdleWorker { spec } => workers::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(
                     "report and compare run outside the runtime"
                 )),

@@ -355,7 +355,31 @@ pub fn render(runs: &[Run]) -> String {
          .note{color:#555}\
          code{font-size:13px}\n",
     );
-    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th><th>nodes</th><th>subprotocol</th></tr>\n");
+    h.push_str("</style></head><body>\n<h1>herald-loadtest report</h1>\n");
+    h.push_str(&runs_table(runs));
+    let side = side_by_side(runs);
+    if !side.is_empty() {
+        h.push_str(&side_by_side_html(&side));
+    }
+    let mut names: Vec<&str> = SCENARIOS.iter().map(|s| s.0).collect();
+    for run in runs {
+        if !names.contains(&run.r.scenario.as_str()) {
+            names.push(&run.r.scenario);
+        }
+    }
+    for name in names {
+        let group: Vec<&Run> = runs.iter().filter(|r| r.r.scenario == name).collect();
+        if !group.is_empty() {
+            h.push_str(&scenario_section(name, &group));
+        }
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// One row per run: label, scenario, file, summary, nodes, subprotocol.
+fn runs_table(runs: &[Run]) -> String {
+    let mut h = String::from("<h2>Runs</h2>\n<table><tr><th>label</th><th>scenario</th><th>file</th><th>summary</th><th>nodes</th><th>subprotocol</th></tr>\n");
     for run in runs {
         let nodes = if run.r.urls.is_empty() {
             run.r.url.clone()
@@ -380,123 +404,127 @@ pub fn render(runs: &[Run]) -> String {
         );
     }
     h.push_str("</table>\n");
-    let side = side_by_side(runs);
-    if !side.is_empty() {
-        h.push_str(&side_by_side_html(&side));
-    }
-    let mut names: Vec<&str> = SCENARIOS.iter().map(|s| s.0).collect();
-    for run in runs {
-        if !names.contains(&run.r.scenario.as_str()) {
-            names.push(&run.r.scenario);
-        }
-    }
-    for name in names {
-        let group: Vec<&Run> = runs.iter().filter(|r| r.r.scenario == name).collect();
-        if group.is_empty() {
-            continue;
-        }
-        let (about, main_latency) = SCENARIOS
-            .iter()
-            .find(|s| s.0 == name)
-            .map(|s| (s.1, Some(s.2)))
-            .unwrap_or(("", None));
-        let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(name), esc(about));
-        h.push_str(&table(&group));
-        for run in group.iter().filter(|r| !r.r.rows.is_empty()) {
-            h.push_str(&rows_table(run));
-        }
-        for run in &group {
-            for n in &run.r.notes {
-                let _ = writeln!(h, "<p class=\"note\">{}: {}</p>", esc(&run.label), esc(n));
-            }
-        }
-        h.push_str("<div class=\"plots\">\n");
-        let latency_names: Vec<String> = match main_latency {
-            Some(l) => vec![l.to_string()],
-            None => {
-                let mut all: Vec<String> = group
-                    .iter()
-                    .flat_map(|r| r.r.latency.keys().cloned())
-                    .collect();
-                all.sort();
-                all.dedup();
-                all
-            }
-        };
-        for lname in latency_names {
-            let series: Vec<(String, Vec<(f64, f64)>)> = group
-                .iter()
-                .filter_map(|r| {
-                    r.r.latency
-                        .get(&lname)
-                        .map(|l| (r.label.clone(), cdf_points(l)))
-                })
-                .filter(|(_, p)| !p.is_empty())
-                .collect();
-            if !series.is_empty() {
-                h.push_str(&svg_or_note(cdf_chart(
-                    &format!("{lname} latency CDF"),
-                    &series,
-                )));
-            }
-        }
-        let rate_series: Vec<(String, Vec<(f64, f64)>)> = group
-            .iter()
-            .flat_map(|r| {
-                let mut names: Vec<&String> =
-                    r.r.rates.iter().flat_map(|p| p.rates.keys()).collect();
-                names.sort();
-                names.dedup();
-                names
-                    .into_iter()
-                    .map(|n| {
-                        let pts =
-                            r.r.rates
-                                .iter()
-                                .filter_map(|p| p.rates.get(n).map(|v| (p.t_s, *v)))
-                                .collect();
-                        (format!("{} {n}", r.label), pts)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .filter(|(_, p): &(String, Vec<(f64, f64)>)| !p.is_empty())
-            .collect();
-        if !rate_series.is_empty() {
-            h.push_str(&svg_or_note(linear_chart(
-                "throughput over time",
-                "seconds",
-                "per second",
-                &rate_series,
-                SeriesLabelPosition::UpperRight,
-            )));
-        }
-        let mem_series: Vec<(String, Vec<(f64, f64)>)> = group
-            .iter()
-            .filter(|r| !r.r.memory.is_empty())
-            .map(|r| {
-                (
-                    r.label.clone(),
-                    r.r.memory
-                        .iter()
-                        .map(|m| (m.connections as f64, m.rss_kib as f64 / 1024.0))
-                        .collect(),
-                )
-            })
-            .collect();
-        if !mem_series.is_empty() {
-            h.push_str(&svg_or_note(linear_chart(
-                "server memory against connections",
-                "open connections",
-                "server RSS (MiB)",
-                &mem_series,
-                // Memory grows towards the upper right.
-                SeriesLabelPosition::UpperLeft,
-            )));
-        }
-        h.push_str("</div>\n");
-    }
-    h.push_str("</body></html>\n");
     h
+}
+
+/// One scenario's runs: what it measures, their table, per-step rows,
+/// notes and plots.
+fn scenario_section(name: &str, group: &[&Run]) -> String {
+    let mut h = String::new();
+    let (about, main_latency) = SCENARIOS
+        .iter()
+        .find(|s| s.0 == name)
+        .map(|s| (s.1, Some(s.2)))
+        .unwrap_or(("", None));
+    let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(name), esc(about));
+    h.push_str(&table(group));
+    for run in group.iter().filter(|r| !r.r.rows.is_empty()) {
+        h.push_str(&rows_table(run));
+    }
+    for run in group {
+        for n in &run.r.notes {
+            let _ = writeln!(h, "<p class=\"note\">{}: {}</p>", esc(&run.label), esc(n));
+        }
+    }
+    h.push_str("<div class=\"plots\">\n");
+    latency_plots(&mut h, group, main_latency);
+    rate_plot(&mut h, group);
+    memory_plot(&mut h, group);
+    h.push_str("</div>\n");
+    h
+}
+
+/// The scenario's main latency CDF, or every latency when it has none.
+fn latency_plots(h: &mut String, group: &[&Run], main_latency: Option<&str>) {
+    let latency_names: Vec<String> = match main_latency {
+        Some(l) => vec![l.to_string()],
+        None => {
+            let mut all: Vec<String> = group
+                .iter()
+                .flat_map(|r| r.r.latency.keys().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        }
+    };
+    for lname in latency_names {
+        let series: Vec<(String, Vec<(f64, f64)>)> = group
+            .iter()
+            .filter_map(|r| {
+                r.r.latency
+                    .get(&lname)
+                    .map(|l| (r.label.clone(), cdf_points(l)))
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        if !series.is_empty() {
+            h.push_str(&svg_or_note(cdf_chart(
+                &format!("{lname} latency CDF"),
+                &series,
+            )));
+        }
+    }
+}
+
+/// Every rate of every run over time.
+fn rate_plot(h: &mut String, group: &[&Run]) {
+    let rate_series: Vec<(String, Vec<(f64, f64)>)> = group
+        .iter()
+        .flat_map(|r| {
+            let mut names: Vec<&String> = r.r.rates.iter().flat_map(|p| p.rates.keys()).collect();
+            names.sort();
+            names.dedup();
+            names
+                .into_iter()
+                .map(|n| {
+                    let pts =
+                        r.r.rates
+                            .iter()
+                            .filter_map(|p| p.rates.get(n).map(|v| (p.t_s, *v)))
+                            .collect();
+                    (format!("{} {n}", r.label), pts)
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|(_, p): &(String, Vec<(f64, f64)>)| !p.is_empty())
+        .collect();
+    if !rate_series.is_empty() {
+        h.push_str(&svg_or_note(linear_chart(
+            "throughput over time",
+            "seconds",
+            "per second",
+            &rate_series,
+            SeriesLabelPosition::UpperRight,
+        )));
+    }
+}
+
+/// Server memory against open connections, for the runs that sampled it.
+fn memory_plot(h: &mut String, group: &[&Run]) {
+    let mem_series: Vec<(String, Vec<(f64, f64)>)> = group
+        .iter()
+        .filter(|r| !r.r.memory.is_empty())
+        .map(|r| {
+            (
+                r.label.clone(),
+                r.r.memory
+                    .iter()
+                    .map(|m| (m.connections as f64, m.rss_kib as f64 / 1024.0))
+                    .collect(),
+            )
+        })
+        .collect();
+    if !mem_series.is_empty() {
+        h.push_str(&svg_or_note(linear_chart(
+            "server memory against connections",
+            "open connections",
+            "server RSS (MiB)",
+            &mem_series,
+            // Memory grows towards the upper right.
+            SeriesLabelPosition::UpperLeft,
+        )));
+    }
 }
 
 /// Metrics, errors and latency percentiles, one column per run.

@@ -4,8 +4,8 @@
 //! keeps each user agent's uaid (a new one makes Firefox drop its
 //! subscriptions).
 
-use crate::fleet::{self, FleetSpec};
-use crate::harness::Run;
+use crate::fleet;
+use crate::harness::{self, Run};
 use crate::proto::{self, Target};
 use crate::results::{Common, CpuMeter};
 use crate::stats::{self, Hist, LatencySummary, RateSampler, Tally};
@@ -78,23 +78,14 @@ pub async fn run(args: StormArgs) -> Result<()> {
         );
     }
     let (targets, server, limit) = (run.targets.clone(), run.server.clone(), run.limit);
-    let errors = Arc::new(Tally::default());
-    let vapid = crate::crypto::Vapid::generate()?;
-    let keys = Arc::new(vec![vapid.public_b64.clone()]);
-    let ids: Arc<Vec<Uuid>> = Arc::new(
-        (0..args.uas * per_ua)
-            .map(|_| crate::proto::new_channel_id())
-            .collect(),
-    );
+    let (_, keys) = harness::vapids(1)?;
+    let ids = harness::channel_ids(args.uas * per_ua);
     eprintln!("storm: connecting {} user agents", args.uas);
-    let setup_latency = Hist::new();
-    let spec = FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
-    let ups =
-        fleet::bring_up_all(&targets, &spec, ids.clone(), keys, &errors, &setup_latency).await;
-    let up_count = ups.iter().filter(|u| u.is_some()).count();
-    if up_count == 0 {
-        bail!("no user agent could connect: {:?}", errors.snapshot());
-    }
+    let mut setup = run.bring_up(args.uas, ids.clone(), keys).await;
+    setup.require_any("connect")?;
+    let (up_count, ups) = (setup.connected, std::mem::take(&mut setup.ups));
+    // Setup failures and the storm's own share one tally, as before.
+    let errors = Arc::new(std::mem::take(&mut setup.errors));
     let rss_before = server.rss_each();
 
     let cpu = CpuMeter::start(&server);
@@ -184,10 +175,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     run.result
         .latency
         .insert("reconnect_hello".into(), lat.clone());
-    run.result.latency.insert(
-        "setup".into(),
-        LatencySummary::from_hist(&setup_latency.merged()),
-    );
+    run.latency("setup", &setup.latency);
     run.result.rates = sampler.points;
     run.finish(format!(
         "storm[{}]: {reconnected}/{up_count} reconnected within {:.1}s ({failed} failed, {changed} uaid changed); hello {}",
@@ -245,15 +233,19 @@ async fn storm_one(
         CloseMode::Drop => drop(ws),
     }
     counts.attempted.fetch_add(1, Relaxed);
-    let t0 = Instant::now();
     let mine = &ids[u * per_ua..(u + 1) * per_ua];
-    match fleet::bring_up(&target, None, Some((&up.uaid, mine)), &[], limit).await {
-        Ok((mut ws, got, _)) => {
-            hello_latency.record(u, t0.elapsed().as_micros() as u64);
+    let back = fleet::resume(
+        &target,
+        u,
+        &up.uaid,
+        mine,
+        limit,
+        &hello_latency,
+        &counts.uaid_changed,
+    );
+    match back.await {
+        Ok(mut ws) => {
             counts.reconnected.fetch_add(1, Relaxed);
-            if got != up.uaid {
-                counts.uaid_changed.fetch_add(1, Relaxed);
-            }
             match fleet::hold(&mut ws, &mut stop).await {
                 Some(reason) => {
                     counts.dropped_after.fetch_add(1, Relaxed);

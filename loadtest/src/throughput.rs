@@ -8,13 +8,13 @@
 //! slot is still in flight). So (channelID, salt) names exactly one
 //! outstanding send, whatever order the server delivers in.
 
-use crate::crypto::{self, Pool, Vapid};
-use crate::fleet::{self, FleetSpec, Up};
-use crate::harness::Run;
+use crate::crypto::{self, Pool};
+use crate::fleet::{self, Setup, Up};
+use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Ws};
 use crate::results::{self, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
-use crate::stats::{self, Clock, Hist, LatencySummary, RateSampler, Tally};
+use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -377,10 +377,10 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         );
     }
     let rss_before = run.server.rss_each();
-    let fleet = connect(&args, &run).await?;
+    let mut fleet = connect(&args, &run).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut uas = JoinSet::new();
-    for (u, up) in fleet.ups.into_iter().enumerate() {
+    for (u, up) in std::mem::take(&mut fleet.setup.ups).into_iter().enumerate() {
         if let Some(up) = up {
             uas.spawn(ua_loop(u, up.ws, fleet.sh.clone(), stop_rx.clone()));
         }
@@ -394,11 +394,7 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
         fleet.setup.connected,
     )
     .await;
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while uas.join_next().await.is_some() {}
-    })
-    .await;
+    fleet::stop_all(&stop_tx, &mut uas, Duration::from_secs(10)).await;
     let rss_after = run.server.rss_each();
     run.result
         .server_rss(rss_before.as_deref(), rss_after.as_deref());
@@ -406,21 +402,12 @@ pub async fn run(args: ThroughputArgs) -> Result<()> {
     run.finish(summary)
 }
 
-/// How user-agent setup went.
-struct SetupStats {
-    connected: usize,
-    channels: usize,
-    errors: Tally,
-    latency: Hist,
-}
-
 /// The user agents connected and registered, and what senders need.
 struct Fleet {
-    ups: Vec<Option<Up>>,
     sh: Arc<Shared>,
     plans: Vec<SenderPlan>,
     endpoints: Arc<Vec<Option<Endpoint>>>,
-    setup: SetupStats,
+    setup: Setup,
 }
 
 /// Keys, payload pool, user agents with their channels, and one sending
@@ -433,40 +420,21 @@ async fn connect(args: &ThroughputArgs, run: &Run<'_>) -> Result<Fleet> {
         "throughput: encrypting {} payloads for {channels} channels",
         channels * args.pool
     );
-    let vapids: Vec<Vapid> = (0..args.senders)
-        .map(|_| Vapid::generate())
-        .collect::<Result<_>>()?;
-    let keys: Arc<Vec<String>> = Arc::new(vapids.iter().map(|v| v.public_b64.clone()).collect());
-    let (per, payload, verify) = (args.pool, args.payload, args.verify_every > 0);
-    let pool =
-        tokio::task::spawn_blocking(move || Pool::build(channels, per, payload, verify)).await??;
+    let (vapids, keys) = harness::vapids(args.senders)?;
+    let verify = args.verify_every > 0;
+    let pool = harness::payload_pool(channels, args.pool, args.payload, verify).await?;
     eprintln!(
         "throughput: payload pool {:.1} MiB",
         pool.bytes() as f64 / (1 << 20) as f64
     );
-    let channel_ids: Arc<Vec<Uuid>> =
-        Arc::new((0..channels).map(|_| proto::new_channel_id()).collect());
+    let channel_ids = harness::channel_ids(channels);
 
     eprintln!("throughput: connecting {} user agents", args.uas);
-    let setup_errors = Tally::default();
-    let setup_latency = Hist::new();
-    let spec = FleetSpec::new(args.uas, common.channels, common.concurrency, run.limit);
-    let ups = fleet::bring_up_all(
-        &run.targets,
-        &spec,
-        channel_ids.clone(),
-        keys.clone(),
-        &setup_errors,
-        &setup_latency,
-    )
-    .await;
-    let connected = ups.iter().filter(|u| u.is_some()).count();
+    let setup = run.bring_up(args.uas, channel_ids.clone(), keys).await;
     let (endpoints, origins) =
-        resolve_endpoints(&ups, common.channels, &run.push_bases, &setup_errors).await?;
+        resolve_endpoints(&setup.ups, common.channels, &run.push_bases, &setup.errors).await?;
     let endpoints = Arc::new(endpoints);
-    if connected == 0 {
-        bail!("no user agent could connect: {:?}", setup_errors.snapshot());
-    }
+    setup.require_any("connect")?;
     let sh = Arc::new(Shared::new(
         pool,
         common.channels,
@@ -491,16 +459,10 @@ async fn connect(args: &ThroughputArgs, run: &Run<'_>) -> Result<Fleet> {
         }
     }
     Ok(Fleet {
-        ups,
         sh,
         plans,
         endpoints,
-        setup: SetupStats {
-            connected,
-            channels,
-            errors: setup_errors,
-            latency: setup_latency,
-        },
+        setup,
     })
 }
 
@@ -534,23 +496,12 @@ async fn send_and_drain(
             None => " as fast as possible".into(),
         }
     );
-    // Sampler: accepted/s and delivered/s over time, through the drain.
+    // accepted/s and delivered/s over time, through the drain.
     let sample_every = stats::sample_interval(stats::secs(args.duration + 1.0));
-    let (samp_stop_tx, mut samp_stop) = watch::channel(false);
-    let sampler = {
+    let rates = {
         let sh = sh.clone();
-        tokio::spawn(async move {
-            let mut s = RateSampler::new(&["accepted", "delivered"], &[0, 0]);
-            let mut tick = tokio::time::interval(sample_every);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => s.sample(&[sh.accepted.load(Relaxed), sh.delivered.load(Relaxed)]),
-                    _ = samp_stop.changed() => break,
-                }
-            }
-            s.sample(&[sh.accepted.load(Relaxed), sh.delivered.load(Relaxed)]);
-            s.points
+        RateWatch::spawn(&["accepted", "delivered"], sample_every, move || {
+            vec![sh.accepted.load(Relaxed), sh.delivered.load(Relaxed)]
         })
     };
 
@@ -584,8 +535,7 @@ async fn send_and_drain(
     }
     let lost = outstanding(sh);
     let server_cpu = cpu.record(&mut run.result);
-    let _ = samp_stop_tx.send(true);
-    run.result.rates = sampler.await.unwrap_or_default();
+    run.result.rates = rates.stop().await;
     Sent {
         send_secs,
         send_start_us,
@@ -600,7 +550,7 @@ fn record(
     run: &mut Run<'_>,
     sh: &Shared,
     sent: &Sent,
-    setup: &SetupStats,
+    setup: &Setup,
 ) -> String {
     let Sent {
         send_secs,
@@ -608,7 +558,7 @@ fn record(
         lost,
         server_cpu,
     } = *sent;
-    let (connected, channels) = (setup.connected, setup.channels);
+    let (connected, channels) = (setup.connected, args.uas * args.common.channels);
     let accepted = sh.accepted.load(Relaxed);
     let delivered = sh.delivered.load(Relaxed);
     let last = sh.last_delivery_us.load(Relaxed);
@@ -677,10 +627,7 @@ fn record(
         .result
         .cpu_per("server_cpu_us_per_delivered", server_cpu, delivered);
     run.result.latency.insert("end_to_end".into(), lat.clone());
-    run.result.latency.insert(
-        "setup".into(),
-        LatencySummary::from_hist(&setup.latency.merged()),
-    );
+    run.latency("setup", &setup.latency);
     if sh.stalls.load(Relaxed) > 0 {
         run.result.notes.push(format!(
             "senders waited {} times for a channel with a free slot: the server delivered slower than it accepted (raise --pool or --uas to queue more)",

@@ -193,7 +193,10 @@ impl Mock {
     }
 }
 
-async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
+type MockWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// The websocket handshake, selecting the subprotocol the faults ask for.
+async fn accept(s: tokio::net::TcpStream, st: &State) -> Option<MockWs> {
     let selected = match st.faults.subprotocol {
         Subprotocol::Push => Some("push-notification"),
         Subprotocol::None => None,
@@ -209,28 +212,186 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
         }
         Ok(resp)
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+    tokio_tungstenite::accept_hdr_async(s, cb).await.ok()
+}
+
+/// What one client frame calls for.
+enum Step {
+    Reply(String),
+    Nothing,
+    /// The client broke the protocol: drop the connection.
+    Drop,
+    /// Too many acks (`close_after_acks`): close with 1008 as Herald did.
+    RateLimit,
+}
+
+/// One websocket connection of the mock.
+struct Conn {
+    id: u64,
+    node: usize,
+    /// Notifications for this connection (through the window), and
+    /// broadcast frames (sent at once, outside it).
+    tx: mpsc::UnboundedSender<String>,
+    btx: mpsc::UnboundedSender<String>,
+    uaid: Option<String>,
+    pending: VecDeque<String>,
+    in_flight: usize,
+    acks: u64,
+}
+
+impl Conn {
+    fn on_frame(&mut self, st: &State, v: &Value) -> Step {
+        match v["messageType"].as_str() {
+            Some("hello") => Step::Reply(self.hello(st, v)),
+            Some("register") => {
+                let (Some(u), Some(ch)) = (self.uaid.as_deref(), v["channelID"].as_str()) else {
+                    return Step::Drop;
+                };
+                let host = if st.faults.foreign_endpoints {
+                    "10.9.9.9".to_string()
+                } else {
+                    format!("127.0.0.1:{}", st.http_port)
+                };
+                Step::Reply(json!({"messageType":"register","channelID":ch,"status":200,"pushEndpoint":format!("http://{host}/push/{u}/{ch}")}).to_string())
+            }
+            Some("ack") => {
+                self.acks += 1;
+                let n = v["updates"].as_array().map_or(0, |u| u.len());
+                self.in_flight = self.in_flight.saturating_sub(n);
+                if st.faults.close_after_acks > 0 && self.acks > st.faults.close_after_acks {
+                    return Step::RateLimit;
+                }
+                Step::Nothing
+            }
+            Some(_) => Step::Nothing,
+            None => Step::Reply("{}".to_string()),
+        }
+    }
+
+    /// Takes the user agent (new, or the one named), hands this connection
+    /// what was stored for it, and follows the broadcasts it names; the
+    /// reply names those whose version differs, as Herald's does.
+    fn hello(&mut self, st: &State, v: &Value) -> String {
+        let id = v["uaid"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{:032x}", st.counter.fetch_add(1, Relaxed) + 0xabc0_0000));
+        let queued = {
+            let mut uas = st.uas.lock().expect("lock");
+            let ua = uas.entry(id.clone()).or_default();
+            ua.conn = self.id;
+            ua.tx = Some(self.tx.clone());
+            std::mem::take(&mut ua.queue)
+        };
+        self.uaid = Some(id.clone());
+        st.hellos[self.node].fetch_add(1, Relaxed);
+        let follows: Vec<String> = v["broadcasts"]
+            .as_object()
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut delta = serde_json::Map::new();
+        {
+            let current = st.broadcasts.lock().expect("lock");
+            for id in &follows {
+                let known = v["broadcasts"][id].as_str();
+                match current.get(id) {
+                    Some(cur) if Some(cur.as_str()) != known => {
+                        delta.insert(id.clone(), cur.clone().into());
+                    }
+                    Some(_) => {}
+                    None => {
+                        delta.insert("errors".into(), json!({id: "Broadcast not found"}));
+                    }
+                }
+            }
+        }
+        st.listeners.lock().expect("lock").push(Listener {
+            conn: self.id,
+            follows,
+            tx: self.btx.clone(),
+        });
+        // Queued behind the reply: the loop sends them on its next turn.
+        for q in queued {
+            let _ = self.tx.send(q);
+        }
+        json!({"messageType":"hello","uaid":id,"status":200,"use_webpush":true,"broadcasts":delta})
+            .to_string()
+    }
+
+    /// The connection is over: it stops listening, and what it never sent
+    /// goes back to the store (or to the user agent's newer connection).
+    fn hand_back(mut self, st: &State, mut rx: mpsc::UnboundedReceiver<String>) {
+        st.listeners
+            .lock()
+            .expect("lock")
+            .retain(|l| l.conn != self.id);
+        let Some(u) = self.uaid.take() else { return };
+        rx.close();
+        while let Ok(t) = rx.try_recv() {
+            self.pending.push_back(t);
+        }
+        if let Some(ua) = st.uas.lock().expect("lock").get_mut(&u) {
+            if ua.conn == self.id {
+                ua.tx = None;
+            }
+            for t in self.pending {
+                match &ua.tx {
+                    Some(tx) => {
+                        if let Err(e) = tx.send(t) {
+                            ua.queue.push(e.0);
+                        }
+                    }
+                    None => ua.queue.push(t),
+                }
+            }
+        }
+    }
+}
+
+/// Closes with 1008 "rate limit", as Herald did before issue 9, and lets
+/// the user agent answer the close handshake.
+async fn close_rate_limited(ws: &mut MockWs) {
+    let frame = CloseFrame {
+        code: CloseCode::Policy,
+        reason: "rate limit: more than 50 messages per second".into(),
+    };
+    let _ = ws.send(Message::Close(Some(frame))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
+    let Some(mut ws) = accept(s, &st).await else {
         return;
     };
-    let conn = st.counter.fetch_add(1, Relaxed) + 1_000_000;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    // Broadcast frames: sent at once, outside the notification window.
     let (btx, mut brx) = mpsc::unbounded_channel::<String>();
-    let mut uaid: Option<String> = None;
+    let mut c = Conn {
+        id: st.counter.fetch_add(1, Relaxed) + 1_000_000,
+        node,
+        tx,
+        btx,
+        uaid: None,
+        pending: VecDeque::new(),
+        in_flight: 0,
+        acks: 0,
+    };
     let window = st.faults.window;
-    let mut pending: VecDeque<String> = VecDeque::new();
-    let (mut in_flight, mut acks) = (0usize, 0u64);
     'conn: loop {
-        while window == 0 || in_flight < window {
-            let Some(t) = pending.pop_front() else { break };
+        while window == 0 || c.in_flight < window {
+            let Some(t) = c.pending.pop_front() else {
+                break;
+            };
             if ws.send(Message::text(t)).await.is_err() {
                 break 'conn;
             }
-            in_flight += 1;
+            c.in_flight += 1;
         }
         tokio::select! {
             out = rx.recv() => match out {
-                Some(t) => pending.push_back(t),
+                Some(t) => c.pending.push_back(t),
                 None => break,
             },
             Some(b) = brx.recv() => {
@@ -244,112 +405,23 @@ async fn ws_conn(s: tokio::net::TcpStream, st: Arc<State>, node: usize) {
                     break;
                 };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                let reply = match v["messageType"].as_str() {
-                    Some("hello") => {
-                        let id = v["uaid"].as_str().map(str::to_string).unwrap_or_else(|| {
-                            format!("{:032x}", st.counter.fetch_add(1, Relaxed) + 0xabc0_0000)
-                        });
-                        let queued = {
-                            let mut uas = st.uas.lock().expect("lock");
-                            let ua = uas.entry(id.clone()).or_default();
-                            ua.conn = conn;
-                            ua.tx = Some(tx.clone());
-                            std::mem::take(&mut ua.queue)
-                        };
-                        uaid = Some(id.clone());
-                        st.hellos[node].fetch_add(1, Relaxed);
-                        // Broadcasts followed from hello on; the reply names
-                        // those whose version differs, as Herald's does.
-                        let follows: Vec<String> = v["broadcasts"]
-                            .as_object()
-                            .map(|b| b.keys().cloned().collect())
-                            .unwrap_or_default();
-                        let mut delta = serde_json::Map::new();
-                        {
-                            let current = st.broadcasts.lock().expect("lock");
-                            for id in &follows {
-                                let known = v["broadcasts"][id].as_str();
-                                match current.get(id) {
-                                    Some(cur) if Some(cur.as_str()) != known => {
-                                        delta.insert(id.clone(), cur.clone().into());
-                                    }
-                                    Some(_) => {}
-                                    None => {
-                                        delta.insert("errors".into(), json!({id: "Broadcast not found"}));
-                                    }
-                                }
-                            }
-                        }
-                        st.listeners.lock().expect("lock").push(Listener {
-                            conn,
-                            follows,
-                            tx: btx.clone(),
-                        });
-                        let _ = ws.send(Message::text(json!({"messageType":"hello","uaid":id,"status":200,"use_webpush":true,"broadcasts":delta}).to_string())).await;
-                        for q in queued {
-                            let _ = tx.send(q);
-                        }
-                        continue;
-                    }
-                    Some("register") => {
-                        let (Some(u), Some(ch)) = (uaid.as_deref(), v["channelID"].as_str()) else { break };
-                        let host = if st.faults.foreign_endpoints { "10.9.9.9".to_string() } else { format!("127.0.0.1:{}", st.http_port) };
-                        json!({"messageType":"register","channelID":ch,"status":200,"pushEndpoint":format!("http://{host}/push/{u}/{ch}")}).to_string()
-                    }
-                    Some("ack") => {
-                        acks += 1;
-                        let n = v["updates"].as_array().map_or(0, |u| u.len());
-                        in_flight = in_flight.saturating_sub(n);
-                        if st.faults.close_after_acks > 0 && acks > st.faults.close_after_acks {
-                            let frame = CloseFrame {
-                                code: CloseCode::Policy,
-                                reason: "rate limit: more than 50 messages per second".into(),
-                            };
-                            let _ = ws.send(Message::Close(Some(frame))).await;
-                            // Let the user agent answer the close handshake.
-                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                                while let Some(Ok(_)) = ws.next().await {}
-                            })
-                            .await;
+                match c.on_frame(&st, &v) {
+                    Step::Reply(reply) => {
+                        if ws.send(Message::text(reply)).await.is_err() {
                             break;
                         }
-                        continue;
                     }
-                    Some(_) => continue,
-                    None => "{}".to_string(),
-                };
-                if ws.send(Message::text(reply)).await.is_err() {
-                    break;
+                    Step::Nothing => {}
+                    Step::Drop => break,
+                    Step::RateLimit => {
+                        close_rate_limited(&mut ws).await;
+                        break;
+                    }
                 }
             }
         }
     }
-    st.listeners
-        .lock()
-        .expect("lock")
-        .retain(|l| l.conn != conn);
-    if let Some(u) = uaid {
-        // What this connection never sent goes back to the store.
-        rx.close();
-        while let Ok(t) = rx.try_recv() {
-            pending.push_back(t);
-        }
-        if let Some(ua) = st.uas.lock().expect("lock").get_mut(&u) {
-            if ua.conn == conn {
-                ua.tx = None;
-            }
-            for t in pending {
-                match &ua.tx {
-                    Some(tx) => {
-                        if let Err(e) = tx.send(t) {
-                            ua.queue.push(e.0);
-                        }
-                    }
-                    None => ua.queue.push(t),
-                }
-            }
-        }
-    }
+    c.hand_back(&st, rx);
 }
 
 /// The broadcast API, as Herald's: `PUT /v1/broadcasts/<id>` (the id may

@@ -21,7 +21,7 @@ mod receipts;
 
 use crate::crypto::{Vapid, B64_LENIENT, MAX_PLAINTEXT};
 use crate::fleet;
-use crate::net;
+use crate::harness::Run;
 use crate::proto::{self, Target, Ws};
 use crate::results::{Common, CpuMeter, RunResult, Servers};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome as PostOutcome};
@@ -1082,6 +1082,14 @@ struct Peaks {
     store: u64,
 }
 
+impl Peaks {
+    fn raise(&mut self, rss_kib: u64, fds: u64, store: u64) {
+        self.rss_kib = self.rss_kib.max(rss_kib);
+        self.fds = self.fds.max(fds);
+        self.store = self.store.max(store);
+    }
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -1094,21 +1102,8 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.receipts) {
         bail!("--receipts is a fraction of POSTs, 0 to 1");
     }
-    let (targets, push_bases) = common.targets_and_push_bases().await?;
-    let nofile = net::raise_nofile_limit();
-    if (args.uas * 2 + 100) as u64 > nofile.soft {
-        bail!(
-            "{} user agents need more than this process's {} open files",
-            args.uas,
-            nofile.soft
-        );
-    }
-    let server: Servers = common.servers();
-    if let Some(pid) = server.unreadable() {
-        bail!("cannot read /proc/{pid}: is --server-pid right?");
-    }
     let seed = args.seed.unwrap_or_else(rand::random);
-    let mut result = RunResult::new(
+    let mut run = Run::start(
         "soak",
         common,
         serde_json::json!({
@@ -1118,16 +1113,18 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             "receipts": args.receipts, "receipt_wait_s": args.receipt_wait,
             "seed": seed, "data_dir": args.data_dir,
         }),
-    );
-    let start = Instant::now();
+    )
+    .await?;
+    run.need_files(args.uas * 2 + 100, &format!("{} user agents", args.uas))?;
+    run.require_readable_servers()?;
     let sh = Arc::new(Shared {
-        start,
-        load_end: start + stats::secs(args.duration),
-        limit: common.limit(),
-        targets,
+        start: Instant::now(),
+        load_end: Instant::now() + stats::secs(args.duration),
+        limit: run.limit,
+        targets: run.targets.clone(),
         client: sender::client(args.uas),
         vapid: Vapid::generate()?,
-        origins: tokio::sync::Mutex::new((Origins::with_push_urls(&push_bases).await?, vec![])),
+        origins: tokio::sync::Mutex::new((Origins::with_push_urls(&run.push_bases).await?, vec![])),
         record: Mutex::new(Record::default()),
         next_id: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
@@ -1144,49 +1141,46 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         "soak: {} user agents for {:.0} s (seed {seed}), then a final drain",
         args.uas, args.duration
     );
-    let cpu = CpuMeter::start(&server);
+    let cpu = CpuMeter::start(&run.server);
+    let watch = ServerWatch::spawn(&run.server, &sh);
+    run_uas(&sh, seed).await;
+    let server = watch.stop().await;
+    cpu.record(&mut run.result);
 
-    // Server figures every second, for the peaks.
-    let peaks = Arc::new(Mutex::new(Peaks::default()));
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let sampler = {
-        let (server, peaks, sh) = (server.clone(), peaks.clone(), sh.clone());
-        let dir = args.data_dir.clone();
-        // About a dozen progress lines per run, at most one a minute.
-        let every = ((args.duration / 12.0) as u64).clamp(5, 60);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut n = 0u64;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop_rx.changed() => break,
-                }
-                let rss = server.rss_kib().unwrap_or(0);
-                let fds = server.open_fds().unwrap_or(0);
-                let store = dir.as_deref().map(disk_bytes).unwrap_or(0);
-                {
-                    let mut p = peaks.lock().unwrap_or_else(|p| p.into_inner());
-                    p.rss_kib = p.rss_kib.max(rss);
-                    p.fds = p.fds.max(fds);
-                    p.store = p.store.max(store);
-                }
-                n += 1;
-                if n.is_multiple_of(every) {
-                    eprintln!(
-                        "  {:>5.0} s: {} accepted, {} received, {} online; server {:.1} MiB, {fds} files, store {:.1} MiB",
-                        sh.now(),
-                        sh.accepted.load(Relaxed),
-                        sh.received.load(Relaxed),
-                        sh.online.load(Relaxed),
-                        mib(rss),
-                        store as f64 / 1048576.0,
-                    );
-                }
-            }
-        })
+    let mut record = std::mem::take(&mut *sh.record());
+    record.end = sh.now();
+    let t = ledger::classify(&record, args.grace);
+    let rt = collect_receipts(&sh, &record, &t.fates).await;
+    let account = Account {
+        record,
+        t,
+        rt,
+        server,
     };
+    let summary = account.record(&mut run, &sh);
+    run.finish(summary)?;
+    let (t, rt) = (&account.t, &account.rt);
+    if t.lost > 0 {
+        bail!(
+            "{} accepted messages were lost (ids {:?}...)",
+            t.lost,
+            t.lost_ids
+        );
+    }
+    if rt.errors > 0 {
+        bail!(
+            "{} receipt errors (first: {:?})",
+            rt.errors,
+            rt.notes.first()
+        );
+    }
+    Ok(())
+}
 
+/// Starts every user agent and waits for them all. Each ends on its own
+/// (every step is bounded); the hard end only guards against a hang.
+async fn run_uas(sh: &Arc<Shared>, seed: u64) {
+    let args = &sh.args;
     let mut uas = JoinSet::new();
     for n in 0..args.uas {
         let ua = Ua {
@@ -1203,8 +1197,6 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         };
         uas.spawn(ua.run());
     }
-    // Every user agent ends on its own (each step is bounded); this only
-    // guards against a hang.
     let hard_end = sh.load_end + stats::secs(args.long_offline + args.drain + 60.0);
     let mut finished = 0;
     while let Ok(Some(_)) = tokio::time::timeout_at(hard_end.into(), uas.join_next()).await {
@@ -1217,165 +1209,243 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         );
         uas.abort_all();
     }
-    let _ = stop_tx.send(true);
-    let _ = sampler.await;
-    cpu.record(&mut result);
+}
 
-    let final_rss = server.rss_kib();
-    let final_fds = server.open_fds();
-    let final_store = args.data_dir.as_deref().map(disk_bytes);
-    let mut p = *peaks.lock().unwrap_or_else(|p| p.into_inner());
-    p.rss_kib = p.rss_kib.max(final_rss.unwrap_or(0));
-    p.fds = p.fds.max(final_fds.unwrap_or(0));
-    p.store = p.store.max(final_store.unwrap_or(0));
+/// Server figures every second for the peaks, with a progress line now
+/// and then.
+struct ServerWatch {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    peaks: Arc<Mutex<Peaks>>,
+    server: Servers,
+    data_dir: Option<PathBuf>,
+}
 
-    let mut record = std::mem::take(&mut *sh.record());
-    record.end = sh.now();
-    let t = ledger::classify(&record, args.grace);
-    let rt = collect_receipts(&sh, &record, &t.fates).await;
+/// The server's figures at the end and at their peaks.
+struct ServerFigures {
+    peaks: Peaks,
+    rss: Option<u64>,
+    fds: Option<u64>,
+    store: Option<u64>,
+}
 
-    for (name, n) in [
-        ("lost", t.lost),
-        ("duplicates of acked or nacked messages", t.duplicates),
-        ("notification with an id never sent", t.unknown),
-        ("malformed server message", sh.malformed.load(Relaxed)),
-        ("receipt errors", rt.errors),
-    ] {
-        if n > 0 {
-            result.errors.insert(name.into(), n);
+impl ServerWatch {
+    fn spawn(server: &Servers, sh: &Arc<Shared>) -> ServerWatch {
+        let peaks = Arc::new(Mutex::new(Peaks::default()));
+        let (stop, mut stop_rx) = watch::channel(false);
+        let (srv, p, sh) = (server.clone(), peaks.clone(), sh.clone());
+        let dir = sh.args.data_dir.clone();
+        // About a dozen progress lines per run, at most one a minute.
+        let every = ((sh.args.duration / 12.0) as u64).clamp(5, 60);
+        let data_dir = dir.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let rss = srv.rss_kib().unwrap_or(0);
+                let fds = srv.open_fds().unwrap_or(0);
+                let store = dir.as_deref().map(disk_bytes).unwrap_or(0);
+                p.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .raise(rss, fds, store);
+                n += 1;
+                if n.is_multiple_of(every) {
+                    eprintln!(
+                        "  {:>5.0} s: {} accepted, {} received, {} online; server {:.1} MiB, {fds} files, store {:.1} MiB",
+                        sh.now(),
+                        sh.accepted.load(Relaxed),
+                        sh.received.load(Relaxed),
+                        sh.online.load(Relaxed),
+                        mib(rss),
+                        store as f64 / 1048576.0,
+                    );
+                }
+            }
+        });
+        ServerWatch {
+            stop,
+            task,
+            peaks,
+            server: server.clone(),
+            data_dir,
         }
     }
-    stats::merge_tally(&mut result.errors, &sh.errors.snapshot());
-    for (name, v) in [
-        ("accepted", t.accepted),
-        ("accepted_ttl0", t.accepted_ttl0),
-        ("delivered", t.delivered),
-        ("expired", t.expired),
-        ("expired_ttl0", t.expired_ttl0),
-        ("replaced", t.replaced),
-        ("unregistered", t.unregistered),
-        ("lost", t.lost),
-        ("redelivered", t.redelivered),
-        ("duplicates", t.duplicates),
-        ("unknown", t.unknown),
-        ("delivered_unconfirmed", t.delivered_unconfirmed),
-        ("posts", record.sent.len() as u64),
-        ("receipts", record.receipts.len() as u64),
-        ("connections", record.conns.len() as u64),
-        ("unregistrations", record.unregistered.len() as u64),
-        ("receipts_asked", rt.asked),
-        ("receipts_received", rt.received),
-        ("receipt_errors", rt.errors),
-        ("receipts_undecided", rt.undecided),
-        ("receipts_unmatched", rt.unmatched),
-        ("receipts_delivered", rt.outcomes[0]),
-        ("receipts_rejected", rt.outcomes[1]),
-        ("receipts_expired", rt.outcomes[2]),
-        ("receipts_cancelled", rt.outcomes[3]),
-        ("receipts_gone", rt.outcomes[4]),
-        ("server_rss_peak_kib", p.rss_kib),
-        ("server_fds_peak", p.fds),
-    ] {
-        result.metric(name, v);
+
+    /// Stops sampling; the final figures, counted into the peaks.
+    async fn stop(self) -> ServerFigures {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let rss = self.server.rss_kib();
+        let fds = self.server.open_fds();
+        let store = self.data_dir.as_deref().map(disk_bytes);
+        let mut peaks = *self.peaks.lock().unwrap_or_else(|p| p.into_inner());
+        peaks.raise(rss.unwrap_or(0), fds.unwrap_or(0), store.unwrap_or(0));
+        ServerFigures {
+            peaks,
+            rss,
+            fds,
+            store,
+        }
     }
-    if let Some(v) = final_rss {
-        result.metric("server_rss_final_kib", v);
+}
+
+/// The exact account at the end of the run: what happened to each message
+/// (`t`), to each receipt (`rt`), and the server's figures.
+struct Account {
+    record: Record,
+    t: ledger::Tally,
+    rt: receipts::ReceiptTally,
+    server: ServerFigures,
+}
+
+impl Account {
+    /// Errors, metrics and notes into the results; returns the summary.
+    fn record(&self, run: &mut Run<'_>, sh: &Shared) -> String {
+        let (t, rt) = (&self.t, &self.rt);
+        run.error_counts(&[
+            ("lost", t.lost),
+            ("duplicates of acked or nacked messages", t.duplicates),
+            ("notification with an id never sent", t.unknown),
+            ("malformed server message", sh.malformed.load(Relaxed)),
+            ("receipt errors", rt.errors),
+        ]);
+        run.errors_from(&[&sh.errors]);
+        self.record_metrics(&mut run.result);
+        self.record_notes(&mut run.result);
+        let errors = sh.errors.snapshot();
+        let summary = self.summary(sh);
+        if !errors.is_empty() {
+            eprintln!("  errors: {errors:?}");
+        }
+        summary
     }
-    if let Some(v) = final_fds {
-        result.metric("server_fds_final", v);
+
+    fn record_metrics(&self, result: &mut RunResult) {
+        let (t, rt, record, s) = (&self.t, &self.rt, &self.record, &self.server);
+        for (name, v) in [
+            ("accepted", t.accepted),
+            ("accepted_ttl0", t.accepted_ttl0),
+            ("delivered", t.delivered),
+            ("expired", t.expired),
+            ("expired_ttl0", t.expired_ttl0),
+            ("replaced", t.replaced),
+            ("unregistered", t.unregistered),
+            ("lost", t.lost),
+            ("redelivered", t.redelivered),
+            ("duplicates", t.duplicates),
+            ("unknown", t.unknown),
+            ("delivered_unconfirmed", t.delivered_unconfirmed),
+            ("posts", record.sent.len() as u64),
+            ("receipts", record.receipts.len() as u64),
+            ("connections", record.conns.len() as u64),
+            ("unregistrations", record.unregistered.len() as u64),
+            ("receipts_asked", rt.asked),
+            ("receipts_received", rt.received),
+            ("receipt_errors", rt.errors),
+            ("receipts_undecided", rt.undecided),
+            ("receipts_unmatched", rt.unmatched),
+            ("receipts_delivered", rt.outcomes[0]),
+            ("receipts_rejected", rt.outcomes[1]),
+            ("receipts_expired", rt.outcomes[2]),
+            ("receipts_cancelled", rt.outcomes[3]),
+            ("receipts_gone", rt.outcomes[4]),
+            ("server_rss_peak_kib", s.peaks.rss_kib),
+            ("server_fds_peak", s.peaks.fds),
+        ] {
+            result.metric(name, v);
+        }
+        if let Some(v) = s.rss {
+            result.metric("server_rss_final_kib", v);
+        }
+        if let Some(v) = s.fds {
+            result.metric("server_fds_final", v);
+        }
+        if let Some(v) = s.store {
+            result.metric("store_bytes_final", v);
+            result.metric("store_bytes_peak", s.peaks.store);
+        }
     }
-    if let Some(v) = final_store {
-        result.metric("store_bytes_final", v);
-        result.metric("store_bytes_peak", p.store);
+
+    /// Enough about each lost message to reproduce its story by hand, the
+    /// first duplicates, and what the receipt check found.
+    fn record_notes(&self, result: &mut RunResult) {
+        let (t, rt, record) = (&self.t, &self.rt, &self.record);
+        for id in &t.lost_ids {
+            let Some(m) = record.sent.iter().find(|m| m.id == *id) else {
+                continue;
+            };
+            let conns: Vec<String> = record
+                .conns
+                .iter()
+                .filter(|c| c.ua == m.ua)
+                .map(|c| format!("{:.2}-{:.2}", c.up, c.down))
+                .collect();
+            result.notes.push(format!(
+                "lost: id {id}, user agent {}, channel {}, TTL {}, topic {:?}, POST {:.2}-{:.2} s; user agent up {}",
+                m.ua,
+                m.channel,
+                m.ttl,
+                m.topic,
+                m.sent_at,
+                m.answered_at,
+                conns.join(", ")
+            ));
+        }
+        if !t.duplicate_ids.is_empty() {
+            result.notes.push(format!(
+                "ids received again after an ack or nack (first few): {:?}",
+                t.duplicate_ids
+            ));
+        }
+        for n in &rt.notes {
+            result.notes.push(format!("receipt: {n}"));
+        }
     }
-    // Enough about each lost message to reproduce its story by hand.
-    for id in &t.lost_ids {
-        let Some(m) = record.sent.iter().find(|m| m.id == *id) else {
-            continue;
+
+    fn summary(&self, sh: &Shared) -> String {
+        let (t, rt, s) = (&self.t, &self.rt, &self.server);
+        let args = &sh.args;
+        let server_text = match (s.rss, s.fds) {
+            (Some(rss), Some(fds)) => format!(
+                "server RSS peak {:.1} MiB, final {:.1} MiB; open files peak {}, final {fds}",
+                mib(s.peaks.rss_kib),
+                mib(rss),
+                s.peaks.fds
+            ),
+            _ => "server figures not measured (no --server-pid)".into(),
         };
-        let conns: Vec<String> = record
-            .conns
-            .iter()
-            .filter(|c| c.ua == m.ua)
-            .map(|c| format!("{:.2}-{:.2}", c.up, c.down))
-            .collect();
-        result.notes.push(format!(
-            "lost: id {id}, user agent {}, channel {}, TTL {}, topic {:?}, POST {:.2}-{:.2} s; user agent up {}",
-            m.ua,
-            m.channel,
-            m.ttl,
-            m.topic,
-            m.sent_at,
-            m.answered_at,
-            conns.join(", ")
-        ));
-    }
-    if !t.duplicate_ids.is_empty() {
-        result.notes.push(format!(
-            "ids received again after an ack or nack (first few): {:?}",
-            t.duplicate_ids
-        ));
-    }
-    for n in &rt.notes {
-        result.notes.push(format!("receipt: {n}"));
-    }
-    result.elapsed_s = (start.elapsed().as_secs_f64() * 100.0).round() / 100.0;
-    let server_text = match (final_rss, final_fds) {
-        (Some(rss), Some(fds)) => format!(
-            "server RSS peak {:.1} MiB, final {:.1} MiB; open files peak {}, final {fds}",
-            mib(p.rss_kib),
-            mib(rss),
-            p.fds
-        ),
-        _ => "server figures not measured (no --server-pid)".into(),
-    };
-    let store_text = match final_store {
-        Some(b) => format!(
-            "store {:.2} MiB on disk (peak {:.2} MiB)",
-            b as f64 / 1048576.0,
-            p.store as f64 / 1048576.0
-        ),
-        None => "store size not measured (no --data-dir)".into(),
-    };
-    result.summary = format!(
-        "soak[{}]: {:.0} s, {} user agents, {} connections: {} accepted, {} delivered, {} expired, {} replaced, {} dropped by unregister, {} LOST; {} redelivered after an unanswered receipt, {} duplicates of acked messages; {} receipts asked, {} received, {} receipt errors; {server_text}; {store_text}; {} other errors",
-        common.target,
-        args.duration,
-        args.uas,
-        record.conns.len(),
-        t.accepted,
-        t.delivered,
-        t.expired,
-        t.replaced,
-        t.unregistered,
-        t.lost,
-        t.redelivered,
-        t.duplicates,
-        rt.asked,
-        rt.received,
-        rt.errors,
-        sh.errors.total(),
-    );
-    let errors = sh.errors.snapshot();
-    if !errors.is_empty() {
-        eprintln!("  errors: {errors:?}");
-    }
-    result.finish(common.out.as_deref())?;
-    if t.lost > 0 {
-        bail!(
-            "{} accepted messages were lost (ids {:?}...)",
+        let store_text = match s.store {
+            Some(b) => format!(
+                "store {:.2} MiB on disk (peak {:.2} MiB)",
+                b as f64 / 1048576.0,
+                s.peaks.store as f64 / 1048576.0
+            ),
+            None => "store size not measured (no --data-dir)".into(),
+        };
+        format!(
+            "soak[{}]: {:.0} s, {} user agents, {} connections: {} accepted, {} delivered, {} expired, {} replaced, {} dropped by unregister, {} LOST; {} redelivered after an unanswered receipt, {} duplicates of acked messages; {} receipts asked, {} received, {} receipt errors; {server_text}; {store_text}; {} other errors",
+            args.common.target,
+            args.duration,
+            args.uas,
+            self.record.conns.len(),
+            t.accepted,
+            t.delivered,
+            t.expired,
+            t.replaced,
+            t.unregistered,
             t.lost,
-            t.lost_ids
-        );
-    }
-    if rt.errors > 0 {
-        bail!(
-            "{} receipt errors (first: {:?})",
+            t.redelivered,
+            t.duplicates,
+            rt.asked,
+            rt.received,
             rt.errors,
-            rt.notes.first()
-        );
+            sh.errors.total(),
+        )
     }
-    Ok(())
 }
 
 #[cfg(test)]
