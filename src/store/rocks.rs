@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod error;
 mod receipts;
 
 const USERS: &str = "users";
@@ -59,7 +60,7 @@ pub struct Rocks {
 }
 
 fn err(e: rocksdb::Error) -> StoreError {
-    StoreError(e.into_string())
+    error::from_rocksdb(e)
 }
 
 fn now_micros() -> u64 {
@@ -131,28 +132,35 @@ impl RocksStore {
             Some(db) => Ok(db.clone()),
             None => {
                 drop(slot);
-                Err(self.noted(StoreError(
-                    "IO error: the store is being reopened after an I/O error".into(),
-                )))
+                // The last reopen failed: try again.
+                self.schedule_reopen();
+                Err(StoreError::Unavailable(
+                    "rocksdb: the store is being reopened after an I/O error".into(),
+                ))
             }
         }
     }
 
     /// Schedules a reopen if `e` is an I/O error; returns `e`.
     fn noted(&self, e: StoreError) -> StoreError {
-        if e.0.starts_with("IO error") {
-            let mut last = self
-                .inner
-                .last_reopen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if last.is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL) {
-                *last = Some(std::time::Instant::now());
-                let inner = self.inner.clone();
-                std::thread::spawn(move || inner.reopen());
-            }
+        if let StoreError::Io(_) = e {
+            self.schedule_reopen();
         }
         e
+    }
+
+    /// At most one reopen per `REOPEN_INTERVAL`, on its own thread.
+    fn schedule_reopen(&self) {
+        let mut last = self
+            .inner
+            .last_reopen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL) {
+            *last = Some(std::time::Instant::now());
+            let inner = self.inner.clone();
+            std::thread::spawn(move || inner.reopen());
+        }
     }
 
     fn check<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
@@ -166,7 +174,7 @@ impl RocksStore {
         let inner = self.db()?;
         let r = tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError(format!("store task failed: {e}")))?;
+            .map_err(|e| StoreError::Task(format!("rocksdb task failed: {e}")))?;
         self.check(r)
     }
 
