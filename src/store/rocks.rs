@@ -865,6 +865,49 @@ mod tests {
         Rocks::open(dir, false, None).unwrap()
     }
 
+    /// Whether the engine `old` was replaced by a reopen within `within`.
+    fn reopened(old: &std::sync::Weak<Rocks>, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if old.upgrade().is_none() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The reopen after a full disk is decided on the variant: an I/O
+    /// error reopens the database, nothing else does.
+    #[test]
+    fn only_io_errors_reopen_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), false, None).unwrap();
+        let first = Arc::downgrade(&store.engine().unwrap());
+        for e in [
+            StoreError::Unavailable("IO error: looks like one, is not".into()),
+            StoreError::Corrupt("Corruption: bad block".into()),
+            StoreError::Rejected("Invalid argument: x".into()),
+            StoreError::Task("rocksdb task failed".into()),
+        ] {
+            assert_eq!(store.noted(e.clone()), e);
+        }
+        assert!(!reopened(&first, std::time::Duration::from_millis(300)));
+
+        let io = StoreError::Io("IO error: No space left on device".into());
+        assert_eq!(store.noted(io.clone()), io);
+        assert!(reopened(&first, std::time::Duration::from_secs(5)));
+        // The reopened store serves as before.
+        let u = Uaid::random();
+        let rec = UserRecord {
+            created: 1,
+            last_seen: 2,
+        };
+        let db = store.engine().unwrap();
+        db.put_user(&u, &rec).unwrap();
+        assert_eq!(db.get_user(&u).unwrap(), Some(rec));
+    }
+
     fn wal_bytes(dir: &Path) -> u64 {
         std::fs::read_dir(dir)
             .unwrap()
