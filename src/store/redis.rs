@@ -596,7 +596,8 @@ impl RedisStore {
                 }
             }
         }
-        // Every fresh seq collided: other nodes' clocks are far ahead.
+        // Each fresh seq collided too: rare enough that a later attempt,
+        // with later seqs, succeeds.
         Err(StoreError::Unavailable(format!(
             "redis put_message: no free seq after {MAX_SEQ_ATTEMPTS} attempts"
         )))
