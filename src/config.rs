@@ -322,11 +322,64 @@ impl std::fmt::Display for ConfigError {
 }
 impl std::error::Error for ConfigError {}
 
+/// Each setting's text and the layer it came from ("default", "config
+/// file", "environment", "flag"), the later layers winning.
 struct Layered {
     values: BTreeMap<&'static str, (String, &'static str)>,
 }
 
 impl Layered {
+    /// Defaults, then the config file, then the environment, then flags.
+    fn from_layers(args: &ServeArgs, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let mut l = Layered {
+            values: SETTINGS
+                .iter()
+                .map(|s| (s.name, (s.default_text().to_string(), "default")))
+                .collect(),
+        };
+        if let Some(path) = &args.config {
+            l.read_config_file(path)?;
+        }
+        for s in SETTINGS {
+            if let Some(v) = env.get(&s.env_var()) {
+                l.values.insert(s.name, (v.clone(), "environment"));
+            }
+        }
+        let flags = [
+            &args.listen,
+            &args.data_dir,
+            &args.public_url,
+            &args.log_format,
+        ];
+        for (name, flag) in FLAG_SETTINGS.into_iter().zip(flags) {
+            if let Some(v) = flag {
+                l.values.insert(name, (v.clone(), "flag"));
+            }
+        }
+        Ok(l)
+    }
+
+    /// A TOML table of settings; an unknown key is an error, not a silent
+    /// default.
+    fn read_config_file(&mut self, path: &std::path::Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.message())))?;
+        for (key, value) in table {
+            let name = setting_named(&key).map(|s| s.name).ok_or_else(|| {
+                ConfigError(format!(
+                    "config file {}: unknown setting `{key}`",
+                    path.display()
+                ))
+            })?;
+            let text = toml_to_string(&value)
+                .map_err(|e| ConfigError(format!("setting `{name}` (config file): {e}")))?;
+            self.values.insert(name, (text, "config file"));
+        }
+        Ok(())
+    }
+
     fn raw(&self, name: &str) -> (&str, &'static str) {
         let (v, src) = &self.values[name];
         (v.as_str(), src)
@@ -357,102 +410,35 @@ impl Settings {
     /// Builds settings from the layers. `env` is passed in (rather than read
     /// here) so tests can exercise precedence without touching the process.
     pub fn load(args: &ServeArgs, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
-        let mut values: BTreeMap<&'static str, (String, &'static str)> = SETTINGS
-            .iter()
-            .map(|s| (s.name, (s.default_text().to_string(), "default")))
-            .collect();
+        let settings = Self::parse(&Layered::from_layers(args, env)?)?;
+        settings.check_combinations()?;
+        Ok(settings)
+    }
 
-        if let Some(path) = &args.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| {
-                ConfigError(format!("config file {}: {}", path.display(), e.message()))
-            })?;
-            for (key, value) in table {
-                let name = setting_named(&key).map(|s| s.name).ok_or_else(|| {
-                    ConfigError(format!(
-                        "config file {}: unknown setting `{key}`",
-                        path.display()
-                    ))
-                })?;
-                let text = toml_to_string(&value)
-                    .map_err(|e| ConfigError(format!("setting `{name}` (config file): {e}")))?;
-                values.insert(name, (text, "config file"));
-            }
-        }
-        for s in SETTINGS {
-            if let Some(v) = env.get(&s.env_var()) {
-                values.insert(s.name, (v.clone(), "environment"));
-            }
-        }
-        let flags = [
-            &args.listen,
-            &args.data_dir,
-            &args.public_url,
-            &args.log_format,
-        ];
-        for (name, flag) in FLAG_SETTINGS.into_iter().zip(flags) {
-            if let Some(v) = flag {
-                values.insert(name, (v.clone(), "flag"));
-            }
-        }
-        let l = Layered { values };
-
+    /// Each setting parsed on its own; `public_url` and `node_url` default
+    /// from the listen addresses.
+    fn parse(l: &Layered) -> Result<Settings, ConfigError> {
         let listen: SocketAddr = l.get("listen", parse_addr)?;
         let node_listen: Option<SocketAddr> = l.opt("node_listen", parse_addr)?;
-        let public_url = match l.opt("public_url", parse_public_url)? {
-            Some(u) => u,
-            // A wildcard address accepts connections but names no host: the
-            // endpoints handed out would point nowhere.
-            None if listen.ip().is_unspecified() => {
-                return Err(ConfigError(format!(
-                    "setting `public_url`: required when `listen` is a wildcard address ({listen}): \
-                     endpoints would be handed out as http://{listen}/..., which no application server can reach; \
-                     set public_url to the URL the outside world reaches Herald at, e.g. https://push.example.com"
-                )))
-            }
-            None => parse_public_url(&format!("http://{listen}")).map_err(ConfigError)?,
-        };
-        let settings = Settings {
+        let public_url = public_url_or_listen(l, listen)?;
+        Ok(Settings {
             listen,
             endpoint_listen: l.opt("endpoint_listen", parse_addr)?,
             metrics_listen: l.opt("metrics_listen", parse_addr)?,
             metrics_public: l.get("metrics_public", parse_bool)?,
             node_listen,
-            data_dir: l.get("data_dir", |v| {
-                if v.trim().is_empty() {
-                    Err("must not be empty".into())
-                } else {
-                    Ok(PathBuf::from(v))
-                }
-            })?,
+            data_dir: l.get("data_dir", parse_data_dir)?,
             public_url,
             endpoint_keys: l
-                .opt("endpoint_keys", |v| {
-                    let list: Vec<String> = v
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect();
-                    crate::token::parse_keys(&list)
-                })?
+                .opt("endpoint_keys", parse_endpoint_keys)?
                 .unwrap_or_default(),
             hello_timeout: l.get("hello_timeout", parse_positive_duration)?,
             ping_interval: l.get("ping_interval", parse_positive_duration)?,
             ping_timeout: l.get("ping_timeout", parse_positive_duration)?,
             max_connections: l.get("max_connections", parse_count)?,
             max_channels_per_uaid: l.get("max_channels_per_uaid", parse_count)?,
-            max_frame_size: l.get("max_frame_size", |v| {
-                let n = parse_count(v)?;
-                if n < 1024 {
-                    Err("must be at least 1024 bytes".into())
-                } else {
-                    Ok(n)
-                }
-            })?,
-            client_rate_limit: l.get("client_rate_limit", |v| {
-                parse_count(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".to_string()))
-            })?,
+            max_frame_size: l.get("max_frame_size", parse_frame_size)?,
+            client_rate_limit: l.get("client_rate_limit", parse_u32_count)?,
             max_ttl: l.get("max_ttl", parse_duration)?.as_secs(),
             max_message_bytes: l.get("max_message_bytes", parse_count)?,
             max_stored_messages: l.get("max_stored_messages", parse_count)?,
@@ -468,72 +454,139 @@ impl Settings {
             receipt_stream_lifetime: l.get("receipt_stream_lifetime", parse_positive_duration)?,
             worker_threads: l.opt("worker_threads", parse_count)?,
             shutdown_timeout: l.get("shutdown_timeout", parse_duration)?,
-            log_format: l.get("log_format", |v| match v.trim() {
-                "text" => Ok(LogFormat::Text),
-                "json" => Ok(LogFormat::Json),
-                _ => Err("must be text or json".into()),
-            })?,
-            log_level: l.get("log_level", |v| Ok(v.trim().to_string()))?,
-            tls_cert: l.opt("tls_cert", |v| Ok(PathBuf::from(v.trim())))?,
-            tls_key: l.opt("tls_key", |v| Ok(PathBuf::from(v.trim())))?,
-            store: l.get("store", |v| match v.trim() {
-                "rocksdb" => Ok(StoreKind::Rocksdb),
-                "redis" => Ok(StoreKind::Redis),
-                _ => Err("must be rocksdb or redis".into()),
-            })?,
+            log_format: l.get("log_format", parse_log_format)?,
+            log_level: l.get("log_level", parse_trimmed)?,
+            tls_cert: l.opt("tls_cert", parse_path)?,
+            tls_key: l.opt("tls_key", parse_path)?,
+            store: l.get("store", parse_store_kind)?,
             redis_url: l.opt("redis_url", parse_redis_url)?,
-            redis_wait_replicas: l.get("redis_wait_replicas", |v| {
-                v.trim()
-                    .parse::<u32>()
-                    .map_err(|_| "expected a whole number".to_string())
-            })?,
+            redis_wait_replicas: l.get("redis_wait_replicas", parse_whole_u32)?,
             redis_wait_timeout: l.get("redis_wait_timeout", parse_positive_duration)?,
             node_url: match l.opt("node_url", parse_node_url)? {
                 Some(u) => u,
                 None => format!("http://{}", node_listen.unwrap_or(listen)),
             },
             broadcast_tokens: l
-                .opt("broadcast_tokens", |v| {
-                    let tokens: Vec<String> = v
-                        .split(',')
-                        .map(|t| t.trim().to_string())
-                        .filter(|t| !t.is_empty())
-                        .collect();
-                    if tokens.iter().any(|t| t.len() < 16) {
-                        return Err("each token must be at least 16 characters".into());
-                    }
-                    Ok(tokens)
-                })?
+                .opt("broadcast_tokens", parse_broadcast_tokens)?
                 .unwrap_or_default(),
             broadcast_source_url: l.opt("broadcast_source_url", parse_source_url)?,
-            broadcast_source_token: l
-                .opt("broadcast_source_token", |v| Ok(v.trim().to_string()))?,
+            broadcast_source_token: l.opt("broadcast_source_token", parse_trimmed)?,
             broadcast_poll_interval: l.get("broadcast_poll_interval", parse_positive_duration)?,
-        };
-        if settings.store == StoreKind::Redis {
-            if settings.redis_url.is_none() {
+        })
+    }
+
+    /// Rules that span settings.
+    fn check_combinations(&self) -> Result<(), ConfigError> {
+        if self.store == StoreKind::Redis {
+            if self.redis_url.is_none() {
                 return Err(ConfigError(
                     "setting `redis_url`: required with store = redis".into(),
                 ));
             }
             // Every node must open every other node's endpoints and ids.
-            if settings.endpoint_keys.is_empty() {
+            if self.endpoint_keys.is_empty() {
                 return Err(ConfigError(
                     "setting `endpoint_keys`: required with store = redis, the same on every node (generate one with `herald keygen`)".into(),
                 ));
             }
         }
-        if settings.node_listen.is_some() && settings.store != StoreKind::Redis {
+        if self.node_listen.is_some() && self.store != StoreKind::Redis {
             return Err(ConfigError(
                 "setting `node_listen`: only with store = redis (a single node has no node-to-node traffic)".into(),
             ));
         }
-        if settings.tls_cert.is_some() != settings.tls_key.is_some() {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError(
                 "settings `tls_cert` and `tls_key`: set both or neither".into(),
             ));
         }
-        Ok(settings)
+        Ok(())
+    }
+}
+
+/// `public_url`, or the listen address when it names a host.
+fn public_url_or_listen(l: &Layered, listen: SocketAddr) -> Result<PublicUrl, ConfigError> {
+    match l.opt("public_url", parse_public_url)? {
+        Some(u) => Ok(u),
+        // A wildcard address accepts connections but names no host: the
+        // endpoints handed out would point nowhere.
+        None if listen.ip().is_unspecified() => Err(ConfigError(format!(
+            "setting `public_url`: required when `listen` is a wildcard address ({listen}): \
+             endpoints would be handed out as http://{listen}/..., which no application server can reach; \
+             set public_url to the URL the outside world reaches Herald at, e.g. https://push.example.com"
+        ))),
+        None => parse_public_url(&format!("http://{listen}")).map_err(ConfigError),
+    }
+}
+
+fn parse_data_dir(v: &str) -> Result<PathBuf, String> {
+    if v.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(PathBuf::from(v))
+    }
+}
+
+fn parse_path(v: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(v.trim()))
+}
+
+fn parse_trimmed(v: &str) -> Result<String, String> {
+    Ok(v.trim().to_string())
+}
+
+/// Comma-separated; blanks between commas are ignored.
+fn comma_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn parse_endpoint_keys(v: &str) -> Result<Vec<[u8; 32]>, String> {
+    crate::token::parse_keys(&comma_list(v))
+}
+
+fn parse_broadcast_tokens(v: &str) -> Result<Vec<String>, String> {
+    let tokens = comma_list(v);
+    if tokens.iter().any(|t| t.len() < 16) {
+        return Err("each token must be at least 16 characters".into());
+    }
+    Ok(tokens)
+}
+
+fn parse_frame_size(v: &str) -> Result<usize, String> {
+    let n = parse_count(v)?;
+    if n < 1024 {
+        Err("must be at least 1024 bytes".into())
+    } else {
+        Ok(n)
+    }
+}
+
+fn parse_u32_count(v: &str) -> Result<u32, String> {
+    parse_count(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".to_string()))
+}
+
+fn parse_whole_u32(v: &str) -> Result<u32, String> {
+    v.trim()
+        .parse::<u32>()
+        .map_err(|_| "expected a whole number".to_string())
+}
+
+fn parse_log_format(v: &str) -> Result<LogFormat, String> {
+    match v.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("must be text or json".into()),
+    }
+}
+
+fn parse_store_kind(v: &str) -> Result<StoreKind, String> {
+    match v.trim() {
+        "rocksdb" => Ok(StoreKind::Rocksdb),
+        "redis" => Ok(StoreKind::Redis),
+        _ => Err("must be rocksdb or redis".into()),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::protocol::NotificationHeaders;
 use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
 use crate::router::RouteResult;
-use crate::store::{now_secs, Message, StoreError};
+use crate::store::{now_secs, Message};
 use crate::token::{ApiVersion, EndpointToken, KeyHash, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
@@ -26,10 +26,6 @@ pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn store_err(e: StoreError) -> ApiError {
-    ApiError::storage(e)
 }
 
 /// What a push request asks for, parsed from its headers.
@@ -83,7 +79,7 @@ pub async fn push(
         .await
         .map_err(|refused| match refused {
             Refused::Full(limit) => ApiError::too_many_stored(limit),
-            Refused::Store(e) => store_err(e),
+            Refused::Store(e) => ApiError::storage(e),
         })?;
     app.metrics
         .messages_accepted
@@ -198,7 +194,7 @@ async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), Api
         .metrics
         .time("get_user", store.get_user(&target.uaid))
         .await
-        .map_err(store_err)?;
+        .map_err(ApiError::storage)?;
     match user {
         Some(u) if u.last_seen + app.settings.ua_expiry.as_secs() > now_secs() => {}
         _ => return Err(ApiError::user_gone()),
@@ -210,7 +206,7 @@ async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), Api
             store.get_channel(&target.uaid, &target.channel),
         )
         .await
-        .map_err(store_err)?;
+        .map_err(ApiError::storage)?;
     // A channel re-registered with another key no longer answers to the old
     // endpoint.
     if channel.is_none_or(|c| c.key_hash != target.key_hash) {
@@ -241,7 +237,7 @@ pub async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
     let existed = Mailbox::of(app)
         .cancel(&id.uaid, id.seq)
         .await
-        .map_err(store_err)?;
+        .map_err(ApiError::storage)?;
     if !existed {
         return Err(ApiError::no_message());
     }

@@ -191,10 +191,23 @@ impl ApiError {
         )
     }
 
-    /// The client gets a fixed message: the store's own error names hosts,
-    /// ports, commands and engine internals. The detail goes to the log.
-    pub fn storage(err: impl std::fmt::Display) -> Self {
-        tracing::error!("storage unavailable: {err}");
+    /// The one way a store failure reaches an application server: a fixed
+    /// message, whatever the variant, because the store's own error names
+    /// hosts, ports, commands and engine internals. The detail goes to the
+    /// log. Every variant is a 503 with `Retry-After`: even corruption or a
+    /// refused request is this node's trouble, not the sender's, and
+    /// another attempt may reach a node (or a reopened store) without it.
+    pub fn storage(err: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match &err {
+            // Expected while Redis fails over or a full disk clears.
+            StoreError::Unavailable(_) | StoreError::Io(_) => {
+                tracing::warn!(kind = err.kind(), "storage unavailable: {err}")
+            }
+            StoreError::Corrupt(_) | StoreError::Rejected(_) | StoreError::Task(_) => {
+                tracing::error!(kind = err.kind(), "storage unavailable: {err}")
+            }
+        }
         let mut e = Self::new(503, 201, STORAGE_UNAVAILABLE);
         e.retry_after = Some(10);
         e
@@ -227,10 +240,31 @@ mod tests {
 
     #[test]
     fn storage_errors_keep_their_detail_out_of_the_body() {
-        let e = ApiError::storage("redis get_user: Connection refused (os error 111)");
-        assert_eq!((e.status, e.errno, e.retry_after), (503, 201, Some(10)));
-        assert_eq!(e.message, STORAGE_UNAVAILABLE);
-        assert!(!e.to_json().contains("redis"));
+        use crate::store::StoreError;
+        for err in [
+            StoreError::Unavailable("redis get_user: Connection refused (os error 111)".into()),
+            StoreError::Io("IO error: No space left on device: db/000012.log".into()),
+            StoreError::Corrupt("Corruption: bad block in db/000031.sst".into()),
+            StoreError::Rejected("redis put_message: ERR user_script:12".into()),
+            StoreError::Task("rocksdb task failed: panicked".into()),
+        ] {
+            let e = ApiError::storage(err);
+            assert_eq!((e.status, e.errno, e.retry_after), (503, 201, Some(10)));
+            assert_eq!(e.message, STORAGE_UNAVAILABLE);
+            let body = e.to_json();
+            for engine_text in [
+                "redis",
+                "Connection",
+                "IO error",
+                "No space",
+                "Corruption",
+                "db/",
+                "ERR",
+                "rocksdb",
+            ] {
+                assert!(!body.contains(engine_text), "{engine_text:?} in {body}");
+            }
+        }
     }
 
     #[test]

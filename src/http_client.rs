@@ -1,9 +1,10 @@
 //! The one way Herald's clients reach an HTTP server: `herald send` and the
-//! demo (pushes, receipts), `herald broadcast`, `herald listen` (wss://) and
-//! the broadcast source. Plain `http://` and `https://` alike; TLS is
-//! rustls with the ring provider the server side uses, trusting the Mozilla
-//! root set (webpki-roots) plus the certificates of an optional CA file
-//! (`--ca FILE`), so a push service with a private CA works too.
+//! demo (pushes, receipts), `herald broadcast`, `herald listen` (wss://),
+//! the broadcast source, and wake-ups between nodes. Plain `http://` and
+//! `https://` alike; TLS is rustls with the ring provider the server side
+//! uses, trusting the Mozilla root set (webpki-roots) plus the certificates
+//! of an optional CA file (`--ca FILE`), so a push service with a private CA
+//! works too. Node-to-node traffic alone is plain http only (`node_only`).
 
 use anyhow::{anyhow, bail, Context};
 use hyper::client::conn::http1::SendRequest;
@@ -13,7 +14,34 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::net::TcpStream;
+
+/// A pooling client for `http://` and `https://` URLs (`HttpClient::pooled`).
+pub type PooledClient<B> =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, B>;
+
+/// A pooling client that refuses anything but `http://` (`node_only`).
+pub type NodeClient<B> = hyper_util::client::legacy::Client<HttpConnector, B>;
+
+/// The client for requests between the nodes of one cluster. Plain http
+/// only: node URLs are private addresses (`node_url` refuses https at
+/// start), and a request to an `https://` URL fails before connecting
+/// rather than reaching a node without its TLS being checked. No delay on
+/// small writes (a wake-up is one small POST), connections pooled with
+/// hyper's defaults, and `connect_timeout` bounds reaching a node that went
+/// away.
+pub fn node_only<B>(connect_timeout: Duration) -> NodeClient<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.enforce_http(true);
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
+}
 
 /// The client TLS configuration: public roots plus the PEM certificates in
 /// `ca_file`. ALPN offers HTTP/1.1, which both the push API and the
@@ -75,9 +103,7 @@ impl HttpClient {
 
     /// A pooling client for many requests to `http://` or `https://` URLs
     /// (absolute URIs in the requests).
-    pub fn pooled<B>(
-        &self,
-    ) -> hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, B>
+    pub fn pooled<B>(&self) -> PooledClient<B>
     where
         B: hyper::body::Body + Send + 'static,
         B::Data: Send,
@@ -181,6 +207,43 @@ mod tests {
         let e = format!("{:#}", HttpClient::new(Some(&empty)).unwrap_err());
         assert!(e.contains("no certificate"), "{e}");
         assert!(HttpClient::new(None).is_ok());
+    }
+
+    /// The node client reaches an http:// node and refuses an https://
+    /// URL to the same address without opening a connection.
+    #[tokio::test]
+    async fn the_node_client_speaks_plain_http_only() {
+        use http_body_util::{BodyExt, Full};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client: NodeClient<Full<bytes::Bytes>> = node_only(Duration::from_secs(2));
+        let post = |scheme: &str| {
+            http::Request::post(format!("{scheme}://{addr}/_herald/node/wake"))
+                .body(Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap()
+        };
+
+        let refused = client.request(post("https")).await.unwrap_err();
+        assert!(refused.is_connect(), "{refused:?}");
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "an https:// request opened a connection");
+
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    bytes::Bytes::from_static(b"{\"done\":true}"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+        let resp = client.request(post("http")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"done\":true}");
+        server.abort();
     }
 
     #[tokio::test]

@@ -39,166 +39,255 @@ pub struct Metrics {
     pub store_pending_compaction: IntGauge,
 }
 
+/// A metric's name, help text and label names.
+struct Def {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+/// A histogram's `Def` with its buckets (seconds).
+struct HistogramDef {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    buckets: &'static [f64],
+}
+
+// The websocket side.
+const WS_CONNECTIONS: Def = Def {
+    name: "herald_ws_connections",
+    help: "Websocket connections open now.",
+    labels: &[],
+};
+const WS_HELLO: Def = Def {
+    name: "herald_ws_hello_total",
+    help: "Hello messages by outcome.",
+    labels: &["outcome"],
+};
+const WS_REGISTER: Def = Def {
+    name: "herald_ws_register_total",
+    help: "Register requests by outcome.",
+    labels: &["outcome"],
+};
+const WS_UNREGISTER: Def = Def {
+    name: "herald_ws_unregister_total",
+    help: "Unregister requests by outcome.",
+    labels: &["outcome"],
+};
+
+// Push messages, from acceptance to acknowledgement.
+const MESSAGES_ACCEPTED: Def = Def {
+    name: "herald_messages_accepted_total",
+    help: "Push messages accepted from application servers, by urgency.",
+    labels: &["urgency"],
+};
+const MESSAGES_DELIVERED: Def = Def {
+    name: "herald_messages_delivered_total",
+    help: "Notifications sent to user agents.",
+    labels: &[],
+};
+const MESSAGES_ACKED: Def = Def {
+    name: "herald_messages_acked_total",
+    help: "Notifications acknowledged by user agents.",
+    labels: &[],
+};
+const MESSAGES_NACKED: Def = Def {
+    name: "herald_messages_nacked_total",
+    help: "Notifications refused (nack) by user agents.",
+    labels: &[],
+};
+const MESSAGES_EXPIRED: Def = Def {
+    name: "herald_messages_expired_total",
+    help: "Stored messages removed because their TTL ran out.",
+    labels: &[],
+};
+const MESSAGES_REPLACED: Def = Def {
+    name: "herald_messages_replaced_total",
+    help: "Pending messages replaced by a newer one with the same topic.",
+    labels: &[],
+};
+const MESSAGES_DROPPED: Def = Def {
+    name: "herald_messages_dropped_total",
+    help: "Messages dropped before delivery, by reason.",
+    labels: &["reason"],
+};
+
+// Delivery receipts (RFC 8030 §5.1).
+const RECEIPTS: Def = Def {
+    name: "herald_receipts_total",
+    help: "Delivery receipts recorded, by outcome (delivered, rejected, expired, cancelled, gone).",
+    labels: &["outcome"],
+};
+const RECEIPT_STREAMS: Def = Def {
+    name: "herald_receipt_streams",
+    help: "Receipt subscriptions being streamed to application servers now.",
+    labels: &[],
+};
+
+// The application-server API.
+const HTTP_RESPONSES: Def = Def {
+    name: "herald_http_responses_total",
+    help: "Application-server API responses by status and errno (0 for success).",
+    labels: &["status", "errno"],
+};
+const VAPID_FAILURES: Def = Def {
+    name: "herald_vapid_failures_total",
+    help: "Refused VAPID credentials by reason.",
+    labels: &["reason"],
+};
+const JWT_CACHE: Def = Def {
+    name: "herald_jwt_cache_lookups_total",
+    help: "VAPID verification cache lookups by result (hit or miss).",
+    labels: &["result"],
+};
+
+// The store.
+const STORE_SECONDS: HistogramDef = HistogramDef {
+    name: "herald_store_operation_seconds",
+    help: "Store operation latency.",
+    labels: &["op"],
+    buckets: &[
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+        0.05, 0.1, 0.25, 1.0,
+    ],
+};
+const STORE_ERRORS: Def = Def {
+    name: "herald_store_errors_total",
+    help: "Store operations that failed (engine unreachable, timed out, I/O error), by operation.",
+    labels: &["op"],
+};
+
+// Traffic between nodes.
+const WAKEUPS_SENT: Def = Def {
+    name: "herald_node_wakeups_sent_total",
+    help: "Wake-ups sent to the node serving a user agent, by result (ok or failed).",
+    labels: &["result"],
+};
+const WAKEUPS_RECEIVED: Def = Def {
+    name: "herald_node_wakeups_received_total",
+    help: "Wake-ups received from other nodes.",
+    labels: &[],
+};
+const NODE_REQUESTS_REFUSED: Def = Def {
+    name: "herald_node_requests_refused_total",
+    help: "Node-to-node requests refused, by reason (bad_signature, stale, replayed, window_full).",
+    labels: &["reason"],
+};
+const NODE_REQUEST_SECONDS: HistogramDef = HistogramDef {
+    name: "herald_node_request_seconds",
+    help: "Latency of requests to other nodes (wake-ups, evictions).",
+    labels: &[],
+    buckets: &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 2.0,
+    ],
+};
+
+// Broadcasts.
+const BROADCAST_CHANGES: Def = Def {
+    name: "herald_broadcast_changes_total",
+    help: "Broadcast versions that changed on this node (API, upstream source or another node).",
+    labels: &[],
+};
+const BROADCAST_FRAMES: Def = Def {
+    name: "herald_broadcast_messages_total",
+    help:
+        "Broadcast messages sent to user agents (changes fanned out, and answers to subscriptions).",
+    labels: &[],
+};
+const BROADCAST_SUBSCRIBED: Def = Def {
+    name: "herald_broadcast_subscribed_connections",
+    help: "Connections following at least one broadcast.",
+    labels: &[],
+};
+const BROADCAST_SOURCE_ERRORS: Def = Def {
+    name: "herald_broadcast_source_errors_total",
+    help: "Failed polls of broadcast_source_url (the last versions are kept).",
+    labels: &[],
+};
+
+// The store's own figures, read when metrics are scraped.
+const STORED_MESSAGES: Def = Def {
+    name: "herald_stored_messages",
+    help: "Messages on disk (RocksDB estimate).",
+    labels: &[],
+};
+const STORE_SIZE: Def = Def {
+    name: "herald_store_size_bytes",
+    help: "Store size on disk and in memtables.",
+    labels: &[],
+};
+const STORE_PENDING_COMPACTION: Def = Def {
+    name: "herald_store_pending_compaction_bytes",
+    help: "Bytes RocksDB estimates it still has to compact.",
+    labels: &[],
+};
+
+/// Builds metrics from their definitions into one registry.
+struct Registrar<'a>(&'a Registry);
+
+impl Registrar<'_> {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .expect("metric names are unique");
+        c
+    }
+    fn counter(&self, d: Def) -> IntCounter {
+        self.register(IntCounter::new(d.name, d.help).expect("a valid metric"))
+    }
+    fn counter_vec(&self, d: Def) -> IntCounterVec {
+        self.register(
+            IntCounterVec::new(Opts::new(d.name, d.help), d.labels).expect("a valid metric"),
+        )
+    }
+    fn gauge(&self, d: Def) -> IntGauge {
+        self.register(IntGauge::new(d.name, d.help).expect("a valid metric"))
+    }
+    fn histogram(&self, d: HistogramDef) -> Histogram {
+        let opts = HistogramOpts::new(d.name, d.help).buckets(d.buckets.to_vec());
+        self.register(Histogram::with_opts(opts).expect("a valid metric"))
+    }
+    fn histogram_vec(&self, d: HistogramDef) -> HistogramVec {
+        let opts = HistogramOpts::new(d.name, d.help).buckets(d.buckets.to_vec());
+        self.register(HistogramVec::new(opts, d.labels).expect("a valid metric"))
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone()))
-                .expect("metric names are unique");
-            c
-        }
-        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).unwrap());
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
-            )
-        };
-        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
+        let r = Registrar(&registry);
         Metrics {
-            ws_connections: gauge("herald_ws_connections", "Websocket connections open now."),
-            ws_hello: counter_vec(
-                "herald_ws_hello_total",
-                "Hello messages by outcome.",
-                &["outcome"],
-            ),
-            ws_register: counter_vec(
-                "herald_ws_register_total",
-                "Register requests by outcome.",
-                &["outcome"],
-            ),
-            ws_unregister: counter_vec(
-                "herald_ws_unregister_total",
-                "Unregister requests by outcome.",
-                &["outcome"],
-            ),
-            messages_accepted: counter_vec(
-                "herald_messages_accepted_total",
-                "Push messages accepted from application servers, by urgency.",
-                &["urgency"],
-            ),
-            messages_delivered: counter(
-                "herald_messages_delivered_total",
-                "Notifications sent to user agents.",
-            ),
-            messages_acked: counter(
-                "herald_messages_acked_total",
-                "Notifications acknowledged by user agents.",
-            ),
-            messages_nacked: counter(
-                "herald_messages_nacked_total",
-                "Notifications refused (nack) by user agents.",
-            ),
-            messages_expired: counter(
-                "herald_messages_expired_total",
-                "Stored messages removed because their TTL ran out.",
-            ),
-            messages_replaced: counter(
-                "herald_messages_replaced_total",
-                "Pending messages replaced by a newer one with the same topic.",
-            ),
-            messages_dropped: counter_vec(
-                "herald_messages_dropped_total",
-                "Messages dropped before delivery, by reason.",
-                &["reason"],
-            ),
-            receipts: counter_vec(
-                "herald_receipts_total",
-                "Delivery receipts recorded, by outcome (delivered, rejected, expired, cancelled, gone).",
-                &["outcome"],
-            ),
-            receipt_streams: gauge(
-                "herald_receipt_streams",
-                "Receipt subscriptions being streamed to application servers now.",
-            ),
-            http_responses: counter_vec(
-                "herald_http_responses_total",
-                "Application-server API responses by status and errno (0 for success).",
-                &["status", "errno"],
-            ),
-            vapid_failures: counter_vec(
-                "herald_vapid_failures_total",
-                "Refused VAPID credentials by reason.",
-                &["reason"],
-            ),
-            jwt_cache: counter_vec(
-                "herald_jwt_cache_lookups_total",
-                "VAPID verification cache lookups by result (hit or miss).",
-                &["result"],
-            ),
-            store_seconds: reg(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "herald_store_operation_seconds",
-                        "Store operation latency.",
-                    )
-                    .buckets(vec![
-                        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                        0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                    ]),
-                    &["op"],
-                )
-                .unwrap(),
-            ),
-            store_errors: counter_vec(
-                "herald_store_errors_total",
-                "Store operations that failed (engine unreachable, timed out, I/O error), by operation.",
-                &["op"],
-            ),
-            wakeups_sent: counter_vec(
-                "herald_node_wakeups_sent_total",
-                "Wake-ups sent to the node serving a user agent, by result (ok or failed).",
-                &["result"],
-            ),
-            wakeups_received: counter(
-                "herald_node_wakeups_received_total",
-                "Wake-ups received from other nodes.",
-            ),
-            node_requests_refused: counter_vec(
-                "herald_node_requests_refused_total",
-                "Node-to-node requests refused, by reason (bad_signature, stale, replayed, window_full).",
-                &["reason"],
-            ),
-            node_request_seconds: reg(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "herald_node_request_seconds",
-                        "Latency of requests to other nodes (wake-ups, evictions).",
-                    )
-                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 2.0]),
-                )
-                .unwrap(),
-            ),
-            broadcast_changes: counter(
-                "herald_broadcast_changes_total",
-                "Broadcast versions that changed on this node (API, upstream source or another node).",
-            ),
-            broadcast_frames: counter(
-                "herald_broadcast_messages_total",
-                "Broadcast messages sent to user agents (changes fanned out, and answers to subscriptions).",
-            ),
-            broadcast_subscribed: gauge(
-                "herald_broadcast_subscribed_connections",
-                "Connections following at least one broadcast.",
-            ),
-            broadcast_source_errors: counter(
-                "herald_broadcast_source_errors_total",
-                "Failed polls of broadcast_source_url (the last versions are kept).",
-            ),
-            stored_messages: gauge(
-                "herald_stored_messages",
-                "Messages on disk (RocksDB estimate).",
-            ),
-            store_size: gauge(
-                "herald_store_size_bytes",
-                "Store size on disk and in memtables.",
-            ),
-            store_pending_compaction: gauge(
-                "herald_store_pending_compaction_bytes",
-                "Bytes RocksDB estimates it still has to compact.",
-            ),
+            ws_connections: r.gauge(WS_CONNECTIONS),
+            ws_hello: r.counter_vec(WS_HELLO),
+            ws_register: r.counter_vec(WS_REGISTER),
+            ws_unregister: r.counter_vec(WS_UNREGISTER),
+            messages_accepted: r.counter_vec(MESSAGES_ACCEPTED),
+            messages_delivered: r.counter(MESSAGES_DELIVERED),
+            messages_acked: r.counter(MESSAGES_ACKED),
+            messages_nacked: r.counter(MESSAGES_NACKED),
+            messages_expired: r.counter(MESSAGES_EXPIRED),
+            messages_replaced: r.counter(MESSAGES_REPLACED),
+            messages_dropped: r.counter_vec(MESSAGES_DROPPED),
+            receipts: r.counter_vec(RECEIPTS),
+            receipt_streams: r.gauge(RECEIPT_STREAMS),
+            http_responses: r.counter_vec(HTTP_RESPONSES),
+            vapid_failures: r.counter_vec(VAPID_FAILURES),
+            jwt_cache: r.counter_vec(JWT_CACHE),
+            store_seconds: r.histogram_vec(STORE_SECONDS),
+            store_errors: r.counter_vec(STORE_ERRORS),
+            wakeups_sent: r.counter_vec(WAKEUPS_SENT),
+            wakeups_received: r.counter(WAKEUPS_RECEIVED),
+            node_requests_refused: r.counter_vec(NODE_REQUESTS_REFUSED),
+            node_request_seconds: r.histogram(NODE_REQUEST_SECONDS),
+            broadcast_changes: r.counter(BROADCAST_CHANGES),
+            broadcast_frames: r.counter(BROADCAST_FRAMES),
+            broadcast_subscribed: r.gauge(BROADCAST_SUBSCRIBED),
+            broadcast_source_errors: r.counter(BROADCAST_SOURCE_ERRORS),
+            stored_messages: r.gauge(STORED_MESSAGES),
+            store_size: r.gauge(STORE_SIZE),
+            store_pending_compaction: r.gauge(STORE_PENDING_COMPACTION),
             registry,
         }
     }

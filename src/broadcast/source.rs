@@ -5,11 +5,11 @@
 //! and in the log, and never stops Herald.
 
 use super::{valid, Broadcaster};
+use crate::http_client::{HttpClient, PooledClient};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::Client;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,10 +39,7 @@ pub fn parse(body: &[u8]) -> Result<BTreeMap<String, String>, String> {
 pub struct Source {
     url: http::Uri,
     token: Option<String>,
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Empty<Bytes>,
-    >,
+    client: PooledClient<Empty<Bytes>>,
 }
 
 impl Source {
@@ -50,7 +47,7 @@ impl Source {
         Ok(Source {
             url: url.parse()?,
             token,
-            client: crate::http_client::HttpClient::default().pooled(),
+            client: HttpClient::default().pooled(),
         })
     }
 

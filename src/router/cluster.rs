@@ -15,14 +15,13 @@
 use super::local::{LocalRouter, RouteResult};
 use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
 use crate::errors::ApiError;
+use crate::http_client::{node_only, NodeClient};
 use crate::ids::Uaid;
 use crate::metrics::Metrics;
 use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
 use bytes::Bytes;
 use dashmap::DashMap;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +67,7 @@ pub struct Cluster {
     node: u64,
     url: String,
     directory: Arc<dyn Directory>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: NodeClient<Full<Bytes>>,
     /// Signs this node's requests.
     key: NodeKey,
     /// Check other nodes' requests: one per endpoint key.
@@ -91,14 +90,11 @@ impl Cluster {
         endpoint_keys: &[[u8; 32]],
         metrics: Arc<Metrics>,
     ) -> Arc<Cluster> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
         Arc::new(Cluster {
             node: rand::random::<u64>() >> 1,
             url,
             directory,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: node_only(REQUEST_TIMEOUT),
             key: NodeKey::derive(&endpoint_keys[0]),
             accepted: endpoint_keys.iter().map(NodeKey::derive).collect(),
             replays: ReplayWindow::new(MAX_NONCES),
@@ -323,7 +319,7 @@ impl Cluster {
 
 /// What a spawned request needs, so it does not borrow the cluster.
 struct Sender {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: NodeClient<Full<Bytes>>,
     key: NodeKey,
     metrics: Arc<Metrics>,
 }

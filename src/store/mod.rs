@@ -28,12 +28,61 @@ use crate::token::KeyHash;
 use crate::webpush::Urgency;
 use bytes::Bytes;
 
-#[derive(Debug)]
-pub struct StoreError(pub String);
+/// Why a store operation failed. Callers decide on the variant, never on
+/// the text: each variant keeps the engine's own message for the log, and
+/// nothing of it reaches an application server or a user agent (see
+/// `errors::ApiError::storage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The engine cannot answer now and may soon: a Redis connection lost,
+    /// refused or silent past its time limit, replicas that did not confirm
+    /// a write in time, RocksDB busy or being reopened after an I/O error.
+    Unavailable(String),
+    /// The disk under the embedded engine failed (full, unreadable).
+    /// RocksDB then refuses every write until it is reopened, which
+    /// `RocksStore` schedules when it sees this variant.
+    Io(String),
+    /// Data or an answer the engine cannot make sense of: a corrupted
+    /// file, a reply of the wrong shape, a number past what the engine
+    /// holds exactly.
+    Corrupt(String),
+    /// The engine refused the request itself (an invalid argument or URL,
+    /// a script error): the same request fails the same way again.
+    Rejected(String),
+    /// The background task running the operation panicked or was
+    /// cancelled.
+    Task(String),
+}
 
+impl StoreError {
+    /// The engine's message, for logs only.
+    pub fn detail(&self) -> &str {
+        match self {
+            StoreError::Unavailable(m)
+            | StoreError::Io(m)
+            | StoreError::Corrupt(m)
+            | StoreError::Rejected(m)
+            | StoreError::Task(m) => m,
+        }
+    }
+
+    /// A stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Io(_) => "io",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::Rejected(_) => "rejected",
+            StoreError::Task(_) => "task",
+        }
+    }
+}
+
+/// The engine's message alone: it already names the engine and the
+/// operation, which is what a log line needs.
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.detail())
     }
 }
 impl std::error::Error for StoreError {}

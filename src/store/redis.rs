@@ -314,7 +314,7 @@ fn topic_field(channel: &ChannelId, topic: &str) -> Vec<u8> {
 }
 
 fn redis_err(what: &str, e: RedisError) -> StoreError {
-    StoreError(format!("redis {what}: {e}"))
+    error::from_redis(what, e)
 }
 
 /// Scripts take counts as Lua numbers (f64).
@@ -331,7 +331,7 @@ fn parse_seeds(url: &str) -> StoreResult<Vec<String>> {
         .map(String::from)
         .collect();
     if seeds.is_empty() {
-        return Err(StoreError("redis: no URL given".into()));
+        return Err(StoreError::Rejected("redis: no URL given".into()));
     }
     Ok(seeds)
 }
@@ -433,7 +433,7 @@ impl RedisStore {
         let conn = tokio::time::timeout(CONNECT_BUDGET, open(&seeds))
             .await
             .map_err(|_| {
-                StoreError(format!(
+                StoreError::Unavailable(format!(
                     "redis connect: no answer from {url} within {CONNECT_BUDGET:?}"
                 ))
             })??;
@@ -493,10 +493,12 @@ impl RedisStore {
                 .await
             }
         }
-        .map_err(|_| StoreError(format!("redis WAIT: no answer within {budget:?}")))?
+        .map_err(|_| error::timed_out("WAIT", budget))?
         .map_err(|e| redis_err("WAIT", e))?;
         if acked < i64::from(replicas) {
-            return Err(StoreError(format!(
+            // Replicas lagging or failing over: the write may still
+            // reach them, but the promise was not kept in time.
+            return Err(StoreError::Unavailable(format!(
                 "redis WAIT: {acked} of {replicas} replicas confirmed within {timeout:?}"
             )));
         }
@@ -521,9 +523,7 @@ impl RedisStore {
     ) -> StoreResult<T> {
         match tokio::time::timeout(OP_TIMEOUT, fut).await {
             Ok(result) => result.map_err(|e| redis_err(what, e)),
-            Err(_) => Err(StoreError(format!(
-                "redis {what}: no answer within {OP_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(error::timed_out(what, OP_TIMEOUT)),
         }
     }
 
@@ -568,7 +568,9 @@ impl RedisStore {
         let mut seq = m.seq;
         for _ in 0..MAX_SEQ_ATTEMPTS {
             if seq >= MAX_EXACT_SCORE {
-                return Err(StoreError(format!("redis: seq {seq} exceeds 2^53")));
+                return Err(StoreError::Corrupt(format!(
+                    "redis: seq {seq} exceeds 2^53"
+                )));
             }
             let mut inv = self.scripts.put_message.prepare_invoke();
             inv.key(keys.messages())
@@ -594,7 +596,9 @@ impl RedisStore {
                 }
             }
         }
-        Err(StoreError(format!(
+        // Each fresh seq collided too: rare enough that a later attempt,
+        // with later seqs, succeeds.
+        Err(StoreError::Unavailable(format!(
             "redis put_message: no free seq after {MAX_SEQ_ATTEMPTS} attempts"
         )))
     }
@@ -824,7 +828,7 @@ impl Store for RedisStore {
             .await?;
         match read {
             Some(v) if v == stamp => Ok(()),
-            other => Err(StoreError(format!(
+            other => Err(StoreError::Corrupt(format!(
                 "redis health_check: wrote {stamp}, read back {other:?}"
             ))),
         }
@@ -898,6 +902,9 @@ mod tests {
         assert!(now_micros() < MAX_EXACT_SCORE);
     }
 }
+
+/// Redis's errors as `StoreError`s.
+mod error;
 
 /// Which node serves which user agent (several Herald nodes on one Redis).
 mod directory;

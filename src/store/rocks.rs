@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod error;
 mod receipts;
 
 const USERS: &str = "users";
@@ -59,7 +60,7 @@ pub struct Rocks {
 }
 
 fn err(e: rocksdb::Error) -> StoreError {
-    StoreError(e.into_string())
+    error::from_rocksdb(e)
 }
 
 fn now_micros() -> u64 {
@@ -131,28 +132,35 @@ impl RocksStore {
             Some(db) => Ok(db.clone()),
             None => {
                 drop(slot);
-                Err(self.noted(StoreError(
-                    "IO error: the store is being reopened after an I/O error".into(),
-                )))
+                // The last reopen failed: try again.
+                self.schedule_reopen();
+                Err(StoreError::Unavailable(
+                    "rocksdb: the store is being reopened after an I/O error".into(),
+                ))
             }
         }
     }
 
     /// Schedules a reopen if `e` is an I/O error; returns `e`.
     fn noted(&self, e: StoreError) -> StoreError {
-        if e.0.starts_with("IO error") {
-            let mut last = self
-                .inner
-                .last_reopen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if last.is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL) {
-                *last = Some(std::time::Instant::now());
-                let inner = self.inner.clone();
-                std::thread::spawn(move || inner.reopen());
-            }
+        if let StoreError::Io(_) = e {
+            self.schedule_reopen();
         }
         e
+    }
+
+    /// At most one reopen per `REOPEN_INTERVAL`, on its own thread.
+    fn schedule_reopen(&self) {
+        let mut last = self
+            .inner
+            .last_reopen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= REOPEN_INTERVAL) {
+            *last = Some(std::time::Instant::now());
+            let inner = self.inner.clone();
+            std::thread::spawn(move || inner.reopen());
+        }
     }
 
     fn check<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
@@ -166,7 +174,7 @@ impl RocksStore {
         let inner = self.db()?;
         let r = tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError(format!("store task failed: {e}")))?;
+            .map_err(|e| StoreError::Task(format!("rocksdb task failed: {e}")))?;
         self.check(r)
     }
 
@@ -855,6 +863,49 @@ mod tests {
 
     fn open(dir: &Path) -> Rocks {
         Rocks::open(dir, false, None).unwrap()
+    }
+
+    /// Whether the engine `old` was replaced by a reopen within `within`.
+    fn reopened(old: &std::sync::Weak<Rocks>, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if old.upgrade().is_none() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The reopen after a full disk is decided on the variant: an I/O
+    /// error reopens the database, nothing else does.
+    #[test]
+    fn only_io_errors_reopen_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), false, None).unwrap();
+        let first = Arc::downgrade(&store.engine().unwrap());
+        for e in [
+            StoreError::Unavailable("IO error: looks like one, is not".into()),
+            StoreError::Corrupt("Corruption: bad block".into()),
+            StoreError::Rejected("Invalid argument: x".into()),
+            StoreError::Task("rocksdb task failed".into()),
+        ] {
+            assert_eq!(store.noted(e.clone()), e);
+        }
+        assert!(!reopened(&first, std::time::Duration::from_millis(300)));
+
+        let io = StoreError::Io("IO error: No space left on device".into());
+        assert_eq!(store.noted(io.clone()), io);
+        assert!(reopened(&first, std::time::Duration::from_secs(5)));
+        // The reopened store serves as before.
+        let u = Uaid::random();
+        let rec = UserRecord {
+            created: 1,
+            last_seen: 2,
+        };
+        let db = store.engine().unwrap();
+        db.put_user(&u, &rec).unwrap();
+        assert_eq!(db.get_user(&u).unwrap(), Some(rec));
     }
 
     fn wal_bytes(dir: &Path) -> u64 {

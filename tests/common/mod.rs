@@ -304,6 +304,33 @@ impl Resp {
     pub fn errno(&self) -> u64 {
         self.json()["errno"].as_u64().expect("errno")
     }
+
+    /// A storage failure as every application server must see it: 503,
+    /// errno 201, `Retry-After`, and the fixed message only. Nothing of the
+    /// engine's own error (hosts, ports, files, RocksDB's or Redis's words)
+    /// may reach the body.
+    pub fn assert_storage_unavailable(&self) {
+        let body = String::from_utf8_lossy(&self.body);
+        assert_eq!(self.status, 503, "{body}");
+        assert_eq!(self.errno(), 201, "{body}");
+        assert!(self.header("retry-after").is_some(), "{body}");
+        assert_eq!(
+            self.json()["message"],
+            "storage unavailable; retry later",
+            "{body}"
+        );
+        for engine_text in [
+            "IO error",
+            "No space",
+            "Connection refused",
+            "redis",
+            "rocksdb",
+            "127.0.0.1",
+            "os error",
+        ] {
+            assert!(!body.contains(engine_text), "{engine_text:?} in {body}");
+        }
+    }
 }
 
 pub async fn request(

@@ -293,7 +293,9 @@ fn exact(what: &str, n: u64) -> StoreResult<u64> {
     if n < MAX_EXACT_SCORE {
         Ok(n)
     } else {
-        Err(StoreError(format!("redis {what}: {n} exceeds 2^53")))
+        Err(StoreError::Corrupt(format!(
+            "redis {what}: {n} exceeds 2^53"
+        )))
     }
 }
 
@@ -389,7 +391,7 @@ impl RedisStore {
             }
             let ids: Vec<u64> = self.eval("settle", &inv).await?;
             if ids.len() != indices.len() {
-                return Err(StoreError(format!(
+                return Err(StoreError::Corrupt(format!(
                     "redis settle: {} ids for {} receipts",
                     ids.len(),
                     indices.len()
