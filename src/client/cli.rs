@@ -341,7 +341,7 @@ pub fn message_line(m: &PushMessage) -> serde_json::Value {
         "endpoint": m.endpoint,
     });
     if let Some(data) = m.data() {
-        line["data"] = json!(crate::webpush::encode_b64url(data));
+        line["data"] = json!(herald_proto::b64::encode_b64url(data));
         if let Some(text) = m.text() {
             line["text"] = json!(text);
         }
@@ -420,7 +420,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::DecryptError;
+    use herald_proto::crypto::DecryptError;
 
     fn message(payload: Result<Option<Vec<u8>>, DecryptError>) -> PushMessage {
         PushMessage {

@@ -10,7 +10,7 @@
 //! the same JSON a browser's `PushSubscription.toJSON()` gives, for any
 //! application server library. [`Client::next_event`] yields decrypted
 //! messages (RFC 8291 `aes128gcm` and the legacy `aesgcm`, through
-//! [`crate::crypto`], the same code `herald send` encrypts with) and
+//! [`herald_proto::crypto`], the same code `herald send` encrypts with) and
 //! reconnects by itself with jittered exponential backoff, resuming with
 //! the stored uaid so nothing stored on the server is lost.
 //!
@@ -67,20 +67,20 @@
 mod backoff;
 pub mod cli;
 mod connection;
-pub mod protocol;
 pub mod state;
 
-pub use crate::crypto::DecryptError;
-pub use protocol::Broadcasts;
+pub use herald_proto::crypto::DecryptError;
+pub use herald_proto::protocol::Broadcasts;
 pub use state::{State, StateFile, StoredSubscription};
 
-use crate::appserver::{Subscription, SubscriptionKeys};
-use crate::crypto::ReceiverKeys;
-use crate::webpush::{decode_b64url, encode_b64url};
 use anyhow::{anyhow, bail, Context};
 use backoff::Backoff;
 use connection::Connection;
-use protocol::{Notification, ServerMessage};
+use herald_proto::ack::AckCode;
+use herald_proto::b64::{decode_b64url, encode_b64url};
+use herald_proto::crypto::ReceiverKeys;
+use herald_proto::protocol::{register_refusal, ClientMessage, Notification, ServerMessage, PING};
+use herald_proto::subscription::{Subscription, SubscriptionKeys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, VecDeque};
@@ -224,11 +224,11 @@ impl PushMessage {
 
     /// The code [`Client::ack`] sends: 100, or 101 when decryption failed
     /// (as Firefox does; the message cannot become readable by retrying).
-    pub fn ack_code(&self) -> u16 {
+    pub fn ack_code(&self) -> AckCode {
         if self.payload.is_err() {
-            protocol::ACK_DECRYPTION_ERROR
+            AckCode::DECRYPTION_ERROR
         } else {
-            protocol::ACK_DELIVERED
+            AckCode::DELIVERED
         }
     }
 
@@ -423,7 +423,7 @@ impl Client {
         let keys = ReceiverKeys::generate();
         let channel_id = uuid::Uuid::new_v4().to_string();
         let reply = self
-            .request(protocol::register(&channel_id, key.as_deref()), |m| {
+            .request(register_frame(&channel_id, key.as_deref()), |m| {
                 matches!(m, ServerMessage::Register { channel_id: c, .. } if c.eq_ignore_ascii_case(&channel_id))
             })
             .await?;
@@ -436,11 +436,11 @@ impl Client {
             unreachable!("request returns what the matcher accepted");
         };
         if status != 200 {
-            bail!("{}", protocol::register_refusal(status));
+            bail!("{}", register_refusal(status));
         }
         let endpoint = push_endpoint
             .ok_or_else(|| anyhow!("the push service's register reply has no pushEndpoint"))?;
-        crate::appserver::origin_of(&endpoint).with_context(|| {
+        herald_proto::subscription::origin_of(&endpoint).with_context(|| {
             format!("the push service handed out an unusable endpoint {endpoint:?}")
         })?;
         let stored = StoredSubscription::new(channel_id, endpoint, &keys, key);
@@ -472,7 +472,7 @@ impl Client {
                 )
             })?;
         let reply = self
-            .request(protocol::unregister(&channel_id), |m| {
+            .request(unregister_frame(&channel_id), |m| {
                 matches!(m, ServerMessage::Unregister { channel_id: c, .. } if c.eq_ignore_ascii_case(&channel_id))
             })
             .await?;
@@ -505,7 +505,7 @@ impl Client {
             Ok(added)
         })?;
         if !added.is_empty() {
-            self.send_or_drop(protocol::broadcast_subscribe(&added))
+            self.send_or_drop(ClientMessage::BroadcastSubscribe { broadcasts: added }.to_json())
                 .await;
         }
         Ok(())
@@ -560,11 +560,9 @@ impl Client {
             s.remember_acked(&key);
             Ok(())
         })?;
-        self.send_or_drop(protocol::ack(
-            &message.channel_id,
-            &message.version,
-            message.ack_code(),
-        ))
+        self.send_or_drop(
+            ClientMessage::ack(&message.channel_id, &message.version, message.ack_code()).to_json(),
+        )
         .await;
         Ok(())
     }
@@ -674,18 +672,18 @@ impl Client {
     async fn handshake(&mut self) -> anyhow::Result<(Connection, String, Broadcasts)> {
         let timeout = self.options.timeout;
         let mut conn = connection::connect(&self.state.server, self.tls.as_ref(), timeout).await?;
-        let channels: Vec<&str> = self
+        let channels: Vec<String> = self
             .state
             .subscriptions
             .values()
-            .map(|s| s.channel_id.as_str())
+            .map(|s| s.channel_id.clone())
             .collect();
-        conn.send(protocol::hello(
-            self.state.uaid.as_deref(),
-            &channels,
-            &self.state.broadcasts,
-        ))
-        .await?;
+        let hello = ClientMessage::Hello {
+            uaid: self.state.uaid.clone(),
+            channel_ids: channels,
+            broadcasts: self.state.broadcasts.clone(),
+        };
+        conn.send(hello.to_json()).await?;
         let deadline = Instant::now() + timeout;
         loop {
             let text = tokio::time::timeout_at(deadline, conn.recv())
@@ -696,6 +694,7 @@ impl Client {
                     uaid,
                     status,
                     broadcasts,
+                    ..
                 } => {
                     if status != 200 {
                         bail!("the push service refused hello with status {status}");
@@ -767,7 +766,7 @@ impl Client {
             ))),
             Wake::Keepalive => {
                 self.ping_sent = Some(Instant::now());
-                match conn.send(protocol::PING.to_string()).await {
+                match conn.send(PING.to_string()).await {
                     Ok(()) => Ok(None),
                     Err(e) => Err(self.lost(format!("{e:#}"))),
                 }
@@ -790,7 +789,7 @@ impl Client {
     async fn handle(&mut self, message: ServerMessage) -> anyhow::Result<Option<Event>> {
         match message {
             ServerMessage::Notification(n) => self.on_notification(n).await,
-            ServerMessage::Broadcast(b) if !b.is_empty() => {
+            ServerMessage::Broadcast { broadcasts: b } if !b.is_empty() => {
                 self.note_broadcasts(&b)?;
                 Ok(Some(Event::Broadcast(b)))
             }
@@ -802,11 +801,9 @@ impl Client {
     async fn on_notification(&mut self, n: Notification) -> anyhow::Result<Option<Event>> {
         self.reload_if_changed()?;
         let Some((name, sub)) = self.state.by_channel(&n.channel_id) else {
-            self.send_or_drop(protocol::ack(
-                &n.channel_id,
-                &n.version,
-                protocol::ACK_NOT_DELIVERED,
-            ))
+            self.send_or_drop(
+                ClientMessage::ack(&n.channel_id, &n.version, AckCode::NOT_DELIVERED).to_json(),
+            )
             .await;
             return Ok(Some(Event::Dropped {
                 reason: format!(
@@ -821,11 +818,9 @@ impl Client {
         let key = dedup_key(&n);
         if self.state.was_acked(&key) {
             tracing::debug!("redelivery of an acknowledged message; acknowledging again");
-            self.send_or_drop(protocol::ack(
-                &n.channel_id,
-                &n.version,
-                protocol::ACK_DELIVERED,
-            ))
+            self.send_or_drop(
+                ClientMessage::ack(&n.channel_id, &n.version, AckCode::DELIVERED).to_json(),
+            )
             .await;
             return Ok(None);
         }
@@ -838,11 +833,13 @@ impl Client {
             Some(data) => decode_b64url(data)
                 .ok_or_else(|| DecryptError::Malformed("data is not base64url".into()))
                 .and_then(|body| {
-                    let encoding = headers.encoding.as_deref().ok_or_else(|| {
-                        DecryptError::Malformed("a payload without headers.encoding".into())
-                    })?;
+                    if headers.encoding.is_empty() {
+                        return Err(DecryptError::Malformed(
+                            "a payload without headers.encoding".into(),
+                        ));
+                    }
                     keys.decrypt(
-                        encoding,
+                        &headers.encoding,
                         headers.encryption.as_deref(),
                         headers.crypto_key.as_deref(),
                         &body,
@@ -855,7 +852,11 @@ impl Client {
             channel_id: n.channel_id,
             version: n.version,
             ttl: n.ttl,
-            encoding: n.data.as_ref().and(headers.encoding),
+            encoding: n
+                .data
+                .as_ref()
+                .map(|_| headers.encoding)
+                .filter(|e| !e.is_empty()),
             endpoint: sub.endpoint.clone(),
             payload,
             dedup_key: key,
@@ -950,7 +951,7 @@ impl Client {
             }
             if matches!(
                 message,
-                ServerMessage::Notification(_) | ServerMessage::Broadcast(_)
+                ServerMessage::Notification(_) | ServerMessage::Broadcast { .. }
             ) {
                 self.queue.push_back(message);
             }
@@ -964,6 +965,23 @@ impl Client {
     }
 }
 
+fn register_frame(channel_id: &str, key: Option<&str>) -> String {
+    ClientMessage::Register {
+        channel_id: channel_id.to_string(),
+        key: key.map(str::to_string),
+    }
+    .to_json()
+}
+
+/// Firefox says 200 when it drops a subscription itself.
+fn unregister_frame(channel_id: &str) -> String {
+    ClientMessage::Unregister {
+        channel_id: channel_id.to_string(),
+        code: Some(200),
+    }
+    .to_json()
+}
+
 /// The digest that names a message across deliveries (see the module
 /// documentation).
 fn dedup_key(n: &Notification) -> String {
@@ -973,9 +991,15 @@ fn dedup_key(n: &Notification) -> String {
             let headers = n.headers.clone().unwrap_or_default();
             h.update(b"payload\0");
             h.update(n.channel_id.to_ascii_lowercase());
-            for part in [headers.encoding, headers.encryption, headers.crypto_key] {
+            // An absent part hashes as an empty one, as it always has, so
+            // keys remembered in existing state files stay valid.
+            for part in [
+                headers.encoding,
+                headers.encryption.unwrap_or_default(),
+                headers.crypto_key.unwrap_or_default(),
+            ] {
                 h.update([0]);
-                h.update(part.unwrap_or_default());
+                h.update(part);
             }
             h.update([0]);
             h.update(data.trim_end_matches('='));
@@ -1026,7 +1050,7 @@ pub fn normalize_app_server_key(key: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::NotificationHeaders;
+    use herald_proto::headers::NotificationHeaders;
 
     fn notification(data: Option<&str>, version: &str) -> Notification {
         Notification {
@@ -1034,7 +1058,7 @@ mod tests {
             version: version.into(),
             data: data.map(str::to_owned),
             headers: data.map(|_| NotificationHeaders {
-                encoding: Some("aes128gcm".into()),
+                encoding: "aes128gcm".into(),
                 ..Default::default()
             }),
             ttl: Some(60),
@@ -1120,9 +1144,9 @@ mod tests {
             dedup_key: "k".into(),
             connection: 1,
         };
-        assert_eq!((m.ack_code(), m.text()), (100, Some("hi")));
+        assert_eq!((m.ack_code(), m.text()), (AckCode(100), Some("hi")));
         m.payload = Err(DecryptError::NotForUs);
-        assert_eq!((m.ack_code(), m.data()), (101, None));
+        assert_eq!((m.ack_code(), m.data()), (AckCode(101), None));
         assert!(m.decrypt_error().is_some());
     }
 }

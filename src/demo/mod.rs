@@ -78,7 +78,7 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     vapid_sign::validate_subject(&args.subject)?;
-    let push_origin = crate::appserver::origin_of(&args.push_url)
+    let push_origin = herald_proto::subscription::origin_of(&args.push_url)
         .with_context(|| format!("--push-url {:?} is not a URL", args.push_url))?;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
