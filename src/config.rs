@@ -988,7 +988,7 @@ mod tests {
             crate::appserver::SendArgs::augment_args(new()),
             crate::demo::DemoArgs::augment_args(new()),
             crate::broadcast::cli::BroadcastCommand::augment_subcommands(new()),
-            crate::client::cli::ListenArgs::augment_args(new()),
+            crate::listen::ListenArgs::augment_args(new()),
             ServeArgs::augment_args(new()),
         ] {
             envs(&cmd, &mut found);

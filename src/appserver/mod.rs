@@ -261,7 +261,7 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout.max(1)),
         receipt: args.receipt || args.receipt_subscription.is_some(),
         receipt_subscription: args.receipt_subscription.clone(),
-        client: crate::http_client::HttpClient::new(args.ca.as_deref())?,
+        client: herald_client::http::HttpClient::new(args.ca.as_deref())?,
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -2,13 +2,13 @@
 //! application server does: encrypt, sign, POST, and read the answer.
 //!
 //! Nothing here is Herald-specific; it talks to any RFC 8030 push service
-//! over http:// or https:// (see [`crate::http_client`]).
+//! over http:// or https:// (see [`herald_client::http`]).
 
 use crate::appserver::encrypt::encrypt_aes128gcm;
 use crate::appserver::vapid_sign::VapidKey;
-use crate::http_client::HttpClient;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
+use herald_client::http::HttpClient;
 use herald_proto::subscription::{origin_of, Subscription};
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};

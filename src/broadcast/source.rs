@@ -50,7 +50,7 @@ impl Source {
         Ok(Source {
             url: url.parse()?,
             token,
-            client: crate::http_client::HttpClient::default().pooled(),
+            client: herald_client::http::HttpClient::default().pooled(),
         })
     }
 

@@ -4,8 +4,8 @@
 use crate::appserver::encrypt;
 use crate::appserver::send::{send_push, validate_topic, PushOptions, Vapid, DEFAULT_TTL};
 use crate::demo::state::Subscriptions;
-use crate::http_client::HttpClient;
 use bytes::Bytes;
+use herald_client::http::HttpClient;
 use herald_proto::subscription::Subscription;
 use herald_proto::urgency::Urgency;
 use http::{header, Method, Request, Response, StatusCode};

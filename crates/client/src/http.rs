@@ -1,6 +1,6 @@
 //! The one way Herald's clients reach an HTTP server: `herald send` and the
-//! demo (pushes, receipts), `herald broadcast`, `herald listen` (wss://) and
-//! the broadcast source. Plain `http://` and `https://` alike; TLS is
+//! demo (pushes, receipts), `herald broadcast`, this crate's push client
+//! (wss://, `herald listen`) and the broadcast source. Plain `http://` and `https://` alike; TLS is
 //! rustls with the ring provider the server side uses, trusting the Mozilla
 //! root set (webpki-roots) plus the certificates of an optional CA file
 //! (`--ca FILE`), so a push service with a private CA works too.

@@ -1,8 +1,18 @@
 //! A push *client*: the user agent's side of Web Push, for anything that is
 //! not a browser (a desktop app, a server, a device) and wants to receive
 //! pushes through Herald or any push service speaking Mozilla's websocket
-//! protocol (proto-docs/websocket.md). `herald listen` is this module as a
+//! protocol (proto-docs/websocket.md). `herald listen` is this crate as a
 //! command.
+//!
+//! Owns: the client's connection loop and reconnection, its state file,
+//! acknowledgement and deduplication, and the one HTTP/TLS client
+//! construction ([`http`]) that every client in the tree uses (this one's
+//! wss://, and herald's `send`, `broadcast`, `demo`). Wire formats and
+//! crypto come from herald-proto.
+//!
+//! Must not know: storage engines (RocksDB, Redis), metrics, command lines
+//! or the server's code. `make test` checks with `cargo tree` that none of
+//! rocksdb, redis or prometheus is among its dependencies.
 //!
 //! A [`Client`] keeps its identity and keys in a state file ([`state`]):
 //! the server URL, the uaid, and per named subscription the channel,
@@ -15,7 +25,7 @@
 //! the stored uaid so nothing stored on the server is lost.
 //!
 //! ```no_run
-//! use herald::client::{Client, ClientOptions, Event};
+//! use herald_client::{Client, ClientOptions, Event};
 //!
 //! # async fn demo() -> anyhow::Result<()> {
 //! let options = ClientOptions::new("/var/lib/myapp/push.json");
@@ -65,8 +75,8 @@
 //! services like Herald whose versions are stable.
 
 mod backoff;
-pub mod cli;
 mod connection;
+pub mod http;
 pub mod state;
 
 pub use herald_proto::crypto::DecryptError;
@@ -165,7 +175,7 @@ impl PushSubscriptionJson {
         serde_json::to_string(self).expect("subscription serialises")
     }
 
-    fn of(stored: &StoredSubscription) -> PushSubscriptionJson {
+    pub fn of(stored: &StoredSubscription) -> PushSubscriptionJson {
         PushSubscriptionJson {
             endpoint: stored.endpoint.clone(),
             expiration_time: None,
@@ -208,6 +218,38 @@ pub struct PushMessage {
 }
 
 impl PushMessage {
+    /// A message that arrived on no connection, for testing code that
+    /// handles messages (as `herald listen`'s tests do). Its identity is its
+    /// `version`; it belongs to no connection of any [`Client`], so
+    /// deferring it does nothing.
+    pub fn detached(
+        name: &str,
+        channel_id: &str,
+        version: &str,
+        endpoint: &str,
+        payload: Result<Option<Vec<u8>>, DecryptError>,
+    ) -> PushMessage {
+        let dedup_key = dedup_key(&Notification {
+            channel_id: channel_id.to_string(),
+            version: version.to_string(),
+            data: None,
+            headers: None,
+            ttl: None,
+        });
+        PushMessage {
+            name: name.to_string(),
+            channel_id: channel_id.to_string(),
+            version: version.to_string(),
+            ttl: None,
+            encoding: None,
+            endpoint: endpoint.to_string(),
+            payload,
+            dedup_key,
+            // Generations count connections from 1.
+            connection: 0,
+        }
+    }
+
     /// The plaintext; None without payload or when decryption failed.
     pub fn data(&self) -> Option<&[u8]> {
         self.payload.as_ref().ok()?.as_deref()
@@ -1014,7 +1056,7 @@ fn dedup_key(n: &Notification) -> String {
 
 /// `ws://` / `wss://` URL with a path, from any of ws, wss, http, https.
 pub(crate) fn normalize_server_url(url: &str) -> anyhow::Result<String> {
-    let uri: http::Uri = url
+    let uri: ::http::Uri = url
         .trim()
         .parse()
         .map_err(|e| anyhow!("{url:?} is not a URL: {e}"))?;
@@ -1105,7 +1147,7 @@ mod tests {
 
     #[test]
     fn app_server_keys_are_checked_and_unpadded() {
-        let key = crate::appserver::VapidKey::generate().public_key_b64();
+        let key = encode_b64url(ReceiverKeys::generate().public());
         assert_eq!(normalize_app_server_key(&format!("{key}=")).unwrap(), key);
         assert!(normalize_app_server_key("AAAA").is_err());
         let mut raw = decode_b64url(&key).unwrap();
