@@ -636,7 +636,7 @@ fn seeds_reach_the_success_paths() {
 
 /// Found by ws_message (libFuzzer, 2 s): `Uaid::parse` took a sign, so
 /// "+0+0…" was accepted as the uaid 00…, and the hello reply named another
-/// uaid than the one sent. Fixed in src/ids.rs: hex digits only.
+/// uaid than the one sent. Fixed in crates/proto/src/ids.rs: hex digits only.
 #[test]
 fn regression_uaid_with_a_plus_sign() {
     let frame = std::fs::read(fuzz_dir().join("regressions/ws_message/uaid-plus-sign")).unwrap();
