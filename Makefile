@@ -5,6 +5,8 @@
 run: deps
 	cargo run --bin herald -- serve
 
+# herald-client is the library for programs that only receive pushes, so
+# its dependency tree must stay free of RocksDB, Redis and Prometheus.
 # The load generator's smoke test runs the herald binary, so bins are built
 # before the tests run. The last step checks that `make run` finds this
 # build complete: every dependency shared by herald, the load generator and
@@ -14,6 +16,13 @@ run: deps
 test: test-deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	@echo "checking that herald-client depends on no storage engine or metrics"
+	@tree=$$(cargo tree -p herald-client -e normal --prefix none) || exit 1; \
+	  bad=$$(echo "$$tree" | grep -E '^(rocksdb|librocksdb-sys|redis|prometheus) ' | sort -u); \
+	  if [ -n "$$bad" ]; then \
+	    echo "make test: herald-client must not depend on these (see crates/client/Cargo.toml):" >&2; \
+	    echo "$$bad" >&2; exit 1; \
+	  fi
 	cargo build --workspace --bins
 	cargo test --workspace
 	@echo "checking that \`cargo build --bin herald\` reuses this build"

@@ -828,7 +828,7 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.0.starts_with("setting `endpoint_keys`"), "{e}");
-        let key = crate::webpush::encode_b64url(&[7u8; 32]);
+        let key = herald_proto::b64::encode_b64url(&[7u8; 32]);
         let s = load(&[
             ("HERALD_STORE", "redis"),
             (
@@ -852,7 +852,7 @@ mod tests {
     #[test]
     fn node_listen_and_node_url() {
         let load = |pairs: &[(&str, &str)]| Settings::load(&ServeArgs::default(), &env(pairs));
-        let key = crate::webpush::encode_b64url(&[7u8; 32]);
+        let key = herald_proto::b64::encode_b64url(&[7u8; 32]);
         let redis = [
             ("HERALD_STORE", "redis"),
             ("HERALD_REDIS_URL", "redis://127.0.0.1:7000"),
@@ -1041,7 +1041,7 @@ mod tests {
             crate::appserver::SendArgs::augment_args(new()),
             crate::demo::DemoArgs::augment_args(new()),
             crate::broadcast::cli::BroadcastCommand::augment_subcommands(new()),
-            crate::client::cli::ListenArgs::augment_args(new()),
+            crate::listen::ListenArgs::augment_args(new()),
             ServeArgs::augment_args(new()),
         ] {
             envs(&cmd, &mut found);

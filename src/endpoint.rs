@@ -2,9 +2,8 @@
 //! endpoint URLs, cancelling them, and the UnifiedPush discovery answer.
 
 use crate::app::App;
-use crate::errors::ApiError;
+use crate::errors::{ApiError, Errno};
 use crate::mailbox::{Mailbox, Refused};
-use crate::protocol::NotificationHeaders;
 use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
 use crate::router::RouteResult;
@@ -13,6 +12,7 @@ use crate::token::{ApiVersion, EndpointToken, KeyHash, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
 use bytes::Bytes;
+use herald_proto::headers::NotificationHeaders;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -31,7 +31,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// What a push request asks for, parsed from its headers.
 struct PushRequest {
     ttl: u64,
-    urgency: crate::webpush::Urgency,
+    urgency: herald_proto::urgency::Urgency,
     topic: Option<String>,
     receipt: Option<ReceiptRequest>,
 }
@@ -170,7 +170,11 @@ async fn read_body(
             {
                 ApiError::too_large(max)
             } else {
-                ApiError::new(400, 999, "could not read the request body")
+                ApiError::new(
+                    400,
+                    Errno::UnreadableBody,
+                    "could not read the request body",
+                )
             }
         })?
         .to_bytes();
@@ -216,7 +220,7 @@ async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), Api
 }
 
 /// Hands the message to its user agent's connection, wherever it is.
-async fn route(app: &App, uaid: &crate::ids::Uaid, message: Message) {
+async fn route(app: &App, uaid: &herald_proto::ids::Uaid, message: Message) {
     let ttl = message.ttl;
     // One allocation shared by the router and the connection.
     let routed = app.router.route(uaid, Arc::new(message)).await;

@@ -1,14 +1,15 @@
 //! The application-server API's errors. Every refusal carries an HTTP status
-//! and a stable `errno`; numbers shared with autopush mean the same thing
-//! there, so existing client libraries recognise them. `proto-docs/errors.md`
-//! lists them all.
+//! and a stable `errno` from herald-proto's `Errno`; numbers shared with
+//! autopush mean the same thing there, so existing client libraries
+//! recognise them. `proto-docs/errors.md` lists them all.
 
+pub use herald_proto::errno::Errno;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: u16,
-    pub errno: u16,
+    pub errno: Errno,
     pub message: String,
     /// Seconds, sent as `Retry-After` (429 and 503).
     pub retry_after: Option<u64>,
@@ -19,13 +20,13 @@ pub struct ApiError {
 #[derive(Serialize)]
 struct Body<'a> {
     code: u16,
-    errno: u16,
+    errno: Errno,
     error: &'a str,
     message: &'a str,
 }
 
 impl ApiError {
-    pub fn new(status: u16, errno: u16, message: impl Into<String>) -> Self {
+    pub fn new(status: u16, errno: Errno, message: impl Into<String>) -> Self {
         ApiError {
             status,
             errno,
@@ -47,45 +48,45 @@ impl ApiError {
 
     // 400
     pub fn missing_crypto(msg: &str) -> Self {
-        Self::new(400, 101, msg)
+        Self::new(400, Errno::MissingCrypto, msg)
     }
     pub fn invalid_crypto(msg: &str) -> Self {
-        Self::new(400, 110, msg)
+        Self::new(400, Errno::InvalidCrypto, msg)
     }
     pub fn missing_ttl() -> Self {
-        Self::new(400, 111, "missing TTL header")
+        Self::new(400, Errno::MissingTtl, "missing TTL header")
     }
     pub fn invalid_ttl(v: &str) -> Self {
         Self::new(
             400,
-            112,
+            Errno::InvalidTtl,
             format!("invalid TTL header {v:?}: must be a non-negative integer number of seconds"),
         )
     }
     pub fn invalid_topic() -> Self {
         Self::new(
             400,
-            113,
+            Errno::InvalidTopic,
             "invalid Topic header: at most 32 characters of the URL-safe base64 alphabet",
         )
     }
     pub fn invalid_urgency(v: &str) -> Self {
         Self::new(
             400,
-            114,
+            Errno::InvalidUrgency,
             format!("invalid Urgency header {v:?}: use very-low, low, normal or high"),
         )
     }
     // 401 / 403
     pub fn unauthorized(reason: &'static str, msg: impl Into<String>) -> Self {
-        let mut e = Self::new(401, 109, msg);
+        let mut e = Self::new(401, Errno::Unauthorized, msg);
         e.vapid_reason = Some(reason);
         e
     }
     pub fn key_mismatch() -> Self {
         let mut e = Self::new(
             403,
-            115,
+            Errno::KeyMismatch,
             "the VAPID key is not the application server key this subscription was made with",
         );
         e.vapid_reason = Some("key_mismatch");
@@ -95,28 +96,32 @@ impl ApiError {
     pub fn invalid_endpoint() -> Self {
         Self::new(
             404,
-            102,
+            Errno::InvalidEndpoint,
             "invalid endpoint: this URL was not issued by this push service",
         )
     }
     pub fn no_message() -> Self {
         Self::new(
             404,
-            117,
+            Errno::NoMessage,
             "no such message: it was delivered, expired, replaced or never existed",
         )
     }
     pub fn not_found() -> Self {
-        Self::new(404, 119, "no such resource")
+        Self::new(404, Errno::NotFound, "no such resource")
     }
     pub fn method_not_allowed() -> Self {
-        Self::new(405, 118, "method not allowed on this resource")
+        Self::new(
+            405,
+            Errno::MethodNotAllowed,
+            "method not allowed on this resource",
+        )
     }
     // 408
     pub fn body_timeout(secs: u64) -> Self {
         Self::new(
             408,
-            999,
+            Errno::UnreadableBody,
             format!("the request body did not arrive within {secs} s"),
         )
     }
@@ -124,14 +129,14 @@ impl ApiError {
     pub fn user_gone() -> Self {
         Self::new(
             410,
-            103,
+            Errno::UserGone,
             "this subscription's user agent is gone; stop sending to it",
         )
     }
     pub fn subscription_gone() -> Self {
         Self::new(
             410,
-            106,
+            Errno::SubscriptionGone,
             "this subscription was unregistered; stop sending to it",
         )
     }
@@ -139,10 +144,10 @@ impl ApiError {
     pub fn too_large(max: usize) -> Self {
         Self::new(
             413,
-            104,
+            Errno::TooLarge,
             format!(
                 "payload too large: this push service accepts {} (max_message_bytes)",
-                crate::crypto::body_limit_explained(max)
+                herald_proto::crypto::body_limit_explained(max)
             ),
         )
     }
@@ -150,7 +155,7 @@ impl ApiError {
     pub fn too_many_stored(max: usize) -> Self {
         let mut e = Self::new(
             429,
-            116,
+            Errno::TooManyStored,
             format!("this user agent already has {max} undelivered messages; retry later"),
         );
         e.retry_after = Some(60);
@@ -168,7 +173,7 @@ impl ApiError {
                 format!("this node already holds {max} receipt streams; retry later")
             }
         };
-        let mut e = Self::new(429, 124, message);
+        let mut e = Self::new(429, Errno::TooManyReceiptStreams, message);
         e.retry_after = Some(30);
         e
     }
@@ -178,7 +183,7 @@ impl ApiError {
     pub fn invalid_receipt_subscription(status: u16) -> Self {
         Self::new(
             status,
-            121,
+            Errno::InvalidReceiptSubscription,
             "the receipt subscription was not issued by this push service",
         )
     }
@@ -186,7 +191,7 @@ impl ApiError {
     pub fn receipt_key_mismatch() -> Self {
         Self::new(
             400,
-            122,
+            Errno::ReceiptKeyMismatch,
             "the receipt subscription belongs to another application server key: sign with the key it was created for, or omit it to get a new one",
         )
     }
@@ -208,7 +213,7 @@ impl ApiError {
                 tracing::error!(kind = err.kind(), "storage unavailable: {err}")
             }
         }
-        let mut e = Self::new(503, 201, STORAGE_UNAVAILABLE);
+        let mut e = Self::new(503, Errno::StorageUnavailable, STORAGE_UNAVAILABLE);
         e.retry_after = Some(10);
         e
     }
@@ -249,7 +254,7 @@ mod tests {
             StoreError::Task("rocksdb task failed: panicked".into()),
         ] {
             let e = ApiError::storage(err);
-            assert_eq!((e.status, e.errno, e.retry_after), (503, 201, Some(10)));
+            assert_eq!((e.status, e.errno, e.retry_after), (503, Errno::StorageUnavailable, Some(10)));
             assert_eq!(e.message, STORAGE_UNAVAILABLE);
             let body = e.to_json();
             for engine_text in [

@@ -23,8 +23,8 @@
 //!   ledger's own sweep (`receipts::Receipts::sweep_loop`) reports them.
 
 use crate::app::App;
-use crate::ids::{ChannelId, Uaid};
 use crate::store::{now_secs, Message, Outcome, ReceiptSub, StoreError, StoreResult};
+use herald_proto::ids::{ChannelId, Uaid};
 
 /// Why a message was not accepted.
 #[derive(Debug)]

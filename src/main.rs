@@ -32,7 +32,7 @@ enum Command {
     #[command(subcommand)]
     Broadcast(herald::broadcast::cli::BroadcastCommand),
     /// Receive pushes on this machine: subscribe, then print or handle each message.
-    Listen(herald::client::cli::ListenArgs),
+    Listen(herald::listen::ListenArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         Command::Send(args) => herald::appserver::run_send(args),
         Command::Demo(args) => herald::demo::run(args),
         Command::Broadcast(cmd) => herald::broadcast::cli::run(cmd),
-        Command::Listen(args) => herald::client::cli::run(args),
+        Command::Listen(args) => herald::listen::run(args),
         Command::Keygen => {
             println!("{}", herald::token::generate_key());
             Ok(ExitCode::SUCCESS)

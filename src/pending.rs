@@ -7,9 +7,9 @@
 //! the next count), and the store is counted exactly whenever the estimate
 //! reaches the limit, so a user agent is refused only when it really is full.
 
-use crate::ids::Uaid;
 use crate::store::{Store, StoreResult};
 use dashmap::DashMap;
+use herald_proto::ids::Uaid;
 
 /// Stored messages (an estimate that errs high) and pushes between
 /// `reserve` and `added`/`released`: counting those too keeps concurrent
@@ -100,7 +100,7 @@ impl PendingCounts {
 mod tests {
     use super::*;
     use crate::store::{now_secs, MemStore, Message, Store};
-    use crate::webpush::Urgency;
+    use herald_proto::urgency::Urgency;
 
     async fn put(store: &MemStore, uaid: &Uaid, ttl: u64) {
         let m = Message {

@@ -5,7 +5,7 @@ use crate::app::App;
 use crate::config::StoreKind;
 use crate::config::{LogFormat, ServeArgs, Settings};
 use crate::endpoint;
-use crate::errors::ApiError;
+use crate::errors::{ApiError, Errno};
 use crate::metrics::Metrics;
 use crate::reply::{error_response, json, Response};
 use crate::router::{Cluster, Router};
@@ -591,7 +591,13 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
     .await
     {
         Ok(Ok(b)) => b.to_bytes(),
-        _ => return error_response(&ApiError::new(400, 999, "unreadable body")),
+        _ => {
+            return error_response(&ApiError::new(
+                400,
+                Errno::UnreadableBody,
+                "unreadable body",
+            ))
+        }
     };
     if let Err(e) = cluster.check_request(&signed, parts.method.as_str(), parts.uri.path(), &body) {
         return refused(e);
@@ -599,11 +605,23 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
     let done = match action {
         "wake" => match serde_json::from_slice::<Wake>(&body) {
             Ok(w) => cluster.on_wake(&app.router.local, &w),
-            Err(_) => return error_response(&ApiError::new(400, 999, "malformed wake-up")),
+            Err(_) => {
+                return error_response(&ApiError::new(
+                    400,
+                    Errno::UnreadableBody,
+                    "malformed wake-up",
+                ))
+            }
         },
         "evict" => match serde_json::from_slice::<Evict>(&body) {
             Ok(e) => cluster.on_evict(&app.router.local, &e),
-            Err(_) => return error_response(&ApiError::new(400, 999, "malformed eviction")),
+            Err(_) => {
+                return error_response(&ApiError::new(
+                    400,
+                    Errno::UnreadableBody,
+                    "malformed eviction",
+                ))
+            }
         },
         _ => return error_response(&ApiError::not_found()),
     };
@@ -614,11 +632,11 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
 }
 
 /// The metric label of a refused node request.
-fn node_refusal(errno: u16) -> &'static str {
+fn node_refusal(errno: Errno) -> &'static str {
     match errno {
-        131 => "stale",
-        132 => "replayed",
-        133 => "window_full",
+        Errno::NodeClockSkew => "stale",
+        Errno::NodeReplay => "replayed",
+        Errno::NodeReplayWindowFull => "window_full",
         _ => "bad_signature",
     }
 }
@@ -633,7 +651,7 @@ fn api_version(v: &str) -> Option<ApiVersion> {
 
 fn api_response(app: &App, result: Result<Response, ApiError>) -> Response {
     let (response, errno) = match result {
-        Ok(r) => (r, 0),
+        Ok(r) => (r, 0u16),
         Err(e) => {
             if let Some(reason) = e.vapid_reason {
                 app.metrics
@@ -641,7 +659,7 @@ fn api_response(app: &App, result: Result<Response, ApiError>) -> Response {
                     .with_label_values(&[reason])
                     .inc();
             }
-            (error_response(&e), e.errno)
+            (error_response(&e), e.errno.code())
         }
     };
     app.metrics

@@ -11,12 +11,14 @@
 
 use crate::app::App;
 use crate::broadcast::{Snapshot, Subscriptions};
-use crate::ids::{parse_channel_id, Uaid};
 use crate::mailbox::Mailbox;
-use crate::protocol::{BroadcastDelta, ClientMessage, ServerMessage, PING_REPLY};
 use crate::store::{now_secs, ChannelRecord, Message, Outcome, UserRecord};
 use crate::token::{key_hash, MessageId};
-use crate::webpush::{decode_b64url, Urgency};
+use herald_proto::ack::AckCode;
+use herald_proto::b64::decode_b64url;
+use herald_proto::ids::{parse_channel_id, Uaid};
+use herald_proto::protocol::{Broadcasts, ClientMessage, ServerMessage, PING};
+use herald_proto::urgency::Urgency;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -76,7 +78,7 @@ pub mod status {
 struct Settle {
     seq: u64,
     receipt: bool,
-    code: Option<i64>,
+    code: Option<AckCode>,
 }
 
 #[derive(Default)]
@@ -92,17 +94,15 @@ struct InFlight {
     receipt: bool,
 }
 
-/// Firefox acks a notification its service worker handled with code 100;
-/// 101 (decryption failed) and 102 (handler failed) are refusals.
-const ACK_DELIVERED: i64 = 100;
-
-/// What an ack or nack says about a message, for its receipt.
-fn ack_outcome(nack: bool, code: Option<i64>) -> Outcome {
-    let code_u32 = |c: i64| u32::try_from(c).unwrap_or(0);
+/// What an ack or nack says about a message, for its receipt. Firefox
+/// acks a notification its service worker handled with code 100 (or none);
+/// any other code, 101 (decryption failed) and 102 (handler failed) among
+/// them, is a refusal, as is every nack.
+fn ack_outcome(nack: bool, code: Option<AckCode>) -> Outcome {
     match (nack, code) {
-        (true, c) => Outcome::Rejected(c.map_or(0, code_u32)),
-        (false, None) | (false, Some(ACK_DELIVERED)) => Outcome::Delivered,
-        (false, Some(c)) => Outcome::Rejected(code_u32(c)),
+        (true, c) => Outcome::Rejected(c.map_or(0, AckCode::receipt_code)),
+        (false, None) | (false, Some(AckCode::DELIVERED)) => Outcome::Delivered,
+        (false, Some(c)) => Outcome::Rejected(c.receipt_code()),
     }
 }
 
@@ -185,7 +185,7 @@ impl Session {
         }
     }
 
-    fn send_broadcasts(&self, delta: BroadcastDelta, out: &mut Vec<Action>) {
+    fn send_broadcasts(&self, delta: Broadcasts, out: &mut Vec<Action>) {
         if delta.is_empty() {
             return;
         }
@@ -350,7 +350,7 @@ impl Session {
                     .subscribe(&snapshot, broadcasts);
                 self.send_broadcasts(delta, out);
             }
-            ClientMessage::Ping => out.push(Action::Send(PING_REPLY.into())),
+            ClientMessage::Ping => out.push(Action::Send(PING.into())),
         }
     }
 
@@ -421,7 +421,7 @@ impl Session {
         tracing::debug!(uaid = %uaid.short(), outcome, "hello");
         self.uaid = Some(uaid);
         let broadcasts = if client_broadcasts.is_empty() {
-            BroadcastDelta::default()
+            Broadcasts::default()
         } else {
             let snapshot = self.app.broadcaster.current();
             self.broadcasts
@@ -454,7 +454,7 @@ impl Session {
             app.metrics.ws_register.with_label_values(&[outcome]).inc();
             Action::Send(
                 ServerMessage::Register {
-                    channel_id,
+                    channel_id: channel_id.to_string(),
                     status,
                     push_endpoint,
                 }
@@ -559,7 +559,11 @@ impl Session {
             .with_label_values(&[outcome])
             .inc();
         out.push(Action::Send(
-            ServerMessage::Unregister { channel_id, status }.to_json(),
+            ServerMessage::Unregister {
+                channel_id: channel_id.to_string(),
+                status,
+            }
+            .to_json(),
         ));
     }
 
@@ -571,7 +575,7 @@ impl Session {
     fn plan_acks<'a>(
         &mut self,
         uaid: Uaid,
-        versions: impl Iterator<Item = (&'a str, Option<i64>)>,
+        versions: impl Iterator<Item = (&'a str, Option<AckCode>)>,
     ) -> AckPlan {
         let mut plan = AckPlan::default();
         for (version, code) in versions {
@@ -732,7 +736,7 @@ impl Session {
             (Some(h), false) => Some((&m.data[..], h)),
             _ => None,
         };
-        let frame = crate::protocol::notification_json(&m.channel, &version, data, m.ttl);
+        let frame = herald_proto::protocol::notification_json(&m.channel, &version, data, m.ttl);
         self.in_flight.push(InFlight {
             seq: m.seq,
             receipt: m.receipt,

@@ -6,10 +6,10 @@
 //! additional data names the kind of token, so an endpoint token cannot be
 //! replayed as a message id or moved between the v1 and v2 paths.
 
-use crate::ids::{ChannelId, Uaid};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use anyhow::{bail, Context};
+use herald_proto::ids::{ChannelId, Uaid};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -90,7 +90,7 @@ impl TokenCodec {
         let mut out = Vec::with_capacity(12 + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        crate::webpush::encode_b64url(&out)
+        herald_proto::b64::encode_b64url(&out)
     }
 
     fn open(&self, aad: &[u8], token: &str) -> Option<Vec<u8>> {
@@ -98,7 +98,7 @@ impl TokenCodec {
         if token.len() > 512 {
             return None;
         }
-        let raw = crate::webpush::decode_b64url(token)?;
+        let raw = herald_proto::b64::decode_b64url(token)?;
         if raw.len() < 12 + 16 {
             return None;
         }
@@ -194,7 +194,7 @@ pub fn parse_keys(values: &[String]) -> Result<Vec<[u8; 32]>, String> {
     values
         .iter()
         .map(|v| {
-            crate::webpush::decode_b64url(v)
+            herald_proto::b64::decode_b64url(v)
                 .and_then(|k| <[u8; 32]>::try_from(k).ok())
                 .ok_or_else(|| "each key must be 32 bytes of base64url".to_string())
         })
@@ -204,7 +204,7 @@ pub fn parse_keys(values: &[String]) -> Result<Vec<[u8; 32]>, String> {
 /// A fresh endpoint key, base64url, as `endpoint_keys` takes it.
 pub fn generate_key() -> String {
     let key: [u8; 32] = rand::random();
-    crate::webpush::encode_b64url(&key)
+    herald_proto::b64::encode_b64url(&key)
 }
 
 /// With no keys configured, endpoints must still survive restarts: keep a
@@ -229,7 +229,7 @@ pub fn load_or_create_keys(data_dir: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
     let key: [u8; 32] = rand::random();
     let text = format!(
         "# Herald endpoint token key (base64url). Keep it secret and keep it:\n# losing it invalidates every endpoint URL handed out.\n{}\n",
-        crate::webpush::encode_b64url(&key)
+        herald_proto::b64::encode_b64url(&key)
     );
     write_private(&path, text.as_bytes())?;
     Ok(vec![key])
@@ -309,10 +309,10 @@ mod tests {
             };
             let s = c.receipt_token(&t);
             assert_eq!(c.open_receipt_token(&s), Some(t));
-            let mut bytes = crate::webpush::decode_b64url(&s).unwrap();
+            let mut bytes = herald_proto::b64::decode_b64url(&s).unwrap();
             bytes[14] ^= 1;
             assert!(c
-                .open_receipt_token(&crate::webpush::encode_b64url(&bytes))
+                .open_receipt_token(&herald_proto::b64::encode_b64url(&bytes))
                 .is_none());
         }
     }
@@ -321,9 +321,9 @@ mod tests {
     fn forged_or_altered_tokens_are_rejected() {
         let c = codec();
         let (v, s) = c.endpoint_token(&sample(true));
-        let mut bytes = crate::webpush::decode_b64url(&s).unwrap();
+        let mut bytes = herald_proto::b64::decode_b64url(&s).unwrap();
         bytes[20] ^= 1;
-        let altered = crate::webpush::encode_b64url(&bytes);
+        let altered = herald_proto::b64::encode_b64url(&bytes);
         assert!(c.open_endpoint(v, &altered).is_none());
         assert!(c.open_endpoint(v, "").is_none());
         assert!(c.open_endpoint(v, "!!!").is_none());

@@ -6,8 +6,9 @@
 
 use crate::errors::ApiError;
 use crate::token::{key_hash, KeyHash};
-use crate::webpush::{decode_b64url, encode_b64url, header_param};
 use dashmap::DashMap;
+use herald_proto::b64::{decode_b64url, encode_b64url};
+use herald_proto::headers::header_param;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -372,7 +373,7 @@ mod tests {
         ];
         for (claims, reason) in cases {
             let err = check(&v, &s.jwt(claims.clone()), &s.public()).unwrap_err();
-            assert_eq!((err.status, err.errno), (401, 109));
+            assert_eq!((err.status, err.errno.code()), (401, 109));
             assert_eq!(err.vapid_reason, Some(reason), "{claims}");
         }
     }
@@ -430,7 +431,7 @@ mod tests {
         let long = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n + 8)}));
         assert!(long.len() > MAX_JWT_BYTES);
         let err = check(&v, &long, &s.public()).unwrap_err();
-        assert_eq!((err.status, err.errno), (401, 109));
+        assert_eq!((err.status, err.errno.code()), (401, 109));
         assert_eq!(err.vapid_reason, Some("jwt_too_long"));
         // Not even a garbage token that long is looked at.
         let err = check(&v, &"x".repeat(MAX_JWT_BYTES + 1), &s.public()).unwrap_err();

@@ -3,70 +3,8 @@
 //! decrypts; it only checks that a payload is shaped so a user agent can.
 
 use crate::errors::ApiError;
-use crate::protocol::NotificationHeaders;
-use base64::Engine;
-
-/// RFC 8030 §5.3. Ordered from least to most urgent so thresholds compare.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Urgency {
-    VeryLow = 0,
-    Low = 1,
-    #[default]
-    Normal = 2,
-    High = 3,
-}
-
-impl Urgency {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "very-low" => Some(Urgency::VeryLow),
-            "low" => Some(Urgency::Low),
-            "normal" => Some(Urgency::Normal),
-            "high" => Some(Urgency::High),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Urgency::VeryLow => "very-low",
-            Urgency::Low => "low",
-            Urgency::Normal => "normal",
-            Urgency::High => "high",
-        }
-    }
-
-    pub fn from_u8(v: u8) -> Option<Self> {
-        [
-            Urgency::VeryLow,
-            Urgency::Low,
-            Urgency::Normal,
-            Urgency::High,
-        ]
-        .get(v as usize)
-        .copied()
-    }
-}
-
-impl std::fmt::Display for Urgency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use herald_proto::headers::NotificationHeaders;
+use herald_proto::urgency::Urgency;
 
 /// `TTL` is required; values above `max_ttl` are lowered, not refused.
 pub fn parse_ttl(value: Option<&str>, max_ttl: u64) -> Result<u64, ApiError> {
@@ -182,31 +120,10 @@ fn check_aes128gcm_header(body: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Finds `name=value` in a `;`/`,`-separated header such as
-/// `Crypto-Key: dh=...;p256ecdsa=...`.
-pub fn header_param<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header
-        .split([';', ','])
-        .filter_map(|part| part.trim().split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim().trim_matches('"'))
-}
-
-/// Decodes base64url with or without padding (Firefox pads, most libraries
-/// don't).
-pub fn decode_b64url(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s.trim().trim_end_matches('='))
-        .ok()
-}
-
-pub fn encode_b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_proto::b64::encode_b64url;
 
     #[test]
     fn ttl_rules() {
@@ -217,9 +134,13 @@ mod tests {
             parse_ttl(Some("99999999999999999999999"), 1000).unwrap(),
             1000
         );
-        assert_eq!(parse_ttl(None, 1000).unwrap_err().errno, 111);
+        assert_eq!(parse_ttl(None, 1000).unwrap_err().errno.code(), 111);
         for bad in ["", "-1", "1.5", "ten", " "] {
-            assert_eq!(parse_ttl(Some(bad), 1000).unwrap_err().errno, 112, "{bad}");
+            assert_eq!(
+                parse_ttl(Some(bad), 1000).unwrap_err().errno.code(),
+                112,
+                "{bad}"
+            );
         }
     }
 
@@ -272,20 +193,25 @@ mod tests {
         assert_eq!(
             check_encoding(Some("aes128gcm"), None, None, &small_rs)
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             110
         );
         let truncated = aes128gcm_body(4096, 65, 0);
         assert!(check_encoding(Some("aes128gcm"), None, None, &truncated).is_err());
         assert!(check_encoding(Some("aes128gcm"), None, None, &[1, 2, 3]).is_err());
         assert_eq!(
-            check_encoding(None, None, None, &ok).unwrap_err().errno,
+            check_encoding(None, None, None, &ok)
+                .unwrap_err()
+                .errno
+                .code(),
             101
         );
         assert_eq!(
             check_encoding(Some("gzip"), None, None, &ok)
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             110
         );
     }
@@ -314,37 +240,30 @@ mod tests {
         assert_eq!(
             check_encoding(Some("aesgcm"), None, Some(&ck), b"x")
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             101
         );
         assert_eq!(
             check_encoding(Some("aesgcm"), Some(&enc), None, b"x")
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             101
         );
         assert_eq!(
             check_encoding(Some("aesgcm"), Some("salt=short"), Some(&ck), b"x")
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             110
         );
         assert_eq!(
             check_encoding(Some("aesgcm"), Some(&enc), Some("p256ecdsa=C"), b"x")
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             110
-        );
-    }
-
-    #[test]
-    fn b64url_accepts_padding() {
-        assert_eq!(decode_b64url("AQI=").unwrap(), vec![1, 2]);
-        assert_eq!(decode_b64url("AQI").unwrap(), vec![1, 2]);
-        assert!(decode_b64url("!!").is_none());
-        assert_eq!(
-            header_param("dh=abc; p256ecdsa=\"def\"", "p256ecdsa"),
-            Some("def")
         );
     }
 }

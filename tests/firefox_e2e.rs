@@ -555,7 +555,7 @@ fn push_aesgcm_forms(rig: &Rig, subscription: &Value) -> Vec<String> {
     let (p256dh, auth) = (key("p256dh"), key("auth"));
     let vapid = herald::appserver::VapidKey::from_file(&rig.demo.data_dir.join("vapid.pem"))
         .expect("the demo's VAPID key");
-    let audience = herald::appserver::origin_of(endpoint).unwrap();
+    let audience = herald_proto::subscription::origin_of(endpoint).unwrap();
     let url: http::Uri = endpoint.parse().unwrap();
     let mut sent = Vec::new();
     for quoted in [false, true] {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use herald::client::{Client, ClientOptions, Event, StateFile};
+use herald_client::{Client, ClientOptions, Event, StateFile};
 use serde_json::Value;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -13,14 +13,14 @@
 mod redis_harness;
 
 use bytes::Bytes;
-use herald::ids::{ChannelId, Uaid};
-use herald::protocol::NotificationHeaders;
 use herald::store::{
     now_micros, now_secs, ChannelRecord, MemStore, Message, Outcome, PendingReceipt, ReceiptEvent,
     ReceiptState, ReceiptStore, ReceiptSub, RedisStore, RocksStore, Store, UserRecord,
     ACK_GRACE_SECS,
 };
-use herald::webpush::Urgency;
+use herald_proto::headers::NotificationHeaders;
+use herald_proto::ids::{ChannelId, Uaid};
+use herald_proto::urgency::Urgency;
 use redis_harness::{shared_cluster, shared_server, RedisCluster, RedisServer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

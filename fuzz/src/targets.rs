@@ -12,8 +12,6 @@ use bytes::Bytes;
 use herald::broadcast::{self, Snapshot, Subscriptions};
 use herald::config::{parse_duration, ServeArgs, Settings};
 use herald::errors::ApiError;
-use herald::ids::{parse_channel_id, Uaid};
-use herald::protocol::{notification_json, ClientMessage, ServerMessage};
 use herald::receipts::api as receipt_api;
 use herald::router::cluster::{Evict, Wake};
 use herald::store::{
@@ -22,10 +20,11 @@ use herald::store::{
 };
 use herald::token::{key_hash, ApiVersion, EndpointToken, MessageId, ReceiptToken, TokenCodec};
 use herald::vapid::{parse_credentials, CacheResult, VapidVerifier};
-use herald::webpush::{
-    check_encoding, decode_b64url, header_param, parse_topic, parse_ttl, parse_urgency,
-    MAX_CRYPTO_HEADER,
-};
+use herald::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency, MAX_CRYPTO_HEADER};
+use herald_proto::b64::decode_b64url;
+use herald_proto::headers::header_param;
+use herald_proto::ids::{parse_channel_id, Uaid};
+use herald_proto::protocol::{notification_json, ClientMessage, ServerMessage};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -87,7 +86,7 @@ fn get<'a>(h: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
 /// An error answer is sent as JSON whatever text it quotes.
 fn check_api_error(e: &ApiError) {
     let v: serde_json::Value = serde_json::from_str(&e.to_json()).expect("error body is JSON");
-    assert_eq!(v["errno"], e.errno);
+    assert_eq!(v["errno"], e.errno.code());
     assert_eq!(v["message"], e.message.as_str());
     assert!((400..600).contains(&e.status), "{e:?}");
 }
@@ -162,7 +161,7 @@ pub fn ws_message(data: &[u8]) {
                 let _ = decode_b64url(k);
             }
             let reply = ServerMessage::Register {
-                channel_id: &channel_id,
+                channel_id: channel_id.clone(),
                 status: 400,
                 push_endpoint: None,
             }
@@ -238,7 +237,7 @@ pub fn push_headers(data: &[u8]) {
         }
         (Ok(_), None) => panic!("TTL is required"),
         (Err(e), _) => {
-            assert_eq!(e.errno, if ttl_header.is_none() { 111 } else { 112 });
+            assert_eq!(e.errno.code(), if ttl_header.is_none() { 111 } else { 112 });
             check_api_error(e);
         }
     }
@@ -380,7 +379,7 @@ fn receipt_headers(h: &BTreeMap<String, String>) {
                     assert_eq!(opened.sub, sub.0);
                 }
                 Err(e) => {
-                    assert!(matches!(e.errno, 121 | 122), "{}", e.errno);
+                    assert!(matches!(e.errno.code(), 121 | 122), "{}", e.errno.code());
                     check_api_error(&e);
                 }
             }
@@ -389,13 +388,13 @@ fn receipt_headers(h: &BTreeMap<String, String>) {
         // never reaches Herald.)
         Ok(None) => assert!(map.get("push-receipt").is_none()),
         Err(e) => {
-            assert_eq!((e.status, e.errno), (400, 121));
+            assert_eq!((e.status, e.errno.code()), (400, 121));
             check_api_error(&e);
         }
     }
     let _ = receipt_api::wants_batch(&map);
     if let Err(e) = receipt_api::resume_after(&map, get(h, "x-query")) {
-        assert_eq!((e.status, e.errno), (400, 123));
+        assert_eq!((e.status, e.errno.code()), (400, 123));
         check_api_error(&e);
     }
 }
@@ -413,7 +412,7 @@ pub fn vapid(data: &[u8]) {
             return;
         }
         Err(e) => {
-            assert_eq!((e.status, e.errno), (401, 109));
+            assert_eq!((e.status, e.errno.code()), (401, 109));
             check_api_error(&e);
             return;
         }
@@ -422,7 +421,7 @@ pub fn vapid(data: &[u8]) {
     let (hash, cache) = match verifier.verify(&creds, NOW) {
         Ok(v) => v,
         Err(e) => {
-            assert_eq!((e.status, e.errno), (401, 109));
+            assert_eq!((e.status, e.errno.code()), (401, 109));
             assert!(e.vapid_reason.is_some());
             check_api_error(&e);
             return;

@@ -8,6 +8,8 @@ use crate::net;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use herald_proto::ack::AckCode;
+use herald_proto::protocol::{ClientMessage, ServerMessage};
 use http::header;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -282,14 +284,15 @@ pub fn check_response(
     }
 }
 
-/// A message from the server. Borrowed where possible: notifications carry up
-/// to 5.5 KiB of base64 that only needs a glance.
+/// A message from the server, as the scenarios glance at it. Borrowed where
+/// possible: notifications carry up to 5.5 KiB of base64 that only needs a
+/// glance, on the path every delivered message takes, so this stays a
+/// zero-copy view rather than herald-proto's owned `ServerMessage` (which
+/// the replies to `hello` and `register` are read with, see `expect`).
 #[derive(Deserialize, Debug, Default)]
 pub struct ServerMsg<'a> {
     #[serde(rename = "messageType", borrow, default)]
     pub message_type: Option<Cow<'a, str>>,
-    #[serde(default)]
-    pub uaid: Option<String>,
     #[serde(default)]
     pub status: Option<u32>,
     #[serde(rename = "channelID", borrow, default)]
@@ -342,69 +345,52 @@ pub fn hello_json(uaid: Option<&str>, channel_ids: &[Uuid]) -> String {
 }
 
 /// `hello` following `broadcasts` (id -> the version this user agent
-/// knows), as Firefox follows `remote-settings/monitor_changes`.
+/// knows), as Firefox follows `remote-settings/monitor_changes`. The frames
+/// this module sends are herald-proto's `ClientMessage`s, the same types
+/// Herald parses and herald-client sends.
 pub fn hello_json_following(
     uaid: Option<&str>,
     channel_ids: &[Uuid],
     broadcasts: &BTreeMap<String, String>,
 ) -> String {
-    match uaid {
-        None if broadcasts.is_empty() => {
-            r#"{"messageType":"hello","use_webpush":true,"broadcasts":{}}"#.to_string()
-        }
-        None => serde_json::json!({
-            "messageType": "hello",
-            "use_webpush": true,
-            "broadcasts": broadcasts,
-        })
-        .to_string(),
-        Some(uaid) => {
-            let ids: Vec<String> = channel_ids
-                .iter()
-                .map(|c| c.hyphenated().to_string())
-                .collect();
-            serde_json::json!({
-                "messageType": "hello",
-                "use_webpush": true,
-                "broadcasts": broadcasts,
-                "uaid": uaid,
-                "channelIDs": ids,
-            })
-            .to_string()
-        }
+    ClientMessage::Hello {
+        uaid: uaid.map(str::to_string),
+        channel_ids: channel_ids
+            .iter()
+            .map(|c| c.hyphenated().to_string())
+            .collect(),
+        broadcasts: broadcasts.clone(),
     }
+    .to_json()
 }
 
 /// A notification frame as a server sends it, for tests.
 #[cfg(test)]
 pub fn notification_json(channel_id: &str, version: &str, body: &[u8]) -> String {
-    use base64::Engine;
-    serde_json::json!({
-        "messageType": "notification",
-        "channelID": channel_id,
-        "version": version,
-        "data": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body),
-        "headers": {"encoding": "aes128gcm"},
-        "ttl": 60,
+    use herald_proto::headers::NotificationHeaders;
+    herald_proto::protocol::ServerMessage::Notification(herald_proto::protocol::Notification {
+        channel_id: channel_id.to_string(),
+        version: version.to_string(),
+        data: Some(herald_proto::b64::encode_b64url(body)),
+        headers: Some(NotificationHeaders {
+            encoding: "aes128gcm".into(),
+            ..Default::default()
+        }),
+        ttl: Some(60),
     })
-    .to_string()
+    .to_json()
 }
 
 pub fn register_json(channel_id: &Uuid, key_b64: &str) -> String {
-    serde_json::json!({
-        "messageType": "register",
-        "channelID": channel_id.hyphenated().to_string(),
-        "key": key_b64,
-    })
-    .to_string()
+    ClientMessage::Register {
+        channel_id: channel_id.hyphenated().to_string(),
+        key: Some(key_b64.to_string()),
+    }
+    .to_json()
 }
 
 pub fn ack_json(channel_id: &str, version: &str) -> String {
-    serde_json::json!({
-        "messageType": "ack",
-        "updates": [{"channelID": channel_id, "version": version, "code": 100}],
-    })
-    .to_string()
+    ClientMessage::ack(channel_id, version, AckCode::DELIVERED).to_json()
 }
 
 pub async fn send_text(ws: &mut Ws, text: String, phase: &'static str) -> Result<(), Failure> {
@@ -432,11 +418,30 @@ async fn expect(
             Message::Close(_) => return Err(Failure::new(phase, "closed")),
             _ => continue,
         };
-        let Some(m) = parse(text.as_str()) else {
-            return Err(Failure::new(phase, "unparseable reply"));
+        // Replies are read with herald-proto's lenient client-side parser;
+        // its refusals of a known type ("hello without a numeric status")
+        // are few and fixed, so they serve as failure keys, while JSON
+        // errors (which carry positions) share one key.
+        let m = match ServerMessage::parse(text.as_str()) {
+            Ok(m) => m,
+            Err(e) if e.0.starts_with("server sent") => {
+                return Err(Failure::new(phase, "unparseable reply"))
+            }
+            Err(e) => return Err(Failure::new(phase, e.0)),
         };
-        if m.message_type.as_deref() == Some(want) {
-            return Ok((m.status, m.uaid, m.push_endpoint));
+        match (want, m) {
+            ("hello", ServerMessage::Hello { uaid, status, .. }) => {
+                return Ok((Some(u32::from(status)), Some(uaid), None))
+            }
+            (
+                "register",
+                ServerMessage::Register {
+                    status,
+                    push_endpoint,
+                    ..
+                },
+            ) => return Ok((Some(u32::from(status)), None, push_endpoint)),
+            _ => {}
         }
     }
     Err(Failure::new(phase, "no reply among 64 messages"))

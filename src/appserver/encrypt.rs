@@ -5,10 +5,10 @@
 //! secret from its `PushSubscription`. Each message uses a fresh ephemeral
 //! P-256 key and a random salt, so two encryptions of the same text differ.
 //!
-//! The code lives in [`crate::crypto`], shared with the user-agent side
+//! The code lives in [`herald_proto::crypto`], shared with the user-agent side
 //! (`herald listen`) that decrypts, so the key derivation exists once.
 
-pub use crate::crypto::{
+pub use herald_proto::crypto::{
     encrypt_aes128gcm, encrypt_with, EncryptError, DEFAULT_RECORD_SIZE, HEADER_LEN,
     MAX_PORTABLE_PLAINTEXT,
 };
@@ -16,12 +16,18 @@ pub use crate::crypto::{
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::tests::hex;
-    use crate::crypto::TAG_LEN;
+    use herald_proto::crypto::TAG_LEN;
     use p256::elliptic_curve::sec1::ToEncodedPoint;
     use p256::SecretKey;
     use rand::rngs::OsRng;
     use rand::RngCore;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
 
     struct Ua {
         private: Vec<u8>,

@@ -6,20 +6,28 @@
 pub mod encrypt;
 pub mod receipt;
 pub mod send;
-pub mod subscription;
 pub mod vapid_sign;
 
 pub use encrypt::encrypt_aes128gcm;
 pub use receipt::{wait_for_receipt, Receipt, ReceiptTimeout};
-pub use send::{send_push, PushOptions, PushResponse, PushServiceError, Urgency, Vapid};
-pub use subscription::{origin_of, Subscription, SubscriptionKeys};
+pub use send::{send_push, PushOptions, PushResponse, PushServiceError, Vapid};
 pub use vapid_sign::VapidKey;
 
 use anyhow::Context;
+use herald_proto::subscription::Subscription;
+use herald_proto::urgency::Urgency;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// `--urgency`: exactly the four RFC 8030 spellings, listed in `--help` as
+/// the possible values (herald-proto's `Urgency` knows no clap).
+fn urgency_parser() -> impl clap::builder::TypedValueParser<Value = Urgency> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Urgency::ALL.map(Urgency::as_str))
+        .try_map(|s| s.parse::<Urgency>())
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum VapidCommand {
@@ -123,7 +131,7 @@ pub struct SendArgs {
     pub ttl: u32,
 
     /// Message urgency (Urgency header).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = urgency_parser())]
     pub urgency: Option<Urgency>,
 
     /// Replace any undelivered message with the same topic (Topic header;
@@ -242,7 +250,7 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "herald send: warning: the payload is {} bytes of plaintext; push services only have to accept {}",
                 p.len(),
-                crate::crypto::body_limit_explained(crate::crypto::PORTABLE_BODY)
+                herald_proto::crypto::body_limit_explained(herald_proto::crypto::PORTABLE_BODY)
             );
         }
     }
@@ -253,7 +261,7 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout.max(1)),
         receipt: args.receipt || args.receipt_subscription.is_some(),
         receipt_subscription: args.receipt_subscription.clone(),
-        client: crate::http_client::HttpClient::new(args.ca.as_deref())?,
+        client: herald_client::http::HttpClient::new(args.ca.as_deref())?,
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -363,6 +371,35 @@ fn read_payload(args: &SendArgs) -> anyhow::Result<Option<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(clap::Parser)]
+    struct Send {
+        #[command(flatten)]
+        args: SendArgs,
+    }
+
+    /// `--urgency` takes exactly the header's four spellings, and `--help`
+    /// lists them, as when `Urgency` derived clap's `ValueEnum`.
+    #[test]
+    fn urgency_option_takes_exactly_the_four_spellings() {
+        let parse = |u: &str| Send::try_parse_from(["send", "-s", "{}", "--urgency", u]);
+        for u in Urgency::ALL {
+            assert_eq!(parse(u.as_str()).unwrap().args.urgency, Some(u));
+        }
+        for bad in ["HIGH", " high", "urgent", ""] {
+            let err = parse(bad).err().expect(bad).to_string();
+            assert!(
+                err.contains("[possible values: very-low, low, normal, high]"),
+                "{err}"
+            );
+        }
+        let help = Send::command().render_help().to_string();
+        assert!(
+            help.contains("[possible values: very-low, low, normal, high]"),
+            "{help}"
+        );
+    }
 
     #[test]
     fn private_key_file_is_owner_only_and_not_clobbered() {

@@ -4,9 +4,9 @@
 //! arrives. What `herald send --receipt` uses.
 
 use crate::appserver::send::{describe_answer, request_target, PushServiceError};
-use crate::http_client::HttpClient;
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
+use herald_client::http::HttpClient;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use serde::Deserialize;

@@ -2,14 +2,14 @@
 //! application server does: encrypt, sign, POST, and read the answer.
 //!
 //! Nothing here is Herald-specific; it talks to any RFC 8030 push service
-//! over http:// or https:// (see [`crate::http_client`]).
+//! over http:// or https:// (see [`herald_client::http`]).
 
 use crate::appserver::encrypt::encrypt_aes128gcm;
-use crate::appserver::subscription::{origin_of, Subscription};
 use crate::appserver::vapid_sign::VapidKey;
-use crate::http_client::HttpClient;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
+use herald_client::http::HttpClient;
+use herald_proto::subscription::{origin_of, Subscription};
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Error bodies larger than this are cut: we only want `errno` and `message`.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
-pub use crate::webpush::Urgency;
+use herald_proto::urgency::Urgency;
 
 use crate::link::parse_links;
 pub use crate::link::RECEIPT as RECEIPT_REL;
@@ -350,9 +350,9 @@ pub(crate) fn resolve_reference(base: &http::Uri, reference: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::appserver::subscription::SubscriptionKeys;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
+    use herald_proto::subscription::SubscriptionKeys;
     use p256::elliptic_curve::sec1::ToEncodedPoint;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

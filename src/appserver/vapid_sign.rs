@@ -1,10 +1,10 @@
 //! VAPID (RFC 8292) for application servers: the P-256 key pair that
 //! identifies an application server, and the signed JWT that proves it.
 
-use crate::webpush::decode_b64url;
 use anyhow::{anyhow, bail, Context};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use herald_proto::b64::decode_b64url;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::elliptic_curve::sec1::ToEncodedPoint;

@@ -4,7 +4,7 @@
 //! (404), so a default install exposes nothing.
 
 use crate::app::App;
-use crate::errors::ApiError;
+use crate::errors::{ApiError, Errno};
 use crate::reply::{json, Response};
 use bytes::Bytes;
 use http::StatusCode;
@@ -28,7 +28,7 @@ fn authorise(app: &App, req: &http::Request<Incoming>) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             401,
-            109,
+            Errno::Unauthorized,
             "the broadcast API needs Authorization: Bearer <one of broadcast_tokens>",
         ))
     }
@@ -56,15 +56,19 @@ pub async fn put(app: &App, id: &str, req: http::Request<Incoming>) -> Result<Re
     let body: Bytes = Limited::new(req.into_body(), super::MAX_VERSION_LEN + 64)
         .collect()
         .await
-        .map_err(|_| ApiError::new(413, 104, "the version is too long"))?
+        .map_err(|_| ApiError::new(413, Errno::TooLarge, "the version is too long"))?
         .to_bytes();
-    let version = std::str::from_utf8(&body)
-        .map(str::trim)
-        .map_err(|_| ApiError::new(400, 120, "the version must be UTF-8 text"))?;
+    let version = std::str::from_utf8(&body).map(str::trim).map_err(|_| {
+        ApiError::new(
+            400,
+            Errno::InvalidBroadcast,
+            "the version must be UTF-8 text",
+        )
+    })?;
     if !super::valid(id, version) {
         return Err(ApiError::new(
             400,
-            120,
+            Errno::InvalidBroadcast,
             format!(
                 "invalid broadcast: ids are 1-{} characters of A-Z a-z 0-9 - _ . / :, versions 1-{} printable characters",
                 super::MAX_ID_LEN,

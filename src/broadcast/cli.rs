@@ -62,7 +62,7 @@ pub fn run(cmd: BroadcastCommand) -> anyhow::Result<ExitCode> {
         ),
     };
     let url = format!("{}{path}", server.server.trim_end_matches('/'));
-    let client = crate::http_client::HttpClient::new(server.ca.as_deref())?;
+    let client = herald_client::http::HttpClient::new(server.ca.as_deref())?;
     let (status, text) = runtime.block_on(request(&client, method, &url, &server.token, body))?;
     println!("{text}");
     Ok(if status.is_success() {
@@ -74,7 +74,7 @@ pub fn run(cmd: BroadcastCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn request(
-    client: &crate::http_client::HttpClient,
+    client: &herald_client::http::HttpClient,
     method: http::Method,
     url: &str,
     token: &str,

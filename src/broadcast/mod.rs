@@ -17,8 +17,8 @@ pub mod cli;
 pub mod source;
 
 use crate::metrics::Metrics;
-use crate::protocol::BroadcastDelta;
 use crate::store::{Store, StoreResult};
+use herald_proto::protocol::Broadcasts;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +68,7 @@ impl Subscriptions {
         &mut self,
         snapshot: &Snapshot,
         client: BTreeMap<String, String>,
-    ) -> BroadcastDelta {
+    ) -> Broadcasts {
         // Catch up first, so the delta below starts from the same snapshot.
         let mut delta = self.on_change(snapshot);
         for (id, version) in client {
@@ -95,8 +95,8 @@ impl Subscriptions {
     }
 
     /// A newer snapshot: the subscribed ids whose version moved.
-    pub fn on_change(&mut self, snapshot: &Snapshot) -> BroadcastDelta {
-        let mut delta = BroadcastDelta::default();
+    pub fn on_change(&mut self, snapshot: &Snapshot) -> Broadcasts {
+        let mut delta = Broadcasts::default();
         if snapshot.serial == self.seen {
             return delta;
         }

@@ -5,7 +5,7 @@
 //! and in the log, and never stops Herald.
 
 use super::{valid, Broadcaster};
-use crate::http_client::{HttpClient, PooledClient};
+use herald_client::http::{HttpClient, PooledClient};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use bytes::Bytes;

@@ -78,11 +78,11 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     vapid_sign::validate_subject(&args.subject)?;
-    let push_origin = crate::appserver::origin_of(&args.push_url)
+    let push_origin = herald_proto::subscription::origin_of(&args.push_url)
         .with_context(|| format!("--push-url {:?} is not a URL", args.push_url))?;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
-        None => crate::client::user_state_dir("--data-dir DIR")?.join("demo"),
+        None => herald_client::user_state_dir("--data-dir DIR")?.join("demo"),
     };
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -97,7 +97,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             push_origin,
             subscriptions,
         )
-        .with_client(crate::http_client::HttpClient::new(args.ca.as_deref())?),
+        .with_client(herald_client::http::HttpClient::new(args.ca.as_deref())?),
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,11 +1,13 @@
 //! The demo's HTTP server: the page, its service worker, and a small
 //! application server that stores subscriptions and sends pushes.
 
-use crate::appserver::send::{send_push, validate_topic, PushOptions, Urgency, Vapid, DEFAULT_TTL};
-use crate::appserver::{encrypt, Subscription};
+use crate::appserver::encrypt;
+use crate::appserver::send::{send_push, validate_topic, PushOptions, Vapid, DEFAULT_TTL};
 use crate::demo::state::Subscriptions;
-use crate::http_client::HttpClient;
 use bytes::Bytes;
+use herald_client::http::HttpClient;
+use herald_proto::subscription::Subscription;
+use herald_proto::urgency::Urgency;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -418,7 +420,7 @@ async fn send(demo: &Demo, body: &[u8]) -> Reply {
                 format!(
                     "text is {} bytes; push services only have to accept {}",
                     text.len(),
-                    crate::crypto::body_limit_explained(crate::crypto::PORTABLE_BODY)
+                    herald_proto::crypto::body_limit_explained(herald_proto::crypto::PORTABLE_BODY)
                 ),
             );
         }

@@ -1,8 +1,9 @@
 //! What the demo application server keeps between runs: its VAPID key and
 //! the subscriptions browsers handed it.
 
-use crate::appserver::{Subscription, VapidKey};
+use crate::appserver::VapidKey;
 use anyhow::Context;
+use herald_proto::subscription::Subscription;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -106,7 +107,7 @@ mod tests {
     fn sub(endpoint: &str, auth: &str) -> Subscription {
         Subscription {
             endpoint: endpoint.into(),
-            keys: Some(crate::appserver::SubscriptionKeys {
+            keys: Some(herald_proto::subscription::SubscriptionKeys {
                 p256dh: "p".into(),
                 auth: auth.into(),
             }),

@@ -6,7 +6,7 @@
 
 use super::sse;
 use crate::app::App;
-use crate::errors::ApiError;
+use crate::errors::{ApiError, Errno};
 use crate::reply::{json, Response};
 use crate::store::{ReceiptEvent, ReceiptState, ReceiptSub};
 use crate::token::{KeyHash, MessageId, ReceiptToken, TokenCodec};
@@ -146,7 +146,7 @@ pub fn resume_after(headers: &HeaderMap, query: Option<&str>) -> Result<u64, Api
         Some(v) => v.parse().map_err(|_| {
             ApiError::new(
                 400,
-                123,
+                Errno::InvalidReceiptId,
                 "Last-Event-ID (or ?after=) must be the id of a receipt this subscription sent",
             )
         }),
@@ -422,7 +422,10 @@ mod tests {
         // Not a receipt subscription URL at all.
         let bad = format!("<https://push.example/elsewhere>; rel=\"{REL}\"");
         assert_eq!(
-            requested(&headers(&[("link", &bad)])).unwrap_err().errno,
+            requested(&headers(&[("link", &bad)]))
+                .unwrap_err()
+                .errno
+                .code(),
             121
         );
     }
@@ -451,7 +454,7 @@ mod tests {
                 &tokens,
             )
             .unwrap_err();
-            assert_eq!((e.status, e.errno), (400, 122));
+            assert_eq!((e.status, e.errno.code()), (400, 122));
         }
         let forged = bind(
             ReceiptRequest {
@@ -461,7 +464,7 @@ mod tests {
             &tokens,
         )
         .unwrap_err();
-        assert_eq!((forged.status, forged.errno), (400, 121));
+        assert_eq!((forged.status, forged.errno.code()), (400, 121));
     }
 
     #[test]
@@ -475,7 +478,8 @@ mod tests {
         assert_eq!(
             resume_after(&headers(&[("last-event-id", "nope")]), None)
                 .unwrap_err()
-                .errno,
+                .errno
+                .code(),
             123
         );
         assert_eq!(

@@ -12,11 +12,11 @@
 pub mod api;
 mod sse;
 
-use crate::ids::{ChannelId, Uaid};
 use crate::metrics::Metrics;
 use crate::occupancy::{Held, Occupancy};
 use crate::store::{Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
 use dashmap::DashMap;
+use herald_proto::ids::{ChannelId, Uaid};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;

@@ -15,12 +15,12 @@
 use super::local::{LocalRouter, RouteResult};
 use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
 use crate::errors::ApiError;
-use crate::http_client::{node_only, NodeClient};
-use crate::ids::Uaid;
+use herald_client::http::{node_only, NodeClient};
 use crate::metrics::Metrics;
 use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
 use bytes::Bytes;
 use dashmap::DashMap;
+use herald_proto::ids::Uaid;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -213,7 +213,7 @@ impl Cluster {
             uaid: uaid.to_string(),
             message: (message.ttl == 0).then(|| WireMessage {
                 seq: message.seq,
-                value: crate::webpush::encode_b64url(&crate::store::encode_message(message)),
+                value: herald_proto::b64::encode_b64url(&crate::store::encode_message(message)),
             }),
         };
         let body = serde_json::to_vec(&wake).unwrap_or_default();
@@ -297,7 +297,7 @@ impl Cluster {
         };
         match &wake.message {
             Some(m) => {
-                let decoded = crate::webpush::decode_b64url(&m.value)
+                let decoded = herald_proto::b64::decode_b64url(&m.value)
                     .and_then(|v| crate::store::decode_message(m.seq, &v));
                 match decoded {
                     Some(message) => local.route(&uaid, Arc::new(message)) == RouteResult::Queued,

@@ -1,9 +1,9 @@
 //! The connections of this node: a map of uaid → connection, handing each
 //! connection the messages routed to it.
 
-use crate::ids::Uaid;
 use crate::store::Message;
 use dashmap::DashMap;
+use herald_proto::ids::Uaid;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
@@ -132,7 +132,7 @@ impl LocalRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webpush::Urgency;
+    use herald_proto::urgency::Urgency;
 
     fn msg(seq: u64) -> Arc<Message> {
         Arc::new(Message {

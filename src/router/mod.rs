@@ -10,8 +10,8 @@ pub mod node_auth;
 pub use cluster::Cluster;
 pub use local::{Backlog, Binding, LocalRouter, RouteResult};
 
-use crate::ids::Uaid;
 use crate::store::Message;
+use herald_proto::ids::Uaid;
 use std::sync::Arc;
 
 #[derive(Default)]

@@ -9,8 +9,8 @@
 //! that window is refused as a replay. proto-docs/cluster.md describes the
 //! format for anyone writing a compatible node.
 
-use crate::errors::ApiError;
-use crate::webpush::{decode_b64url, encode_b64url};
+use crate::errors::{ApiError, Errno};
+use herald_proto::b64::{decode_b64url, encode_b64url};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::{HashMap, VecDeque};
@@ -83,7 +83,11 @@ pub struct Signed<'a> {
 }
 
 fn forged(msg: &str) -> ApiError {
-    ApiError::new(401, 130, format!("not a node of this cluster: {msg}"))
+    ApiError::new(
+        401,
+        Errno::NodeForged,
+        format!("not a node of this cluster: {msg}"),
+    )
 }
 
 /// Reads the header; refuses one that is missing, malformed or stale
@@ -114,7 +118,7 @@ pub fn parse(authorization: Option<&str>, now: u64) -> Result<Signed<'_>, ApiErr
     if ts.abs_diff(now) > MAX_SKEW {
         return Err(ApiError::new(
             401,
-            131,
+            Errno::NodeClockSkew,
             format!("node request timestamp is more than {MAX_SKEW} s from this node's clock"),
         ));
     }
@@ -187,14 +191,14 @@ impl ReplayWindow {
         if n.seen.contains_key(&nonce) {
             return Err(ApiError::new(
                 401,
-                132,
+                Errno::NodeReplay,
                 "node request replayed: this nonce was already used",
             ));
         }
         if n.seen.len() >= self.capacity {
             let mut e = ApiError::new(
                 503,
-                133,
+                Errno::NodeReplayWindowFull,
                 "too many node requests in the replay window; retry later",
             );
             e.retry_after = Some(MAX_SKEW);
@@ -231,11 +235,11 @@ mod tests {
         body: &[u8],
         now: u64,
     ) -> Result<(), u16> {
-        let signed = parse(Some(auth), now).map_err(|e| e.errno)?;
+        let signed = parse(Some(auth), now).map_err(|e| e.errno.code())?;
         signed
             .verify(&[key()], "POST", path, body)
-            .map_err(|e| e.errno)?;
-        window.check(&signed, now).map_err(|e| e.errno)
+            .map_err(|e| e.errno.code())?;
+        window.check(&signed, now).map_err(|e| e.errno.code())
     }
 
     #[test]
@@ -292,7 +296,11 @@ mod tests {
         let auth = new.sign("POST", "/p", NOW, body);
         let signed = parse(Some(&auth), NOW).unwrap();
         assert_eq!(
-            signed.verify(&[old], "POST", "/p", body).unwrap_err().errno,
+            signed
+                .verify(&[old], "POST", "/p", body)
+                .unwrap_err()
+                .errno
+                .code(),
             130
         );
     }

@@ -4,10 +4,10 @@
 use super::{
     ChannelRecord, Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptSub, UserRecord,
 };
-use crate::ids::{ChannelId, Uaid};
-use crate::protocol::NotificationHeaders;
-use crate::webpush::Urgency;
 use bytes::Bytes;
+use herald_proto::headers::NotificationHeaders;
+use herald_proto::ids::{ChannelId, Uaid};
+use herald_proto::urgency::Urgency;
 
 const FORMAT: u8 = 1;
 /// A message with a flags byte after its channel (bit 0: receipt

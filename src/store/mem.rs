@@ -15,7 +15,7 @@ use super::{
     PutOutcome, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, Store, StoreResult,
     StoreStats, UserRecord, ACK_GRACE_SECS,
 };
-use crate::ids::{ChannelId, Uaid};
+use herald_proto::ids::{ChannelId, Uaid};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};

@@ -22,11 +22,11 @@ pub use receipt::{
 };
 pub use rocks::RocksStore;
 
-use crate::ids::{ChannelId, Uaid};
-use crate::protocol::NotificationHeaders;
 use crate::token::KeyHash;
-use crate::webpush::Urgency;
 use bytes::Bytes;
+use herald_proto::headers::NotificationHeaders;
+use herald_proto::ids::{ChannelId, Uaid};
+use herald_proto::urgency::Urgency;
 
 /// Why a store operation failed. Callers decide on the variant, never on
 /// the text: each variant keeps the engine's own message for the log, and

@@ -9,7 +9,7 @@
 //! expiry sweep (or two nodes sweeping) never yields two receipts.
 
 use super::StoreResult;
-use crate::ids::{ChannelId, Uaid};
+use herald_proto::ids::{ChannelId, Uaid};
 
 /// A receipt subscription: where receipts for many messages collect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -29,7 +29,7 @@ use super::{
     now_micros, now_secs, ChannelRecord, Message, PutOutcome, Store, StoreError, StoreResult,
     StoreStats, UserRecord,
 };
-use crate::ids::{ChannelId, Uaid};
+use herald_proto::ids::{ChannelId, Uaid};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -844,8 +844,8 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webpush::Urgency;
     use bytes::Bytes;
+    use herald_proto::urgency::Urgency;
     use redis::cluster_routing::Slot;
 
     #[test]

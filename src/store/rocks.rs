@@ -7,7 +7,7 @@ use super::{
     now_secs, ChannelRecord, Message, PutOutcome, Store, StoreError, StoreResult, StoreStats,
     UserRecord,
 };
-use crate::ids::{ChannelId, Uaid};
+use herald_proto::ids::{ChannelId, Uaid};
 use rocksdb::{
     compaction_filter::Decision, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
     MemtableFactory, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
@@ -858,8 +858,8 @@ impl Store for RocksStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webpush::Urgency;
     use bytes::Bytes;
+    use herald_proto::urgency::Urgency;
 
     fn open(dir: &Path) -> Rocks {
         Rocks::open(dir, false, None).unwrap()

@@ -4,8 +4,8 @@
 //! heartbeat).
 
 use super::{Keys, RedisStore};
-use crate::ids::Uaid;
 use crate::store::{Claim, Directory, Owner, StoreResult};
+use herald_proto::ids::Uaid;
 use redis::Script;
 use std::sync::OnceLock;
 use std::time::Duration;

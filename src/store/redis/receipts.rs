@@ -41,12 +41,12 @@
 //! its receipts older than that, so `purge_receipts` has nothing to do.
 
 use super::{lua_count, RedisStore, LUA_BE64, MAX_EXACT_SCORE};
-use crate::ids::{ChannelId, Uaid};
 use crate::store::codec::{decode_pending, decode_receipt, encode_pending, encode_receipt};
 use crate::store::{
     now_micros, now_secs, Outcome, PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore,
     ReceiptSub, StoreError, StoreResult, ACK_GRACE_SECS,
 };
+use herald_proto::ids::{ChannelId, Uaid};
 use redis::Script;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;

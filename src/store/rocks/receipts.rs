@@ -18,7 +18,7 @@ use super::super::{
     ACK_GRACE_SECS,
 };
 use super::{err, Rocks, RocksStore, RECEIPTS};
-use crate::ids::{ChannelId, Uaid};
+use herald_proto::ids::{ChannelId, Uaid};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use std::sync::atomic::{AtomicU64, Ordering};
 

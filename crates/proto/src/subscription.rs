@@ -1,7 +1,7 @@
 //! The subscription an application server receives from a browser: the JSON
 //! of `PushSubscription.toJSON()`.
 
-use crate::webpush::decode_b64url;
+use crate::b64::decode_b64url;
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -27,7 +27,7 @@ pub(crate) struct Connection {
 }
 
 /// The client TLS configuration, shared with the HTTP clients.
-pub(crate) use crate::http_client::tls_config;
+pub(crate) use crate::http::tls_config;
 
 /// Connects and completes the websocket handshake within `timeout`.
 pub(crate) async fn connect(

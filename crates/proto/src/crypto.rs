@@ -3,9 +3,9 @@
 //! and the legacy `aesgcm` draft (draft-ietf-webpush-encryption-04 over
 //! draft-ietf-httpbis-encryption-encoding-03) that older libraries still send.
 //!
-//! The application-server side (`appserver::encrypt`, `herald send`, `herald
-//! demo`) encrypts with this module and the user-agent side (`client`,
-//! `herald listen`) decrypts with it, so the key derivation exists once: a
+//! The application-server side (herald's `appserver::encrypt`, `herald send`,
+//! `herald demo`) encrypts with this module and the user-agent side
+//! (herald-client, `herald listen`) decrypts with it, so the key derivation exists once: a
 //! mistake in it shows up as a failed round trip in the tests instead of two
 //! copies that agree with each other and nothing else.
 
@@ -314,7 +314,7 @@ impl fmt::Debug for ReceiverKeys {
     // The private key and auth secret stay out of logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReceiverKeys")
-            .field("p256dh", &crate::webpush::encode_b64url(&self.public))
+            .field("p256dh", &crate::b64::encode_b64url(&self.public))
             .finish_non_exhaustive()
     }
 }
@@ -454,7 +454,8 @@ impl ReceiverKeys {
         crypto_key: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, DecryptError> {
-        use crate::webpush::{decode_b64url, header_param};
+        use crate::b64::decode_b64url;
+        use crate::headers::header_param;
         let malformed = |why: &str| DecryptError::Malformed(why.to_string());
         let salt = header_param(encryption, "salt")
             .and_then(decode_b64url)
@@ -540,7 +541,7 @@ pub(crate) mod tests {
     }
 
     fn b64(s: &str) -> Vec<u8> {
-        crate::webpush::decode_b64url(s).unwrap()
+        crate::b64::decode_b64url(s).unwrap()
     }
 
     const RFC8291_BODY: &str = "0c6bfaadad67958803092d454676f397000010004104fe33f4ab0dea71914db55823f73b54948f41306d920732dbb9a59a53286482200e597a7b7bc260ba1c227998580992e93973002f3012a28ae8f06bbb78e5ec0ff297de5b429bba7153d3a4ae0caa091fd425f3b4b5414add8ab37a19c1bbb05cf5cb5b2a2e0562d558635641ec52812c6c8ff42e95ccb86be7cd";
@@ -576,9 +577,9 @@ pub(crate) mod tests {
         .unwrap();
         let enc = format!(
             "salt={}",
-            crate::webpush::encode_b64url(&hex("96781aadbc8a7cca22f59ef9c585e692"))
+            crate::b64::encode_b64url(&hex("96781aadbc8a7cca22f59ef9c585e692"))
         );
-        let key = format!("dh={}", crate::webpush::encode_b64url(&hex("04da110db6fce091a6f20e59e42171bab4aab17589d7522d7d71166152c4f3963b0989038d7b0811ce1aab161a4351bc06a917089e833e90eb5ad7568ff9ae8075")));
+        let key = format!("dh={}", crate::b64::encode_b64url(&hex("04da110db6fce091a6f20e59e42171bab4aab17589d7522d7d71166152c4f3963b0989038d7b0811ce1aab161a4351bc06a917089e833e90eb5ad7568ff9ae8075")));
         let body = hex("ea7a80414304f2136ac39277925f1ca55549ca55ca62a64e7ac7991bc52e78aa40");
         let plain = ua.decrypt("aesgcm", Some(&enc), Some(&key), &body).unwrap();
         assert_eq!(plain, b"I am the walrus");
@@ -715,6 +716,6 @@ pub(crate) mod tests {
         assert_eq!(back.public(), ua.public());
         assert!(ReceiverKeys::from_bytes(&[0u8; 32], ua.auth()).is_none());
         assert!(ReceiverKeys::from_bytes(&ua.private_bytes(), &[1u8; 3]).is_none());
-        assert!(!format!("{ua:?}").contains(&crate::webpush::encode_b64url(ua.auth())));
+        assert!(!format!("{ua:?}").contains(&crate::b64::encode_b64url(ua.auth())));
     }
 }

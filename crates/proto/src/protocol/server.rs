@@ -4,93 +4,36 @@
 //! fields and message types are ignored, as Firefox ignores them). Pure: no
 //! I/O, so every shape is unit-tested here.
 
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use crate::headers::NotificationHeaders;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
-/// Ack codes Firefox uses (`PushServiceWebSocket.sys.mjs`).
-pub const ACK_DELIVERED: u16 = 100;
-/// The payload did not decrypt with the subscription's keys.
-pub const ACK_DECRYPTION_ERROR: u16 = 101;
-/// The message could not be delivered (here: no subscription knows its channel).
-pub const ACK_NOT_DELIVERED: u16 = 102;
-
-/// A ping, in both directions.
+/// A ping, in both directions: the classic empty object.
 pub const PING: &str = "{}";
 
-/// The first frame: `uaid` and `channelIDs` let the server resume the user
-/// agent; `broadcasts` carries the versions it already has.
-pub fn hello(
-    uaid: Option<&str>,
-    channel_ids: &[&str],
-    broadcasts: &BTreeMap<String, String>,
-) -> String {
-    let mut msg = json!({
-        "messageType": "hello",
-        "use_webpush": true,
-        "broadcasts": broadcasts,
-    });
-    if let Some(uaid) = uaid {
-        msg["uaid"] = json!(uaid);
-        msg["channelIDs"] = json!(channel_ids);
-    }
-    msg.to_string()
-}
-
-pub fn register(channel_id: &str, key: Option<&str>) -> String {
-    let mut msg = json!({"messageType": "register", "channelID": channel_id});
-    if let Some(key) = key {
-        msg["key"] = json!(key);
-    }
-    msg.to_string()
-}
-
-pub fn unregister(channel_id: &str) -> String {
-    json!({"messageType": "unregister", "channelID": channel_id, "code": 200}).to_string()
-}
-
-/// One ack per message, as Firefox sends them.
-pub fn ack(channel_id: &str, version: &str, code: u16) -> String {
-    json!({"messageType": "ack", "updates": [
-        {"channelID": channel_id, "version": version, "code": code}
-    ]})
-    .to_string()
-}
-
-/// Broadcast ids to follow from now on, with the versions already known.
-pub fn broadcast_subscribe(broadcasts: &BTreeMap<String, String>) -> String {
-    json!({"messageType": "broadcast_subscribe", "broadcasts": broadcasts}).to_string()
-}
-
-/// The encryption headers a notification carries with its payload.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct NotificationHeaders {
-    #[serde(default)]
-    pub encoding: Option<String>,
-    #[serde(default)]
-    pub encryption: Option<String>,
-    #[serde(default)]
-    pub crypto_key: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// One push message for the user agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notification {
     #[serde(rename = "channelID")]
     pub channel_id: String,
     pub version: String,
     /// The encrypted body, base64url; absent for a push without payload.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<NotificationHeaders>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,
 }
 
-/// Broadcast versions the server announced, and the ids it refused.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Broadcast versions sent to a user agent: the ids whose version differs
+/// from what it has, and under `errors` the ids the server does not know.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Broadcasts {
+    #[serde(flatten)]
     pub changed: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, String>,
 }
 
@@ -133,28 +76,44 @@ fn strings(map: &Map<String, Value>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A frame from the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A frame from the server. The server writes it with `to_json`; a client
+/// reads it with `parse`, leniently: unknown fields and message types are
+/// ignored, as Firefox ignores them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "messageType", rename_all = "snake_case")]
 pub enum ServerMessage {
     Hello {
+        /// Empty in a refusal, which may come without one.
         uaid: String,
         status: u16,
+        use_webpush: bool,
+        broadcasts: Broadcasts,
+    },
+    Broadcast {
         broadcasts: Broadcasts,
     },
     Register {
+        #[serde(rename = "channelID")]
         channel_id: String,
         status: u16,
+        #[serde(rename = "pushEndpoint", skip_serializing_if = "Option::is_none")]
         push_endpoint: Option<String>,
     },
     Unregister {
+        #[serde(rename = "channelID")]
         channel_id: String,
         status: u16,
     },
     Notification(Notification),
-    Broadcast(Broadcasts),
+    /// The answer to the `urgency` extension.
+    Urgency {
+        status: u16,
+    },
     /// `{}` or `{"messageType":"ping"}`.
+    #[serde(skip)]
     Ping,
-    /// A message type this client does not know; ignored.
+    /// A message type this side does not know: read, never written.
+    #[serde(skip)]
     Other(String),
 }
 
@@ -170,6 +129,17 @@ impl std::fmt::Display for ProtocolError {
 impl std::error::Error for ProtocolError {}
 
 impl ServerMessage {
+    /// The frame's text. `Ping` is the classic `{}`; `Other` names a type
+    /// this side does not know, so it is written as that type alone.
+    pub fn to_json(&self) -> String {
+        match self {
+            ServerMessage::Ping => PING.to_string(),
+            ServerMessage::Other(kind) => serde_json::json!({ "messageType": kind }).to_string(),
+            // Serialising these plain structs cannot fail.
+            _ => serde_json::to_string(self).expect("server message serialises"),
+        }
+    }
+
     pub fn parse(text: &str) -> Result<ServerMessage, ProtocolError> {
         let value: Value = serde_json::from_str(text.trim())
             .map_err(|e| ProtocolError(format!("server sent invalid JSON: {e}")))?;
@@ -214,6 +184,7 @@ impl ServerMessage {
                         }
                     })?,
                     status,
+                    use_webpush: field("use_webpush").and_then(Value::as_bool) == Some(true),
                     broadcasts: Broadcasts::from_value(field("broadcasts")),
                 }
             }
@@ -232,10 +203,59 @@ impl ServerMessage {
                 serde_json::from_value(value.clone())
                     .map_err(|e| ProtocolError(format!("malformed notification: {e}")))?,
             ),
-            "broadcast" => ServerMessage::Broadcast(Broadcasts::from_value(field("broadcasts"))),
+            "broadcast" => ServerMessage::Broadcast {
+                broadcasts: Broadcasts::from_value(field("broadcasts")),
+            },
+            // An extension a client may not have asked for: never fatal.
+            "urgency" => match status() {
+                Ok(status) => ServerMessage::Urgency { status },
+                Err(_) => ServerMessage::Other(kind.to_owned()),
+            },
             "ping" => ServerMessage::Ping,
             other => ServerMessage::Other(other.to_owned()),
         })
+    }
+}
+
+/// A notification frame, written by hand: it is the one message sent for
+/// every push, and its bulk (the payload, base64url) and its id never need
+/// JSON escaping, so the payload is encoded straight into the frame instead
+/// of into a string serde would then scan character by character. Gives
+/// exactly what `ServerMessage::Notification(..).to_json()` would.
+pub fn notification_json(
+    channel_id: &uuid::Uuid,
+    version: &str,
+    data: Option<(&[u8], &NotificationHeaders)>,
+    ttl: u64,
+) -> String {
+    use base64::Engine;
+    use std::fmt::Write;
+    let data_len = data.map_or(0, |(d, _)| d.len().div_ceil(3) * 4);
+    let mut out = String::with_capacity(128 + version.len() + data_len);
+    out.push_str(r#"{"messageType":"notification","channelID":""#);
+    let _ = write!(out, "{}", channel_id.hyphenated());
+    out.push_str(r#"","version":"#);
+    // Message ids are base64url, but escape anyway: cheap for a short string.
+    push_json_str(&mut out, version);
+    if let Some((bytes, headers)) = data {
+        out.push_str(r#","data":""#);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut out);
+        out.push_str(r#"","headers":"#);
+        out.push_str(&serde_json::to_string(headers).expect("headers serialise"));
+    }
+    let _ = write!(out, r#","ttl":{ttl}}}"#);
+    out
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
     }
 }
 
@@ -254,44 +274,7 @@ pub fn register_refusal(status: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn value(text: &str) -> Value {
-        serde_json::from_str(text).unwrap()
-    }
-
-    #[test]
-    fn frames_are_shaped_as_firefox_sends_them() {
-        assert_eq!(
-            value(&hello(None, &[], &BTreeMap::new())),
-            json!({"messageType": "hello", "use_webpush": true, "broadcasts": {}})
-        );
-        let b = BTreeMap::from([("a/b".to_string(), "\"0\"".to_string())]);
-        assert_eq!(
-            value(&hello(Some("u1"), &["c1", "c2"], &b)),
-            json!({"messageType": "hello", "use_webpush": true, "uaid": "u1",
-                   "channelIDs": ["c1", "c2"], "broadcasts": {"a/b": "\"0\""}})
-        );
-        assert_eq!(
-            value(&register("c", Some("BKEY"))),
-            json!({"messageType": "register", "channelID": "c", "key": "BKEY"})
-        );
-        assert_eq!(
-            value(&register("c", None)),
-            json!({"messageType": "register", "channelID": "c"})
-        );
-        assert_eq!(
-            value(&unregister("c")),
-            json!({"messageType": "unregister", "channelID": "c", "code": 200})
-        );
-        assert_eq!(
-            value(&ack("c", "v", ACK_DECRYPTION_ERROR)),
-            json!({"messageType": "ack", "updates": [{"channelID": "c", "version": "v", "code": 101}]})
-        );
-        assert_eq!(
-            value(&broadcast_subscribe(&b)),
-            json!({"messageType": "broadcast_subscribe", "broadcasts": {"a/b": "\"0\""}})
-        );
-    }
+    use crate::b64::encode_b64url;
 
     #[test]
     fn parses_server_frames() {
@@ -302,6 +285,7 @@ mod tests {
             Ok(ServerMessage::Hello {
                 uaid: "abc".into(),
                 status: 200,
+                use_webpush: true,
                 broadcasts: Broadcasts::default()
             })
         );
@@ -310,6 +294,7 @@ mod tests {
             Ok(ServerMessage::Hello {
                 uaid: String::new(),
                 status: 503,
+                use_webpush: false,
                 broadcasts: Broadcasts::default()
             })
         );
@@ -341,7 +326,15 @@ mod tests {
         assert_eq!(ServerMessage::parse("{}"), Ok(ServerMessage::Ping));
         assert_eq!(
             ServerMessage::parse(r#"{"messageType":"urgency","status":200}"#),
+            Ok(ServerMessage::Urgency { status: 200 })
+        );
+        assert_eq!(
+            ServerMessage::parse(r#"{"messageType":"urgency"}"#),
             Ok(ServerMessage::Other("urgency".into()))
+        );
+        assert_eq!(
+            ServerMessage::parse(r#"{"messageType":"subscribe","x":1}"#),
+            Ok(ServerMessage::Other("subscribe".into()))
         );
         for bad in [
             "",
@@ -367,7 +360,7 @@ mod tests {
                 version: "v".into(),
                 data: Some("AAAA".into()),
                 headers: Some(NotificationHeaders {
-                    encoding: Some("aesgcm".into()),
+                    encoding: "aesgcm".into(),
                     encryption: Some("salt=x".into()),
                     crypto_key: Some("dh=y".into()),
                 }),
@@ -392,10 +385,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             b,
-            ServerMessage::Broadcast(Broadcasts {
-                changed: BTreeMap::from([("a".into(), "v2".into())]),
-                errors: BTreeMap::from([("x".into(), "Broadcast not found".into())]),
-            })
+            ServerMessage::Broadcast {
+                broadcasts: Broadcasts {
+                    changed: BTreeMap::from([("a".into(), "v2".into())]),
+                    errors: BTreeMap::from([("x".into(), "Broadcast not found".into())]),
+                }
+            }
         );
         let ServerMessage::Hello { broadcasts, .. } = ServerMessage::parse(
             r#"{"messageType":"hello","uaid":"u","status":200,"broadcasts":{"a":"v1"}}"#,
@@ -412,5 +407,107 @@ mod tests {
         assert!(register_refusal(409).contains("different key"));
         assert!(register_refusal(429).contains("409") || register_refusal(429).contains("429"));
         assert!(register_refusal(418).contains("unexpected"));
+    }
+
+    #[test]
+    fn the_hand_written_notification_is_what_serde_would_write() {
+        let channel = uuid::Uuid::new_v4();
+        let data: Vec<u8> = (0..=255u8).cycle().take(3001).collect();
+        for headers in [
+            NotificationHeaders {
+                encoding: "aes128gcm".into(),
+                encryption: None,
+                crypto_key: None,
+            },
+            NotificationHeaders {
+                encoding: "aesgcm".into(),
+                encryption: Some("salt=\"quoted\"".into()),
+                crypto_key: Some("dh=abc".into()),
+            },
+        ] {
+            for version in ["gAAAAABh-_x", "needs \"escaping\""] {
+                let serde = ServerMessage::Notification(Notification {
+                    channel_id: channel.to_string(),
+                    version: version.into(),
+                    data: Some(encode_b64url(&data)),
+                    headers: Some(headers.clone()),
+                    ttl: Some(60),
+                })
+                .to_json();
+                let ours = notification_json(&channel, version, Some((&data, &headers)), 60);
+                assert_eq!(ours, serde);
+            }
+        }
+        let bare = ServerMessage::Notification(Notification {
+            channel_id: channel.to_string(),
+            version: "v".into(),
+            data: None,
+            headers: None,
+            ttl: Some(0),
+        })
+        .to_json();
+        assert_eq!(notification_json(&channel, "v", None, 0), bare);
+    }
+
+    #[test]
+    fn renders_server_messages_as_firefox_expects() {
+        let hello = ServerMessage::Hello {
+            uaid: "u".into(),
+            status: 200,
+            use_webpush: true,
+            broadcasts: Broadcasts::default(),
+        }
+        .to_json();
+        assert_eq!(
+            hello,
+            r#"{"messageType":"hello","uaid":"u","status":200,"use_webpush":true,"broadcasts":{}}"#
+        );
+        let delta = Broadcasts {
+            changed: BTreeMap::from([("a".to_string(), "v2".to_string())]),
+            errors: BTreeMap::from([("x".to_string(), "Broadcast not found".to_string())]),
+        };
+        assert_eq!(
+            ServerMessage::Broadcast { broadcasts: delta }.to_json(),
+            r#"{"messageType":"broadcast","broadcasts":{"a":"v2","errors":{"x":"Broadcast not found"}}}"#
+        );
+        let headers = NotificationHeaders {
+            encoding: "aes128gcm".into(),
+            encryption: None,
+            crypto_key: None,
+        };
+        let n = ServerMessage::Notification(Notification {
+            channel_id: "c".into(),
+            version: "v".into(),
+            data: Some("AAA".into()),
+            headers: Some(headers.clone()),
+            ttl: Some(60),
+        })
+        .to_json();
+        assert_eq!(
+            n,
+            r#"{"messageType":"notification","channelID":"c","version":"v","data":"AAA","headers":{"encoding":"aes128gcm"},"ttl":60}"#
+        );
+        let bare = ServerMessage::Notification(Notification {
+            channel_id: "c".into(),
+            version: "v".into(),
+            data: None,
+            headers: None,
+            ttl: Some(0),
+        })
+        .to_json();
+        assert_eq!(
+            bare,
+            r#"{"messageType":"notification","channelID":"c","version":"v","ttl":0}"#
+        );
+        let reg = ServerMessage::Register {
+            channel_id: "c".into(),
+            status: 400,
+            push_endpoint: None,
+        }
+        .to_json();
+        assert_eq!(
+            reg,
+            r#"{"messageType":"register","channelID":"c","status":400}"#
+        );
     }
 }

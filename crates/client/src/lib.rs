@@ -1,8 +1,18 @@
 //! A push *client*: the user agent's side of Web Push, for anything that is
 //! not a browser (a desktop app, a server, a device) and wants to receive
 //! pushes through Herald or any push service speaking Mozilla's websocket
-//! protocol (proto-docs/websocket.md). `herald listen` is this module as a
+//! protocol (proto-docs/websocket.md). `herald listen` is this crate as a
 //! command.
+//!
+//! Owns: the client's connection loop and reconnection, its state file,
+//! acknowledgement and deduplication, and the one HTTP/TLS client
+//! construction ([`http`]) that every client in the tree uses (this one's
+//! wss://, and herald's `send`, `broadcast`, `demo`). Wire formats and
+//! crypto come from herald-proto.
+//!
+//! Must not know: storage engines (RocksDB, Redis), metrics, command lines
+//! or the server's code. `make test` checks with `cargo tree` that none of
+//! rocksdb, redis or prometheus is among its dependencies.
 //!
 //! A [`Client`] keeps its identity and keys in a state file ([`state`]):
 //! the server URL, the uaid, and per named subscription the channel,
@@ -10,12 +20,12 @@
 //! the same JSON a browser's `PushSubscription.toJSON()` gives, for any
 //! application server library. [`Client::next_event`] yields decrypted
 //! messages (RFC 8291 `aes128gcm` and the legacy `aesgcm`, through
-//! [`crate::crypto`], the same code `herald send` encrypts with) and
+//! [`herald_proto::crypto`], the same code `herald send` encrypts with) and
 //! reconnects by itself with jittered exponential backoff, resuming with
 //! the stored uaid so nothing stored on the server is lost.
 //!
 //! ```no_run
-//! use herald::client::{Client, ClientOptions, Event};
+//! use herald_client::{Client, ClientOptions, Event};
 //!
 //! # async fn demo() -> anyhow::Result<()> {
 //! let options = ClientOptions::new("/var/lib/myapp/push.json");
@@ -65,22 +75,22 @@
 //! services like Herald whose versions are stable.
 
 mod backoff;
-pub mod cli;
 mod connection;
-pub mod protocol;
+pub mod http;
 pub mod state;
 
-pub use crate::crypto::DecryptError;
-pub use protocol::Broadcasts;
+pub use herald_proto::crypto::DecryptError;
+pub use herald_proto::protocol::Broadcasts;
 pub use state::{State, StateFile, StoredSubscription};
 
-use crate::appserver::{Subscription, SubscriptionKeys};
-use crate::crypto::ReceiverKeys;
-use crate::webpush::{decode_b64url, encode_b64url};
 use anyhow::{anyhow, bail, Context};
 use backoff::Backoff;
 use connection::Connection;
-use protocol::{Notification, ServerMessage};
+use herald_proto::ack::AckCode;
+use herald_proto::b64::{decode_b64url, encode_b64url};
+use herald_proto::crypto::ReceiverKeys;
+use herald_proto::protocol::{register_refusal, ClientMessage, Notification, ServerMessage, PING};
+use herald_proto::subscription::{Subscription, SubscriptionKeys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, VecDeque};
@@ -165,7 +175,7 @@ impl PushSubscriptionJson {
         serde_json::to_string(self).expect("subscription serialises")
     }
 
-    fn of(stored: &StoredSubscription) -> PushSubscriptionJson {
+    pub fn of(stored: &StoredSubscription) -> PushSubscriptionJson {
         PushSubscriptionJson {
             endpoint: stored.endpoint.clone(),
             expiration_time: None,
@@ -208,6 +218,38 @@ pub struct PushMessage {
 }
 
 impl PushMessage {
+    /// A message that arrived on no connection, for testing code that
+    /// handles messages (as `herald listen`'s tests do). Its identity is its
+    /// `version`; it belongs to no connection of any [`Client`], so
+    /// deferring it does nothing.
+    pub fn detached(
+        name: &str,
+        channel_id: &str,
+        version: &str,
+        endpoint: &str,
+        payload: Result<Option<Vec<u8>>, DecryptError>,
+    ) -> PushMessage {
+        let dedup_key = dedup_key(&Notification {
+            channel_id: channel_id.to_string(),
+            version: version.to_string(),
+            data: None,
+            headers: None,
+            ttl: None,
+        });
+        PushMessage {
+            name: name.to_string(),
+            channel_id: channel_id.to_string(),
+            version: version.to_string(),
+            ttl: None,
+            encoding: None,
+            endpoint: endpoint.to_string(),
+            payload,
+            dedup_key,
+            // Generations count connections from 1.
+            connection: 0,
+        }
+    }
+
     /// The plaintext; None without payload or when decryption failed.
     pub fn data(&self) -> Option<&[u8]> {
         self.payload.as_ref().ok()?.as_deref()
@@ -224,11 +266,11 @@ impl PushMessage {
 
     /// The code [`Client::ack`] sends: 100, or 101 when decryption failed
     /// (as Firefox does; the message cannot become readable by retrying).
-    pub fn ack_code(&self) -> u16 {
+    pub fn ack_code(&self) -> AckCode {
         if self.payload.is_err() {
-            protocol::ACK_DECRYPTION_ERROR
+            AckCode::DECRYPTION_ERROR
         } else {
-            protocol::ACK_DELIVERED
+            AckCode::DELIVERED
         }
     }
 
@@ -423,7 +465,7 @@ impl Client {
         let keys = ReceiverKeys::generate();
         let channel_id = uuid::Uuid::new_v4().to_string();
         let reply = self
-            .request(protocol::register(&channel_id, key.as_deref()), |m| {
+            .request(register_frame(&channel_id, key.as_deref()), |m| {
                 matches!(m, ServerMessage::Register { channel_id: c, .. } if c.eq_ignore_ascii_case(&channel_id))
             })
             .await?;
@@ -436,11 +478,11 @@ impl Client {
             unreachable!("request returns what the matcher accepted");
         };
         if status != 200 {
-            bail!("{}", protocol::register_refusal(status));
+            bail!("{}", register_refusal(status));
         }
         let endpoint = push_endpoint
             .ok_or_else(|| anyhow!("the push service's register reply has no pushEndpoint"))?;
-        crate::appserver::origin_of(&endpoint).with_context(|| {
+        herald_proto::subscription::origin_of(&endpoint).with_context(|| {
             format!("the push service handed out an unusable endpoint {endpoint:?}")
         })?;
         let stored = StoredSubscription::new(channel_id, endpoint, &keys, key);
@@ -472,7 +514,7 @@ impl Client {
                 )
             })?;
         let reply = self
-            .request(protocol::unregister(&channel_id), |m| {
+            .request(unregister_frame(&channel_id), |m| {
                 matches!(m, ServerMessage::Unregister { channel_id: c, .. } if c.eq_ignore_ascii_case(&channel_id))
             })
             .await?;
@@ -505,7 +547,7 @@ impl Client {
             Ok(added)
         })?;
         if !added.is_empty() {
-            self.send_or_drop(protocol::broadcast_subscribe(&added))
+            self.send_or_drop(ClientMessage::BroadcastSubscribe { broadcasts: added }.to_json())
                 .await;
         }
         Ok(())
@@ -560,11 +602,9 @@ impl Client {
             s.remember_acked(&key);
             Ok(())
         })?;
-        self.send_or_drop(protocol::ack(
-            &message.channel_id,
-            &message.version,
-            message.ack_code(),
-        ))
+        self.send_or_drop(
+            ClientMessage::ack(&message.channel_id, &message.version, message.ack_code()).to_json(),
+        )
         .await;
         Ok(())
     }
@@ -674,18 +714,18 @@ impl Client {
     async fn handshake(&mut self) -> anyhow::Result<(Connection, String, Broadcasts)> {
         let timeout = self.options.timeout;
         let mut conn = connection::connect(&self.state.server, self.tls.as_ref(), timeout).await?;
-        let channels: Vec<&str> = self
+        let channels: Vec<String> = self
             .state
             .subscriptions
             .values()
-            .map(|s| s.channel_id.as_str())
+            .map(|s| s.channel_id.clone())
             .collect();
-        conn.send(protocol::hello(
-            self.state.uaid.as_deref(),
-            &channels,
-            &self.state.broadcasts,
-        ))
-        .await?;
+        let hello = ClientMessage::Hello {
+            uaid: self.state.uaid.clone(),
+            channel_ids: channels,
+            broadcasts: self.state.broadcasts.clone(),
+        };
+        conn.send(hello.to_json()).await?;
         let deadline = Instant::now() + timeout;
         loop {
             let text = tokio::time::timeout_at(deadline, conn.recv())
@@ -696,6 +736,7 @@ impl Client {
                     uaid,
                     status,
                     broadcasts,
+                    ..
                 } => {
                     if status != 200 {
                         bail!("the push service refused hello with status {status}");
@@ -767,7 +808,7 @@ impl Client {
             ))),
             Wake::Keepalive => {
                 self.ping_sent = Some(Instant::now());
-                match conn.send(protocol::PING.to_string()).await {
+                match conn.send(PING.to_string()).await {
                     Ok(()) => Ok(None),
                     Err(e) => Err(self.lost(format!("{e:#}"))),
                 }
@@ -790,7 +831,7 @@ impl Client {
     async fn handle(&mut self, message: ServerMessage) -> anyhow::Result<Option<Event>> {
         match message {
             ServerMessage::Notification(n) => self.on_notification(n).await,
-            ServerMessage::Broadcast(b) if !b.is_empty() => {
+            ServerMessage::Broadcast { broadcasts: b } if !b.is_empty() => {
                 self.note_broadcasts(&b)?;
                 Ok(Some(Event::Broadcast(b)))
             }
@@ -802,11 +843,9 @@ impl Client {
     async fn on_notification(&mut self, n: Notification) -> anyhow::Result<Option<Event>> {
         self.reload_if_changed()?;
         let Some((name, sub)) = self.state.by_channel(&n.channel_id) else {
-            self.send_or_drop(protocol::ack(
-                &n.channel_id,
-                &n.version,
-                protocol::ACK_NOT_DELIVERED,
-            ))
+            self.send_or_drop(
+                ClientMessage::ack(&n.channel_id, &n.version, AckCode::NOT_DELIVERED).to_json(),
+            )
             .await;
             return Ok(Some(Event::Dropped {
                 reason: format!(
@@ -821,11 +860,9 @@ impl Client {
         let key = dedup_key(&n);
         if self.state.was_acked(&key) {
             tracing::debug!("redelivery of an acknowledged message; acknowledging again");
-            self.send_or_drop(protocol::ack(
-                &n.channel_id,
-                &n.version,
-                protocol::ACK_DELIVERED,
-            ))
+            self.send_or_drop(
+                ClientMessage::ack(&n.channel_id, &n.version, AckCode::DELIVERED).to_json(),
+            )
             .await;
             return Ok(None);
         }
@@ -838,11 +875,13 @@ impl Client {
             Some(data) => decode_b64url(data)
                 .ok_or_else(|| DecryptError::Malformed("data is not base64url".into()))
                 .and_then(|body| {
-                    let encoding = headers.encoding.as_deref().ok_or_else(|| {
-                        DecryptError::Malformed("a payload without headers.encoding".into())
-                    })?;
+                    if headers.encoding.is_empty() {
+                        return Err(DecryptError::Malformed(
+                            "a payload without headers.encoding".into(),
+                        ));
+                    }
                     keys.decrypt(
-                        encoding,
+                        &headers.encoding,
                         headers.encryption.as_deref(),
                         headers.crypto_key.as_deref(),
                         &body,
@@ -855,7 +894,11 @@ impl Client {
             channel_id: n.channel_id,
             version: n.version,
             ttl: n.ttl,
-            encoding: n.data.as_ref().and(headers.encoding),
+            encoding: n
+                .data
+                .as_ref()
+                .map(|_| headers.encoding)
+                .filter(|e| !e.is_empty()),
             endpoint: sub.endpoint.clone(),
             payload,
             dedup_key: key,
@@ -950,7 +993,7 @@ impl Client {
             }
             if matches!(
                 message,
-                ServerMessage::Notification(_) | ServerMessage::Broadcast(_)
+                ServerMessage::Notification(_) | ServerMessage::Broadcast { .. }
             ) {
                 self.queue.push_back(message);
             }
@@ -964,6 +1007,23 @@ impl Client {
     }
 }
 
+fn register_frame(channel_id: &str, key: Option<&str>) -> String {
+    ClientMessage::Register {
+        channel_id: channel_id.to_string(),
+        key: key.map(str::to_string),
+    }
+    .to_json()
+}
+
+/// Firefox says 200 when it drops a subscription itself.
+fn unregister_frame(channel_id: &str) -> String {
+    ClientMessage::Unregister {
+        channel_id: channel_id.to_string(),
+        code: Some(200),
+    }
+    .to_json()
+}
+
 /// The digest that names a message across deliveries (see the module
 /// documentation).
 fn dedup_key(n: &Notification) -> String {
@@ -973,9 +1033,15 @@ fn dedup_key(n: &Notification) -> String {
             let headers = n.headers.clone().unwrap_or_default();
             h.update(b"payload\0");
             h.update(n.channel_id.to_ascii_lowercase());
-            for part in [headers.encoding, headers.encryption, headers.crypto_key] {
+            // An absent part hashes as an empty one, as it always has, so
+            // keys remembered in existing state files stay valid.
+            for part in [
+                headers.encoding,
+                headers.encryption.unwrap_or_default(),
+                headers.crypto_key.unwrap_or_default(),
+            ] {
                 h.update([0]);
-                h.update(part.unwrap_or_default());
+                h.update(part);
             }
             h.update([0]);
             h.update(data.trim_end_matches('='));
@@ -990,7 +1056,7 @@ fn dedup_key(n: &Notification) -> String {
 
 /// `ws://` / `wss://` URL with a path, from any of ws, wss, http, https.
 pub(crate) fn normalize_server_url(url: &str) -> anyhow::Result<String> {
-    let uri: http::Uri = url
+    let uri: ::http::Uri = url
         .trim()
         .parse()
         .map_err(|e| anyhow!("{url:?} is not a URL: {e}"))?;
@@ -1026,7 +1092,7 @@ pub fn normalize_app_server_key(key: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::NotificationHeaders;
+    use herald_proto::headers::NotificationHeaders;
 
     fn notification(data: Option<&str>, version: &str) -> Notification {
         Notification {
@@ -1034,7 +1100,7 @@ mod tests {
             version: version.into(),
             data: data.map(str::to_owned),
             headers: data.map(|_| NotificationHeaders {
-                encoding: Some("aes128gcm".into()),
+                encoding: "aes128gcm".into(),
                 ..Default::default()
             }),
             ttl: Some(60),
@@ -1081,7 +1147,7 @@ mod tests {
 
     #[test]
     fn app_server_keys_are_checked_and_unpadded() {
-        let key = crate::appserver::VapidKey::generate().public_key_b64();
+        let key = encode_b64url(ReceiverKeys::generate().public());
         assert_eq!(normalize_app_server_key(&format!("{key}=")).unwrap(), key);
         assert!(normalize_app_server_key("AAAA").is_err());
         let mut raw = decode_b64url(&key).unwrap();
@@ -1120,9 +1186,9 @@ mod tests {
             dedup_key: "k".into(),
             connection: 1,
         };
-        assert_eq!((m.ack_code(), m.text()), (100, Some("hi")));
+        assert_eq!((m.ack_code(), m.text()), (AckCode(100), Some("hi")));
         m.payload = Err(DecryptError::NotForUs);
-        assert_eq!((m.ack_code(), m.data()), (101, None));
+        assert_eq!((m.ack_code(), m.data()), (AckCode(101), None));
         assert!(m.decrypt_error().is_some());
     }
 }

@@ -1,10 +1,11 @@
 //! The one way Herald's clients reach an HTTP server: `herald send` and the
-//! demo (pushes, receipts), `herald broadcast`, `herald listen` (wss://),
-//! the broadcast source, and wake-ups between nodes. Plain `http://` and
-//! `https://` alike; TLS is rustls with the ring provider the server side
-//! uses, trusting the Mozilla root set (webpki-roots) plus the certificates
-//! of an optional CA file (`--ca FILE`), so a push service with a private CA
-//! works too. Node-to-node traffic alone is plain http only (`node_only`).
+//! demo (pushes, receipts), `herald broadcast`, this crate's push client
+//! (wss://, `herald listen`), the broadcast source, and wake-ups between
+//! nodes. Plain `http://` and `https://` alike; TLS is rustls with the ring
+//! provider the server side uses, trusting the Mozilla root set
+//! (webpki-roots) plus the certificates of an optional CA file (`--ca
+//! FILE`), so a push service with a private CA works too. Node-to-node
+//! traffic alone is plain http only (`node_only`).
 
 use anyhow::{anyhow, bail, Context};
 use hyper::client::conn::http1::SendRequest;

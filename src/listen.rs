@@ -1,9 +1,12 @@
 //! `herald listen`: the push client as a command, so any machine can
 //! receive Web Push with one line.
 
-use super::{normalize_app_server_key, Client, ClientOptions, Event, PushMessage, StateFile};
 use crate::appserver::VapidKey;
 use anyhow::Context;
+use herald_client::{
+    normalize_app_server_key, Client, ClientOptions, Event, PushMessage, PushSubscriptionJson,
+    StateFile,
+};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -193,7 +196,7 @@ fn list(path: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
                     json!({
                         "channelID": s.channel_id,
                         "app_server_key": s.app_server_key,
-                        "subscription": super::PushSubscriptionJson::of(s),
+                        "subscription": PushSubscriptionJson::of(s),
                     }),
                 )
             })
@@ -341,7 +344,7 @@ pub fn message_line(m: &PushMessage) -> serde_json::Value {
         "endpoint": m.endpoint,
     });
     if let Some(data) = m.data() {
-        line["data"] = json!(crate::webpush::encode_b64url(data));
+        line["data"] = json!(herald_proto::b64::encode_b64url(data));
         if let Some(text) = m.text() {
             line["text"] = json!(text);
         }
@@ -420,20 +423,13 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::DecryptError;
+    use herald_proto::crypto::DecryptError;
 
     fn message(payload: Result<Option<Vec<u8>>, DecryptError>) -> PushMessage {
-        PushMessage {
-            name: "phone".into(),
-            channel_id: "c".into(),
-            version: "v".into(),
-            ttl: Some(60),
-            encoding: Some("aes128gcm".into()),
-            endpoint: "http://h/wpush/v1/t".into(),
-            payload,
-            dedup_key: "k".into(),
-            connection: 1,
-        }
+        let mut m = PushMessage::detached("phone", "c", "v", "http://h/wpush/v1/t", payload);
+        m.ttl = Some(60);
+        m.encoding = Some("aes128gcm".into());
+        m
     }
 
     #[test]

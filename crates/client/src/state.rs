@@ -15,9 +15,9 @@
 //! read-modify-write under an exclusive `flock` on `<file>.lock`; readers
 //! need no lock because a rename is atomic.
 
-use crate::crypto::ReceiverKeys;
-use crate::webpush::{decode_b64url, encode_b64url};
 use anyhow::{anyhow, bail, Context};
+use herald_proto::b64::{decode_b64url, encode_b64url};
+use herald_proto::crypto::ReceiverKeys;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;

@@ -1,13 +1,16 @@
-//! The user-agent websocket protocol (Mozilla's push protocol, as Firefox
-//! speaks it): parsing what clients send and rendering what the server sends.
-//! Pure code; `session` gives the messages their meaning.
+//! What a user agent sends over the push websocket (Mozilla's push
+//! protocol, as Firefox speaks it): parsed strictly, as the server must
+//! (an unknown message type or a malformed known one is a `ParseError`),
+//! and written as Firefox writes it, for clients and load generators.
 
-use crate::webpush::Urgency;
+use super::server::PING;
+use crate::ack::AckCode;
+use crate::urgency::Urgency;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A message from the user agent.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
     Hello {
         uaid: Option<String>,
@@ -32,7 +35,7 @@ pub enum ClientMessage {
     },
     Nack {
         version: String,
-        code: Option<i64>,
+        code: Option<AckCode>,
     },
     /// Extension: the lowest urgency the user agent wants delivered now
     /// (`{"messageType":"urgency","min":"low"}`, as in autopush-rs).
@@ -42,46 +45,54 @@ pub enum ClientMessage {
     Ping,
 }
 
-#[derive(Debug, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AckUpdate {
     #[serde(rename = "channelID", default)]
     pub channel_id: String,
     pub version: String,
-    #[serde(default)]
-    pub code: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<AckCode>,
 }
 
 /// Why a frame could not be understood; the text goes into the close frame.
 #[derive(Debug, PartialEq)]
 pub struct ParseError(pub String);
 
-// The wire shape. Unknown fields are ignored so clients can add their own
-// (Firefox sends `use_webpush` and `broadcasts` in hello).
-#[derive(Deserialize)]
+// The wire shape, in both directions. Unknown fields are ignored so
+// clients can add their own (Firefox sends `use_webpush` and `broadcasts`
+// in hello). Absent options are not written.
+#[derive(Serialize, Deserialize)]
 #[serde(tag = "messageType", rename_all = "snake_case")]
 enum Wire {
     Hello {
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         uaid: Option<String>,
-        #[serde(rename = "channelIDs", default)]
+        #[serde(
+            rename = "channelIDs",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
         channel_ids: Option<Vec<String>>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         broadcasts: Option<BTreeMap<String, serde_json::Value>>,
+        /// Written as Firefox writes it; never read, so any value passes.
+        #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+        use_webpush: Option<bool>,
     },
     Register {
         #[serde(rename = "channelID")]
         channel_id: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
     },
     Unregister {
         #[serde(rename = "channelID")]
         channel_id: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<u32>,
     },
     BroadcastSubscribe {
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         broadcasts: Option<BTreeMap<String, serde_json::Value>>,
     },
     Ack {
@@ -89,8 +100,8 @@ enum Wire {
     },
     Nack {
         version: String,
-        #[serde(default)]
-        code: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<AckCode>,
     },
     Urgency {
         min: String,
@@ -98,7 +109,66 @@ enum Wire {
     Ping {},
 }
 
+fn version_values(map: &BTreeMap<String, String>) -> BTreeMap<String, serde_json::Value> {
+    map.iter()
+        .map(|(id, v)| (id.clone(), serde_json::Value::String(v.clone())))
+        .collect()
+}
+
 impl ClientMessage {
+    /// The frame as Firefox writes it: `hello` always says `use_webpush`
+    /// and names its channels only with a `uaid` to resume; a ping is the
+    /// classic `{}`.
+    pub fn to_json(&self) -> String {
+        let wire = match self {
+            ClientMessage::Ping => return PING.to_string(),
+            ClientMessage::Hello {
+                uaid,
+                channel_ids,
+                broadcasts,
+            } => Wire::Hello {
+                uaid: uaid.clone(),
+                channel_ids: uaid.as_ref().map(|_| channel_ids.clone()),
+                broadcasts: Some(version_values(broadcasts)),
+                use_webpush: Some(true),
+            },
+            ClientMessage::Register { channel_id, key } => Wire::Register {
+                channel_id: channel_id.clone(),
+                key: key.clone(),
+            },
+            ClientMessage::Unregister { channel_id, code } => Wire::Unregister {
+                channel_id: channel_id.clone(),
+                code: *code,
+            },
+            ClientMessage::BroadcastSubscribe { broadcasts } => Wire::BroadcastSubscribe {
+                broadcasts: Some(version_values(broadcasts)),
+            },
+            ClientMessage::Ack { updates } => Wire::Ack {
+                updates: updates.clone(),
+            },
+            ClientMessage::Nack { version, code } => Wire::Nack {
+                version: version.clone(),
+                code: *code,
+            },
+            ClientMessage::Urgency { min } => Wire::Urgency {
+                min: min.as_str().to_string(),
+            },
+        };
+        // Plain strings, numbers and maps: serialising cannot fail.
+        serde_json::to_string(&wire).expect("client message serialises")
+    }
+
+    /// One ack for one notification, as Firefox sends them.
+    pub fn ack(channel_id: &str, version: &str, code: AckCode) -> ClientMessage {
+        ClientMessage::Ack {
+            updates: vec![AckUpdate {
+                channel_id: channel_id.to_string(),
+                version: version.to_string(),
+                code: Some(code),
+            }],
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Self, ParseError> {
         let trimmed = text.trim();
         // The classic ping is an empty object in both directions.
@@ -118,6 +188,7 @@ impl ClientMessage {
                 uaid,
                 channel_ids,
                 broadcasts,
+                use_webpush: _,
             } => ClientMessage::Hello {
                 // Firefox sends an empty string for "no uaid" in some versions.
                 uaid: uaid.filter(|u| !u.is_empty()),
@@ -154,124 +225,6 @@ fn versions(map: Option<BTreeMap<String, serde_json::Value>>) -> BTreeMap<String
         })
         .collect()
 }
-
-/// Broadcast versions sent to a user agent: the ids whose version differs
-/// from what it has, and under `errors` the ids Herald does not know.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
-pub struct BroadcastDelta {
-    #[serde(flatten)]
-    pub changed: BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub errors: BTreeMap<String, String>,
-}
-
-impl BroadcastDelta {
-    pub fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.errors.is_empty()
-    }
-}
-
-/// Headers forwarded with an encrypted payload so the user agent can decrypt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NotificationHeaders {
-    pub encoding: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub encryption: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub crypto_key: Option<String>,
-}
-
-/// A message from the server.
-#[derive(Debug, Serialize)]
-#[serde(tag = "messageType", rename_all = "snake_case")]
-pub enum ServerMessage<'a> {
-    Hello {
-        uaid: String,
-        status: u16,
-        use_webpush: bool,
-        broadcasts: BroadcastDelta,
-    },
-    Broadcast {
-        broadcasts: BroadcastDelta,
-    },
-    Register {
-        #[serde(rename = "channelID")]
-        channel_id: &'a str,
-        status: u16,
-        #[serde(rename = "pushEndpoint", skip_serializing_if = "Option::is_none")]
-        push_endpoint: Option<String>,
-    },
-    Unregister {
-        #[serde(rename = "channelID")]
-        channel_id: &'a str,
-        status: u16,
-    },
-    Notification {
-        #[serde(rename = "channelID")]
-        channel_id: String,
-        version: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        headers: Option<&'a NotificationHeaders>,
-        ttl: u64,
-    },
-    Urgency {
-        status: u16,
-    },
-}
-
-impl ServerMessage<'_> {
-    pub fn to_json(&self) -> String {
-        // Serialising these plain structs cannot fail.
-        serde_json::to_string(self).expect("server message serialises")
-    }
-}
-
-/// A notification frame, written by hand: it is the one message sent for
-/// every push, and its bulk (the payload, base64url) and its id never need
-/// JSON escaping, so the payload is encoded straight into the frame instead
-/// of into a string serde would then scan character by character. Gives
-/// exactly what `ServerMessage::Notification` would.
-pub fn notification_json(
-    channel_id: &uuid::Uuid,
-    version: &str,
-    data: Option<(&[u8], &NotificationHeaders)>,
-    ttl: u64,
-) -> String {
-    use base64::Engine;
-    use std::fmt::Write;
-    let data_len = data.map_or(0, |(d, _)| d.len().div_ceil(3) * 4);
-    let mut out = String::with_capacity(128 + version.len() + data_len);
-    out.push_str(r#"{"messageType":"notification","channelID":""#);
-    let _ = write!(out, "{}", channel_id.hyphenated());
-    out.push_str(r#"","version":"#);
-    // Message ids are base64url, but escape anyway: cheap for a short string.
-    push_json_str(&mut out, version);
-    if let Some((bytes, headers)) = data {
-        out.push_str(r#","data":""#);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut out);
-        out.push_str(r#"","headers":"#);
-        out.push_str(&serde_json::to_string(headers).expect("headers serialise"));
-    }
-    let _ = write!(out, r#","ttl":{ttl}}}"#);
-    out
-}
-
-fn push_json_str(out: &mut String, s: &str) {
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
-    }
-}
-
-/// The server's answer to a ping.
-pub const PING_REPLY: &str = "{}";
 
 #[cfg(test)]
 mod tests {
@@ -342,7 +295,7 @@ mod tests {
                 updates: vec![AckUpdate {
                     channel_id: "c".into(),
                     version: "v".into(),
-                    code: Some(100)
+                    code: Some(AckCode(100))
                 }]
             })
         );
@@ -350,7 +303,7 @@ mod tests {
             ClientMessage::parse(r#"{"messageType":"nack","version":"v","code":302}"#),
             Ok(ClientMessage::Nack {
                 version: "v".into(),
-                code: Some(302)
+                code: Some(AckCode(302))
             })
         );
         assert_eq!(ClientMessage::parse("{}"), Ok(ClientMessage::Ping));
@@ -397,106 +350,108 @@ mod tests {
             assert!(!err.0.is_empty(), "{bad}");
         }
     }
-
-    #[test]
-    fn the_hand_written_notification_is_what_serde_would_write() {
-        let channel = uuid::Uuid::new_v4();
-        let data: Vec<u8> = (0..=255u8).cycle().take(3001).collect();
-        for headers in [
-            NotificationHeaders {
-                encoding: "aes128gcm".into(),
-                encryption: None,
-                crypto_key: None,
-            },
-            NotificationHeaders {
-                encoding: "aesgcm".into(),
-                encryption: Some("salt=\"quoted\"".into()),
-                crypto_key: Some("dh=abc".into()),
-            },
-        ] {
-            for version in ["gAAAAABh-_x", "needs \"escaping\""] {
-                let serde = ServerMessage::Notification {
-                    channel_id: channel.to_string(),
-                    version: version.into(),
-                    data: Some(crate::webpush::encode_b64url(&data)),
-                    headers: Some(&headers),
-                    ttl: 60,
-                }
-                .to_json();
-                let ours = notification_json(&channel, version, Some((&data, &headers)), 60);
-                assert_eq!(ours, serde);
-            }
-        }
-        let bare = ServerMessage::Notification {
-            channel_id: channel.to_string(),
-            version: "v".into(),
-            data: None,
-            headers: None,
-            ttl: 0,
-        }
-        .to_json();
-        assert_eq!(notification_json(&channel, "v", None, 0), bare);
+    fn value(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).unwrap()
     }
 
     #[test]
-    fn renders_server_messages_as_firefox_expects() {
-        let hello = ServerMessage::Hello {
-            uaid: "u".into(),
-            status: 200,
-            use_webpush: true,
-            broadcasts: BroadcastDelta::default(),
-        }
-        .to_json();
-        assert_eq!(
-            hello,
-            r#"{"messageType":"hello","uaid":"u","status":200,"use_webpush":true,"broadcasts":{}}"#
-        );
-        let delta = BroadcastDelta {
-            changed: BTreeMap::from([("a".to_string(), "v2".to_string())]),
-            errors: BTreeMap::from([("x".to_string(), "Broadcast not found".to_string())]),
+    fn frames_are_shaped_as_firefox_sends_them() {
+        use serde_json::json;
+        let hello = |uaid: Option<&str>, channels: &[&str], b: &BTreeMap<String, String>| {
+            ClientMessage::Hello {
+                uaid: uaid.map(str::to_string),
+                channel_ids: channels.iter().map(|c| c.to_string()).collect(),
+                broadcasts: b.clone(),
+            }
+            .to_json()
         };
         assert_eq!(
-            ServerMessage::Broadcast { broadcasts: delta }.to_json(),
-            r#"{"messageType":"broadcast","broadcasts":{"a":"v2","errors":{"x":"Broadcast not found"}}}"#
+            value(&hello(None, &[], &BTreeMap::new())),
+            json!({"messageType": "hello", "use_webpush": true, "broadcasts": {}})
         );
-        let headers = NotificationHeaders {
-            encoding: "aes128gcm".into(),
-            encryption: None,
-            crypto_key: None,
+        let b = BTreeMap::from([("a/b".to_string(), "\"0\"".to_string())]);
+        assert_eq!(
+            value(&hello(Some("u1"), &["c1", "c2"], &b)),
+            json!({"messageType": "hello", "use_webpush": true, "uaid": "u1",
+                   "channelIDs": ["c1", "c2"], "broadcasts": {"a/b": "\"0\""}})
+        );
+        let register = |key: Option<&str>| {
+            ClientMessage::Register {
+                channel_id: "c".into(),
+                key: key.map(str::to_string),
+            }
+            .to_json()
         };
-        let n = ServerMessage::Notification {
+        assert_eq!(
+            value(&register(Some("BKEY"))),
+            json!({"messageType": "register", "channelID": "c", "key": "BKEY"})
+        );
+        assert_eq!(
+            value(&register(None)),
+            json!({"messageType": "register", "channelID": "c"})
+        );
+        let unregister = ClientMessage::Unregister {
             channel_id: "c".into(),
+            code: Some(200),
+        };
+        assert_eq!(
+            value(&unregister.to_json()),
+            json!({"messageType": "unregister", "channelID": "c", "code": 200})
+        );
+        assert_eq!(
+            value(&ClientMessage::ack("c", "v", AckCode::DECRYPTION_ERROR).to_json()),
+            json!({"messageType": "ack", "updates": [{"channelID": "c", "version": "v", "code": 101}]})
+        );
+        let nack = ClientMessage::Nack {
             version: "v".into(),
-            data: Some("AAA".into()),
-            headers: Some(&headers),
-            ttl: 60,
-        }
-        .to_json();
+            code: None,
+        };
         assert_eq!(
-            n,
-            r#"{"messageType":"notification","channelID":"c","version":"v","data":"AAA","headers":{"encoding":"aes128gcm"},"ttl":60}"#
+            value(&nack.to_json()),
+            json!({"messageType": "nack", "version": "v"})
         );
-        let bare = ServerMessage::Notification {
-            channel_id: "c".into(),
-            version: "v".into(),
-            data: None,
-            headers: None,
-            ttl: 0,
-        }
-        .to_json();
         assert_eq!(
-            bare,
-            r#"{"messageType":"notification","channelID":"c","version":"v","ttl":0}"#
+            value(&ClientMessage::BroadcastSubscribe { broadcasts: b }.to_json()),
+            json!({"messageType": "broadcast_subscribe", "broadcasts": {"a/b": "\"0\""}})
         );
-        let reg = ServerMessage::Register {
-            channel_id: "c",
-            status: 400,
-            push_endpoint: None,
-        }
-        .to_json();
         assert_eq!(
-            reg,
-            r#"{"messageType":"register","channelID":"c","status":400}"#
+            value(
+                &ClientMessage::Urgency {
+                    min: Urgency::VeryLow
+                }
+                .to_json()
+            ),
+            json!({"messageType": "urgency", "min": "very-low"})
         );
+        assert_eq!(ClientMessage::Ping.to_json(), "{}");
+    }
+
+    #[test]
+    fn what_is_written_parses_back_the_same() {
+        let all = [
+            ClientMessage::Hello {
+                uaid: Some("0123456789abcdef0123456789abcdef".into()),
+                channel_ids: vec!["a".into()],
+                broadcasts: BTreeMap::from([("x".to_string(), "1".to_string())]),
+            },
+            ClientMessage::Register {
+                channel_id: "c".into(),
+                key: Some("BKEY".into()),
+            },
+            ClientMessage::Unregister {
+                channel_id: "c".into(),
+                code: None,
+            },
+            ClientMessage::ack("c", "v", AckCode(-3)),
+            ClientMessage::Nack {
+                version: "v".into(),
+                code: Some(AckCode(302)),
+            },
+            ClientMessage::Urgency { min: Urgency::High },
+            ClientMessage::Ping,
+        ];
+        for m in all {
+            assert_eq!(ClientMessage::parse(&m.to_json()), Ok(m));
+        }
     }
 }
