@@ -254,7 +254,10 @@ mod tests {
             StoreError::Task("rocksdb task failed: panicked".into()),
         ] {
             let e = ApiError::storage(err);
-            assert_eq!((e.status, e.errno, e.retry_after), (503, Errno::StorageUnavailable, Some(10)));
+            assert_eq!(
+                (e.status, e.errno, e.retry_after),
+                (503, Errno::StorageUnavailable, Some(10))
+            );
             assert_eq!(e.message, STORAGE_UNAVAILABLE);
             let body = e.to_json();
             for engine_text in [

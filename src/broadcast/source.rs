@@ -5,10 +5,10 @@
 //! and in the log, and never stops Herald.
 
 use super::{valid, Broadcaster};
-use herald_client::http::{HttpClient, PooledClient};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use bytes::Bytes;
+use herald_client::http::{HttpClient, PooledClient};
 use http_body_util::{BodyExt, Empty, Limited};
 use std::collections::BTreeMap;
 use std::sync::Arc;

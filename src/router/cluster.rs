@@ -15,11 +15,11 @@
 use super::local::{LocalRouter, RouteResult};
 use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
 use crate::errors::ApiError;
-use herald_client::http::{node_only, NodeClient};
 use crate::metrics::Metrics;
 use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
 use bytes::Bytes;
 use dashmap::DashMap;
+use herald_client::http::{node_only, NodeClient};
 use herald_proto::ids::Uaid;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
