@@ -510,7 +510,7 @@ fn unsubscribing_makes_the_endpoint_gone(rig: &mut Rig, subscription: &Value) {
     );
 
     // The demo, handed the stale subscription again, forgets it on the 410.
-    let (status, _) = rig.demo.post_json("/subscribe", &subscription);
+    let (status, _) = rig.demo.post_json("/subscribe", subscription);
     assert!(
         status == 200 || status == 201,
         "demo did not take the subscription back: {status}"

@@ -268,7 +268,7 @@ async fn round_trips_with_herald_send_and_an_independent_sender() {
 
 async fn subscribe_open_and_bound(h: &Herald, state: &Path, dir: &Path) -> Subscribed {
     // An open subscription: exactly the shape PushSubscription.toJSON() has.
-    let open = subscribe(state, &h, "open", None).await;
+    let open = subscribe(state, h, "open", None).await;
     let fields: Vec<&String> = open.as_object().unwrap().keys().collect();
     assert_eq!(fields, ["endpoint", "expirationTime", "keys"], "{open}");
     assert!(open["expirationTime"].is_null());
@@ -296,15 +296,15 @@ async fn subscribe_open_and_bound(h: &Herald, state: &Path, dir: &Path) -> Subsc
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let app_key = stdout(&out).trim().to_string();
-    let bound = subscribe(state, &h, "bound", Some(&app_key)).await;
+    let bound = subscribe(state, h, "bound", Some(&app_key)).await;
     assert!(
         bound["endpoint"].as_str().unwrap().contains("/wpush/v2/"),
         "{bound}"
     );
     // The same name and key again (by public key or by key file): the same subscription.
-    assert_eq!(subscribe(state, &h, "bound", Some(&app_key)).await, bound);
+    assert_eq!(subscribe(state, h, "bound", Some(&app_key)).await, bound);
     assert_eq!(
-        subscribe(state, &h, "bound", Some(key_file.to_str().unwrap())).await,
+        subscribe(state, h, "bound", Some(key_file.to_str().unwrap())).await,
         bound
     );
     // Another key for an existing name is refused.
@@ -340,11 +340,11 @@ async fn listener_receives_every_kind_of_push(h: &Herald, state: &Path, subs: &S
         key_file,
         ..
     } = subs;
-    let mut listener = Listener::start(&state, &[]);
+    let mut listener = Listener::start(state, &[]);
     listener.wait_stderr("connected", Duration::from_secs(20));
 
     // herald send, unsigned, to the open subscription.
-    let printed = send(&open, &["--data", "hello open", "--ttl", "120"]).await;
+    let printed = send(open, &["--data", "hello open", "--ttl", "120"]).await;
     assert!(printed.starts_with("201"), "{printed}");
     let line = listener.line();
     assert_eq!(line["name"], "open");
@@ -356,7 +356,7 @@ async fn listener_receives_every_kind_of_push(h: &Herald, state: &Path, subs: &S
 
     // herald send, VAPID-signed, to the bound subscription; unsigned is refused.
     let printed = send(
-        &bound,
+        bound,
         &[
             "--vapid-key",
             key_file.to_str().unwrap(),
@@ -390,7 +390,7 @@ async fn listener_receives_every_kind_of_push(h: &Herald, state: &Path, subs: &S
     // subscribing process for a moment and comes back), then an independent
     // sender: the ece crate encrypts, jsonwebtoken signs.
     let app = AppServer::new();
-    let indie = subscribe(&state, &h, "indie", Some(&app.public())).await;
+    let indie = subscribe(state, h, "indie", Some(&app.public())).await;
     let body = ece::encrypt(
         &key_bytes(&indie, "p256dh"),
         &key_bytes(&indie, "auth"),
@@ -412,7 +412,7 @@ async fn listener_receives_every_kind_of_push(h: &Herald, state: &Path, subs: &S
     );
 
     // A push without payload.
-    send(&open, &[]).await;
+    send(open, &[]).await;
     let line = listener.line();
     assert_eq!(line["name"], "open");
     assert!(
@@ -421,7 +421,7 @@ async fn listener_receives_every_kind_of_push(h: &Herald, state: &Path, subs: &S
     );
     assert!(line["encoding"].is_null());
 
-    wait_acked(&h, 4).await;
+    wait_acked(h, 4).await;
     assert_eq!(listener.stop().code(), Some(0), "{}", listener.stderr());
 }
 
@@ -435,7 +435,7 @@ async fn run_count_takes_a_message_queued_while_nobody_listens(
     } = subs;
     // Sent while nobody listens; `run --count 1` takes it and exits.
     send(
-        &bound,
+        bound,
         &[
             "--vapid-key",
             key_file.to_str().unwrap(),
@@ -462,15 +462,14 @@ async fn run_count_takes_a_message_queued_while_nobody_listens(
         .collect();
     assert_eq!(lines.len(), 1, "{}", stdout(&out));
     assert_eq!(lines[0]["text"], "one shot");
-    wait_acked(&h, 5).await;
+    wait_acked(h, 5).await;
 }
 
 async fn list_and_unsubscribe(h: &Herald, state: &Path, subs: &Subscribed) {
     let Subscribed { open, app_key, .. } = subs;
     let endpoint = open["endpoint"].as_str().unwrap();
     // list shows all three; unsubscribe makes the endpoint gone.
-    let listed: Value =
-        serde_json::from_str(&listen_ok(&state, &["list", "--json"]).await).unwrap();
+    let listed: Value = serde_json::from_str(&listen_ok(state, &["list", "--json"]).await).unwrap();
     assert_eq!(listed["server"], h.ws_url());
     let names: Vec<&String> = listed["subscriptions"]
         .as_object()
@@ -483,13 +482,13 @@ async fn list_and_unsubscribe(h: &Herald, state: &Path, subs: &Subscribed) {
         app_key.as_str()
     );
     assert_eq!(listed["subscriptions"]["open"]["subscription"], *open);
-    let table = listen_ok(&state, &["list"]).await;
+    let table = listen_ok(state, &["list"]).await;
     assert!(
         table.contains("bound") && table.contains("vapid") && table.contains(endpoint),
         "{table}"
     );
 
-    listen_ok(&state, &["unsubscribe", "open"]).await;
+    listen_ok(state, &["unsubscribe", "open"]).await;
     let out = herald(strings(&[
         "send",
         "--subscription",
@@ -504,8 +503,7 @@ async fn list_and_unsubscribe(h: &Herald, state: &Path, subs: &Subscribed) {
         stdout(&out),
         stderr(&out)
     );
-    let listed: Value =
-        serde_json::from_str(&listen_ok(&state, &["list", "--json"]).await).unwrap();
+    let listed: Value = serde_json::from_str(&listen_ok(state, &["list", "--json"]).await).unwrap();
     assert!(listed["subscriptions"].get("open").is_none());
     let out = herald(strings(&[
         "listen",
