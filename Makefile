@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak
+.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak deb image dist-deps
 
 run: deps
 	cargo run --bin herald -- serve
@@ -52,8 +52,24 @@ SOAK_SECS ?= 3600
 soak: deps
 	SOAK_SECS=$(SOAK_SECS) ./scripts/soak.sh
 
+# The Debian package and the OCI image of the binary `make run` builds (the
+# project's one profile: no second RocksDB build). Each prints the path or
+# name of what it made last. See deploy/README.md.
+deb: deps dist-deps
+	cargo build --bin herald
+	./scripts/build-deb.sh
+
+# Offline, with podman: the base is a Debian bookworm made here with
+# debootstrap (cached in /var/tmp/herald-dist), built from deploy/Dockerfile.
+image: deps dist-deps
+	cargo build --bin herald
+	./scripts/image.sh
+
 deps:
 	./scripts/install-deps.sh
+
+dist-deps:
+	./scripts/install-dist-deps.sh
 
 test-deps: deps
 	./scripts/install-firefox.sh
