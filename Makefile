@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak deb image dist-deps
+.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak deb image dist-deps test-dist
 
 run: deps
 	cargo run --bin herald -- serve
@@ -64,6 +64,15 @@ deb: deps dist-deps
 image: deps dist-deps
 	cargo build --bin herald
 	./scripts/image.sh
+
+# The package installed in a throwaway container and the image started, each
+# with a push round trip through it (tests/dist.rs, ignored by `make test`).
+test-dist: test-deps dist-deps
+	cargo build --workspace --bins
+	deb=$$(./scripts/build-deb.sh) && image=$$(./scripts/image.sh) && \
+	  HERALD_DIST_DEB=$$deb HERALD_DIST_IMAGE=$$image \
+	  HERALD_DIST_BASE=$${HERALD_BASE_IMAGE:-localhost/herald-base:bookworm} \
+	  cargo test --test dist -- --ignored
 
 deps:
 	./scripts/install-deps.sh
