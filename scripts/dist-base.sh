@@ -23,6 +23,9 @@ image=${HERALD_BASE_IMAGE:-localhost/herald-base:bookworm}
 cache=${HERALD_DIST_CACHE:-/var/tmp/herald-dist}
 tarball=$cache/bookworm-minbase.tar
 podman=./scripts/podman.sh
+# debootstrap makes root-owned files (and chroots): root's work.
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 if $podman image exists "$image"; then
   echo "base image $image: present"
@@ -33,14 +36,14 @@ if [ ! -s "$tarball" ]; then
   mirror=${mirror:-http://deb.debian.org/debian}
   mkdir -p "$cache"
   root=$(mktemp -d "${TMPDIR:-/var/tmp}/herald-rootfs.XXXXXX")
-  trap 'rm -rf "$root"' EXIT
+  trap '$sudo rm -rf "$root"' EXIT
   echo "debootstrap bookworm (minbase) from $mirror into $root"
   started=$(date +%s)
-  debootstrap --variant=minbase --include=curl bookworm "$root" "$mirror" > "$cache.debootstrap.log" 2>&1 || {
-    tail -20 "$cache.debootstrap.log" >&2; exit 1; }
+  $sudo debootstrap --variant=minbase --include=curl bookworm "$root" "$mirror" > "$cache/debootstrap.log" 2>&1 || {
+    tail -20 "$cache/debootstrap.log" >&2; exit 1; }
   # Smaller and reproducible enough: no package lists, no apt cache.
-  rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
-  tar -C "$root" --numeric-owner -cf "$tarball.part" .
+  $sudo rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
+  $sudo tar -C "$root" --numeric-owner -cf - . > "$tarball.part"
   mv "$tarball.part" "$tarball"
   echo "debootstrap took $(( $(date +%s) - started )) s"
 fi
