@@ -184,9 +184,49 @@ fn unit_value(c: &Container, key: &str) -> String {
     v
 }
 
+/// Starts the installed Herald as systemd would: the unit's ExecStart line
+/// as its User=, in /, with the unit's EnvironmentFile; waits for /health.
+async fn start_packaged(c: &Container, url: &str) {
+    let exec_start = unit_value(c, "ExecStart");
+    assert!(
+        exec_start.starts_with("/usr/bin/herald serve --config /etc/herald/herald.toml"),
+        "ExecStart={exec_start}"
+    );
+    let user = unit_value(c, "User");
+    let env_file = unit_value(c, "EnvironmentFile");
+    let env_file = env_file.trim_start_matches('-');
+    let mut cmd = podman();
+    cmd.args([
+        "exec", "-d", "--user", &user, "--workdir", "/", &c.name, "sh", "-c",
+    ])
+    .arg(format!(
+        "set -a; . {env_file}; set +a; echo $$ > /tmp/herald.pid; exec {exec_start} > /tmp/herald.log 2>&1"
+    ));
+    ok(cmd);
+    wait_health(&format!("{url}/health"), || {
+        let gone = !c.sh("kill -0 $(cat /tmp/herald.pid)").status.success();
+        gone.then(|| String::from_utf8_lossy(&c.sh("cat /tmp/herald.log").stdout).into_owned())
+    })
+    .await;
+}
+
+/// SIGTERM, as the unit's KillSignal; waits for Herald to exit.
+fn stop_packaged(c: &Container) {
+    c.sh_ok("kill -TERM $(cat /tmp/herald.pid)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.sh("kill -0 $(cat /tmp/herald.pid)").status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "herald ignored SIGTERM:\n{}",
+            String::from_utf8_lossy(&c.sh("cat /tmp/herald.log").stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs podman and the package: make test-dist"]
-async fn deb_installs_serves_a_push_and_removes_then_purges() {
+async fn deb_installs_serves_keeps_queued_push_through_remove_and_purges() {
     let deb = deb_path();
     let base = required_env("HERALD_DIST_BASE");
     let port = free_port();
@@ -228,49 +268,36 @@ async fn deb_installs_serves_a_push_and_removes_then_purges() {
         "postinst started herald without systemd"
     );
 
-    // Start it as systemd would: the unit's ExecStart line as its User=, in
-    // /, with the unit's EnvironmentFile. The packaged config listens on
-    // 127.0.0.1:8080; the env file moves it to a free port, as an admin's
-    // HERALD_LISTEN there would.
-    let exec_start = unit_value(&c, "ExecStart");
-    assert!(
-        exec_start.starts_with("/usr/bin/herald serve --config /etc/herald/herald.toml"),
-        "ExecStart={exec_start}"
-    );
-    let user = unit_value(&c, "User");
+    // The packaged config listens on 127.0.0.1:8080; the unit's
+    // EnvironmentFile moves it to a free port, as an admin's HERALD_LISTEN
+    // there would. Not the package's file: it stays through dpkg -r.
     let env_file = unit_value(&c, "EnvironmentFile");
-    let env_file = env_file.trim_start_matches('-');
+    let env_file = env_file.trim_start_matches('-').to_string();
     c.sh_ok(&format!("echo HERALD_LISTEN=127.0.0.1:{port} > {env_file}"));
-    let mut cmd = podman();
-    cmd.args([
-        "exec", "-d", "--user", &user, "--workdir", "/", &c.name, "sh", "-c",
-    ])
-    .arg(format!(
-        "set -a; . {env_file}; set +a; echo $$ > /tmp/herald.pid; exec {exec_start} > /tmp/herald.log 2>&1"
-    ));
-    ok(cmd);
-    let log = || c.sh("cat /tmp/herald.log").stdout;
-    wait_health(&format!("{url}/health"), || {
-        let gone = !c.sh("kill -0 $(cat /tmp/herald.pid)").status.success();
-        gone.then(|| String::from_utf8_lossy(&log()).into_owned())
-    })
-    .await;
 
-    let (ua, _, _, _) = round_trip(&url, &format!("ws://127.0.0.1:{port}/")).await;
+    start_packaged(&c, &url).await;
+    let ws = format!("ws://127.0.0.1:{port}/");
+    let (ua, keys, endpoint, app) = round_trip(&url, &ws).await;
+    let uaid = ua.uaid.clone();
     drop(ua);
-
-    // Graceful stop, as systemd's KillSignal=SIGTERM would.
-    c.sh_ok("kill -TERM $(cat /tmp/herald.pid)");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.sh("kill -0 $(cat /tmp/herald.pid)").status.success() {
-        assert!(Instant::now() < deadline, "herald ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Queued for a user agent that is away, to be delivered after a remove
+    // and a reinstall.
+    let r = push(
+        &endpoint,
+        Some(&app),
+        &url,
+        &keys,
+        "kept through dpkg -r",
+        &[("ttl", "3600")],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    stop_packaged(&c);
     let store = c.sh_ok("ls /var/lib/herald");
     assert!(
         store.contains("endpoint-keys"),
-        "no store in /var/lib/herald after a run: {store}\n{}",
-        String::from_utf8_lossy(&log())
+        "no store in /var/lib/herald after a run: {store}"
     );
 
     // Remove: binary and unit go; config, data and user stay.
@@ -282,6 +309,18 @@ async fn deb_installs_serves_a_push_and_removes_then_purges() {
         "dpkg -r touched the data"
     );
     c.sh_ok("test -f /etc/herald/herald.toml && id herald");
+
+    // Installed again, Herald carries on with the same keys, subscription
+    // and queued message.
+    c.sh_ok(&format!("dpkg -i /dist/{file}"));
+    start_packaged(&c, &url).await;
+    let mut ua = Ua::hello_url(&ws, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid, "the registration survived dpkg -r");
+    let n = ua.notification().await;
+    assert_eq!(payload(&keys, &n), "kept through dpkg -r");
+    ua.ack(&n).await;
+    drop(ua);
+    stop_packaged(&c);
 
     // Purge: config and data go too.
     c.sh_ok("dpkg -P herald");
