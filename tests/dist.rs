@@ -261,6 +261,9 @@ async fn deb_installs_serves_keeps_queued_push_through_remove_and_purges() {
         Some("/etc/herald/herald.toml"),
         "the config is a conffile"
     );
+    // Enabled on first install (deb-systemd-helper, as debhelper does),
+    // for the next boot.
+    c.sh_ok("test -L /etc/systemd/system/multi-user.target.wants/herald.service");
     assert!(
         !c.sh("ls /proc/*/exe -l 2>/dev/null | grep -q /usr/bin/herald")
             .status
@@ -309,10 +312,13 @@ async fn deb_installs_serves_keeps_queued_push_through_remove_and_purges() {
         "dpkg -r touched the data"
     );
     c.sh_ok("test -f /etc/herald/herald.toml && id herald");
+    // An admin's edit to the config survives the reinstall (a conffile).
+    c.sh_ok("echo '# edited by the admin' >> /etc/herald/herald.toml");
 
     // Installed again, Herald carries on with the same keys, subscription
     // and queued message.
     c.sh_ok(&format!("dpkg -i /dist/{file}"));
+    c.sh_ok("tail -1 /etc/herald/herald.toml | grep -qx '# edited by the admin'");
     start_packaged(&c, &url).await;
     let mut ua = Ua::hello_url(&ws, Some(&uaid)).await;
     assert_eq!(ua.uaid, uaid, "the registration survived dpkg -r");
@@ -325,6 +331,7 @@ async fn deb_installs_serves_keeps_queued_push_through_remove_and_purges() {
     // Purge: config and data go too.
     c.sh_ok("dpkg -P herald");
     c.sh_ok("test ! -e /etc/herald && test ! -e /var/lib/herald");
+    c.sh_ok("test ! -e /etc/systemd/system/multi-user.target.wants/herald.service");
     assert!(
         !c.sh("dpkg -s herald").status.success(),
         "herald still known to dpkg after purge"
@@ -370,6 +377,26 @@ fn deb_unit_passes_systemd_analyze_verify() {
 #[ignore = "needs podman and the image: make test-dist"]
 async fn image_serves_a_push_and_keeps_queued_messages_across_a_restart() {
     let image = required_env("HERALD_DIST_IMAGE");
+    // What the Dockerfile declares reached the image (podman drops
+    // HEALTHCHECK from OCI-format images; make image builds Docker format).
+    let mut cmd = podman();
+    cmd.args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.User}}|{{json .Config.Volumes}}|{{json .Config.ExposedPorts}}|{{json .Config.Healthcheck.Test}}",
+        &image,
+    ]);
+    let config = ok(cmd);
+    let config: Vec<&str> = config.trim().split('|').collect();
+    assert_eq!(config[0], "10001:10001", "USER");
+    assert!(config[1].contains("\"/data\""), "VOLUME: {}", config[1]);
+    assert!(config[2].contains("8080/tcp"), "EXPOSE: {}", config[2]);
+    assert!(
+        config[3].contains("http://127.0.0.1:8080/health"),
+        "HEALTHCHECK: {}",
+        config[3]
+    );
     let port = free_port();
     let metrics_port = free_port();
     let url = format!("http://127.0.0.1:{port}");
