@@ -27,8 +27,18 @@ strip --strip-debug "$context/herald"
 # --format docker: OCI image configs have no HEALTHCHECK; podman keeps it in
 # the Docker format only. --pull never: the base is local, and nothing else
 # may be fetched.
+dangling() { $podman images -q --no-trunc --filter dangling=true | sort; }
+before=$(dangling)
 $podman build --format docker --pull=never \
   --build-arg BASE="$base" --build-arg BINARY=prebuilt \
   -f deploy/Dockerfile -t "$image" "$context" >&2
 if [ -z "${HERALD_IMAGE:-}" ]; then $podman tag "$image" localhost/herald:latest; fi
+# What this build left nameless (the previous build of the tag, the
+# prebuilt stage) would pile up, one binary's worth per build: removed,
+# unless a container still uses it. Nameless images made by anything else
+# are left alone. (--layers=false would avoid them, but buildah 1.28 then
+# fails on the `FROM ${BINARY} AS binary` stage.)
+comm -13 <(echo "$before") <(dangling) | while read -r id; do
+  [ -n "$id" ] && $podman rmi "$id" >/dev/null 2>&1 || true
+done
 echo "$image"
