@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak
+.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak deb image dist-deps test-dist
 
 run: deps
 	cargo run --bin herald -- serve
@@ -61,8 +61,33 @@ SOAK_SECS ?= 3600
 soak: deps
 	SOAK_SECS=$(SOAK_SECS) ./scripts/soak.sh
 
+# The Debian package and the OCI image of the binary `make run` builds (the
+# project's one profile: no second RocksDB build). Each prints the path or
+# name of what it made last. See deploy/README.md.
+deb: deps dist-deps
+	cargo build --bin herald
+	./scripts/build-deb.sh
+
+# Offline, with podman: the base is a Debian bookworm made here with
+# debootstrap (cached in /var/tmp/herald-dist), built from deploy/Dockerfile.
+image: deps dist-deps
+	cargo build --bin herald
+	./scripts/image.sh
+
+# The package installed in a throwaway container and the image started, each
+# with a push round trip through it (tests/dist.rs, ignored by `make test`).
+test-dist: test-deps dist-deps
+	cargo build --workspace --bins
+	deb=$$(./scripts/build-deb.sh) && image=$$(./scripts/image.sh) && \
+	  HERALD_DIST_DEB=$$deb HERALD_DIST_IMAGE=$$image \
+	  HERALD_DIST_BASE=$${HERALD_BASE_IMAGE:-localhost/herald-base:bookworm} \
+	  cargo test --test dist -- --ignored
+
 deps:
 	./scripts/install-deps.sh
+
+dist-deps:
+	./scripts/install-dist-deps.sh
 
 test-deps: deps
 	./scripts/install-firefox.sh

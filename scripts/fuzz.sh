@@ -15,12 +15,18 @@
 # static library the main build already made (ROCKSDB_LIB_DIR): found in the
 # main target dir for the same librocksdb-sys version, built there first with
 # the same command as `make test` if missing.
+#
+# The main target dir is the one cargo itself uses for the project (asked
+# with `cargo metadata`: CARGO_TARGET_DIR, a cargo config's build.target-dir,
+# or ./target), so `make fuzz` finds the build `make test` or `make run` made
+# however they were pointed at it. The fuzz build's own dir sits inside it
+# (<target>/fuzz) unless FUZZ_TARGET_DIR says otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 secs=${FUZZ_SECS:-60}
 jobs=${FUZZ_JOBS:-1}
-main_target=${CARGO_TARGET_DIR:-/var/tmp/herald-target}
+main_target=$(./scripts/target-dir.sh)
 work=${FUZZ_WORK:-/var/tmp/herald-fuzz}
 targets=${FUZZ_TARGETS:-$(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^herald-fuzz$')}
 
@@ -51,7 +57,7 @@ else
   echo "warning: no RocksDB library to reuse; the fuzz build compiles its own (about 20 minutes on 2 cores)"
 fi
 
-export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/tmp/herald-fuzz-target}
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$main_target/fuzz}
 cd fuzz
 started=$(date +%s)
 cargo fuzz build -s none

@@ -485,7 +485,13 @@ pub struct Ua {
 
 impl Ua {
     pub async fn connect(h: &Herald) -> Ua {
-        let mut req = h.ws_url().into_client_request().unwrap();
+        Ua::connect_url(&h.ws_url()).await
+    }
+
+    /// Connects to a Herald this harness did not start (a container, an
+    /// installed package), by its websocket URL.
+    pub async fn connect_url(ws_url: &str) -> Ua {
+        let mut req = ws_url.into_client_request().unwrap();
         req.headers_mut().insert(
             "sec-websocket-protocol",
             "push-notification".parse().unwrap(),
@@ -507,7 +513,12 @@ impl Ua {
 
     /// Connects and says hello (as a new user agent when `uaid` is None).
     pub async fn hello(h: &Herald, uaid: Option<&str>) -> Ua {
-        let mut ua = Ua::connect(h).await;
+        Ua::hello_url(&h.ws_url(), uaid).await
+    }
+
+    /// [`Ua::hello`] to a Herald at `ws_url`.
+    pub async fn hello_url(ws_url: &str, uaid: Option<&str>) -> Ua {
+        let mut ua = Ua::connect_url(ws_url).await;
         let mut msg = json!({"messageType": "hello", "use_webpush": true, "broadcasts": {}});
         if let Some(u) = uaid {
             msg["uaid"] = json!(u);
