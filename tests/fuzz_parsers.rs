@@ -310,35 +310,71 @@ fn cluster_wire() {
 /// VAPID headers in the shapes libraries send. The same every time but
 /// for the tokens' random nonces; run by hand
 /// after a format changes: `cargo test --test fuzz_parsers -- --ignored`.
+/// Writes the generated part of the seed corpus (the pywebpush captures
+/// come from fuzz/seeds/capture_pywebpush.py): Firefox's frames as seen on
+/// the wire (shared NOTES), tokens and stored values as Herald makes them,
+/// VAPID headers in the shapes libraries send. The same every time but
+/// for the tokens' random nonces; run by hand
+/// after a format changes: `cargo test --test fuzz_parsers -- --ignored`.
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand"]
 fn write_generated_seeds() {
-    use herald::store::{
-        encode_channel, encode_message, encode_pending, encode_receipt, encode_user, ChannelRecord,
-        Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptSub, UserRecord,
-    };
-    use herald::token::{ApiVersion, EndpointToken, MessageId};
-    use herald_proto::b64::encode_b64url;
-    use herald_proto::headers::NotificationHeaders;
-    use herald_proto::ids::Uaid;
-    use herald_proto::urgency::Urgency;
-    use p256::ecdsa::signature::Signer;
+    let ids = SeedIds::new();
+    ws_message_seeds(&ids);
+    let (public, good) = vapid_seeds();
+    let rfc8188_1 = push_header_seeds(&public, &good);
+    token_seeds(&ids);
+    config_seeds();
+    let stored_128 = codec_seeds(&ids, &rfc8188_1);
+    broadcast_source_seeds();
+    cluster_wire_seeds(&ids, &stored_128);
+}
 
-    let write = |target: &str, name: &str, bytes: &[u8]| {
-        let dir = fuzz_dir().join("corpus").join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(name), bytes).unwrap();
-    };
-    let codec = targets::codec_keys();
-    let uaid = herald_proto::ids::Uaid([0x3c; 16]);
-    let ch1 = uuid::Uuid::from_u128(0x7a1b2c3d_4e5f_4a6b_8c7d_9e0f1a2b3c4d);
-    let ch2 = uuid::Uuid::from_u128(0x0f9e8d7c_6b5a_4948_b726_15f4e3d2c1b0);
-    let msg_id = codec.message_id(&MessageId {
+fn write_seed(target: &str, name: &str, bytes: &[u8]) {
+    let dir = fuzz_dir().join("corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+/// The user agent, channels and message id every generated seed shares.
+struct SeedIds {
+    codec: &'static herald::token::TokenCodec,
+    uaid: herald_proto::ids::Uaid,
+    ch1: uuid::Uuid,
+    ch2: uuid::Uuid,
+    msg_id: String,
+}
+
+impl SeedIds {
+    fn new() -> Self {
+        use herald::token::MessageId;
+        let codec = targets::codec_keys();
+        let uaid = herald_proto::ids::Uaid([0x3c; 16]);
+        let ch1 = uuid::Uuid::from_u128(0x7a1b2c3d_4e5f_4a6b_8c7d_9e0f1a2b3c4d);
+        let ch2 = uuid::Uuid::from_u128(0x0f9e8d7c_6b5a_4948_b726_15f4e3d2c1b0);
+        let msg_id = codec.message_id(&MessageId {
+            uaid,
+            channel: ch1,
+            seq: 1_795_950_000_000_001,
+        });
+        SeedIds {
+            codec,
+            uaid,
+            ch1,
+            ch2,
+            msg_id,
+        }
+    }
+}
+
+fn ws_message_seeds(ids: &SeedIds) {
+    let SeedIds {
         uaid,
-        channel: ch1,
-        seq: 1_795_950_000_000_001,
-    });
-
+        ch1,
+        ch2,
+        msg_id,
+        ..
+    } = ids;
     // Websocket frames, as Firefox sends them.
     let app_key = {
         let mut k = vec![4u8];
@@ -360,9 +396,15 @@ fn write_generated_seeds() {
         ("ping-typed", r#"{"messageType":"ping"}"#.to_string()),
         ("urgency", r#"{"messageType":"urgency","min":"very-low"}"#.to_string()),
     ] {
-        write("ws_message", name, frame.as_bytes());
+        write_seed("ws_message", name, frame.as_bytes());
     }
+}
 
+/// Returns the signing key's public half and a valid token, for the push
+/// request seeds.
+fn vapid_seeds() -> (String, String) {
+    use herald_proto::b64::encode_b64url;
+    use p256::ecdsa::signature::Signer;
     // VAPID, signed with a fixed key, in the shapes libraries send.
     let signer = p256::ecdsa::SigningKey::from_slice(&[0x11; 32]).unwrap();
     let public = encode_b64url(signer.verifying_key().to_encoded_point(false).as_bytes());
@@ -389,9 +431,14 @@ fn write_generated_seeds() {
         ("expired", format!("authorization: vapid t={}, k={public}\n", jwt(typ_alg, serde_json::json!({"aud": aud, "exp": targets::NOW - 1})))),
         ("hs256", "authorization: vapid t=eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjF9.c2ln, k=BAAA\n".to_string()),
     ] {
-        write("vapid", name, headers.as_bytes());
+        write_seed("vapid", name, headers.as_bytes());
     }
 
+    (public, good)
+}
+
+/// Returns RFC 8188's first example body, stored as a message by the codec seeds.
+fn push_header_seeds(public: &str, good: &str) -> Vec<u8> {
     // Push requests beyond the captures: RFC 8188's own examples (§3.1,
     // §3.2 with a key id) and the legacy scheme of pywebpush 1.x.
     let rfc8188_1 = herald_proto::b64::decode_b64url(
@@ -408,9 +455,16 @@ fn write_generated_seeds() {
         let mut bytes = head.into_bytes();
         bytes.push(b'\n');
         bytes.extend_from_slice(&body);
-        write("push_headers", name, &bytes);
+        write_seed("push_headers", name, &bytes);
     }
 
+    rfc8188_1
+}
+
+fn token_seeds(ids: &SeedIds) {
+    use herald::token::{ApiVersion, EndpointToken};
+    let (codec, uaid, ch1, ch2) = (ids.codec, ids.uaid, ids.ch1, ids.ch2);
+    let msg_id = &ids.msg_id;
     // Tokens as endpoint URLs and Location headers carry them.
     let (_, v1) = codec.endpoint_token(&EndpointToken {
         uaid,
@@ -423,12 +477,15 @@ fn write_generated_seeds() {
         key_hash: Some(herald::token::key_hash(b"application server key")),
     });
     assert!(codec.open_endpoint(ApiVersion::V2, &v2).is_some());
-    write("tokens", "endpoint-v1", v1.as_bytes());
-    write("tokens", "endpoint-v2", v2.as_bytes());
-    write("tokens", "message-id", msg_id.as_bytes());
+    write_seed("tokens", "endpoint-v1", v1.as_bytes());
+    write_seed("tokens", "endpoint-v2", v2.as_bytes());
+    write_seed("tokens", "message-id", msg_id.as_bytes());
     let fields: Vec<u8> = (0..74u8).map(|i| i.wrapping_mul(37)).collect();
-    write("tokens", "fields", &fields);
+    write_seed("tokens", "fields", &fields);
+}
 
+fn config_seeds() {
+    use herald_proto::b64::encode_b64url;
     // Settings as operators write them.
     let key = encode_b64url(&[7u8; 32]);
     for (name, text) in [
@@ -439,13 +496,24 @@ fn write_generated_seeds() {
         ("flags", "--listen=[::]:8080\n--public-url=https://Push.Example.com:443/prefix/\n--log-format=json\n--data-dir=/var/lib/herald\n".to_string()),
         ("toml-deploy", format!("[toml]\n{}", std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/herald.toml")).unwrap())),
     ] {
-        write("config", name, text.as_bytes());
+        write_seed("config", name, text.as_bytes());
     }
+}
 
+/// Returns the stored aes128gcm message, which the node-to-node seeds carry.
+fn codec_seeds(ids: &SeedIds, rfc8188_1: &[u8]) -> Vec<u8> {
+    use herald::store::{
+        encode_channel, encode_message, encode_pending, encode_receipt, encode_user, ChannelRecord,
+        Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptSub, UserRecord,
+    };
+    use herald_proto::headers::NotificationHeaders;
+    use herald_proto::ids::Uaid;
+    use herald_proto::urgency::Urgency;
+    let ch1 = ids.ch1;
     // Stored values, behind the target's selector byte (0 user, 1 channel,
     // 2 message, 3 pending receipt, 4 receipt).
     let with = |sel: u8, v: Vec<u8>| [vec![sel], v].concat();
-    write(
+    write_seed(
         "codec",
         "user",
         &with(
@@ -456,7 +524,7 @@ fn write_generated_seeds() {
             }),
         ),
     );
-    write(
+    write_seed(
         "codec",
         "channel-v1",
         &with(
@@ -467,7 +535,7 @@ fn write_generated_seeds() {
             }),
         ),
     );
-    write(
+    write_seed(
         "codec",
         "channel-v2",
         &with(
@@ -500,18 +568,18 @@ fn write_generated_seeds() {
         encryption: Some("salt=AAECAwQFBgcICQoLDA0ODw".into()),
         crypto_key: Some("dh=BDd3_hVL9fZi9Ybo2UUzA284WG5FZR30_95YeZJsiApwXKpNcF1rRPF3foIiBHXRdJI2Qhumhf6_LFTeZaNndIo".into()),
     };
-    let stored_128 = encode_message(&message(Some("news"), Some(aes128gcm), &rfc8188_1));
-    write(
+    let stored_128 = encode_message(&message(Some("news"), Some(aes128gcm), rfc8188_1));
+    write_seed(
         "codec",
         "message-aes128gcm-topic",
         &with(2, stored_128.clone()),
     );
-    write(
+    write_seed(
         "codec",
         "message-aesgcm",
         &with(2, encode_message(&message(None, Some(aesgcm), b"legacy"))),
     );
-    write(
+    write_seed(
         "codec",
         "message-empty",
         &with(2, encode_message(&message(None, None, b""))),
@@ -520,7 +588,7 @@ fn write_generated_seeds() {
         receipt: true,
         ..message(Some("score"), None, b"")
     };
-    write(
+    write_seed(
         "codec",
         "message-receipt",
         &with(2, encode_message(&receipt_asked)),
@@ -532,7 +600,7 @@ fn write_generated_seeds() {
         deadline: targets::NOW + 61,
         sent_at: Some(targets::NOW * 1000 + 5),
     };
-    write(
+    write_seed(
         "codec",
         "pending-receipt",
         &with(3, encode_pending(&pending)),
@@ -545,32 +613,40 @@ fn write_generated_seeds() {
         outcome: Outcome::Rejected(302),
         at: targets::NOW * 1000 + 9,
     };
-    write("codec", "receipt", &with(4, encode_receipt(&receipt)));
+    write_seed("codec", "receipt", &with(4, encode_receipt(&receipt)));
 
+    stored_128
+}
+
+fn broadcast_source_seeds() {
     // Broadcast sources: Remote Settings and a megaphone server.
-    write(
+    write_seed(
         "broadcast_source",
         "remote-settings",
         br#"{"code":200,"broadcasts":{"remote-settings/monitor_changes":"\"1700000000123\""}}"#,
     );
-    write(
+    write_seed(
         "broadcast_source",
         "megaphone",
         br#"{"broadcasts":{"test/broadcast1":"v3","test/broadcast2":"v0","bad id":"1","n":1}}"#,
     );
+}
 
+fn cluster_wire_seeds(ids: &SeedIds, stored_128: &[u8]) {
+    use herald_proto::b64::encode_b64url;
+    let uaid = ids.uaid;
     // Node to node.
     let wake = format!(
         r#"{{"uaid":"{uaid}","message":{{"seq":2,"value":"{}"}}}}"#,
-        encode_b64url(&stored_128)
+        encode_b64url(stored_128)
     );
-    write("cluster_wire", "wake-ttl0-message", wake.as_bytes());
-    write(
+    write_seed("cluster_wire", "wake-ttl0-message", wake.as_bytes());
+    write_seed(
         "cluster_wire",
         "wake",
         format!(r#"{{"uaid":"{uaid}"}}"#).as_bytes(),
     );
-    write(
+    write_seed(
         "cluster_wire",
         "evict",
         format!(r#"{{"uaid":"{uaid}","conn":17}}"#).as_bytes(),
