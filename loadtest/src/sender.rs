@@ -4,27 +4,22 @@
 use crate::net;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
+use herald_client::http::{plain_http, PlainClient, PlainPool};
 use http::{HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = PlainClient<Full<Bytes>>;
 
 /// One pooled client for all senders: each sender awaits its response before
 /// its next request, so the pool settles at one connection per sender.
 pub fn client(senders: usize) -> HttpClient {
-    let mut conn = HttpConnector::new();
-    conn.set_nodelay(true);
-    conn.enforce_http(true);
-    conn.set_connect_timeout(Some(Duration::from_secs(10)));
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(senders.max(1))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(conn)
+    plain_http(PlainPool {
+        connect_timeout: Duration::from_secs(10),
+        max_idle_per_host: Some(senders.max(1)),
+        idle_timeout: Some(Duration::from_secs(60)),
+    })
 }
 
 /// A push endpoint ready to POST to: each URI names a checked loopback

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
 use bytes::Bytes;
 use dashmap::DashMap;
-use herald_client::http::{node_only, NodeClient};
+use herald_client::http::{node_only, PlainClient};
 use herald_proto::ids::Uaid;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
@@ -67,7 +67,7 @@ pub struct Cluster {
     node: u64,
     url: String,
     directory: Arc<dyn Directory>,
-    client: NodeClient<Full<Bytes>>,
+    client: PlainClient<Full<Bytes>>,
     /// Signs this node's requests.
     key: NodeKey,
     /// Check other nodes' requests: one per endpoint key.
@@ -319,7 +319,7 @@ impl Cluster {
 
 /// What a spawned request needs, so it does not borrow the cluster.
 struct Sender {
-    client: NodeClient<Full<Bytes>>,
+    client: PlainClient<Full<Bytes>>,
     key: NodeKey,
     metrics: Arc<Metrics>,
 }

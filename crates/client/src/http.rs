@@ -22,17 +22,24 @@ use tokio::net::TcpStream;
 pub type PooledClient<B> =
     hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, B>;
 
-/// A pooling client that refuses anything but `http://` (`node_only`).
-pub type NodeClient<B> = hyper_util::client::legacy::Client<HttpConnector, B>;
+/// A pooling client that refuses anything but `http://` (`plain_http`).
+pub type PlainClient<B> = hyper_util::client::legacy::Client<HttpConnector, B>;
 
-/// The client for requests between the nodes of one cluster. Plain http
-/// only: node URLs are private addresses (`node_url` refuses https at
-/// start), and a request to an `https://` URL fails before connecting
-/// rather than reaching a node without its TLS being checked. No delay on
-/// small writes (a wake-up is one small POST), connections pooled with
-/// hyper's defaults, and `connect_timeout` bounds reaching a node that went
-/// away.
-pub fn node_only<B>(connect_timeout: Duration) -> NodeClient<B>
+/// How a plain-http client pools. The defaults are hyper's own pool.
+#[derive(Clone, Copy, Debug)]
+pub struct PlainPool {
+    pub connect_timeout: Duration,
+    pub max_idle_per_host: Option<usize>,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A client for loopback and private addresses that must never speak TLS:
+/// requests between the nodes of one cluster (`node_url` refuses https at
+/// start) and the load generator's senders. A request to an `https://` URL
+/// fails before connecting rather than reaching a peer without its TLS
+/// being checked. No delay on small writes (a wake-up or a push is one
+/// small POST); `connect_timeout` bounds reaching a peer that went away.
+pub fn plain_http<B>(pool: PlainPool) -> PlainClient<B>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -40,8 +47,29 @@ where
     let mut connector = HttpConnector::new();
     connector.enforce_http(true);
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
+    connector.set_connect_timeout(Some(pool.connect_timeout));
+    let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    if let Some(n) = pool.max_idle_per_host {
+        builder.pool_max_idle_per_host(n);
+    }
+    if let Some(t) = pool.idle_timeout {
+        builder.pool_idle_timeout(t);
+    }
+    builder.build(connector)
+}
+
+/// The client for requests between the nodes of one cluster: plain http,
+/// hyper's default pool.
+pub fn node_only<B>(connect_timeout: Duration) -> PlainClient<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    plain_http(PlainPool {
+        connect_timeout,
+        max_idle_per_host: None,
+        idle_timeout: None,
+    })
 }
 
 /// The client TLS configuration: public roots plus the PEM certificates in
@@ -217,7 +245,7 @@ mod tests {
         use http_body_util::{BodyExt, Full};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let client: NodeClient<Full<bytes::Bytes>> = node_only(Duration::from_secs(2));
+        let client: PlainClient<Full<bytes::Bytes>> = node_only(Duration::from_secs(2));
         let post = |scheme: &str| {
             http::Request::post(format!("{scheme}://{addr}/_herald/node/wake"))
                 .body(Full::new(bytes::Bytes::from_static(b"{}")))
