@@ -1,9 +1,19 @@
-//! Herald, a Web Push service.
+//! Herald, a Web Push service: the server and the `herald` binary.
 //!
 //! User agents hold a websocket (`connect`, driving the pure `session` state
-//! machine over herald-proto's `protocol` messages); application servers POST to endpoint URLs
-//! (`endpoint`, checked by `vapid` and `webpush` header parsing). Messages are
-//! kept in a `store` and handed to live connections by the `router`.
+//! machine over herald-proto's `protocol` messages); application servers
+//! POST to endpoint URLs (`endpoint`, checked by `vapid` and `webpush`
+//! header parsing). Messages are kept in a `store` (RocksDB, Redis, or in
+//! memory for tests), their rules (accept, deliver, ack, cancel, expire,
+//! drop) settled by the `mailbox`, and handed to live connections, here or
+//! on another node, by the `router`.
+//!
+//! Owns: serving, storage, routing, receipts, broadcasts, settings, metrics
+//! and the commands (`serve`, `send`, `listen`, `broadcast`, `demo`,
+//! `vapid`). Wire formats, ids, crypto and errnos come from herald-proto;
+//! HTTP clients and the push client from herald-client. Must not know: how
+//! a client crate or the load generator is built; nothing outside this
+//! crate depends on it but its tests and the fuzz targets.
 
 pub mod aesgcm;
 pub mod app;

@@ -7,7 +7,8 @@
 //! Owns: the client's connection loop and reconnection, its state file,
 //! acknowledgement and deduplication, and the one HTTP/TLS client
 //! construction ([`http`]) that every client in the tree uses (this one's
-//! wss://, and herald's `send`, `broadcast`, `demo`). Wire formats and
+//! wss://; herald's `send`, `broadcast`, `demo`, broadcast source and
+//! node-to-node requests; the load generator's senders). Wire formats and
 //! crypto come from herald-proto.
 //!
 //! Must not know: storage engines (RocksDB, Redis), metrics, command lines
