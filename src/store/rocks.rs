@@ -941,8 +941,10 @@ mod tests {
             assert!(s.delete_message(&u, m.seq).unwrap());
             written += 2000;
         }
-        // Flushes run in the background: give them a moment.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Flushes run in the background and lag far behind on a loaded
+        // machine: the bound is what this checks, not how fast it holds,
+        // so the wait is generous (it ends as soon as the WAL is small).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
         while wal_bytes(dir.path()) > 4 * MAX_WAL_BYTES && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
