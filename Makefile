@@ -25,6 +25,7 @@ test: test-deps
 	  fi
 	cargo build --workspace --bins
 	cargo test --workspace
+	$(MAKE) test-dist
 	@echo "checking that \`cargo build --bin herald\` reuses this build"
 	@out=$$(cargo build --bin herald 2>&1); echo "$$out"; \
 	  if echo "$$out" | grep -q 'Compiling'; then \
@@ -75,7 +76,8 @@ image: deps dist-deps
 	./scripts/image.sh
 
 # The package installed in a throwaway container and the image started, each
-# with a push round trip through it (tests/dist.rs, ignored by `make test`).
+# with a push round trip through it (tests/dist.rs, #[ignore]d so that
+# `cargo test` alone skips them; `make test` runs this target).
 test-dist: test-deps dist-deps
 	cargo build --workspace --bins
 	deb=$$(./scripts/build-deb.sh) && image=$$(./scripts/image.sh) && \
