@@ -146,8 +146,10 @@ async fn wait_health(url: &str, died: impl Fn() -> Option<String>) {
 
 /// A user agent subscribes with an application server key, the application
 /// server sends an encrypted push with VAPID, and the user agent receives
-/// and decrypts it. Returns (user agent, its keys, the endpoint, the app).
-async fn round_trip(base: &str, ws: &str) -> (Ua, UaKeys, String, AppServer) {
+/// and decrypts it. Then the user agent goes away and a second push,
+/// `queued`, is stored for it. Returns the user agent's uaid and keys, to
+/// come back for `queued` later.
+async fn round_trip_then_queue(base: &str, ws: &str, queued: &str) -> (String, UaKeys) {
     let app = AppServer::new();
     let keys = UaKeys::new();
     let mut ua = Ua::hello_url(ws, None).await;
@@ -161,7 +163,21 @@ async fn round_trip(base: &str, ws: &str) -> (Ua, UaKeys, String, AppServer) {
     let n = ua.notification().await;
     assert_eq!(payload(&keys, &n), "through the box");
     ua.ack(&n).await;
-    (ua, keys, endpoint, app)
+
+    let uaid = ua.uaid.clone();
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = push(
+        &endpoint,
+        Some(&app),
+        base,
+        &keys,
+        queued,
+        &[("ttl", "3600")],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    (uaid, keys)
 }
 
 fn deb_path() -> PathBuf {
@@ -280,22 +296,9 @@ async fn deb_installs_serves_keeps_queued_push_through_remove_and_purges() {
 
     start_packaged(&c, &url).await;
     let ws = format!("ws://127.0.0.1:{port}/");
-    let (ua, keys, endpoint, app) = round_trip(&url, &ws).await;
-    let uaid = ua.uaid.clone();
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Queued for a user agent that is away, to be delivered after a remove
-    // and a reinstall.
-    let r = push(
-        &endpoint,
-        Some(&app),
-        &url,
-        &keys,
-        "kept through dpkg -r",
-        &[("ttl", "3600")],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // The queued message is for a user agent that is away, to be delivered
+    // after a remove and a reinstall.
+    let (uaid, keys) = round_trip_then_queue(&url, &ws, "kept through dpkg -r").await;
     stop_packaged(&c);
     let store = c.sh_ok("ls /var/lib/herald");
     assert!(
@@ -464,22 +467,8 @@ async fn image_serves_a_push_and_keeps_queued_messages_across_a_restart() {
     .expect("metrics from HERALD_METRICS_LISTEN");
     assert_eq!(m.status, 200);
 
-    let (ua, keys, endpoint, app) = round_trip(&url, &ws).await;
-    let uaid = ua.uaid.clone();
-    drop(ua);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
     // Queued while no user agent is connected...
-    let r = push(
-        &endpoint,
-        Some(&app),
-        &url,
-        &keys,
-        "kept on the volume",
-        &[("ttl", "3600")],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let (uaid, keys) = round_trip_then_queue(&url, &ws, "kept on the volume").await;
     let code = c.stop();
     assert_eq!(code, 0, "herald's exit on SIGTERM:\n{}", c.logs());
     drop(c);
