@@ -94,40 +94,34 @@ fn code_only(src: &str) -> String {
                 out.push(blank(b[i]));
                 i += 1;
             }
-        } else if c == '"' {
-            out.push(' ');
-            i += 1;
-            while i < b.len() && b[i] != '"' {
-                if b[i] == '\\' {
-                    out.push(' ');
-                    i += 1;
-                }
-                if i < b.len() {
-                    out.push(blank(b[i]));
-                    i += 1;
-                }
-            }
-            out.push(' ');
-            i += 1;
-        } else if c == '\'' && is_char_literal(&b, i) {
-            out.push(' ');
-            i += 1;
-            while i < b.len() && b[i] != '\'' {
-                if b[i] == '\\' {
-                    out.push(' ');
-                    i += 1;
-                }
-                out.push(' ');
-                i += 1;
-            }
-            out.push(' ');
-            i += 1;
+        } else if c == '"' || (c == '\'' && is_char_literal(&b, i)) {
+            i = blank_quoted(&b, i, &mut out);
         } else {
             out.push(c);
             i += 1;
         }
     }
     out
+}
+
+/// Blanks the literal opening with the quote at `i` (escapes included, newlines
+/// kept) and returns the index just past its closing quote.
+fn blank_quoted(b: &[char], mut i: usize, out: &mut String) -> usize {
+    let quote = b[i];
+    out.push(' ');
+    i += 1;
+    while i < b.len() && b[i] != quote {
+        if b[i] == '\\' {
+            out.push(' ');
+            i += 1;
+        }
+        if i < b.len() {
+            out.push(if b[i] == '\n' { '\n' } else { ' ' });
+            i += 1;
+        }
+    }
+    out.push(' ');
+    i + 1
 }
 
 fn prev_is_ident(b: &[char], i: usize) -> bool {
