@@ -303,6 +303,60 @@ pub struct Settings {
     pub broadcast_source_url: Option<String>,
     pub broadcast_source_token: Option<String>,
     pub broadcast_poll_interval: Duration,
+    /// The FCM and APNs bridges, from the config file's `[bridges]` table.
+    pub bridges: BridgeSettings,
+}
+
+/// The upstreams mobile user agents are reached through, one entry per
+/// `app_id` (the registration API's `{app_id}` segment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BridgeSettings {
+    pub fcm: Vec<FcmBridgeSettings>,
+    pub apns: Vec<ApnsBridgeSettings>,
+}
+
+/// `[bridges.fcm.<app_id>]`: FCM HTTP v1 for one Firebase project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FcmBridgeSettings {
+    pub app_id: String,
+    pub project_id: String,
+    /// A Google service-account JSON file (`client_email`, `private_key`,
+    /// `token_uri`).
+    pub credentials: PathBuf,
+    /// Where `v1/projects/{project_id}/messages:send` lives; FCM's own
+    /// host unless set.
+    pub base_url: String,
+    /// Extra trusted CA certificates (PEM) for `base_url` and `token_uri`,
+    /// beside the public roots.
+    pub ca: Option<PathBuf>,
+}
+
+/// `[bridges.apns.<app_id>]`: APNs for one app (bundle id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApnsBridgeSettings {
+    pub app_id: String,
+    /// The bundle id, sent as `apns-topic`.
+    pub topic: String,
+    /// Apple's development environment instead of production.
+    pub sandbox: bool,
+    /// APNs' host for `sandbox` unless set.
+    pub base_url: String,
+    pub auth: ApnsAuth,
+    /// Extra trusted CA certificates (PEM) for `base_url`.
+    pub ca: Option<PathBuf>,
+}
+
+/// How Herald proves to APNs that it may push for the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApnsAuth {
+    /// A provider token (ES256 JWT) signed with a `.p8` key.
+    Token {
+        team_id: String,
+        key_id: String,
+        key: PathBuf,
+    },
+    /// TLS client authentication with a certificate Apple issued for the app.
+    Certificate { certificate: PathBuf, key: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,6 +526,7 @@ impl Settings {
             broadcast_source_url: l.opt("broadcast_source_url", parse_source_url)?,
             broadcast_source_token: l.opt("broadcast_source_token", parse_trimmed)?,
             broadcast_poll_interval: l.get("broadcast_poll_interval", parse_positive_duration)?,
+            bridges: BridgeSettings::default(),
         })
     }
 

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub stored_messages: IntGauge,
     pub store_size: IntGauge,
     pub store_pending_compaction: IntGauge,
+    pub bridge_requests: IntCounterVec,
+    pub bridge_request_seconds: HistogramVec,
+    pub bridge_retries: IntCounterVec,
+    pub bridge_token_refreshes: IntCounterVec,
+    pub bridge_drops: IntCounterVec,
 }
 
 /// A metric's name, help text and label names.
@@ -223,6 +228,36 @@ const STORE_PENDING_COMPACTION: Def = Def {
     labels: &[],
 };
 
+// Bridges to FCM and APNs: labels `bridge` (fcm, apns) and `app` (app_id).
+const BRIDGE_REQUESTS: Def = Def {
+    name: "herald_bridge_requests_total",
+    help: "Requests to an upstream push service, by bridge, app and HTTP status (or `error` when no answer came).",
+    labels: &["bridge", "app", "status"],
+};
+const BRIDGE_REQUEST_SECONDS: HistogramDef = HistogramDef {
+    name: "herald_bridge_request_seconds",
+    help: "Latency of requests to an upstream push service.",
+    labels: &["bridge", "app"],
+    buckets: &[
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ],
+};
+const BRIDGE_RETRIES: Def = Def {
+    name: "herald_bridge_retries_total",
+    help: "Bridged messages kept to be sent again after the upstream could not take them.",
+    labels: &["bridge", "app"],
+};
+const BRIDGE_TOKEN_REFRESHES: Def = Def {
+    name: "herald_bridge_token_refreshes_total",
+    help: "Upstream credentials made anew (FCM access tokens, APNs provider tokens).",
+    labels: &["bridge", "app"],
+};
+const BRIDGE_DROPS: Def = Def {
+    name: "herald_bridge_drops_total",
+    help: "Bridged user agents or messages given up, by reason (gone, rejected, expired).",
+    labels: &["bridge", "app", "reason"],
+};
+
 /// Builds metrics from their definitions into one registry.
 struct Registrar<'a>(&'a Registry);
 
@@ -288,6 +323,11 @@ impl Metrics {
             stored_messages: r.gauge(STORED_MESSAGES),
             store_size: r.gauge(STORE_SIZE),
             store_pending_compaction: r.gauge(STORE_PENDING_COMPACTION),
+            bridge_requests: r.counter_vec(BRIDGE_REQUESTS),
+            bridge_request_seconds: r.histogram_vec(BRIDGE_REQUEST_SECONDS),
+            bridge_retries: r.counter_vec(BRIDGE_RETRIES),
+            bridge_token_refreshes: r.counter_vec(BRIDGE_TOKEN_REFRESHES),
+            bridge_drops: r.counter_vec(BRIDGE_DROPS),
             registry,
         }
     }

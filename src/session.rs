@@ -398,6 +398,7 @@ impl Session {
                 let record = UserRecord {
                     created: rec.created,
                     last_seen: now,
+                    router: None,
                 };
                 if let Err(e) = app
                     .metrics
@@ -494,6 +495,7 @@ impl Session {
                         let user = UserRecord {
                             created: now,
                             last_seen: now,
+                            router: None,
                         };
                         app.metrics
                             .time("put_user", app.store.put_user(&uaid, &user))

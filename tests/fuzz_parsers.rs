@@ -521,6 +521,7 @@ fn codec_seeds(ids: &SeedIds, rfc8188_1: &[u8]) -> Vec<u8> {
             encode_user(&UserRecord {
                 created: 1_795_000_000,
                 last_seen: 1_795_950_000,
+                router: None,
             }),
         ),
     );

@@ -164,6 +164,7 @@ fn user(last_seen: u64) -> UserRecord {
     UserRecord {
         created: last_seen.saturating_sub(100),
         last_seen,
+        router: None,
     }
 }
 

@@ -2,7 +2,8 @@
 //! every value starts with a format byte so layouts can evolve.
 
 use super::{
-    ChannelRecord, Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptSub, UserRecord,
+    BridgeKind, BridgeRoute, ChannelRecord, Message, Outcome, PendingReceipt, ReceiptEvent,
+    ReceiptSub, UserRecord,
 };
 use bytes::Bytes;
 use herald_proto::headers::NotificationHeaders;
@@ -58,21 +59,73 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xff; prefix.len() + 1]
 }
 
+/// A websocket user agent: format, created, last_seen (17 bytes, as ever).
+/// A bridged one adds its route: kind (1 FCM, 2 APNs), then app id,
+/// device token and `aps` (empty: none), each as a u16 length and bytes.
 pub fn encode_user(r: &UserRecord) -> Vec<u8> {
     let mut v = Vec::with_capacity(17);
     v.push(FORMAT);
     v.extend_from_slice(&r.created.to_be_bytes());
     v.extend_from_slice(&r.last_seen.to_be_bytes());
+    if let Some(route) = &r.router {
+        v.push(match route.kind {
+            BridgeKind::Fcm => 1,
+            BridgeKind::Apns => 2,
+        });
+        for field in [
+            route.app_id.as_str(),
+            route.token.as_str(),
+            route.aps.as_deref().unwrap_or(""),
+        ] {
+            // Registration caps every field far below 64 KiB.
+            let len = field.len().min(u16::MAX as usize);
+            v.extend_from_slice(&(len as u16).to_be_bytes());
+            v.extend_from_slice(&field.as_bytes()[..len]);
+        }
+    }
     v
 }
 
 pub fn decode_user(v: &[u8]) -> Option<UserRecord> {
-    if v.len() != 17 || v[0] != FORMAT {
+    if v.len() < 17 || v[0] != FORMAT {
         return None;
     }
+    let router = match v.len() {
+        17 => None,
+        _ => Some(decode_route(&v[17..])?),
+    };
     Some(UserRecord {
         created: u64::from_be_bytes(v[1..9].try_into().ok()?),
         last_seen: u64::from_be_bytes(v[9..17].try_into().ok()?),
+        router,
+    })
+}
+
+fn decode_route(v: &[u8]) -> Option<BridgeRoute> {
+    let kind = match v.first()? {
+        1 => BridgeKind::Fcm,
+        2 => BridgeKind::Apns,
+        _ => return None,
+    };
+    let mut rest = &v[1..];
+    let mut fields = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        let field = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
+        fields.push(field.to_string());
+        rest = &rest[2 + len..];
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    let aps = fields.pop().filter(|a| !a.is_empty());
+    let token = fields.pop()?;
+    let app_id = fields.pop()?;
+    Some(BridgeRoute {
+        kind,
+        app_id,
+        token,
+        aps,
     })
 }
 
@@ -343,8 +396,33 @@ mod tests {
         let u = UserRecord {
             created: 5,
             last_seen: 6,
+            router: None,
         };
+        assert_eq!(encode_user(&u).len(), 17);
         assert_eq!(decode_user(&encode_user(&u)), Some(u));
+        for (kind, aps) in [
+            (BridgeKind::Fcm, None),
+            (
+                BridgeKind::Apns,
+                Some(r#"{"alert":{"loc-key":"x"}}"#.to_string()),
+            ),
+        ] {
+            let u = UserRecord {
+                created: 5,
+                last_seen: 6,
+                router: Some(BridgeRoute {
+                    kind,
+                    app_id: "org.mozilla.firefox".into(),
+                    token: "dev-token:1".into(),
+                    aps,
+                }),
+            };
+            let v = encode_user(&u);
+            assert_eq!(decode_user(&v), Some(u));
+            // A truncated or extended record is refused, never misread.
+            assert_eq!(decode_user(&v[..v.len() - 1]), None);
+            assert_eq!(decode_user(&[&v[..], &[0][..]].concat()), None);
+        }
         for key_hash in [None, Some([3u8; 32])] {
             let c = ChannelRecord {
                 key_hash,

@@ -118,11 +118,11 @@ fn with_grace(p: &PendingReceipt) -> u64 {
 #[async_trait::async_trait]
 impl Store for MemStore {
     async fn get_user(&self, uaid: &Uaid) -> StoreResult<Option<UserRecord>> {
-        Ok(self.state().users.get(uaid).copied())
+        Ok(self.state().users.get(uaid).cloned())
     }
 
     async fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
-        self.state().users.insert(*uaid, *record);
+        self.state().users.insert(*uaid, record.clone());
         Ok(())
     }
 

@@ -89,14 +89,61 @@ impl std::error::Error for StoreError {}
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Which upstream push service reaches a bridged user agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BridgeKind {
+    /// Firebase Cloud Messaging (Android). Registered as `fcm` or, the
+    /// older name Firefox for Android still sends, `gcm`.
+    Fcm,
+    /// Apple Push Notification service (iOS).
+    Apns,
+}
+
+impl BridgeKind {
+    /// The name used in routes, settings, metrics and the stored record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeKind::Fcm => "fcm",
+            BridgeKind::Apns => "apns",
+        }
+    }
+
+    /// The `{type}` segment of the registration API; `gcm` is FCM's old name.
+    pub fn from_route_type(s: &str) -> Option<Self> {
+        match s {
+            "fcm" | "gcm" => Some(BridgeKind::Fcm),
+            "apns" => Some(BridgeKind::Apns),
+            _ => None,
+        }
+    }
+}
+
+/// How to reach a user agent that keeps no websocket: the upstream, the
+/// app it registered for and the device token the upstream gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeRoute {
+    pub kind: BridgeKind,
+    /// The `{app_id}` of the registration, naming one configured bridge.
+    pub app_id: String,
+    /// The FCM registration token or APNs device token.
+    pub token: String,
+    /// APNs only: the `aps` JSON the app registered with (alert text keys),
+    /// sent as is.
+    pub aps: Option<String>,
+}
+
 /// A user agent Herald has issued a uaid to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     /// Unix seconds.
     pub created: u64,
-    /// Unix seconds of the last hello; user agents silent past `ua_expiry`
-    /// are dropped.
+    /// Unix seconds of the last hello (or, for a bridged user agent, of its
+    /// last registration call); user agents silent past `ua_expiry` are
+    /// dropped.
     pub last_seen: u64,
+    /// None for a user agent on a websocket; the upstream and device token
+    /// for one reached through a bridge.
+    pub router: Option<BridgeRoute>,
 }
 
 /// A subscription.

@@ -747,7 +747,7 @@ impl Store for RocksStore {
     }
 
     async fn put_user(&self, uaid: &Uaid, record: &UserRecord) -> StoreResult<()> {
-        let (uaid, record) = (*uaid, *record);
+        let (uaid, record) = (*uaid, record.clone());
         self.write_op(move |r| r.put_user(&uaid, &record)).await
     }
 
@@ -902,6 +902,7 @@ mod tests {
         let rec = UserRecord {
             created: 1,
             last_seen: 2,
+            router: None,
         };
         let db = store.engine().unwrap();
         db.put_user(&u, &rec).unwrap();
@@ -929,6 +930,7 @@ mod tests {
             &UserRecord {
                 created: 1,
                 last_seen: 1,
+                router: None,
             },
         )
         .unwrap();
@@ -993,6 +995,7 @@ mod tests {
                 &UserRecord {
                     created: 1,
                     last_seen: 2,
+                    router: None,
                 },
             )
             .unwrap();
@@ -1107,6 +1110,7 @@ mod tests {
                 &UserRecord {
                     created: 0,
                     last_seen: 10,
+                    router: None,
                 },
             )
             .unwrap();
@@ -1126,6 +1130,7 @@ mod tests {
             &UserRecord {
                 created: 0,
                 last_seen: 1000,
+                router: None,
             },
         )
         .unwrap();

@@ -146,6 +146,35 @@ pub(crate) const METRICS: &[(&str, MetricType, &[Label])] = &[
         MetricType::Gauge,
         &[],
     ),
+    (
+        "herald_bridge_requests_total",
+        MetricType::Counter,
+        &[("bridge", &["fcm", "apns"]), ("app", &[]), ("status", &[])],
+    ),
+    (
+        "herald_bridge_request_seconds",
+        MetricType::Histogram,
+        &[("bridge", &["fcm", "apns"]), ("app", &[])],
+    ),
+    (
+        "herald_bridge_retries_total",
+        MetricType::Counter,
+        &[("bridge", &["fcm", "apns"]), ("app", &[])],
+    ),
+    (
+        "herald_bridge_token_refreshes_total",
+        MetricType::Counter,
+        &[("bridge", &["fcm", "apns"]), ("app", &[])],
+    ),
+    (
+        "herald_bridge_drops_total",
+        MetricType::Counter,
+        &[
+            ("bridge", &["fcm", "apns"]),
+            ("app", &[]),
+            ("reason", &["gone", "rejected", "expired"]),
+        ],
+    ),
 ];
 
 /// Labels Prometheus adds to every scraped series.

@@ -1,0 +1,44 @@
+//! Delivery to user agents that keep no websocket: mobile browsers and apps
+//! reached through Firebase Cloud Messaging or the Apple Push Notification
+//! service. A push to a bridged user agent is stored like any other and
+//! then handed to the upstream through a `Bridge`; each upstream is one
+//! implementation of that trait, so nothing else knows which one it is.
+
+use crate::store::{BridgeKind, BridgeRoute, Message};
+use std::time::Duration;
+
+/// What the upstream made of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The upstream took the message; it now owns delivery to the device.
+    Accepted,
+    /// The upstream could not take it now (429, 5xx, a timeout, a lost
+    /// connection): keep the message and try again, not before `after`
+    /// when the upstream said when (`Retry-After`).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// The device token is no longer valid (the app was uninstalled or the
+    /// token replaced): the user agent is gone.
+    Gone { reason: String },
+    /// The upstream refused this message for good (malformed, too large,
+    /// or the bridge's own credentials refused): drop the message, keep
+    /// the user agent.
+    Rejected { reason: String },
+}
+
+/// One upstream push service, configured for one app.
+#[async_trait::async_trait]
+pub trait Bridge: Send + Sync + 'static {
+    fn kind(&self) -> BridgeKind;
+    /// The `{app_id}` it serves.
+    fn app_id(&self) -> &str;
+    /// Whether `message` fits the upstream's size limit once wrapped the way
+    /// this bridge sends it. Checked before the message is accepted, so an
+    /// application server learns at once (413) instead of never.
+    fn fits(&self, message: &Message) -> bool;
+    /// Sends `message` to the device `route` names. `now` (Unix seconds)
+    /// gives the TTL still left, which is what the upstream is told.
+    async fn send(&self, route: &BridgeRoute, message: &Message, now: u64) -> Delivery;
+}
