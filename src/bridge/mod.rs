@@ -4,6 +4,9 @@
 //! then handed to the upstream through a `Bridge`; each upstream is one
 //! implementation of that trait, so nothing else knows which one it is.
 
+pub mod apns_auth;
+pub mod apns_payload;
+
 use crate::store::{BridgeKind, BridgeRoute, Message};
 use std::time::Duration;
 
