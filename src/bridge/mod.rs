@@ -4,6 +4,7 @@
 //! then handed to the upstream through a `Bridge`; each upstream is one
 //! implementation of that trait, so nothing else knows which one it is.
 
+pub mod apns;
 pub mod apns_auth;
 pub mod apns_payload;
 
