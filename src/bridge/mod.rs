@@ -4,6 +4,10 @@
 //! then handed to the upstream through a `Bridge`; each upstream is one
 //! implementation of that trait, so nothing else knows which one it is.
 
+pub mod fcm;
+pub mod fcm_auth;
+pub mod fcm_wire;
+
 use crate::store::{BridgeKind, BridgeRoute, Message};
 use std::time::Duration;
 
