@@ -511,3 +511,27 @@ async fn bad_settings_and_key_files_are_refused_at_start_saying_why() {
     s.ca = Some(dir.join("no-ca.pem"));
     assert!(start_error(&s).contains("cannot read CA file"));
 }
+
+#[tokio::test]
+async fn https_upstreams_are_reached_trusting_the_ca_setting() {
+    let fcm = FcmMock::start_tls();
+    assert!(fcm.url().starts_with("https://"));
+    let mut s = settings(&fcm);
+    s.ca = fcm.ca_path();
+    let b = FcmBridge::new(&s, Arc::new(Metrics::new())).unwrap();
+    let m = message(None, Vec::new(), 60);
+    assert_eq!(b.send(&route(), &m, now()).await, Delivery::Accepted);
+    assert_eq!(fcm.grants(), 1);
+    assert_eq!(fcm.requests().len(), 1);
+
+    // Without the CA the mock's certificate is not trusted: nothing can
+    // be sent, and the message is kept for a later try.
+    s.ca = None;
+    let b = FcmBridge::new(&s, Arc::new(Metrics::new())).unwrap();
+    let d = b.send(&route(), &m, now()).await;
+    assert!(
+        matches!(&d, Delivery::Retry { reason, .. } if reason.starts_with("no FCM access token")),
+        "{d:?}"
+    );
+    assert_eq!(fcm.grants(), 1);
+}

@@ -115,6 +115,11 @@ pub struct FcmMock {
     state: Arc<Mutex<State>>,
     dir: tempfile::TempDir,
     credentials: PathBuf,
+    /// `https://localhost:<port>` when serving TLS, `http://127.0.0.1:<port>`
+    /// otherwise.
+    base: String,
+    /// The PEM certificate to trust (`ca` setting) when serving TLS.
+    ca: Option<PathBuf>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -158,12 +163,32 @@ pub fn write_credentials(
 }
 
 impl FcmMock {
+    /// Plain http on 127.0.0.1.
     pub fn start() -> FcmMock {
+        Self::start_with(false)
+    }
+
+    /// https on `localhost` with a self-signed certificate (`ca_path()`).
+    pub fn start_tls() -> FcmMock {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> FcmMock {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let token_uri = format!("http://{addr}/token");
         let dir = tempfile::tempdir().expect("temp dir");
+        let (base, acceptor, ca) = if tls {
+            let (acceptor, ca) = tls_acceptor(dir.path());
+            (
+                format!("https://localhost:{}", addr.port()),
+                Some(acceptor),
+                Some(ca),
+            )
+        } else {
+            (format!("http://{addr}"), None, None)
+        };
+        let token_uri = format!("{base}/token");
         let credentials = write_credentials(
             dir.path(),
             "service-account.json",
@@ -191,13 +216,15 @@ impl FcmMock {
                 .enable_all()
                 .build()
                 .expect("mock runtime");
-            rt.block_on(serve(listener, served, rx));
+            rt.block_on(serve(listener, acceptor, served, rx));
         });
         FcmMock {
             addr,
             state,
             dir,
             credentials,
+            base,
+            ca,
             shutdown: Some(tx),
             thread: Some(thread),
         }
@@ -205,10 +232,14 @@ impl FcmMock {
 
     /// The `base_url` to configure.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.base.clone()
     }
     pub fn token_uri(&self) -> String {
-        format!("http://{}/token", self.addr)
+        format!("{}/token", self.base)
+    }
+    /// The certificate to trust for `start_tls()`'s mock.
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        self.ca.clone()
     }
     pub fn credentials_path(&self) -> PathBuf {
         self.credentials.clone()
@@ -258,8 +289,27 @@ impl Drop for FcmMock {
     }
 }
 
+/// A self-signed certificate for `localhost`, written to `dir/ca.pem`.
+fn tls_acceptor(dir: &Path) -> (tokio_rustls::TlsAcceptor, PathBuf) {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.signing_key.serialize_pem().as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca)
+}
+
 async fn serve(
     listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<Mutex<State>>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -273,11 +323,23 @@ async fn serve(
             },
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            let _ = match tls {
+                None => {
+                    http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                }
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(s) => {
+                        http.serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                            .await
+                    }
+                    Err(_) => return,
+                },
+            };
         });
     }
 }
