@@ -7,6 +7,9 @@
 pub mod apns;
 pub mod apns_auth;
 pub mod apns_payload;
+pub mod fcm;
+pub mod fcm_auth;
+pub mod fcm_wire;
 
 use crate::store::{BridgeKind, BridgeRoute, Message};
 use std::time::Duration;
