@@ -38,6 +38,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod subscription;
 pub mod tls;
 pub mod token;
 pub mod vapid;
