@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod occupancy;
 pub mod pending;
 pub mod receipts;
+pub mod registration;
 pub mod reply;
 pub mod router;
 pub mod server;
