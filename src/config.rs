@@ -141,6 +141,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("broadcast_source_url", Kind::Url, DefaultValue::Unset, "an upstream of broadcast versions to poll (JSON {\"broadcasts\":{id:version}}, as Remote Settings' /v1/__broadcasts__ or a megaphone server)"),
     setting("broadcast_source_token", Kind::Text, DefaultValue::Unset, "bearer token sent to broadcast_source_url, if it needs one"),
     setting("broadcast_poll_interval", Kind::Duration, DefaultValue::Value("30s"), "how often broadcast_source_url is polled"),
+    setting("bridge_auth_keys", Kind::Tokens, DefaultValue::Unset, "keys of the mobile registration API's secrets (HMAC-SHA256 of the uaid), comma-separated, 16+ characters each; the first issues, all verify; required with any [bridges.*] table"),
+    setting("autopush_auth_keys", Kind::Text, DefaultValue::Unset, "autopush-rs's AUTH_KEYS (comma-separated, or its [\"k1\",\"k2\"] form): secrets autopush issued stay valid; Herald never issues with them"),
     setting("receipt_retention", Kind::Duration, DefaultValue::Value("3d"), "how long delivery receipts stay readable on their receipt subscription"),
     setting("max_receipt_streams_per_subscription", Kind::Int, DefaultValue::Value("4"), "most event streams open at once on one receipt subscription, per node; beyond it readers get 429"),
     setting("max_receipt_streams", Kind::Int, DefaultValue::Value("10000"), "most receipt event streams a node holds open at once; beyond it readers get 429"),
@@ -238,6 +240,7 @@ fn settings_help() -> String {
         let (name, help, d) = (set.name, set.help, set.shown_default());
         s.push_str(&format!("  {name:<22} {help} [default: {d}]\n"));
     }
+    s.push_str(BRIDGES_HELP);
     s
 }
 
@@ -303,6 +306,10 @@ pub struct Settings {
     pub broadcast_source_url: Option<String>,
     pub broadcast_source_token: Option<String>,
     pub broadcast_poll_interval: Duration,
+    /// Keys of the registration API's secrets; the first issues new ones.
+    pub bridge_auth_keys: Vec<String>,
+    /// autopush-rs's keys: secrets it issued still verify, none are issued.
+    pub autopush_auth_keys: Vec<String>,
     /// The FCM and APNs bridges, from the config file's `[bridges]` table.
     pub bridges: BridgeSettings,
 }
@@ -380,6 +387,9 @@ impl std::error::Error for ConfigError {}
 /// file", "environment", "flag"), the later layers winning.
 struct Layered {
     values: BTreeMap<&'static str, (String, &'static str)>,
+    /// The config file's `[bridges]` table: tables, not one value, so it is
+    /// read apart from the flat settings (`parse_bridges`).
+    bridges: Option<toml::Value>,
 }
 
 impl Layered {
@@ -390,6 +400,7 @@ impl Layered {
                 .iter()
                 .map(|s| (s.name, (s.default_text().to_string(), "default")))
                 .collect(),
+            bridges: None,
         };
         if let Some(path) = &args.config {
             l.read_config_file(path)?;
@@ -421,6 +432,10 @@ impl Layered {
         let table: toml::Table = toml::from_str(&text)
             .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.message())))?;
         for (key, value) in table {
+            if key == "bridges" {
+                self.bridges = Some(value);
+                continue;
+            }
             let name = setting_named(&key).map(|s| s.name).ok_or_else(|| {
                 ConfigError(format!(
                     "config file {}: unknown setting `{key}`",
@@ -526,12 +541,24 @@ impl Settings {
             broadcast_source_url: l.opt("broadcast_source_url", parse_source_url)?,
             broadcast_source_token: l.opt("broadcast_source_token", parse_trimmed)?,
             broadcast_poll_interval: l.get("broadcast_poll_interval", parse_positive_duration)?,
-            bridges: BridgeSettings::default(),
+            bridge_auth_keys: l
+                .opt("bridge_auth_keys", parse_broadcast_tokens)?
+                .unwrap_or_default(),
+            autopush_auth_keys: l
+                .opt("autopush_auth_keys", parse_autopush_auth_keys)?
+                .unwrap_or_default(),
+            bridges: parse_bridges(l.bridges.as_ref())?,
         })
     }
 
     /// Rules that span settings.
     fn check_combinations(&self) -> Result<(), ConfigError> {
+        let bridged = !self.bridges.fcm.is_empty() || !self.bridges.apns.is_empty();
+        if bridged && self.bridge_auth_keys.is_empty() {
+            return Err(ConfigError(
+                "setting `bridge_auth_keys`: required with a [bridges.fcm.*] or [bridges.apns.*] table (the registration API signs its secrets with it)".into(),
+            ));
+        }
         if self.store == StoreKind::Redis {
             if self.redis_url.is_none() {
                 return Err(ConfigError(
@@ -787,6 +814,215 @@ fn parse_public_url(v: &str) -> Result<PublicUrl, String> {
     Ok(PublicUrl {
         base: v.to_string(),
         origin: origin.to_ascii_lowercase(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The `[bridges.fcm.<app_id>]` and `[bridges.apns.<app_id>]` tables
+// ---------------------------------------------------------------------------
+
+/// `--help`'s part on the bridge tables, which are no flat settings (and so
+/// have no environment variable).
+const BRIDGES_HELP: &str = "\nBridges to mobile devices (config file only; one table per app_id of the registration API):\n  \
+[bridges.fcm.<app_id>]   project_id, credentials (service-account JSON file), base_url [default: https://fcm.googleapis.com], ca\n  \
+[bridges.apns.<app_id>]  topic, sandbox [default: false], base_url [default: per sandbox], ca, and either\n                           \
+team_id, key_id, key (.p8 file) or certificate, key (PEM client certificate and key)\n";
+
+const FCM_BASE_URL: &str = "https://fcm.googleapis.com";
+const APNS_BASE_URL: &str = "https://api.push.apple.com";
+const APNS_SANDBOX_BASE_URL: &str = "https://api.sandbox.push.apple.com";
+
+/// autopush-rs's `auth_keys` as it is written there (`["k1","k2"]`: quotes
+/// and spaces dropped, brackets around) or as a plain comma-separated list.
+fn parse_autopush_auth_keys(v: &str) -> Result<Vec<String>, String> {
+    let bare: String = v.chars().filter(|c| *c != '"' && *c != ' ').collect();
+    let inner = bare
+        .strip_prefix('[')
+        .and_then(|b| b.strip_suffix(']'))
+        .unwrap_or(&bare);
+    let keys = comma_list(inner);
+    if keys.is_empty() {
+        return Err("expected at least one key".into());
+    }
+    Ok(keys)
+}
+
+/// One bridge table's fields, each taken once; what is left over is an
+/// unknown field. `at` is the table's dotted name for errors.
+struct Fields {
+    at: String,
+    table: toml::Table,
+}
+
+impl Fields {
+    fn new(at: String, v: &toml::Value) -> Result<Fields, ConfigError> {
+        match v {
+            toml::Value::Table(t) => Ok(Fields {
+                at,
+                table: t.clone(),
+            }),
+            _ => Err(ConfigError(format!("setting `{at}`: expected a table"))),
+        }
+    }
+
+    fn err(&self, field: &str, what: impl std::fmt::Display) -> ConfigError {
+        ConfigError(format!(
+            "setting `{}.{field}` (config file): {what}",
+            self.at
+        ))
+    }
+
+    fn text(&mut self, field: &str) -> Result<Option<String>, ConfigError> {
+        match self.table.remove(field) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+            Some(_) => Err(self.err(field, "expected non-empty text")),
+        }
+    }
+
+    fn required(&mut self, field: &str) -> Result<String, ConfigError> {
+        self.text(field)?
+            .ok_or_else(|| self.err(field, "missing (required)"))
+    }
+
+    /// A file Herald must read at start: it must exist and be readable now,
+    /// so a wrong path stops Herald here rather than failing every push.
+    fn file(&mut self, field: &str) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(path) = self.text(field)?.map(PathBuf::from) else {
+            return Ok(None);
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(self.err(field, format!("{} is not a file", path.display()))),
+            Err(e) => return Err(self.err(field, format!("{}: {e}", path.display()))),
+        }
+        if let Err(e) = std::fs::File::open(&path) {
+            return Err(self.err(field, format!("{} is unreadable: {e}", path.display())));
+        }
+        Ok(Some(path))
+    }
+
+    fn required_file(&mut self, field: &str) -> Result<PathBuf, ConfigError> {
+        self.file(field)?
+            .ok_or_else(|| self.err(field, "missing (required)"))
+    }
+
+    fn base_url(&mut self, default: &str) -> Result<String, ConfigError> {
+        match self.text("base_url")? {
+            None => Ok(default.to_string()),
+            Some(u) => parse_source_url(&u)
+                .map(|u| u.trim_end_matches('/').to_string())
+                .map_err(|e| self.err("base_url", e)),
+        }
+    }
+
+    fn bool(&mut self, field: &str) -> Result<bool, ConfigError> {
+        match self.table.remove(field) {
+            None => Ok(false),
+            Some(toml::Value::Boolean(b)) => Ok(b),
+            Some(_) => Err(self.err(field, "expected true or false")),
+        }
+    }
+
+    /// Refuses what no rule took: a misspelt field would otherwise be
+    /// ignored without a word.
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.table.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(ConfigError(format!(
+                "setting `{}.{k}` (config file): unknown field",
+                self.at
+            ))),
+        }
+    }
+}
+
+/// `[bridges]`: `fcm` and `apns`, each a table of apps by `app_id`.
+fn parse_bridges(v: Option<&toml::Value>) -> Result<BridgeSettings, ConfigError> {
+    let mut out = BridgeSettings::default();
+    let Some(v) = v else {
+        return Ok(out);
+    };
+    let Some(kinds) = v.as_table() else {
+        return Err(ConfigError("setting `bridges`: expected a table".into()));
+    };
+    for (kind, apps) in kinds {
+        let Some(apps) = apps.as_table() else {
+            return Err(ConfigError(format!(
+                "setting `bridges.{kind}`: expected a table of apps"
+            )));
+        };
+        for (app_id, table) in apps {
+            let fields = Fields::new(format!("bridges.{kind}.{app_id}"), table)?;
+            match kind.as_str() {
+                "fcm" => out.fcm.push(parse_fcm(app_id, fields)?),
+                "apns" => out.apns.push(parse_apns(app_id, fields)?),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "setting `bridges.{kind}`: unknown bridge (use fcm or apns)"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_fcm(app_id: &str, mut f: Fields) -> Result<FcmBridgeSettings, ConfigError> {
+    let s = FcmBridgeSettings {
+        app_id: app_id.to_string(),
+        project_id: f.required("project_id")?,
+        credentials: f.required_file("credentials")?,
+        base_url: f.base_url(FCM_BASE_URL)?,
+        ca: f.file("ca")?,
+    };
+    f.finish()?;
+    Ok(s)
+}
+
+fn parse_apns(app_id: &str, mut f: Fields) -> Result<ApnsBridgeSettings, ConfigError> {
+    let topic = f.required("topic")?;
+    let sandbox = f.bool("sandbox")?;
+    let base_url = f.base_url(if sandbox {
+        APNS_SANDBOX_BASE_URL
+    } else {
+        APNS_BASE_URL
+    })?;
+    let ca = f.file("ca")?;
+    let token = ["team_id", "key_id"]
+        .iter()
+        .any(|k| f.table.contains_key(*k));
+    let auth = match (token, f.table.contains_key("certificate")) {
+        (true, true) => {
+            return Err(f.err(
+                "certificate",
+                "set either team_id, key_id and key (provider token) or certificate and key (client certificate), not both",
+            ))
+        }
+        (false, false) => {
+            return Err(f.err(
+                "team_id",
+                "missing: set team_id, key_id and key (provider token), or certificate and key (client certificate)",
+            ))
+        }
+        (true, false) => ApnsAuth::Token {
+            team_id: f.required("team_id")?,
+            key_id: f.required("key_id")?,
+            key: f.required_file("key")?,
+        },
+        (false, true) => ApnsAuth::Certificate {
+            certificate: f.required_file("certificate")?,
+            key: f.required_file("key")?,
+        },
+    };
+    f.finish()?;
+    Ok(ApnsBridgeSettings {
+        app_id: app_id.to_string(),
+        topic,
+        sandbox,
+        base_url,
+        auth,
+        ca,
     })
 }
 
@@ -1139,6 +1375,100 @@ mod tests {
         assert_eq!(u.base, "https://push.example.com:443/prefix");
         let u = parse_public_url("http://localhost:8080").unwrap();
         assert_eq!(u.origin, "http://localhost:8080");
+    }
+
+    /// Loads `toml` as the config file, with the files it names created
+    /// in `dir` first.
+    fn load_file(dir: &std::path::Path, toml: &str) -> Result<Settings, ConfigError> {
+        for f in ["sa.json", "key.p8", "cert.pem", "ca.pem"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let file = dir.join("h.toml");
+        std::fs::write(&file, toml.replace("DIR", &dir.display().to_string())).unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        Settings::load(&args, &BTreeMap::new())
+    }
+
+    const KEYS: &str =
+        "bridge_auth_keys = [\"0123456789abcdef-first\", \"0123456789abcdef-old\"]\n";
+
+    #[test]
+    fn bridge_tables_are_read_with_their_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load_file(
+            dir.path(),
+            &format!(
+                "{KEYS}autopush_auth_keys = '[\"k1\", \"k2\"]'\n\
+                 [bridges.fcm.fenix]\nproject_id = \"p1\"\ncredentials = \"DIR/sa.json\"\n\
+                 [bridges.fcm.beta]\nproject_id = \"p2\"\ncredentials = \"DIR/sa.json\"\nbase_url = \"http://127.0.0.1:9/\"\nca = \"DIR/ca.pem\"\n\
+                 [bridges.apns.firefox]\ntopic = \"org.mozilla.ios.Firefox\"\nteam_id = \"T\"\nkey_id = \"K\"\nkey = \"DIR/key.p8\"\n\
+                 [bridges.apns.beta]\ntopic = \"b\"\nsandbox = true\ncertificate = \"DIR/cert.pem\"\nkey = \"DIR/key.p8\"\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(s.bridge_auth_keys.len(), 2);
+        assert_eq!(s.autopush_auth_keys, ["k1", "k2"]);
+        let fcm: Vec<_> = s
+            .bridges
+            .fcm
+            .iter()
+            .map(|f| (f.app_id.as_str(), f.base_url.as_str()))
+            .collect();
+        assert!(
+            fcm.contains(&("fenix", "https://fcm.googleapis.com")),
+            "{fcm:?}"
+        );
+        assert!(fcm.contains(&("beta", "http://127.0.0.1:9")), "{fcm:?}");
+        let apns = |id: &str| {
+            s.bridges
+                .apns
+                .iter()
+                .find(|a| a.app_id == id)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(apns("firefox").base_url, "https://api.push.apple.com");
+        assert!(
+            matches!(apns("firefox").auth, ApnsAuth::Token { ref team_id, .. } if team_id == "T")
+        );
+        assert_eq!(apns("beta").base_url, "https://api.sandbox.push.apple.com");
+        assert!(matches!(apns("beta").auth, ApnsAuth::Certificate { .. }));
+    }
+
+    #[test]
+    fn bad_bridge_tables_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let fcm = "[bridges.fcm.fenix]\nproject_id = \"p\"\n";
+        let apns = "[bridges.apns.ios]\ntopic = \"t\"\n";
+        for (toml, named) in [
+            (format!("{KEYS}{fcm}"), "`bridges.fcm.fenix.credentials`"),
+            (format!("{KEYS}{fcm}credentials = \"DIR/nope.json\"\n"), "`bridges.fcm.fenix.credentials`"),
+            (format!("{KEYS}{fcm}credentials = \"DIR\"\n"), "`bridges.fcm.fenix.credentials`"),
+            (format!("{KEYS}{fcm}credentials = \"DIR/sa.json\"\nprojectid = \"x\"\n"), "`bridges.fcm.fenix.projectid`"),
+            (format!("{KEYS}{fcm}credentials = \"DIR/sa.json\"\nca = \"DIR/none.pem\"\n"), "`bridges.fcm.fenix.ca`"),
+            (format!("{KEYS}{apns}"), "`bridges.apns.ios.team_id`"),
+            (format!("{KEYS}{apns}team_id = \"T\"\nkey = \"DIR/key.p8\"\n"), "`bridges.apns.ios.key_id`"),
+            (format!("{KEYS}{apns}team_id = \"T\"\nkey_id = \"K\"\nkey = \"DIR/gone.p8\"\n"), "`bridges.apns.ios.key`"),
+            (format!("{KEYS}{apns}team_id = \"T\"\nkey_id = \"K\"\nkey = \"DIR/key.p8\"\ncertificate = \"DIR/cert.pem\"\n"), "`bridges.apns.ios.certificate`"),
+            (format!("{KEYS}[bridges.adm.x]\n"), "`bridges.adm`"),
+            (format!("{fcm}credentials = \"DIR/sa.json\"\n"), "`bridge_auth_keys`"),
+        ] {
+            let err = load_file(dir.path(), &toml).expect_err(&toml);
+            assert!(err.0.contains(named), "{toml}\n=> {err}");
+        }
+    }
+
+    #[test]
+    fn autopush_auth_keys_take_autopush_s_form_and_a_plain_list() {
+        assert_eq!(
+            parse_autopush_auth_keys(r#"["a=", "b"]"#).unwrap(),
+            ["a=", "b"]
+        );
+        assert_eq!(parse_autopush_auth_keys("a,b").unwrap(), ["a", "b"]);
+        assert!(parse_autopush_auth_keys("[]").is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub bridge_retries: IntCounterVec,
     pub bridge_token_refreshes: IntCounterVec,
     pub bridge_drops: IntCounterVec,
+    pub registrations: IntCounterVec,
 }
 
 /// A metric's name, help text and label names.
@@ -258,6 +259,13 @@ const BRIDGE_DROPS: Def = Def {
     labels: &["bridge", "app", "reason"],
 };
 
+// The registration API of mobile user agents.
+const REGISTRATIONS: Def = Def {
+    name: "herald_registrations_total",
+    help: "Registration API calls by bridge, operation (register, update, get, unregister, subscribe, unsubscribe) and outcome (ok, refused, unauthorized, gone, error).",
+    labels: &["bridge", "op", "outcome"],
+};
+
 /// Builds metrics from their definitions into one registry.
 struct Registrar<'a>(&'a Registry);
 
@@ -328,6 +336,7 @@ impl Metrics {
             bridge_retries: r.counter_vec(BRIDGE_RETRIES),
             bridge_token_refreshes: r.counter_vec(BRIDGE_TOKEN_REFRESHES),
             bridge_drops: r.counter_vec(BRIDGE_DROPS),
+            registrations: r.counter_vec(REGISTRATIONS),
             registry,
         }
     }

@@ -535,6 +535,8 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
             1 => Err(ApiError::method_not_allowed()),
             _ => Err(ApiError::not_found()),
         }
+    } else if crate::registration::claims(&path) {
+        crate::registration::handle(&app, req).await
     } else {
         operator_api(&app, method, &segments, req).await
     };

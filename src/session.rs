@@ -12,10 +12,10 @@
 use crate::app::App;
 use crate::broadcast::{Snapshot, Subscriptions};
 use crate::mailbox::Mailbox;
-use crate::store::{now_secs, ChannelRecord, Message, Outcome, UserRecord};
-use crate::token::{key_hash, MessageId};
+use crate::store::{now_secs, Message, Outcome, UserRecord};
+use crate::subscription::{add_channel, endpoint_url, parse_app_server_key, Added};
+use crate::token::MessageId;
 use herald_proto::ack::AckCode;
-use herald_proto::b64::decode_b64url;
 use herald_proto::ids::{parse_channel_id, Uaid};
 use herald_proto::protocol::{Broadcasts, ClientMessage, ServerMessage, PING};
 use herald_proto::urgency::Urgency;
@@ -468,67 +468,29 @@ impl Session {
         };
         let key_hash = match key {
             None => None,
-            Some(k) => match decode_b64url(k)
-                .filter(|raw| raw.len() == 65 && p256::PublicKey::from_sec1_bytes(raw).is_ok())
-            {
-                Some(raw) => Some(key_hash(&raw)),
+            Some(k) => match parse_app_server_key(k) {
+                Some(hash) => Some(hash),
                 None => {
                     out.push(reply(status::BAD_REQUEST, None));
                     return;
                 }
             },
         };
-        let persisted = self.persisted;
-        let result: crate::store::StoreResult<u16> = async {
-            match app.store.get_channel(&uaid, &channel).await? {
-                // Same subscription asked for again: hand out its endpoint.
-                Some(rec) if rec.key_hash == key_hash => Ok(status::OK),
-                Some(_) => Ok(status::KEY_CONFLICT),
-                None => {
-                    let max = app.settings.max_channels_per_uaid;
-                    if app.store.count_channels(&uaid, max).await? >= max {
-                        return Ok(status::TOO_MANY_CHANNELS);
-                    }
-                    if !persisted {
-                        // The first subscription of a user agent that said
-                        // hello without a uaid: now it is worth a record.
-                        let user = UserRecord {
-                            created: now,
-                            last_seen: now,
-                            router: None,
-                        };
-                        app.metrics
-                            .time("put_user", app.store.put_user(&uaid, &user))
-                            .await?;
-                    }
-                    let rec = ChannelRecord {
-                        key_hash,
-                        created: now,
-                    };
-                    app.metrics
-                        .time("put_channel", app.store.put_channel(&uaid, &channel, &rec))
-                        .await?;
-                    Ok(status::OK)
-                }
-            }
-        }
-        .await;
-        match result {
-            Ok(status::OK) => {
+        // The first subscription of a user agent that said hello without a
+        // uaid: now it is worth a record.
+        let user = (!self.persisted).then_some(UserRecord {
+            created: now,
+            last_seen: now,
+            router: None,
+        });
+        match add_channel(app, &uaid, &channel, key_hash, now, user.as_ref()).await {
+            Ok(Added::Subscribed) => {
                 self.persisted = true;
-                let (version, token) = app.tokens.endpoint_token(&crate::token::EndpointToken {
-                    uaid,
-                    channel,
-                    key_hash,
-                });
-                let v = match version {
-                    crate::token::ApiVersion::V1 => "v1",
-                    crate::token::ApiVersion::V2 => "v2",
-                };
-                let endpoint = format!("{}/wpush/{v}/{token}", app.settings.public_url.base);
+                let endpoint = endpoint_url(app, uaid, channel, key_hash);
                 out.push(reply(status::OK, Some(endpoint)));
             }
-            Ok(code) => out.push(reply(code, None)),
+            Ok(Added::KeyConflict) => out.push(reply(status::KEY_CONFLICT, None)),
+            Ok(Added::TooMany(_)) => out.push(reply(status::TOO_MANY_CHANNELS, None)),
             Err(e) => {
                 tracing::error!("register: {e}");
                 out.push(reply(status::INTERNAL, None));

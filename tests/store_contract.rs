@@ -275,6 +275,12 @@ async fn channels_and_their_removal(e: Engine) {
     assert_eq!(s.get_channel(&u, &missing).await.unwrap(), None);
     assert_eq!(s.count_channels(&u, 10).await.unwrap(), 2);
     assert_eq!(s.count_channels(&u, 1).await.unwrap(), 1);
+    let mut listed = e.peer.list_channels(&u).await.unwrap();
+    listed.sort();
+    let mut both = vec![c1, c2];
+    both.sort();
+    assert_eq!(listed, both, "every channel listed, from any node");
+    assert!(s.list_channels(&Uaid::random()).await.unwrap().is_empty());
     // Re-registering overwrites.
     s.put_channel(&u, &c1, &r2).await.unwrap();
     assert_eq!(s.get_channel(&u, &c1).await.unwrap(), Some(r2));
@@ -292,6 +298,7 @@ async fn channels_and_their_removal(e: Engine) {
     assert!(!s.remove_channel(&u, &missing).await.unwrap());
     assert_eq!(s.get_channel(&u, &c1).await.unwrap(), None);
     assert_eq!(s.count_channels(&u, 10).await.unwrap(), 1);
+    assert_eq!(s.list_channels(&u).await.unwrap(), vec![c2]);
     assert_eq!(seqs(s, &u).await, vec![keep.seq]);
     assert_eq!(s.count_messages(&u, now_secs(), 10).await.unwrap(), 1);
     if let Some(raw) = &e.raw {

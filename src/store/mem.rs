@@ -185,6 +185,14 @@ impl Store for MemStore {
         Ok(n.min(limit))
     }
 
+    async fn list_channels(&self, uaid: &Uaid) -> StoreResult<Vec<ChannelId>> {
+        let s = self.state();
+        Ok(s.agents
+            .get(uaid)
+            .map(|a| a.channels.keys().copied().collect())
+            .unwrap_or_default())
+    }
+
     fn next_seq(&self) -> u64 {
         next_after(&self.seq)
     }

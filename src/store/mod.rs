@@ -229,6 +229,9 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool>;
     /// Counts subscriptions, stopping at `limit`.
     async fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize>;
+    /// Every subscription of the user agent (the registration API's channel
+    /// list), in no particular order.
+    async fn list_channels(&self, uaid: &Uaid) -> StoreResult<Vec<ChannelId>>;
 
     /// A fresh, increasing message sequence number.
     fn next_seq(&self) -> u64;

@@ -692,6 +692,27 @@ impl Store for RedisStore {
         Ok(n.min(limit))
     }
 
+    async fn list_channels(&self, uaid: &Uaid) -> StoreResult<Vec<ChannelId>> {
+        let fields: Vec<Vec<u8>> = self
+            .query(
+                "list_channels",
+                redis::cmd("HKEYS").arg(Keys::new(uaid).channels()),
+            )
+            .await?;
+        fields
+            .iter()
+            .map(|f| {
+                <[u8; 16]>::try_from(f.as_slice())
+                    .map(ChannelId::from_bytes)
+                    .map_err(|_| {
+                        StoreError::Corrupt(
+                            "redis list_channels: a channel field is not 16 bytes".into(),
+                        )
+                    })
+            })
+            .collect()
+    }
+
     /// Wall-clock microseconds, forced to increase within this process.
     /// Nodes may hand out the same number; `put_message` detects that.
     fn next_seq(&self) -> u64 {

@@ -494,6 +494,17 @@ impl Rocks {
         Ok(existed)
     }
 
+    pub fn list_channels(&self, uaid: &Uaid) -> StoreResult<Vec<ChannelId>> {
+        let mut out = Vec::new();
+        self.for_prefix(CHANNELS, &uaid.0, |k, _| {
+            if let Some(c) = k.get(16..32).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                out.push(ChannelId::from_bytes(c));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
     pub fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
         let mut n = 0;
         self.for_prefix(CHANNELS, &uaid.0, |_, _| {
@@ -787,6 +798,10 @@ impl Store for RocksStore {
 
     async fn count_channels(&self, uaid: &Uaid, limit: usize) -> StoreResult<usize> {
         self.db()?.count_channels(uaid, limit)
+    }
+
+    async fn list_channels(&self, uaid: &Uaid) -> StoreResult<Vec<ChannelId>> {
+        self.db()?.list_channels(uaid)
     }
 
     fn next_seq(&self) -> u64 {

@@ -175,6 +175,28 @@ pub(crate) const METRICS: &[(&str, MetricType, &[Label])] = &[
             ("reason", &["gone", "rejected", "expired"]),
         ],
     ),
+    (
+        "herald_registrations_total",
+        MetricType::Counter,
+        &[
+            ("bridge", &["fcm", "apns"]),
+            (
+                "op",
+                &[
+                    "register",
+                    "update",
+                    "get",
+                    "unregister",
+                    "subscribe",
+                    "unsubscribe",
+                ],
+            ),
+            (
+                "outcome",
+                &["ok", "refused", "unauthorized", "gone", "error"],
+            ),
+        ],
+    ),
 ];
 
 /// Labels Prometheus adds to every scraped series.

@@ -11,6 +11,7 @@ pub enum Errno {
     UserGone = 103,
     TooLarge = 104,
     SubscriptionGone = 106,
+    InvalidRegistration = 108,
     Unauthorized = 109,
     InvalidCrypto = 110,
     MissingTtl = 111,
@@ -36,12 +37,13 @@ pub enum Errno {
 }
 
 impl Errno {
-    pub const ALL: [Errno; 27] = [
+    pub const ALL: [Errno; 28] = [
         Errno::MissingCrypto,
         Errno::InvalidEndpoint,
         Errno::UserGone,
         Errno::TooLarge,
         Errno::SubscriptionGone,
+        Errno::InvalidRegistration,
         Errno::Unauthorized,
         Errno::InvalidCrypto,
         Errno::MissingTtl,
