@@ -95,3 +95,4 @@ test-deps: deps
 	./scripts/install-firefox.sh
 	./scripts/redis.sh install
 	./scripts/install-checkers.sh
+	./scripts/install-test-tools.sh

@@ -148,6 +148,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("max_receipt_streams", Kind::Int, DefaultValue::Value("10000"), "most receipt event streams a node holds open at once; beyond it readers get 429"),
     setting("receipt_stream_lifetime", Kind::Duration, DefaultValue::Value("1h"), "longest a receipt event stream stays open; it then ends and the reader resumes with Last-Event-ID"),
     setting("worker_threads", Kind::Int, DefaultValue::Derived("one per core"), "threads running connections and requests; unset: one per core"),
+    setting("autopush_crypto_keys", Kind::Keys, DefaultValue::Unset, "autopush-rs's CRYPTO_KEYS ([k1,k2], Fernet keys): its /wpush/ endpoint URLs keep working; unset: only Herald's own endpoints are accepted"),
 ];
 
 /// Variables other `herald` commands read (`herald send`, `listen`, `demo`,
@@ -312,6 +313,8 @@ pub struct Settings {
     pub autopush_auth_keys: Vec<String>,
     /// The FCM and APNs bridges, from the config file's `[bridges]` table.
     pub bridges: BridgeSettings,
+    /// Opens endpoint tokens autopush-rs issued; None: only Herald's own.
+    pub autopush_crypto_keys: Option<crate::autopush_token::AutopushTokens>,
 }
 
 /// The upstreams mobile user agents are reached through, one entry per
@@ -548,6 +551,10 @@ impl Settings {
                 .opt("autopush_auth_keys", parse_autopush_auth_keys)?
                 .unwrap_or_default(),
             bridges: parse_bridges(l.bridges.as_ref())?,
+            autopush_crypto_keys: l.opt(
+                "autopush_crypto_keys",
+                crate::autopush_token::AutopushTokens::parse,
+            )?,
         })
     }
 

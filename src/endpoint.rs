@@ -36,18 +36,43 @@ struct PushRequest {
     receipt: Option<ReceiptRequest>,
 }
 
+/// How an endpoint URL names its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointPath {
+    /// `/wpush/v1/<token>` or `/wpush/v2/<token>`.
+    Versioned(ApiVersion),
+    /// `/wpush/<token>`: autopush-rs's oldest form, which it read as v1.
+    /// Herald never issued it.
+    AutopushLegacy,
+}
+
+/// The subscription an endpoint names. Herald's own tokens first; then,
+/// with `autopush_crypto_keys` set, autopush-rs's (told apart by length,
+/// see `autopush_token::has_autopush_shape`). A token neither opens is
+/// answered exactly as a forged Herald token.
+fn open_target(app: &App, path: EndpointPath, token: &str) -> Result<EndpointToken, ApiError> {
+    let autopush = app.settings.autopush_crypto_keys.as_ref();
+    let opened = match path {
+        EndpointPath::Versioned(v) => app
+            .tokens
+            .open_endpoint(v, token)
+            .or_else(|| autopush.and_then(|a| a.open_endpoint(v, token))),
+        EndpointPath::AutopushLegacy => {
+            autopush.and_then(|a| a.open_endpoint(ApiVersion::V1, token))
+        }
+    };
+    opened.ok_or_else(ApiError::invalid_endpoint)
+}
+
 /// `POST /wpush/{v1,v2}/<token>`: parse, authorise, read the body, check
 /// the subscription, persist, route, answer.
 pub async fn push(
     app: &Arc<App>,
-    version: ApiVersion,
+    path: EndpointPath,
     token: &str,
     req: http::Request<Incoming>,
 ) -> Result<Response, ApiError> {
-    let target = app
-        .tokens
-        .open_endpoint(version, token)
-        .ok_or_else(ApiError::invalid_endpoint)?;
+    let target = open_target(app, path, token)?;
     let (parts, body) = req.into_parts();
     let h = &parts.headers;
     let request = parse(app, h)?;
@@ -256,10 +281,8 @@ pub async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
 }
 
 /// `GET /wpush/...`: UnifiedPush server discovery.
-pub fn discovery(app: &App, version: ApiVersion, token: &str) -> Result<Response, ApiError> {
-    app.tokens
-        .open_endpoint(version, token)
-        .ok_or_else(ApiError::invalid_endpoint)?;
+pub fn discovery(app: &App, path: EndpointPath, token: &str) -> Result<Response, ApiError> {
+    open_target(app, path, token)?;
     Ok(json(
         StatusCode::OK,
         r#"{"unifiedpush":{"version":1}}"#.to_string(),

@@ -18,6 +18,7 @@
 pub mod aesgcm;
 pub mod app;
 pub mod appserver;
+pub mod autopush_token;
 pub mod bridge;
 pub mod broadcast;
 pub mod config;

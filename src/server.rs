@@ -430,7 +430,8 @@ const SOURCE: &str = match env!("CARGO_PKG_REPOSITORY").as_bytes() {
 
 /// Where user agents open their websocket: exactly this path, with Upgrade.
 pub const WEBSOCKET_PATH: &str = "/";
-/// Push endpoints: `POST|GET /wpush/v1|v2/<token>`.
+/// Push endpoints: `POST|GET /wpush/v1|v2/<token>`, and `/wpush/<token>`
+/// (autopush-rs's legacy v1) with `autopush_crypto_keys` set.
 const ENDPOINTS: &str = "/wpush/";
 /// Message resources (a push's Location): `DELETE|GET /m/<id>`.
 const MESSAGES: &str = "/m/";
@@ -512,14 +513,27 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
     let result = if let Some(rest) = path.strip_prefix(ENDPOINTS) {
         match (method, rest.split('/').collect::<Vec<_>>().as_slice()) {
             (Method::POST, [v, token]) => match api_version(v) {
-                Some(v) => endpoint::push(&app, v, token, req).await,
+                Some(v) => {
+                    endpoint::push(&app, endpoint::EndpointPath::Versioned(v), token, req).await
+                }
                 None => Err(ApiError::invalid_endpoint()),
             },
             (Method::GET, [v, token]) => match api_version(v) {
-                Some(v) => endpoint::discovery(&app, v, token),
+                Some(v) => endpoint::discovery(&app, endpoint::EndpointPath::Versioned(v), token),
                 None => Err(ApiError::invalid_endpoint()),
             },
             (_, [_, _]) => Err(ApiError::method_not_allowed()),
+            // autopush-rs's unversioned endpoints exist only where its
+            // tokens are accepted at all.
+            (method, [token]) if app.settings.autopush_crypto_keys.is_some() => match method {
+                Method::POST => {
+                    endpoint::push(&app, endpoint::EndpointPath::AutopushLegacy, token, req).await
+                }
+                Method::GET => {
+                    endpoint::discovery(&app, endpoint::EndpointPath::AutopushLegacy, token)
+                }
+                _ => Err(ApiError::method_not_allowed()),
+            },
             _ => Err(ApiError::not_found()),
         }
     } else if let Some(rest) = path.strip_prefix(MESSAGES) {

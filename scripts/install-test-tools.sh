@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs, only when missing, the Debian packages tests use as independent
+# implementations of what Herald does itself:
+#
+#   python3-cryptography  Fernet, to mint autopush-rs endpoint tokens the
+#                         way autopush-rs did (tests/autopush_tokens.rs runs
+#                         /usr/bin/python3, the interpreter this package is for)
+set -euo pipefail
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+need=()
+for p in python3 python3-cryptography; do have_pkg "$p" || need+=("$p"); done
+[ "${#need[@]}" -gt 0 ] || exit 0
+echo "installing: ${need[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
