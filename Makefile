@@ -94,4 +94,5 @@ dist-deps:
 test-deps: deps
 	./scripts/install-firefox.sh
 	./scripts/redis.sh install
+	./scripts/install-postgres.sh
 	./scripts/install-checkers.sh
