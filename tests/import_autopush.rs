@@ -141,6 +141,15 @@ fn desktop(keys: &UaKeys, t: u64) -> (UserAgent, Uuid, Uuid) {
     (ua, c1, c2)
 }
 
+/// The route stored for `uaid` in a stopped Herald's RocksDB.
+async fn stored_route(h: &Herald, uaid: Uuid) -> Option<herald::store::BridgeRoute> {
+    use herald::store::Store;
+    let store = herald::store::RocksStore::open(&h.data_dir.join("db"), false, None).unwrap();
+    let uaid = herald_proto::ids::Uaid(*uaid.as_bytes());
+    let user = store.get_user(&uaid).await.unwrap().expect("user imported");
+    user.router
+}
+
 async fn stopped_herald() -> Herald {
     let mut h = Herald::start().await;
     h.stop();
@@ -198,7 +207,7 @@ async fn redis_import_keeps_uaids_channels_and_pending_messages() {
     fcm.channels = vec![Uuid::new_v4()];
     let gcm = UserAgent::bridged("gcm", json!({"token": "gcm-token-1"}), t * 1000);
     let mut conn = redis.client();
-    autopush::write_redis(&mut conn, &[ua.clone(), fcm, gcm], false);
+    autopush::write_redis(&mut conn, &[ua.clone(), fcm.clone(), gcm], false);
     // A user agent autopush has forgotten: its user key expired, its list stayed.
     let _: () = ::redis::cmd("RPUSH")
         .arg(format!("autopush/channels/{}", Uuid::new_v4()))
@@ -223,6 +232,22 @@ async fn redis_import_keeps_uaids_channels_and_pending_messages() {
         "user agents (no user record (already expired in autopush)): 1",
     );
     assert!(h.data_dir.join(LEDGER).exists());
+    let route = stored_route(&h, fcm.uaid).await.expect("a bridged route");
+    assert_eq!(
+        (
+            route.kind,
+            route.app_id.as_str(),
+            route.token.as_str(),
+            route.aps
+        ),
+        (
+            herald::store::BridgeKind::Fcm,
+            "fenix",
+            "fcm-registration-token",
+            None
+        )
+    );
+    assert_eq!(stored_route(&h, ua.uaid).await, None);
 
     h.restart().await;
     takes_over(&h, &ua, &keys, c1, &["one", "two", "three", "four"]).await;
@@ -293,7 +318,7 @@ async fn postgres_import_keeps_uaids_channels_and_pending_messages() {
         t * 1000,
     );
     apns.channels = vec![Uuid::new_v4(), Uuid::new_v4()];
-    autopush::write_postgres(&client, Some("autopush"), &[ua.clone(), apns]).await;
+    autopush::write_postgres(&client, Some("autopush"), &[ua.clone(), apns.clone()]).await;
 
     let mut h = stopped_herald().await;
     let url = pg.url();
@@ -308,6 +333,21 @@ async fn postgres_import_keeps_uaids_channels_and_pending_messages() {
     has(&summary, "messages: 4 imported, 0 already imported");
     has(&summary, "messages (delivered before the import): 1");
     has(&summary, "messages (expired): 1");
+    let route = stored_route(&h, apns.uaid).await.expect("a bridged route");
+    assert_eq!(
+        (
+            route.kind,
+            route.app_id.as_str(),
+            route.token.as_str(),
+            route.aps.as_deref()
+        ),
+        (
+            herald::store::BridgeKind::Apns,
+            "firefox",
+            "apns-device-token",
+            Some("{\"mutable-content\":1}")
+        )
+    );
     h.restart().await;
     takes_over(&h, &ua, &keys, c1, &["one", "two", "three", "four"]).await;
     h.stop();
@@ -436,6 +476,22 @@ async fn records_it_does_not_understand_are_named() {
     let (code, err) = refused(&import(&h, "grpc://bigtable.example", &[]));
     assert_eq!(code, Some(2));
     assert!(err.contains("grpc://bigtable.example"), "{err}");
+}
+
+#[tokio::test]
+async fn a_running_herald_on_rocksdb_is_not_written_behind_its_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.jsonl");
+    let ua = UserAgent::webpush(now() * 1000);
+    std::fs::write(&file, format!("{}\n", ua.jsonl())).unwrap();
+    let h = Herald::start().await;
+    let (code, err) = refused(&import(&h, file.to_str().unwrap(), &[]));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("already in use by another herald process"),
+        "{err}"
+    );
+    assert!(!h.data_dir.join(LEDGER).exists());
 }
 
 #[tokio::test]

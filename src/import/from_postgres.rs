@@ -92,7 +92,7 @@ impl PostgresSource {
     pub async fn open(dsn: &str, schema: Option<&str>) -> anyhow::Result<PostgresSource> {
         let (client, connection) = tokio_postgres::connect(dsn, NoTls)
             .await
-            .with_context(|| format!("connecting to {}", redact(dsn)))?;
+            .with_context(|| format!("connecting to {}", super::redact(dsn)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::error!("postgres connection: {e}");
@@ -273,18 +273,6 @@ fn message_row(r: &Row) -> Result<ImportedMessage, String> {
     })
 }
 
-/// The DSN without its password, for messages.
-fn redact(dsn: &str) -> String {
-    match (dsn.find("://"), dsn.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &dsn[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}{}", &dsn[..s + 3], &dsn[at..])
-        }
-        _ => dsn.to_string(),
-    }
-}
-
 #[async_trait::async_trait]
 impl Source for PostgresSource {
     fn total(&self) -> Option<u64> {
@@ -335,8 +323,6 @@ mod tests {
             "aes128gcm"
         );
         assert!(parse_headers_text(Some("[1]")).is_err());
-        assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u@h:5/db");
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

@@ -192,11 +192,12 @@ pub struct RedisSource {
 
 impl RedisSource {
     pub async fn open(url: &str, summary: &mut Summary) -> anyhow::Result<RedisSource> {
-        let client = redis::Client::open(url).with_context(|| format!("Redis URL {url}"))?;
+        let shown = super::redact(url);
+        let client = redis::Client::open(url).with_context(|| format!("Redis URL {shown}"))?;
         let mut conn = client
             .get_multiplexed_async_connection()
             .await
-            .with_context(|| format!("connecting to {url}"))?;
+            .with_context(|| format!("connecting to {shown}"))?;
         let mut users = BTreeMap::new();
         let mut others = BTreeSet::new();
         for key in scan(&mut conn).await? {
@@ -238,6 +239,9 @@ impl RedisSource {
         let bad = |e: String| anyhow::anyhow!("Redis key {key}: {e}");
         let user = parse_user(&json).map_err(bad)?;
         let uaid = parse_uaid(&user.uaid).map_err(bad)?;
+        if parse_uaid(u).ok() != Some(uaid) {
+            return Err(bad(format!("holds the record of uaid {}", user.uaid)));
+        }
         let route = match parse_route(&user.router_type, user.router_data.as_ref()).map_err(bad)? {
             Routed::Route(r) => r,
             Routed::Skip(reason) => {

@@ -183,9 +183,28 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// A source URL without its password, for messages and the summary.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u@h:5/db");
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://@h:6379/0");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
 
     #[test]
     fn from_names_its_source() {
