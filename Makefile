@@ -94,5 +94,6 @@ dist-deps:
 test-deps: deps
 	./scripts/install-firefox.sh
 	./scripts/redis.sh install
+	./scripts/install-postgres.sh
 	./scripts/install-checkers.sh
 	./scripts/install-test-tools.sh

@@ -27,6 +27,7 @@ pub mod datadir;
 pub mod demo;
 pub mod endpoint;
 pub mod errors;
+pub mod import;
 pub mod link;
 pub mod listen;
 pub mod mailbox;

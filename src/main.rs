@@ -33,6 +33,9 @@ enum Command {
     Broadcast(herald::broadcast::cli::BroadcastCommand),
     /// Receive pushes on this machine: subscribe, then print or handle each message.
     Listen(herald::listen::ListenArgs),
+    /// Take over another push service's stored user agents, subscriptions and messages.
+    #[command(subcommand)]
+    Import(herald::import::ImportCommand),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => herald::demo::run(args),
         Command::Broadcast(cmd) => herald::broadcast::cli::run(cmd),
         Command::Listen(args) => herald::listen::run(args),
+        Command::Import(cmd) => herald::import::run(cmd),
         Command::Keygen => {
             println!("{}", herald::token::generate_key());
             Ok(ExitCode::SUCCESS)
