@@ -1,5 +1,6 @@
 //! The state every connection and request shares.
 
+use crate::bridge::registry::Bridges;
 use crate::broadcast::Broadcaster;
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -27,6 +28,12 @@ pub struct App {
     pub shutdown: watch::Sender<bool>,
     /// Websocket connections open now (including those still before hello).
     pub connections: Arc<Occupancy>,
+    /// The upstreams (FCM, APNs) this node reaches bridged user agents
+    /// through; empty unless configured.
+    pub bridges: Bridges,
+    /// Bridged user agents this node is sending for now (see
+    /// `bridge::forward`); shutdown waits for them.
+    pub forwarding: Arc<Occupancy>,
 }
 
 impl App {
@@ -55,7 +62,15 @@ impl App {
             broadcaster,
             shutdown: watch::channel(false).0,
             connections: Occupancy::new(),
+            bridges: Bridges::default(),
+            forwarding: Occupancy::new(),
         }
+    }
+
+    /// Reaches bridged user agents through `bridges`.
+    pub fn with_bridges(mut self, bridges: Bridges) -> Self {
+        self.bridges = bridges;
+        self
     }
 
     /// Routes through `router` (several nodes) instead of this node only.

@@ -7,7 +7,7 @@ use crate::mailbox::{Mailbox, Refused};
 use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
 use crate::router::RouteResult;
-use crate::store::{now_secs, Message};
+use crate::store::{now_secs, BridgeRoute, Message};
 use crate::token::{ApiVersion, EndpointToken, KeyHash, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
@@ -82,7 +82,7 @@ pub async fn push(
         .map(|r| receipts::api::bind(r, sender, &app.tokens))
         .transpose()?;
     let (headers, data) = read_body(app, h, body).await?;
-    check_subscription(app, &target).await?;
+    let bridged = check_subscription(app, &target).await?;
 
     let mut message = Message {
         seq: app.store.next_seq(),
@@ -95,6 +95,9 @@ pub async fn push(
         data,
         receipt: receipt.is_some(),
     };
+    if let Some(route) = &bridged {
+        check_bridge(app, &target, route, &message)?;
+    }
     message.seq = Mailbox::of(app)
         .accept(
             &target.uaid,
@@ -111,7 +114,10 @@ pub async fn push(
         .with_label_values(&[message.urgency.as_str()])
         .inc();
     let (ttl, seq) = (message.ttl, message.seq);
-    route(app, &target.uaid, message).await;
+    match bridged {
+        Some(r) => crate::bridge::forward::accepted(app, target.uaid, r, message).await,
+        None => route(app, &target.uaid, message).await,
+    }
 
     let id = app.tokens.message_id(&MessageId {
         uaid: target.uaid,
@@ -216,18 +222,21 @@ async fn read_body(
 }
 
 /// The user agent is still known and the subscription still has the key
-/// the endpoint was issued for.
-async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), ApiError> {
+/// the endpoint was issued for. Returns the route of a bridged user agent.
+async fn check_subscription(
+    app: &App,
+    target: &EndpointToken,
+) -> Result<Option<BridgeRoute>, ApiError> {
     let store = &app.store;
     let user = app
         .metrics
         .time("get_user", store.get_user(&target.uaid))
         .await
         .map_err(ApiError::storage)?;
-    match user {
-        Some(u) if u.last_seen + app.settings.ua_expiry.as_secs() > now_secs() => {}
+    let router = match user {
+        Some(u) if u.last_seen + app.settings.ua_expiry.as_secs() > now_secs() => u.router,
         _ => return Err(ApiError::user_gone()),
-    }
+    };
     let channel = app
         .metrics
         .time(
@@ -240,6 +249,30 @@ async fn check_subscription(app: &App, target: &EndpointToken) -> Result<(), Api
     // endpoint.
     if channel.is_none_or(|c| c.key_hash != target.key_hash) {
         return Err(ApiError::subscription_gone());
+    }
+    Ok(router)
+}
+
+/// A bridged user agent is reachable only through a bridge this node has,
+/// and only with what fits that upstream's size limit (smaller than
+/// `max_message_bytes` once the bridge has wrapped the payload).
+fn check_bridge(
+    app: &App,
+    target: &EndpointToken,
+    route: &BridgeRoute,
+    message: &Message,
+) -> Result<(), ApiError> {
+    let Some(bridge) = app.bridges.get(route.kind, &route.app_id) else {
+        tracing::warn!(
+            uaid = %target.uaid.short(),
+            bridge = route.kind.as_str(),
+            app = %route.app_id,
+            "push refused: no bridge is configured for this bridged user agent's app"
+        );
+        return Err(ApiError::user_gone());
+    };
+    if !bridge.fits(message) {
+        return Err(ApiError::too_large_for_bridge(route.kind.as_str()));
     }
     Ok(())
 }

@@ -141,6 +141,17 @@ impl ApiError {
         )
     }
     // 413
+    /// The payload would not fit the bridge's upstream (FCM, APNs) once
+    /// wrapped for it: their limits are smaller than `max_message_bytes`.
+    pub fn too_large_for_bridge(bridge: &str) -> Self {
+        Self::new(
+            413,
+            Errno::TooLarge,
+            format!(
+                "payload too large for this subscription: its user agent is reached through {bridge}, whose 4096-byte limit leaves room for about 3000 bytes of encrypted payload"
+            ),
+        )
+    }
     pub fn too_large(max: usize) -> Self {
         Self::new(
             413,

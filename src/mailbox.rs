@@ -152,6 +152,25 @@ impl<'a> Mailbox<'a> {
         Ok(existed)
     }
 
+    /// A bridge's upstream (FCM, APNs) took a message: it is settled like
+    /// an acknowledgement, with the receipt `forwarded`. True when it was
+    /// still stored.
+    pub async fn forwarded(&self, uaid: &Uaid, message: &Message) -> StoreResult<bool> {
+        self.given_up(uaid, message, Outcome::Forwarded).await
+    }
+
+    /// A bridged message leaves without reaching its upstream (refused for
+    /// good, or out of time): its receipt is `outcome`, then it is deleted.
+    pub async fn given_up(
+        &self,
+        uaid: &Uaid,
+        message: &Message,
+        outcome: Outcome,
+    ) -> StoreResult<bool> {
+        let receipt = message.receipt.then_some(outcome);
+        self.acknowledge(uaid, message.seq, receipt).await
+    }
+
     /// The application server withdrew a message; false when it was no
     /// longer stored (delivered, expired or never there).
     pub async fn cancel(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {

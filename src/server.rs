@@ -2,6 +2,7 @@
 //! upkeep, and graceful shutdown.
 
 use crate::app::App;
+use crate::bridge::registry::Bridges;
 use crate::config::StoreKind;
 use crate::config::{LogFormat, ServeArgs, Settings};
 use crate::endpoint;
@@ -141,6 +142,14 @@ pub struct Server {
 
 impl Server {
     pub async fn start(settings: Settings) -> anyhow::Result<Server> {
+        Self::start_with_bridges(settings, Bridges::default()).await
+    }
+
+    /// Starts with `bridges` to reach user agents that keep no websocket.
+    pub async fn start_with_bridges(
+        settings: Settings,
+        bridges: Bridges,
+    ) -> anyhow::Result<Server> {
         let data_dir_lock = crate::datadir::claim(&settings.data_dir)?;
         let keys = if settings.endpoint_keys.is_empty() {
             load_or_create_keys(&settings.data_dir)?
@@ -156,7 +165,7 @@ impl Server {
         };
         let cluster =
             directory.map(|d| Cluster::new(d, settings.node_url.clone(), &keys, metrics.clone()));
-        let mut app = App::new(settings, store, ledger, tokens, metrics);
+        let mut app = App::new(settings, store, ledger, tokens, metrics).with_bridges(bridges);
         if let Some(c) = &cluster {
             c.announce()
                 .await
@@ -227,6 +236,11 @@ impl Server {
                 .sweep_loop(app.settings.receipt_retention),
         ));
         tasks.extend(broadcast_tasks(&app)?);
+        if !app.bridges.is_empty() {
+            tasks.push(tokio::spawn(crate::bridge::forward::sweep_loop(
+                app.clone(),
+            )));
+        }
         if let Some(c) = cluster {
             tasks.push(tokio::spawn(c.heartbeat_loop()));
         }
@@ -252,6 +266,7 @@ impl Server {
         while self.app.connections.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        crate::bridge::forward::drain(&self.app, deadline).await;
         for t in &self.tasks {
             t.abort();
         }

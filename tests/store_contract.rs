@@ -1094,6 +1094,110 @@ async fn messages_keep_their_receipt_flag(e: Engine) {
     s.drop_user(&u).await.unwrap();
 }
 
+/// Serialises this process's outbox cases on one engine: `outbox_take`
+/// sees every entry listed in it.
+static OUTBOX: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The bridges' outbox lists each user agent once, keeps the first due time
+/// on a second add, hands out due entries oldest first, and leases what it
+/// hands out so neither node takes it again before the lease runs out.
+async fn outbox_lists_claims_and_leases(e: Engine) {
+    let _outbox = OUTBOX.lock().await;
+    let (u1, u2, u3) = (Uaid::random(), Uaid::random(), Uaid::random());
+    let mine = [u1, u2, u3];
+    let only_mine =
+        |v: Vec<Uaid>| -> Vec<Uaid> { v.into_iter().filter(|u| mine.contains(u)).collect() };
+    let base = now_ms();
+    let s = &*e.store;
+    assert_eq!(s.outbox_due(&u1).await.unwrap(), None);
+    assert!(s.outbox_add(&u1, base - 3000).await.unwrap());
+    assert!(
+        !e.peer.outbox_add(&u1, base + 999_999).await.unwrap(),
+        "listed already"
+    );
+    assert_eq!(s.outbox_due(&u1).await.unwrap(), Some(base - 3000));
+    assert!(e.peer.outbox_add(&u2, base - 2000).await.unwrap());
+    assert!(s.outbox_add(&u3, base + 60_000).await.unwrap());
+    s.outbox_set(&u2, base - 1000).await.unwrap();
+    assert_eq!(e.peer.outbox_due(&u2).await.unwrap(), Some(base - 1000));
+
+    let lease = base + 30_000;
+    assert_eq!(
+        only_mine(s.outbox_take(base, lease, 1).await.unwrap()),
+        [u1],
+        "oldest due first"
+    );
+    assert_eq!(s.outbox_due(&u1).await.unwrap(), Some(lease));
+    assert_eq!(
+        only_mine(e.peer.outbox_take(base, lease, 10).await.unwrap()),
+        [u2]
+    );
+    assert_eq!(
+        only_mine(s.outbox_take(base, lease, 10).await.unwrap()),
+        [],
+        "leased"
+    );
+    let mut again = only_mine(e.peer.outbox_take(lease, lease + 60_000, 10).await.unwrap());
+    again.sort();
+    let mut want = vec![u1, u2];
+    want.sort();
+    assert_eq!(
+        again, want,
+        "taken again once the lease ran out, and not u3"
+    );
+
+    s.outbox_remove(&u1).await.unwrap();
+    assert_eq!(e.peer.outbox_due(&u1).await.unwrap(), None);
+    s.outbox_remove(&u1).await.unwrap();
+    assert!(
+        s.outbox_add(&u1, base).await.unwrap(),
+        "listed anew after removal"
+    );
+    for u in mine {
+        e.peer.outbox_remove(&u).await.unwrap();
+    }
+    assert_eq!(
+        only_mine(s.outbox_take(u64::MAX >> 12, lease, 100).await.unwrap()),
+        []
+    );
+}
+
+/// Two nodes sweeping the outbox at once take each due entry exactly once.
+async fn outbox_entries_are_taken_once_across_nodes(e: Engine) {
+    const N: usize = 40;
+    let _outbox = OUTBOX.lock().await;
+    let base = now_ms();
+    let mut listed: Vec<Uaid> = (0..N).map(|_| Uaid::random()).collect();
+    for (i, u) in listed.iter().enumerate() {
+        let node = if i % 2 == 0 { &e.store } else { &e.peer };
+        assert!(node.outbox_add(u, base - 1000 + i as u64).await.unwrap());
+    }
+    let mut sweeps = Vec::new();
+    for node in [e.store.clone(), e.peer.clone()] {
+        sweeps.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = node.outbox_take(base, base + 60_000, 7).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch);
+            }
+        }));
+    }
+    let mut taken = Vec::new();
+    for s in sweeps {
+        taken.extend(s.await.unwrap());
+    }
+    taken.retain(|u| listed.contains(u));
+    taken.sort();
+    listed.sort();
+    assert_eq!(taken, listed, "each once");
+    for u in &listed {
+        e.store.outbox_remove(u).await.unwrap();
+    }
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {$(
         mod $case {
@@ -1140,6 +1244,8 @@ contract!(
     receipts_page_by_id,
     receipts_purge_old_ones,
     messages_keep_their_receipt_flag,
+    outbox_lists_claims_and_leases,
+    outbox_entries_are_taken_once_across_nodes,
 );
 
 // Redis only.

@@ -76,7 +76,8 @@ pub mod exit {
 
 const SEND_AFTER_HELP: &str = "\
 Exit status:
-  0  the push service accepted the message (with --receipt: it was delivered)
+  0  the push service accepted the message (with --receipt: it was delivered,
+     or, for a mobile user agent, forwarded to FCM/APNs)
   1  the push service refused it (status, errno and message on stderr), or it
      could not be sent, or its receipt could not be read
   2  bad command line
@@ -340,7 +341,7 @@ pub fn run_send(args: SendArgs) -> anyhow::Result<ExitCode> {
     };
     println!("receipt: {}", receipt.describe());
     Ok(ExitCode::from(match receipt.outcome {
-        receipt::Outcome::Delivered => exit::DELIVERED,
+        receipt::Outcome::Delivered | receipt::Outcome::Forwarded => exit::DELIVERED,
         receipt::Outcome::Rejected => exit::REJECTED,
         receipt::Outcome::Expired => exit::EXPIRED,
         receipt::Outcome::Cancelled => exit::CANCELLED,

@@ -32,6 +32,9 @@ pub enum Outcome {
     Cancelled,
     /// Its subscription went away.
     Gone,
+    /// FCM or APNs accepted it for a mobile user agent (the device's own
+    /// delivery is not known).
+    Forwarded,
     /// An outcome this client does not know.
     Other(String),
 }
@@ -44,6 +47,7 @@ impl Outcome {
             "expired" => Outcome::Expired,
             "cancelled" => Outcome::Cancelled,
             "gone" => Outcome::Gone,
+            "forwarded" => Outcome::Forwarded,
             other => Outcome::Other(other.to_owned()),
         }
     }
@@ -55,6 +59,7 @@ impl Outcome {
             Outcome::Expired => "expired",
             Outcome::Cancelled => "cancelled",
             Outcome::Gone => "gone",
+            Outcome::Forwarded => "forwarded",
             Outcome::Other(s) => s,
         }
     }
@@ -593,6 +598,8 @@ mod tests {
             Outcome::parse("teleported"),
             Outcome::Other("teleported".into())
         );
+        assert_eq!(Outcome::parse("forwarded"), Outcome::Forwarded);
+        assert_eq!(Outcome::Forwarded.as_str(), "forwarded");
     }
 
     #[test]

@@ -49,3 +49,8 @@ pub trait Bridge: Send + Sync + 'static {
     /// gives the TTL still left, which is what the upstream is told.
     async fn send(&self, route: &BridgeRoute, message: &Message, now: u64) -> Delivery;
 }
+
+/// Durable delivery of bridged messages: the outbox, retries, settling.
+pub mod forward;
+/// The configured bridges by upstream and app.
+pub mod registry;

@@ -450,6 +450,7 @@ mod tests {
             Outcome::Expired,
             Outcome::Cancelled,
             Outcome::Gone,
+            Outcome::Forwarded,
         ] {
             let e = ReceiptEvent {
                 id: 5,

@@ -37,6 +37,8 @@ struct State {
     owners: HashMap<Uaid, Owner>,
     /// Node id → its URL and when its heartbeat lapses.
     nodes: HashMap<u64, (String, Instant)>,
+    /// The bridges' outbox: user agent → due time (Unix ms).
+    outbox: HashMap<Uaid, u64>,
 }
 
 /// One user agent's subscriptions and queue.
@@ -296,6 +298,50 @@ impl Store for MemStore {
 
     async fn health_check(&self) -> StoreResult<()> {
         Ok(())
+    }
+
+    async fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool> {
+        let mut s = self.state();
+        if s.outbox.contains_key(uaid) {
+            return Ok(false);
+        }
+        s.outbox.insert(*uaid, due_ms);
+        Ok(true)
+    }
+
+    async fn outbox_set(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<()> {
+        self.state().outbox.insert(*uaid, due_ms);
+        Ok(())
+    }
+
+    async fn outbox_take(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Uaid>> {
+        let mut s = self.state();
+        let mut due: Vec<(u64, Uaid)> = s
+            .outbox
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(u, at)| (*at, *u))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for (_, uaid) in &due {
+            s.outbox.insert(*uaid, lease_until_ms);
+        }
+        Ok(due.into_iter().map(|(_, u)| u).collect())
+    }
+
+    async fn outbox_remove(&self, uaid: &Uaid) -> StoreResult<()> {
+        self.state().outbox.remove(uaid);
+        Ok(())
+    }
+
+    async fn outbox_due(&self, uaid: &Uaid) -> StoreResult<Option<u64>> {
+        Ok(self.state().outbox.get(uaid).copied())
     }
 
     fn stats(&self) -> StoreStats {

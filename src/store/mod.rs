@@ -265,6 +265,32 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the store can write now (readiness probe).
     async fn health_check(&self) -> StoreResult<()>;
     fn stats(&self) -> StoreStats;
+
+    // The outbox: bridged user agents with messages still to hand to their
+    // upstream (see `bridge::forward`), each with the Unix millisecond its
+    // next attempt is due. One entry per user agent, not per message: its
+    // messages go out one after the other, oldest first.
+
+    /// Lists `uaid` due at `due_ms` unless it is listed already; true if
+    /// this call listed it, which makes the caller the one sending until
+    /// `due_ms` (a lease: past it, any node's sweep may take over).
+    async fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool>;
+    /// Lists `uaid` due at `due_ms`, whether it was listed or not (a retry
+    /// scheduled, a lease extended).
+    async fn outbox_set(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<()>;
+    /// Claims up to `limit` user agents due at or before `now_ms`, oldest
+    /// due first: each is moved to `lease_until_ms` in the same atomic step,
+    /// so no other caller, on any node, takes it again before then.
+    async fn outbox_take(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Uaid>>;
+    /// Unlists `uaid` (nothing left to send, or the user agent is gone).
+    async fn outbox_remove(&self, uaid: &Uaid) -> StoreResult<()>;
+    /// When `uaid` is due, while it is listed.
+    async fn outbox_due(&self, uaid: &Uaid) -> StoreResult<Option<u64>>;
 }
 
 /// The connection serving a user agent, when several nodes share a store.

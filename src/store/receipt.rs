@@ -34,6 +34,9 @@ pub enum Outcome {
     Cancelled,
     /// Its subscription or user agent was removed first.
     Gone,
+    /// A bridge's upstream (FCM, APNs) accepted it for a device that keeps
+    /// no websocket; the device's own delivery is not known.
+    Forwarded,
 }
 
 impl Outcome {
@@ -44,6 +47,7 @@ impl Outcome {
             Outcome::Expired => "expired",
             Outcome::Cancelled => "cancelled",
             Outcome::Gone => "gone",
+            Outcome::Forwarded => "forwarded",
         }
     }
 
@@ -62,6 +66,7 @@ impl Outcome {
             Outcome::Expired => 3,
             Outcome::Cancelled => 4,
             Outcome::Gone => 5,
+            Outcome::Forwarded => 6,
         }
     }
 
@@ -72,6 +77,7 @@ impl Outcome {
             3 => Outcome::Expired,
             4 => Outcome::Cancelled,
             5 => Outcome::Gone,
+            6 => Outcome::Forwarded,
             _ => return None,
         })
     }

@@ -17,7 +17,8 @@
 //! | `herald:broadcasts` | hash | broadcast id → version |
 //!
 //! The receipt ledger's keys (`herald:rp:`, `herald:rx`, `herald:re:`,
-//! `herald:ro:`) are described in `receipts`.
+//! `herald:ro:`) are described in `receipts`; the bridges' outbox
+//! (`herald:ob`) in `outbox`.
 //!
 //! Needs Redis 7.0 or later (Valkey 7.2+) for `EXPIRETIME`.
 
@@ -860,6 +861,31 @@ impl Store for RedisStore {
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+
+    async fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool> {
+        self.outbox_add_impl(uaid, due_ms).await
+    }
+
+    async fn outbox_set(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<()> {
+        self.outbox_set_impl(uaid, due_ms).await
+    }
+
+    async fn outbox_take(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Uaid>> {
+        self.outbox_take_impl(now_ms, lease_until_ms, limit).await
+    }
+
+    async fn outbox_remove(&self, uaid: &Uaid) -> StoreResult<()> {
+        self.outbox_remove_impl(uaid).await
+    }
+
+    async fn outbox_due(&self, uaid: &Uaid) -> StoreResult<Option<u64>> {
+        self.outbox_due_impl(uaid).await
+    }
 }
 
 #[cfg(test)]
@@ -932,3 +958,6 @@ mod directory;
 
 /// The receipt ledger (RFC 8030 §5.1).
 mod receipts;
+
+/// The bridges' outbox (see `bridge::forward`).
+mod outbox;

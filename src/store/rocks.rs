@@ -29,6 +29,10 @@ const RECEIPTS: &str = "receipts";
 const SEQ_CEILING_KEY: &[u8] = b"seq_ceiling";
 /// Broadcast versions live in `meta` under this prefix + id.
 const BROADCAST_PREFIX: &[u8] = b"broadcast/";
+/// The bridges' outbox lives in `meta` under this prefix + uaid bytes; the
+/// value is the due time (Unix ms, big-endian). It holds one entry per
+/// bridged user agent with messages in flight, so a scan of it is short.
+const OUTBOX_PREFIX: &[u8] = b"outbox/";
 /// Sequence numbers are reserved in blocks so a restart (even with the clock
 /// set back) never reuses one: the ceiling is persisted before any number
 /// below it is handed out.
@@ -57,6 +61,8 @@ pub struct Rocks {
     /// The expiry sweep of the receipt ledger starts here (see
     /// `receipts::settle_expired`).
     receipt_sweep: receipts::SweepFloor,
+    /// The outbox's add-unless-listed and take are read-modify-write.
+    outbox_lock: Mutex<()>,
 }
 
 fn err(e: rocksdb::Error) -> StoreError {
@@ -326,6 +332,7 @@ impl Rocks {
             topic_locks: (0..TOPIC_LOCKS).map(|_| Mutex::new(())).collect(),
             expired,
             receipt_sweep: Default::default(),
+            outbox_lock: Mutex::new(()),
         };
         store.raise_ceiling(start + SEQ_BLOCK)?;
         Ok(store)
@@ -735,6 +742,79 @@ impl Rocks {
     }
 }
 
+fn outbox_key(uaid: &Uaid) -> Vec<u8> {
+    [OUTBOX_PREFIX, &uaid.0[..]].concat()
+}
+
+/// The bridges' outbox (see `Store::outbox_add`).
+impl Rocks {
+    fn outbox_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.outbox_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn outbox_due(&self, uaid: &Uaid) -> StoreResult<Option<u64>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(META), outbox_key(uaid))
+            .map_err(err)?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    pub fn outbox_set(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(META), outbox_key(uaid), due_ms.to_be_bytes());
+        self.write(b)
+    }
+
+    pub fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool> {
+        let _g = self.outbox_guard();
+        if self.outbox_due(uaid)?.is_some() {
+            return Ok(false);
+        }
+        self.outbox_set(uaid, due_ms)?;
+        Ok(true)
+    }
+
+    pub fn outbox_remove(&self, uaid: &Uaid) -> StoreResult<()> {
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.cf(META), outbox_key(uaid));
+        self.write(b)
+    }
+
+    pub fn outbox_take(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Uaid>> {
+        let _g = self.outbox_guard();
+        let mut due = Vec::new();
+        self.for_prefix(META, OUTBOX_PREFIX, |k, v| {
+            let at = <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes);
+            let id = <[u8; 16]>::try_from(&k[OUTBOX_PREFIX.len()..]).ok();
+            if let (Some(at), Some(id)) = (at, id) {
+                if at <= now_ms {
+                    due.push((at, Uaid(id)));
+                }
+            }
+            true
+        })?;
+        due.sort();
+        due.truncate(limit);
+        let mut b = WriteBatch::default();
+        for (_, uaid) in &due {
+            b.put_cf(
+                self.cf(META),
+                outbox_key(uaid),
+                lease_until_ms.to_be_bytes(),
+            );
+        }
+        self.write(b)?;
+        Ok(due.into_iter().map(|(_, u)| u).collect())
+    }
+}
+
 impl Rocks {
     /// Compacts the message column family now (tests and operators use it to
     /// see the TTL compaction filter at work).
@@ -867,6 +947,35 @@ impl Store for RocksStore {
 
     fn stats(&self) -> StoreStats {
         self.db().map(|db| db.stats()).unwrap_or_default()
+    }
+
+    async fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool> {
+        let uaid = *uaid;
+        self.write_op(move |r| r.outbox_add(&uaid, due_ms)).await
+    }
+
+    async fn outbox_set(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<()> {
+        let uaid = *uaid;
+        self.write_op(move |r| r.outbox_set(&uaid, due_ms)).await
+    }
+
+    async fn outbox_take(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Uaid>> {
+        self.blocking(move |r| r.outbox_take(now_ms, lease_until_ms, limit))
+            .await
+    }
+
+    async fn outbox_remove(&self, uaid: &Uaid) -> StoreResult<()> {
+        let uaid = *uaid;
+        self.write_op(move |r| r.outbox_remove(&uaid)).await
+    }
+
+    async fn outbox_due(&self, uaid: &Uaid) -> StoreResult<Option<u64>> {
+        self.db()?.outbox_due(uaid)
     }
 }
 

@@ -79,7 +79,14 @@ pub(crate) const METRICS: &[(&str, MetricType, &[Label])] = &[
         MetricType::Counter,
         &[(
             "outcome",
-            &["delivered", "rejected", "expired", "cancelled", "gone"],
+            &[
+                "delivered",
+                "rejected",
+                "expired",
+                "cancelled",
+                "gone",
+                "forwarded",
+            ],
         )],
     ),
     ("herald_receipt_streams", MetricType::Gauge, &[]),
