@@ -141,15 +141,21 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts with the bridges the settings' `[bridges]` tables configure.
     pub async fn start(settings: Settings) -> anyhow::Result<Server> {
-        Self::start_with_bridges(settings, Bridges::default()).await
+        Self::start_inner(settings, None).await
     }
 
-    /// Starts with `bridges` to reach user agents that keep no websocket.
+    /// Starts with `bridges` instead of those the settings configure (tests
+    /// standing in for an upstream).
     pub async fn start_with_bridges(
         settings: Settings,
         bridges: Bridges,
     ) -> anyhow::Result<Server> {
+        Self::start_inner(settings, Some(bridges)).await
+    }
+
+    async fn start_inner(settings: Settings, bridges: Option<Bridges>) -> anyhow::Result<Server> {
         let data_dir_lock = crate::datadir::claim(&settings.data_dir)?;
         let keys = if settings.endpoint_keys.is_empty() {
             load_or_create_keys(&settings.data_dir)?
@@ -158,6 +164,10 @@ impl Server {
         };
         let tokens = TokenCodec::new(&keys)?;
         let metrics = Arc::new(Metrics::new());
+        let bridges = match bridges {
+            Some(b) => b,
+            None => Bridges::from_settings(&settings.bridges, &metrics)?,
+        };
         let (store, ledger, directory) = open_store(&settings, &metrics).await?;
         let tls = match (&settings.tls_cert, &settings.tls_key) {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),

@@ -2,7 +2,11 @@
 //! agent's `{type}` and `{app_id}` name. Empty when none are configured, and
 //! then every bridged user agent is unreachable from this node.
 
+use super::apns::ApnsBridge;
+use super::fcm::FcmBridge;
 use super::Bridge;
+use crate::config::BridgeSettings;
+use crate::metrics::Metrics;
 use crate::store::BridgeKind;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +25,23 @@ impl Bridges {
             .map(|b| ((b.kind(), b.app_id().to_string()), b))
             .collect();
         Bridges { by_app }
+    }
+
+    /// Every bridge the `[bridges]` tables configure. Reads and checks each
+    /// credentials file now, so a bad one stops Herald at start instead of
+    /// failing every push later.
+    pub fn from_settings(
+        settings: &BridgeSettings,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let mut bridges: Vec<Arc<dyn Bridge>> = Vec::new();
+        for s in &settings.fcm {
+            bridges.push(Arc::new(FcmBridge::new(s, metrics.clone())?));
+        }
+        for s in &settings.apns {
+            bridges.push(Arc::new(ApnsBridge::new(s, metrics.clone())?));
+        }
+        Ok(Self::new(bridges))
     }
 
     pub fn get(&self, kind: BridgeKind, app_id: &str) -> Option<&Arc<dyn Bridge>> {
