@@ -308,7 +308,7 @@ fn rows_table(run: &Run) -> String {
     t
 }
 
-const SCENARIOS: [(&str, &str, &str); 6] = [
+const SCENARIOS: [(&str, &str, &str); 7] = [
     (
         "idle",
         "User agents opened (hello + register) and held; server memory per connection and what stopped the climb.",
@@ -338,6 +338,11 @@ const SCENARIOS: [(&str, &str, &str); 6] = [
         "fanout",
         "Idle user agents following a broadcast (and some following nothing); its version changed through the broadcast API; latency is the PUT's answer to each follower's broadcast frame; server RSS sampled through each fan-out.",
         "fanout_arrival",
+    ),
+    (
+        "bridge",
+        "Mobile devices registered through the registration API; each push forwarded by Herald's FCM bridge to the load generator's FCM sink; latency is request sent to arrival at the sink; server CPU per bridged message.",
+        "end_to_end",
     ),
 ];
 
