@@ -934,7 +934,7 @@ mod tests {
     fn arrivals_are_matched_to_their_send_once() {
         let pool = Pool::build(4, 2, 32, false).unwrap();
         let sh = Shared::new(pool, 2, 4);
-        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        let ids: Vec<Uuid> = (0..4).map(|_| crate::proto::new_channel_id()).collect();
         let devices: Vec<Option<Device>> = (0..2)
             .map(|u| {
                 Some(Device {

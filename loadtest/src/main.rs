@@ -68,7 +68,7 @@ enum Command {
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Print the side-by-side table of result files (one row per target): throughput,
-    /// server CPU per message, latency, idle memory per connection.
+    /// server CPU per message, latency, idle memory per connection, bridged pushes/s.
     Compare(report::CompareArgs),
     /// Internal: one worker process of `idle`.
     #[command(hide = true)]

@@ -1464,12 +1464,13 @@ fn no_subprotocol_is_accepted_recorded_and_compared() {
     assert_eq!(lines.len(), 4, "{}", ran.stdout);
     assert!(lines[0].starts_with("| target | messages/s delivered | server µs per delivered message | latency p50 ms | latency p99 ms | idle: connections held | idle: server KiB per connection | websocket subprotocol |"));
     assert!(
-        lines[2].starts_with("| herald-mock | ") && lines[2].ends_with("| push-notification |"),
+        lines[2].starts_with("| herald-mock | ")
+            && lines[2].ends_with("| push-notification | – | – |"),
         "{}",
         lines[2]
     );
     assert!(
-        lines[3].starts_with("| autopush-mock | ") && lines[3].ends_with("| none |"),
+        lines[3].starts_with("| autopush-mock | ") && lines[3].ends_with("| none | – | – |"),
         "{}",
         lines[3]
     );
