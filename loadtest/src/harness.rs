@@ -69,6 +69,21 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// For scenarios that speak only HTTP to the server (bridge): no
+    /// websocket nodes, no push bases.
+    pub fn start_http(scenario: &str, common: &'a Common, params: serde_json::Value) -> Run<'a> {
+        Run {
+            common,
+            targets: Vec::new(),
+            push_bases: Vec::new(),
+            nofile: net::raise_nofile_limit(),
+            server: common.servers(),
+            limit: common.limit(),
+            result: RunResult::new(scenario, common, params),
+            started: Instant::now(),
+        }
+    }
+
     /// Refuses to start when `needed` descriptors would not fit under this
     /// process's open-file limit; `who` names what needs them.
     pub fn need_files(&self, needed: usize, who: &str) -> Result<()> {

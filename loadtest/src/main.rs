@@ -3,9 +3,11 @@
 //! websocket URL: push endpoints come from `register` replies.
 
 mod backlog;
+mod bridge;
 mod burst;
 mod crypto;
 mod fanout;
+mod fcm_sink;
 mod fleet;
 mod follow;
 mod harness;
@@ -57,13 +59,16 @@ enum Command {
     /// Idle user agents following a broadcast (and some following nothing); change its version
     /// through the broadcast API and time how long every follower takes to hear of it.
     Fanout(fanout::FanoutArgs),
+    /// Mobile devices registered through the registration API, pushes forwarded by Herald's
+    /// FCM bridge to an in-process FCM sink: pushes/s, arrivals/s, latency, server CPU per push.
+    Bridge(bridge::BridgeArgs),
     /// Mixed load for a long time (reconnects, TTLs, topics, acks, nacks, unregistrations), then
     /// an exact account of every message; fails if any accepted message was lost.
     Soak(soak::SoakArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Print the side-by-side table of result files (one row per target): throughput,
-    /// server CPU per message, latency, idle memory per connection.
+    /// server CPU per message, latency, idle memory per connection, bridged pushes/s.
     Compare(report::CompareArgs),
     /// Internal: one worker process of `idle`.
     #[command(hide = true)]
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
                 Command::Burst(a) => burst::run(a).await,
                 Command::Fanout(a) => fanout::run(a).await,
                 Command::Soak(a) => soak::run(a).await,
+                Command::Bridge(a) => bridge::run(a).await,
                 Command::IdleWorker { spec } => workers::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(
                     "report and compare run outside the runtime"

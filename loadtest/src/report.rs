@@ -128,7 +128,7 @@ pub fn compare(args: CompareArgs) -> Result<()> {
     let runs = load_runs(&args.files, &args.labels)?;
     let rows = side_by_side(&runs);
     if rows.is_empty() {
-        bail!("no throughput or idle result among the files given");
+        bail!("no throughput, idle or bridge result among the files given");
     }
     let md = markdown(&rows);
     print!("{md}");
@@ -156,14 +156,18 @@ pub struct SideRow {
     pub idle_kib_per_connection: Option<f64>,
     /// What the server's handshakes selected, over all its runs.
     pub subprotocol: String,
+    pub bridge_runs: usize,
+    /// Bridged pushes arriving at the FCM sink per second.
+    pub bridge_forwarded_per_s: Option<f64>,
+    pub bridge_us_per_message: Option<f64>,
 }
 
 fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     stats::median(v.flatten())
 }
 
-/// Throughput and idle figures per target, in the order targets first
-/// appear; targets with neither scenario are left out.
+/// Throughput, idle and bridge figures per target, in the order targets
+/// first appear; targets with none of these scenarios are left out.
 pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
     let mut targets: Vec<&str> = Vec::new();
     for r in runs {
@@ -185,7 +189,12 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
             .copied()
             .filter(|r| r.r.scenario == "idle")
             .collect();
-        if tp.is_empty() && idle.is_empty() {
+        let bridge: Vec<&Run> = mine
+            .iter()
+            .copied()
+            .filter(|r| r.r.scenario == "bridge")
+            .collect();
+        if tp.is_empty() && idle.is_empty() && bridge.is_empty() {
             continue;
         }
         let lat = |r: &Run, f: fn(&LatencySummary) -> f64| {
@@ -210,12 +219,17 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
                 idle.iter().map(|r| num(r, "server_kib_per_connection")),
             ),
             subprotocol: crate::results::describe_subprotocols(&counts),
+            bridge_runs: bridge.len(),
+            bridge_forwarded_per_s: median_of(bridge.iter().map(|r| num(r, "forwarded_per_s"))),
+            bridge_us_per_message: median_of(
+                bridge.iter().map(|r| num(r, "server_cpu_us_per_forwarded")),
+            ),
         });
     }
     out
 }
 
-const SIDE_HEADERS: [&str; 8] = [
+const SIDE_HEADERS: [&str; 10] = [
     "target",
     "messages/s delivered",
     "server µs per delivered message",
@@ -224,9 +238,11 @@ const SIDE_HEADERS: [&str; 8] = [
     "idle: connections held",
     "idle: server KiB per connection",
     "websocket subprotocol",
+    "bridge: pushes/s at the FCM sink",
+    "bridge: server µs per bridged message",
 ];
 
-fn side_cells(r: &SideRow) -> [String; 8] {
+fn side_cells(r: &SideRow) -> [String; 10] {
     let f = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |v| format!("{v:.d$}"));
     let runs = |n: usize| {
         if n > 1 {
@@ -248,6 +264,8 @@ fn side_cells(r: &SideRow) -> [String; 8] {
         } else {
             r.subprotocol.clone()
         },
+        format!("{}{}", f(r.bridge_forwarded_per_s, 0), runs(r.bridge_runs)),
+        f(r.bridge_us_per_message, 1),
     ]
 }
 
@@ -262,7 +280,7 @@ pub fn markdown(rows: &[SideRow]) -> String {
 }
 
 fn side_by_side_html(rows: &[SideRow]) -> String {
-    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput and idle runs (latency is end to end).</p>\n<table><tr>");
+    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput, idle and bridge runs (latency is throughput's end to end).</p>\n<table><tr>");
     for h in SIDE_HEADERS {
         let _ = write!(t, "<th>{}</th>", esc(h));
     }
@@ -308,7 +326,7 @@ fn rows_table(run: &Run) -> String {
     t
 }
 
-const SCENARIOS: [(&str, &str, &str); 6] = [
+const SCENARIOS: [(&str, &str, &str); 7] = [
     (
         "idle",
         "User agents opened (hello + register) and held; server memory per connection and what stopped the climb.",
@@ -338,6 +356,11 @@ const SCENARIOS: [(&str, &str, &str); 6] = [
         "fanout",
         "Idle user agents following a broadcast (and some following nothing); its version changed through the broadcast API; latency is the PUT's answer to each follower's broadcast frame; server RSS sampled through each fan-out.",
         "fanout_arrival",
+    ),
+    (
+        "bridge",
+        "Mobile devices registered through the registration API; each push forwarded by Herald's FCM bridge to the load generator's FCM sink; latency is request sent to arrival at the sink; server CPU per bridged message.",
+        "end_to_end",
     ),
 ];
 
@@ -1026,12 +1049,22 @@ mod tests {
             run("herald", tp("herald", 200.0, None)),
             run("autopush", idle),
             run("other", sample("storm", "other", 1)),
+            run("herald", {
+                let mut b = sample("bridge", "herald", 1);
+                b.metrics
+                    .insert("forwarded_per_s".into(), serde_json::json!(900.4));
+                b.metrics.insert(
+                    "server_cpu_us_per_forwarded".into(),
+                    serde_json::json!(120.0),
+                );
+                b
+            }),
         ];
         let rows = side_by_side(&runs);
         assert_eq!(
             rows.len(),
             2,
-            "targets without throughput or idle are left out"
+            "targets without throughput, idle or bridge are left out"
         );
         assert_eq!(rows[0].target, "herald");
         assert_eq!(rows[0].throughput_runs, 3);
@@ -1053,13 +1086,13 @@ mod tests {
             lines[2]
         );
         assert!(
-            lines[2].ends_with(" | – | – | push-notification |"),
+            lines[2].ends_with(" | – | – | push-notification | 900 | 120.0 |"),
             "{}",
             lines[2]
         );
         assert_eq!(
             lines[3],
-            "| autopush | – | – | – | – | 19000 | 27.9 | none |"
+            "| autopush | – | – | – | – | 19000 | 27.9 | none | – | – |"
         );
         // Disambiguated labels still group under the name given.
         let mut two = vec![

@@ -107,7 +107,7 @@ pub struct ServerPid {
     pub pid: u32,
 }
 
-fn parse_server_pid(s: &str) -> Result<ServerPid, String> {
+pub fn parse_server_pid(s: &str) -> Result<ServerPid, String> {
     let (name, pid) = match s.split_once('=') {
         Some((n, p)) if !n.trim().is_empty() => (Some(n.trim().to_string()), p),
         Some(_) => return Err(format!("{s:?}: empty name before '='")),

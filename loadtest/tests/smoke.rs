@@ -270,3 +270,91 @@ fn fanout_of_broadcast_changes_against_herald() {
     // Without the token the API refuses, and the run says so.
     assert_fanout_token_refused(&url, &api, "not-the-token-0123456");
 }
+
+/// Issue 22: devices registered through the registration API, every push
+/// forwarded by Herald's FCM bridge to the scenario's FCM sink exactly once.
+///
+/// PASSES ONLY ONCE ISSUE 22 IS MERGED (registration API, `[bridges.fcm]`
+/// settings, FCM bridge and forwarder). Before that it fails on purpose, and
+/// loudly: Herald refuses the config's `bridges` table at startup, or the
+/// scenario stops with "Herald answered 404 to POST /v1/fcm/…/registration".
+#[test]
+fn bridge_to_the_fcm_sink_against_herald() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let sink = format!("127.0.0.1:{port}");
+    let cfg = dir.path().join("cfg");
+    let cfg_s = cfg.to_str().expect("utf-8 path");
+    let wrote = run(
+        &[
+            "bridge",
+            "--write-config",
+            cfg_s,
+            "--sink",
+            &sink,
+            "--app-id",
+            "smoke-app",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(wrote.ok, "--write-config failed: {}", wrote.stderr);
+    let config = cfg.join("herald-bridge.toml");
+    let creds = cfg.join("service-account.json");
+    let herald = Herald::start_with_args(&[], &["--config", config.to_str().unwrap()]);
+    let pid = herald.child.id().to_string();
+    let target = format!("http://127.0.0.1:{}", herald.port);
+    let out = dir.path().join("bridge.json");
+    let b = scenario(
+        &[
+            "bridge",
+            "--target",
+            &target,
+            "--app-id",
+            "smoke-app",
+            "--credentials",
+            creds.to_str().unwrap(),
+            "--server-pid",
+            &pid,
+            "--uas",
+            "20",
+            "--channels",
+            "2",
+            "--senders",
+            "4",
+            "--messages",
+            "200",
+            "--duration",
+            "60",
+            "--payload",
+            "256",
+            "--timeout",
+            "10",
+        ],
+        &out,
+        Duration::from_secs(180),
+    );
+    assert_no_errors(&b);
+    assert_eq!(metric(&b, "uas_registered"), 20.0);
+    assert_eq!(metric(&b, "channels"), 40.0);
+    assert_eq!(metric(&b, "sent"), 200.0);
+    assert_eq!(metric(&b, "accepted"), 200.0);
+    assert_eq!(metric(&b, "forwarded"), 200.0, "every push at the sink");
+    assert_eq!(metric(&b, "lost"), 0.0);
+    assert_eq!(metric(&b, "duplicates"), 0.0);
+    assert_eq!(metric(&b, "misrouted"), 0.0);
+    assert_eq!(metric(&b, "sink_sends"), 200.0);
+    // One access token serves the whole run (it lives an hour).
+    assert!(metric(&b, "sink_grants") >= 1.0);
+    assert!(metric(&b, "accepted_per_s") > 0.0 && metric(&b, "forwarded_per_s") > 0.0);
+    assert!(b["metrics"]["server_cpu_us_per_forwarded"].is_number());
+    assert!(b["summary"]
+        .as_str()
+        .unwrap()
+        .contains("µs per bridged message"));
+    assert_latency(&b, "end_to_end", 200);
+    assert_latency(&b, "registration", 20);
+
+    let html = dir.path().join("report.html");
+    let page = report(&[out.to_str().unwrap()], &html);
+    assert!(page.contains("<h2>bridge</h2>"));
+}

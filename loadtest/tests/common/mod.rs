@@ -218,6 +218,12 @@ impl Herald {
 
     /// Started with extra environment, such as HERALD_BROADCAST_TOKENS.
     pub fn start_with(env: &[(&str, &str)]) -> Herald {
+        Herald::start_with_args(env, &[])
+    }
+
+    /// Started with extra environment and extra `serve` flags, such as
+    /// `--config FILE`.
+    pub fn start_with_args(env: &[(&str, &str)], args: &[&str]) -> Herald {
         let bin = herald_bin();
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
@@ -230,6 +236,7 @@ impl Herald {
             .arg("--data-dir")
             .arg(&data)
             .args(["--public-url", &format!("http://127.0.0.1:{port}")])
+            .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log file"))
