@@ -7,7 +7,7 @@ use crate::mailbox::{Mailbox, Refused};
 use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
 use crate::router::RouteResult;
-use crate::store::{now_secs, BridgeRoute, Message};
+use crate::store::{now_secs, BridgeRoute, ChannelRecord, Message};
 use crate::token::{ApiVersion, EndpointToken, KeyHash, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
@@ -50,16 +50,32 @@ pub enum EndpointPath {
 /// with `autopush_crypto_keys` set, autopush-rs's (told apart by length,
 /// see `autopush_token::has_autopush_shape`). A token neither opens is
 /// answered exactly as a forged Herald token.
-fn open_target(app: &App, path: EndpointPath, token: &str) -> Result<EndpointToken, ApiError> {
+/// Who sealed an endpoint token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Issuer {
+    Herald,
+    /// autopush-rs, under one of `autopush_crypto_keys`.
+    Autopush,
+}
+
+fn open_target(
+    app: &App,
+    path: EndpointPath,
+    token: &str,
+) -> Result<(EndpointToken, Issuer), ApiError> {
     let autopush = app.settings.autopush_crypto_keys.as_ref();
+    let from_autopush = |v| {
+        autopush
+            .and_then(|a| a.open_endpoint(v, token))
+            .map(|t| (t, Issuer::Autopush))
+    };
     let opened = match path {
         EndpointPath::Versioned(v) => app
             .tokens
             .open_endpoint(v, token)
-            .or_else(|| autopush.and_then(|a| a.open_endpoint(v, token))),
-        EndpointPath::AutopushLegacy => {
-            autopush.and_then(|a| a.open_endpoint(ApiVersion::V1, token))
-        }
+            .map(|t| (t, Issuer::Herald))
+            .or_else(|| from_autopush(v)),
+        EndpointPath::AutopushLegacy => from_autopush(ApiVersion::V1),
     };
     opened.ok_or_else(ApiError::invalid_endpoint)
 }
@@ -72,7 +88,7 @@ pub async fn push(
     token: &str,
     req: http::Request<Incoming>,
 ) -> Result<Response, ApiError> {
-    let target = open_target(app, path, token)?;
+    let (target, issuer) = open_target(app, path, token)?;
     let (parts, body) = req.into_parts();
     let h = &parts.headers;
     let request = parse(app, h)?;
@@ -82,7 +98,7 @@ pub async fn push(
         .map(|r| receipts::api::bind(r, sender, &app.tokens))
         .transpose()?;
     let (headers, data) = read_body(app, h, body).await?;
-    let bridged = check_subscription(app, &target).await?;
+    let bridged = check_subscription(app, &target, issuer).await?;
 
     let mut message = Message {
         seq: app.store.next_seq(),
@@ -226,6 +242,7 @@ async fn read_body(
 async fn check_subscription(
     app: &App,
     target: &EndpointToken,
+    issuer: Issuer,
 ) -> Result<Option<BridgeRoute>, ApiError> {
     let store = &app.store;
     let user = app
@@ -246,8 +263,14 @@ async fn check_subscription(
         .await
         .map_err(ApiError::storage)?;
     // A channel re-registered with another key no longer answers to the old
-    // endpoint.
-    if channel.is_none_or(|c| c.key_hash != target.key_hash) {
+    // endpoint. autopush-rs kept no key with a channel, so one imported from
+    // it has none on record: its v2 endpoint carries the key's hash sealed
+    // under autopush's own keys, and `authorise` has already held the
+    // sender to it.
+    let bound = |c: ChannelRecord| {
+        c.key_hash == target.key_hash || (issuer == Issuer::Autopush && c.key_hash.is_none())
+    };
+    if !channel.is_some_and(bound) {
         return Err(ApiError::subscription_gone());
     }
     Ok(router)

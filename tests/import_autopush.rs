@@ -620,3 +620,60 @@ async fn import_into_a_redis_cluster_store_while_herald_runs() {
     )
     .await;
 }
+
+/// The whole take-over for one browser: its endpoints were sealed by
+/// autopush-rs (minted here by Python's Fernet), its record comes from
+/// autopush-rs's Redis. autopush-rs stored no key with a channel, so the
+/// v2 endpoint's binding lives only in its token: Herald holds senders to
+/// it all the same.
+#[tokio::test]
+async fn autopush_endpoints_deliver_after_the_import_with_their_key_binding() {
+    use common::fernet::{autopush_token, fernet_key};
+    let redis = RedisServer::start();
+    let keys = UaKeys::new();
+    let (app, stranger) = (AppServer::new(), AppServer::new());
+    let mut ua = UserAgent::webpush((now() - 60) * 1000);
+    let (plain, bound) = (Uuid::new_v4(), Uuid::new_v4());
+    ua.channels = vec![plain, bound];
+    autopush::write_redis(&mut redis.client(), std::slice::from_ref(&ua), false);
+
+    let fernet = fernet_key();
+    let mut h = Herald::start_with(&[], &[("HERALD_AUTOPUSH_CRYPTO_KEYS", &fernet)]).await;
+    h.stop();
+    imported(&import(&h, redis.url(), &[]));
+    h.restart().await;
+
+    let mut ws = Ua::hello(&h, Some(&ua.hex())).await;
+    assert_eq!(ws.uaid, ua.hex());
+    let chid = |c: Uuid| c.hyphenated().to_string();
+    let v1 = format!(
+        "{}/wpush/v1/{}",
+        h.url(),
+        autopush_token(&fernet, &ua.hex(), &chid(plain), None)
+    );
+    let v2 = format!(
+        "{}/wpush/v2/{}",
+        h.url(),
+        autopush_token(&fernet, &ua.hex(), &chid(bound), Some(&app.public()))
+    );
+    for (endpoint, sender, text) in [(&v1, None, "by v1"), (&v2, Some(&app), "by v2")] {
+        let r = push(endpoint, sender, &h.url(), &keys, text, &[]).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let n = ws.notification().await;
+        assert_eq!(payload(&keys, &n), text);
+        ws.ack(&n).await;
+    }
+    // The key the token names, and no other (nor none), may push to it.
+    let r = push(&v2, Some(&stranger), &h.url(), &keys, "x", &[]).await;
+    assert_eq!((r.status, r.errno()), (403, 115));
+    let r = push(&v2, None, &h.url(), &keys, "x", &[]).await;
+    assert_eq!((r.status, r.errno()), (401, 109));
+    assert_eq!(ws.try_recv(Duration::from_millis(300)).await, None);
+
+    // Unsubscribed through the websocket: its autopush endpoint is gone too.
+    ws.send(json!({"messageType": "unregister", "channelID": chid(bound)}))
+        .await;
+    assert_eq!(ws.recv().await["status"], 200);
+    let r = push(&v2, Some(&app), &h.url(), &keys, "x", &[]).await;
+    assert_eq!((r.status, r.errno()), (410, 106));
+}

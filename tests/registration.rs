@@ -69,7 +69,7 @@ fn write_config(dir: &Path, top: &str) -> PathBuf {
             "{top}\n\
              [bridges.fcm.fenix]\nproject_id = \"fenix-test\"\ncredentials = \"{}\"\nbase_url = \"http://127.0.0.1:9\"\n\
              [bridges.apns.firefox-ios]\ntopic = \"org.mozilla.ios.Firefox\"\nsandbox = true\n\
-             team_id = \"TEAMID1234\"\nkey_id = \"KEYID12345\"\nkey = \"{}\"\nbase_url = \"http://127.0.0.1:9\"\n",
+             team_id = \"TEAMID1234\"\nkey_id = \"KEYID12345\"\nkey = \"{}\"\nbase_url = \"https://127.0.0.1:9\"\n",
             sa.display(),
             p8.display()
         ),
