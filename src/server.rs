@@ -470,7 +470,17 @@ const RECEIPTS: &str = "/r/";
 /// public route cannot exist without being listed here. Everything else
 /// (health, metrics, the broadcast and node-to-node APIs) is for operators
 /// and other nodes and may stay private.
-pub const PUBLIC_PATH_PREFIXES: &[&str] = &[ENDPOINTS, MESSAGES, RECEIPTS];
+pub const PUBLIC_PATH_PREFIXES: &[&str] = &[
+    ENDPOINTS,
+    MESSAGES,
+    RECEIPTS,
+    // The registration API of mobile user agents, one prefix per `{type}`
+    // (gcm is FCM's old name, still sent by Firefox for Android): `/v1/`
+    // alone would also publish the broadcast API.
+    "/v1/fcm/",
+    "/v1/gcm/",
+    "/v1/apns/",
+];
 
 /// Every response body: whole, or streamed (receipt subscriptions).
 pub type Body = http_body_util::Either<Full<Bytes>, crate::receipts::api::StreamingBody>;
@@ -904,7 +914,7 @@ mod tests {
         assert_eq!(WEBSOCKET_PATH, "/");
         for prefix in PUBLIC_PATH_PREFIXES {
             assert!(prefix.starts_with('/') && prefix.ends_with('/'), "{prefix}");
-            assert_eq!(prefix.matches('/').count(), 2, "{prefix}");
+            assert!(!prefix.contains("//"), "{prefix}");
             for private in [
                 "/metrics",
                 "/_herald/node/wake",
