@@ -369,9 +369,8 @@ async fn refusals_of_the_message_are_rejected() {
     mock.script([
         Answer::error(400, "BadCollapseId"),
         Answer::error(413, "PayloadTooLarge"),
-        Answer::error(403, "InvalidProviderToken"),
     ]);
-    for want in ["BadCollapseId", "PayloadTooLarge", "InvalidProviderToken"] {
+    for want in ["BadCollapseId", "PayloadTooLarge"] {
         let d = bridge
             .send(&route(None), &message(vec![1], aes128gcm()), common::now())
             .await;
@@ -447,10 +446,10 @@ async fn the_provider_token_is_reused_then_renewed_when_apns_calls_it_expired() 
 }
 
 #[tokio::test]
-async fn a_token_apns_refuses_twice_rejects_the_message() {
+async fn refused_credentials_keep_the_message_for_later() {
     // A clock an hour and more behind APNs': every token is already
-    // expired when it arrives. One renewal, then the message is refused
-    // rather than retried until its TTL runs out.
+    // expired when it arrives. One renewal, then the message waits: the
+    // operator's clock, not the message, is at fault.
     let mock = ApnsMock::start();
     let (bridge, metrics) = bridge(&mock);
     let d = bridge
@@ -461,10 +460,20 @@ async fn a_token_apns_refuses_twice_rejects_the_message() {
         )
         .await;
     assert!(
-        matches!(&d, Delivery::Rejected { reason } if reason.contains("ExpiredProviderToken")),
+        matches!(&d, Delivery::Retry { after: Some(a), reason } if reason.contains("ExpiredProviderToken") && *a == herald::bridge::CREDENTIALS_PAUSE),
         "{d:?}"
     );
     assert_eq!(requests_with(&metrics, "403"), 2);
+
+    // Any other refusal of the credentials waits the same way.
+    mock.script([Answer::error(403, "InvalidProviderToken")]);
+    let d = bridge
+        .send(&route(None), &message(vec![1], aes128gcm()), common::now())
+        .await;
+    assert!(
+        matches!(&d, Delivery::Retry { after: Some(a), reason } if reason.contains("InvalidProviderToken") && *a == herald::bridge::CREDENTIALS_PAUSE),
+        "{d:?}"
+    );
 }
 
 #[tokio::test]

@@ -409,12 +409,12 @@ async fn a_refused_token_is_replaced_once_and_the_send_tried_again() {
     assert_eq!(fcm.grants(), 2);
     assert_eq!(refreshes(&metrics), 2);
 
-    // A fresh token refused too: the credentials are at fault; one retry
-    // only, then the message is rejected.
+    // A fresh token refused too: the credentials are at fault, not the
+    // message; one retry only, then the message waits for them to be mended.
     fcm.script([Reply::Unauthenticated, Reply::Unauthenticated]);
     let d = b.send(&route(), &m, now()).await;
     assert!(
-        matches!(&d, Delivery::Rejected { reason } if reason.contains("401")),
+        matches!(&d, Delivery::Retry { after: Some(a), reason } if reason.contains("401") && *a == herald::bridge::CREDENTIALS_PAUSE),
         "{d:?}"
     );
     assert_eq!(fcm.requests().len(), 5);
@@ -439,7 +439,7 @@ async fn a_grant_signed_with_another_key_is_refused_by_the_token_endpoint() {
         .send(&route(), &message(None, Vec::new(), 60), now())
         .await;
     assert!(
-        matches!(&d, Delivery::Rejected { reason } if reason.contains("Invalid JWT Signature")),
+        matches!(&d, Delivery::Retry { after: Some(a), reason } if reason.contains("Invalid JWT Signature") && *a == herald::bridge::CREDENTIALS_PAUSE),
         "{d:?}"
     );
     assert_eq!(fcm.refused_grants(), ["Invalid JWT Signature."]);

@@ -10,7 +10,7 @@
 
 use super::apns_auth::{ProviderKey, ProviderToken, ProviderTokens};
 use super::apns_payload::{self, MAX_PAYLOAD};
-use super::{Bridge, Delivery};
+use super::{Bridge, Delivery, CREDENTIALS_PAUSE};
 use crate::config::{ApnsAuth, ApnsBridgeSettings};
 use crate::metrics::Metrics;
 use crate::store::{BridgeKind, BridgeRoute, Message};
@@ -232,13 +232,20 @@ impl Bridge for ApnsBridge {
                 // one and try once more. A second refusal means the clocks
                 // disagree or the key is wrong: nothing a retry mends.
                 let (Some(tokens), Some(refused)) = (&self.tokens, &token) else {
-                    return rejected(&answer);
+                    return Delivery::Retry {
+                        after: Some(CREDENTIALS_PAUSE),
+                        reason: refusal(&answer),
+                    };
                 };
                 token = Some(self.token(tokens.renew(refused, now)));
                 let again = self.post(route, message, &body, token.as_ref()).await;
                 match classify(&again) {
                     Verdict::Done(d) => d,
-                    Verdict::TokenExpired => rejected(&again),
+                    // A fresh token called expired: the clocks disagree.
+                    Verdict::TokenExpired => Delivery::Retry {
+                        after: Some(CREDENTIALS_PAUSE),
+                        reason: refusal(&again),
+                    },
                 }
             }
         }
@@ -292,21 +299,26 @@ pub fn classify(answer: &Answer) -> Verdict {
             after: retry_after,
             reason: said(),
         },
+        // InvalidProviderToken, MissingProviderToken, BadCertificate…:
+        // Herald's credentials, not the message, are refused.
+        (403, _) => Delivery::Retry {
+            after: Some(CREDENTIALS_PAUSE),
+            reason: said(),
+        },
         _ => Delivery::Rejected { reason: said() },
     })
 }
 
-fn rejected(answer: &Answer) -> Delivery {
-    Delivery::Rejected {
-        reason: match answer {
-            Answer::Status { status, reason, .. } => {
-                format!(
-                    "APNs {status} {}",
-                    reason.as_deref().unwrap_or("(no reason)")
-                )
-            }
-            Answer::Failed(e) => e.clone(),
-        },
+/// What APNs said, for logs and `Delivery` reasons.
+fn refusal(answer: &Answer) -> String {
+    match answer {
+        Answer::Status { status, reason, .. } => {
+            format!(
+                "APNs {status} {}",
+                reason.as_deref().unwrap_or("(no reason)")
+            )
+        }
+        Answer::Failed(e) => e.clone(),
     }
 }
 
@@ -444,7 +456,8 @@ mod tests {
             (400, Some("BadCollapseId"), "rejected"),
             (400, Some("TopicDisallowed"), "rejected"),
             (403, Some("ExpiredProviderToken"), "token"),
-            (403, Some("InvalidProviderToken"), "rejected"),
+            (403, Some("InvalidProviderToken"), "retry"),
+            (403, Some("BadCertificate"), "retry"),
             (413, Some("PayloadTooLarge"), "rejected"),
             (429, Some("TooManyRequests"), "retry"),
             (429, Some("TooManyProviderTokenUpdates"), "retry"),

@@ -5,7 +5,7 @@
 
 use crate::bridge::fcm_auth::{AccessTokens, ServiceAccount, TokenError};
 use crate::bridge::fcm_wire::{self, Verdict};
-use crate::bridge::{Bridge, Delivery};
+use crate::bridge::{Bridge, Delivery, CREDENTIALS_PAUSE};
 use crate::config::FcmBridgeSettings;
 use crate::metrics::Metrics;
 use crate::store::{BridgeKind, BridgeRoute, Message};
@@ -163,7 +163,8 @@ fn token_failure(e: TokenError) -> Delivery {
             after: None,
             reason: format!("no FCM access token: {reason}"),
         },
-        TokenError::Refused(reason) => Delivery::Rejected {
+        TokenError::Refused(reason) => Delivery::Retry {
+            after: Some(CREDENTIALS_PAUSE),
             reason: format!("no FCM access token: {reason}"),
         },
     }
@@ -194,7 +195,8 @@ impl Bridge for FcmBridge {
                 self.tokens.discard(&stale).await;
                 match self.attempt(&body, now).await {
                     Ok(d) => d,
-                    Err(_) => Delivery::Rejected {
+                    Err(_) => Delivery::Retry {
+                        after: Some(CREDENTIALS_PAUSE),
                         reason: "FCM answered 401 to a fresh access token: check the \
                                  service account's permissions on the project"
                             .into(),

@@ -3,7 +3,7 @@
 //! bridge (`fcm`) does the I/O around it. Every mapping here is written up
 //! for operators and client authors in proto-docs/bridges.md, section FCM.
 
-use crate::bridge::Delivery;
+use crate::bridge::{Delivery, CREDENTIALS_PAUSE};
 use crate::store::Message;
 use herald_proto::b64::encode_b64url;
 use herald_proto::urgency::Urgency;
@@ -199,6 +199,12 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: u64) -
         404 => Delivery::Gone { reason },
         400 if err.blames_token() => Delivery::Gone { reason },
         403 if err.has_code("SENDER_ID_MISMATCH") => Delivery::Gone { reason },
+        // PERMISSION_DENIED: the service account may not send for the
+        // project; the operator's to mend, the message's to wait.
+        403 => Delivery::Retry {
+            after: Some(CREDENTIALS_PAUSE),
+            reason,
+        },
         429 => Delivery::Retry {
             after: Some(after.unwrap_or(QUOTA_PAUSE)),
             reason,
@@ -398,7 +404,12 @@ mod tests {
                 "{status} {body}"
             );
         }
-        for (status, body) in [(400, BAD_TTL), (403, DENIED), (413, ""), (405, "")] {
+        // The service account may not send: kept until that is mended.
+        assert!(matches!(
+            delivery(403, None, DENIED),
+            Delivery::Retry { after: Some(a), .. } if a == CREDENTIALS_PAUSE
+        ));
+        for (status, body) in [(400, BAD_TTL), (413, ""), (405, "")] {
             assert!(
                 matches!(delivery(status, None, body), Delivery::Rejected { .. }),
                 "{status} {body}"

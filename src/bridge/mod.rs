@@ -35,6 +35,14 @@ pub enum Delivery {
     Rejected { reason: String },
 }
 
+/// How long to wait before trying again when the upstream refuses Herald's
+/// own credentials (a revoked or wrong key, a service account without the
+/// right, clocks far apart). The fault is the operator's, not the
+/// message's: messages are kept until their TTL, so that once the
+/// credentials are mended (and Herald restarted with them) what waited is
+/// delivered. `herald_bridge_requests_total` shows the refusals meanwhile.
+pub const CREDENTIALS_PAUSE: Duration = Duration::from_secs(60);
+
 /// One upstream push service, configured for one app.
 #[async_trait::async_trait]
 pub trait Bridge: Send + Sync + 'static {
