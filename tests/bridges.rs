@@ -469,3 +469,33 @@ async fn a_push_accepted_by_another_cluster_node_is_forwarded_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(fcm.requests().len(), 1);
 }
+
+/// 7b. Killed while FCM holds the request unanswered: the outbox entry's
+/// lease (`forward::LEASE`, 60 s) runs out after the restart and the
+/// message is sent then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_message_in_flight_at_kill_9_is_sent_after_the_lease() {
+    let fcm = FcmMock::start();
+    fcm.script([Reply::Stall]);
+    let mut b = Bridged::start(&fcm_tables(&fcm), &[], &[]).await;
+    let app = AppServer::new();
+    let phone = Phone::register(&b.h, "fcm", FCM_APP, FCM_TOKEN, Some(&app)).await;
+
+    let r = send(&b.h, &app, &phone, "in flight", &[("ttl", "300")]).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    fcm_requests(&fcm, 1, Duration::from_secs(10)).await;
+    let killed = Instant::now();
+    b.h.kill9();
+    b.h.restart().await;
+
+    let sent = fcm_requests(&fcm, 2, Duration::from_secs(75)).await;
+    let after = killed.elapsed();
+    assert_eq!(sent[1].status, 200);
+    assert_eq!(fcm_plaintext(&phone, sent[1].data()), "in flight");
+    assert!(
+        after <= Duration::from_secs(70),
+        "sent {after:?} after the kill"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fcm.requests().len(), 2, "sent once after the restart");
+}
