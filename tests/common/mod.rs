@@ -4,6 +4,7 @@
 //! `p256`, and `ece`).
 #![allow(dead_code)]
 
+pub mod bridges;
 pub mod fernet;
 pub mod redis;
 pub mod tools;
