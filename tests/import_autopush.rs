@@ -7,6 +7,8 @@
 #[path = "support/autopush.rs"]
 mod autopush;
 mod common;
+#[path = "support/fcm_mock.rs"]
+mod fcm_mock;
 #[path = "support/postgres.rs"]
 mod postgres;
 
@@ -676,4 +678,87 @@ async fn autopush_endpoints_deliver_after_the_import_with_their_key_binding() {
     assert_eq!(ws.recv().await["status"], 200);
     let r = push(&v2, Some(&app), &h.url(), &keys, "x", &[]).await;
     assert_eq!((r.status, r.errno()), (410, 106));
+}
+
+/// autopush-rs's registration secret for `uaid`, made by Python's own
+/// hmac (not Herald's code): hex HMAC-SHA256 of the 32-hex uaid keyed by
+/// the AUTH_KEYS string as written.
+fn autopush_secret(auth_key: &str, uaid: &str) -> String {
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import hashlib, hmac, sys; print(hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), hashlib.sha256).hexdigest(), end='')",
+            auth_key,
+            uaid,
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A phone that registered with autopush-rs's FCM bridge: after the
+/// import it keeps its uaid and the secret autopush gave it, and a push to
+/// the endpoint autopush handed its site reaches its device token.
+#[tokio::test]
+async fn an_imported_phone_keeps_its_secret_and_is_reached_through_fcm() {
+    use common::bridges::{fcm_table, Bridged};
+    use common::fernet::{autopush_token, fernet_key};
+    let redis = RedisServer::start();
+    let fcm = fcm_mock::FcmMock::start();
+    let mut phone = UserAgent::bridged(
+        "fcm",
+        json!({"token": "fcm-device-token-1", "app_id": "fenix"}),
+        (now() - 30 * 86400) * 1000,
+    );
+    let chid = Uuid::new_v4();
+    phone.channels = vec![chid];
+    autopush::write_redis(&mut redis.client(), std::slice::from_ref(&phone), false);
+
+    let (fernet, auth_key) = (fernet_key(), "autopush-auth-key-of-the-old-service");
+    let table = fcm_table(
+        "fenix",
+        fcm.project_id(),
+        &fcm.credentials_path(),
+        &fcm.url(),
+    );
+    let env = [
+        ("HERALD_AUTOPUSH_CRYPTO_KEYS", fernet.as_str()),
+        ("HERALD_AUTOPUSH_AUTH_KEYS", auth_key),
+    ];
+    let mut b = Bridged::start(&[table], &[], &env).await;
+    b.h.stop();
+    imported(&import(&b.h, redis.url(), &[]));
+    b.h.restart().await;
+
+    // The daily check of Firefox for Android, with the secret autopush gave.
+    let path = format!("/v1/fcm/fenix/registration/{}", phone.hex());
+    let auth = format!("webpush {}", autopush_secret(auth_key, &phone.hex()));
+    let r = http(&b.h, "GET", &path, &[("authorization", &auth)], vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["channelIDs"],
+        json!([chid.hyphenated().to_string()])
+    );
+    let wrong = format!("webpush {}", autopush_secret("another-key", &phone.hex()));
+    let r = http(&b.h, "GET", &path, &[("authorization", &wrong)], vec![])
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.errno()), (401, 109));
+
+    let token = autopush_token(&fernet, &phone.hex(), &chid.hyphenated().to_string(), None);
+    let endpoint = format!("{}/wpush/v1/{token}", b.h.url());
+    let keys = UaKeys::new();
+    let r = push(&endpoint, None, &b.h.url(), &keys, "to the phone", &[]).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fcm.requests().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = fcm.requests();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].body["message"]["token"], "fcm-device-token-1");
+    assert_eq!(sent[0].data()["chid"], chid.hyphenated().to_string());
 }
