@@ -31,15 +31,6 @@ use std::time::{Duration, Instant};
 /// later.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// APNs' hosts, production and development.
-pub fn default_base_url(sandbox: bool) -> &'static str {
-    if sandbox {
-        "https://api.sandbox.push.apple.com"
-    } else {
-        "https://api.push.apple.com"
-    }
-}
-
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub struct ApnsBridge {
@@ -493,11 +484,5 @@ mod tests {
         assert_eq!(reason(b""), None);
         assert_eq!(reason(b"<html>"), None);
         assert_eq!(reason(br#"{"reason":3}"#), None);
-    }
-
-    #[test]
-    fn default_hosts() {
-        assert_eq!(default_base_url(false), "https://api.push.apple.com");
-        assert_eq!(default_base_url(true), "https://api.sandbox.push.apple.com");
     }
 }

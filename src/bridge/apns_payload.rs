@@ -9,8 +9,8 @@
 //! `cryptokey`). The extension runs only for a push with
 //! `mutable-content: 1` and an alert, hence the default `aps`.
 
+use super::payload_fields;
 use crate::store::Message;
-use base64::Engine;
 use herald_proto::urgency::Urgency;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -51,26 +51,12 @@ fn payload_with_ver(message: &Message, aps: Option<&str>, ver: &str) -> Result<V
             _ => return Err("the registration's aps is not a JSON object".into()),
         },
     };
-    let mut map = Map::new();
+    let mut map: Map<String, Value> = payload_fields(message)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
     map.insert("aps".into(), aps);
-    map.insert(
-        "chid".into(),
-        message.channel.hyphenated().to_string().into(),
-    );
     map.insert("ver".into(), ver.into());
-    // A push without payload carries only its channel: there is nothing to
-    // decrypt, so the coding headers would mean nothing.
-    if let Some(h) = &message.headers {
-        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&message.data);
-        map.insert("body".into(), body.into());
-        map.insert("con".into(), h.encoding.clone().into());
-        if let Some(enc) = &h.encryption {
-            map.insert("enc".into(), enc.clone().into());
-        }
-        if let Some(key) = &h.crypto_key {
-            map.insert("cryptokey".into(), key.clone().into());
-        }
-    }
     Ok(Value::Object(map).to_string().into_bytes())
 }
 

@@ -3,13 +3,11 @@
 //! bridge (`fcm`) does the I/O around it. Every mapping here is written up
 //! for operators and client authors in proto-docs/bridges.md, section FCM.
 
-use crate::bridge::{Delivery, CREDENTIALS_PAUSE};
+use crate::bridge::{payload_fields, Delivery, CREDENTIALS_PAUSE};
 use crate::store::Message;
-use herald_proto::b64::encode_b64url;
 use herald_proto::urgency::Urgency;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// FCM's limit for the `data` of a message sent to a token, counting keys
@@ -23,30 +21,9 @@ pub const MAX_TTL_SECS: u64 = 2_419_200;
 /// without `Retry-After` waits that long.
 pub const QUOTA_PAUSE: Duration = Duration::from_secs(60);
 
-/// The data map Firefox for Android hands to its push component
-/// (application-services `PushPayload`): the channel id, and for a push with
-/// a payload the body (base64url, no padding), its content encoding and,
-/// for `aesgcm`, the `Encryption` and `Crypto-Key` headers, which Herald
-/// stored already in the unquoted, unpadded form the device parses.
-pub fn data_map(message: &Message) -> BTreeMap<&'static str, String> {
-    let mut map = BTreeMap::new();
-    map.insert("chid", message.channel.hyphenated().to_string());
-    if let Some(h) = &message.headers {
-        map.insert("body", encode_b64url(&message.data));
-        map.insert("con", h.encoding.clone());
-        if let Some(enc) = &h.encryption {
-            map.insert("enc", enc.clone());
-        }
-        if let Some(key) = &h.crypto_key {
-            map.insert("cryptokey", key.clone());
-        }
-    }
-    map
-}
-
 /// Bytes of the data map's JSON, the figure FCM's limit applies to.
 pub fn data_len(message: &Message) -> usize {
-    serde_json::to_vec(&data_map(message)).map_or(usize::MAX, |v| v.len())
+    serde_json::to_vec(&payload_fields(message)).map_or(usize::MAX, |v| v.len())
 }
 
 /// Whether `message` stays within FCM's data limit once mapped.
@@ -77,7 +54,7 @@ pub fn request_body(token: &str, message: &Message, now: u64) -> Vec<u8> {
     let mut android = json!({
         "ttl": format!("{ttl}s"),
         "priority": priority,
-        "data": data_map(message),
+        "data": payload_fields(message),
     });
     if let Some(key) = collapse_key(message) {
         android["collapse_key"] = Value::String(key);
@@ -323,13 +300,13 @@ mod tests {
         let h = m.headers.as_mut().unwrap();
         h.encryption = Some("salt=abc".into());
         h.crypto_key = Some("dh=def".into());
-        let map = data_map(&m);
+        let map = payload_fields(&m);
         assert_eq!(map["chid"], "5b7f2ab1-0c4e-4c39-9a0e-3f7b2a9c1d11");
         assert_eq!(map["body"], "-_v7");
         assert_eq!(map["con"], "aesgcm");
         assert_eq!(map["enc"], "salt=abc");
         assert_eq!(map["cryptokey"], "dh=def");
-        let bare = data_map(&message(0, None));
+        let bare = payload_fields(&message(0, None));
         assert_eq!(bare.keys().copied().collect::<Vec<_>>(), ["chid"]);
     }
 

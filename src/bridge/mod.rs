@@ -12,6 +12,8 @@ pub mod fcm_auth;
 pub mod fcm_wire;
 
 use crate::store::{BridgeKind, BridgeRoute, Message};
+use herald_proto::b64::encode_b64url;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// What the upstream made of one message.
@@ -33,6 +35,29 @@ pub enum Delivery {
     /// or the bridge's own credentials refused): drop the message, keep
     /// the user agent.
     Rejected { reason: String },
+}
+
+/// What both mobile push components read to decrypt a push (Firefox for
+/// Android from FCM's data map, Firefox for iOS from APNs' payload): the
+/// channel id, and for a push with a payload the body (base64url, no
+/// padding), its content encoding and, for `aesgcm`, the `Encryption` and
+/// `Crypto-Key` headers, which Herald stored already in the unquoted,
+/// unpadded form the device parses. A push without payload carries only
+/// its channel: there is nothing to decrypt.
+pub fn payload_fields(message: &Message) -> BTreeMap<&'static str, String> {
+    let mut map = BTreeMap::new();
+    map.insert("chid", message.channel.hyphenated().to_string());
+    if let Some(h) = &message.headers {
+        map.insert("body", encode_b64url(&message.data));
+        map.insert("con", h.encoding.clone());
+        if let Some(enc) = &h.encryption {
+            map.insert("enc", enc.clone());
+        }
+        if let Some(key) = &h.crypto_key {
+            map.insert("cryptokey", key.clone());
+        }
+    }
+    map
 }
 
 /// How long to wait before trying again when the upstream refuses Herald's

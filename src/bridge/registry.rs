@@ -13,18 +13,22 @@ use std::sync::Arc;
 
 #[derive(Default, Clone)]
 pub struct Bridges {
-    by_app: HashMap<(BridgeKind, String), Arc<dyn Bridge>>,
+    /// By kind, then app id: a push looks one up by `&str`, no key built.
+    by_kind: HashMap<BridgeKind, HashMap<String, Arc<dyn Bridge>>>,
 }
 
 impl Bridges {
     /// Each bridge under its own kind and app id; of two for the same pair
     /// (which the settings' tables cannot express) the last one counts.
     pub fn new(bridges: Vec<Arc<dyn Bridge>>) -> Self {
-        let by_app = bridges
-            .into_iter()
-            .map(|b| ((b.kind(), b.app_id().to_string()), b))
-            .collect();
-        Bridges { by_app }
+        let mut by_kind: HashMap<BridgeKind, HashMap<String, Arc<dyn Bridge>>> = HashMap::new();
+        for b in bridges {
+            by_kind
+                .entry(b.kind())
+                .or_default()
+                .insert(b.app_id().to_string(), b);
+        }
+        Bridges { by_kind }
     }
 
     /// Every bridge the `[bridges]` tables configure. Reads and checks each
@@ -45,15 +49,15 @@ impl Bridges {
     }
 
     pub fn get(&self, kind: BridgeKind, app_id: &str) -> Option<&Arc<dyn Bridge>> {
-        self.by_app.get(&(kind, app_id.to_string()))
+        self.by_kind.get(&kind)?.get(app_id)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_app.is_empty()
+        self.by_kind.values().all(HashMap::is_empty)
     }
 
     pub fn len(&self) -> usize {
-        self.by_app.len()
+        self.by_kind.values().map(HashMap::len).sum()
     }
 }
 
