@@ -34,6 +34,12 @@ pub struct App {
     /// Bridged user agents this node is sending for now (see
     /// `bridge::forward`); shutdown waits for them.
     pub forwarding: Arc<Occupancy>,
+    /// Pushes each sender and receiver may make (see `quota`).
+    pub quotas: crate::quota::Quotas,
+    /// Senders the operator blocked through the admin API.
+    pub blocks: crate::admin::Blocks,
+    /// The busiest senders of the last minutes, for the admin API.
+    pub top_senders: crate::admin::TopSenders,
 }
 
 impl App {
@@ -50,7 +56,11 @@ impl App {
             per_subscription: settings.max_receipt_streams_per_subscription,
             total: settings.max_receipt_streams,
         };
+        let quotas = crate::quota::Quotas::new(&settings);
         App {
+            quotas,
+            blocks: Default::default(),
+            top_senders: Default::default(),
             settings,
             store,
             tokens,

@@ -34,6 +34,11 @@ pub enum Kind {
     Text,
     /// a tracing filter; deployment files use a plain level
     LogLevel,
+    /// a count per second, minute or hour (`100/s`, `240/m`, `5000/h`), or
+    /// `off`
+    Rate,
+    /// IP addresses or CIDR ranges (comma-separated, or a list)
+    Cidrs,
 }
 
 /// What a setting is when nothing sets it.
@@ -149,6 +154,18 @@ pub const SETTINGS: &[Setting] = &[
     setting("receipt_stream_lifetime", Kind::Duration, DefaultValue::Value("1h"), "longest a receipt event stream stays open; it then ends and the reader resumes with Last-Event-ID"),
     setting("worker_threads", Kind::Int, DefaultValue::Derived("one per core"), "threads running connections and requests; unset: one per core"),
     setting("autopush_crypto_keys", Kind::Keys, DefaultValue::Unset, "autopush-rs's CRYPTO_KEYS ([k1,k2], Fernet keys): its /wpush/ endpoint URLs keep working; unset: only Herald's own endpoints are accepted"),
+    setting("ua_rate_limit", Kind::Rate, DefaultValue::Value("240/m"), "pushes one user agent may receive, over all its subscriptions (FCM allows 240 a minute per device); beyond it and its burst senders get 429 (errno 125); off: no limit"),
+    setting("ua_rate_burst", Kind::Int, DefaultValue::Value("60"), "pushes a user agent may receive at once above ua_rate_limit's pace"),
+    setting("subscription_rate_limit", Kind::Rate, DefaultValue::Value("120/m"), "pushes one subscription may receive; beyond it and its burst senders get 429 (errno 125); off: no limit"),
+    setting("subscription_rate_burst", Kind::Int, DefaultValue::Value("30"), "pushes a subscription may receive at once above subscription_rate_limit's pace"),
+    setting("sender_rate_limit", Kind::Rate, DefaultValue::Value("1000/s"), "pushes one application server (one VAPID key) may send; beyond it and its burst it gets 429 (errno 126); off: no limit"),
+    setting("sender_rate_burst", Kind::Int, DefaultValue::Value("2000"), "pushes a VAPID key may send at once above sender_rate_limit's pace"),
+    setting("anonymous_rate_limit", Kind::Rate, DefaultValue::Value("50/s"), "pushes without VAPID one client address may send (IPv6 by /64); beyond it and its burst it gets 429 (errno 126); off: no limit"),
+    setting("anonymous_rate_burst", Kind::Int, DefaultValue::Value("100"), "pushes without VAPID a client address may send at once above anonymous_rate_limit's pace"),
+    setting("trusted_proxies", Kind::Cidrs, DefaultValue::Unset, "addresses or CIDR ranges of reverse proxies whose Forwarded / X-Forwarded-For header names the real client; unset: the peer address is the client"),
+    setting("admin_tokens", Kind::Tokens, DefaultValue::Unset, "bearer tokens for the admin API (/v1/admin/…, herald admin), comma-separated, 16+ characters each; unset: the admin API answers 404"),
+    setting("require_vapid_key", Kind::Bool, DefaultValue::Value("false"), "refuse new subscriptions without an application server key (websocket register status 401; registration API 400, errno 128), so every endpoint is bound to one sender"),
+    setting("user_agent_tokens", Kind::Tokens, DefaultValue::Unset, "private mode: user agents must present one of these tokens in hello (and the registration API in Authorization: Bearer), comma-separated, 16+ characters each; unset: anyone may connect"),
 ];
 
 /// Variables other `herald` commands read (`herald send`, `listen`, `demo`,
@@ -315,6 +332,35 @@ pub struct Settings {
     pub bridges: BridgeSettings,
     /// Opens endpoint tokens autopush-rs issued; None: only Herald's own.
     pub autopush_crypto_keys: Option<crate::autopush_token::AutopushTokens>,
+    /// Quotas (see `quota`); None: that limit is off.
+    pub ua_rate_limit: Option<Rate>,
+    pub ua_rate_burst: u32,
+    pub subscription_rate_limit: Option<Rate>,
+    pub subscription_rate_burst: u32,
+    pub sender_rate_limit: Option<Rate>,
+    pub sender_rate_burst: u32,
+    pub anonymous_rate_limit: Option<Rate>,
+    pub anonymous_rate_burst: u32,
+    /// Peers whose `Forwarded`/`X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<crate::cidr::Cidr>,
+    /// Bearer tokens of the admin API; empty: no admin API.
+    pub admin_tokens: Vec<String>,
+    pub require_vapid_key: bool,
+    /// Private mode: tokens a user agent must present; empty: open.
+    pub user_agent_tokens: Vec<String>,
+}
+
+/// A pace: `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn per_second(&self) -> f64 {
+        self.count as f64 / self.per.as_secs_f64()
+    }
 }
 
 /// The upstreams mobile user agents are reached through, one entry per
@@ -555,6 +601,22 @@ impl Settings {
                 "autopush_crypto_keys",
                 crate::autopush_token::AutopushTokens::parse,
             )?,
+            ua_rate_limit: l.get("ua_rate_limit", parse_rate)?,
+            ua_rate_burst: l.get("ua_rate_burst", parse_u32_count)?,
+            subscription_rate_limit: l.get("subscription_rate_limit", parse_rate)?,
+            subscription_rate_burst: l.get("subscription_rate_burst", parse_u32_count)?,
+            sender_rate_limit: l.get("sender_rate_limit", parse_rate)?,
+            sender_rate_burst: l.get("sender_rate_burst", parse_u32_count)?,
+            anonymous_rate_limit: l.get("anonymous_rate_limit", parse_rate)?,
+            anonymous_rate_burst: l.get("anonymous_rate_burst", parse_u32_count)?,
+            trusted_proxies: l.opt("trusted_proxies", parse_cidrs)?.unwrap_or_default(),
+            admin_tokens: l
+                .opt("admin_tokens", parse_broadcast_tokens)?
+                .unwrap_or_default(),
+            require_vapid_key: l.get("require_vapid_key", parse_bool)?,
+            user_agent_tokens: l
+                .opt("user_agent_tokens", parse_broadcast_tokens)?
+                .unwrap_or_default(),
         })
     }
 
@@ -642,6 +704,38 @@ fn parse_broadcast_tokens(v: &str) -> Result<Vec<String>, String> {
         return Err("each token must be at least 16 characters".into());
     }
     Ok(tokens)
+}
+
+/// `100/s`, `240/m`, `5000/h`, or `off` (None).
+pub fn parse_rate(v: &str) -> Result<Option<Rate>, String> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = || {
+        format!("{v:?}: expected a count per second, minute or hour (100/s, 240/m, 5000/h) or off")
+    };
+    let (count, unit) = v.split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    if count == 0 {
+        return Err(format!(
+            "{v:?}: a rate must be at least 1 (write off for no limit)"
+        ));
+    }
+    Ok(Some(Rate { count, per }))
+}
+
+fn parse_cidrs(v: &str) -> Result<Vec<crate::cidr::Cidr>, String> {
+    comma_list(v)
+        .iter()
+        .map(|c| crate::cidr::Cidr::parse(c))
+        .collect()
 }
 
 fn parse_frame_size(v: &str) -> Result<usize, String> {
@@ -1073,6 +1167,8 @@ mod tests {
                 Kind::Count => "-1",
                 Kind::Bool => "maybe",
                 Kind::OneOf(_) => "neither",
+                Kind::Rate => "fast",
+                Kind::Cidrs => "10.0.0.0/99",
                 Kind::Path | Kind::Text | Kind::LogLevel => continue,
             };
             let err = Settings::load(&ServeArgs::default(), &env(&[(&s.env_var(), bad)]))

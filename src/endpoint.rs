@@ -1,6 +1,7 @@
 //! The application-server side (RFC 8030 §5): accepting push messages on
 //! endpoint URLs, cancelling them, and the UnifiedPush discovery answer.
 
+use crate::admission;
 use crate::app::App;
 use crate::errors::{ApiError, Errno};
 use crate::mailbox::{Mailbox, Refused};
@@ -52,13 +53,13 @@ pub enum EndpointPath {
 /// answered exactly as a forged Herald token.
 /// Who sealed an endpoint token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Issuer {
+pub enum Issuer {
     Herald,
     /// autopush-rs, under one of `autopush_crypto_keys`.
     Autopush,
 }
 
-fn open_target(
+pub fn open_target(
     app: &App,
     path: EndpointPath,
     token: &str,
@@ -80,8 +81,8 @@ fn open_target(
     opened.ok_or_else(ApiError::invalid_endpoint)
 }
 
-/// `POST /wpush/{v1,v2}/<token>`: parse, authorise, read the body, check
-/// the subscription, persist, route, answer.
+/// `POST /wpush/{v1,v2}/<token>`: parse, authorise, admit, read the body,
+/// then `accept` and answer.
 pub async fn push(
     app: &Arc<App>,
     path: EndpointPath,
@@ -93,33 +94,92 @@ pub async fn push(
     let h = &parts.headers;
     let request = parse(app, h)?;
     let sender = authorise(app, &target, h)?;
+    let client = crate::peer::client_addr(&app.settings, &parts);
+    admission::admit_sender(
+        app,
+        &admission::Sender {
+            client,
+            key: sender.as_ref(),
+            sub: None,
+        },
+    )
+    .await?;
+    admission::admit_receiver(app, &target).await?;
     let receipt = request
         .receipt
         .map(|r| receipts::api::bind(r, sender, &app.tokens))
         .transpose()?;
     let (headers, data) = read_body(app, h, body).await?;
-    let bridged = check_subscription(app, &target, issuer).await?;
-
-    let mut message = Message {
-        seq: app.store.next_seq(),
-        channel: target.channel,
-        expires_at: now_secs().saturating_add(request.ttl),
+    let push = Push {
         ttl: request.ttl,
         urgency: request.urgency,
         topic: request.topic,
         headers,
         data,
-        receipt: receipt.is_some(),
+        receipt: receipt.as_ref().map(|(sub, _)| *sub),
+    };
+    let accepted = accept(app, &target, issuer, push).await?;
+
+    let base = &app.settings.public_url.base;
+    let mut response = http::Response::builder()
+        .header("location", format!("{base}/m/{}", accepted.message_id))
+        .header("ttl", accepted.ttl.to_string());
+    response = match &receipt {
+        // RFC 8030 §5.1: accepted for delivery with confirmation.
+        Some((_, token)) => response
+            .status(StatusCode::ACCEPTED)
+            .header("link", receipts::api::link_header(base, token)),
+        None => response.status(StatusCode::CREATED),
+    };
+    Ok(response
+        .body(Full::new(Bytes::new()))
+        .expect("valid response"))
+}
+
+/// A push whose sender is admitted and whose body is read: what `accept`
+/// stores and routes.
+pub struct Push {
+    pub ttl: u64,
+    pub urgency: herald_proto::urgency::Urgency,
+    pub topic: Option<String>,
+    pub headers: Option<NotificationHeaders>,
+    pub data: Bytes,
+    /// The receipt subscription to report the message's fate to.
+    pub receipt: Option<crate::store::ReceiptSub>,
+}
+
+/// What `accept` answers: the message's id (its `/m/` resource) and TTL.
+pub struct Accepted {
+    pub message_id: String,
+    pub ttl: u64,
+}
+
+/// Checks the subscription, persists the message and routes it to its user
+/// agent (a connection here or on another node, or a bridge). Shared by
+/// the endpoint and the Matrix push gateway.
+pub async fn accept(
+    app: &Arc<App>,
+    target: &EndpointToken,
+    issuer: Issuer,
+    push: Push,
+) -> Result<Accepted, ApiError> {
+    let bridged = check_subscription(app, target, issuer).await?;
+    let mut message = Message {
+        seq: app.store.next_seq(),
+        channel: target.channel,
+        expires_at: now_secs().saturating_add(push.ttl),
+        ttl: push.ttl,
+        urgency: push.urgency,
+        topic: push.topic,
+        headers: push.headers,
+        data: push.data,
+        receipt: push.receipt.is_some(),
     };
     if let Some(route) = &bridged {
-        check_bridge(app, &target, route, &message)?;
+        check_bridge(app, target, route, &message)?;
     }
     message.seq = Mailbox::of(app)
-        .accept(
-            &target.uaid,
-            &message,
-            receipt.as_ref().map(|(sub, _)| *sub),
-        )
+        .accept(&target.uaid, &message, push.receipt)
         .await
         .map_err(|refused| match refused {
             Refused::Full(limit) => ApiError::too_many_stored(limit),
@@ -134,26 +194,12 @@ pub async fn push(
         Some(r) => crate::bridge::forward::accepted(app, target.uaid, r, message).await,
         None => route(app, &target.uaid, message).await,
     }
-
-    let id = app.tokens.message_id(&MessageId {
+    let message_id = app.tokens.message_id(&MessageId {
         uaid: target.uaid,
         channel: target.channel,
         seq,
     });
-    let base = &app.settings.public_url.base;
-    let mut response = http::Response::builder()
-        .header("location", format!("{base}/m/{id}"))
-        .header("ttl", ttl.to_string());
-    response = match &receipt {
-        // RFC 8030 §5.1: accepted for delivery with confirmation.
-        Some((_, token)) => response
-            .status(StatusCode::ACCEPTED)
-            .header("link", receipts::api::link_header(base, token)),
-        None => response.status(StatusCode::CREATED),
-    };
-    Ok(response
-        .body(Full::new(Bytes::new()))
-        .expect("valid response"))
+    Ok(Accepted { message_id, ttl })
 }
 
 fn parse(app: &App, h: &HeaderMap) -> Result<PushRequest, ApiError> {

@@ -15,12 +15,15 @@
 //! a client crate or the load generator is built; nothing outside this
 //! crate depends on it but its tests and the fuzz targets.
 
+pub mod admin;
+pub mod admission;
 pub mod aesgcm;
 pub mod app;
 pub mod appserver;
 pub mod autopush_token;
 pub mod bridge;
 pub mod broadcast;
+pub mod cidr;
 pub mod config;
 pub mod connect;
 pub mod datadir;
@@ -31,9 +34,12 @@ pub mod import;
 pub mod link;
 pub mod listen;
 pub mod mailbox;
+pub mod matrix;
 pub mod metrics;
 pub mod occupancy;
+pub mod peer;
 pub mod pending;
+pub mod quota;
 pub mod receipts;
 pub mod registration;
 pub mod reply;

@@ -43,6 +43,12 @@ pub struct Metrics {
     pub bridge_token_refreshes: IntCounterVec,
     pub bridge_drops: IntCounterVec,
     pub registrations: IntCounterVec,
+    pub throttled: IntCounterVec,
+    pub blocked_pushes: IntCounterVec,
+    pub admin_requests: IntCounterVec,
+    pub policy_refusals: IntCounterVec,
+    pub matrix_notifications: IntCounterVec,
+    pub matrix_devices: IntCounterVec,
 }
 
 /// A metric's name, help text and label names.
@@ -266,6 +272,41 @@ const REGISTRATIONS: Def = Def {
     labels: &["bridge", "op", "outcome"],
 };
 
+// A public service: quotas, blocks, the admin API, the registration policy
+// and the Matrix push gateway.
+const THROTTLED: Def = Def {
+    name: "herald_throttled_total",
+    help: "Pushes refused 429 by a quota, by reason (subscription, user_agent, sender_key, sender_address).",
+    labels: &["reason"],
+};
+const BLOCKED: Def = Def {
+    name: "herald_blocked_pushes_total",
+    help:
+        "Pushes refused 403 because the operator blocked their sender, by what matched (key, sub).",
+    labels: &["by"],
+};
+const ADMIN_REQUESTS: Def = Def {
+    name: "herald_admin_requests_total",
+    help: "Admin API calls by operation and outcome.",
+    labels: &["op", "outcome"],
+};
+const POLICY_REFUSALS: Def = Def {
+    name: "herald_policy_refusals_total",
+    help: "Subscriptions and connections refused by the registration policy, by reason (vapid_required, user_agent_token).",
+    labels: &["reason"],
+};
+const MATRIX_NOTIFICATIONS: Def = Def {
+    name: "herald_matrix_notifications_total",
+    help:
+        "Matrix push gateway notifications received, by outcome (ok, malformed, throttled, error).",
+    labels: &["outcome"],
+};
+const MATRIX_DEVICES: Def = Def {
+    name: "herald_matrix_devices_total",
+    help: "Matrix push gateway devices, by outcome (pushed, rejected).",
+    labels: &["outcome"],
+};
+
 /// Builds metrics from their definitions into one registry.
 struct Registrar<'a>(&'a Registry);
 
@@ -337,6 +378,12 @@ impl Metrics {
             bridge_token_refreshes: r.counter_vec(BRIDGE_TOKEN_REFRESHES),
             bridge_drops: r.counter_vec(BRIDGE_DROPS),
             registrations: r.counter_vec(REGISTRATIONS),
+            throttled: r.counter_vec(THROTTLED),
+            blocked_pushes: r.counter_vec(BLOCKED),
+            admin_requests: r.counter_vec(ADMIN_REQUESTS),
+            policy_refusals: r.counter_vec(POLICY_REFUSALS),
+            matrix_notifications: r.counter_vec(MATRIX_NOTIFICATIONS),
+            matrix_devices: r.counter_vec(MATRIX_DEVICES),
             registry,
         }
     }

@@ -389,11 +389,12 @@ async fn accept_loop(
     // then /ready must answer 503 and pushes are still accepted.
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let peer = crate::peer::Peer(peer);
                 match &tls {
                     None => {
-                        tokio::spawn(serve_http(app.clone(), stream, serves));
+                        tokio::spawn(serve_http(app.clone(), stream, serves, peer));
                     }
                     Some(tls) => {
                         let acceptor = tls.acceptor();
@@ -405,7 +406,7 @@ async fn accept_loop(
                             )
                             .await
                             {
-                                Ok(Ok(stream)) => serve_http(app, stream, serves).await,
+                                Ok(Ok(stream)) => serve_http(app, stream, serves, peer).await,
                                 Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
                                 Err(_) => tracing::debug!("TLS handshake timed out"),
                             }
@@ -422,14 +423,15 @@ async fn accept_loop(
     }
 }
 
-async fn serve_http<I>(app: Arc<App>, stream: I, serves: Serves)
+async fn serve_http<I>(app: Arc<App>, stream: I, serves: Serves, peer: crate::peer::Peer)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // Requests keep being served while websockets drain at shutdown (so
     // /ready can say 503 and pushes are still stored); the process exit
     // ends what is left.
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(peer);
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(route(app, req, serves).await) }
     });
@@ -584,6 +586,8 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
             1 => Err(ApiError::method_not_allowed()),
             _ => Err(ApiError::not_found()),
         }
+    } else if path == crate::matrix::NOTIFY_PATH {
+        crate::matrix::handle(&app, req).await
     } else if crate::registration::claims(&path) {
         crate::registration::handle(&app, req).await
     } else {
@@ -592,7 +596,7 @@ async fn route_whole(app: Arc<App>, req: http::Request<Incoming>, serves: Serves
     api_response(&app, result)
 }
 
-/// The API for operators: broadcast versions.
+/// The APIs for operators: broadcast versions, and the admin API.
 async fn operator_api(
     app: &App,
     method: Method,
@@ -608,6 +612,7 @@ async fn operator_api(
         (_, ["v1", "broadcasts", ..]) if !app.settings.broadcast_tokens.is_empty() => {
             Err(ApiError::method_not_allowed())
         }
+        (_, ["v1", "admin", ..]) => crate::admin::api::handle(app, req).await,
         _ => Err(ApiError::not_found()),
     }
 }

@@ -204,6 +204,50 @@ pub(crate) const METRICS: &[(&str, MetricType, &[Label])] = &[
             ),
         ],
     ),
+    (
+        "herald_throttled_total",
+        MetricType::Counter,
+        &[(
+            "reason",
+            &["subscription", "user_agent", "sender_key", "sender_address"],
+        )],
+    ),
+    (
+        "herald_blocked_pushes_total",
+        MetricType::Counter,
+        &[("by", &["key", "sub"])],
+    ),
+    (
+        "herald_admin_requests_total",
+        MetricType::Counter,
+        &[
+            (
+                "op",
+                &[
+                    "lookup", "drop", "block", "unblock", "blocks", "top", "summary",
+                ],
+            ),
+            (
+                "outcome",
+                &["ok", "refused", "unauthorized", "not_found", "error"],
+            ),
+        ],
+    ),
+    (
+        "herald_policy_refusals_total",
+        MetricType::Counter,
+        &[("reason", &["vapid_required", "user_agent_token"])],
+    ),
+    (
+        "herald_matrix_notifications_total",
+        MetricType::Counter,
+        &[("outcome", &["ok", "malformed", "throttled", "error"])],
+    ),
+    (
+        "herald_matrix_devices_total",
+        MetricType::Counter,
+        &[("outcome", &["pushed", "rejected"])],
+    ),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -385,6 +429,22 @@ pub(crate) fn check_setting_value(key: &str, v: &toml::Value) -> Result<(), Stri
             Some(s) if !s.trim().is_empty() => Ok(()),
             _ => bad("text"),
         },
+        Kind::Rate => match v.as_str() {
+            Some(s) if herald::config::parse_rate(s).is_ok() => Ok(()),
+            _ => bad("a rate such as \"240/m\", or \"off\""),
+        },
+        Kind::Cidrs => {
+            let ranges: Vec<&str> = match v {
+                toml::Value::String(s) => s.split(',').map(str::trim).collect(),
+                toml::Value::Array(a) => a.iter().map(|t| t.as_str().unwrap_or("")).collect(),
+                _ => return bad("addresses or CIDR ranges"),
+            };
+            if !ranges.is_empty() && ranges.iter().all(|r| herald::cidr::Cidr::parse(r).is_ok()) {
+                Ok(())
+            } else {
+                bad("IP addresses or CIDR ranges (comma-separated, or a list)")
+            }
+        }
     }
 }
 

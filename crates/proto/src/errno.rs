@@ -28,6 +28,10 @@ pub enum Errno {
     ReceiptKeyMismatch = 122,
     InvalidReceiptId = 123,
     TooManyReceiptStreams = 124,
+    ReceiverRateLimited = 125,
+    SenderRateLimited = 126,
+    SenderBlocked = 127,
+    VapidRequired = 128,
     NodeForged = 130,
     NodeClockSkew = 131,
     NodeReplay = 132,
@@ -37,7 +41,7 @@ pub enum Errno {
 }
 
 impl Errno {
-    pub const ALL: [Errno; 28] = [
+    pub const ALL: [Errno; 32] = [
         Errno::MissingCrypto,
         Errno::InvalidEndpoint,
         Errno::UserGone,
@@ -60,6 +64,10 @@ impl Errno {
         Errno::ReceiptKeyMismatch,
         Errno::InvalidReceiptId,
         Errno::TooManyReceiptStreams,
+        Errno::ReceiverRateLimited,
+        Errno::SenderRateLimited,
+        Errno::SenderBlocked,
+        Errno::VapidRequired,
         Errno::NodeForged,
         Errno::NodeClockSkew,
         Errno::NodeReplay,
