@@ -3,7 +3,10 @@
 //! restart and across nodes sharing Redis), top senders and the summary.
 
 mod common;
+#[path = "support/fcm_mock.rs"]
+mod fcm_mock;
 
+use common::bridges::{fcm_table, Bridged, Phone};
 use common::redis::RedisServer;
 use common::*;
 use serde_json::{json, Value};
@@ -580,4 +583,37 @@ async fn a_block_on_one_node_holds_on_the_other_and_lookups_name_the_node() {
     ua.closed(Duration::from_secs(5)).await;
     let r = push(&ep, None, &a.url(), &keys, "gone", &[]).await;
     assert_eq!((r.status, r.errno()), (410, 103));
+}
+
+/// A phone reached through FCM: the lookup names the bridge and app, and
+/// shows only the start of its device token.
+#[tokio::test]
+async fn a_bridged_user_agent_is_shown_without_its_device_token() {
+    const DEVICE_TOKEN: &str = "fcm-device-token-0001:APA91bHun4MxP5egoKMwt2KZFBaFUH";
+    let fcm = fcm_mock::FcmMock::start();
+    let table = fcm_table(
+        "fenix",
+        fcm.project_id(),
+        &fcm.credentials_path(),
+        &fcm.url(),
+    );
+    let tokens = format!("{TOKEN},{NEXT_TOKEN}");
+    let b = Bridged::start(&[table], &[], &[("HERALD_ADMIN_TOKENS", tokens.as_str())]).await;
+    let phone = Phone::register(&b.h, "fcm", "fenix", DEVICE_TOKEN, None).await;
+    let r = admin(
+        &b.h,
+        "GET",
+        &format!("/v1/admin/user-agents/{}", phone.uaid),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let found = r.json();
+    assert_eq!(
+        found["bridge"],
+        json!({"kind": "fcm", "app_id": "fenix", "token": "fcm-devi…", "token_length": DEVICE_TOKEN.len()})
+    );
+    assert_eq!(found["connection"], Value::Null);
+    assert_eq!(found["channels"][0]["channel_id"], phone.channel.as_str());
+    assert!(!found.to_string().contains(DEVICE_TOKEN));
 }
