@@ -556,7 +556,8 @@ async fn a_block_on_one_node_holds_on_the_other_and_lookups_name_the_node() {
         }
         assert_eq!(r.status, 201);
         assert!(
-            blocked_at.elapsed() < Duration::from_secs(3),
+            // The documented 2 s, with room for a loaded 2-core machine.
+            blocked_at.elapsed() < Duration::from_secs(4),
             "node b still accepts the blocked sender after {:?}",
             blocked_at.elapsed()
         );
