@@ -172,6 +172,8 @@ pub const SETTINGS: &[Setting] = &[
 /// `broadcast`): set in an operator's shell, they are not typos of a
 /// setting. Kept equal to the commands' clap definitions by a unit test.
 pub const OTHER_COMMANDS_ENV: &[&str] = &[
+    "HERALD_ADMIN_TOKEN",
+    "HERALD_ADMIN_URL",
     "HERALD_BROADCAST_TOKEN",
     "HERALD_LISTEN_STATE",
     "HERALD_PUSH_URL",
@@ -1435,6 +1437,7 @@ mod tests {
             crate::appserver::SendArgs::augment_args(new()),
             crate::demo::DemoArgs::augment_args(new()),
             crate::broadcast::cli::BroadcastCommand::augment_subcommands(new()),
+            crate::admin::cli::AdminCommand::augment_subcommands(new()),
             crate::listen::ListenArgs::augment_args(new()),
             ServeArgs::augment_args(new()),
         ] {

@@ -9,7 +9,7 @@ use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
 use crate::router::RouteResult;
 use crate::store::{now_secs, BridgeRoute, ChannelRecord, Message};
-use crate::token::{ApiVersion, EndpointToken, KeyHash, MessageId};
+use crate::token::{ApiVersion, EndpointToken, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
 use bytes::Bytes;
@@ -93,17 +93,18 @@ pub async fn push(
     let (parts, body) = req.into_parts();
     let h = &parts.headers;
     let request = parse(app, h)?;
-    let sender = authorise(app, &target, h)?;
+    let signed = authorise(app, &target, h)?;
     let client = crate::peer::client_addr(&app.settings, &parts);
     admission::admit_sender(
         app,
         &admission::Sender {
             client,
-            key: sender.as_ref(),
-            sub: None,
+            key: signed.as_ref().map(|s| &s.key_hash),
+            sub: signed.as_ref().and_then(|s| s.sub.as_deref()),
         },
     )
     .await?;
+    let sender = signed.map(|s| s.key_hash);
     admission::admit_receiver(app, &target).await?;
     let receipt = request
         .receipt
@@ -212,12 +213,12 @@ fn parse(app: &App, h: &HeaderMap) -> Result<PushRequest, ApiError> {
 }
 
 /// Who is sending: a key-bound subscription only takes its own key.
-/// Returns the sender's key when it signed with VAPID.
+/// Returns the sender (its key and `sub`) when it signed with VAPID.
 fn authorise(
     app: &App,
     target: &EndpointToken,
     h: &HeaderMap,
-) -> Result<Option<KeyHash>, ApiError> {
+) -> Result<Option<crate::vapid::Verified>, ApiError> {
     let creds = parse_credentials(header(h, "authorization"), header(h, "crypto-key"))?;
     match (&target.key_hash, creds) {
         (Some(_), None) => Err(ApiError::unauthorized(
@@ -232,7 +233,7 @@ fn authorise(
                 "miss"
             };
             app.metrics.jwt_cache.with_label_values(&[result]).inc();
-            if bound.is_some_and(|b| b != sender) {
+            if bound.is_some_and(|b| b != sender.key_hash) {
                 return Err(ApiError::key_mismatch());
             }
             Ok(Some(sender))

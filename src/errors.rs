@@ -92,6 +92,14 @@ impl ApiError {
         e.vapid_reason = Some("key_mismatch");
         e
     }
+    /// 403: the operator blocked this sender through the admin API.
+    pub fn sender_blocked(by: &str) -> Self {
+        Self::new(
+            403,
+            Errno::SenderBlocked,
+            format!("this sender is blocked by the push service's operator (by its {by})"),
+        )
+    }
     // 404
     pub fn invalid_endpoint() -> Self {
         Self::new(

@@ -31,6 +31,9 @@ enum Command {
     /// Set or list broadcast versions through a running Herald's API.
     #[command(subcommand)]
     Broadcast(herald::broadcast::cli::BroadcastCommand),
+    /// Look up, drop and block through a running Herald's admin API.
+    #[command(subcommand)]
+    Admin(herald::admin::cli::AdminCommand),
     /// Receive pushes on this machine: subscribe, then print or handle each message.
     Listen(herald::listen::ListenArgs),
     /// Take over another push service's stored user agents, subscriptions and messages.
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Send(args) => herald::appserver::run_send(args),
         Command::Demo(args) => herald::demo::run(args),
         Command::Broadcast(cmd) => herald::broadcast::cli::run(cmd),
+        Command::Admin(cmd) => herald::admin::cli::run(cmd),
         Command::Listen(args) => herald::listen::run(args),
         Command::Import(cmd) => herald::import::run(cmd),
         Command::Keygen => {

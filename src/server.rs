@@ -190,6 +190,10 @@ impl Server {
             .await
             .map_err(|e| anyhow::anyhow!("reading broadcast versions: {e}"))?;
         app.broadcaster.apply(versions);
+        app.blocks
+            .refresh(app.store.as_ref())
+            .await
+            .map_err(|e| anyhow::anyhow!("reading blocked senders: {e}"))?;
         let s = &app.settings;
 
         let only = Serves {
@@ -306,6 +310,7 @@ fn warn_about_exposure(s: &Settings) {
 fn broadcast_tasks(app: &Arc<App>) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     if app.router.cluster().is_some() {
+        tasks.push(tokio::spawn(crate::admin::api::sync_blocks(app.clone())));
         tasks.push(tokio::spawn(crate::broadcast::sync_loop(
             app.broadcaster.clone(),
             app.store.clone(),

@@ -11,6 +11,7 @@ use herald_proto::b64::{decode_b64url, encode_b64url};
 use herald_proto::headers::header_param;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// RFC 8292 §2: `exp` at most 24 hours ahead. A minute of slack absorbs
 /// clock skew between the application server and Herald.
@@ -21,11 +22,17 @@ const MAX_EXP_AHEAD: u64 = 24 * 3600 + 60;
 /// a sender from making Herald parse, hash and hold large tokens.
 pub const MAX_JWT_BYTES: usize = 4096;
 
-/// What one cache entry holds: the digest it is keyed by and the verified
-/// result, whatever the size of the token. The map's own overhead comes on
-/// top; `jwt_cache_size` entries of this size bound the cache.
+/// The longest `sub` a cache entry keeps. A token with a longer one is
+/// verified and accepted every time but never cached, so the cache's size
+/// does not grow with what senders put in their claims.
+pub const MAX_CACHED_SUB: usize = 256;
+
+/// What one cache entry holds at most: the digest it is keyed by and the
+/// verified result with its `sub`, whatever the size of the token. The
+/// map's own overhead comes on top; `jwt_cache_size` entries of this size
+/// bound the cache.
 pub const CACHE_ENTRY_BYTES: usize =
-    std::mem::size_of::<CacheKey>() + std::mem::size_of::<Verified>();
+    std::mem::size_of::<CacheKey>() + std::mem::size_of::<Verified>() + MAX_CACHED_SUB;
 
 /// SHA-256 of the JWT and the key it came with: entries have a fixed size
 /// however long the token, and a hit still needs the same key.
@@ -94,10 +101,16 @@ struct Claims {
     sub: Option<String>,
 }
 
-#[derive(Clone, Copy)]
-struct Verified {
+/// A sender whose VAPID token checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
     exp: u64,
-    key_hash: KeyHash,
+    /// The hash of its public key, to compare with a key-bound
+    /// subscription's and with the operator's blocks.
+    pub key_hash: KeyHash,
+    /// The `sub` of its claims (a `mailto:` or `https:` URI), if it gave one:
+    /// the operator may block a sender by it.
+    pub sub: Option<Arc<str>>,
 }
 
 /// The outcome of a cache lookup, for metrics.
@@ -122,13 +135,12 @@ impl VapidVerifier {
         }
     }
 
-    /// Verifies credentials at unix time `now`; returns the hash of the
-    /// sender's public key, to compare with a key-bound subscription's.
+    /// Verifies credentials at unix time `now`; returns who signed them.
     pub fn verify(
         &self,
         creds: &Credentials<'_>,
         now: u64,
-    ) -> Result<(KeyHash, CacheResult), ApiError> {
+    ) -> Result<(Verified, CacheResult), ApiError> {
         if creds.jwt.len() > MAX_JWT_BYTES {
             return Err(ApiError::unauthorized(
                 "jwt_too_long",
@@ -136,16 +148,22 @@ impl VapidVerifier {
             ));
         }
         let cache_key = cache_key(creds);
-        if let Some(v) = self.cache.get(&cache_key).map(|e| *e) {
+        if let Some(v) = self.cache.get(&cache_key).map(|e| e.clone()) {
             if v.exp > now {
-                return Ok((v.key_hash, CacheResult::Hit));
+                return Ok((v, CacheResult::Hit));
             }
             self.cache.remove(&cache_key);
             return Err(ApiError::unauthorized("expired", "VAPID token has expired"));
         }
         let verified = self.verify_uncached(creds, now)?;
-        self.remember(cache_key, verified, now);
-        Ok((verified.key_hash, CacheResult::Miss))
+        if verified
+            .sub
+            .as_ref()
+            .is_none_or(|s| s.len() <= MAX_CACHED_SUB)
+        {
+            self.remember(cache_key, verified.clone(), now);
+        }
+        Ok((verified, CacheResult::Miss))
     }
 
     fn remember(&self, key: CacheKey, v: Verified, now: u64) {
@@ -240,6 +258,7 @@ impl VapidVerifier {
         Ok(Verified {
             exp: claims.exp,
             key_hash: key_hash(&raw_key),
+            sub: claims.sub.map(Arc::from),
         })
     }
 
@@ -252,7 +271,8 @@ impl VapidVerifier {
         self.cache.len()
     }
 
-    /// Bytes held by the cache's entries (not counting the map's overhead).
+    /// Bytes the cache's entries may hold at most (not counting the map's
+    /// overhead).
     pub fn cached_bytes(&self) -> usize {
         self.cache.len() * CACHE_ENTRY_BYTES
     }
@@ -293,6 +313,7 @@ mod tests {
 
     fn check(v: &VapidVerifier, jwt: &str, key: &str) -> Result<(KeyHash, CacheResult), ApiError> {
         v.verify(&Credentials { jwt, key }, now())
+            .map(|(s, c)| (s.key_hash, c))
     }
 
     #[test]
@@ -416,19 +437,21 @@ mod tests {
         let s = Sender::new();
         let v = VapidVerifier::new(AUD, 10);
         // A valid token just under the limit is accepted...
-        let pad = |n: usize| format!("mailto:{}@example.com", "a".repeat(n));
+        // Padded with a claim Herald does not keep (a long `sub` is kept,
+        // so it is not cached: see `a_long_sub_is_not_cached`).
+        let pad = |n: usize| "a".repeat(n);
         let mut n = 2000;
         let fits = loop {
-            let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n)}));
+            let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "jti": pad(n)}));
             if jwt.len() > MAX_JWT_BYTES {
-                break s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n - 8)}));
+                break s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "jti": pad(n - 8)}));
             }
             n += 8;
         };
         assert!(fits.len() <= MAX_JWT_BYTES && fits.len() > MAX_JWT_BYTES - 16);
         check(&v, &fits, &s.public()).unwrap();
         // ...one signed the same way but longer is not, and is not cached.
-        let long = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": pad(n + 8)}));
+        let long = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "jti": pad(n + 8)}));
         assert!(long.len() > MAX_JWT_BYTES);
         let err = check(&v, &long, &s.public()).unwrap_err();
         assert_eq!((err.status, err.errno.code()), (401, 109));
@@ -444,22 +467,71 @@ mod tests {
         let s = Sender::new();
         let v = VapidVerifier::new(AUD, 50);
         // Distinct tokens near the size limit, more than the cache holds.
-        let sub = format!("mailto:{}@example.com", "b".repeat(2800));
+        let jti = "b".repeat(2800);
         for i in 0..120 {
-            let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60 + i, "sub": sub}));
+            let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60 + i, "jti": jti}));
             assert!(jwt.len() > 3500);
             check(&v, &jwt, &s.public()).unwrap();
             assert!(v.cached() <= 50);
             assert!(v.cached_bytes() <= 50 * CACHE_ENTRY_BYTES);
         }
-        // Each entry is a digest and a result: a small fraction of the
-        // (over 3,500-byte) token it stands for.
+        // Each entry is a digest and a result with a `sub` of at most
+        // MAX_CACHED_SUB bytes: a small fraction of the (over 3,500-byte)
+        // token it stands for.
         assert!(v.cached() > 0);
         assert!(
-            v.cached_bytes() * 40 < v.cached() * 3500,
+            v.cached_bytes() * 8 < v.cached() * 3500,
             "{}",
             v.cached_bytes()
         );
+    }
+
+    #[test]
+    fn the_sub_is_returned_and_cached_with_the_key() {
+        let s = Sender::new();
+        let v = VapidVerifier::new(AUD, 10);
+        let jwt = s.jwt(
+            serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": "mailto:ops@example.com"}),
+        );
+        let creds = Credentials {
+            jwt: &jwt,
+            key: &s.public(),
+        };
+        let (first, r1) = v.verify(&creds, now()).unwrap();
+        let (again, r2) = v.verify(&creds, now()).unwrap();
+        assert_eq!((r1, r2), (CacheResult::Miss, CacheResult::Hit));
+        assert_eq!(first.sub.as_deref(), Some("mailto:ops@example.com"));
+        assert_eq!(first, again);
+        let anonymous = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60}));
+        let (none, _) = v
+            .verify(
+                &Credentials {
+                    jwt: &anonymous,
+                    key: &s.public(),
+                },
+                now(),
+            )
+            .unwrap();
+        assert_eq!(none.sub, None);
+        assert_eq!(none.key_hash, first.key_hash);
+    }
+
+    #[test]
+    fn a_long_sub_is_not_cached() {
+        let s = Sender::new();
+        let v = VapidVerifier::new(AUD, 10);
+        let sub = format!("mailto:{}@example.com", "c".repeat(MAX_CACHED_SUB));
+        let jwt = s.jwt(serde_json::json!({"aud": AUD, "exp": now() + 60, "sub": sub}));
+        let creds = Credentials {
+            jwt: &jwt,
+            key: &s.public(),
+        };
+        for _ in 0..2 {
+            let (got, r) = v.verify(&creds, now()).unwrap();
+            assert_eq!(r, CacheResult::Miss);
+            assert_eq!(got.sub.as_deref(), Some(sub.as_str()));
+        }
+        assert_eq!(v.cached(), 0);
     }
 
     #[test]

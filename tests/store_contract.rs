@@ -649,6 +649,37 @@ async fn health_check_and_flush_work(e: Engine) {
     e.store.purge_expired().await.unwrap();
 }
 
+/// Blocked senders: listed by every node of a shared store, replaced by
+/// id, removed once. The Redis engines share one server between cases, so
+/// this case looks only at its own ids.
+async fn blocks_are_shared_and_removed_once(e: Engine) {
+    let tag = Uaid::random().to_string();
+    let (key, sub) = (
+        format!("key:{tag}"),
+        format!("sub:mailto:{tag}@example.com"),
+    );
+    let mine = |all: std::collections::BTreeMap<String, String>| {
+        all.into_iter()
+            .filter(|(id, _)| id.contains(&tag))
+            .collect::<Vec<_>>()
+    };
+    assert!(mine(e.store.blocks().await.unwrap()).is_empty());
+    e.store.put_block(&key, r#"{"reason":"a"}"#).await.unwrap();
+    e.store.put_block(&sub, r#"{"reason":"b"}"#).await.unwrap();
+    e.store.put_block(&key, r#"{"reason":"c"}"#).await.unwrap();
+    let expected = vec![
+        (key.clone(), r#"{"reason":"c"}"#.to_string()),
+        (sub.clone(), r#"{"reason":"b"}"#.to_string()),
+    ];
+    assert_eq!(mine(e.store.blocks().await.unwrap()), expected);
+    assert_eq!(mine(e.peer.blocks().await.unwrap()), expected);
+    assert!(e.peer.remove_block(&key).await.unwrap());
+    assert!(!e.store.remove_block(&key).await.unwrap());
+    assert_eq!(mine(e.store.blocks().await.unwrap()), expected[1..]);
+    assert!(e.store.remove_block(&sub).await.unwrap());
+    assert!(mine(e.peer.blocks().await.unwrap()).is_empty());
+}
+
 // The receipt ledger.
 
 /// Cases that sweep expired receipts take this: a sweep settles every due
@@ -1237,6 +1268,7 @@ contract!(
     seqs_increase,
     concurrent_nodes_lose_nothing,
     health_check_and_flush_work,
+    blocks_are_shared_and_removed_once,
     receipts_settle_once,
     receipts_sent_wait_for_their_ack,
     receipts_expire_once_across_nodes,

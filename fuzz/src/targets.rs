@@ -419,7 +419,7 @@ pub fn vapid(data: &[u8]) {
     };
     let verifier = VapidVerifier::new(AUDIENCE, 4);
     let (hash, cache) = match verifier.verify(&creds, NOW) {
-        Ok(v) => v,
+        Ok((sender, cache)) => (sender.key_hash, cache),
         Err(e) => {
             assert_eq!((e.status, e.errno.code()), (401, 109));
             assert!(e.vapid_reason.is_some());
@@ -433,7 +433,10 @@ pub fn vapid(data: &[u8]) {
     let exp = independent_vapid_check(creds.jwt, &raw_key);
     // Cached: the same answer, until exp.
     assert_eq!(
-        verifier.verify(&creds, NOW).ok(),
+        verifier
+            .verify(&creds, NOW)
+            .ok()
+            .map(|(s, c)| (s.key_hash, c)),
         Some((hash, CacheResult::Hit))
     );
     let late = verifier.verify(&creds, exp).expect_err("expired at exp");

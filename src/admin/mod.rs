@@ -1,24 +1,13 @@
-//! The admin API and its state: blocked senders and top senders. SEAM:
-//! filled in by issue 24.
+//! The admin API (`/v1/admin/…`, `herald admin`) and the state it keeps on
+//! each node: blocked senders (`blocks`) and the busiest senders of the
+//! last minutes (`top`). `lookup` describes one user agent; `api` routes
+//! and authorises; `cli` is the command line.
 
 pub mod api;
+pub mod blocks;
+pub mod cli;
+pub mod lookup;
+pub mod top;
 
-use crate::admission::Sender;
-use crate::errors::ApiError;
-use crate::metrics::Metrics;
-
-#[derive(Default)]
-pub struct Blocks {}
-
-impl Blocks {
-    pub fn check(&self, _metrics: &Metrics, _sender: &Sender<'_>) -> Result<(), ApiError> {
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-pub struct TopSenders {}
-
-impl TopSenders {
-    pub fn record(&self, _sender: &Sender<'_>) {}
-}
+pub use blocks::Blocks;
+pub use top::TopSenders;

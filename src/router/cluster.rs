@@ -195,6 +195,33 @@ impl Cluster {
         matches!(self.directory.owner(uaid).await, Ok(Some(_)))
     }
 
+    /// The node holding a connection for `uaid` now, with its URL (None
+    /// once its heartbeat lapsed: the node is dead and the user agent
+    /// offline).
+    pub async fn locate(&self, uaid: &Uaid) -> StoreResult<Option<(u64, Option<String>)>> {
+        let Some(owner) = self.directory.owner(uaid).await? else {
+            return Ok(None);
+        };
+        let url = if owner.node == self.node {
+            Some(self.url.clone())
+        } else {
+            self.node_url(owner.node).await
+        };
+        Ok(Some((owner.node, url)))
+    }
+
+    /// Closes the connection of `uaid` on the node holding it, if that is
+    /// another node (the operator dropped the user agent).
+    pub async fn evict_owner(&self, uaid: &Uaid) -> StoreResult<bool> {
+        match self.directory.owner(uaid).await? {
+            Some(owner) if owner.node != self.node => {
+                self.evict_remote(*uaid, owner).await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Wakes the node serving `uaid`, if another live node does.
     pub async fn wake(&self, uaid: &Uaid, message: &Message) -> RouteResult {
         let owner = match self.directory.owner(uaid).await {

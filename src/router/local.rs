@@ -120,6 +120,11 @@ impl LocalRouter {
         self.conns.remove_if(uaid, |_, h| h.id == id).is_some()
     }
 
+    /// Closes the user agent's connection, whichever it is.
+    pub fn disconnect(&self, uaid: &Uaid) -> bool {
+        self.conns.remove(uaid).is_some()
+    }
+
     pub fn is_connected(&self, uaid: &Uaid) -> bool {
         self.conns.contains_key(uaid)
     }

@@ -86,6 +86,17 @@ impl Router {
         }
     }
 
+    /// Closes the user agent's connection, here or on the node holding
+    /// it; true if one was found (a store error counts as none elsewhere).
+    pub async fn disconnect(&self, uaid: &Uaid) -> bool {
+        let here = self.local.disconnect(uaid);
+        let there = match &self.cluster {
+            Some(cluster) if !here => cluster.evict_owner(uaid).await.unwrap_or(false),
+            _ => false,
+        };
+        here || there
+    }
+
     pub fn connected(&self) -> usize {
         self.local.connected()
     }

@@ -33,6 +33,7 @@ struct State {
     users: BTreeMap<Uaid, UserRecord>,
     agents: HashMap<Uaid, Agent>,
     broadcasts: BTreeMap<String, String>,
+    blocks: BTreeMap<String, String>,
     ledger: Ledger,
     owners: HashMap<Uaid, Owner>,
     /// Node id → its URL and when its heartbeat lapses.
@@ -281,6 +282,21 @@ impl Store for MemStore {
             .broadcasts
             .insert(id.to_string(), version.to_string());
         Ok(())
+    }
+
+    async fn blocks(&self) -> StoreResult<BTreeMap<String, String>> {
+        Ok(self.state().blocks.clone())
+    }
+
+    async fn put_block(&self, id: &str, record: &str) -> StoreResult<()> {
+        self.state()
+            .blocks
+            .insert(id.to_string(), record.to_string());
+        Ok(())
+    }
+
+    async fn remove_block(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.state().blocks.remove(id).is_some())
     }
 
     async fn purge_expired(&self) -> StoreResult<()> {

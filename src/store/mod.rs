@@ -258,6 +258,14 @@ pub trait Store: Send + Sync + 'static {
     async fn broadcasts(&self) -> StoreResult<std::collections::BTreeMap<String, String>>;
     async fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()>;
 
+    /// Every sender the operator blocked (see `admin::blocks`): its id
+    /// (`key:…` or `sub:…`) → its record, both opaque to the engine.
+    async fn blocks(&self) -> StoreResult<std::collections::BTreeMap<String, String>>;
+    /// Adds a block, or replaces the record of one with the same id.
+    async fn put_block(&self, id: &str, record: &str) -> StoreResult<()>;
+    /// Removes a block; false if there was none.
+    async fn remove_block(&self, id: &str) -> StoreResult<bool>;
+
     /// Background upkeep: physically remove expired messages.
     async fn purge_expired(&self) -> StoreResult<()>;
     /// Makes everything written so far durable (shutdown).

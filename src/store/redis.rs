@@ -15,6 +15,7 @@
 //! | `herald:p:{uaid}:<seq>` | string | encoded `Message`, `EXAT expires_at` |
 //! | `herald:t:{uaid}` | hash | channel id bytes + topic → decimal seq; expires with its newest message |
 //! | `herald:broadcasts` | hash | broadcast id → version |
+//! | `herald:blocks` | hash | blocked sender id → its record (see `admin::blocks`) |
 //!
 //! The receipt ledger's keys (`herald:rp:`, `herald:rx`, `herald:re:`,
 //! `herald:ro:`) are described in `receipts`; the bridges' outbox
@@ -64,6 +65,8 @@ const DEFAULT_RECEIPT_RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// Broadcast id → version (see `broadcast`).
 const BROADCASTS_KEY: &str = "herald:broadcasts";
+/// Blocked sender id → record (see `admin::blocks`).
+const BLOCKS_KEY: &str = "herald:blocks";
 
 const PUT_COLLISION: i64 = -1;
 
@@ -830,6 +833,28 @@ impl Store for RedisStore {
         )
         .await
         .map(drop)
+    }
+
+    /// One hash, like broadcasts: a few entries read by every node every
+    /// few seconds, written by operators.
+    async fn blocks(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.query("blocks", redis::cmd("HGETALL").arg(BLOCKS_KEY))
+            .await
+    }
+
+    async fn put_block(&self, id: &str, record: &str) -> StoreResult<()> {
+        self.query::<i64>(
+            "put_block",
+            redis::cmd("HSET").arg(BLOCKS_KEY).arg(id).arg(record),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn remove_block(&self, id: &str) -> StoreResult<bool> {
+        self.query::<i64>("remove_block", redis::cmd("HDEL").arg(BLOCKS_KEY).arg(id))
+            .await
+            .map(|n| n > 0)
     }
 
     /// Durability is Redis's own configuration (AOF, replicas).

@@ -29,6 +29,8 @@ const RECEIPTS: &str = "receipts";
 const SEQ_CEILING_KEY: &[u8] = b"seq_ceiling";
 /// Broadcast versions live in `meta` under this prefix + id.
 const BROADCAST_PREFIX: &[u8] = b"broadcast/";
+/// Blocked senders live in `meta` under this prefix + id (see `admin::blocks`).
+const BLOCK_PREFIX: &[u8] = b"block/";
 /// The bridges' outbox lives in `meta` under this prefix + uaid bytes; the
 /// value is the due time (Unix ms, big-endian). It holds one entry per
 /// bridged user agent with messages in flight, so a scan of it is short.
@@ -687,6 +689,39 @@ impl Rocks {
         self.write(b)
     }
 
+    pub fn blocks(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        self.for_prefix(META, BLOCK_PREFIX, |k, v| {
+            let id = std::str::from_utf8(&k[BLOCK_PREFIX.len()..]);
+            if let (Ok(id), Ok(v)) = (id, std::str::from_utf8(v)) {
+                out.insert(id.to_string(), v.to_string());
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    pub fn put_block(&self, id: &str, record: &str) -> StoreResult<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(META), block_key(id), record.as_bytes());
+        self.write(b)
+    }
+
+    pub fn remove_block(&self, id: &str) -> StoreResult<bool> {
+        let key = block_key(id);
+        let existed = self
+            .db
+            .get_pinned_cf(self.cf(META), &key)
+            .map_err(err)?
+            .is_some();
+        if existed {
+            let mut b = WriteBatch::default();
+            b.delete_cf(self.cf(META), key);
+            self.write(b)?;
+        }
+        Ok(existed)
+    }
+
     pub fn purge_expired(&self) -> StoreResult<()> {
         let now = now_secs();
         let messages = self.cf(MESSAGES);
@@ -740,6 +775,12 @@ impl Rocks {
             pending_compaction_bytes: pending,
         }
     }
+}
+
+fn block_key(id: &str) -> Vec<u8> {
+    let mut key = BLOCK_PREFIX.to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
 }
 
 fn outbox_key(uaid: &Uaid) -> Vec<u8> {
@@ -931,6 +972,20 @@ impl Store for RocksStore {
     async fn put_broadcast(&self, id: &str, version: &str) -> StoreResult<()> {
         let (id, version) = (id.to_string(), version.to_string());
         self.write_op(move |r| r.put_broadcast(&id, &version)).await
+    }
+
+    async fn blocks(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.db()?.blocks()
+    }
+
+    async fn put_block(&self, id: &str, record: &str) -> StoreResult<()> {
+        let (id, record) = (id.to_string(), record.to_string());
+        self.write_op(move |r| r.put_block(&id, &record)).await
+    }
+
+    async fn remove_block(&self, id: &str) -> StoreResult<bool> {
+        let id = id.to_string();
+        self.write_op(move |r| r.remove_block(&id)).await
     }
 
     async fn purge_expired(&self) -> StoreResult<()> {

@@ -472,6 +472,15 @@ impl AppServer {
     }
 }
 
+impl AppServer {
+    /// `Authorization` for an endpoint with origin `aud`, naming `sub` as
+    /// the sender's contact in its claims.
+    pub fn authorization_as(&self, aud: &str, sub: &str) -> String {
+        let jwt = self.jwt(json!({"aud": aud, "exp": now() + 3600, "sub": sub}));
+        format!("vapid t={jwt}, k={}", self.public())
+    }
+}
+
 /// Encrypts for a subscription with the independent `ece` library.
 pub fn encrypt(keys: &UaKeys, plaintext: &[u8]) -> Vec<u8> {
     ece::encrypt(&keys.public, &keys.auth, plaintext).unwrap()

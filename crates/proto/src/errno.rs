@@ -37,12 +37,13 @@ pub enum Errno {
     NodeClockSkew = 131,
     NodeReplay = 132,
     NodeReplayWindowFull = 133,
+    InvalidAdminRequest = 134,
     StorageUnavailable = 201,
     UnreadableBody = 999,
 }
 
 impl Errno {
-    pub const ALL: [Errno; 33] = [
+    pub const ALL: [Errno; 34] = [
         Errno::MissingCrypto,
         Errno::InvalidEndpoint,
         Errno::UserGone,
@@ -74,6 +75,7 @@ impl Errno {
         Errno::NodeClockSkew,
         Errno::NodeReplay,
         Errno::NodeReplayWindowFull,
+        Errno::InvalidAdminRequest,
         Errno::StorageUnavailable,
         Errno::UnreadableBody,
     ];
