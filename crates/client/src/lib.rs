@@ -725,6 +725,7 @@ impl Client {
             uaid: self.state.uaid.clone(),
             channel_ids: channels,
             broadcasts: self.state.broadcasts.clone(),
+            token: None,
         };
         conn.send(hello.to_json()).await?;
         let deadline = Instant::now() + timeout;
