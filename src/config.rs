@@ -174,6 +174,7 @@ pub const SETTINGS: &[Setting] = &[
 pub const OTHER_COMMANDS_ENV: &[&str] = &[
     "HERALD_BROADCAST_TOKEN",
     "HERALD_LISTEN_STATE",
+    "HERALD_LISTEN_TOKEN",
     "HERALD_PUSH_URL",
     "HERALD_VAPID_KEY",
     "HERALD_VAPID_SUBJECT",
