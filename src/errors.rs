@@ -77,7 +77,25 @@ impl ApiError {
             format!("invalid Urgency header {v:?}: use very-low, low, normal or high"),
         )
     }
+    /// A new subscription without an application server key under
+    /// `require_vapid_key`.
+    pub fn vapid_required() -> Self {
+        Self::new(
+            400,
+            Errno::VapidRequired,
+            "this push service requires an application server key: subscribe with a VAPID public key (`key`)",
+        )
+    }
     // 401 / 403
+    /// A registration without a valid user agent token in private mode
+    /// (`user_agent_tokens`).
+    pub fn user_agent_token_required() -> Self {
+        Self::new(
+            401,
+            Errno::Unauthorized,
+            "this push service registers only user agents with a token: Authorization: Bearer <one of user_agent_tokens>",
+        )
+    }
     pub fn unauthorized(reason: &'static str, msg: impl Into<String>) -> Self {
         let mut e = Self::new(401, Errno::Unauthorized, msg);
         e.vapid_reason = Some(reason);

@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod occupancy;
 pub mod peer;
 pub mod pending;
+pub mod policy;
 pub mod quota;
 pub mod receipts;
 pub mod registration;

@@ -4,8 +4,8 @@
 use crate::appserver::VapidKey;
 use anyhow::Context;
 use herald_client::{
-    normalize_app_server_key, Client, ClientOptions, Event, PushMessage, PushSubscriptionJson,
-    StateFile,
+    normalize_app_server_key, Client, ClientOptions, Event, HelloRefused, PushMessage,
+    PushSubscriptionJson, StateFile,
 };
 use serde_json::json;
 use std::io::Write;
@@ -27,6 +27,18 @@ pub struct ListenArgs {
     /// push service with a private or self-signed certificate).
     #[arg(long, global = true, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+
+    /// The token of a private push service (Herald's user_agent_tokens),
+    /// sent in every hello. Prefer the environment variable: arguments
+    /// are visible to other users in the process list.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "HERALD_LISTEN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 
     #[command(subcommand)]
     pub command: ListenCommand,
@@ -111,6 +123,7 @@ pub fn run(args: ListenArgs) -> anyhow::Result<ExitCode> {
     };
     let mut options = ClientOptions::new(path);
     options.ca_file = args.ca;
+    options.token = args.token.filter(|t| !t.is_empty());
     if let ListenCommand::List { json } = args.command {
         return list(&options.state_path, json);
     }
@@ -118,7 +131,7 @@ pub fn run(args: ListenArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match args.command {
             ListenCommand::Subscribe {
                 name,
@@ -128,6 +141,13 @@ pub fn run(args: ListenArgs) -> anyhow::Result<ExitCode> {
             ListenCommand::Run(run_args) => listen(options, run_args).await,
             ListenCommand::Unsubscribe { name } => unsubscribe(options, &name).await,
             ListenCommand::List { .. } => unreachable!("handled above"),
+        }
+    });
+    result.map_err(|e| {
+        if e.downcast_ref::<HelloRefused>().is_some() {
+            e.context("this push service needs a user agent token: pass --token or set HERALD_LISTEN_TOKEN")
+        } else {
+            e
         }
     })
 }

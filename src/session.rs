@@ -12,6 +12,7 @@
 use crate::app::App;
 use crate::broadcast::{Snapshot, Subscriptions};
 use crate::mailbox::Mailbox;
+use crate::policy::{self, Refusal};
 use crate::store::{now_secs, Message, Outcome, UserRecord};
 use crate::subscription::{add_channel, endpoint_url, parse_app_server_key, Added};
 use crate::token::MessageId;
@@ -63,12 +64,18 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
+    /// Do not reconnect by itself (after a refused hello).
+    pub const NO_RECONNECT: u16 = herald_proto::protocol::CLOSE_NO_RECONNECT;
 }
 
 /// Register reply statuses other than 200 (see proto-docs/websocket.md).
 pub mod status {
     pub const OK: u16 = 200;
     pub const BAD_REQUEST: u16 = 400;
+    /// `register` without a key under `require_vapid_key`.
+    pub const KEY_REQUIRED: u16 = herald_proto::protocol::REGISTER_KEY_REQUIRED;
+    /// `hello` without a valid token under `user_agent_tokens`.
+    pub const TOKEN_REFUSED: u16 = herald_proto::protocol::HELLO_TOKEN_REFUSED;
     pub const KEY_CONFLICT: u16 = 409;
     pub const TOO_MANY_CHANNELS: u16 = 429;
     pub const INTERNAL: u16 = 500;
@@ -267,10 +274,17 @@ impl Session {
         let (msg, uaid) = match (msg, self.uaid) {
             (
                 ClientMessage::Hello {
-                    uaid, broadcasts, ..
+                    uaid,
+                    broadcasts,
+                    token,
+                    ..
                 },
                 None,
             ) => {
+                if let Err(refusal) = policy::admit_user_agent(&self.app.settings, token.as_deref())
+                {
+                    return self.refuse_hello(refusal, out);
+                }
                 return self.hello(uaid, broadcasts, now.unix, out).await;
             }
             (ClientMessage::Hello { .. }, Some(_)) => {
@@ -352,6 +366,31 @@ impl Session {
             }
             ClientMessage::Ping => out.push(Action::Send(PING.into())),
         }
+    }
+
+    /// A user agent private mode does not admit: told why in a hello reply
+    /// without a uaid, then closed with the code that tells it not to
+    /// reconnect by itself. Nothing was looked up or stored for it.
+    fn refuse_hello(&self, refusal: Refusal, out: &mut Vec<Action>) {
+        let metrics = &self.app.metrics;
+        metrics
+            .policy_refusals
+            .with_label_values(&[refusal.as_str()])
+            .inc();
+        metrics.ws_hello.with_label_values(&["rejected"]).inc();
+        out.push(Action::Send(
+            ServerMessage::Hello {
+                uaid: String::new(),
+                status: status::TOKEN_REFUSED,
+                use_webpush: true,
+                broadcasts: Broadcasts::default(),
+            }
+            .to_json(),
+        ));
+        out.push(Action::Close(
+            close::NO_RECONNECT,
+            "this push service needs a user agent token in hello".into(),
+        ));
     }
 
     async fn hello(
@@ -466,6 +505,14 @@ impl Session {
             out.push(reply(status::BAD_REQUEST, None));
             return;
         };
+        if let Err(refusal) = policy::admit_subscription(&app.settings, key.is_some()) {
+            app.metrics
+                .policy_refusals
+                .with_label_values(&[refusal.as_str()])
+                .inc();
+            out.push(reply(status::KEY_REQUIRED, None));
+            return;
+        }
         let key_hash = match key {
             None => None,
             Some(k) => match parse_app_server_key(k) {
@@ -824,6 +871,102 @@ mod tests {
         let mut s = session(app(&[]));
         let out = step(&mut s, r#"{"messageType":"register","channelID":"x"}"#).await;
         assert!(matches!(&out[..], [Action::Close(close::PROTOCOL, _)]));
+    }
+
+    const UA_TOKEN: &str = "a-user-agent-token-0123456789";
+
+    fn refusals(a: &App, reason: &str) -> u64 {
+        a.metrics.policy_refusals.with_label_values(&[reason]).get()
+    }
+
+    #[tokio::test]
+    async fn private_mode_refuses_a_hello_without_the_token_and_keeps_nothing() {
+        let a = app(&[("HERALD_USER_AGENT_TOKENS", UA_TOKEN)]);
+        for hello in [
+            r#"{"messageType":"hello","use_webpush":true,"broadcasts":{}}"#.to_string(),
+            format!(r#"{{"messageType":"hello","token":"{UA_TOKEN}x"}}"#),
+            r#"{"messageType":"hello","uaid":"0123456789abcdef0123456789abcdef"}"#.to_string(),
+        ] {
+            let mut s = session(a.clone());
+            let out = step(&mut s, &hello).await;
+            assert_eq!(
+                sent(&out),
+                vec![
+                    serde_json::json!({"messageType":"hello","uaid":"","status":401,"use_webpush":true,"broadcasts":{}})
+                ],
+                "{hello}"
+            );
+            assert!(
+                matches!(out.last(), Some(Action::Close(close::NO_RECONNECT, r)) if r.contains("token")),
+                "{out:?}"
+            );
+            assert!(!out.iter().any(|a| matches!(a, Action::Bind(_))));
+            assert_eq!(s.uaid(), None, "no user agent behind a refused hello");
+        }
+        assert_eq!(refusals(&a, "user_agent_token"), 3);
+
+        // The right token: an ordinary hello.
+        let mut s = session(a.clone());
+        let out = step(
+            &mut s,
+            &format!(r#"{{"messageType":"hello","token":"{UA_TOKEN}"}}"#),
+        )
+        .await;
+        assert_eq!(sent(&out)[0]["status"], 200);
+        assert!(matches!(out.last(), Some(Action::Bind(_))));
+        assert_eq!(refusals(&a, "user_agent_token"), 3);
+    }
+
+    #[tokio::test]
+    async fn without_private_mode_a_token_is_ignored() {
+        let a = app(&[]);
+        let mut s = session(a.clone());
+        let out = step(&mut s, r#"{"messageType":"hello","token":"whatever"}"#).await;
+        assert_eq!(sent(&out)[0]["status"], 200);
+        assert_eq!(refusals(&a, "user_agent_token"), 0);
+    }
+
+    #[tokio::test]
+    async fn require_vapid_key_refuses_a_register_without_key_and_stores_nothing() {
+        let a = app(&[("HERALD_REQUIRE_VAPID_KEY", "true")]);
+        let mut s = session(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let ch = uuid::Uuid::new_v4();
+        let out = step(
+            &mut s,
+            &format!(r#"{{"messageType":"register","channelID":"{ch}"}}"#),
+        )
+        .await;
+        assert_eq!(
+            sent(&out),
+            vec![
+                serde_json::json!({"messageType":"register","channelID":ch.to_string(),"status":401})
+            ]
+        );
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Close(..))),
+            "the connection stays"
+        );
+        assert_eq!(refusals(&a, "vapid_required"), 1);
+        assert_eq!(a.store.get_user(&uaid).await.unwrap(), None);
+        assert_eq!(a.store.count_channels(&uaid, 10).await.unwrap(), 0);
+
+        // With a key the same channel subscribes.
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let key = herald_proto::b64::encode_b64url(
+            p256::SecretKey::random(&mut rand::thread_rng())
+                .public_key()
+                .to_encoded_point(false)
+                .as_bytes(),
+        );
+        let out = step(
+            &mut s,
+            &format!(r#"{{"messageType":"register","channelID":"{ch}","key":"{key}"}}"#),
+        )
+        .await;
+        assert_eq!(sent(&out)[0]["status"], 200);
+        assert_eq!(a.store.count_channels(&uaid, 10).await.unwrap(), 1);
+        assert_eq!(refusals(&a, "vapid_required"), 1);
     }
 
     #[tokio::test]

@@ -107,6 +107,7 @@ const DICTIONARY: &[&str] = &[
     "99999999999999999999999",
     "\"messageType\":",
     "\"hello\"",
+    "\"token\":",
     "\"register\"",
     "\"ack\"",
     "\"nack\"",

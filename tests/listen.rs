@@ -139,11 +139,16 @@ struct Listener {
 
 impl Listener {
     fn start(state: &Path, extra: &[&str]) -> Listener {
+        Listener::start_with_env(state, extra, &[])
+    }
+
+    fn start_with_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Listener {
         let dir = tempfile::tempdir().unwrap();
         let err = dir.path().join("stderr");
         let mut child = Command::new(HERALD)
             .args(["listen", "--state", state.to_str().unwrap(), "run"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&err).unwrap())
@@ -1049,4 +1054,67 @@ async fn wss_with_a_private_ca() {
         .unwrap();
     assert_eq!(sender.send_request(req).await.unwrap().status(), 201);
     assert_eq!(listener.line()["text"], "over tls");
+}
+
+/// Private mode (`user_agent_tokens`): `herald listen` presents its token
+/// (`--token`, or `HERALD_LISTEN_TOKEN`) and receives pushes; without it,
+/// it fails at once and says why, without trying again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_mode_listen_needs_its_token() {
+    const TOKEN: &str = "private-mode-token-0123456789";
+    let h = Herald::start_with(&[], &[("HERALD_USER_AGENT_TOKENS", TOKEN)]).await;
+    let refusals = || {
+        metric(
+            &h,
+            "herald_policy_refusals_total{reason=\"user_agent_token\"} ",
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("listen.json");
+    let state_arg = state.to_str().unwrap();
+    let server = h.ws_url();
+
+    let out = herald(strings(&[
+        "listen",
+        "--state",
+        state_arg,
+        "subscribe",
+        "phone",
+        "--server",
+        &server,
+    ]))
+    .await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    for said in ["401", "token", "--token", "HERALD_LISTEN_TOKEN"] {
+        assert!(err.contains(said), "{said:?} not in {err}");
+    }
+    assert_eq!(refusals().await, 1.0, "a refused hello is not retried");
+
+    let sub: Value = serde_json::from_str(
+        listen_ok(
+            &state,
+            &["--token", TOKEN, "subscribe", "phone", "--server", &server],
+        )
+        .await
+        .trim(),
+    )
+    .unwrap();
+    let mut listener =
+        Listener::start_with_env(&state, &["--count", "1"], &[("HERALD_LISTEN_TOKEN", TOKEN)]);
+    listener.wait_stderr("connected", Duration::from_secs(20));
+    send(&sub, &["--data", "for my devices only"]).await;
+    assert_eq!(listener.line()["text"], "for my devices only");
+    assert!(listener.exit_within(Duration::from_secs(20)).success());
+
+    // `run` without the token: the same clear failure, and no retry loop.
+    let mut listener = Listener::start(&state, &[]);
+    let status = listener.exit_within(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        listener.stderr().contains("HERALD_LISTEN_TOKEN"),
+        "{}",
+        listener.stderr()
+    );
+    assert_eq!(refusals().await, 2.0);
 }

@@ -601,3 +601,97 @@ fn bad_bridge_settings_stop_herald_at_start() {
         assert!(stderr.contains(&format!("`{named}`")), "{named}: {stderr}");
     }
 }
+
+/// `require_vapid_key` on the registration API: a new registration or
+/// subscription without `key` is 400 errno 128 and stores nothing; with a
+/// key both work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_vapid_key_refuses_registrations_without_key() {
+    let b = bridged_with(
+        &format!("bridge_auth_keys = [\"{KEY_A}\"]\nrequire_vapid_key = true"),
+        &[],
+    )
+    .await;
+    let h = &b.h;
+    let refused = "herald_policy_refusals_total{reason=\"vapid_required\"} ";
+    let r = call(
+        h,
+        "POST",
+        FCM,
+        None,
+        Some(json!({"token": "fcm-token-0001"})),
+    )
+    .await;
+    assert_eq!((r.status, r.errno()), (400, 128), "{}", r.json());
+    assert!(r.json()["message"].as_str().unwrap().contains("key"));
+    assert_eq!(metric(h, refused).await, 1.0);
+    assert_eq!(
+        metric(
+            h,
+            "herald_registrations_total{bridge=\"fcm\",op=\"register\",outcome=\"ok\"}"
+        )
+        .await,
+        0.0
+    );
+
+    let key = AppServer::new().public();
+    let reg = register(h, FCM, json!({"token": "fcm-token-0001", "key": key})).await;
+    let (uaid, secret) = (reg["uaid"].as_str().unwrap(), reg["secret"].as_str());
+    let sub = format!("{}/subscription", reg_path(uaid));
+    let r = call(h, "POST", &sub, secret, Some(json!({}))).await;
+    assert_eq!((r.status, r.errno()), (400, 128));
+    assert_eq!(metric(h, refused).await, 2.0);
+    let r = call(h, "POST", &sub, secret, Some(json!({"key": key}))).await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    let list = call(h, "GET", &reg_path(uaid), secret, None).await.json();
+    assert_eq!(channel_set(&list).len(), 2, "{list}");
+}
+
+/// Private mode on the registration API: a new registration needs
+/// `Authorization: Bearer <token>` (401 errno 109 otherwise); the calls
+/// after it use the secret it hands out, as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_mode_registration_needs_a_bearer_token() {
+    const TOKEN: &str = "private-mode-token-0123456789";
+    let b = bridged_with(
+        &format!("bridge_auth_keys = [\"{KEY_A}\"]\nuser_agent_tokens = [\"{TOKEN}\"]"),
+        &[],
+    )
+    .await;
+    let h = &b.h;
+    let refused = "herald_policy_refusals_total{reason=\"user_agent_token\"} ";
+    let body = json!({"token": "fcm-token-0001"}).to_string().into_bytes();
+    let with = |auth: Option<String>| {
+        let body = body.clone();
+        async move {
+            let mut headers = vec![("content-type", "application/json")];
+            if let Some(a) = &auth {
+                headers.push(("authorization", a.as_str()));
+            }
+            http(h, "POST", FCM, &headers, body).await.unwrap()
+        }
+    };
+    for (n, auth) in [
+        None,
+        Some(format!("Bearer {TOKEN}x")),
+        // The registration API's other scheme is for secrets, not tokens.
+        Some(format!("webpush {TOKEN}")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = with(auth.clone()).await;
+        assert_eq!((r.status, r.errno()), (401, 109), "{auth:?}");
+        assert_eq!(metric(h, refused).await, (n + 1) as f64);
+    }
+    let r = with(Some(format!("Bearer {TOKEN}"))).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let reg = r.json();
+    let (uaid, secret) = (reg["uaid"].as_str().unwrap(), reg["secret"].as_str());
+    let sub = format!("{}/subscription", reg_path(uaid));
+    assert_eq!(call(h, "POST", &sub, secret, None).await.status, 200);
+    let list = call(h, "GET", &reg_path(uaid), secret, None).await;
+    assert_eq!(list.status, 200);
+    assert_eq!(channel_set(&list.json()).len(), 2);
+    assert_eq!(metric(h, refused).await, 3.0);
+}

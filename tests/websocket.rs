@@ -650,3 +650,79 @@ async fn one_ack_frame_settles_each_version_once_and_is_bounded() {
     let mut ua = Ua::hello(&h, Some(&ua.uaid)).await;
     assert_eq!(payload(&keys, &ua.notification().await), "b");
 }
+
+/// `require_vapid_key`: a register without `key` is answered 401 and
+/// stores nothing; the connection stays, and the same channel with a key
+/// subscribes.
+#[tokio::test]
+async fn require_vapid_key_refuses_a_register_without_key() {
+    let h = Herald::start_with(&[], &[("HERALD_REQUIRE_VAPID_KEY", "true")]).await;
+    let refused = "herald_policy_refusals_total{reason=\"vapid_required\"} ";
+    let mut ua = Ua::hello(&h, None).await;
+    let ch = uuid::Uuid::new_v4().to_string();
+    let r = ua.register(&ch, None).await;
+    assert_eq!(
+        r,
+        json!({"messageType": "register", "channelID": ch, "status": 401})
+    );
+    assert_eq!(metric(&h, refused).await, 1.0);
+    // Nothing stored: a uaid that never registered is not kept.
+    let uaid = ua.uaid.clone();
+    drop(ua);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut ua = Ua::hello(&h, Some(&uaid)).await;
+    assert_ne!(ua.uaid, uaid, "the refused register stored the user agent");
+
+    let app = AppServer::new();
+    let r = ua.register(&ch, Some(&app.public())).await;
+    assert_eq!(r["status"], 200, "{r}");
+    let ep = r["pushEndpoint"].as_str().unwrap().to_string();
+    assert!(ep.contains("/wpush/v2/"), "{ep}");
+    let keys = UaKeys::new();
+    let sent = push(&ep, Some(&app), &h.url(), &keys, "bound", &[]).await;
+    assert_eq!(sent.status, 201);
+    assert_eq!(payload(&keys, &ua.notification().await), "bound");
+    assert_eq!(metric(&h, refused).await, 1.0);
+}
+
+/// Private mode: a hello without the token, or with a wrong one, is
+/// answered with status 401 and no uaid, then closed with 4774 (do not
+/// reconnect); the right token connects as usual.
+#[tokio::test]
+async fn private_mode_needs_a_token_in_hello() {
+    const TOKEN: &str = "private-mode-token-0123456789";
+    let h = Herald::start_with(&[], &[("HERALD_USER_AGENT_TOKENS", TOKEN)]).await;
+    let refused = "herald_policy_refusals_total{reason=\"user_agent_token\"} ";
+    let firefox = json!({"messageType": "hello", "use_webpush": true, "broadcasts": {}});
+    let mut wrong = firefox.clone();
+    wrong["token"] = json!(format!("{TOKEN}-not"));
+    for (n, hello) in [firefox.clone(), wrong].into_iter().enumerate() {
+        let mut ua = Ua::connect(&h).await;
+        ua.send(hello.clone()).await;
+        assert_eq!(
+            ua.recv().await,
+            json!({"messageType": "hello", "uaid": "", "status": 401, "use_webpush": true, "broadcasts": {}}),
+            "{hello}"
+        );
+        let (code, reason) = ua.closed_cleanly(Duration::from_secs(5)).await;
+        assert_eq!(code, 4774, "{reason}");
+        assert!(reason.contains("token"), "{reason}");
+        assert_eq!(metric(&h, refused).await, (n + 1) as f64);
+    }
+
+    let mut right = firefox;
+    right["token"] = json!(TOKEN);
+    let mut ua = Ua::connect(&h).await;
+    ua.send(right).await;
+    let reply = ua.recv().await;
+    assert_eq!(reply["status"], 200, "{reply}");
+    ua.uaid = reply["uaid"].as_str().unwrap().to_string();
+    let keys = UaKeys::new();
+    let (_, ep) = ua.subscribe(None).await;
+    assert_eq!(
+        push(&ep, None, &h.url(), &keys, "hi", &[]).await.status,
+        201
+    );
+    assert_eq!(payload(&keys, &ua.notification().await), "hi");
+    assert_eq!(metric(&h, refused).await, 2.0);
+}

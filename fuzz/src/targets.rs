@@ -59,6 +59,20 @@ pub fn codec_keys() -> &'static TokenCodec {
     CODEC.get_or_init(|| TokenCodec::new(&TOKEN_KEYS).expect("keys"))
 }
 
+const PRIVATE_TOKEN: &str = "fuzz-private-mode-token";
+
+/// Settings of a private service (`user_agent_tokens`) with one token.
+fn private_settings() -> &'static Settings {
+    static SETTINGS: OnceLock<Settings> = OnceLock::new();
+    SETTINGS.get_or_init(|| {
+        let env = BTreeMap::from([(
+            "HERALD_USER_AGENT_TOKENS".to_string(),
+            PRIVATE_TOKEN.to_string(),
+        )]);
+        Settings::load(&ServeArgs::default(), &env).expect("private settings")
+    })
+}
+
 /// Splits `Name: value` lines (names lower-cased, the first of a name
 /// wins) from the body after the first blank line.
 pub fn request(data: &[u8]) -> (BTreeMap<String, String>, &[u8]) {
@@ -137,11 +151,15 @@ pub fn ws_message(data: &[u8]) {
             uaid,
             channel_ids,
             broadcasts,
+            token,
         } => {
             if let Some(u) = &uaid {
                 assert!(!u.is_empty());
                 check_uaid(u);
             }
+            // Private mode admits exactly its own token, whatever was sent.
+            let admitted = herald::policy::admit_user_agent(private_settings(), token.as_deref());
+            assert_eq!(admitted.is_ok(), token.as_deref() == Some(PRIVATE_TOKEN));
             channel_ids.iter().for_each(|c| check_channel_id(c));
             subscribe(broadcasts);
             let hello = ServerMessage::Hello {

@@ -360,6 +360,7 @@ pub fn hello_json_following(
             .map(|c| c.hyphenated().to_string())
             .collect(),
         broadcasts: broadcasts.clone(),
+        token: None,
     }
     .to_json()
 }

@@ -15,6 +15,7 @@ pub mod secret;
 use crate::app::App;
 use crate::errors::{ApiError, Errno};
 use crate::mailbox::Mailbox;
+use crate::policy::{self, Refusal};
 use crate::reply::{json, Response};
 use crate::store::{now_secs, BridgeKind, BridgeRoute, UserRecord};
 use crate::subscription::{add_channel, endpoint_url, Added};
@@ -61,6 +62,10 @@ async fn dispatch(
 ) -> Result<Response, ApiError> {
     if r.op == Op::Register {
         let kind = request::bridge_kind(r.kind)?;
+        // Private mode: a new user agent shows a token; its later calls
+        // show the secret it is given.
+        policy::admit_user_agent(&app.settings, policy::bearer(auth))
+            .map_err(|refusal| refused(app, refusal))?;
         let body = request::register_body(kind, &read_body(body).await?)?;
         return register(app, kind, r.app_id, body).await;
     }
@@ -213,6 +218,18 @@ async fn bridged_user(app: &App, uaid: &Uaid) -> Result<UserRecord, ApiError> {
     }
 }
 
+/// Counts a refusal of the registration policy and gives its answer.
+fn refused(app: &App, refusal: Refusal) -> ApiError {
+    app.metrics
+        .policy_refusals
+        .with_label_values(&[refusal.as_str()])
+        .inc();
+    match refusal {
+        Refusal::VapidRequired => ApiError::vapid_required(),
+        Refusal::UserAgentToken => ApiError::user_agent_token_required(),
+    }
+}
+
 /// Adds a channel and hands out its endpoint.
 async fn subscribe(
     app: &App,
@@ -221,6 +238,8 @@ async fn subscribe(
     key: Option<crate::token::KeyHash>,
     user: Option<&UserRecord>,
 ) -> Result<String, ApiError> {
+    policy::admit_subscription(&app.settings, key.is_some())
+        .map_err(|refusal| refused(app, refusal))?;
     match add_channel(app, uaid, &channel, key, now_secs(), user).await {
         Ok(Added::Subscribed) => Ok(endpoint_url(app, *uaid, channel, key)),
         Ok(Added::KeyConflict) => Err(ApiError::new(

@@ -51,6 +51,23 @@
 //! # }
 //! ```
 //!
+//! # A private push service
+//!
+//! A service that admits only its own user agents (Herald's
+//! `user_agent_tokens`) needs a token in every `hello`: set
+//! [`ClientOptions::token`]. Without it, or with a wrong one, the service
+//! answers status 401 and the client stops with [`HelloRefused`] rather
+//! than reconnecting in a loop.
+//!
+//! ```no_run
+//! # use herald_client::{Client, ClientOptions};
+//! # fn demo() -> anyhow::Result<Client> {
+//! let mut options = ClientOptions::new("/var/lib/myapp/push.json");
+//! options.token = std::env::var("MYAPP_PUSH_TOKEN").ok();
+//! Client::open_or_create(options, "wss://push.example.com/")
+//! # }
+//! ```
+//!
 //! # Delivery guarantees
 //!
 //! Acknowledging is explicit: a message the caller never acks (or
@@ -90,7 +107,9 @@ use connection::Connection;
 use herald_proto::ack::AckCode;
 use herald_proto::b64::{decode_b64url, encode_b64url};
 use herald_proto::crypto::ReceiverKeys;
-use herald_proto::protocol::{register_refusal, ClientMessage, Notification, ServerMessage, PING};
+use herald_proto::protocol::{
+    hello_refusal, register_refusal, ClientMessage, Notification, ServerMessage, PING,
+};
 use herald_proto::subscription::{Subscription, SubscriptionKeys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -121,6 +140,14 @@ pub struct ClientOptions {
     /// counts pings at least 5 s apart against its flood limit.
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
+    /// The token a private push service admits user agents by (Herald's
+    /// `user_agent_tokens`), sent as `token` in every `hello`. None (the
+    /// default) sends none, which is what an open service, and Firefox,
+    /// expect. A service that refuses the token answers hello with status
+    /// 401; [`Client::next_event`] and [`Client::subscribe`] then fail with
+    /// an error saying so, rather than retrying: a wrong token stays wrong.
+    /// Kept out of the state file: pass it on every start.
+    pub token: Option<String>,
 }
 
 impl ClientOptions {
@@ -134,6 +161,7 @@ impl ClientOptions {
             retry_after: Duration::from_secs(30),
             ping_interval: Duration::from_secs(300),
             ping_timeout: Duration::from_secs(30),
+            token: None,
         }
     }
 
@@ -281,6 +309,26 @@ impl PushMessage {
         &self.dedup_key
     }
 }
+
+/// The push service refused this user agent in a way retrying cannot fix:
+/// its hello was answered with status 401, which a private service (Herald's
+/// `user_agent_tokens`) gives a client without a valid
+/// [`ClientOptions::token`]. [`Client::next_event`], [`Client::subscribe`]
+/// and [`Client::unsubscribe`] fail with it (find it with
+/// `error.downcast_ref::<HelloRefused>()`).
+#[derive(Debug, Clone)]
+pub struct HelloRefused {
+    pub status: u16,
+    why: String,
+}
+
+impl std::fmt::Display for HelloRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for HelloRefused {}
 
 /// What [`Client::next_event`] reports.
 #[derive(Debug, Clone)]
@@ -672,7 +720,7 @@ impl Client {
     /// answer.
     async fn connect(&mut self) -> Result<String, ConnectError> {
         self.reload().map_err(ConnectError::Fatal)?;
-        let (conn, uaid, broadcasts) = self.handshake().await.map_err(ConnectError::Network)?;
+        let (conn, uaid, broadcasts) = self.handshake().await?;
         if self.state.uaid.as_deref() != Some(uaid.as_str()) {
             let new = uaid.clone();
             let lost = self
@@ -712,7 +760,20 @@ impl Client {
         Ok(uaid)
     }
 
-    async fn handshake(&mut self) -> anyhow::Result<(Connection, String, Broadcasts)> {
+    /// Says hello; a refusal retrying cannot fix (a private service and
+    /// no or a wrong token) is fatal, anything else a network error.
+    async fn handshake(&mut self) -> Result<(Connection, String, Broadcasts), ConnectError> {
+        match self.hello().await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(refused)) => Err(ConnectError::Fatal(refused)),
+            Err(e) => Err(ConnectError::Network(e)),
+        }
+    }
+
+    /// The outer error is the network's; the inner one a hello refusal
+    /// that retrying cannot help.
+    #[allow(clippy::type_complexity)]
+    async fn hello(&mut self) -> anyhow::Result<anyhow::Result<(Connection, String, Broadcasts)>> {
         let timeout = self.options.timeout;
         let mut conn = connection::connect(&self.state.server, self.tls.as_ref(), timeout).await?;
         let channels: Vec<String> = self
@@ -725,6 +786,7 @@ impl Client {
             uaid: self.state.uaid.clone(),
             channel_ids: channels,
             broadcasts: self.state.broadcasts.clone(),
+            token: self.options.token.clone(),
         };
         conn.send(hello.to_json()).await?;
         let deadline = Instant::now() + timeout;
@@ -740,7 +802,12 @@ impl Client {
                     ..
                 } => {
                     if status != 200 {
-                        bail!("the push service refused hello with status {status}");
+                        let (why, retry) = hello_refusal(status);
+                        if retry {
+                            bail!(why);
+                        }
+                        conn.close().await;
+                        return Ok(Err(HelloRefused { status, why }.into()));
                     }
                     if uaid.is_empty()
                         || uaid.len() > 128
@@ -748,7 +815,7 @@ impl Client {
                     {
                         bail!("the push service's hello reply has an unusable uaid {uaid:?}");
                     }
-                    return Ok((conn, uaid, broadcasts));
+                    return Ok(Ok((conn, uaid, broadcasts)));
                 }
                 ServerMessage::Ping | ServerMessage::Other(_) => continue,
                 other => bail!("the push service sent {other:?} before answering hello"),

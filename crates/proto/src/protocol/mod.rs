@@ -7,7 +7,8 @@ pub mod server;
 pub mod ua;
 
 pub use server::{
-    notification_json, register_refusal, Broadcasts, Notification, ProtocolError, ServerMessage,
-    PING,
+    hello_refusal, notification_json, register_refusal, Broadcasts, Notification, ProtocolError,
+    ServerMessage, PING,
 };
+pub use server::{CLOSE_NO_RECONNECT, HELLO_TOKEN_REFUSED, REGISTER_KEY_REQUIRED};
 pub use ua::{AckUpdate, ClientMessage, ParseError};

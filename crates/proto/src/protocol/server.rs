@@ -259,10 +259,46 @@ fn push_json_str(out: &mut String, s: &str) {
     }
 }
 
+/// The `hello` status of a user agent that a private push service
+/// (`user_agent_tokens`) does not admit: no `token`, or a wrong one. The
+/// connection is then closed with [`CLOSE_NO_RECONNECT`]; trying again
+/// with the same token cannot help.
+pub const HELLO_TOKEN_REFUSED: u16 = 401;
+
+/// The `register` status of a subscription without an application server
+/// key where the service requires one (`require_vapid_key`).
+pub const REGISTER_KEY_REQUIRED: u16 = 401;
+
+/// The close code that tells a user agent not to reconnect by itself: the
+/// one Firefox already honours (`kBACKOFF_WS_STATUS_CODE` in its
+/// PushServiceWebSocket), in the 4000-4999 range RFC 6455 leaves to
+/// applications.
+pub const CLOSE_NO_RECONNECT: u16 = 4774;
+
+/// What a hello status other than 200 means, and whether retrying can help.
+pub fn hello_refusal(status: u16) -> (String, bool) {
+    if status == HELLO_TOKEN_REFUSED {
+        return (
+            format!(
+                "the push service refused hello with status {status}: it serves only user agents \
+                 with a token (user_agent_tokens), and this client sent none or a wrong one"
+            ),
+            false,
+        );
+    }
+    (
+        format!("the push service refused hello with status {status}"),
+        true,
+    )
+}
+
 /// What a register status other than 200 means (proto-docs/websocket.md).
 pub fn register_refusal(status: u16) -> String {
     let why = match status {
         400 => "the channel ID or application server key was refused as malformed",
+        REGISTER_KEY_REQUIRED => {
+            "this push service requires an application server key (VAPID) for every subscription"
+        }
         409 => "the channel is already registered with a different key",
         429 => "this user agent already has as many subscriptions as the server allows",
         500 => "the server could not store the subscription; try again",
@@ -407,6 +443,10 @@ mod tests {
         assert!(register_refusal(409).contains("different key"));
         assert!(register_refusal(429).contains("409") || register_refusal(429).contains("429"));
         assert!(register_refusal(418).contains("unexpected"));
+        assert!(register_refusal(401).contains("application server key"));
+        let (why, retry) = hello_refusal(401);
+        assert!(why.contains("token") && !retry, "{why}");
+        assert!(hello_refusal(503).1);
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub enum ClientMessage {
         channel_ids: Vec<String>,
         /// Broadcast id → the version the user agent has.
         broadcasts: BTreeMap<String, String>,
+        /// Herald's extension: the token a private service
+        /// (`user_agent_tokens`) admits user agents by. Firefox never
+        /// sends it.
+        token: Option<String>,
     },
     Register {
         channel_id: String,
@@ -78,6 +82,8 @@ enum Wire {
         /// Written as Firefox writes it; never read, so any value passes.
         #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
         use_webpush: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     Register {
         #[serde(rename = "channelID")]
@@ -126,11 +132,13 @@ impl ClientMessage {
                 uaid,
                 channel_ids,
                 broadcasts,
+                token,
             } => Wire::Hello {
                 uaid: uaid.clone(),
                 channel_ids: uaid.as_ref().map(|_| channel_ids.clone()),
                 broadcasts: Some(version_values(broadcasts)),
                 use_webpush: Some(true),
+                token: token.clone(),
             },
             ClientMessage::Register { channel_id, key } => Wire::Register {
                 channel_id: channel_id.clone(),
@@ -189,11 +197,13 @@ impl ClientMessage {
                 channel_ids,
                 broadcasts,
                 use_webpush: _,
+                token,
             } => ClientMessage::Hello {
                 // Firefox sends an empty string for "no uaid" in some versions.
                 uaid: uaid.filter(|u| !u.is_empty()),
                 channel_ids: channel_ids.unwrap_or_default(),
                 broadcasts: versions(broadcasts),
+                token: token.filter(|t| !t.is_empty()),
             },
             Wire::Register { channel_id, key } => ClientMessage::Register {
                 channel_id,
@@ -238,6 +248,7 @@ mod tests {
                 uaid: None,
                 channel_ids: vec![],
                 broadcasts: BTreeMap::new(),
+                token: None,
             })
         );
         assert_eq!(
@@ -251,6 +262,7 @@ mod tests {
                     "remote-settings/monitor_changes".to_string(),
                     "\"0\"".to_string()
                 )]),
+                token: None,
             })
         );
         assert_eq!(
@@ -325,6 +337,7 @@ mod tests {
                 uaid: None,
                 channel_ids: vec![],
                 broadcasts: BTreeMap::new(),
+                token: None,
             })
         );
         assert_eq!(
@@ -334,6 +347,31 @@ mod tests {
                 key: None
             })
         );
+    }
+
+    #[test]
+    fn hello_carries_the_private_mode_token_only_when_given() {
+        let hello = |token: Option<&str>| ClientMessage::Hello {
+            uaid: None,
+            channel_ids: vec![],
+            broadcasts: BTreeMap::new(),
+            token: token.map(str::to_string),
+        };
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"hello","token":"t0123456789abcdef"}"#),
+            Ok(hello(Some("t0123456789abcdef")))
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"messageType":"hello","token":""}"#),
+            Ok(hello(None))
+        );
+        // Firefox's hello has no token, and neither has one written without.
+        assert!(!hello(None).to_json().contains("token"));
+        assert!(hello(Some("t0123456789abcdef"))
+            .to_json()
+            .contains(r#""token":"t0123456789abcdef""#));
+        // A token that is not a string is malformed, not ignored.
+        assert!(ClientMessage::parse(r#"{"messageType":"hello","token":5}"#).is_err());
     }
 
     #[test]
@@ -362,6 +400,7 @@ mod tests {
                 uaid: uaid.map(str::to_string),
                 channel_ids: channels.iter().map(|c| c.to_string()).collect(),
                 broadcasts: b.clone(),
+                token: None,
             }
             .to_json()
         };
@@ -433,6 +472,7 @@ mod tests {
                 uaid: Some("0123456789abcdef0123456789abcdef".into()),
                 channel_ids: vec!["a".into()],
                 broadcasts: BTreeMap::from([("x".to_string(), "1".to_string())]),
+                token: Some("a-user-agent-token".into()),
             },
             ClientMessage::Register {
                 channel_id: "c".into(),
