@@ -75,6 +75,9 @@ pub struct AbuseArgs {
     /// flight, as fast as answers come back.
     #[arg(long, default_value_t = 64)]
     pub flood_connections: usize,
+    /// Threads of the flooder's own runtime.
+    #[arg(long, default_value_t = 1)]
+    pub flood_threads: usize,
     /// The flooder's user agents (connected, acking what gets through).
     #[arg(long, default_value_t = 20)]
     pub flood_uas: usize,
@@ -434,6 +437,42 @@ async fn flood_connection(
     }
 }
 
+/// The flooder, on its own threads and runtime until the phase's deadline:
+/// sharing the well-behaved side's runtime, its tasks would queue ahead of
+/// the user agents' reads and the generator's own delay would pass for
+/// the server's.
+fn spawn_flooder(
+    targets: Arc<FloodTargets>,
+    ctx: PhaseCtx,
+    args: &AbuseArgs,
+) -> std::thread::JoinHandle<()> {
+    let (conns, threads) = (args.flood_connections, args.flood_threads.max(1));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build();
+        let rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("abuse: cannot start the flooder's runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            // Its connections belong to this runtime.
+            let client = sender::client(conns);
+            let mut tasks = JoinSet::new();
+            for j in 0..conns {
+                let (t, ctx, client) = (targets.clone(), ctx.clone(), client.clone());
+                tasks.spawn(flood_connection(j, conns, t, ctx, client));
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        rt.shutdown_timeout(Duration::from_secs(1));
+    })
+}
+
 /// Everything connected and ready to send.
 struct Fleets {
     sh: Arc<Shared>,
@@ -523,7 +562,8 @@ fn params(args: &AbuseArgs) -> Value {
         "uas": args.uas, "channels_per_ua": args.common.channels, "senders": args.senders,
         "rate": args.rate, "duration_s": args.duration, "drain_s": args.drain,
         "pool": args.pool, "payload_bytes": args.payload, "ttl": args.ttl,
-        "flood_connections": args.flood_connections, "flood_uas": args.flood_uas,
+        "flood_connections": args.flood_connections,
+        "flood_threads": args.flood_threads, "flood_uas": args.flood_uas,
         "flood_channels": args.flood_channels, "anonymous": args.anonymous,
         "max_p99_ratio": args.max_p99_ratio, "concurrency": args.common.concurrency,
     })
@@ -699,19 +739,7 @@ async fn run_phase(
         Flood::Many => Some(fleets.many.clone()),
         Flood::Anonymous => fleets.anonymous.clone(),
     };
-    if let Some(t) = targets {
-        let client = sender::client(args.flood_connections);
-        for j in 0..args.flood_connections {
-            let of = args.flood_connections;
-            tasks.spawn(flood_connection(
-                j,
-                of,
-                t.clone(),
-                ctx.clone(),
-                client.clone(),
-            ));
-        }
-    }
+    let flooder = targets.map(|t| spawn_flooder(t, ctx.clone(), args));
     // Each sender's share of the rate, the senders' schedules staggered.
     let interval = stats::secs(args.senders as f64 / args.rate);
     let client = sender::client(args.senders * 4);
@@ -732,6 +760,14 @@ async fn run_phase(
         ));
     }
     while tasks.join_next().await.is_some() {}
+    if let Some(f) = flooder {
+        if !matches!(
+            tokio::task::spawn_blocking(move || f.join()).await,
+            Ok(Ok(()))
+        ) {
+            eprintln!("abuse: the flooder's thread failed");
+        }
+    }
     let cores = cpu
         .server_secs()
         .map(|s| s / start.elapsed().as_secs_f64().max(1e-9));
