@@ -527,9 +527,11 @@ pub async fn run(args: AbuseArgs) -> Result<()> {
     let plans = std::mem::take(&mut fleets.plans);
     let plans = Arc::new(plans);
     let mut cpu = Vec::new();
+    let whole = CpuMeter::start(&run.server);
     for (p, flood) in phases.iter().enumerate() {
         cpu.push(run_phase(&args, &run, &fleets, &plans, p, *flood).await);
     }
+    whole.record(&mut run.result);
     run.result.rates = rates.stop().await;
     fleet::stop_all(&stop_tx, &mut tasks, Duration::from_secs(10)).await;
     let summary = record(&args, &mut run, &fleets.sh, &phases, &cpu, &fleets.setups);
@@ -699,7 +701,7 @@ async fn flood_fleet(
 
 /// One phase: the well-behaved senders for --duration (and the flooder,
 /// if any, alongside), then up to --drain for what is still on its way.
-/// Returns the servers' CPU cores used while sending.
+/// Returns the CPU cores the servers and the generator used while sending.
 async fn run_phase(
     args: &AbuseArgs,
     run: &Run<'_>,
@@ -707,7 +709,7 @@ async fn run_phase(
     plans: &Arc<Vec<Plan>>,
     p: usize,
     flood: Flood,
-) -> Option<f64> {
+) -> (Option<f64>, f64) {
     let sh = &fleets.sh;
     sh.current.store(p, Relaxed);
     eprintln!(
@@ -732,6 +734,7 @@ async fn run_phase(
         limit: run.limit,
     };
     let cpu = CpuMeter::start(&run.server);
+    let client0 = crate::results::client_cpu_secs();
     let mut tasks = JoinSet::new();
     let targets = match flood {
         Flood::None => None,
@@ -768,15 +771,15 @@ async fn run_phase(
             eprintln!("abuse: the flooder's thread failed");
         }
     }
-    let cores = cpu
-        .server_secs()
-        .map(|s| s / start.elapsed().as_secs_f64().max(1e-9));
+    let wall = start.elapsed().as_secs_f64().max(1e-9);
+    let cores = cpu.server_secs().map(|s| s / wall);
+    let client_cores = (crate::results::client_cpu_secs() - client0) / wall;
     let drain_until = Instant::now() + stats::secs(args.drain);
     while sh.outstanding(p, false) > 0 && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sh.phases[p].lost.store(sh.outstanding(p, true), Relaxed);
-    cores
+    (cores, client_cores)
 }
 
 /// One phase's figures, as they go into the results.
@@ -836,7 +839,7 @@ fn record(
     run: &mut Run<'_>,
     sh: &Shared,
     phases: &[Flood],
-    cpu: &[Option<f64>],
+    cpu: &[(Option<f64>, f64)],
     setups: &[(&'static str, Setup)],
 ) -> String {
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
@@ -875,8 +878,11 @@ fn record(
         put("skipped", st.skipped.load(Relaxed).into(), run);
         put("p50_ms", r2(f.p50_ms).into(), run);
         put("p99_ms", r2(f.p99_ms).into(), run);
-        if let Some(c) = cpu.get(p).copied().flatten() {
-            put("server_cpu_cores", r2(c).into(), run);
+        if let Some((server, client)) = cpu.get(p).copied() {
+            if let Some(c) = server {
+                put("server_cpu_cores", r2(c).into(), run);
+            }
+            put("client_cpu_cores", r2(client).into(), run);
         }
         let mut text = format!(
             "{} p99 {:.2} ms, {}/{} delivered, {} lost",
