@@ -56,7 +56,7 @@ impl App {
             per_subscription: settings.max_receipt_streams_per_subscription,
             total: settings.max_receipt_streams,
         };
-        let quotas = crate::quota::Quotas::new(&settings);
+        let quotas = crate::quota::Quotas::new(&settings, metrics.clone());
         App {
             quotas,
             blocks: Default::default(),

@@ -172,6 +172,23 @@ impl ApiError {
         e.retry_after = Some(60);
         e
     }
+    /// A receiver's quota (subscription or user agent) is used up.
+    pub fn receiver_rate_limited(msg: &str, retry_after: u64) -> Self {
+        let mut e = Self::new(
+            429,
+            Errno::ReceiverRateLimited,
+            format!("{msg}; retry later"),
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+    /// The sender's quota (its VAPID key, or its address without VAPID)
+    /// is used up.
+    pub fn sender_rate_limited(msg: &str, retry_after: u64) -> Self {
+        let mut e = Self::new(429, Errno::SenderRateLimited, format!("{msg}; retry later"));
+        e.retry_after = Some(retry_after);
+        e
+    }
     /// Reading receipts: this node already streams as many as it allows,
     /// on this receipt subscription or in all.
     pub fn too_many_receipt_streams(refused: crate::receipts::StreamRefused) -> Self {

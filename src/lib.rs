@@ -30,6 +30,7 @@ pub mod datadir;
 pub mod demo;
 pub mod endpoint;
 pub mod errors;
+pub mod forwarded;
 pub mod import;
 pub mod link;
 pub mod listen;

@@ -173,8 +173,9 @@ impl Server {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
             _ => None,
         };
-        let cluster =
-            directory.map(|d| Cluster::new(d, settings.node_url.clone(), &keys, metrics.clone()));
+        let cluster = directory
+            .clone()
+            .map(|d| Cluster::new(d, settings.node_url.clone(), &keys, metrics.clone()));
         let mut app = App::new(settings, store, ledger, tokens, metrics).with_bridges(bridges);
         if let Some(c) = &cluster {
             c.announce()
@@ -250,6 +251,11 @@ impl Server {
             tasks.push(tokio::spawn(crate::bridge::forward::sweep_loop(
                 app.clone(),
             )));
+        }
+        if let (Some(c), Some(d)) = (&cluster, directory) {
+            // Quotas hold across the nodes (see quota::share).
+            let share = crate::quota::share::share_loop(app.quotas.clone(), d, c.node());
+            tasks.push(tokio::spawn(share));
         }
         if let Some(c) = cluster {
             tasks.push(tokio::spawn(c.heartbeat_loop()));

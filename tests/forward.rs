@@ -61,6 +61,7 @@ async fn start(answers: Vec<Delivery>) -> Node {
         ("HERALD_DATA_DIR", dir.path().display().to_string()),
     ]
     .into_iter()
+    .chain(common::QUOTAS_OFF.map(|(k, v)| (k, v.to_string())))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let settings = Settings::load(&ServeArgs::default(), &env).unwrap();

@@ -39,7 +39,13 @@ struct State {
     nodes: HashMap<u64, (String, Instant)>,
     /// The bridges' outbox: user agent → due time (Unix ms).
     outbox: HashMap<Uaid, u64>,
+    /// Quota usage published: (id, node, message), the last `USAGE_KEPT`.
+    usage: std::collections::VecDeque<(u64, u64, Vec<u8>)>,
+    usage_ids: u64,
 }
+
+/// Quota usage messages kept for nodes to read (as Redis's stream keeps).
+const USAGE_KEPT: usize = 256;
 
 /// One user agent's subscriptions and queue.
 #[derive(Default)]
@@ -536,6 +542,33 @@ impl Directory for MemStore {
             .get(&node)
             .filter(|(_, lapses)| *lapses > Instant::now())
             .map(|(url, _)| url.clone()))
+    }
+    async fn share_usage(
+        &self,
+        node: u64,
+        usage: &[u8],
+        cursor: Option<&str>,
+    ) -> StoreResult<(String, Vec<Vec<u8>>)> {
+        let mut s = self.state();
+        let after = match cursor.and_then(|c| c.parse::<u64>().ok()) {
+            Some(c) => c,
+            None => s.usage_ids,
+        };
+        if !usage.is_empty() {
+            s.usage_ids += 1;
+            let id = s.usage_ids;
+            s.usage.push_back((id, node, usage.to_vec()));
+            if s.usage.len() > USAGE_KEPT {
+                s.usage.pop_front();
+            }
+        }
+        let others = s
+            .usage
+            .iter()
+            .filter(|(id, from, _)| *id > after && *from != node)
+            .map(|(_, _, m)| m.clone())
+            .collect();
+        Ok((s.usage_ids.to_string(), others))
     }
 }
 

@@ -327,6 +327,16 @@ pub trait Directory: Send + Sync + 'static {
     async fn heartbeat(&self, node: u64, url: &str, ttl: std::time::Duration) -> StoreResult<()>;
     /// Where a live node is; None once its heartbeat lapsed.
     async fn node_url(&self, node: u64) -> StoreResult<Option<String>>;
+    /// The quotas' exchange (see `quota::share`): publishes `usage` from
+    /// `node` (nothing when empty) and returns what the other nodes
+    /// published after `cursor`, with the cursor to pass next time. A None
+    /// cursor starts from now.
+    async fn share_usage(
+        &self,
+        node: u64,
+        usage: &[u8],
+        cursor: Option<&str>,
+    ) -> StoreResult<(String, Vec<Vec<u8>>)>;
 }
 
 pub fn now_secs() -> u64 {

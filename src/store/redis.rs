@@ -961,3 +961,6 @@ mod receipts;
 
 /// The bridges' outbox (see `bridge::forward`).
 mod outbox;
+
+/// The quotas' usage exchange between nodes.
+mod usage;

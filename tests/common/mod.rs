@@ -93,6 +93,15 @@ pub fn serve_refused(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
     (status.code(), std::fs::read_to_string(&err).unwrap())
 }
 
+/// The quotas, on by default in Herald, off in tests that do not set them
+/// (in their environment): many tests push quickly to one subscription.
+pub const QUOTAS_OFF: [(&str, &str); 4] = [
+    ("HERALD_UA_RATE_LIMIT", "off"),
+    ("HERALD_SUBSCRIPTION_RATE_LIMIT", "off"),
+    ("HERALD_SENDER_RATE_LIMIT", "off"),
+    ("HERALD_ANONYMOUS_RATE_LIMIT", "off"),
+];
+
 /// A Herald process on an ephemeral port with its own data dir.
 pub struct Herald {
     pub port: u16,
@@ -130,6 +139,11 @@ impl Herald {
             .collect();
         if let Some(p) = metrics_port {
             env.push(("HERALD_METRICS_LISTEN".into(), format!("127.0.0.1:{p}")));
+        }
+        for (k, v) in QUOTAS_OFF {
+            if !env.iter().any(|(set, _)| set == k) {
+                env.push((k.to_string(), v.to_string()));
+            }
         }
         let mut h = Herald {
             port: free_port(),

@@ -189,6 +189,11 @@ impl HeraldServer {
             .arg("--public-url")
             .arg(public_url.unwrap_or(&own))
             .env("RUST_LOG", "info")
+            // Quotas off unless `env` sets them (it comes after).
+            .env("HERALD_UA_RATE_LIMIT", "off")
+            .env("HERALD_SUBSCRIPTION_RATE_LIMIT", "off")
+            .env("HERALD_SENDER_RATE_LIMIT", "off")
+            .env("HERALD_ANONYMOUS_RATE_LIMIT", "off")
             .envs(env.iter().copied());
         let mut proc = Proc::spawn("herald serve", command, dir.join(format!("{name}.log")));
         let up = wait_for(Duration::from_secs(30), || {

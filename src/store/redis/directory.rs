@@ -122,6 +122,14 @@ impl Directory for RedisStore {
         self.query("node_url", redis::cmd("GET").arg(node_key(node)))
             .await
     }
+    async fn share_usage(
+        &self,
+        node: u64,
+        usage: &[u8],
+        cursor: Option<&str>,
+    ) -> StoreResult<(String, Vec<Vec<u8>>)> {
+        self.exchange_usage(node, usage, cursor).await
+    }
 }
 
 #[cfg(test)]
