@@ -112,11 +112,11 @@ start_config() {
     for ((i = 0; i < nodes; i++)); do
         p=$((port + i))
         if [[ -n "$redis_url" ]]; then
-            HERALD_STORE=redis HERALD_REDIS_URL="$redis_url" HERALD_ENDPOINT_KEYS="$key" \
+            env "${unthrottled[@]}" HERALD_STORE=redis HERALD_REDIS_URL="$redis_url" HERALD_ENDPOINT_KEYS="$key" \
                 HERALD_METRICS_PUBLIC=true "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
                 --public-url "http://127.0.0.1:$port" >"$log.node$i" 2>&1 &
         else
-            HERALD_METRICS_PUBLIC=true "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
+            env "${unthrottled[@]}" HERALD_METRICS_PUBLIC=true "$herald" serve --listen "127.0.0.1:$p" --data-dir "$data/node$i" \
                 --public-url "http://127.0.0.1:$port" >"$log.node$i" 2>&1 &
         fi
         herald_pids+=($!)

@@ -19,11 +19,13 @@
 #
 # Knobs (environment): BENCH_PORT (default 18080), RESULTS (default
 # loadtest/results), SCENARIOS (default "idle throughput receipts backlog storm
-# burst fanout"), IDLE_UAS (default 25000: past this machine's
+# burst fanout abuse"), IDLE_UAS (default 25000: past this machine's
 # 20,000-file ceiling), TP_UAS, TP_SENDERS, TP_SECS, TP_PAYLOAD, TP_RATE,
 # BACKLOG_UAS, BACKLOG_MSGS, STORM_UAS, STORM_WINDOW, BURST_UAS,
 # BURST_MSGS, BURST_BACKLOG, FANOUT_UAS (default 10000 followers),
 # FANOUT_NON (default a tenth of them), FANOUT_CHANGES (default 5),
+# ABUSE_UAS (default 100), ABUSE_RATE (default 100 msg/s), ABUSE_SECS (default
+# 20 per phase), ABUSE_CONNECTIONS (the flooder's, default 64),
 # AUTOPUSH_URL, AUTOPUSH_PIDS, AUTOPUSH_PUSH_URLS, AUTOPUSH_IDLE_UAS
 # (default IDLE_UAS), SKIP_BUILD=1,
 # HERALD_BIN / LOADTEST_BIN (default: $CARGO_TARGET_DIR or target/, debug/).
@@ -35,12 +37,12 @@ root="$(cd "$here/.." && pwd)"
 source "$here/bench-lib.sh"
 results="${RESULTS:-$here/results}"
 port="${BENCH_PORT:-18080}"
-scenarios="${SCENARIOS:-idle throughput receipts backlog storm burst fanout}"
+scenarios="${SCENARIOS:-idle throughput receipts backlog storm burst fanout abuse}"
 autopush_url="${AUTOPUSH_URL:-}"
 
 for s in $scenarios; do
     case "$s" in
-    idle | throughput | receipts | backlog | storm | burst | fanout) ;;
+    idle | throughput | receipts | backlog | storm | burst | fanout | abuse) ;;
     *) echo "bench: unknown scenario '$s' in SCENARIOS" >&2; exit 2 ;;
     esac
 done
@@ -71,6 +73,8 @@ pid=""
 data=""
 # Extra environment for the next Herald (VAR=VALUE words).
 herald_env=()
+# Its push quotas: off, except for the abuse scenario, which measures them.
+quotas=("${unthrottled[@]}")
 stop_herald() {
     stop_pid "$pid"
     pid=""
@@ -84,7 +88,7 @@ start_herald() {
     local log="$1"
     data="$(mktemp -d)"
     # env execs Herald in its place, so $! is Herald's PID.
-    env ${herald_env[@]+"${herald_env[@]}"} "$herald" serve --listen "127.0.0.1:$port" \
+    env ${quotas[@]+"${quotas[@]}"} ${herald_env[@]+"${herald_env[@]}"} "$herald" serve --listen "127.0.0.1:$port" \
         --data-dir "$data/data" --public-url "http://127.0.0.1:$port" >"$log" 2>&1 &
     pid=$!
     wait_herald "$pid" "$port" "$log" || exit 1
@@ -150,6 +154,13 @@ if wants fanout; then
         --non-followers "${FANOUT_NON:-$((fanout_uas / 10))}" --changes "${FANOUT_CHANGES:-5}" \
         --api-url "http://127.0.0.1:$port" --concurrency 400
     herald_env=()
+fi
+if wants abuse; then
+    # Herald's default quotas: what a public service would run with.
+    quotas=()
+    run abuse --uas "${ABUSE_UAS:-100}" --rate "${ABUSE_RATE:-100}" --duration "${ABUSE_SECS:-20}" \
+        --flood-connections "${ABUSE_CONNECTIONS:-64}" --anonymous
+    quotas=("${unthrottled[@]}")
 fi
 
 if [[ -n "$autopush_url" ]]; then

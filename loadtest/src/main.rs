@@ -2,6 +2,7 @@
 //! Mozilla push websocket protocol (Herald, autopush-rs). It needs only the
 //! websocket URL: push endpoints come from `register` replies.
 
+mod abuse;
 mod backlog;
 mod bridge;
 mod burst;
@@ -65,6 +66,10 @@ enum Command {
     /// Mixed load for a long time (reconnects, TTLs, topics, acks, nacks, unregistrations), then
     /// an exact account of every message; fails if any accepted message was lost.
     Soak(soak::SoakArgs),
+    /// Fairness under abuse: well-behaved senders' latency and delivery at a steady rate,
+    /// without and then with one flooder (one subscription, many, optionally without VAPID);
+    /// what the flooder got (201s, 429s by errno), checked against p99 ≤ 2× baseline.
+    Abuse(abuse::AbuseArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Print the side-by-side table of result files (one row per target): throughput,
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
                 Command::Fanout(a) => fanout::run(a).await,
                 Command::Soak(a) => soak::run(a).await,
                 Command::Bridge(a) => bridge::run(a).await,
+                Command::Abuse(a) => abuse::run(a).await,
                 Command::IdleWorker { spec } => workers::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(
                     "report and compare run outside the runtime"

@@ -382,10 +382,12 @@ pub fn notification_json(channel_id: &str, version: &str, body: &[u8]) -> String
     .to_json()
 }
 
+/// An empty `key_b64` registers without an application server key: the
+/// subscription then takes pushes without VAPID.
 pub fn register_json(channel_id: &Uuid, key_b64: &str) -> String {
     ClientMessage::Register {
         channel_id: channel_id.hyphenated().to_string(),
-        key: Some(key_b64.to_string()),
+        key: (!key_b64.is_empty()).then(|| key_b64.to_string()),
     }
     .to_json()
 }

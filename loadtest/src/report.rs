@@ -326,7 +326,9 @@ fn rows_table(run: &Run) -> String {
     t
 }
 
-const SCENARIOS: [(&str, &str, &str); 7] = [
+/// Each scenario's name, what it measures, and its main latency ("": all
+/// of its latencies, one plot each).
+const SCENARIOS: [(&str, &str, &str); 8] = [
     (
         "idle",
         "User agents opened (hello + register) and held; server memory per connection and what stopped the climb.",
@@ -361,6 +363,11 @@ const SCENARIOS: [(&str, &str, &str); 7] = [
         "bridge",
         "Mobile devices registered through the registration API; each push forwarded by Herald's FCM bridge to the load generator's FCM sink; latency is request sent to arrival at the sink; server CPU per bridged message.",
         "end_to_end",
+    ),
+    (
+        "abuse",
+        "Well-behaved senders at a steady rate to their own subscriptions, without a flood and then while one flooder pushes as fast as it can (to one subscription, to many, optionally without VAPID); latency is request sent to notification received, per phase; the rows say what the flooder got.",
+        "",
     ),
 ];
 
@@ -437,7 +444,7 @@ fn scenario_section(name: &str, group: &[&Run]) -> String {
     let (about, main_latency) = SCENARIOS
         .iter()
         .find(|s| s.0 == name)
-        .map(|s| (s.1, Some(s.2)))
+        .map(|s| (s.1, Some(s.2).filter(|l| !l.is_empty())))
         .unwrap_or(("", None));
     let _ = writeln!(h, "<h2>{}</h2>\n<p>{}</p>", esc(name), esc(about));
     h.push_str(&table(group));

@@ -208,7 +208,7 @@ impl RunResult {
             params,
             ..Default::default()
         };
-        let posts = matches!(scenario, "throughput" | "backlog" | "burst");
+        let posts = matches!(scenario, "throughput" | "backlog" | "burst" | "abuse");
         if !posts {
             r.push_urls.clear();
         }

@@ -225,6 +225,52 @@ pub async fn post_with(
     options: PostOptions,
     timeout: Duration,
 ) -> Outcome {
+    let auth = Some(authorization);
+    match post_reply(client, ep, k, auth, body, options, timeout).await {
+        Ok(r) => Outcome::Status(r.status),
+        Err(e) => Outcome::Transport(e),
+    }
+}
+
+/// What the service answered to one POST, beyond its status: the `errno`
+/// of an error body and whether a `Retry-After` came with it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub errno: Option<u64>,
+    pub retry_after: bool,
+}
+
+impl Reply {
+    /// "201", "429 errno 125", "503": a refusal named as a client author
+    /// would look it up in proto-docs/errors.md.
+    pub fn key(&self) -> String {
+        match self.errno {
+            Some(e) => format!("{} errno {e}", self.status),
+            None => self.status.to_string(),
+        }
+    }
+}
+
+/// The `errno` of a JSON error body, if it is one.
+pub fn errno_of(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("errno")?
+        .as_u64()
+}
+
+/// POSTs one message; without `authorization` it goes unsigned, as an
+/// application server without VAPID sends. Err names a transport failure.
+pub async fn post_reply(
+    client: &HttpClient,
+    ep: &Endpoint,
+    k: usize,
+    authorization: Option<&HeaderValue>,
+    body: Bytes,
+    options: PostOptions,
+    timeout: Duration,
+) -> Result<Reply, String> {
     let len = body.len();
     let mut req = Request::builder()
         .method(Method::POST)
@@ -233,15 +279,16 @@ pub async fn post_with(
         .header("TTL", options.ttl)
         .header(http::header::CONTENT_ENCODING, "aes128gcm")
         .header(http::header::CONTENT_TYPE, "application/octet-stream")
-        .header(http::header::CONTENT_LENGTH, len)
-        .header(http::header::AUTHORIZATION, authorization.clone());
+        .header(http::header::CONTENT_LENGTH, len);
+    if let Some(a) = authorization {
+        req = req.header(http::header::AUTHORIZATION, a.clone());
+    }
     if options.receipt {
         req = req.header("prefer", "respond-async");
     }
-    let req = req.body(Full::new(body));
-    let req = match req {
+    let req = match req.body(Full::new(body)) {
         Ok(r) => r,
-        Err(e) => return Outcome::Transport(format!("request: {e}")),
+        Err(e) => return Err(format!("request: {e}")),
     };
     let exchange = async {
         let resp = client.request(req).await.map_err(|e| {
@@ -258,18 +305,24 @@ pub async fn post_with(
             name
         })?;
         let status = resp.status().as_u16();
+        let retry_after = resp.headers().contains_key(http::header::RETRY_AFTER);
         // Read the (small) body so the connection goes back to the pool; a
         // server sending a huge one is cut off rather than buffered.
-        Limited::new(resp.into_body(), 64 * 1024)
+        let body = Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
-            .map_err(|_| "reading response body".to_string())?;
-        Ok::<u16, String>(status)
+            .map_err(|_| "reading response body".to_string())?
+            .to_bytes();
+        let errno = if status >= 400 { errno_of(&body) } else { None };
+        Ok::<Reply, String>(Reply {
+            status,
+            errno,
+            retry_after,
+        })
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => Outcome::Transport("timeout".into()),
-        Ok(Err(e)) => Outcome::Transport(e),
-        Ok(Ok(s)) => Outcome::Status(s),
+        Err(_) => Err("timeout".into()),
+        Ok(r) => r,
     }
 }
 
@@ -297,6 +350,26 @@ mod tests {
         assert!(o.endpoint("http://192.168.1.1/p").await.is_err());
         assert!(o.endpoint("https://127.0.0.1/p").await.is_err());
         assert!(o.endpoint("not a url").await.is_err());
+    }
+
+    #[test]
+    fn error_bodies_name_their_errno() {
+        let body = br#"{"code":429,"errno":125,"error":"Too Many Requests","message":"m"}"#;
+        assert_eq!(errno_of(body), Some(125));
+        assert_eq!(errno_of(b"not json"), None);
+        assert_eq!(errno_of(br#"{"code":429}"#), None);
+        let r = Reply {
+            status: 429,
+            errno: Some(126),
+            retry_after: true,
+        };
+        assert_eq!(r.key(), "429 errno 126");
+        let plain = Reply {
+            status: 201,
+            errno: None,
+            retry_after: false,
+        };
+        assert_eq!(plain.key(), "201");
     }
 
     #[tokio::test]

@@ -194,6 +194,14 @@ pub fn herald_bin() -> PathBuf {
     );
 }
 
+/// Herald's push quotas, off.
+pub const UNTHROTTLED: [(&str, &str); 4] = [
+    ("HERALD_UA_RATE_LIMIT", "off"),
+    ("HERALD_SUBSCRIPTION_RATE_LIMIT", "off"),
+    ("HERALD_SENDER_RATE_LIMIT", "off"),
+    ("HERALD_ANONYMOUS_RATE_LIMIT", "off"),
+];
+
 /// A Herald on a free loopback port with its own data directory, killed
 /// (by its PID) when dropped.
 pub struct Herald {
@@ -222,8 +230,21 @@ impl Herald {
     }
 
     /// Started with extra environment and extra `serve` flags, such as
-    /// `--config FILE`.
+    /// `--config FILE`. Its push quotas are off (`UNTHROTTLED`): the
+    /// scenarios measure the service, not its limits.
     pub fn start_with_args(env: &[(&str, &str)], args: &[&str]) -> Herald {
+        let mut all = UNTHROTTLED.to_vec();
+        all.extend_from_slice(env);
+        Herald::start_raw(&all, args)
+    }
+
+    /// Started with its own default push quotas, plus `env` (which may set
+    /// some of them): for the `abuse` scenario, which measures them.
+    pub fn start_throttled(env: &[(&str, &str)]) -> Herald {
+        Herald::start_raw(env, &[])
+    }
+
+    fn start_raw(env: &[(&str, &str)], args: &[&str]) -> Herald {
         let bin = herald_bin();
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
