@@ -482,6 +482,8 @@ pub const PUBLIC_PATH_PREFIXES: &[&str] = &[
     "/v1/fcm/",
     "/v1/gcm/",
     "/v1/apns/",
+    // The Matrix push gateway, which homeservers call (`matrix::NOTIFY_PATH`).
+    "/_matrix/push/v1/",
 ];
 
 /// Every response body: whole, or streamed (receipt subscriptions).

@@ -125,6 +125,20 @@ mod tests {
     use super::*;
     use herald_proto::b64::encode_b64url;
 
+    /// Only Herald itself makes plaintext (`identity`) payloads, for the
+    /// Matrix gateway: an application server's push must be encrypted.
+    #[test]
+    fn application_servers_cannot_send_identity_payloads() {
+        for coding in ["identity", "IDENTITY", " identity "] {
+            let e = check_encoding(Some(coding), None, None, b"{\"hi\":1}").unwrap_err();
+            assert_eq!(
+                (e.status, e.errno),
+                (400, crate::errors::Errno::InvalidCrypto),
+                "{coding}"
+            );
+        }
+    }
+
     #[test]
     fn ttl_rules() {
         assert_eq!(parse_ttl(Some("60"), 1000).unwrap(), 60);

@@ -875,19 +875,7 @@ impl Client {
             None => Ok(None),
             Some(data) => decode_b64url(data)
                 .ok_or_else(|| DecryptError::Malformed("data is not base64url".into()))
-                .and_then(|body| {
-                    if headers.encoding.is_empty() {
-                        return Err(DecryptError::Malformed(
-                            "a payload without headers.encoding".into(),
-                        ));
-                    }
-                    keys.decrypt(
-                        &headers.encoding,
-                        headers.encryption.as_deref(),
-                        headers.crypto_key.as_deref(),
-                        &body,
-                    )
-                })
+                .and_then(|body| open_payload(&keys, &headers, body))
                 .map(Some),
         };
         Ok(Some(Event::Message(PushMessage {
@@ -1017,6 +1005,29 @@ fn register_frame(channel_id: &str, key: Option<&str>) -> String {
 }
 
 /// Firefox says 200 when it drops a subscription itself.
+/// The plaintext of a payload: decrypted with the subscription's keys, or
+/// as it came when its encoding is `identity`. Only the push service makes
+/// those (the Matrix gateway's notifications, proto-docs/websocket.md);
+/// application servers cannot send them.
+fn open_payload(
+    keys: &ReceiverKeys,
+    headers: &herald_proto::headers::NotificationHeaders,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, DecryptError> {
+    match headers.encoding.as_str() {
+        "" => Err(DecryptError::Malformed(
+            "a payload without headers.encoding".into(),
+        )),
+        herald_proto::headers::IDENTITY => Ok(body),
+        encoding => keys.decrypt(
+            encoding,
+            headers.encryption.as_deref(),
+            headers.crypto_key.as_deref(),
+            &body,
+        ),
+    }
+}
+
 fn unregister_frame(channel_id: &str) -> String {
     ClientMessage::Unregister {
         channel_id: channel_id.to_string(),
@@ -1172,6 +1183,21 @@ mod tests {
         );
         let sub = Subscription::from_json(&json.to_string()).unwrap();
         assert_eq!(sub.decoded_keys().unwrap().p256dh, keys.public().to_vec());
+    }
+
+    #[test]
+    fn identity_payloads_pass_through_and_others_are_decrypted() {
+        let keys = ReceiverKeys::generate();
+        let json = br#"{"notification":{"event_id":"$e"}}"#.to_vec();
+        let identity = NotificationHeaders::identity();
+        assert_eq!(open_payload(&keys, &identity, json.clone()).unwrap(), json);
+        // The same bytes claimed to be encrypted are not taken as plaintext.
+        let encrypted = NotificationHeaders {
+            encoding: "aes128gcm".into(),
+            ..Default::default()
+        };
+        assert!(open_payload(&keys, &encrypted, json.clone()).is_err());
+        assert!(open_payload(&keys, &NotificationHeaders::default(), json).is_err());
     }
 
     #[test]

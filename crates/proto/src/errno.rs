@@ -32,6 +32,7 @@ pub enum Errno {
     SenderRateLimited = 126,
     SenderBlocked = 127,
     VapidRequired = 128,
+    InvalidMatrixNotification = 129,
     NodeForged = 130,
     NodeClockSkew = 131,
     NodeReplay = 132,
@@ -41,7 +42,7 @@ pub enum Errno {
 }
 
 impl Errno {
-    pub const ALL: [Errno; 32] = [
+    pub const ALL: [Errno; 33] = [
         Errno::MissingCrypto,
         Errno::InvalidEndpoint,
         Errno::UserGone,
@@ -68,6 +69,7 @@ impl Errno {
         Errno::SenderRateLimited,
         Errno::SenderBlocked,
         Errno::VapidRequired,
+        Errno::InvalidMatrixNotification,
         Errno::NodeForged,
         Errno::NodeClockSkew,
         Errno::NodeReplay,

@@ -17,6 +17,22 @@ pub struct NotificationHeaders {
     pub crypto_key: Option<String>,
 }
 
+/// The `encoding` of a payload that is not encrypted. Application servers
+/// cannot send one (their pushes must be encrypted, RFC 8291); only Herald
+/// makes them, for what it writes itself: the Matrix gateway's
+/// notifications (proto-docs/websocket.md, "Notifications").
+pub const IDENTITY: &str = "identity";
+
+impl NotificationHeaders {
+    /// The headers of a plaintext payload made by Herald itself.
+    pub fn identity() -> Self {
+        NotificationHeaders {
+            encoding: IDENTITY.into(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Finds `name=value` in a `;`/`,`-separated header such as
 /// `Crypto-Key: dh=...;p256ecdsa=...`.
 pub fn header_param<'a>(header: &'a str, name: &str) -> Option<&'a str> {
