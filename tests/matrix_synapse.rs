@@ -12,7 +12,9 @@ mod common;
 #[path = "support/synapse.rs"]
 mod synapse;
 
-use serde_json::Value;
+use common::listen::{listen_ok, subscribe, Listener};
+use common::{metric, request, Herald};
+use serde_json::{json, Value};
 use std::time::Duration;
 use synapse::{NotifyRecorder, Synapse};
 
@@ -113,4 +115,139 @@ async fn harness_synapse_notifies_a_loopback_gateway_and_drops_rejected_pushers(
         answered.elapsed()
     );
     assert_eq!(bob.pushkeys().await, ["id-only-key"]);
+}
+
+/// Herald's gateway URL, as a Matrix client hands it to its homeserver.
+fn gateway_url(h: &Herald) -> String {
+    format!("{}/_matrix/push/v1/notify", h.url())
+}
+
+/// The notification a listener line carries: the gateway pushes the JSON
+/// the homeserver sent, unencrypted (`identity`), without `devices`.
+fn notification_in(line: &Value) -> Value {
+    assert_eq!(line["encoding"], "identity", "{line}");
+    let text = line["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text: {line}"));
+    let body: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(body["notification"].get("devices").is_none(), "{body}");
+    body["notification"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_the_room_reaches_herald_listen_through_the_gateway() {
+    let h = Herald::start().await;
+    let hs = Synapse::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("listen.json");
+    // Subscribed as a UnifiedPush distributor subscribes: no VAPID key.
+    let full = subscribe(&state, &h, "full", None).await;
+    let id_only = subscribe(&state, &h, "id-only", None).await;
+    let listener = Listener::start(&state, &[]);
+    listener.wait_stderr("connected", Duration::from_secs(20));
+
+    // What a UnifiedPush Matrix client asks before it hands the URL over.
+    let probe = request("GET", &gateway_url(&h), &[], vec![]).await.unwrap();
+    assert_eq!(probe.status, 200);
+    assert_eq!(probe.json(), json!({"unifiedpush": {"gateway": "matrix"}}));
+
+    let (alice, bob, room) = two_users_in_a_room(&hs).await;
+    let full_key = full["endpoint"].as_str().unwrap();
+    let id_only_key = id_only["endpoint"].as_str().unwrap();
+    bob.set_pusher(APP_ID, full_key, &gateway_url(&h), None)
+        .await;
+    bob.set_pusher(APP_ID, id_only_key, &gateway_url(&h), Some("event_id_only"))
+        .await;
+
+    let event = alice.send_text(&room, "hello bob").await;
+    let mut lines = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let line = listener
+            .try_line(Duration::from_secs(20))
+            .unwrap_or_else(|| {
+                panic!(
+                    "nothing reached the listener within 20 s\nlistener:\n{}\nsynapse:\n{}\nherald:\n{}",
+                    listener.stderr(),
+                    hs.logs(),
+                    h.logs()
+                )
+            });
+        lines.insert(line["name"].as_str().unwrap().to_string(), line);
+    }
+
+    let line = &lines["full"];
+    assert_eq!(line["endpoint"], full_key);
+    assert!(line["ttl"].as_u64().unwrap() > 0, "{line}");
+    let n = notification_in(line);
+    assert_eq!(n["event_id"], event.as_str(), "{n}");
+    assert_eq!(n["room_id"], room.as_str(), "{n}");
+    assert_eq!(n["sender"], alice.user_id.as_str(), "{n}");
+    assert_eq!(n["type"], "m.room.message", "{n}");
+    assert_eq!(n["content"]["body"], "hello bob", "{n}");
+
+    let n = notification_in(&lines["id-only"]);
+    assert_eq!(n["event_id"], event.as_str(), "{n}");
+    assert_eq!(n["room_id"], room.as_str(), "{n}");
+    assert!(n.get("sender").is_none(), "{n}");
+
+    // Both delivered, so neither pusher is dropped.
+    let mut keys = bob.pushkeys().await;
+    keys.sort();
+    let mut want = vec![full_key.to_string(), id_only_key.to_string()];
+    want.sort();
+    assert_eq!(keys, want);
+    assert_eq!(
+        metric(&h, "herald_matrix_devices_total{outcome=\"pushed\"}").await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushkeys_that_are_no_herald_endpoint_are_rejected_and_synapse_drops_their_pushers() {
+    let h = Herald::start().await;
+    let hs = Synapse::start().await;
+    let mut foreign = NotifyRecorder::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("listen.json");
+    let kept = subscribe(&state, &h, "kept", None).await;
+    let gone = subscribe(&state, &h, "gone", None).await;
+    listen_ok(&state, &["unsubscribe", "gone"]).await;
+    let listener = Listener::start(&state, &[]);
+    listener.wait_stderr("connected", Duration::from_secs(20));
+
+    let kept_key = kept["endpoint"].as_str().unwrap().to_string();
+    let gone_key = gone["endpoint"].as_str().unwrap().to_string();
+    // Another push service's endpoint (a server that records any request,
+    // so that a relay to it would show), and a token Herald never issued.
+    let foreign_key = format!(
+        "http://127.0.0.1:{}/wpush/v1/someone-elses-token",
+        foreign.port
+    );
+    let forged_key = format!("{}/wpush/v1/{}", h.url(), "A".repeat(120));
+
+    let (alice, bob, room) = two_users_in_a_room(&hs).await;
+    for key in [&kept_key, &gone_key, &foreign_key, &forged_key] {
+        bob.set_pusher(APP_ID, key, &gateway_url(&h), None).await;
+    }
+    let event = alice.send_text(&room, "anyone?").await;
+
+    let line = listener.line();
+    assert_eq!(line["name"], "kept");
+    assert_eq!(notification_in(&line)["event_id"], event.as_str());
+    let within = Duration::from_secs(10);
+    let mut slowest = Duration::ZERO;
+    for key in [&gone_key, &foreign_key, &forged_key] {
+        slowest = slowest.max(bob.wait_pusher_gone(key, within).await);
+    }
+    eprintln!("synapse dropped the rejected pushers within {slowest:?} of the first look");
+    assert_eq!(bob.pushkeys().await, vec![kept_key]);
+    assert_eq!(
+        metric(&h, "herald_matrix_devices_total{outcome=\"rejected\"}").await,
+        3.0
+    );
+    assert!(
+        foreign.next(Duration::from_millis(500)).await.is_none(),
+        "Herald contacted a foreign pushkey"
+    );
+    assert!(listener.try_line(Duration::from_millis(500)).is_none());
 }
