@@ -95,5 +95,6 @@ test-deps: deps
 	./scripts/install-firefox.sh
 	./scripts/redis.sh install
 	./scripts/install-postgres.sh
+	./scripts/install-synapse.sh
 	./scripts/install-checkers.sh
 	./scripts/install-test-tools.sh

@@ -6,6 +6,7 @@
 
 pub mod bridges;
 pub mod fernet;
+pub mod listen;
 pub mod redis;
 pub mod tools;
 
