@@ -1,8 +1,8 @@
 //! The Matrix push gateway (issue 27) against a real Herald process: the
 //! specification's example requests sent as a homeserver would, real
 //! websocket user agents subscribed without a key receiving them, and
-//! `herald listen` printing them. The real-Synapse test is elsewhere
-//! (branch `synapse`).
+//! `herald listen` printing them. The real-Synapse tests are in
+//! tests/matrix_synapse.rs.
 
 mod common;
 
@@ -331,6 +331,63 @@ async fn a_full_mailbox_holds_the_device_without_rejecting_it() {
     );
     assert_eq!(matrix_metric(&h, "notifications", "throttled").await, 1.0);
     assert_eq!(matrix_metric(&h, "notifications", "ok").await, 2.0);
+}
+
+/// The quotas of any push hold for the gateway: a device over its own
+/// quota is held (429 with `Retry-After` when nothing else was pushed),
+/// never rejected; the homeserver, a sender without VAPID, has its
+/// address's quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_hold_devices_and_throttle_the_homeserver() {
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_SUBSCRIPTION_RATE_LIMIT", "1/h"),
+            ("HERALD_SUBSCRIPTION_RATE_BURST", "1"),
+            ("HERALD_ANONYMOUS_RATE_LIMIT", "1/h"),
+            ("HERALD_ANONYMOUS_RATE_BURST", "4"),
+        ],
+    )
+    .await;
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, busy) = ua.subscribe(None).await;
+    let (quiet_channel, quiet) = ua.subscribe(None).await;
+
+    assert!(rejected(&notify(&h, &spec_example(&[&busy])).await).is_empty());
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    // Its only device is over its quota: retry later, the pusher kept.
+    let r = notify(&h, &spec_example(&[&busy])).await;
+    assert_eq!((r.status, r.errno()), (429, 125));
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(wait >= 1, "{wait}");
+    // Beside a device that takes it: 200, the busy one neither pushed nor
+    // rejected.
+    let r = notify(&h, &spec_example(&[&busy, &quiet])).await;
+    assert!(rejected(&r).is_empty());
+    let n = ua.notification().await;
+    assert_eq!(n["channelID"], quiet_channel);
+    ua.ack(&n).await;
+    assert_eq!(
+        metric(&h, "herald_throttled_total{reason=\"subscription\"}").await,
+        2.0
+    );
+
+    // Three requests so far; the fourth is the homeserver's last before
+    // its address's quota refuses it, whatever its devices.
+    let (_, fresh) = ua.subscribe(None).await;
+    assert_eq!(notify(&h, &spec_example(&[&fresh])).await.status, 200);
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+    let r = notify(&h, &spec_example(&[SPEC_PUSHKEY])).await;
+    assert_eq!((r.status, r.errno()), (429, 126));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        metric(&h, "herald_throttled_total{reason=\"sender_address\"}").await,
+        1.0
+    );
+    assert_eq!(matrix_metric(&h, "notifications", "throttled").await, 2.0);
+    assert!(ua.try_recv(Duration::from_millis(300)).await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

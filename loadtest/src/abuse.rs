@@ -16,7 +16,7 @@ use crate::crypto::{Pool, Vapid};
 use crate::fleet::{self, FleetSpec, Setup};
 use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Ws};
-use crate::results::{Common, CpuMeter};
+use crate::results::{r2, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, PostOptions, Reply};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
@@ -842,7 +842,6 @@ fn record(
     cpu: &[(Option<f64>, f64)],
     setups: &[(&'static str, Setup)],
 ) -> String {
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
     let mut figs = Vec::new();
     for (p, flood) in phases.iter().enumerate() {
         let st = &sh.phases[p];
@@ -943,6 +942,35 @@ fn record(
             );
         }
     }
+    record_setups_and_rates(args, run, sh, setups);
+    let met = why.is_empty();
+    run.result
+        .metric("target_max_p99_ratio", args.max_p99_ratio);
+    run.result.metric("target_met", met);
+    run.result
+        .notes
+        .extend(why.iter().map(|w| format!("target missed: {w}")));
+    let verdict = if met {
+        "met".to_string()
+    } else {
+        format!("NOT met ({})", why.join("; "))
+    };
+    format!(
+        "abuse[{}]: {}; target (nothing lost, p99 ≤ {}× baseline): {verdict}",
+        run.common.target,
+        parts.join("; "),
+        args.max_p99_ratio
+    )
+}
+
+/// What the setup and the user agents saw, and the well-behaved load per
+/// receiver against Herald's default quotas.
+fn record_setups_and_rates(
+    args: &AbuseArgs,
+    run: &mut Run<'_>,
+    sh: &Shared,
+    setups: &[(&'static str, Setup)],
+) {
     for (name, s) in setups {
         for (k, n) in s.errors.snapshot() {
             run.result.errors.insert(format!("{name} {k}"), n);
@@ -968,24 +996,6 @@ fn record(
             "well-behaved senders push {per_sub:.2}/s per subscription and {per_ua:.2}/s per user agent, above Herald's default receiver quotas ({DEFAULT_SUBSCRIPTION_PER_S}/s, {DEFAULT_UA_PER_S}/s): raise --uas or lower --rate"
         ));
     }
-    let met = why.is_empty();
-    run.result
-        .metric("target_max_p99_ratio", args.max_p99_ratio);
-    run.result.metric("target_met", met);
-    run.result
-        .notes
-        .extend(why.iter().map(|w| format!("target missed: {w}")));
-    let verdict = if met {
-        "met".to_string()
-    } else {
-        format!("NOT met ({})", why.join("; "))
-    };
-    format!(
-        "abuse[{}]: {}; target (nothing lost, p99 ≤ {}× baseline): {verdict}",
-        run.common.target,
-        parts.join("; "),
-        args.max_p99_ratio
-    )
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use crate::crypto::{self, Pool, Vapid};
 use crate::fleet::{self, Setup};
 use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Target, Ws};
-use crate::results::{self, Common, CpuMeter};
+use crate::results::{self, r2, Common, CpuMeter};
 use crate::sender::{self, Endpoint, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
@@ -410,7 +410,6 @@ fn record(
         0.0
     };
     let first = books.first_us.load(Relaxed);
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
     run.errors_from(&[&off.setup.errors, &st.errors, &d.errors]);
     run.error_counts(&[
         ("missing (stored, never delivered)", missing),

@@ -17,7 +17,7 @@ use crate::crypto::{self, Pool};
 use crate::fcm_sink::{self, FcmMessage, Sink};
 use crate::harness::{self, RateWatch, Run};
 use crate::net;
-use crate::results::{self, Common, CpuMeter, ServerPid};
+use crate::results::{self, r2, Common, CpuMeter, ServerPid};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use anyhow::{bail, Context, Result};
@@ -831,7 +831,6 @@ fn record(
         ("sink: 400 (not an FCM v1 message)", c(&sink.malformed)),
         ("sink: 404 (wrong project or path)", c(&sink.not_found)),
     ]);
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
     let m = &mut run.result;
     m.metric("uas_registered", registered as u64);
     m.metric("channels", (registered * args.channels) as u64);

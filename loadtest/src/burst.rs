@@ -23,7 +23,7 @@ use crate::crypto::{self, Pool};
 use crate::fleet;
 use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Target, Ws};
-use crate::results::{self, Common, CpuMeter};
+use crate::results::{self, r2, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
@@ -847,10 +847,6 @@ async fn backlog_drain(args: &BurstArgs, run: &Run<'_>, fleet: &Fleet, s: &Sendi
 struct PhaseCpu {
     all: Option<f64>,
     live: Option<f64>,
-}
-
-fn r2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// Durations to the millisecond: a small burst can finish in under 5 ms.

@@ -20,7 +20,7 @@
 
 use crate::follow::{FanoutCounts, Follow};
 use crate::harness::Run;
-use crate::results::{self, Common, CpuMeter, RunResult, Servers};
+use crate::results::{self, r2, Common, CpuMeter, RunResult, Servers};
 use crate::sender::{self, HttpClient, PushNode};
 use crate::stats::{self, LatencySummary};
 use crate::workers::{Sizing, WorkerSpec, Workers};
@@ -210,10 +210,6 @@ fn percentile(sorted: &[i64], q: f64) -> Option<i64> {
 
 fn median(v: &[f64]) -> Option<f64> {
     stats::median(v.iter().copied())
-}
-
-fn r2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// Samples the servers' summed RSS until `stop`; returns (peak, samples).

@@ -510,7 +510,6 @@ impl CpuMeter {
     /// `servers`. Returns the servers' sum.
     pub fn record(&self, r: &mut RunResult) -> Option<f64> {
         let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
-        let r2 = |x: f64| (x * 100.0).round() / 100.0;
         let client = client_cpu_secs() - self.client0;
         r.metric("client_cpu_s", r2(client));
         r.metric("client_cpu_cores", r2(client / wall));
@@ -550,6 +549,11 @@ fn parse_nofile(limits: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// Two decimals: enough for the figures a person reads in a result.
+pub fn r2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 #[cfg(test)]

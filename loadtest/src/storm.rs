@@ -7,7 +7,7 @@
 use crate::fleet;
 use crate::harness::{self, Run};
 use crate::proto::{self, Target};
-use crate::results::{Common, CpuMeter};
+use crate::results::{r2, Common, CpuMeter};
 use crate::stats::{self, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -143,7 +143,6 @@ pub async fn run(args: StormArgs) -> Result<()> {
     tasks.abort_all();
 
     let lat = LatencySummary::from_hist(&hello_latency.merged());
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
     run.errors_from(&[&errors]);
     let changed = counts.uaid_changed.load(Relaxed);
     run.error_counts(&[("uaid changed on reconnect", changed)]);

@@ -12,7 +12,7 @@ use crate::crypto::{self, Pool};
 use crate::fleet::{self, Setup, Up};
 use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Ws};
-use crate::results::{self, Common, CpuMeter};
+use crate::results::{self, r2, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use anyhow::{bail, Result};
@@ -589,7 +589,6 @@ fn record(
             sh.verify_failed.load(Relaxed),
         ),
     ]);
-    let r2 = |x: f64| (x * 100.0).round() / 100.0;
     run.result.metric("uas_connected", connected as u64);
     run.result.metric("channels", channels as u64);
     run.result.metric("senders", args.senders as u64);
