@@ -5,7 +5,6 @@
 //! the callers' job.
 
 use crate::config::Settings;
-use sha2::{Digest, Sha256};
 
 /// Why a client was refused; the `reason` label of
 /// `herald_policy_refusals_total`.
@@ -38,39 +37,17 @@ pub fn admit_subscription(settings: &Settings, has_key: bool) -> Result<(), Refu
 }
 
 /// Whether a user agent presenting `given` may connect (or, on the
-/// registration API, register). Every configured token is compared, each
-/// in constant time, so timing reveals neither which token nor how much of
-/// one matched.
+/// registration API, register). Compared as crate::bearer compares tokens:
+/// timing reveals neither which token nor how much of one matched.
 pub fn admit_user_agent(settings: &Settings, given: Option<&str>) -> Result<(), Refusal> {
     let tokens = &settings.user_agent_tokens;
     if tokens.is_empty() {
         return Ok(());
     }
-    let Some(given) = given else {
-        return Err(Refusal::UserAgentToken);
-    };
-    let given = Sha256::digest(given.as_bytes());
-    // Not `any`: it would stop at the first match.
-    let matched = tokens.iter().fold(false, |found, t| {
-        found | digests_equal(&Sha256::digest(t.as_bytes()), &given)
-    });
-    if matched {
-        Ok(())
-    } else {
-        Err(Refusal::UserAgentToken)
+    match given {
+        Some(g) if crate::bearer::one_of(tokens, g) => Ok(()),
+        _ => Err(Refusal::UserAgentToken),
     }
-}
-
-/// Equal digests, looking at every byte whatever the first difference.
-fn digests_equal(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The token of `Authorization: Bearer <token>` (scheme in any case).
-pub fn bearer(authorization: Option<&str>) -> Option<&str> {
-    let (scheme, token) = authorization?.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
@@ -121,15 +98,5 @@ mod tests {
                 "{wrong:?}"
             );
         }
-    }
-
-    #[test]
-    fn bearer_tokens_are_read_from_authorization() {
-        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
-        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
-        assert_eq!(bearer(Some("webpush abc")), None);
-        assert_eq!(bearer(Some("Bearer ")), None);
-        assert_eq!(bearer(Some("Bearer")), None);
-        assert_eq!(bearer(None), None);
     }
 }

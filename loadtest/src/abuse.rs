@@ -21,7 +21,6 @@ use crate::sender::{self, Endpoint, HttpClient, PostOptions, Reply};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
 use anyhow::{bail, Result};
-use futures_util::StreamExt;
 use http::HeaderValue;
 use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
@@ -29,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 /// Herald's default receiver quotas (`subscription_rate_limit` 120/m,
@@ -277,39 +275,12 @@ enum Role {
     Flood,
 }
 
-async fn ua_loop(role: Role, mut ws: Ws, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            changed = stop.changed() => if changed.is_err() { break },
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
-                    let ack = match role {
-                        Role::WellBehaved(ua) => sh.on_well_behaved(ua, t.as_str()),
-                        Role::Flood => sh.on_flood(t.as_str()),
-                    };
-                    if let Some(ack) = ack {
-                        if let Err(f) = proto::send_text(&mut ws, ack, "ack").await {
-                            sh.ua_errors.add(format!("user agent {}", f.key()));
-                            return;
-                        }
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None => {
-                    sh.ua_errors.add("user agent: closed by server");
-                    return;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    sh.ua_errors.add(format!("user agent: {}", proto::ws_error_name(&e)));
-                    return;
-                }
-            }
-        }
-    }
-    fleet::close(ws).await;
+async fn ua_loop(role: Role, ws: Ws, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    fleet::ack_until(ws, &mut stop, &sh.ua_errors, |t| match role {
+        Role::WellBehaved(ua) => sh.on_well_behaved(ua, t),
+        Role::Flood => sh.on_flood(t),
+    })
+    .await;
 }
 
 /// One well-behaved sender: its channels and its Authorization per origin.

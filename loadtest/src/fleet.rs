@@ -125,6 +125,45 @@ pub async fn hold(ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> Option<Strin
     }
 }
 
+/// Reads a user agent's frames until `stop` fires, sending the ack
+/// `on_text` makes of each text frame (if any), then closes politely. Why
+/// the connection ended early, if it did, goes into `errors`.
+pub async fn ack_until(
+    mut ws: Ws,
+    stop: &mut watch::Receiver<bool>,
+    errors: &Tally,
+    mut on_text: impl FnMut(&str) -> Option<String>,
+) {
+    loop {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() { break },
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if let Some(ack) = on_text(t.as_str()) {
+                        if let Err(f) = proto::send_text(&mut ws, ack, "ack").await {
+                            errors.add(format!("user agent {}", f.key()));
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    errors.add("user agent: closed by server");
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    errors.add(format!("user agent: {}", proto::ws_error_name(&e)));
+                    return;
+                }
+            }
+        }
+    }
+    close(ws).await;
+}
+
 /// A user agent coming back with its uaid and channels (after going away or
 /// while its messages were stored): its `hello` is timed into `hello`
 /// (sharded by `u`) and a changed uaid counted in `uaid_changed`.

@@ -16,13 +16,11 @@ use crate::results::{self, r2, Common, CpuMeter};
 use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use anyhow::{bail, Result};
-use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -187,35 +185,8 @@ pub fn channel_of(ids: &[Uuid], ua: usize, per_ua: usize, channel: &str) -> Opti
     (ua * per_ua..(ua + 1) * per_ua).find(|&c| ids.get(c) == Some(&id))
 }
 
-async fn ua_loop(ua: usize, mut ws: Ws, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            changed = stop.changed() => if changed.is_err() { break },
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
-                    if let Some(ack) = sh.on_text(ua, t.as_str()) {
-                        if let Err(f) = proto::send_text(&mut ws, ack, "ack").await {
-                            sh.ua_errors.add(format!("user agent {}", f.key()));
-                            return;
-                        }
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None => {
-                    sh.ua_errors.add("user agent: closed by server");
-                    return;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    sh.ua_errors.add(format!("user agent: {}", proto::ws_error_name(&e)));
-                    return;
-                }
-            }
-        }
-    }
-    fleet::close(ws).await;
+async fn ua_loop(ua: usize, ws: Ws, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    fleet::ack_until(ws, &mut stop, &sh.ua_errors, |t| sh.on_text(ua, t)).await;
 }
 
 struct SenderPlan {

@@ -273,11 +273,6 @@ fn fanout_of_broadcast_changes_against_herald() {
 
 /// Issue 22: devices registered through the registration API, every push
 /// forwarded by Herald's FCM bridge to the scenario's FCM sink exactly once.
-///
-/// PASSES ONLY ONCE ISSUE 22 IS MERGED (registration API, `[bridges.fcm]`
-/// settings, FCM bridge and forwarder). Before that it fails on purpose, and
-/// loudly: Herald refuses the config's `bridges` table at startup, or the
-/// scenario stops with "Herald answered 404 to POST /v1/fcm/…/registration".
 #[test]
 fn bridge_to_the_fcm_sink_against_herald() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -363,9 +358,6 @@ fn bridge_to_the_fcm_sink_against_herald() {
 /// quotas on. The sender limit is lowered (100/s, burst 100) so that the
 /// flooder, at a few thousand POSTs a second here, meets it within the
 /// run; the receiver limits are Herald's defaults.
-///
-/// The flooder's 429s exist only once the quotas (branch `quota`) are
-/// merged; before that Herald admits every push and this test fails on them.
 #[test]
 fn abuse_against_herald_with_its_quotas() {
     let herald = Herald::start_throttled(&[

@@ -9,6 +9,7 @@ use super::top::{SenderId, MINUTES};
 use crate::app::App;
 use crate::errors::{ApiError, Errno};
 use crate::mailbox::Mailbox;
+use crate::query;
 use crate::reply::{json, Response};
 use crate::store::now_secs;
 use bytes::Bytes;
@@ -124,31 +125,7 @@ async fn serve(app: &App, call: Call, req: http::Request<Incoming>) -> Result<Re
 
 fn authorise(app: &App, req: &http::Request<Incoming>) -> Result<(), ApiError> {
     let tokens = &app.settings.admin_tokens;
-    if tokens.is_empty() {
-        return Err(ApiError::not_found());
-    }
-    let given = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    // Every token is compared, so timing does not say which one matched.
-    let matched = given.map_or(0, |g| {
-        tokens
-            .iter()
-            .filter(|t| crate::broadcast::api::constant_time_eq(t, g))
-            .count()
-    });
-    if matched > 0 {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            401,
-            Errno::Unauthorized,
-            "the admin API needs Authorization: Bearer <one of admin_tokens>",
-        ))
-    }
+    crate::bearer::authorise_operator(tokens, req.headers(), "admin", "admin_tokens")
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {
@@ -177,7 +154,7 @@ async fn read_body(req: http::Request<Incoming>) -> Result<Bytes, ApiError> {
 
 /// `GET /v1/admin/user-agents?endpoint=<URL>`.
 async fn lookup_endpoint(app: &App, query: &str) -> Result<Value, ApiError> {
-    let url = lookup::query_param(query, "endpoint")
+    let url = query::param(query, "endpoint")
         .ok_or_else(|| bad_request("give ?endpoint=<endpoint URL> or /user-agents/<uaid>"))?;
     let (target, issuer) = lookup::open_endpoint(app, &url)?;
     let mut found = lookup::describe(app, &target.uaid).await?;
@@ -266,7 +243,7 @@ fn list_blocks(app: &App) -> Value {
 
 /// `GET /v1/admin/top-senders?minutes=N`.
 fn top_senders(app: &App, query: &str) -> Result<Value, ApiError> {
-    let minutes = match lookup::query_param(query, "minutes") {
+    let minutes = match query::param(query, "minutes") {
         None => DEFAULT_MINUTES,
         Some(m) => m
             .parse::<usize>()

@@ -17,39 +17,6 @@ const COUNT_LIMIT: usize = 100_000;
 /// How much of a bridge's device token a lookup shows.
 const TOKEN_PREFIX: usize = 8;
 
-/// The first value of `name` in a query string, percent-decoded (`+` is
-/// a space).
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |at: usize| b.get(at).and_then(|c| (*c as char).to_digit(16));
-        match (b[i], hex(i + 1), hex(i + 2)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The endpoint path and token of a push endpoint URL, whatever its host
 /// (a URL handed out behind a proxy names the proxy).
 pub fn parse_endpoint(url: &str) -> Option<(EndpointPath, &str)> {
@@ -241,18 +208,5 @@ mod tests {
         ] {
             assert_eq!(parse_endpoint(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn query_parameters_are_percent_decoded() {
-        let q = "minutes=3&endpoint=https%3A%2F%2Fh%2Fwpush%2Fv1%2Fa%2Bb&x";
-        assert_eq!(query_param(q, "minutes").as_deref(), Some("3"));
-        assert_eq!(
-            query_param(q, "endpoint").as_deref(),
-            Some("https://h/wpush/v1/a+b")
-        );
-        assert_eq!(query_param(q, "x").as_deref(), Some(""));
-        assert_eq!(query_param(q, "y"), None);
-        assert_eq!(query_param("a=%zz%4", "a").as_deref(), Some("%zz%4"));
     }
 }

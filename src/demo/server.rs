@@ -149,7 +149,10 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Reply, Infall
         (&Method::GET, "/received") => {
             // `?endpoint=URL`: what one browser received (the page asks for
             // its own); without it, everything (tests, curl).
-            let only = req.uri().query().and_then(|q| query_param(q, "endpoint"));
+            let only = req
+                .uri()
+                .query()
+                .and_then(|q| crate::query::param(q, "endpoint"));
             let list: Vec<Received> = demo
                 .received()
                 .iter()
@@ -177,39 +180,6 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Reply, Infall
         _ => error(StatusCode::NOT_FOUND, format!("no such page: {path}")),
     };
     Ok(reply)
-}
-
-/// The first value of `name` in a URL query, percent-decoded (`+` is a
-/// space, as browsers' `URLSearchParams` write it).
-fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
-        match (bytes[i], hex(i + 1), hex(i + 2)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
@@ -701,18 +671,5 @@ mod tests {
                 .len(),
             2
         );
-    }
-
-    #[test]
-    fn query_parameters_are_percent_decoded() {
-        assert_eq!(
-            query_param("a=1&endpoint=http%3A%2F%2Fh%2Fx%2By+z&b=", "endpoint").as_deref(),
-            Some("http://h/x+y z")
-        );
-        assert_eq!(query_param("a=1", "endpoint"), None);
-        assert_eq!(query_param("endpoint", "endpoint").as_deref(), Some(""));
-        // A stray % is kept as it is.
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

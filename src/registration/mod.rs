@@ -64,7 +64,7 @@ async fn dispatch(
         let kind = request::bridge_kind(r.kind)?;
         // Private mode: a new user agent shows a token; its later calls
         // show the secret it is given.
-        policy::admit_user_agent(&app.settings, policy::bearer(auth))
+        policy::admit_user_agent(&app.settings, crate::bearer::token(auth))
             .map_err(|refusal| refused(app, refusal))?;
         let body = request::register_body(kind, &read_body(body).await?)?;
         return register(app, kind, r.app_id, body).await;

@@ -7,6 +7,7 @@
 pub mod bridges;
 pub mod fernet;
 pub mod listen;
+pub mod process;
 pub mod redis;
 pub mod tools;
 

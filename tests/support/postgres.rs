@@ -7,6 +7,7 @@
 //! root (these do), the server runs as `nobody`, owning its directory.
 #![allow(dead_code)]
 
+use crate::common::process;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -113,7 +114,11 @@ impl Postgres {
         .stderr(logf)
         .spawn()
         .expect("postgres starts");
-        watchdog(child.id());
+        process::watchdog(
+            child.id(),
+            "[ \"$(cat /proc/$pid/comm 2>/dev/null)\" = postgres ]",
+            "INT",
+        );
         let pg = Postgres {
             _dir: dir,
             port,
@@ -167,37 +172,9 @@ fn super_free_port() -> u16 {
     panic!("no free loopback port for postgres")
 }
 
-/// Stops the server by PID once this test process is gone, in case it dies
-/// without running Drop.
-fn watchdog(pid: u32) {
-    let owner = std::process::id();
-    let script = format!(
-        "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
-         [ \"$(cat /proc/{pid}/comm 2>/dev/null)\" = postgres ] && kill -INT {pid}"
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
-}
-
 impl Drop for Postgres {
     fn drop(&mut self) {
         // SIGINT is PostgreSQL's fast shutdown.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        process::stop(&mut self.child, "INT");
     }
 }

@@ -18,10 +18,9 @@
 //! `common::request`).
 #![allow(dead_code)]
 
-use crate::common::{request, Resp};
+use crate::common::{process, request, Resp};
 use base64::Engine;
 use serde_json::{json, Value};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -103,7 +102,11 @@ impl Synapse {
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
             .expect("synapse starts");
-        watchdog(child.id());
+        process::watchdog(
+            child.id(),
+            "grep -q synapse.app.homeserver /proc/$pid/cmdline 2>/dev/null",
+            "TERM",
+        );
         let mut synapse = Synapse {
             dir,
             port,
@@ -418,37 +421,9 @@ fn free_port() -> u16 {
     panic!("no free loopback port for synapse")
 }
 
-/// Stops the server by PID once this test process is gone, in case it dies
-/// without running Drop.
-fn watchdog(pid: u32) {
-    let owner = std::process::id();
-    let script = format!(
-        "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
-         grep -q synapse.app.homeserver /proc/{pid}/cmdline 2>/dev/null && kill -TERM {pid}"
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
-}
-
 impl Drop for Synapse {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        process::stop(&mut self.child, "TERM");
     }
 }
 
