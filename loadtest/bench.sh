@@ -129,6 +129,13 @@ run_autopush() {
 
 wants() { [[ " $scenarios " == *" $1 "* ]]; }
 
+# Connection setup times show a one-second step when the kernel caps Herald's
+# listen backlog (listen_backlog, 4096) low enough for SYNs to be dropped.
+somaxconn="$(cat /proc/sys/net/core/somaxconn 2>/dev/null || true)"
+if [[ "$somaxconn" =~ ^[0-9]+$ ]] && ((somaxconn < 4096)) && { wants idle || wants storm; }; then
+    echo "bench: net.core.somaxconn is $somaxconn, below Herald's listen_backlog of 4096: idle and storm setup times may show 1 s SYN retries (sysctl -w net.core.somaxconn=4096)" >&2
+fi
+
 idle_args=(--hold 5 --concurrency 400)
 tp_args=(--uas "${TP_UAS:-2000}" --senders "${TP_SENDERS:-32}" --duration "${TP_SECS:-15}"
     --payload "${TP_PAYLOAD:-1024}" --rate "${TP_RATE:-0}")

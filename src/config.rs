@@ -120,6 +120,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("ping_interval", Kind::Duration, DefaultValue::Value("5m"), "idle time after which the server pings a websocket"),
     setting("ping_timeout", Kind::Duration, DefaultValue::Value("30s"), "time to answer a server ping before the connection is closed"),
     setting("max_connections", Kind::Int, DefaultValue::Value("100000"), "most websocket connections held at once"),
+    setting("listen_backlog", Kind::Int, DefaultValue::Value("4096"), "connections the kernel queues on each listening socket before Herald accepts them (listen(2) backlog; capped by net.core.somaxconn); a full queue drops SYNs, which clients retry after 1 s"),
     setting("max_channels_per_uaid", Kind::Int, DefaultValue::Value("500"), "most subscriptions one user agent may hold"),
     setting("max_frame_size", Kind::Int, DefaultValue::Value("32768"), "largest websocket message accepted from a user agent, in bytes"),
     setting("client_rate_limit", Kind::Int, DefaultValue::Value("50"), "unsolicited websocket messages per second a user agent may send (bursts of twice that; acks of what was sent are free)"),
@@ -295,6 +296,8 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub max_connections: usize,
+    /// The listen(2) backlog of every listening socket.
+    pub listen_backlog: u32,
     pub max_channels_per_uaid: usize,
     pub max_frame_size: usize,
     pub client_rate_limit: u32,
@@ -557,6 +560,7 @@ impl Settings {
             ping_interval: l.get("ping_interval", parse_positive_duration)?,
             ping_timeout: l.get("ping_timeout", parse_positive_duration)?,
             max_connections: l.get("max_connections", parse_count)?,
+            listen_backlog: l.get("listen_backlog", parse_listen_backlog)?,
             max_channels_per_uaid: l.get("max_channels_per_uaid", parse_count)?,
             max_frame_size: l.get("max_frame_size", parse_frame_size)?,
             client_rate_limit: l.get("client_rate_limit", parse_u32_count)?,
@@ -745,6 +749,22 @@ fn parse_frame_size(v: &str) -> Result<usize, String> {
     let n = parse_count(v)?;
     if n < 1024 {
         Err("must be at least 1024 bytes".into())
+    } else {
+        Ok(n)
+    }
+}
+
+/// The largest `listen_backlog` taken: 65535, the most `net.core.somaxconn`
+/// could be before Linux 5.4 and far beyond any accept queue worth having
+/// (the kernel caps the backlog at `somaxconn` in any case).
+pub const MAX_LISTEN_BACKLOG: u32 = 65535;
+
+fn parse_listen_backlog(v: &str) -> Result<u32, String> {
+    let n = parse_u32_count(v)?;
+    if n > MAX_LISTEN_BACKLOG {
+        Err(format!(
+            "must be at most {MAX_LISTEN_BACKLOG} (the kernel caps it at net.core.somaxconn anyway)"
+        ))
     } else {
         Ok(n)
     }
@@ -1209,6 +1229,45 @@ mod tests {
         let one = load(&[("HERALD_WORKER_THREADS", "1")]).unwrap();
         assert_eq!(one.worker_threads, Some(1));
         assert!(load(&[("HERALD_WORKER_THREADS", "0")]).is_err());
+    }
+
+    #[test]
+    fn listen_backlog_defaults_to_4096_and_refuses_zero_and_absurd_values() {
+        let load = |pairs: &[(&str, &str)]| Settings::load(&ServeArgs::default(), &env(pairs));
+        assert_eq!(load(&[]).unwrap().listen_backlog, 4096);
+        let set = load(&[("HERALD_LISTEN_BACKLOG", " 128 ")]).unwrap();
+        assert_eq!(set.listen_backlog, 128);
+        let most = MAX_LISTEN_BACKLOG.to_string();
+        let top = load(&[("HERALD_LISTEN_BACKLOG", most.as_str())]).unwrap();
+        assert_eq!(top.listen_backlog, MAX_LISTEN_BACKLOG);
+        for (bad, says) in [
+            ("0", "must be at least 1"),
+            ("-1", "expected a whole number"),
+            ("lots", "expected a whole number"),
+            ("65536", "must be at most 65535"),
+            ("99999999999", "too large"),
+        ] {
+            let e = load(&[("HERALD_LISTEN_BACKLOG", bad)]).unwrap_err().0;
+            assert!(
+                e.starts_with("setting `listen_backlog` (environment"),
+                "{bad}: {e}"
+            );
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(&file, "listen_backlog = 1024\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..ServeArgs::default()
+        };
+        let from_file = Settings::load(&args, &BTreeMap::new()).unwrap();
+        assert_eq!(from_file.listen_backlog, 1024);
+        let over = Settings::load(&args, &env(&[("HERALD_LISTEN_BACKLOG", "2048")])).unwrap();
+        assert_eq!(
+            over.listen_backlog, 2048,
+            "the environment overrides the file"
+        );
     }
 
     #[test]

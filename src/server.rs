@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -228,11 +228,11 @@ impl Server {
             plan.push((a, Serves { node: true, ..only }));
         }
         warn_about_exposure(s);
+        warn_about_backlog(s.listen_backlog, read_somaxconn());
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
         for (addr, serves) in plan {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = listen_on(addr, s.listen_backlog)
                 .with_context(|| format!("listening on {addr}"))?;
             let local = listener.local_addr()?;
             tracing::info!(%local, websocket = serves.websocket, api = serves.api, metrics = serves.metrics, node = serves.node, "listening");
@@ -309,6 +309,49 @@ fn warn_about_exposure(s: &Settings) {
     if s.metrics_listen.is_none() && !s.metrics_public {
         tracing::info!("/metrics is not served: set metrics_listen to a private address (or metrics_public = true)");
     }
+}
+
+/// A listening socket on `addr` with `backlog` as its listen(2) backlog.
+/// `TcpListener::bind` would do the same with a fixed backlog of 128 (std's
+/// and mio's), which a connection storm overflows: the kernel then drops
+/// SYNs and clients retry only after a second.
+fn listen_on(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind`: a restart may bind while old connections of
+    // the previous process linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The kernel's cap on listen backlogs, `net.core.somaxconn`; None where
+/// /proc does not say (not Linux, or /proc not mounted).
+fn read_somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Says at start when the kernel will quietly give the listeners a shorter
+/// queue than `listen_backlog` asks for.
+fn warn_about_backlog(backlog: u32, somaxconn: Option<u32>) {
+    if let Some(cap) = backlog_capped_at(backlog, somaxconn) {
+        tracing::warn!(
+            listen_backlog = backlog,
+            somaxconn = cap,
+            "listen_backlog exceeds net.core.somaxconn, which caps it: the listeners queue at most {cap} connections; raise it with sysctl -w net.core.somaxconn={backlog} (see deploy/README.md)"
+        );
+    }
+}
+
+/// The cap that shortens `backlog`, if `somaxconn` is known and below it.
+fn backlog_capped_at(backlog: u32, somaxconn: Option<u32>) -> Option<u32> {
+    somaxconn.filter(|&cap| cap < backlog)
 }
 
 /// Where broadcast versions come from besides the API: other nodes (through
@@ -923,6 +966,32 @@ mod tests {
         assert!(!colour_logs(true, Some(OsStr::new("1"))));
         assert!(!colour_logs(false, None));
         assert!(!colour_logs(false, Some(OsStr::new("1"))));
+    }
+
+    #[test]
+    fn a_backlog_above_somaxconn_is_reported_with_the_cap() {
+        assert_eq!(backlog_capped_at(4096, Some(4096)), None);
+        assert_eq!(backlog_capped_at(4096, Some(65535)), None);
+        assert_eq!(backlog_capped_at(8192, Some(4096)), Some(4096));
+        assert_eq!(backlog_capped_at(8192, None), None, "unknown: no warning");
+    }
+
+    /// IPv4 and IPv6 addresses bind as themselves, and the port can be
+    /// bound again at once after the listener closes (SO_REUSEADDR).
+    #[tokio::test]
+    async fn listeners_bind_both_families_with_reuseaddr() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let l = listen_on(addr.parse().unwrap(), 64).unwrap();
+            let local = l.local_addr().unwrap();
+            assert_eq!(local.is_ipv6(), addr.starts_with('['), "{addr}");
+            let client = tokio::net::TcpStream::connect(local).await.unwrap();
+            let (server_side, _) = l.accept().await.unwrap();
+            drop(server_side);
+            drop(client);
+            drop(l);
+            // The accepted side closed first, so it sits in TIME_WAIT.
+            listen_on(local, 64).unwrap();
+        }
     }
 
     /// Proxies route by these; each is a whole path segment ending in `/`

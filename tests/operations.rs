@@ -435,6 +435,76 @@ async fn split_listeners() {
         .contains("herald_ws_connections 1"));
 }
 
+/// The backlog of the socket listening on 127.0.0.1:`port`, as the kernel
+/// holds it: the Send-Q column `ss -ltn` shows for a LISTEN socket.
+fn listen_backlog_of(port: u16) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .unwrap_or_else(|e| panic!("ss (iproute2) is needed by this test and cannot run: {e}"));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|cols: &Vec<&str>| cols.get(3) == Some(&format!("127.0.0.1:{port}").as_str()))
+        .collect();
+    assert_eq!(rows.len(), 1, "one LISTEN socket on port {port}:\n{text}");
+    assert_eq!(rows[0][0], "LISTEN", "{text}");
+    rows[0][2].parse().unwrap()
+}
+
+/// Every listening socket gets `listen_backlog` (default 4096) rather than
+/// the 128 of `TcpListener::bind`, which a connection storm overflows into
+/// SYNs dropped and retried a second later; above net.core.somaxconn the
+/// kernel caps it, and Herald says so at start.
+#[tokio::test]
+async fn listening_sockets_get_the_listen_backlog() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let h = Herald::start().await;
+    for port in [h.port, metrics_port_of(&h)] {
+        assert_eq!(listen_backlog_of(port), 4096.min(somaxconn), "port {port}");
+    }
+    assert!(!h.logs().contains("somaxconn"), "{}", h.logs());
+
+    let api = format!("127.0.0.1:{}", free_port());
+    let h = Herald::start_with(
+        &[],
+        &[
+            ("HERALD_LISTEN_BACKLOG", "512"),
+            ("HERALD_ENDPOINT_LISTEN", &api),
+        ],
+    )
+    .await;
+    let api_port: u16 = api.rsplit(':').next().unwrap().parse().unwrap();
+    for port in [h.port, metrics_port_of(&h), api_port] {
+        assert_eq!(listen_backlog_of(port), 512, "port {port}");
+    }
+
+    // A kernel whose cap is at listen_backlog's own limit cannot be
+    // asked for more.
+    if somaxconn >= 65535 {
+        return;
+    }
+    let above = (somaxconn + 1).to_string();
+    let h = Herald::start_with(&[], &[("HERALD_LISTEN_BACKLOG", &above)]).await;
+    assert_eq!(listen_backlog_of(h.port), somaxconn, "the kernel's cap");
+    let logs = h.logs();
+    assert!(
+        logs.contains("listen_backlog exceeds net.core.somaxconn"),
+        "{logs}"
+    );
+}
+
+fn metrics_port_of(h: &Herald) -> u16 {
+    let url = h.metrics_url();
+    let rest = url.strip_prefix("http://127.0.0.1:").unwrap();
+    rest.split('/').next().unwrap().parse().unwrap()
+}
+
 /// A client TLS config trusting only the test's own CA certificate.
 fn client_config(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
