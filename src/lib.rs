@@ -21,6 +21,7 @@ pub mod aesgcm;
 pub mod app;
 pub mod appserver;
 pub mod autopush_token;
+pub mod backup;
 pub mod bridge;
 pub mod broadcast;
 pub mod cidr;
