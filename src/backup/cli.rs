@@ -19,8 +19,8 @@ const BACKUP_TIMEOUT: Duration = Duration::from_secs(600);
 #[command(after_long_help = "A running Herald is asked through its admin API \
 (POST /v1/admin/backup, one of its admin_tokens): the server makes DIR, on the \
 server's machine, as an absolute path there. Best on the data directory's \
-filesystem: the store's files are then hard links, and the backup takes \
-seconds and little space until the store compacts them away. With --data-dir \
+filesystem: the store's table files are then hard links, and the backup takes \
+little time and space until the store compacts them away. With --data-dir \
 the store of a stopped Herald is backed up by this process instead.")]
 pub struct BackupArgs {
     /// Directory to make for the backup (must not exist yet); with the admin API a path on the server's machine
