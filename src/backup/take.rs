@@ -59,6 +59,12 @@ impl Taken {
 /// failure `dir` is removed again, as this call made it.
 pub async fn take(store: &dyn Store, data_dir: &Path, dir: &Path) -> Result<Taken, TakeError> {
     let started = Instant::now();
+    if inside(dir, &data_dir.join(STORE_DIR)) {
+        return Err(TakeError::Invalid(format!(
+            "{}: inside the store's own directory; put the backup elsewhere",
+            dir.display()
+        )));
+    }
     make_dir(dir)?;
     match fill(store, data_dir, dir).await {
         Ok(meta) => {
@@ -79,6 +85,36 @@ pub async fn take(store: &dyn Store, data_dir: &Path, dir: &Path) -> Result<Take
             Err(e)
         }
     }
+}
+
+/// Whether `path` (which may not exist yet) lies inside `dir`: the part
+/// that exists with its symbolic links resolved, the rest as written (`..`
+/// undoing the name before it, as `create_dir_all` would).
+fn inside(path: &Path, dir: &Path) -> bool {
+    use std::path::Component;
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let mut resolved = PathBuf::new();
+    let mut exists = true;
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir if !exists => {
+                resolved.pop();
+            }
+            _ => {
+                resolved.push(part);
+                if exists {
+                    match resolved.canonicalize() {
+                        Ok(real) => resolved = real,
+                        Err(_) => exists = false,
+                    }
+                }
+            }
+        }
+    }
+    resolved.starts_with(&dir)
 }
 
 /// Creates `dir` itself (its parents as needed); refuses one that exists.
@@ -153,6 +189,10 @@ mod tests {
 
         let err = take(&store, &data, Path::new("rel/dir")).await.unwrap_err();
         assert!(matches!(err, TakeError::Invalid(_)), "{err}");
+        let within = data.join("x/../db/backup");
+        let err = take(&store, &data, &within).await.unwrap_err();
+        assert!(err.to_string().contains("inside the store"), "{err}");
+        assert!(!data.join("db/backup").exists());
 
         let dir = tmp.path().join("backups/one");
         let taken = take(&store, &data, &dir).await.unwrap();
