@@ -21,6 +21,7 @@ pub mod aesgcm;
 pub mod app;
 pub mod appserver;
 pub mod autopush_token;
+pub mod backup;
 pub mod bearer;
 pub mod bridge;
 pub mod broadcast;

@@ -36,6 +36,10 @@ enum Command {
     Admin(herald::admin::cli::AdminCommand),
     /// Receive pushes on this machine: subscribe, then print or handle each message.
     Listen(herald::listen::ListenArgs),
+    /// Back up a running Herald's store through its admin API (a consistent copy, taken while serving).
+    Backup(herald::backup::cli::BackupArgs),
+    /// Restore a backup into a data directory, for a Herald started on it afterwards.
+    Restore(herald::backup::cli::RestoreArgs),
     /// Take over another push service's stored user agents, subscriptions and messages.
     #[command(subcommand)]
     Import(herald::import::ImportCommand),
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
         Command::Admin(cmd) => herald::admin::cli::run(cmd),
         Command::Listen(args) => herald::listen::run(args),
         Command::Import(cmd) => herald::import::run(cmd),
+        Command::Backup(args) => herald::backup::cli::run_backup(args),
+        Command::Restore(args) => herald::backup::cli::run_restore(args),
         Command::Keygen => {
             println!("{}", herald::token::generate_key());
             Ok(ExitCode::SUCCESS)

@@ -38,6 +38,7 @@ enum Call {
     Blocks,
     Top,
     Summary,
+    Backup,
     /// A known path with the wrong method; the op it counts under.
     WrongMethod(&'static str),
 }
@@ -52,6 +53,7 @@ impl Call {
             Call::Blocks => "blocks",
             Call::Top => "top",
             Call::Summary => "summary",
+            Call::Backup => "backup",
             Call::WrongMethod(op) => op,
         }
     }
@@ -74,6 +76,8 @@ fn route(method: &Method, path: &str) -> Option<Call> {
         (_, ["top-senders"]) => Call::WrongMethod("top"),
         (&Method::GET, ["summary"]) => Call::Summary,
         (_, ["summary"]) => Call::WrongMethod("summary"),
+        (&Method::POST, ["backup"]) => Call::Backup,
+        (_, ["backup"]) => Call::WrongMethod("backup"),
         _ => return None,
     })
 }
@@ -118,6 +122,7 @@ async fn serve(app: &App, call: Call, req: http::Request<Incoming>) -> Result<Re
         Call::Blocks => list_blocks(app),
         Call::Top => top_senders(app, &query)?,
         Call::Summary => summary(app),
+        Call::Backup => backup(app, &read_body(req).await?).await?,
         Call::WrongMethod(_) => return Err(ApiError::method_not_allowed()),
     };
     Ok(json(StatusCode::OK, body.to_string()))
@@ -296,6 +301,51 @@ fn summary(app: &App) -> Value {
     })
 }
 
+/// `POST /v1/admin/backup` with `{"dir": "<absolute path>"}`: a checkpoint
+/// of the store into a new directory on this node's machine.
+async fn backup(app: &App, body: &[u8]) -> Result<Value, ApiError> {
+    let dir = parse_backup_request(body).map_err(bad_request)?;
+    let taken = crate::backup::take(app.store.as_ref(), &app.settings.data_dir, &dir)
+        .await
+        .map_err(|e| {
+            use crate::backup::TakeError;
+            let status = match &e {
+                TakeError::Invalid(_) => return bad_request(e.to_string()),
+                TakeError::Refused(_) => 409,
+                TakeError::Failed(_) => {
+                    tracing::error!("backup into {} failed: {e}", dir.display());
+                    500
+                }
+            };
+            ApiError::new(status, Errno::BackupRefused, e.to_string())
+        })?;
+    tracing::info!(
+        dir = %dir.display(),
+        files = taken.files,
+        bytes = taken.bytes,
+        took_ms = taken.took.as_millis() as u64,
+        "store backed up"
+    );
+    Ok(taken.to_json())
+}
+
+fn parse_backup_request(body: &[u8]) -> Result<std::path::PathBuf, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let dir = v
+        .get("dir")
+        .and_then(Value::as_str)
+        .filter(|d| !d.is_empty())
+        .ok_or("the body must be {\"dir\": \"<absolute path on the server>\"}")?;
+    let dir = std::path::PathBuf::from(dir);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "{}: the backup directory must be an absolute path",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
 /// Keeps this node's copy of the blocks in step with the store, for nodes
 /// sharing one: every `blocks::REFRESH_INTERVAL`.
 pub async fn sync_blocks(app: Arc<App>) {
@@ -336,6 +386,11 @@ mod tests {
         assert_eq!(
             r(Method::POST, "/v1/admin/summary").map(|c| c.op()),
             Some("summary")
+        );
+        assert_eq!(r(Method::POST, "/v1/admin/backup"), Some(Call::Backup));
+        assert_eq!(
+            r(Method::GET, "/v1/admin/backup").map(|c| c.op()),
+            Some("backup")
         );
         assert_eq!(r(Method::GET, "/v1/admin/nothing"), None);
         assert_eq!(r(Method::GET, "/v1/admin/user-agents/a/b"), None);

@@ -181,15 +181,20 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
     let c = call(&cmd);
     let url = format!("{}{}", c.server.url.trim_end_matches('/'), c.path);
     let client = herald_client::http::HttpClient::new(c.server.ca.as_deref())?;
-    let (status, text) =
-        runtime.block_on(request(&client, c.method, &url, &c.server.token, c.body))?;
+    let (status, text) = runtime.block_on(request(
+        &client,
+        c.method,
+        &url,
+        &c.server.token,
+        c.body,
+        Duration::from_secs(15),
+    ))?;
     let answer: Option<Value> = serde_json::from_str(&text).ok();
     if !status.is_success() {
-        let detail = answer
-            .as_ref()
-            .and_then(|a| Some(format!("{} (errno {})", a["message"].as_str()?, a["errno"])))
-            .unwrap_or_else(|| text.trim().to_string());
-        eprintln!("herald admin: {url} answered {status}: {detail}");
+        eprintln!(
+            "herald admin: {url} answered {status}: {}",
+            error_detail(&text)
+        );
         return Ok(ExitCode::FAILURE);
     }
     let Some(answer) = answer else {
@@ -204,12 +209,15 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn request(
+/// One admin API call with a bearer token: the status and body text.
+/// Also `herald backup`'s (`backup::cli`).
+pub async fn request(
     client: &herald_client::http::HttpClient,
     method: http::Method,
     url: &str,
     token: &str,
     body: Option<Value>,
+    within: Duration,
 ) -> anyhow::Result<(http::StatusCode, String)> {
     let client = client.pooled::<Full<Bytes>>();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -219,13 +227,22 @@ async fn request(
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))?;
-    let resp = tokio::time::timeout(Duration::from_secs(15), client.request(req))
+    let resp = tokio::time::timeout(within, client.request(req))
         .await
-        .map_err(|_| anyhow::anyhow!("{url}: no answer within 15 s"))?
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within {} s", within.as_secs()))?
         .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// An error answer's message and errno, or its text when it is no JSON.
+pub fn error_detail(text: &str) -> String {
+    let answer: Option<Value> = serde_json::from_str(text).ok();
+    answer
+        .as_ref()
+        .and_then(|a| Some(format!("{} (errno {})", a["message"].as_str()?, a["errno"])))
+        .unwrap_or_else(|| text.trim().to_string())
 }
 
 /// Everything but RFC 3986's unreserved characters, percent-encoded.

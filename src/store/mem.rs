@@ -366,6 +366,15 @@ impl Store for MemStore {
         Ok(self.state().outbox.get(uaid).copied())
     }
 
+    async fn checkpoint(
+        &self,
+        _dir: &std::path::Path,
+    ) -> Result<&'static str, super::CheckpointError> {
+        Err(super::CheckpointError::Unsupported(
+            "the in-memory store keeps nothing durable to back up",
+        ))
+    }
+
     fn stats(&self) -> StoreStats {
         let s = self.state();
         let messages = s.agents.values().flat_map(|a| a.messages.values());

@@ -191,6 +191,30 @@ pub struct PutOutcome {
     pub seq: u64,
 }
 
+/// Why `Store::checkpoint` made no copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointError {
+    /// This engine has no point-in-time copy through Herald; the text says
+    /// what to do instead (for Redis: its own persistence).
+    Unsupported(&'static str),
+    /// The target is already there: a checkpoint never writes into, or
+    /// over, an existing path.
+    Exists(std::path::PathBuf),
+    /// The engine failed while copying (a full disk, an unwritable path).
+    Store(StoreError),
+}
+
+impl std::fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointError::Unsupported(why) => f.write_str(why),
+            CheckpointError::Exists(p) => write!(f, "{} already exists", p.display()),
+            CheckpointError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+impl std::error::Error for CheckpointError {}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StoreStats {
     pub estimated_messages: u64,
@@ -273,6 +297,18 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the store can write now (readiness probe).
     async fn health_check(&self) -> StoreResult<()>;
     fn stats(&self) -> StoreStats;
+
+    /// Writes a consistent point-in-time copy of the whole store into
+    /// `dir`, which must not exist yet (its parent must): everything
+    /// acknowledged before the call is in it, while the store keeps
+    /// serving. Returns the engine's name, for the backup's description.
+    /// Optional: an engine that cannot refuses with `Unsupported`.
+    async fn checkpoint(&self, dir: &std::path::Path) -> Result<&'static str, CheckpointError> {
+        let _ = dir;
+        Err(CheckpointError::Unsupported(
+            "this store engine cannot be backed up through Herald",
+        ))
+    }
 
     // The outbox: bridged user agents with messages still to hand to their
     // upstream (see `bridge::forward`), each with the Unix millisecond its

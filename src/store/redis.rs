@@ -887,6 +887,15 @@ impl Store for RedisStore {
         StoreStats::default()
     }
 
+    async fn checkpoint(
+        &self,
+        _dir: &std::path::Path,
+    ) -> Result<&'static str, super::CheckpointError> {
+        Err(super::CheckpointError::Unsupported(
+            "store = \"redis\": Herald keeps nothing of its own to back up; Redis's own persistence (RDB snapshots, AOF) and its BGSAVE are the backup (see deploy/README.md, \"Redis persistence\")",
+        ))
+    }
+
     async fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool> {
         self.outbox_add_impl(uaid, due_ms).await
     }

@@ -4,8 +4,8 @@
 
 use super::codec::*;
 use super::{
-    now_secs, ChannelRecord, Message, PutOutcome, Store, StoreError, StoreResult, StoreStats,
-    UserRecord,
+    now_secs, ChannelRecord, CheckpointError, Message, PutOutcome, Store, StoreError, StoreResult,
+    StoreStats, UserRecord,
 };
 use herald_proto::ids::{ChannelId, Uaid};
 use rocksdb::{
@@ -789,6 +789,17 @@ fn outbox_key(uaid: &Uaid) -> Vec<u8> {
 
 /// The bridges' outbox (see `Store::outbox_add`).
 impl Rocks {
+    /// A RocksDB checkpoint into `dir` (which must not exist): a flush of
+    /// the memtables, then hard links to the table files (copies across
+    /// filesystems) and copies of the manifest and live WAL, all taken at
+    /// one sequence number, so every write that returned before is in it.
+    pub fn checkpoint(&self, dir: &Path) -> StoreResult<()> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(err)?;
+        cp.create_checkpoint(dir).map_err(err)
+    }
+}
+
+impl Rocks {
     fn outbox_guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.outbox_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1002,6 +1013,21 @@ impl Store for RocksStore {
 
     fn stats(&self) -> StoreStats {
         self.db().map(|db| db.stats()).unwrap_or_default()
+    }
+
+    async fn checkpoint(&self, dir: &Path) -> Result<&'static str, CheckpointError> {
+        if dir.symlink_metadata().is_ok() {
+            return Err(CheckpointError::Exists(dir.to_path_buf()));
+        }
+        let db = self.db().map_err(CheckpointError::Store)?;
+        let dir = dir.to_path_buf();
+        // Not through `blocking`: an I/O error here is the target's (a full
+        // backup disk), no reason to reopen the serving database.
+        tokio::task::spawn_blocking(move || db.checkpoint(&dir))
+            .await
+            .map_err(|e| CheckpointError::Store(StoreError::Task(format!("checkpoint: {e}"))))?
+            .map_err(CheckpointError::Store)?;
+        Ok("rocksdb")
     }
 
     async fn outbox_add(&self, uaid: &Uaid, due_ms: u64) -> StoreResult<bool> {

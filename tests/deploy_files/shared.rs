@@ -224,7 +224,7 @@ pub(crate) const METRICS: &[(&str, MetricType, &[Label])] = &[
             (
                 "op",
                 &[
-                    "lookup", "drop", "block", "unblock", "blocks", "top", "summary",
+                    "lookup", "drop", "block", "unblock", "blocks", "top", "summary", "backup",
                 ],
             ),
             (

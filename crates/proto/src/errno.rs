@@ -38,12 +38,13 @@ pub enum Errno {
     NodeReplay = 132,
     NodeReplayWindowFull = 133,
     InvalidAdminRequest = 134,
+    BackupRefused = 135,
     StorageUnavailable = 201,
     UnreadableBody = 999,
 }
 
 impl Errno {
-    pub const ALL: [Errno; 34] = [
+    pub const ALL: [Errno; 35] = [
         Errno::MissingCrypto,
         Errno::InvalidEndpoint,
         Errno::UserGone,
@@ -76,6 +77,7 @@ impl Errno {
         Errno::NodeReplay,
         Errno::NodeReplayWindowFull,
         Errno::InvalidAdminRequest,
+        Errno::BackupRefused,
         Errno::StorageUnavailable,
         Errno::UnreadableBody,
     ];
