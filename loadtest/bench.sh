@@ -26,6 +26,10 @@
 # FANOUT_NON (default a tenth of them), FANOUT_CHANGES (default 5),
 # ABUSE_UAS (default 100), ABUSE_RATE (default 100 msg/s), ABUSE_SECS (default
 # 20 per phase), ABUSE_CONNECTIONS (the flooder's, default 64),
+# SCENARIOS=restart (not in the default list: it builds a 1 GiB store and
+# runs Herald itself) with RESTART_UAS (default 100000), RESTART_MSGS (per
+# user agent, default 10), RESTART_RUNS (default 3) and RESTART_DATA (a
+# data directory to keep and reuse; default a temporary one),
 # AUTOPUSH_URL, AUTOPUSH_PIDS, AUTOPUSH_PUSH_URLS, AUTOPUSH_IDLE_UAS
 # (default IDLE_UAS), SKIP_BUILD=1,
 # HERALD_BIN / LOADTEST_BIN (default: $CARGO_TARGET_DIR or target/, debug/).
@@ -42,7 +46,7 @@ autopush_url="${AUTOPUSH_URL:-}"
 
 for s in $scenarios; do
     case "$s" in
-    idle | throughput | receipts | backlog | storm | burst | fanout | abuse) ;;
+    idle | throughput | receipts | backlog | storm | burst | fanout | abuse | restart) ;;
     *) echo "bench: unknown scenario '$s' in SCENARIOS" >&2; exit 2 ;;
     esac
 done
@@ -168,6 +172,21 @@ if wants abuse; then
     run abuse --uas "${ABUSE_UAS:-100}" --rate "${ABUSE_RATE:-100}" --duration "${ABUSE_SECS:-20}" \
         --flood-connections "${ABUSE_CONNECTIONS:-64}" --anonymous
     quotas=("${unthrottled[@]}")
+fi
+
+if wants restart; then
+    # It starts and stops Herald itself, on a store it builds once.
+    restart_data="${RESTART_DATA:-}"
+    if [[ -z "$restart_data" ]]; then
+        data="$(mktemp -d)"
+        restart_data="$data/data"
+    fi
+    echo "== restart" >&2
+    "$lt" restart --url "$url" --herald "$herald" --data-dir "$restart_data" \
+        --uas "${RESTART_UAS:-100000}" --messages-per-ua "${RESTART_MSGS:-10}" \
+        --runs "${RESTART_RUNS:-3}" --out "$results/restart-$stamp.json"
+    files+=("$results/restart-$stamp.json")
+    stop_herald
 fi
 
 if [[ -n "$autopush_url" ]]; then

@@ -16,6 +16,7 @@ mod idle;
 mod net;
 mod proto;
 mod report;
+mod restart;
 mod results;
 mod sender;
 mod soak;
@@ -60,6 +61,9 @@ enum Command {
     /// Idle user agents following a broadcast (and some following nothing); change its version
     /// through the broadcast API and time how long every follower takes to hear of it.
     Fanout(fanout::FanoutArgs),
+    /// Restart at scale: build a large store (herald import), then start and stop `herald serve`
+    /// on it (SIGTERM, and kill -9 during a push load); time to ready and to first delivery.
+    Restart(restart::RestartArgs),
     /// Mobile devices registered through the registration API, pushes forwarded by Herald's
     /// FCM bridge to an in-process FCM sink: pushes/s, arrivals/s, latency, server CPU per push.
     Bridge(bridge::BridgeArgs),
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
                 Command::Fanout(a) => fanout::run(a).await,
                 Command::Soak(a) => soak::run(a).await,
                 Command::Bridge(a) => bridge::run(a).await,
+                Command::Restart(a) => restart::run(a).await,
                 Command::Abuse(a) => abuse::run(a).await,
                 Command::IdleWorker { spec } => workers::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(

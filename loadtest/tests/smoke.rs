@@ -453,3 +453,49 @@ fn abuse_against_herald_with_its_quotas() {
         "{summary}"
     );
 }
+
+/// `restart` builds a small store with `herald import`, then stops and
+/// starts Herald on it, cleanly and with kill -9 during a push load: every
+/// restart answers a hello and delivers a stored user agent's whole queue.
+#[test]
+fn restart_of_an_imported_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("ws://127.0.0.1:{}/", free_port());
+    let herald = herald_bin();
+    let data = dir.path().join("data");
+    let out = dir.path().join("restart.json");
+    let r = scenario(
+        &[
+            "restart",
+            "--url",
+            &url,
+            "--herald",
+            herald.to_str().expect("utf-8 path"),
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+            "--uas",
+            "200",
+            "--runs",
+            "1",
+            "--load-secs",
+            "0.5",
+            "--load-uas",
+            "4",
+        ],
+        &out,
+        Duration::from_secs(60),
+    );
+    assert_no_errors(&r);
+    let rows = r["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for (row, after) in rows.iter().zip(["clean", "kill9"]) {
+        assert_eq!(row["after"], after);
+        assert_eq!(row["drained"], 10, "{row}");
+        assert!(row["load_accepted"].as_u64() > Some(0), "{row}");
+        let ready = row["ready_ms"].as_f64().expect("ready_ms");
+        assert!(ready > 0.0 && ready <= row["first_delivery_ms"].as_f64().expect("first"));
+    }
+    assert!(metric(&r, "store_bytes") > 0.0 && metric(&r, "import_s") > 0.0);
+    let html = dir.path().join("report.html");
+    assert!(report(&[out.to_str().unwrap()], &html).contains("restart"));
+}
