@@ -140,8 +140,7 @@ pub async fn run(args: RestartArgs) -> Result<()> {
         let wal = dir_bytes(&db, |n| n.ends_with(".log"));
         server = Server::start(&herald, &args.data_dir, &target).await?;
         let ready = server.wait_ready(&target, common.limit()).await?;
-        // A different stored user agent each time, all its messages queued.
-        let ua = (cycle * 7919 + 1) % args.uas;
+        let ua = next_stored_ua(&args)?;
         let got = server
             .first_delivery(&target, ua, &args, common.limit())
             .await?;
@@ -279,6 +278,26 @@ fn write_export(args: &RestartArgs, path: &Path) -> Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// A stored user agent no earlier restart drained (this run's or an
+/// earlier run's on the same data directory): all its messages are queued.
+/// The count of those used is kept in the data directory.
+fn next_stored_ua(args: &RestartArgs) -> Result<usize> {
+    let path = args.data_dir.join("restart-used");
+    let used: usize = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if used >= args.uas {
+        bail!(
+            "every stored user agent in {} has been drained: delete it to build a fresh store",
+            args.data_dir.display()
+        );
+    }
+    std::fs::write(&path, (used + 1).to_string())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(used)
 }
 
 /// Bytes of the files directly in `dir` whose names pass `keep`.
