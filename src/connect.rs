@@ -92,7 +92,10 @@ where
                         awaiting_pong = false;
                         match frame {
                             WsMessage::Text(text) => {
-                                session.on_text(text.as_str(), Now::read(), &mut actions).await;
+                                // Boxed, like every rarely-running await here: an
+                                // inline future would widen every idle connection's
+                                // task to its size (about 1.1 KiB for this one).
+                                Box::pin(session.on_text(text.as_str(), Now::read(), &mut actions)).await;
                                 Flow::Continue
                             }
                             WsMessage::Binary(_) => {
@@ -100,7 +103,7 @@ where
                                 Flow::Continue
                             }
                             WsMessage::Close(_) => {
-                                answer_close(&mut ws).await;
+                                Box::pin(answer_close(&mut ws)).await;
                                 Flow::Stop
                             }
                             // tungstenite answers pings itself.
@@ -185,7 +188,9 @@ where
     }
 }
 
-/// Returns true when the connection must end.
+/// Returns true when the connection must end. Boxed only when there is
+/// something to do: its future (close handshake, router bind) is larger than
+/// everything an idle connection waits on.
 async fn perform<S>(
     app: &App,
     ws: &mut WebSocketStream<S>,
@@ -198,6 +203,18 @@ where
     if actions.is_empty() {
         return false;
     }
+    Box::pin(perform_all(app, ws, actions, binding)).await
+}
+
+async fn perform_all<S>(
+    app: &App,
+    ws: &mut WebSocketStream<S>,
+    actions: &mut Vec<Action>,
+    binding: &mut Option<Binding>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut wrote = false;
     for action in actions.drain(..) {
         match action {
