@@ -80,10 +80,7 @@ where
                 }
             }
         }
-        let (routed_rx, backlog_flag) = match &mut binding {
-            Some(b) => (Some(&mut b.rx), Some(&*b.backlog)),
-            None => (None, None),
-        };
+        let backlog_flag = binding.as_ref().map(Binding::backlog);
         let flow = tokio::select! {
             frame = ws.next() => {
                 match frame {
@@ -125,7 +122,7 @@ where
                     Some(Err(_)) | None => Flow::Stop,
                 }
             }
-            routed = recv(routed_rx) => {
+            routed = recv(binding.as_ref()) => {
                 match routed {
                     Some(m) => session.on_routed(&m, Now::read(), &mut actions),
                     None => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
@@ -296,11 +293,9 @@ where
     .await;
 }
 
-async fn recv(
-    rx: Option<&mut tokio::sync::mpsc::Receiver<Arc<crate::store::Message>>>,
-) -> Option<Arc<crate::store::Message>> {
-    match rx {
-        Some(rx) => rx.recv().await,
+async fn recv(binding: Option<&Binding>) -> Option<Arc<crate::store::Message>> {
+    match binding {
+        Some(b) => b.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -325,9 +320,58 @@ async fn backlog(flag: Option<&crate::router::Backlog>) {
     }
 }
 
+/// Boxed: the timer is needed only until hello, and inline it would
+/// widen every connection's task for good.
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
+        Some(d) => Box::pin(tokio::time::sleep_until(d)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+    /// The size of the future a closure would return, without running it.
+    fn size_of_future<F: std::future::Future>(_: impl FnOnce() -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection's task holds `serve`'s future for its whole
+    /// life, at the size of its largest await: frame handling and actions
+    /// are boxed so they do not set it. Run with --nocapture for the parts.
+    #[test]
+    #[allow(unreachable_code, clippy::diverging_sub_expression)]
+    fn an_idle_connection_task_stays_small() {
+        let serve = size_of_future(|| serve::<Io>(unreachable!(), unreachable!(), unreachable!()));
+        let on_text = size_of_future(|| {
+            Session::on_text(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let perform = size_of_future(|| {
+            perform_all::<Io>(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let sleep = std::mem::size_of::<tokio::time::Sleep>();
+        let ws = std::mem::size_of::<WebSocketStream<Io>>();
+        let session = std::mem::size_of::<Session>();
+        eprintln!(
+            "bytes: serve future {serve} (of which websocket {ws}, session {session}, \
+             each timer {sleep}); boxed: on_text {on_text}, perform {perform}"
+        );
+        assert!(serve < on_text + perform, "{serve}");
+        assert!(serve <= 2048, "the connection future grew to {serve} bytes");
     }
 }
