@@ -23,9 +23,12 @@ use tokio_tungstenite::WebSocketStream;
 /// Socket buffer sizes for a push session. Frames are small (a notification
 /// is at most ~5.6 KiB of JSON); tungstenite's 128 KiB defaults would cost
 /// far more than the session itself. Buffers grow on demand for larger frames.
+/// The read buffer lives as long as the connection, idle or not, and what a
+/// user agent sends (hello, register, an ack) mostly fits in 256 bytes: a
+/// larger frame only takes a few more reads.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(Some(max_frame))

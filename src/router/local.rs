@@ -274,6 +274,16 @@ mod tests {
         assert!(first.recv().await.is_none());
     }
 
+    /// What the router keeps per connection, besides the map's own slack
+    /// (run with --nocapture to see it).
+    #[test]
+    fn a_connection_costs_the_router_little() {
+        let inbox = std::mem::size_of::<Inbox>() + 2 * std::mem::size_of::<usize>();
+        let entry = std::mem::size_of::<(Uaid, Handle)>();
+        eprintln!("bytes: inbox {inbox} (with its Arc counts), map entry {entry}");
+        assert!(inbox + entry <= 256, "{inbox} + {entry}");
+    }
+
     #[tokio::test]
     async fn an_ended_connection_is_not_routed_to() {
         let r = LocalRouter::new();
