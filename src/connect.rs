@@ -23,9 +23,12 @@ use tokio_tungstenite::WebSocketStream;
 /// Socket buffer sizes for a push session. Frames are small (a notification
 /// is at most ~5.6 KiB of JSON); tungstenite's 128 KiB defaults would cost
 /// far more than the session itself. Buffers grow on demand for larger frames.
+/// The read buffer lives as long as the connection, idle or not, and what a
+/// user agent sends (hello, register, an ack) mostly fits in 256 bytes: a
+/// larger frame only takes a few more reads.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(Some(max_frame))
@@ -80,10 +83,7 @@ where
                 }
             }
         }
-        let (routed_rx, backlog_flag) = match &mut binding {
-            Some(b) => (Some(&mut b.rx), Some(&*b.backlog)),
-            None => (None, None),
-        };
+        let backlog_flag = binding.as_ref().map(Binding::backlog);
         let flow = tokio::select! {
             frame = ws.next() => {
                 match frame {
@@ -92,7 +92,10 @@ where
                         awaiting_pong = false;
                         match frame {
                             WsMessage::Text(text) => {
-                                session.on_text(text.as_str(), Now::read(), &mut actions).await;
+                                // Boxed, like every rarely-running await here: an
+                                // inline future would widen every idle connection's
+                                // task to its size (about 1.1 KiB for this one).
+                                Box::pin(session.on_text(text.as_str(), Now::read(), &mut actions)).await;
                                 Flow::Continue
                             }
                             WsMessage::Binary(_) => {
@@ -100,7 +103,7 @@ where
                                 Flow::Continue
                             }
                             WsMessage::Close(_) => {
-                                answer_close(&mut ws).await;
+                                Box::pin(answer_close(&mut ws)).await;
                                 Flow::Stop
                             }
                             // tungstenite answers pings itself.
@@ -122,7 +125,7 @@ where
                     Some(Err(_)) | None => Flow::Stop,
                 }
             }
-            routed = recv(routed_rx) => {
+            routed = recv(binding.as_ref()) => {
                 match routed {
                     Some(m) => session.on_routed(&m, Now::read(), &mut actions),
                     None => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
@@ -185,7 +188,9 @@ where
     }
 }
 
-/// Returns true when the connection must end.
+/// Returns true when the connection must end. Boxed only when there is
+/// something to do: its future (close handshake, router bind) is larger than
+/// everything an idle connection waits on.
 async fn perform<S>(
     app: &App,
     ws: &mut WebSocketStream<S>,
@@ -198,6 +203,18 @@ where
     if actions.is_empty() {
         return false;
     }
+    Box::pin(perform_all(app, ws, actions, binding)).await
+}
+
+async fn perform_all<S>(
+    app: &App,
+    ws: &mut WebSocketStream<S>,
+    actions: &mut Vec<Action>,
+    binding: &mut Option<Binding>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut wrote = false;
     for action in actions.drain(..) {
         match action {
@@ -279,11 +296,9 @@ where
     .await;
 }
 
-async fn recv(
-    rx: Option<&mut tokio::sync::mpsc::Receiver<Arc<crate::store::Message>>>,
-) -> Option<Arc<crate::store::Message>> {
-    match rx {
-        Some(rx) => rx.recv().await,
+async fn recv(binding: Option<&Binding>) -> Option<Arc<crate::store::Message>> {
+    match binding {
+        Some(b) => b.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -308,9 +323,58 @@ async fn backlog(flag: Option<&crate::router::Backlog>) {
     }
 }
 
+/// Boxed: the timer is needed only until hello, and inline it would
+/// widen every connection's task for good.
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
+        Some(d) => Box::pin(tokio::time::sleep_until(d)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+    /// The size of the future a closure would return, without running it.
+    fn size_of_future<F: std::future::Future>(_: impl FnOnce() -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection's task holds `serve`'s future for its whole
+    /// life, at the size of its largest await: frame handling and actions
+    /// are boxed so they do not set it. Run with --nocapture for the parts.
+    #[test]
+    #[allow(unreachable_code, clippy::diverging_sub_expression)]
+    fn an_idle_connection_task_stays_small() {
+        let serve = size_of_future(|| serve::<Io>(unreachable!(), unreachable!(), unreachable!()));
+        let on_text = size_of_future(|| {
+            Session::on_text(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let perform = size_of_future(|| {
+            perform_all::<Io>(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let sleep = std::mem::size_of::<tokio::time::Sleep>();
+        let ws = std::mem::size_of::<WebSocketStream<Io>>();
+        let session = std::mem::size_of::<Session>();
+        eprintln!(
+            "bytes: serve future {serve} (of which websocket {ws}, session {session}, \
+             each timer {sleep}); boxed: on_text {on_text}, perform {perform}"
+        );
+        assert!(serve < on_text + perform, "{serve}");
+        assert!(serve <= 2048, "the connection future grew to {serve} bytes");
     }
 }

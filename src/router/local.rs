@@ -4,9 +4,10 @@
 use crate::store::Message;
 use dashmap::DashMap;
 use herald_proto::ids::Uaid;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use tokio::sync::{mpsc, Notify};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
 
 /// Messages queued per connection before the router stops queueing and
 /// tells the connection to read its backlog from the store instead. Keeps a
@@ -29,18 +30,103 @@ impl Backlog {
     }
 }
 
+/// What the router and one connection share. One small allocation, and no
+/// queue storage while nothing is queued: a tokio bounded channel plus a
+/// separate backlog flag cost an idle connection about 800 bytes (the
+/// channel's cache-padded halves and its first block of 32 slots, allocated
+/// up front), most of what a registered connection held besides its task.
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<VecDeque<Arc<Message>>>,
+    arrived: Notify,
+    backlog: Backlog,
+    /// Either side went: the router forgot the connection (it sees the
+    /// rest of its queue, then None) or the connection ended (routing to
+    /// it says NotConnected).
+    closed: AtomicBool,
+}
+
+impl Inbox {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<Message>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, message: Arc<Message>) -> RouteResult {
+        if self.closed.load(Ordering::Acquire) {
+            return RouteResult::NotConnected;
+        }
+        let mut queue = self.queue();
+        if queue.len() >= QUEUE {
+            drop(queue);
+            self.backlog.raise();
+            return RouteResult::Backlogged;
+        }
+        queue.push_back(message);
+        drop(queue);
+        self.arrived.notify_one();
+        RouteResult::Queued
+    }
+
+    fn take(&self) -> Option<Arc<Message>> {
+        let mut queue = self.queue();
+        let message = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 0 {
+            // Give the storage back: most connections sit idle between
+            // messages, and an idle one should not keep it.
+            *queue = VecDeque::new();
+        }
+        message
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.arrived.notify_one();
+    }
+}
+
 struct Handle {
     id: u64,
-    tx: mpsc::Sender<Arc<Message>>,
-    backlog: Arc<Backlog>,
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
 }
 
 /// What a connection gets when it binds its uaid.
 pub struct Binding {
     pub id: u64,
-    /// Closes (yields None) when another connection takes over the uaid.
-    pub rx: mpsc::Receiver<Arc<Message>>,
-    pub backlog: Arc<Backlog>,
+    inbox: Arc<Inbox>,
+}
+
+impl Binding {
+    /// The next message routed here; None once another connection took
+    /// over the uaid (after what was already queued). Cancel-safe: a
+    /// message is taken only by a call that returns it.
+    pub async fn recv(&self) -> Option<Arc<Message>> {
+        loop {
+            if let Some(m) = self.inbox.take() {
+                return Some(m);
+            }
+            if self.inbox.closed.load(Ordering::Acquire) {
+                return self.inbox.take();
+            }
+            // A push or close after the checks above left a permit.
+            self.inbox.arrived.notified().await;
+        }
+    }
+
+    pub fn backlog(&self) -> &Backlog {
+        &self.inbox.backlog
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,17 +156,15 @@ impl LocalRouter {
     /// for the same uaid sees its receiver close.
     pub fn bind(&self, uaid: Uaid) -> Binding {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let backlog = Arc::new(Backlog::default());
+        let inbox = Arc::new(Inbox::default());
         self.conns.insert(
             uaid,
             Handle {
                 id,
-                tx,
-                backlog: backlog.clone(),
+                inbox: inbox.clone(),
             },
         );
-        Binding { id, rx, backlog }
+        Binding { id, inbox }
     }
 
     /// Forgets a connection, unless a newer one has already taken the uaid.
@@ -89,16 +173,9 @@ impl LocalRouter {
     }
 
     pub fn route(&self, uaid: &Uaid, message: Arc<Message>) -> RouteResult {
-        let Some(handle) = self.conns.get(uaid) else {
-            return RouteResult::NotConnected;
-        };
-        match handle.tx.try_send(message) {
-            Ok(()) => RouteResult::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                handle.backlog.raise();
-                RouteResult::Backlogged
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => RouteResult::NotConnected,
+        match self.conns.get(uaid) {
+            Some(handle) => handle.inbox.push(message),
+            None => RouteResult::NotConnected,
         }
     }
 
@@ -107,7 +184,7 @@ impl LocalRouter {
     pub fn wake(&self, uaid: &Uaid) -> bool {
         match self.conns.get(uaid) {
             Some(h) => {
-                h.backlog.raise();
+                h.inbox.backlog.raise();
                 true
             }
             None => false,
@@ -158,14 +235,11 @@ mod tests {
         let r = LocalRouter::new();
         let u = Uaid::random();
         assert_eq!(r.route(&u, msg(1)), RouteResult::NotConnected);
-        let mut first = r.bind(u);
-        let mut second = r.bind(u);
-        assert!(
-            first.rx.recv().await.is_none(),
-            "old connection is told to go"
-        );
+        let first = r.bind(u);
+        let second = r.bind(u);
+        assert!(first.recv().await.is_none(), "old connection is told to go");
         assert_eq!(r.route(&u, msg(2)), RouteResult::Queued);
-        assert_eq!(second.rx.recv().await.unwrap().seq, 2);
+        assert_eq!(second.recv().await.unwrap().seq, 2);
         r.unbind(&u, first.id);
         assert!(
             r.is_connected(&u),
@@ -184,8 +258,37 @@ mod tests {
             assert_eq!(r.route(&u, msg(i)), RouteResult::Queued);
         }
         assert_eq!(r.route(&u, msg(99)), RouteResult::Backlogged);
-        tokio::time::timeout(std::time::Duration::from_secs(1), b.backlog.wait())
+        tokio::time::timeout(std::time::Duration::from_secs(1), b.backlog().wait())
             .await
             .expect("backlog signalled");
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_connection_gets_its_queue_then_none() {
+        let r = LocalRouter::new();
+        let u = Uaid::random();
+        let first = r.bind(u);
+        assert_eq!(r.route(&u, msg(1)), RouteResult::Queued);
+        let _second = r.bind(u);
+        assert_eq!(first.recv().await.unwrap().seq, 1);
+        assert!(first.recv().await.is_none());
+    }
+
+    /// What the router keeps per connection, besides the map's own slack
+    /// (run with --nocapture to see it).
+    #[test]
+    fn a_connection_costs_the_router_little() {
+        let inbox = std::mem::size_of::<Inbox>() + 2 * std::mem::size_of::<usize>();
+        let entry = std::mem::size_of::<(Uaid, Handle)>();
+        eprintln!("bytes: inbox {inbox} (with its Arc counts), map entry {entry}");
+        assert!(inbox + entry <= 256, "{inbox} + {entry}");
+    }
+
+    #[tokio::test]
+    async fn an_ended_connection_is_not_routed_to() {
+        let r = LocalRouter::new();
+        let u = Uaid::random();
+        drop(r.bind(u));
+        assert_eq!(r.route(&u, msg(1)), RouteResult::NotConnected);
     }
 }
