@@ -77,8 +77,10 @@ pub const DEFAULT_KERNEL_KIB: f64 = 5.0;
 /// What the result files say, each figure a median over its files.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Measured {
-    /// Herald's resident memory per idle connection, KiB.
+    /// Herald's resident memory per idle connection on one node, KiB.
     pub kib_per_connection: Option<f64>,
+    /// The same per Herald node of a multi-node run on Redis.
+    pub cluster_kib_per_connection: Option<f64>,
     /// Herald's resident memory before the idle run, KiB: a node's floor.
     pub base_rss_kib: Option<f64>,
     /// Server CPU per delivered push against one node, µs.
@@ -204,20 +206,21 @@ fn metric(r: &RunResult, k: &str) -> Option<f64> {
 /// Redis servers gives Herald's and Redis's memory apart; a throughput run
 /// with named Redis servers is a cluster run, any other a one-node run.
 pub fn measured(runs: &[(String, RunResult)]) -> Measured {
-    let (mut kib, mut base, mut node, mut herald, mut redis, mut redis_kib) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut kib, mut cluster_kib, mut base) = (vec![], vec![], vec![]);
+    let (mut node, mut herald, mut redis, mut redis_kib) = (vec![], vec![], vec![], vec![]);
     for (_, r) in runs {
         let (herald_cpu, herald_grown) = named(r, "herald");
         let (redis_cpu, redis_grown) = named(r, "redis");
         match r.scenario.as_str() {
             "idle" => {
                 let open = metric(r, "open_at_end").filter(|n| *n > 0.0);
-                match (herald_grown, open) {
-                    (Some(g), Some(n)) => kib.push(g / n),
+                match (herald_grown, redis_grown, open) {
+                    (Some(g), Some(rg), Some(n)) => {
+                        cluster_kib.push(g / n);
+                        redis_kib.push(rg / n);
+                    }
+                    (Some(g), None, Some(n)) => kib.push(g / n),
                     _ => kib.extend(metric(r, "server_kib_per_connection")),
-                }
-                if let (Some(g), Some(n)) = (redis_grown, open) {
-                    redis_kib.push(g / n);
                 }
                 // Per Herald process: a cluster run sums several nodes.
                 let before: Vec<f64> = r
@@ -245,6 +248,7 @@ pub fn measured(runs: &[(String, RunResult)]) -> Measured {
     }
     Measured {
         kib_per_connection: stats::median(kib),
+        cluster_kib_per_connection: stats::median(cluster_kib),
         base_rss_kib: stats::median(base),
         node_us: stats::median(node),
         cluster_herald_us: stats::median(herald),
@@ -260,7 +264,7 @@ pub fn inputs(m: &Measured, a: &SizingArgs) -> Result<Inputs> {
     if !(a.headroom > 0.0 && a.headroom <= 1.0) {
         bail!("--headroom must be in (0, 1]");
     }
-    let Some(kib) = m.kib_per_connection else {
+    let Some(kib) = m.cluster_kib_per_connection.or(m.kib_per_connection) else {
         bail!("no idle result with server memory per connection among the files");
     };
     let Some(herald_us) = m.cluster_herald_us.or(m.node_us) else {
@@ -358,15 +362,26 @@ fn assumptions(m: &Measured, i: &Inputs) -> String {
         "- Herald node: {} cores, {} GiB RAM, planned to use {pct:.0}% of each (headroom for reconnect storms and peaks); {} spare node(s) so the rest carry a lost node's user agents.",
         i.cores_per_node, i.ram_per_node_gib, i.spare_nodes
     );
+    let mem_from = if m.cluster_kib_per_connection.is_some() {
+        "growth of the Herald nodes' RSS in an idle run on Redis"
+    } else {
+        "growth of Herald's RSS in an idle run on one node"
+    };
     let _ = writeln!(
         s,
-        "- Memory per connection: {:.2} KiB of Herald's RSS (measured, idle run) + {:.2} KiB of kernel memory outside RSS; {:.0} MiB RSS floor per node.",
+        "- Memory per connection: {:.2} KiB of Herald's RSS ({mem_from}) + {:.2} KiB of kernel memory outside RSS; {:.0} MiB RSS floor per node.",
         i.kib_per_connection,
         i.kernel_kib_per_connection,
         i.base_rss_kib / 1024.0
     );
+    if let (Some(one), Some(_)) = (m.kib_per_connection, m.cluster_kib_per_connection) {
+        let _ = writeln!(
+            s,
+            "- For comparison, one node on its own: {one:.2} KiB of RSS per connection."
+        );
+    }
     let cpu_from = if m.cluster_herald_us.is_some() {
-        "Herald CPU over all nodes of a multi-node run on Redis, wake-ups included"
+        "Herald CPU over all nodes of a run on Redis (with several nodes, wake-ups included)"
     } else {
         "one node on its own (no cluster result: wake-ups between nodes not counted)"
     };
@@ -378,7 +393,7 @@ fn assumptions(m: &Measured, i: &Inputs) -> String {
     if let Some(us) = m.node_us {
         let _ = writeln!(
             s,
-            "- For comparison, one node on RocksDB: {us:.1} µs per push."
+            "- For comparison, one node without Redis: {us:.1} µs per push."
         );
     }
     let _ = writeln!(
@@ -560,8 +575,9 @@ mod tests {
             ),
         ];
         let m = measured(&runs);
-        // Herald alone: 6,000 KiB over 1,000; median with the 5.5 above.
-        assert_eq!(m.kib_per_connection, Some(5.75));
+        // Herald alone: 6,000 KiB over 1,000, kept apart from one node's 5.5.
+        assert_eq!(m.kib_per_connection, Some(5.5));
+        assert_eq!(m.cluster_kib_per_connection, Some(6.0));
         assert_eq!(m.cluster_redis_kib_per_ua, Some(4.0));
         assert_eq!(m.base_rss_kib, Some(20_000.0));
         assert_eq!(m.node_us, Some(60.0));
