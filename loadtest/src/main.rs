@@ -19,6 +19,7 @@ mod report;
 mod restart;
 mod results;
 mod sender;
+mod sizing;
 mod soak;
 mod stats;
 mod storm;
@@ -79,6 +80,10 @@ enum Command {
     /// Print the side-by-side table of result files (one row per target): throughput,
     /// server CPU per message, latency, idle memory per connection, bridged pushes/s.
     Compare(report::CompareArgs),
+    /// Herald nodes and Redis shards for 10M and 100M connected user agents at
+    /// 1k/10k/100k pushes/s, recomputed from idle and throughput result files
+    /// (Markdown table and assumptions).
+    Sizing(sizing::SizingArgs),
     /// Internal: one worker process of `idle`.
     #[command(hide = true)]
     IdleWorker {
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Report(args) => return finish(report::run(args)),
         Command::Compare(args) => return finish(report::compare(args)),
+        Command::Sizing(args) => return finish(sizing::run(args)),
         other => other,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -120,9 +126,9 @@ fn main() -> ExitCode {
                 Command::Restart(a) => restart::run(a).await,
                 Command::Abuse(a) => abuse::run(a).await,
                 Command::IdleWorker { spec } => workers::worker_process(&spec).await,
-                Command::Report(_) | Command::Compare(_) => Err(anyhow::anyhow!(
-                    "report and compare run outside the runtime"
-                )),
+                Command::Report(_) | Command::Compare(_) | Command::Sizing(_) => Err(
+                    anyhow::anyhow!("report, compare and sizing run outside the runtime"),
+                ),
             }
         };
         tokio::select! {
