@@ -531,6 +531,25 @@ impl Layered {
 }
 
 impl Settings {
+    /// The settings of a command run from a shell (`serve`, `import`,
+    /// `restore`): its flags and the process's `HERALD_*` variables, which
+    /// are returned too. A bad setting is printed, and the command should
+    /// exit with the code given back.
+    pub fn for_command(
+        args: &ServeArgs,
+    ) -> Result<(Settings, BTreeMap<String, String>), std::process::ExitCode> {
+        let env = std::env::vars()
+            .filter(|(k, _)| k.starts_with("HERALD_"))
+            .collect();
+        match Settings::load(args, &env) {
+            Ok(s) => Ok((s, env)),
+            Err(e) => {
+                eprintln!("herald: {e}");
+                Err(std::process::ExitCode::from(2))
+            }
+        }
+    }
+
     /// Builds settings from the layers. `env` is passed in (rather than read
     /// here) so tests can exercise precedence without touching the process.
     pub fn load(args: &ServeArgs, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {

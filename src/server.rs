@@ -48,15 +48,9 @@ struct Serves {
 
 /// Entry point of `herald serve`.
 pub fn run_from_args(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("HERALD_"))
-        .collect();
-    let settings = match Settings::load(&args, &env) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return Ok(ExitCode::from(2));
-        }
+    let (settings, env) = match Settings::for_command(&args) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     init_logging(&settings);
     warn_unknown_env(&env);

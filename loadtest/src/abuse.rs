@@ -17,7 +17,7 @@ use crate::fleet::{self, FleetSpec, Setup};
 use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Ws};
 use crate::results::{r2, Common, CpuMeter};
-use crate::sender::{self, Endpoint, HttpClient, PostOptions, Reply};
+use crate::sender::{self, Endpoint, HttpClient, PostOptions, Reply, SenderPlan};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use crate::throughput::{channel_of, resolve_endpoints};
 use anyhow::{bail, Result};
@@ -285,10 +285,6 @@ async fn ua_loop(role: Role, ws: Ws, sh: Arc<Shared>, mut stop: watch::Receiver<
 
 /// One well-behaved sender: its channels and its Authorization per origin.
 #[derive(Clone)]
-struct Plan {
-    channels: Vec<u32>,
-    auth: Vec<HeaderValue>,
-}
 
 /// Targets of a flood: endpoints, a body for each, and the flooder's
 /// Authorization per origin (none without VAPID).
@@ -312,7 +308,7 @@ struct PhaseCtx {
 /// channels, each POST in its own task: a slow answer delays no later send,
 /// so latency under flood is not hidden by the sender waiting.
 async fn well_behaved(
-    plan: Plan,
+    plan: SenderPlan,
     ctx: PhaseCtx,
     endpoints: Arc<Vec<Option<Endpoint>>>,
     client: HttpClient,
@@ -447,7 +443,7 @@ fn spawn_flooder(
 /// Everything connected and ready to send.
 struct Fleets {
     sh: Arc<Shared>,
-    plans: Vec<Plan>,
+    plans: Vec<SenderPlan>,
     endpoints: Arc<Vec<Option<Endpoint>>>,
     setups: Vec<(&'static str, Setup)>,
     /// Flood targets by phase kind: one, many, anonymous.
@@ -559,23 +555,7 @@ async fn connect(args: &AbuseArgs, run: &Run<'_>, phases: usize) -> Result<Fleet
     wb.require_any("connect")?;
     let (endpoints, origins) =
         resolve_endpoints(&wb.ups, common.channels, &run.push_bases, &wb.errors).await?;
-    let mut plans: Vec<Plan> = Vec::with_capacity(args.senders);
-    for v in &vapids {
-        let auth = origins
-            .list
-            .iter()
-            .map(|(o, _)| v.authorization(o))
-            .collect::<Result<_>>()?;
-        plans.push(Plan {
-            channels: Vec::new(),
-            auth,
-        });
-    }
-    for (c, ep) in endpoints.iter().enumerate() {
-        if ep.is_some() {
-            plans[c % args.senders].channels.push(c as u32);
-        }
-    }
+    let plans = sender::plan_senders(&vapids, &origins, endpoints.iter().map(Option::is_some))?;
     let (flood_setup, many) = flood_fleet(args, run, Some(&flooder)).await?;
     let one = Arc::new(FloodTargets {
         endpoints: many.endpoints[..1].to_vec(),
@@ -677,7 +657,7 @@ async fn run_phase(
     args: &AbuseArgs,
     run: &Run<'_>,
     fleets: &Fleets,
-    plans: &Arc<Vec<Plan>>,
+    plans: &Arc<Vec<SenderPlan>>,
     p: usize,
     flood: Flood,
 ) -> (Option<f64>, f64) {

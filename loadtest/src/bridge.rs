@@ -18,7 +18,7 @@ use crate::fcm_sink::{self, FcmMessage, Sink};
 use crate::harness::{self, RateWatch, Run};
 use crate::net;
 use crate::results::{self, r2, Common, CpuMeter, ServerPid};
-use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
+use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome, SenderPlan};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -211,23 +211,7 @@ pub async fn run(args: BridgeArgs) -> Result<()> {
     sh.index
         .set(Index::new(&devices, args.channels))
         .map_err(|_| anyhow::anyhow!("index set twice"))?;
-    let mut plans: Vec<SenderPlan> = Vec::with_capacity(args.senders);
-    for v in &vapids {
-        let auth = origins
-            .list
-            .iter()
-            .map(|(origin, _)| v.authorization(origin))
-            .collect::<Result<_>>()?;
-        plans.push(SenderPlan {
-            channels: Vec::new(),
-            auth,
-        });
-    }
-    for (c, ep) in endpoints.iter().enumerate() {
-        if ep.is_some() {
-            plans[c % args.senders].channels.push(c as u32);
-        }
-    }
+    let plans = sender::plan_senders(&vapids, &origins, endpoints.iter().map(Option::is_some))?;
     let rss_before = run.server.rss_each();
     let sent = send_and_drain(&args, &mut run, &sh, plans, Arc::new(endpoints), client).await;
     let rss_after = run.server.rss_each();
@@ -636,12 +620,6 @@ impl Shared {
     fn outstanding(&self) -> u64 {
         self.slots.iter().filter(|s| s.load(Acquire) != 0).count() as u64
     }
-}
-
-struct SenderPlan {
-    channels: Vec<u32>,
-    /// Authorization header per origin index.
-    auth: Vec<HeaderValue>,
 }
 
 /// What the send and drain phases measured.

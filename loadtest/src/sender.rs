@@ -1,6 +1,7 @@
 //! The application-server side: POSTing encrypted messages to push endpoints
 //! over keep-alive HTTP/1.1 connections.
 
+use crate::crypto::Vapid;
 use crate::net;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
@@ -160,6 +161,44 @@ impl Origins {
             }
         }
     }
+}
+
+/// What one application server sends: the channels it owns and its
+/// Authorization header per origin index.
+#[derive(Clone)]
+pub struct SenderPlan {
+    pub channels: Vec<u32>,
+    pub auth: Vec<HeaderValue>,
+}
+
+/// One plan per VAPID key, the channels that have an endpoint (`present`,
+/// by channel index) dealt round-robin over them.
+pub fn plan_senders(
+    vapids: &[Vapid],
+    origins: &Origins,
+    present: impl IntoIterator<Item = bool>,
+) -> Result<Vec<SenderPlan>> {
+    let mut plans = vapids
+        .iter()
+        .map(|v| {
+            let auth = origins
+                .list
+                .iter()
+                .map(|(origin, _)| v.authorization(origin))
+                .collect::<Result<_>>()?;
+            Ok(SenderPlan {
+                channels: Vec::new(),
+                auth,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let senders = plans.len();
+    for (c, here) in present.into_iter().enumerate() {
+        if here && senders > 0 {
+            plans[c % senders].channels.push(c as u32);
+        }
+    }
+    Ok(plans)
 }
 
 /// The endpoint's path (and query) on another node: only

@@ -13,7 +13,7 @@ use crate::fleet::{self, Setup, Up};
 use crate::harness::{self, RateWatch, Run};
 use crate::proto::{self, Ws};
 use crate::results::{self, r2, Common, CpuMeter};
-use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome};
+use crate::sender::{self, Endpoint, HttpClient, Origins, Outcome, SenderPlan};
 use crate::stats::{self, Clock, Hist, LatencySummary, Tally};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -187,12 +187,6 @@ pub fn channel_of(ids: &[Uuid], ua: usize, per_ua: usize, channel: &str) -> Opti
 
 async fn ua_loop(ua: usize, ws: Ws, sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     fleet::ack_until(ws, &mut stop, &sh.ua_errors, |t| sh.on_text(ua, t)).await;
-}
-
-struct SenderPlan {
-    channels: Vec<u32>,
-    /// Authorization header per origin index.
-    auth: Vec<http::HeaderValue>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -413,22 +407,7 @@ async fn connect(args: &ThroughputArgs, run: &Run<'_>) -> Result<Fleet> {
         args.pool,
         args.verify_every,
     ));
-    let mut plans: Vec<SenderPlan> = Vec::with_capacity(args.senders);
-    for v in &vapids {
-        let mut auth = Vec::new();
-        for (origin, _) in &origins.list {
-            auth.push(v.authorization(origin)?);
-        }
-        plans.push(SenderPlan {
-            channels: Vec::new(),
-            auth,
-        });
-    }
-    for (c, ep) in endpoints.iter().enumerate() {
-        if ep.is_some() {
-            plans[c % args.senders].channels.push(c as u32);
-        }
-    }
+    let plans = sender::plan_senders(&vapids, &origins, endpoints.iter().map(Option::is_some))?;
     Ok(Fleet {
         sh,
         plans,

@@ -144,15 +144,9 @@ async fn offline(data_dir: &Path, dir: &Path) -> anyhow::Result<Taken> {
 }
 
 pub fn run_restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("HERALD_"))
-        .collect();
-    let settings = match Settings::load(&args.settings, &env) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return Ok(ExitCode::from(2));
-        }
+    let (settings, _) = match Settings::for_command(&args.settings) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     if settings.store != StoreKind::Rocksdb {
         bail!("store = \"redis\": Herald's data is in Redis, restored with Redis's own tools; `herald restore` restores a rocksdb store");

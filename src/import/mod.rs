@@ -82,15 +82,9 @@ trait Source: Send {
 
 pub fn run(cmd: ImportCommand) -> anyhow::Result<ExitCode> {
     let ImportCommand::Autopush(args) = cmd;
-    let env = std::env::vars()
-        .filter(|(k, _)| k.starts_with("HERALD_"))
-        .collect();
-    let settings = match Settings::load(&args.settings, &env) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return Ok(ExitCode::from(2));
-        }
+    let (settings, _) = match Settings::for_command(&args.settings) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     let kind = match SourceKind::parse(&args.from) {
         Ok(k) => k,
