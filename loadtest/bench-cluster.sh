@@ -139,12 +139,15 @@ http_get() {
     ) 2>/dev/null || true
 }
 
-# Wake-ups (node-to-node requests) the nodes sent, summed over the nodes.
+# Wake-ups the nodes sent, and the node-to-node requests that carried
+# them (batches, and the rare eviction), summed over the nodes: "W R".
 wakeups_sent() {
     local i n=${#herald_pids[@]}
     for ((i = 0; i < n; i++)); do
         http_get $((port + i)) /metrics
-    done | awk '/^herald_node_wakeups_sent_total/ { s += $NF } END { print s + 0 }'
+    done | awk '/^herald_node_wakeups_sent_total/ { s += $NF }
+        /^herald_node_request_seconds_count/ { r += $NF }
+        END { print s + 0, r + 0 }'
 }
 
 # run CONFIG SCENARIO REP ARGS...: fresh servers, one bounded run, stop.
@@ -242,17 +245,23 @@ if command -v jq >/dev/null; then
                 ] | "| " + join(" | ") + " |"'
         done
         echo
-        printf 'Wake-ups (node-to-node requests) sent per delivered message, median:'
-        for config in $configs; do
-            for f in "$results/$config"-throughput-r*-"$stamp".wakeups; do
-                [[ -e "$f" ]] || continue
-                d=$(jq '.metrics.delivered' "${f%.wakeups}.json")
-                awk -v w="$(cat "$f")" -v d="$d" 'BEGIN { if (d > 0) printf "%.3f\n", w / d }'
-            done | sort -g | awk -v c="$config" '{ v[NR] = $1 }
-                END { m = NR == 0 ? "–" : (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)
-                      printf " %s %s;", c, m }'
+        for what in 1 2; do
+            if ((what == 1)); then
+                printf 'Wake-ups sent per delivered message, median:'
+            else
+                printf 'Node-to-node requests (wake-up batches, evictions) per delivered message, median:'
+            fi
+            for config in $configs; do
+                for f in "$results/$config"-throughput-r*-"$stamp".wakeups; do
+                    [[ -e "$f" ]] || continue
+                    d=$(jq '.metrics.delivered' "${f%.wakeups}.json")
+                    awk -v w="$(cut -d' ' -f"$what" "$f")" -v d="$d" 'BEGIN { if (d > 0) printf "%.4f\n", (w + 0) / d }'
+                done | sort -g | awk -v c="$config" '{ v[NR] = $1 }
+                    END { m = NR == 0 ? "–" : (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)
+                          printf " %s %s;", c, m }'
+            done
+            echo
         done
-        echo
     } >"$summary"
     cat "$summary"
 fi

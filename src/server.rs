@@ -297,7 +297,7 @@ fn warn_about_exposure(s: &Settings) {
     if s.store == StoreKind::Redis && s.node_listen.is_none() {
         tracing::warn!(
             listen = %s.listen,
-            "node-to-node requests (/_herald/node/wake and /evict) are served on the public listener; they are signed (HMAC, timestamp, nonce), but set node_listen to a private address to keep them off it"
+            "node-to-node requests (/_herald/node/wakes, /wake and /evict) are served on the public listener; they are signed (HMAC, timestamp, nonce), but set node_listen to a private address to keep them off it"
         );
     }
     if s.metrics_listen.is_none() && !s.metrics_public {
@@ -690,9 +690,13 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
         Ok(s) => s,
         Err(e) => return refused(e),
     };
+    let limit = match action {
+        "wakes" => crate::router::cluster::MAX_WAKES_BODY,
+        _ => 64 * 1024,
+    };
     let body = match tokio::time::timeout(
         endpoint::BODY_READ_TIMEOUT,
-        Limited::new(body, 64 * 1024).collect(),
+        Limited::new(body, limit).collect(),
     )
     .await
     {
@@ -709,6 +713,21 @@ async fn node_request(app: &App, action: &str, req: http::Request<Incoming>) -> 
         return refused(e);
     }
     let done = match action {
+        "wakes" => match cluster.on_wakes(&app.router.local, &body) {
+            Some(reached) => {
+                return json(
+                    StatusCode::OK,
+                    serde_json::json!({ "reached": reached }).to_string(),
+                )
+            }
+            None => {
+                return error_response(&ApiError::new(
+                    400,
+                    Errno::UnreadableBody,
+                    "malformed wake-up batch",
+                ))
+            }
+        },
         "wake" => match serde_json::from_slice::<Wake>(&body) {
             Ok(w) => cluster.on_wake(&app.router.local, &w),
             Err(_) => {

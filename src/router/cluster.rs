@@ -14,14 +14,13 @@
 
 use super::local::{LocalRouter, RouteResult};
 use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
+use super::wakes::{NodeClient, Received, WakeUp, Wakes};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
-use bytes::Bytes;
 use dashmap::DashMap;
-use herald_client::http::{node_only, PlainClient};
+use herald_client::http::node_only;
 use herald_proto::ids::Uaid;
-use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,24 +36,8 @@ const NODE_URL_CACHE: Duration = Duration::from_secs(2);
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub const WAKE_PATH: &str = "/_herald/node/wake";
 pub const EVICT_PATH: &str = "/_herald/node/evict";
-
-/// A wake-up: look in the store for `uaid`, or deliver `message` now (a
-/// TTL-0 message is never stored, so it travels in the request).
-#[derive(Serialize, Deserialize)]
-pub struct Wake {
-    pub uaid: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<WireMessage>,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct WireMessage {
-    pub seq: u64,
-    /// The store's encoding (codec), base64url.
-    pub value: String,
-}
+pub use super::wakes::{Wake, WireMessage, MAX_BODY as MAX_WAKES_BODY, WAKES_PATH, WAKE_PATH};
 
 /// Close connection `conn` of `uaid`: a newer one took over elsewhere.
 #[derive(Serialize, Deserialize)]
@@ -67,9 +50,10 @@ pub struct Cluster {
     node: u64,
     url: String,
     directory: Arc<dyn Directory>,
-    client: PlainClient<Full<Bytes>>,
-    /// Signs this node's requests.
-    key: NodeKey,
+    /// Signs and sends this node's requests.
+    client: NodeClient,
+    /// One queue and sender task per peer node.
+    wakes: Arc<Wakes>,
     /// Check other nodes' requests: one per endpoint key.
     accepted: Vec<NodeKey>,
     /// Nonces of node requests accepted lately, to refuse replays.
@@ -90,12 +74,18 @@ impl Cluster {
         endpoint_keys: &[[u8; 32]],
         metrics: Arc<Metrics>,
     ) -> Arc<Cluster> {
+        let client = NodeClient {
+            client: node_only(REQUEST_TIMEOUT),
+            key: NodeKey::derive(&endpoint_keys[0]),
+            metrics: metrics.clone(),
+            timeout: REQUEST_TIMEOUT,
+        };
         Arc::new(Cluster {
             node: rand::random::<u64>() >> 1,
             url,
             directory,
-            client: node_only(REQUEST_TIMEOUT),
-            key: NodeKey::derive(&endpoint_keys[0]),
+            wakes: Wakes::new(client.clone()),
+            client,
             accepted: endpoint_keys.iter().map(NodeKey::derive).collect(),
             replays: ReplayWindow::new(MAX_NONCES),
             node_urls: DashMap::new(),
@@ -223,7 +213,7 @@ impl Cluster {
     }
 
     /// Wakes the node serving `uaid`, if another live node does.
-    pub async fn wake(&self, uaid: &Uaid, message: &Message) -> RouteResult {
+    pub async fn wake(&self, uaid: &Uaid, message: &Arc<Message>) -> RouteResult {
         let owner = match self.directory.owner(uaid).await {
             Ok(Some(o)) if o.node != self.node => o,
             Ok(_) => return RouteResult::NotConnected,
@@ -236,23 +226,13 @@ impl Cluster {
             // Its node died: the user agent is offline.
             return RouteResult::NotConnected;
         };
-        let wake = Wake {
-            uaid: uaid.to_string(),
-            message: (message.ttl == 0).then(|| WireMessage {
-                seq: message.seq,
-                value: herald_proto::b64::encode_b64url(&crate::store::encode_message(message)),
-            }),
+        // The push is already stored: its answer does not wait for the
+        // wake-up, which goes out with the peer's next batch.
+        let wake = WakeUp {
+            uaid: *uaid,
+            message: Some(message.clone()),
         };
-        let body = serde_json::to_vec(&wake).unwrap_or_default();
-        let this = self.request_sender();
-        // The push is already stored: its answer does not wait for the wake.
-        tokio::spawn(async move {
-            let ok = this.post(&url, WAKE_PATH, body).await;
-            this.metrics
-                .wakeups_sent
-                .with_label_values(&[if ok { "ok" } else { "failed" }])
-                .inc();
-        });
+        self.wakes.send(owner.node, &url, wake);
         RouteResult::Woken
     }
 
@@ -265,9 +245,11 @@ impl Cluster {
             conn: old.conn,
         })
         .unwrap_or_default();
-        let this = self.request_sender();
+        let client = self.client.clone();
         tokio::spawn(async move {
-            this.post(&url, EVICT_PATH, body).await;
+            client
+                .post(&url, EVICT_PATH, "application/json", body)
+                .await;
         });
     }
 
@@ -286,14 +268,6 @@ impl Cluster {
                 tracing::warn!("looking up a node: {e}");
                 None
             }
-        }
-    }
-
-    fn request_sender(&self) -> Sender {
-        Sender {
-            client: self.client.clone(),
-            key: self.key.clone(),
-            metrics: self.metrics.clone(),
         }
     }
 
@@ -335,55 +309,30 @@ impl Cluster {
         }
     }
 
+    /// A batch of wake-ups from another node (`WAKES_PATH`); how many
+    /// reached a connection here, or None if the body is malformed.
+    pub fn on_wakes(&self, local: &LocalRouter, body: &[u8]) -> Option<usize> {
+        let batch = super::wakes::decode_batch(body)?;
+        self.metrics.wakeups_received.inc_by(batch.len() as u64);
+        let mut reached = 0;
+        for r in batch {
+            reached += usize::from(match r {
+                Received::Look(uaid) => local.wake(&uaid),
+                // Handed over as a push accepted here would be: the
+                // connection sends it at once or, if busy, reads the store.
+                Received::Deliver(uaid, m) => {
+                    local.route(&uaid, Arc::new(m)) != RouteResult::NotConnected
+                }
+            });
+        }
+        Some(reached)
+    }
+
     /// An eviction from the node that took over a user agent.
     pub fn on_evict(&self, local: &LocalRouter, evict: &Evict) -> bool {
         match Uaid::parse(&evict.uaid) {
             Some(uaid) => local.evict(&uaid, evict.conn),
             None => false,
-        }
-    }
-}
-
-/// What a spawned request needs, so it does not borrow the cluster.
-struct Sender {
-    client: PlainClient<Full<Bytes>>,
-    key: NodeKey,
-    metrics: Arc<Metrics>,
-}
-
-impl Sender {
-    /// POSTs `body` to `path` on the node at `base` (its node_url).
-    async fn post(&self, base: &str, path: &str, body: Vec<u8>) -> bool {
-        let url = format!("{base}{path}");
-        // Signed over the path the receiver sees: node_url's own path, if
-        // any, and ours.
-        let signed_path = url
-            .parse::<http::Uri>()
-            .map(|u| u.path().to_string())
-            .unwrap_or_else(|_| path.to_string());
-        let auth = self.key.sign("POST", &signed_path, now_secs(), &body);
-        let req = http::Request::post(&url)
-            .header("authorization", auth)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)));
-        let Ok(req) = req else { return false };
-        let started = Instant::now();
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let resp = self.client.request(req).await.ok()?;
-            let ok = resp.status().is_success();
-            let _ = resp.into_body().collect().await;
-            Some(ok)
-        })
-        .await;
-        self.metrics
-            .node_request_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Some(ok)) => ok,
-            _ => {
-                tracing::debug!(url = %url, "node request failed");
-                false
-            }
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod cluster;
 mod local;
 pub mod node_auth;
+mod wakes;
 
 pub use cluster::Cluster;
 pub use local::{Backlog, Binding, LocalRouter, RouteResult};
