@@ -291,24 +291,19 @@ async fn check_subscription(
     target: &EndpointToken,
     issuer: Issuer,
 ) -> Result<Option<BridgeRoute>, ApiError> {
-    let store = &app.store;
-    let user = app
+    let (user, channel) = app
         .metrics
-        .time("get_user", store.get_user(&target.uaid))
+        .time(
+            "get_user_and_channel",
+            app.store
+                .get_user_and_channel(&target.uaid, &target.channel),
+        )
         .await
         .map_err(ApiError::storage)?;
     let router = match user {
         Some(u) if u.last_seen + app.settings.ua_expiry.as_secs() > now_secs() => u.router,
         _ => return Err(ApiError::user_gone()),
     };
-    let channel = app
-        .metrics
-        .time(
-            "get_channel",
-            store.get_channel(&target.uaid, &target.channel),
-        )
-        .await
-        .map_err(ApiError::storage)?;
     // A channel re-registered with another key no longer answers to the old
     // endpoint. autopush-rs kept no key with a channel, so one imported from
     // it has none on record: its v2 endpoint carries the key's hash sealed

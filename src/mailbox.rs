@@ -91,6 +91,9 @@ impl<'a> Mailbox<'a> {
         }
         let store = &app.store;
         let limit = app.settings.max_stored_messages;
+        if app.pending.is_shared() {
+            return self.persist_shared(uaid, message, limit).await;
+        }
         let room = app
             .metrics
             .time(
@@ -119,6 +122,28 @@ impl<'a> Mailbox<'a> {
                 app.pending.added(uaid);
                 reservation.added = true;
             }
+        }
+        Ok(outcome.seq)
+    }
+
+    /// With several nodes: the count and the store in one step of the
+    /// store's, as no node knows what the others hold.
+    async fn persist_shared(
+        &self,
+        uaid: &Uaid,
+        message: &Message,
+        limit: usize,
+    ) -> Result<u64, Refused> {
+        let app = self.app;
+        let stored = app
+            .store
+            .put_message_within(uaid, message, now_secs(), limit);
+        let Some(outcome) = app.metrics.time("put_message", stored).await? else {
+            return Err(Refused::Full(limit));
+        };
+        if let Some(old) = outcome.replaced {
+            app.metrics.messages_replaced.inc();
+            app.receipts.forget(uaid, old).await;
         }
         Ok(outcome.seq)
     }

@@ -37,6 +37,12 @@ impl PendingCounts {
         }
     }
 
+    /// Whether other nodes write to the store too: then the store itself
+    /// must check the limit as it stores (`Store::put_message_within`).
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     /// Reserves room for one more message under `limit`; false when the
     /// user agent is full. A `true` must be followed by `added` (stored,
     /// replacing nothing) or `released` (not stored, or it replaced one).

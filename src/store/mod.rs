@@ -243,6 +243,16 @@ pub trait Store: Send + Sync + 'static {
         uaid: &Uaid,
         channel: &ChannelId,
     ) -> StoreResult<Option<ChannelRecord>>;
+    /// The user agent's record and one of its subscriptions: what every
+    /// push checks first. Redis answers both in one round trip.
+    async fn get_user_and_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+    ) -> StoreResult<(Option<UserRecord>, Option<ChannelRecord>)> {
+        let user = self.get_user(uaid).await?;
+        Ok((user, self.get_channel(uaid, channel).await?))
+    }
     async fn put_channel(
         &self,
         uaid: &Uaid,
@@ -264,6 +274,22 @@ pub trait Store: Send + Sync + 'static {
     /// once the message is as durable as the engine was asked to make it
     /// (replicas included).
     async fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome>;
+    /// `put_message` unless the user agent already holds `limit` unexpired
+    /// messages (None then). For a store several nodes write to, where the
+    /// count cannot be kept in memory: Redis counts and stores in one
+    /// script, so one round trip and an exact limit.
+    async fn put_message_within(
+        &self,
+        uaid: &Uaid,
+        message: &Message,
+        now: u64,
+        limit: usize,
+    ) -> StoreResult<Option<PutOutcome>> {
+        if self.count_messages(uaid, now, limit).await? >= limit {
+            return Ok(None);
+        }
+        self.put_message(uaid, message).await.map(Some)
+    }
     /// Up to `limit` of the user agent's unexpired messages with a sequence
     /// number above `after`, oldest first.
     async fn read_messages(

@@ -69,6 +69,7 @@ const BROADCASTS_KEY: &str = "herald:broadcasts";
 const BLOCKS_KEY: &str = "herald:blocks";
 
 const PUT_COLLISION: i64 = -1;
+const PUT_FULL: i64 = -2;
 
 /// Shared by every script: the big-endian u64 at byte `off` (0-based) of `s`.
 /// Exact while below 2^53, which unix seconds are.
@@ -81,18 +82,20 @@ end
 ";
 
 // KEYS: messages zset, payload key, topics hash, expiries zset.
-// ARGV: seq, encoded message, expires_at, topic field ('' for none), payload key prefix.
-// Returns 0 stored, -1 seq taken, or the seq of the pending message it
-// replaced (seqs are positive and below 2^53, so exact as Lua numbers).
+// ARGV: seq, encoded message, expires_at, topic field ('' for none), payload
+// key prefix, expires_at offset, limit (0: none).
+// Returns 0 stored, -1 seq taken, -2 full (`limit` unexpired messages held
+// already), or the seq of the pending message it replaced (seqs are
+// positive and below 2^53, so exact as Lua numbers).
 // Every command here runs once whatever the queue holds, except when the
 // expiries zset is missing: then it is built from the queue (a queue stored
 // before it existed, or one whose entries all expired; members whose payload
-// expired are pruned on the way, so each is visited once).
+// expired are pruned on the way, so each is visited once). It is built
+// before the count, which reads it, and an empty queue costs one ZRANGE.
 const PUT_MESSAGE: &str = r"
 local at = tonumber(ARGV[3])
 local now = tonumber(redis.call('TIME')[1])
 if at <= now then return 0 end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EXAT', ARGV[3]) then return -1 end
 if redis.call('EXISTS', KEYS[4]) == 0 then
   for _, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     local head = redis.call('GETRANGE', ARGV[5] .. s, ARGV[6], ARGV[6] + 7)
@@ -103,6 +106,9 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
     end
   end
 end
+local limit = tonumber(ARGV[7])
+if limit > 0 and redis.call('ZCOUNT', KEYS[4], '(' .. now, '+inf') >= limit then return -2 end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EXAT', ARGV[3]) then return -1 end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -552,15 +558,37 @@ impl RedisStore {
         }
     }
 
+    /// `store_message`, then the wait for replicas when the message was
+    /// stored and `wait_for` asked for it.
+    async fn put_checked(
+        &self,
+        uaid: &Uaid,
+        m: &Message,
+        limit: Option<usize>,
+    ) -> StoreResult<Option<PutOutcome>> {
+        let outcome = self.store_message(uaid, m, limit.unwrap_or(0)).await?;
+        if let (Some(wait), Some(_)) = (self.wait, &outcome) {
+            self.wait_for_replicas(uaid, wait).await?;
+        }
+        Ok(outcome)
+    }
+
     /// Stores `m`, under a fresh seq if another node already took `m.seq`
     /// for this user agent; the outcome names the seq it was stored under.
-    async fn store_message(&self, uaid: &Uaid, m: &Message) -> StoreResult<PutOutcome> {
+    /// None if the user agent holds `limit` unexpired messages (0: no
+    /// limit, which callers pass as None).
+    async fn store_message(
+        &self,
+        uaid: &Uaid,
+        m: &Message,
+        limit: usize,
+    ) -> StoreResult<Option<PutOutcome>> {
         if m.expired(now_secs()) {
             // It could never be read; storing it would only cost memory.
-            return Ok(PutOutcome {
+            return Ok(Some(PutOutcome {
                 replaced: None,
                 seq: m.seq,
-            });
+            }));
         }
         let keys = Keys::new(uaid);
         let value = encode_message(m);
@@ -586,17 +614,19 @@ impl RedisStore {
                 .arg(m.expires_at)
                 .arg(&topic)
                 .arg(keys.payload_prefix())
-                .arg(EXPIRES_AT.start);
+                .arg(EXPIRES_AT.start)
+                .arg(lua_count(limit));
             match self.eval::<i64>("put_message", &inv).await? {
                 PUT_COLLISION => {
                     self.seq_collisions.fetch_add(1, Ordering::Relaxed);
                     seq = self.next_seq();
                 }
+                PUT_FULL => return Ok(None),
                 r => {
-                    return Ok(PutOutcome {
+                    return Ok(Some(PutOutcome {
                         replaced: u64::try_from(r).ok().filter(|&old| old > 0),
                         seq,
-                    })
+                    }))
                 }
             }
         }
@@ -655,6 +685,30 @@ impl Store for RedisStore {
             .arg(channel.as_bytes().as_slice());
         let v: Option<Vec<u8>> = self.query("get_channel", &cmd).await?;
         Ok(v.and_then(|v| decode_channel(&v)))
+    }
+
+    /// Both reads in one pipeline: the keys share the user agent's slot, so
+    /// one node answers both in one round trip.
+    async fn get_user_and_channel(
+        &self,
+        uaid: &Uaid,
+        channel: &ChannelId,
+    ) -> StoreResult<(Option<UserRecord>, Option<ChannelRecord>)> {
+        let keys = Keys::new(uaid);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET")
+            .arg(keys.user())
+            .cmd("HGET")
+            .arg(keys.channels())
+            .arg(channel.as_bytes().as_slice());
+        let mut conn = self.conn.clone();
+        let (user, channel): (Option<Vec<u8>>, Option<Vec<u8>>) = self
+            .bounded("get_user_and_channel", pipe.query_async(&mut conn))
+            .await?;
+        Ok((
+            user.and_then(|v| decode_user(&v)),
+            channel.and_then(|v| decode_channel(&v)),
+        ))
     }
 
     async fn put_channel(
@@ -733,11 +787,24 @@ impl Store for RedisStore {
     /// the outcome reports. With `wait_for`, returns only once that many
     /// replicas have the write.
     async fn put_message(&self, uaid: &Uaid, message: &Message) -> StoreResult<PutOutcome> {
-        let outcome = self.store_message(uaid, message).await?;
-        if let Some(wait) = self.wait {
-            self.wait_for_replicas(uaid, wait).await?;
+        let outcome = self.put_checked(uaid, message, None).await?;
+        // With no limit the script never answers "full".
+        outcome.ok_or_else(|| StoreError::Corrupt("redis put_message: full without a limit".into()))
+    }
+
+    /// One script counts and stores, so the limit holds exactly however
+    /// many nodes push at once; it reads Redis's clock, not `now`.
+    async fn put_message_within(
+        &self,
+        uaid: &Uaid,
+        message: &Message,
+        _now: u64,
+        limit: usize,
+    ) -> StoreResult<Option<PutOutcome>> {
+        if limit == 0 {
+            return Ok(None);
         }
-        Ok(outcome)
+        self.put_checked(uaid, message, Some(limit)).await
     }
 
     async fn read_messages(
