@@ -87,7 +87,7 @@ pub fn ephemeral_port_count() -> usize {
 /// the ports of one parity first (leaving the other half to bind()) and
 /// scans the whole first half before it takes one from the second, so past
 /// half the range every connect pays that scan. In the idle climb to 20,000
-/// from one address the connect rate fell from 3,900/s to 500-900/s at
+/// from one address the connect rate fell from 3,900/s to 250-900/s at
 /// 14,000 connections, half of 28,232 ports; over two it stayed at 3,000-
 /// 4,900/s to the top. 10 % of the half stays spare for other traffic.
 pub fn source_addrs_needed(connections: usize) -> usize {

@@ -151,17 +151,8 @@ pub async fn run(args: StormArgs) -> Result<()> {
 
     let sampler = watch_storm(&counts, up_count, storm_start, window, limit).await;
     let storm_secs = storm_start.elapsed().as_secs_f64();
-    // Machine-wide counters: bring-up and storm apart, so a full accept
-    // queue shows in the phase that filled it.
-    let overflows_end = net::listen_overflows();
-    for (name, from, to) in [
-        ("listen_overflows_bring_up", overflows_start, overflows_up),
-        ("listen_overflows_storm", overflows_up, overflows_end),
-    ] {
-        if let (Some(a), Some(b)) = (from, to) {
-            run.result.metric(name, b.saturating_sub(a));
-        }
-    }
+    let overflows = [overflows_start, overflows_up, net::listen_overflows()];
+    record_overflows(&mut run.result, overflows);
     cpu.record(&mut run.result);
     tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
     let rss_after = server.rss_each();
@@ -213,6 +204,20 @@ pub async fn run(args: StormArgs) -> Result<()> {
         args.window,
         lat.short()
     ))
+}
+
+/// Accept-queue overflows (machine-wide counters read at the start, after
+/// bring-up and after the storm) per phase, so a full queue shows in the
+/// phase that filled it.
+fn record_overflows(result: &mut crate::results::RunResult, at: [Option<u64>; 3]) {
+    for (name, from, to) in [
+        ("listen_overflows_bring_up", at[0], at[1]),
+        ("listen_overflows_storm", at[1], at[2]),
+    ] {
+        if let (Some(a), Some(b)) = (from, to) {
+            result.metric(name, b.saturating_sub(a));
+        }
+    }
 }
 
 /// One user agent of the storm: where and how it goes away and comes back.
