@@ -176,8 +176,23 @@ pub async fn resume(
     hello: &Hist,
     uaid_changed: &AtomicU64,
 ) -> Result<Ws, Failure> {
+    resume_from(target, None, u, uaid, channels, limit, hello, uaid_changed).await
+}
+
+/// `resume` from a chosen loopback source address.
+#[allow(clippy::too_many_arguments)] // resume's, plus where from
+pub async fn resume_from(
+    target: &Target,
+    src: Option<IpAddr>,
+    u: usize,
+    uaid: &str,
+    channels: &[Uuid],
+    limit: Duration,
+    hello: &Hist,
+    uaid_changed: &AtomicU64,
+) -> Result<Ws, Failure> {
     let t0 = Instant::now();
-    let (ws, got, _) = bring_up(target, None, Some((uaid, channels)), &[], limit).await?;
+    let (ws, got, _) = bring_up(target, src, Some((uaid, channels)), &[], limit).await?;
     hello.record(u, t0.elapsed().as_micros() as u64);
     if got != uaid {
         uaid_changed.fetch_add(1, Relaxed);

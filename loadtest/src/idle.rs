@@ -37,6 +37,10 @@ pub struct IdleArgs {
     /// Stop opening connections after this many seconds.
     #[arg(long, default_value_t = 900.0)]
     pub max_connect_secs: f64,
+    /// Report the server's memory and the connect rate at every multiple of
+    /// this many open connections (a table in the results); 0 for none.
+    #[arg(long, default_value_t = 2000)]
+    pub step: u64,
 }
 
 pub async fn run(args: IdleArgs) -> Result<()> {
@@ -64,8 +68,9 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         fds: run.server.open_fds(),
     };
     let cpu = CpuMeter::start(&run.server);
+    let overflows_before = net::listen_overflows();
     run.result.params = serde_json::json!({
-        "uas": args.uas, "channels": common.channels, "rate": args.rate,
+        "step": args.step, "uas": args.uas, "channels": common.channels, "rate": args.rate,
         "hold_s": args.hold, "procs": sizing.procs, "source_addrs": sizing.srcs,
         "concurrency": common.concurrency, "timeout_s": common.timeout,
         "max_consecutive_failures": args.max_consecutive_failures,
@@ -92,6 +97,9 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     };
     let mut workers = Workers::spawn(sizing.procs, args.uas, &template).await?;
     let held = connect_and_hold(&args, &run, &mut workers, max_life).await;
+    if let (Some(b), Some(a)) = (overflows_before, net::listen_overflows()) {
+        run.result.metric("listen_overflows", a.saturating_sub(b));
+    }
     workers.release().await;
     cpu.record(&mut run.result);
     let summary = record(&args, &mut run, workers, &sizing, &before, &held);
@@ -229,6 +237,10 @@ fn record(
     result.latency.insert("setup".into(), setup.clone());
     result.set_subprotocols(std::mem::take(&mut workers.subprotocols));
     result.memory = std::mem::take(&mut workers.memory);
+    result.rows = climb(&result.memory, args.step);
+    for r in &result.rows {
+        eprintln!("  climb: {}", serde_json::Value::Object(r.clone()));
+    }
     format!(
         "idle[{}]: {established}/{} connected ({failed} failed, {dropped} dropped), {:.0} connects/s, setup {}, {}; stopped by {stopped_by}",
         args.common.target,
@@ -261,6 +273,48 @@ fn slope(points: &[MemoryPoint]) -> Option<f64> {
     let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
     let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
     (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// The climb in steps: at the first sample past each multiple of `step`
+/// connections (and at the top, where the climb stopped), the server's RSS,
+/// and over the step before it KiB per added connection and connections
+/// added per second, so a slope that bends or a rate that falls as the
+/// count grows shows where it happens.
+fn climb(points: &[MemoryPoint], step: u64) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let mut rows = Vec::new();
+    if step == 0 {
+        return rows;
+    }
+    let top = points.iter().map(|p| p.connections).max().unwrap_or(0);
+    // From the last sample with no connection yet, so the first step counts
+    // the server's RSS before any connection.
+    let mut prev = points.iter().take_while(|p| p.connections == 0).last();
+    let mut next = step.min(top.max(1));
+    for p in points {
+        if p.connections < next {
+            continue;
+        }
+        let mut row = serde_json::Map::new();
+        row.insert("connections".into(), p.connections.into());
+        row.insert("t_s".into(), round2(p.t_ms as f64 / 1000.0).into());
+        row.insert("rss_kib".into(), p.rss_kib.into());
+        if let Some(q) = prev {
+            let added = (p.connections - q.connections) as f64;
+            let kib = (p.rss_kib as f64 - q.rss_kib as f64) / added;
+            row.insert("kib_per_connection_step".into(), round2(kib).into());
+            let secs = p.t_ms.saturating_sub(q.t_ms) as f64 / 1000.0;
+            if secs > 0.0 {
+                row.insert("connects_per_s_step".into(), round2(added / secs).into());
+            }
+        }
+        rows.push(row);
+        prev = Some(p);
+        if p.connections >= top {
+            break;
+        }
+        next = ((p.connections / step + 1) * step).min(top);
+    }
+    rows
 }
 
 fn round2(x: f64) -> f64 {
@@ -373,11 +427,42 @@ mod tests {
     }
 
     #[test]
+    fn climb_reports_each_step() {
+        let pts: Vec<MemoryPoint> = [
+            (0, 100, 0),
+            (0, 100, 250),
+            (900, 1000, 500),
+            (2100, 2200, 750),
+            (4500, 4600, 1000),
+            (4600, 4700, 1250),
+        ]
+        .iter()
+        .map(|&(connections, rss_kib, t_ms)| MemoryPoint {
+            connections,
+            rss_kib,
+            t_ms,
+        })
+        .collect();
+        let rows = climb(&pts, 2000);
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(rows[0]["connections"], 2100);
+        assert_eq!(rows[0]["kib_per_connection_step"], 1.0);
+        assert_eq!(rows[0]["connects_per_s_step"], 4200.0);
+        assert_eq!(rows[1]["connections"], 4500);
+        assert_eq!(rows[1]["connects_per_s_step"], 9600.0);
+        // The top, short of the next step.
+        assert_eq!(rows[2]["connections"], 4600);
+        assert_eq!(rows[2]["kib_per_connection_step"], 1.0);
+        assert!(climb(&pts, 0).is_empty());
+    }
+
+    #[test]
     fn slope_fits_a_line() {
         let pts: Vec<MemoryPoint> = (0..20)
             .map(|i| MemoryPoint {
                 connections: i * 100,
                 rss_kib: 5000 + i * 100 * 3 + (i % 2) * 7,
+                t_ms: 0,
             })
             .collect();
         let s = slope(&pts).unwrap();
@@ -387,6 +472,7 @@ mod tests {
             .map(|_| MemoryPoint {
                 connections: 5,
                 rss_kib: 1,
+                t_ms: 0,
             })
             .collect();
         assert!(slope(&flat).is_none());

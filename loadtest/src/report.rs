@@ -879,6 +879,7 @@ mod tests {
             .map(|i| MemoryPoint {
                 connections: i * 1000,
                 rss_kib: 10_000 + i * 3000,
+                t_ms: 0,
             })
             .collect();
         r
@@ -935,6 +936,7 @@ mod tests {
         r.memory = vec![MemoryPoint {
             connections: 0,
             rss_kib: 0,
+            t_ms: 0,
         }];
         let html = render(&[Run {
             label: "t".into(),

@@ -140,6 +140,10 @@ pub struct ServerStat {
 pub struct MemoryPoint {
     pub connections: u64,
     pub rss_kib: u64,
+    /// Milliseconds since the workers started, so a climb can be read as a
+    /// rate; 0 in results written before it was recorded.
+    #[serde(default)]
+    pub t_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

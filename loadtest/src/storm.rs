@@ -6,10 +6,12 @@
 
 use crate::fleet;
 use crate::harness::{self, Run};
+use crate::net;
 use crate::proto::{self, Target};
 use crate::results::{r2, Common, CpuMeter};
 use crate::stats::{self, Hist, LatencySummary, RateSampler, Tally};
 use anyhow::{bail, Result};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +43,10 @@ pub struct StormArgs {
     /// Seconds to stay connected after the window before finishing.
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
+    /// Source addresses 127.0.0.1..N (default: as many as the ephemeral port
+    /// range requires for every user agent's old and new connection).
+    #[arg(long)]
+    pub source_addrs: Option<usize>,
 }
 
 #[derive(Default)]
@@ -81,12 +87,24 @@ pub async fn run(args: StormArgs) -> Result<()> {
     let (_, keys) = harness::vapids(1)?;
     let ids = harness::channel_ids(args.uas * per_ua);
     eprintln!("storm: connecting {} user agents", args.uas);
-    let mut setup = run.bring_up(args.uas, ids.clone(), keys).await;
+    let overflows_start = net::listen_overflows();
+    let up_started = Instant::now();
+    let mut spec = fleet::FleetSpec::new(args.uas, per_ua, common.concurrency, limit);
+    // A dropped connection's port stays in TIME_WAIT while its successor
+    // takes another.
+    let srcs = args
+        .source_addrs
+        .unwrap_or_else(|| net::source_addrs_needed(args.uas * 2));
+    spec.srcs = net::source_addrs(targets[0].addr, srcs);
+    run.result.metric("source_addrs", spec.srcs.len() as u64);
+    let mut setup = fleet::bring_up_fleet(&targets, &spec, ids.clone(), keys).await;
+    let up_secs = up_started.elapsed().as_secs_f64();
     setup.require_any("connect")?;
     let (up_count, ups) = (setup.connected, std::mem::take(&mut setup.ups));
     // Setup failures and the storm's own share one tally, as before.
     let errors = Arc::new(std::mem::take(&mut setup.errors));
     let rss_before = server.rss_each();
+    let overflows_up = net::listen_overflows();
 
     let cpu = CpuMeter::start(&server);
     let counts = Arc::new(Counts::default());
@@ -113,6 +131,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
         let stop = stop_rx.clone();
         let ua = Storming {
             u,
+            src: spec.srcs[u % spec.srcs.len()],
             at,
             mode: args.close,
             limit,
@@ -132,6 +151,8 @@ pub async fn run(args: StormArgs) -> Result<()> {
 
     let sampler = watch_storm(&counts, up_count, storm_start, window, limit).await;
     let storm_secs = storm_start.elapsed().as_secs_f64();
+    let overflows = [overflows_start, overflows_up, net::listen_overflows()];
+    record_overflows(&mut run.result, overflows);
     cpu.record(&mut run.result);
     tokio::time::sleep(stats::secs(args.settle.min(600.0))).await;
     let rss_after = server.rss_each();
@@ -149,6 +170,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     let reconnected = counts.reconnected.load(Relaxed);
     let failed = counts.failed.load(Relaxed);
     run.result.metric("uas_connected", up_count as u64);
+    run.result.metric("bring_up_s", r2(up_secs));
     run.result
         .metric("reconnect_attempts", counts.attempted.load(Relaxed));
     run.result.metric("reconnected", reconnected);
@@ -184,9 +206,25 @@ pub async fn run(args: StormArgs) -> Result<()> {
     ))
 }
 
+/// Accept-queue overflows (machine-wide counters read at the start, after
+/// bring-up and after the storm) per phase, so a full queue shows in the
+/// phase that filled it.
+fn record_overflows(result: &mut crate::results::RunResult, at: [Option<u64>; 3]) {
+    for (name, from, to) in [
+        ("listen_overflows_bring_up", at[0], at[1]),
+        ("listen_overflows_storm", at[1], at[2]),
+    ] {
+        if let (Some(a), Some(b)) = (from, to) {
+            result.metric(name, b.saturating_sub(a));
+        }
+    }
+}
+
 /// One user agent of the storm: where and how it goes away and comes back.
 struct Storming {
     u: usize,
+    /// The source address it came up from, kept for its reconnect.
+    src: Option<IpAddr>,
     at: Instant,
     mode: CloseMode,
     limit: Duration,
@@ -208,6 +246,7 @@ async fn storm_one(
 ) {
     let Storming {
         u,
+        src,
         at,
         mode,
         limit,
@@ -233,8 +272,9 @@ async fn storm_one(
     }
     counts.attempted.fetch_add(1, Relaxed);
     let mine = &ids[u * per_ua..(u + 1) * per_ua];
-    let back = fleet::resume(
+    let back = fleet::resume_from(
         &target,
+        src,
         u,
         &up.uaid,
         mine,

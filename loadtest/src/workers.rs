@@ -411,8 +411,9 @@ impl Sizing {
         let per_proc = nofile.soft.saturating_sub(100).max(1) as usize;
         let procs = procs.unwrap_or(total.div_ceil(per_proc)).clamp(1, 1000);
         let ports = net::ephemeral_port_count();
-        // Keep 10 % of each source address's ports spare for other traffic.
-        let srcs = srcs.unwrap_or(total.div_ceil(ports * 9 / 10)).clamp(1, 250);
+        let srcs = srcs
+            .unwrap_or_else(|| net::source_addrs_needed(total))
+            .clamp(1, 250);
         if procs * per_proc < total {
             eprintln!(
                 "warning: {procs} processes x {per_proc} files cannot hold {total} connections; raise --procs"
@@ -453,6 +454,7 @@ pub struct Workers {
     /// Server memory against open connections, sampled while connecting
     /// and holding.
     pub memory: Vec<MemoryPoint>,
+    started: Instant,
     rx: mpsc::UnboundedReceiver<(usize, WorkerEvent)>,
     workers: Vec<Worker>,
 }
@@ -484,6 +486,7 @@ impl Workers {
             setup: None,
             last_established_us: 0,
             memory: Vec::new(),
+            started: Instant::now(),
             rx,
             workers,
         })
@@ -583,6 +586,7 @@ impl Workers {
             self.memory.push(MemoryPoint {
                 connections: open,
                 rss_kib: rss,
+                t_ms: self.started.elapsed().as_millis() as u64,
             });
         }
     }

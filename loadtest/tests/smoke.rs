@@ -39,7 +39,7 @@ fn every_scenario_against_herald_then_report() {
         (v, out)
     };
 
-    let (idle, idle_f) = run_scenario("idle", &["--uas", "20", "--hold", "1"]);
+    let (idle, idle_f) = run_scenario("idle", &["--uas", "20", "--hold", "1", "--step", "5"]);
     assert_no_errors(&idle);
     assert_eq!(metric(&idle, "established"), 20.0);
     assert_eq!(metric(&idle, "open_at_end"), 20.0);
@@ -49,6 +49,14 @@ fn every_scenario_against_herald_then_report() {
     assert!(idle["metrics"]["server_kib_per_connection"].is_number());
     assert!(!idle["memory"].as_array().expect("memory").is_empty());
     assert_latency(&idle, "setup", 20);
+    // The climb in steps: at least the step the last connections landed in.
+    let climb = idle["rows"].as_array().expect("climb rows");
+    assert!(
+        climb.iter().all(|r| r["rss_kib"].as_u64() > Some(0)),
+        "{climb:?}"
+    );
+    assert_eq!(climb.last().expect("a climb row")["connections"], 20);
+    assert!(idle["metrics"]["listen_overflows"].is_number());
     // Herald selects the subprotocol Firefox asks for.
     assert_eq!(idle["subprotocol"], "push-notification");
 
@@ -115,6 +123,9 @@ fn every_scenario_against_herald_then_report() {
     assert_eq!(metric(&st, "failed"), 0.0);
     assert_eq!(metric(&st, "uaid_changed"), 0.0);
     assert_latency(&st, "reconnect_hello", 20);
+    // 20 user agents may come up in under 5 ms, which rounds to 0.
+    assert!(st["metrics"]["bring_up_s"].is_number());
+    assert!(st["metrics"]["listen_overflows_storm"].is_number());
 
     let html = dir.path().join("report.html");
     let label = format!("herald-label={}", tp_f.display());
