@@ -8,6 +8,7 @@ mod bridge;
 mod burst;
 mod crypto;
 mod fanout;
+mod faultproxy;
 mod fcm_sink;
 mod fleet;
 mod follow;
@@ -75,6 +76,9 @@ enum Command {
     /// without and then with one flooder (one subscription, many, optionally without VAPID);
     /// what the flooder got (201s, 429s by errno), checked against p99 ≤ 2× baseline.
     Abuse(abuse::AbuseArgs),
+    /// A TCP proxy for fault runs: per-direction latency and bandwidth, resets (all now, or at
+    /// random per chunk) and half-open links, changed at run time through a control port.
+    Faultproxy(faultproxy::FaultProxyArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Print the side-by-side table of result files (one row per target): throughput,
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
                 Command::Bridge(a) => bridge::run(a).await,
                 Command::Restart(a) => restart::run(a).await,
                 Command::Abuse(a) => abuse::run(a).await,
+                Command::Faultproxy(a) => faultproxy::run(a).await,
                 Command::IdleWorker { spec } => workers::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) | Command::Sizing(_) => Err(
                     anyhow::anyhow!("report, compare and sizing run outside the runtime"),
