@@ -269,12 +269,19 @@ async fn connection(
     let end = {
         let up = pump(&mut cr, &mut sw, Dir::Up, faults.clone(), counters, seed);
         let down = pump(&mut sr, &mut cw, Dir::Down, faults.clone(), counters, !seed);
+        // A reset in either direction ends both at once; a clean end of one
+        // direction waits for the other (a half-close, as TCP allows).
         let both = async {
-            let (a, b) = tokio::join!(up, down);
-            if matches!(a, End::Reset) || matches!(b, End::Reset) {
-                End::Reset
-            } else {
-                End::Closed
+            tokio::pin!(up, down);
+            tokio::select! {
+                a = &mut up => match a {
+                    End::Reset => End::Reset,
+                    End::Closed => down.await,
+                },
+                b = &mut down => match b {
+                    End::Reset => End::Reset,
+                    End::Closed => up.await,
+                },
             }
         };
         tokio::select! {

@@ -157,8 +157,13 @@ fn faults_apply_to_live_connections_and_clear() {
 
     // A reset probability of 1 resets a connection at its first chunk.
     p.ctl("reset-prob 1");
+    // The far side is reset too, at once: a connection reset one way and
+    // left open the other would be a black hole, not a reset.
     let mut c = client(&p);
-    assert!(round_trip(&mut c, b"first").is_err());
+    let t = Instant::now();
+    let e = round_trip(&mut c, b"first").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     let status = p.ctl("status");
     assert!(status.contains("reset_prob=1"), "{status}");
     assert!(!status.contains("resets=0 "), "{status}");
