@@ -24,6 +24,9 @@
 #                                        with PROXY_BIN every node is reached through a
 #                                        herald-loadtest faultproxy in its namespace that
 #                                        the node announces; prints the seed URLs
+#   chaos-net.sh redis-restart-empty DIR NAME
+#                                        kill -9 of NAME's Redis, restarted at once with
+#                                        its data gone (a node without persistence)
 #   chaos-net.sh down DIR                stops every recorded PID, deletes the namespaces
 #                                        and the bridge; safe to call twice
 #
@@ -300,6 +303,39 @@ redis_ready() {
   [ "$replicas" -eq 3 ]
 }
 
+# Starts (or restarts) the Redis node of namespace NAME with its data in
+# DIR/redis-NAME, as `redis-cluster` first did.
+redis_start() {
+  local dir=$1 n=$2 a announce=()
+  a=$(addr "$dir" "$n")
+  if [ "$(cat "$dir/redis-proxy")" != - ]; then
+    # Clients, replicas and redirects all reach the node through its
+    # proxy; the cluster bus (+10000) stays direct, so gossip and failure
+    # detection see only the nftables cuts, not the proxy's faults.
+    announce=(--cluster-announce-ip "$a" --cluster-announce-port "$PROXY_PORT"
+      --cluster-announce-bus-port $((REDIS_PORT + 10000)))
+  fi
+  run "$dir" "$n" --as "redis-$n" -- redis-server --port "$REDIS_PORT" --bind "$a" \
+    --protected-mode no --daemonize no --dir "$dir/redis-$n" --cluster-enabled yes \
+    --cluster-config-file "$dir/redis-$n/nodes.conf" --cluster-node-timeout 2000 \
+    --appendonly yes --appendfsync everysec --save '' --repl-diskless-sync-delay 0 \
+    "${announce[@]}" >/dev/null
+}
+
+# kill -9 of NAME's Redis and a restart with its data gone but its cluster
+# identity (nodes.conf) kept, within the node timeout: it comes back as the
+# primary of its slots, empty, and its replica resyncs from it, emptied too.
+# What a node without persistence that restarts quickly does.
+redis_restart_empty() {
+  local dir=$1 n=$2 pid
+  state "$dir"
+  pid=$(live_pid "$dir" "redis-$n") || die "redis in '$n' is not running"
+  kill -KILL -- "-$pid"
+  while live_pid "$dir" "redis-$n" >/dev/null; do sleep 0.01; done
+  rm -rf "$dir/redis-$n/appendonlydir" "$dir/redis-$n"/*.rdb
+  redis_start "$dir" "$n"
+}
+
 redis_cluster() {
   local dir=$1 proxy=$2
   shift 2
@@ -308,24 +344,15 @@ redis_cluster() {
   command -v redis-server >/dev/null || die "redis-server not found; run scripts/redis.sh install"
   local n a seeds=() port=$REDIS_PORT
   [ "$proxy" = - ] || port=$PROXY_PORT
+  echo "$proxy" >"$dir/redis-proxy"
   for n in "$@"; do
     a=$(addr "$dir" "$n")
     mkdir -p "$dir/redis-$n"
-    local announce=()
     if [ "$proxy" != - ]; then
-      # Clients, replicas and redirects all reach the node through its
-      # proxy; the cluster bus (+10000) stays direct, so gossip and failure
-      # detection see only the nftables cuts, not the proxy's faults.
-      announce=(--cluster-announce-ip "$a" --cluster-announce-port "$PROXY_PORT"
-        --cluster-announce-bus-port $((REDIS_PORT + 10000)))
       run "$dir" "$n" --as "proxy-$n" -- "$proxy" faultproxy --listen "$a:$PROXY_PORT" \
         --upstream "$a:$REDIS_PORT" --control "$a:$CONTROL_PORT" >/dev/null
     fi
-    run "$dir" "$n" --as "redis-$n" -- redis-server --port "$REDIS_PORT" --bind "$a" \
-      --protected-mode no --daemonize no --dir "$dir/redis-$n" --cluster-enabled yes \
-      --cluster-config-file "$dir/redis-$n/nodes.conf" --cluster-node-timeout 2000 \
-      --appendonly yes --appendfsync everysec --save '' --repl-diskless-sync-delay 0 \
-      "${announce[@]}" >/dev/null
+    redis_start "$dir" "$n"
     seeds+=("$a:$port")
   done
   local deadline=$((SECONDS + 10))
@@ -403,6 +430,7 @@ cut) [ "$#" -eq 3 ] || usage; cut "$@" ;;
 heal) [ "$#" -eq 1 ] || [ "$#" -eq 3 ] || usage; heal "$@" ;;
 isolate) [ "$#" -eq 2 ] || usage; isolate "$@" ;;
 redis-cluster) [ "$#" -eq 8 ] || usage; redis_cluster "$@" ;;
+redis-restart-empty) [ "$#" -eq 2 ] || usage; redis_restart_empty "$@" ;;
 down) [ "$#" -eq 1 ] || usage; down "$1" ;;
 *) usage ;;
 esac

@@ -20,7 +20,9 @@
 # faults to run alone, default all of: redis-partition node-partition
 # primary-cut-wait1 primary-cut-wait0 failover-lagged-wait1
 # failover-lagged-wait0 slow-redis lossy-redis halfopen-redis clock-ahead
-# clock-behind kill9), CHAOS_SEED (default: random),
+# clock-behind kill9; also primary-restarted-empty, not in the default: a
+# Redis primary without persistence restarted empty, which loses everything
+# on its slots, the run that must fail), CHAOS_SEED (default: random),
 # CHAOS_STRICT=1 (a loss documented for redis_wait_replicas = 0 fails too),
 # CHAOS_UAS (default 24), CHAOS_PORT (default 18300: nodes on +0..+2, their
 # proxies' control on +10..+12), CHAOS_ARGS (more `herald-loadtest chaos`
@@ -76,7 +78,8 @@ start_node() {
   # Settings travel in the environment; DIR/herald.env holds the run's.
   local envs=()
   mapfile -t envs <"$dir/herald.env"
-  "$net" run "$dir" "$name" "${fake[@]}" -- env "${envs[@]}" "HERALD_NODE_LISTEN=$a:$NODE_PORT" "$HERALD_BIN" serve \
+  # HERALD_BIN names our binary, not a setting (Herald warns of it).
+  "$net" run "$dir" "$name" "${fake[@]}" -- env -u HERALD_BIN "${envs[@]}" "HERALD_NODE_LISTEN=$a:$NODE_PORT" "$HERALD_BIN" serve \
     --listen "$a:$HERALD_PORT" --data-dir "$dir/data-$name" \
     --public-url "http://127.0.0.1:$port" >/dev/null
   echo "${skew:-none}" >"$dir/skew-$name"
@@ -175,6 +178,11 @@ act() {
   primary-cut) primary_cut "$dir" ;;
   primary-heal) primary_heal "$dir" ;;
   lag-cut) lag_cut "$dir" ;;
+  wipe-primary)
+    local p
+    p=$(current_primary "$dir") || die "no Redis primary answers"
+    "$net" redis-restart-empty "$dir" "$p"
+    ;;
   lag-failover) lag_failover "$dir" ;;
   proxies) redis_proxies "$dir" "$@" ;;
   *) die "unknown action '$action'" ;;
@@ -200,7 +208,8 @@ read -r -a faults <<<"${CHAOS_FAULTS:-$all_faults}"
 [[ "$secs" =~ ^[0-9]+$ && "$secs" -gt 0 ]] || die "CHAOS_SECS must be a positive whole number"
 [[ "$run_secs" =~ ^[0-9]+$ && "$run_secs" -ge 15 ]] || die "CHAOS_RUN_SECS must be 15 or more"
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces)"
-for f in "${faults[@]}"; do [[ " $all_faults " == *" $f "* ]] || die "unknown fault '$f' (known: $all_faults)"; done
+known="$all_faults primary-restarted-empty"
+for f in "${faults[@]}"; do [[ " $known " == *" $f "* ]] || die "unknown fault '$f' (known: $known)"; done
 command -v jq >/dev/null || die "jq not found"
 command -v curl >/dev/null || die "curl not found"
 
@@ -273,6 +282,8 @@ fault_lines() {
     line "$f" "$at" "$heal" "$(do_argv primary-cut)" "$(do_argv primary-heal)" ;;
   failover-lagged-wait1 | failover-lagged-wait0)
     line "$f" "$at" "$heal" "$(do_argv lag-cut)" "$(do_argv lag-failover)" ;;
+  primary-restarted-empty)
+    line "$f" "$at" "$heal" "$(do_argv wipe-primary)" "[]" ;;
   slow-redis)
     line "slow-redis" "$at" "$heal" "$(do_argv proxies latency both 150)" "$(do_argv proxies clear)"
     ;;
