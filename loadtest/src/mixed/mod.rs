@@ -332,6 +332,14 @@ fn receipt_link(headers: &http::HeaderMap) -> Option<String> {
         })
 }
 
+/// Whether two receipt subscription URLs name the same subscription: each
+/// node of a cluster names it under its own public URL, so only the path
+/// must match.
+fn same_subscription(a: &str, b: &str) -> bool {
+    let path = |u: &str| u.parse::<http::Uri>().ok().map(|u| u.path().to_string());
+    a == b || path(a).is_some_and(|p| Some(p) == path(b))
+}
+
 /// What a POST asks of the service besides delivery.
 struct Asks {
     ttl: u32,
@@ -917,7 +925,7 @@ impl Ua {
         }
         match (&a.receipt_sub, &self.receipt_sub) {
             (None, _) => errors.add("POST asking for a receipt: no receipt Link"),
-            (Some(got), Some(mine)) if got != mine => {
+            (Some(got), Some(mine)) if !same_subscription(got, mine) => {
                 errors.add("POST asking for a receipt: another receipt subscription")
             }
             (Some(_), Some(_)) => {}
@@ -1472,6 +1480,14 @@ mod tests {
         assert_eq!(id_of(&plaintext(123456789, 1)), Some(123456789));
         assert_eq!(id_of(b"herald-loadtest c=1 s=2;"), None);
         assert_eq!(id_of(b"soak id=x;"), None);
+    }
+
+    #[test]
+    fn a_receipt_subscription_is_the_same_under_another_node() {
+        let a = "http://127.0.0.1:8001/r/tok1";
+        assert!(same_subscription(a, "http://127.0.0.1:8002/r/tok1"));
+        assert!(!same_subscription(a, "http://127.0.0.1:8001/r/tok2"));
+        assert!(same_subscription("not a url", "not a url"));
     }
 
     #[test]
