@@ -63,7 +63,7 @@ pub struct SoakArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Seconds a connection must have been up for a message it did not get
-    /// to count against the server (see the rules in soak/ledger.rs).
+    /// to count against the server (see the rules in mixed/ledger.rs).
     #[arg(long, default_value_t = 2.0)]
     pub grace: f64,
     /// Mean seconds between a user agent's actions while online.
