@@ -59,11 +59,14 @@ node_index() {
   die "no node '$1'"
 }
 
-# Waits up to 30 s for node NAME's /ready (through its loopback proxy).
+# Waits up to 30 s for node NAME to answer GET $CHAOS_READY (through its
+# loopback proxy): /health by default, since a node restarted while a fault
+# keeps it from Redis is up but not ready, which is part of the fault; the
+# driver's first start asks for /ready.
 wait_ready() {
-  local dir=$1 name=$2 port deadline=$((SECONDS + 30))
+  local dir=$1 name=$2 port deadline=$((SECONDS + 30)) path=${CHAOS_READY:-/health}
   port=$(($(cat "$dir/port") + $(node_index "$name")))
-  until curl -sf -o /dev/null -m 2 "http://127.0.0.1:$port/ready"; do
+  until curl -sf -o /dev/null -m 2 "http://127.0.0.1:$port$path"; do
     [ "$SECONDS" -lt "$deadline" ] || die "node $name not ready in 30 s; see $dir/logs/$name.log"
     "$net" pid "$dir" "$name" >/dev/null 2>&1 || die "node $name exited; see $dir/logs/$name.log"
     sleep 0.2
@@ -322,7 +325,7 @@ run_one() {
   local out="$keep/run$n-$tag.json" hist="$keep/run$n-$tag.history.jsonl" rc=0
   node_env "$wait"
   local name
-  for name in "${NODES[@]}"; do "$root/scripts/chaos.sh" act "$dir" start "$name"; done
+  for name in "${NODES[@]}"; do CHAOS_READY=/ready "$root/scripts/chaos.sh" act "$dir" start "$name"; done
   echo "chaos: run $n ($tag, redis_wait_replicas=$wait, ${run_secs}s): $(jq -r .label "$sched" | paste -sd' ')" >&2
   # In the background, so INT/TERM reach the trap at once.
   # shellcheck disable=SC2086 # CHAOS_ARGS is a list of flags
