@@ -195,7 +195,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     let faults_task = tokio::spawn(faults::execute(sh.clone(), schedule, args.recovery_limit));
     mixed::run_uas(&sh, seed).await;
     let fault_runs = faults_task.await.context("the fault schedule")?;
-    let _ = watch.stop().await;
+    let server = watch.stop().await;
     cpu.record(&mut run.result);
 
     let mut record = std::mem::take(&mut *sh.record());
@@ -231,6 +231,12 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         counts,
     };
     account.write(&mut run.result, &args);
+    if !args.server_pid.is_empty() {
+        // The peaks span restarts: a killed node's figures stop at its death.
+        run.result
+            .metric("server_rss_peak_kib", server.peaks.rss_kib);
+        run.result.metric("server_fds_peak", server.peaks.fds);
+    }
     run.error_counts(&[("malformed server message", sh.malformed.load(Relaxed))]);
     run.errors_from(&[&sh.errors]);
     if let Some(h) = &sh.history {
