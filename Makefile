@@ -1,6 +1,6 @@
 # One cargo profile (dev, with optimised dependencies; see Cargo.toml) serves
 # run, test and bench, so RocksDB's C++ compiles once.
-.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak deb image dist-deps test-dist
+.PHONY: run test install deps test-deps lint bench bench-cluster fuzz soak chaos deb image dist-deps test-dist
 
 run: deps
 	cargo run --bin herald -- serve
@@ -61,6 +61,17 @@ fuzz: deps
 SOAK_SECS ?= 3600
 soak: deps
 	SOAK_SECS=$(SOAK_SECS) ./scripts/soak.sh
+
+# Three nodes on a Redis Cluster, every server in its own network namespace,
+# under CHAOS_SECS seconds of load in runs of CHAOS_RUN_SECS, each with a
+# fault applied and healed (partitions, a failover, slow and lossy links,
+# clock skew, kill -9), then an account of every message; a table per fault.
+# Needs root. See scripts/chaos.sh.
+CHAOS_SECS ?= 300
+chaos: deps
+	./scripts/redis.sh install
+	./scripts/install-test-tools.sh
+	CHAOS_SECS=$(CHAOS_SECS) ./scripts/chaos.sh
 
 # The Debian package and the OCI image of the binary `make run` builds (the
 # project's one profile: no second RocksDB build). Each prints the path or

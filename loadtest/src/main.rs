@@ -6,13 +6,16 @@ mod abuse;
 mod backlog;
 mod bridge;
 mod burst;
+mod chaos;
 mod crypto;
 mod fanout;
+mod faultproxy;
 mod fcm_sink;
 mod fleet;
 mod follow;
 mod harness;
 mod idle;
+mod mixed;
 mod net;
 mod proto;
 mod report;
@@ -71,10 +74,18 @@ enum Command {
     /// Mixed load for a long time (reconnects, TTLs, topics, acks, nacks, unregistrations), then
     /// an exact account of every message; fails if any accepted message was lost.
     Soak(soak::SoakArgs),
+    /// Soak's mixed load over several nodes while a fault schedule breaks and heals them
+    /// (user agents moving between nodes, a history file), then an exact account of every
+    /// message, registration and receipt, the time each fault took to recover from, and how
+    /// long an old socket outlived its user agent's move; fails on any loss.
+    Chaos(chaos::ChaosArgs),
     /// Fairness under abuse: well-behaved senders' latency and delivery at a steady rate,
     /// without and then with one flooder (one subscription, many, optionally without VAPID);
     /// what the flooder got (201s, 429s by errno), checked against p99 ≤ 2× baseline.
     Abuse(abuse::AbuseArgs),
+    /// A TCP proxy for fault runs: per-direction latency and bandwidth, resets (all now, or at
+    /// random per chunk) and half-open links, changed at run time through a control port.
+    Faultproxy(faultproxy::FaultProxyArgs),
     /// Turn result JSON files into a self-contained HTML page with SVG plots.
     Report(report::ReportArgs),
     /// Print the side-by-side table of result files (one row per target): throughput,
@@ -122,9 +133,11 @@ fn main() -> ExitCode {
                 Command::Burst(a) => burst::run(a).await,
                 Command::Fanout(a) => fanout::run(a).await,
                 Command::Soak(a) => soak::run(a).await,
+                Command::Chaos(a) => chaos::run(a).await,
                 Command::Bridge(a) => bridge::run(a).await,
                 Command::Restart(a) => restart::run(a).await,
                 Command::Abuse(a) => abuse::run(a).await,
+                Command::Faultproxy(a) => faultproxy::run(a).await,
                 Command::IdleWorker { spec } => workers::worker_process(&spec).await,
                 Command::Report(_) | Command::Compare(_) | Command::Sizing(_) => Err(
                     anyhow::anyhow!("report, compare and sizing run outside the runtime"),

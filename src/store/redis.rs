@@ -38,7 +38,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Per attempt to open a TCP connection to one node.
@@ -70,6 +71,13 @@ const BLOCKS_KEY: &str = "herald:blocks";
 
 const PUT_COLLISION: i64 = -1;
 const PUT_FULL: i64 = -2;
+
+/// How often a node compares its clock with Redis's (see `ClockSkew`).
+const SKEW_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// A difference up to this many seconds is left alone: two clocks both kept
+/// by NTP differ by less, and the seconds of two readings taken a moment
+/// apart can differ by one.
+const SKEW_TOLERANCE_SECS: i64 = 2;
 
 /// Shared by every script: the big-endian u64 at byte `off` (0-based) of `s`.
 /// Exact while below 2^53, which unix seconds are.
@@ -417,6 +425,83 @@ pub struct RedisStore {
     /// How long decided receipts are kept (Redis expires them by itself,
     /// so it must know the retention up front).
     receipt_retention: Duration,
+    skew: ClockSkew,
+}
+
+/// Redis's clock minus this node's, in seconds, when they differ by more
+/// than `SKEW_TOLERANCE_SECS`; else 0.
+///
+/// Why: expiry times are written by the node (`EXAT`, the expiries zset,
+/// the message's own `expires_at`) but enforced by Redis and compared by
+/// every other node. A node 30 s behind stored messages whose TTL was 30 s
+/// or less already expired, still answering 201 (found by `make chaos`),
+/// and one 30 s ahead skipped, as expired, messages other nodes had stored.
+/// Expiry times therefore cross the store boundary in Redis's time: shifted
+/// by this on the way in, back on the way out. Ordering (seqs, the owner's
+/// `since`) still follows the node's clock; see proto-docs/cluster.md.
+#[derive(Clone, Default)]
+struct ClockSkew(Arc<AtomicI64>);
+
+impl ClockSkew {
+    fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The skew to apply, given one reading of each clock.
+    fn from_readings(redis_secs: u64, node_secs: u64) -> i64 {
+        let d = redis_secs as i64 - node_secs as i64;
+        if d.abs() > SKEW_TOLERANCE_SECS {
+            d
+        } else {
+            0
+        }
+    }
+
+    /// Node time to Redis time; "never" (u64::MAX) stays never.
+    fn to_redis(&self, t: u64) -> u64 {
+        shift(t, self.get())
+    }
+
+    fn to_node(&self, t: u64) -> u64 {
+        shift(t, -self.get())
+    }
+}
+
+fn shift(t: u64, by: i64) -> u64 {
+    if t == u64::MAX {
+        t
+    } else {
+        t.saturating_add_signed(by)
+    }
+}
+
+/// Reads Redis's clock now and every `SKEW_CHECK_INTERVAL` while the store
+/// lives. A failed reading keeps the last value.
+async fn watch_skew(conn: Conn, skew: ClockSkew) {
+    loop {
+        let mut c = conn.clone();
+        let cmd = redis::cmd("TIME");
+        let time: Result<redis::RedisResult<(u64, u64)>, _> =
+            tokio::time::timeout(OP_TIMEOUT, cmd.query_async(&mut c)).await;
+        if let Ok(Ok((secs, _micros))) = time {
+            let d = ClockSkew::from_readings(secs, now_secs());
+            if d != skew.get() {
+                tracing::warn!(
+                    skew_secs = d,
+                    "this node's clock differs from Redis's; expiry times are kept in Redis's time"
+                );
+            }
+            skew.0.store(d, Ordering::Relaxed);
+        }
+        // Only this task holds it: the store is gone.
+        if Arc::strong_count(&skew.0) == 1 {
+            return;
+        }
+        tokio::time::sleep(SKEW_CHECK_INTERVAL).await;
+        if Arc::strong_count(&skew.0) == 1 {
+            return;
+        }
+    }
 }
 
 impl RedisStore {
@@ -447,7 +532,10 @@ impl RedisStore {
                     "redis connect: no answer from {url} within {CONNECT_BUDGET:?}"
                 ))
             })??;
+        let skew = ClockSkew::default();
+        tokio::spawn(watch_skew(conn.clone(), skew.clone()));
         Ok(RedisStore {
+            skew,
             conn,
             scripts: Scripts::new(),
             seq: AtomicU64::new(now_micros()),
@@ -552,6 +640,14 @@ impl RedisStore {
         self.bounded(what, invocation.invoke_async(&mut conn)).await
     }
 
+    /// A stored message with its expiry back in this node's time.
+    fn in_node_time(&self, m: Message) -> Message {
+        Message {
+            expires_at: self.skew.to_node(m.expires_at),
+            ..m
+        }
+    }
+
     fn count_expired(&self, n: u64) {
         if let (Some(c), true) = (&self.expired, n > 0) {
             c.inc_by(n);
@@ -591,7 +687,11 @@ impl RedisStore {
             }));
         }
         let keys = Keys::new(uaid);
-        let value = encode_message(m);
+        let expires_at = self.skew.to_redis(m.expires_at);
+        let value = encode_message(&Message {
+            expires_at,
+            ..m.clone()
+        });
         let topic = m
             .topic
             .as_deref()
@@ -611,7 +711,7 @@ impl RedisStore {
                 .key(keys.expiries())
                 .arg(seq)
                 .arg(&value)
-                .arg(m.expires_at)
+                .arg(expires_at)
                 .arg(&topic)
                 .arg(keys.payload_prefix())
                 .arg(EXPIRES_AT.start)
@@ -822,7 +922,7 @@ impl Store for RedisStore {
             .key(keys.expiries())
             .arg(after)
             .arg(lua_count(limit))
-            .arg(now_secs())
+            .arg(self.skew.to_redis(now_secs()))
             .arg(keys.payload_prefix())
             .arg(EXPIRES_AT.start);
         let (pruned, seqs, values): (u64, Vec<u64>, Vec<Vec<u8>>) =
@@ -832,7 +932,7 @@ impl Store for RedisStore {
             .into_iter()
             .zip(values)
             .filter_map(|(seq, v)| {
-                let m = decode_message(seq, &v);
+                let m = decode_message(seq, &v).map(|m| self.in_node_time(m));
                 if m.is_none() {
                     tracing::warn!("skipping an undecodable stored message");
                 }
@@ -850,6 +950,7 @@ impl Store for RedisStore {
             .await?;
         let now = now_secs();
         Ok(v.and_then(|v| decode_message(seq, &v))
+            .map(|m| self.in_node_time(m))
             .filter(|m| !m.expired(now)))
     }
 
@@ -872,7 +973,7 @@ impl Store for RedisStore {
         }
         let mut cmd = redis::cmd("ZCOUNT");
         cmd.arg(Keys::new(uaid).expiries())
-            .arg(format!("({now}"))
+            .arg(format!("({}", self.skew.to_redis(now)))
             .arg("+inf");
         let n: usize = self.query("count_messages", &cmd).await?;
         Ok(n.min(limit))
@@ -995,6 +1096,21 @@ mod tests {
     use bytes::Bytes;
     use herald_proto::urgency::Urgency;
     use redis::cluster_routing::Slot;
+
+    #[test]
+    fn clock_skew_is_applied_past_the_tolerance_and_undone_on_the_way_out() {
+        assert_eq!(ClockSkew::from_readings(1000, 999), 0);
+        assert_eq!(ClockSkew::from_readings(1000, 1002), 0);
+        assert_eq!(ClockSkew::from_readings(1030, 1000), 30);
+        assert_eq!(ClockSkew::from_readings(1000, 1030), -30);
+        let skew = ClockSkew::default();
+        skew.0.store(-30, Ordering::Relaxed);
+        // A node 30 s ahead: its expiry of 1050 is Redis's 1020, and back.
+        assert_eq!(skew.to_redis(1050), 1020);
+        assert_eq!(skew.to_node(skew.to_redis(1050)), 1050);
+        assert_eq!(skew.to_redis(u64::MAX), u64::MAX);
+        assert_eq!(skew.to_redis(10), 0);
+    }
 
     #[test]
     fn message_offsets_match_the_codec() {

@@ -148,6 +148,11 @@ pub struct Tally {
     /// Messages received again after an ack or nack, or twice on one
     /// connection (a bug).
     pub duplicates: u64,
+    /// Among `duplicates`: received after an ack or nack on a cleanly closed
+    /// connection, more than the redelivery window later.
+    pub acked_redelivered_late: u64,
+    /// Among `duplicates`: received twice on one connection.
+    pub repeated_on_one_connection: u64,
     /// Receipts of ids never POSTed.
     pub unknown: u64,
     /// Received, though their POST got no status.
@@ -220,6 +225,14 @@ pub fn fate(
 
 /// Classifies every accepted message and every repeated receipt.
 pub fn classify(r: &Record, grace: Secs) -> Tally {
+    classify_within(r, grace, 0.0)
+}
+
+/// As `classify`, but a message received again within `window` seconds of
+/// its ack (or nack) on a cleanly closed connection counts as redelivered,
+/// not as a duplicate: after a node dies, proto-docs allows acks that had
+/// not reached the store to be repeated.
+pub fn classify_within(r: &Record, grace: Secs, window: Secs) -> Tally {
     let mut t = Tally::default();
     let mut conns_of: HashMap<usize, Vec<&Conn>> = HashMap::new();
     let mut conn_by_id: HashMap<u64, &Conn> = HashMap::new();
@@ -300,16 +313,18 @@ pub fn classify(r: &Record, grace: Secs) -> Tally {
             t.unknown += 1;
             continue;
         }
-        let mut bug = false;
-        let mut again = false;
+        let (mut same, mut late) = (false, false);
         for (k, rc) in list.iter().enumerate().skip(1) {
-            again = true;
-            bug |= list[..k].iter().any(|e| {
+            for e in &list[..k] {
                 let clean = conn_by_id.get(&e.conn).is_some_and(|c| c.clean);
-                e.conn == rc.conn || (e.answer != Answer::None && clean)
-            });
+                same |= e.conn == rc.conn;
+                late |= e.answer != Answer::None && clean && rc.at - e.at > window;
+            }
         }
-        if bug {
+        let again = list.len() > 1;
+        t.repeated_on_one_connection += u64::from(same);
+        t.acked_redelivered_late += u64::from(late);
+        if same || late {
             t.duplicates += 1;
             if t.duplicate_ids.len() < KEEP_IDS {
                 t.duplicate_ids.push(*id);
@@ -328,7 +343,7 @@ pub(super) mod tests {
     const G: Secs = 2.0;
 
     /// An accepted POST without a receipt; tests change what they need.
-    pub(in crate::soak) fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
+    pub(in crate::mixed) fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
         Sent {
             id,
             ua: 0,
@@ -555,7 +570,37 @@ pub(super) mod tests {
         assert_eq!(t.redelivered, 2);
         assert_eq!(t.duplicates, 3);
         assert_eq!(t.duplicate_ids, vec![2, 3, 5]);
+        assert_eq!(t.acked_redelivered_late, 2);
+        assert_eq!(t.repeated_on_one_connection, 1);
         assert_eq!(t.unknown, 1);
+    }
+
+    #[test]
+    fn a_redelivery_window_excuses_only_early_repeats_of_acked_messages() {
+        let r = Record {
+            sent: (1..=3).map(|i| sent(i, 600, None, 0.0)).collect(),
+            receipts: vec![
+                // Acked, closed cleanly, back 4 s later: inside a 5 s window.
+                got(1, 1, 1.0, Answer::Acked),
+                got(1, 2, 5.0, Answer::Acked),
+                // Back 29 s later: outside it.
+                got(2, 1, 1.0, Answer::Acked),
+                got(2, 2, 30.0, Answer::Acked),
+                // Twice on one connection is never excused.
+                got(3, 2, 6.0, Answer::None),
+                got(3, 2, 7.0, Answer::Acked),
+            ],
+            conns: vec![conn(1, 0.0, 2.0), conn(2, 4.0, 40.0)],
+            ..Default::default()
+        };
+        let t = classify_within(&r, G, 5.0);
+        assert_eq!(t.redelivered, 1);
+        assert_eq!(t.duplicates, 2);
+        assert_eq!(t.acked_redelivered_late, 1);
+        assert_eq!(t.repeated_on_one_connection, 1);
+        assert_eq!(t.duplicate_ids, vec![2, 3]);
+        // Without a window every repeat after an ack counts.
+        assert_eq!(classify(&r, G).acked_redelivered_late, 2);
     }
 
     #[test]
