@@ -39,6 +39,44 @@ pub fn fault_costs(r: &Record, fates: &HashMap<u64, Fate>, runs: &[FaultRun]) ->
         .collect()
 }
 
+/// TTL-0 messages that ended lost and were POSTed while a fault was on or
+/// before the nodes had recovered from it (its heal, plus the measured
+/// recovery, plus `grace`). RFC 8030 (section 5.2) promises a TTL-0 message
+/// only to a user agent that is available at that moment, and one whose
+/// node the accepting node cannot reach (cut apart, a clock its peers
+/// refuse, a Redis link being re-established) is not; Herald answers 201 and
+/// then drops it, as autopush does. Outside every fault window a TTL-0
+/// message whose user agent was up is still LOST: that is a bug.
+pub fn ttl0_dropped_in_faults(
+    r: &Record,
+    fates: &HashMap<u64, Fate>,
+    runs: &[FaultRun],
+    grace: Secs,
+) -> Vec<u64> {
+    let windows: Vec<(Secs, Secs)> = runs
+        .iter()
+        .filter_map(|f| {
+            let from = f.started?;
+            // Never healed nor recovered: the window lasts to the end.
+            let to = match (f.healed, f.recovery) {
+                (Some(h), Some(rec)) => h + rec + grace,
+                _ => Secs::INFINITY,
+            };
+            Some((from, to))
+        })
+        .collect();
+    r.sent
+        .iter()
+        .filter(|m| m.ttl == 0 && fates.get(&m.id) == Some(&Fate::Lost))
+        .filter(|m| {
+            windows
+                .iter()
+                .any(|&(from, to)| m.answered_at >= from && m.sent_at <= to)
+        })
+        .map(|m| m.id)
+        .collect()
+}
+
 /// The longest time an old socket stayed open after its user agent moved,
 /// counting one still open at `now` for as long as it has been; and how
 /// many were never closed.
@@ -152,6 +190,40 @@ mod tests {
             healed: Some(healed),
             ..Default::default()
         }
+    }
+
+    /// A TTL-0 message dropped while two nodes were cut apart is excused;
+    /// one dropped after the nodes had recovered is not, nor is a message
+    /// with a TTL lost inside the window.
+    #[test]
+    fn only_ttl0_messages_inside_a_fault_window_are_excused() {
+        let r = Record {
+            sent: vec![
+                sent(1, 0, 12.0, 0),
+                sent(2, 0, 21.0, 0),
+                sent(3, 0, 40.0, 0),
+                sent(4, 0, 13.0, 3600),
+            ],
+            conns: vec![conn(1, 0, 0.0, 60.0, true)],
+            end: 60.0,
+            ..Default::default()
+        };
+        let t = ledger::classify(&r, 2.0);
+        assert_eq!(t.lost, 4);
+        let mut cut = fault("cut", 10.0, 20.0);
+        cut.recovery = Some(0.5);
+        assert_eq!(
+            ttl0_dropped_in_faults(&r, &t.fates, &[cut], 2.0),
+            vec![1, 2]
+        );
+        // A fault never recovered from excuses TTL 0 to the end of the run.
+        let mut stuck = fault("stuck", 10.0, 20.0);
+        stuck.recovery = None;
+        assert_eq!(
+            ttl0_dropped_in_faults(&r, &t.fates, &[stuck], 2.0),
+            vec![1, 2, 3]
+        );
+        assert!(ttl0_dropped_in_faults(&r, &t.fates, &[], 2.0).is_empty());
     }
 
     /// A message accepted during a partition and never delivered though its

@@ -15,7 +15,7 @@ mod faults;
 
 use crate::harness::Run;
 use crate::mixed::history::History;
-use crate::mixed::ledger::{self, Outcome};
+use crate::mixed::ledger::{self, Fate, Outcome};
 use crate::mixed::receipts::ReceiptTally;
 use crate::mixed::{self, Roaming, ServerWatch, Shared, SoakArgs};
 use crate::results::{parse_server_pid, Common, CpuMeter, RunResult, ServerPid};
@@ -200,8 +200,19 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
 
     let mut record = std::mem::take(&mut *sh.record());
     record.end = sh.now();
-    let t = ledger::classify_within(&record, args.grace, args.redelivery_window);
+    let mut t = ledger::classify_within(&record, args.grace, args.redelivery_window);
     let rt = mixed::collect_receipts(&sh, &record, &t.fates).await;
+    let ttl0_dropped = check::ttl0_dropped_in_faults(&record, &t.fates, &fault_runs, args.grace);
+    for id in &ttl0_dropped {
+        t.fates.insert(*id, Fate::Expired);
+    }
+    // Counted among the expired (a TTL-0 message that found nobody to take
+    // it is one that expired at once), and reported on their own.
+    let n = ttl0_dropped.len() as u64;
+    t.lost -= n;
+    t.expired += n;
+    t.expired_ttl0 += n;
+    t.lost_ids.retain(|id| !ttl0_dropped.contains(id));
     let costs = check::fault_costs(&record, &t.fates, &fault_runs);
     let roaming = sh.roaming.as_ref().expect("chaos roams");
     let moves = roaming
@@ -228,6 +239,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         costs,
         moves: moves.len() as u64,
         dual_open,
+        ttl0_dropped,
         counts,
     };
     account.write(&mut run.result, &args);
@@ -260,6 +272,8 @@ struct Account {
     costs: Vec<check::FaultCost>,
     moves: u64,
     dual_open: u64,
+    /// TTL-0 messages excused by a fault (`check::ttl0_dropped_in_faults`).
+    ttl0_dropped: Vec<u64>,
     counts: check::Counts,
 }
 
@@ -292,6 +306,7 @@ impl Account {
             ("acked_redelivered_late", t.acked_redelivered_late),
             ("dual_owner_moves", self.moves),
             ("dual_owner_never_closed", self.dual_open),
+            ("ttl0_dropped_in_faults", self.ttl0_dropped.len() as u64),
         ] {
             r.metric(name, v);
         }
@@ -319,6 +334,13 @@ impl Account {
                 ));
             }
         }
+        if !self.ttl0_dropped.is_empty() {
+            r.notes.push(format!(
+                "{} TTL-0 messages were dropped inside a fault window (counted as expired; ids {:?})",
+                self.ttl0_dropped.len(),
+                &self.ttl0_dropped[..self.ttl0_dropped.len().min(20)]
+            ));
+        }
         if self.dual_open > 0 {
             r.notes.push(format!(
                 "{} old sockets were never closed after their user agent moved",
@@ -340,7 +362,7 @@ impl Account {
             })
             .collect();
         format!(
-            "chaos[{}]: {:.0} s, {} user agents over {nodes} nodes, {} faults: {} accepted, {} delivered, {} expired, {} replaced, {} dropped by unregister, {} LOST; {} rejected; {} duplicates, {} acked redelivered late; {} registrations lost; {} receipt errors; old sockets open at most {:.2} s; recovery: {}",
+            "chaos[{}]: {:.0} s, {} user agents over {nodes} nodes, {} faults: {} accepted, {} delivered, {} expired ({} of them TTL 0 dropped in a fault), {} replaced, {} dropped by unregister, {} LOST; {} rejected; {} duplicates, {} acked redelivered late; {} registrations lost; {} receipt errors; old sockets open at most {:.2} s; recovery: {}",
             args.target,
             args.duration,
             args.uas,
@@ -348,6 +370,7 @@ impl Account {
             t.accepted,
             t.delivered,
             t.expired,
+            self.ttl0_dropped.len(),
             t.replaced,
             t.unregistered,
             t.lost,
