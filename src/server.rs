@@ -257,6 +257,7 @@ impl Server {
         }
         if let Some(c) = cluster {
             tasks.push(tokio::spawn(c.heartbeat_loop()));
+            tasks.push(tokio::spawn(reconfirm_loop(app.clone())));
         }
         if let Some(tls) = tls {
             tasks.push(tokio::spawn(reload_on_sighup(tls)));
@@ -1024,5 +1025,15 @@ mod tests {
                 assert!(!private.starts_with(prefix), "{prefix} claims {private}");
             }
         }
+    }
+}
+
+/// Every heartbeat, forever: connections served while the store could not
+/// record them are claimed again (`Router::reconfirm`).
+async fn reconfirm_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(crate::router::cluster::HEARTBEAT_INTERVAL);
+    loop {
+        tick.tick().await;
+        app.router.reconfirm().await;
     }
 }

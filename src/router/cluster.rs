@@ -62,6 +62,10 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Owners of this node's connections, to release them exactly.
     owners: DashMap<(Uaid, u64), Owner>,
+    /// Connections served while the store could not record their claim:
+    /// nobody else knows they are here, so a later move elsewhere cannot
+    /// evict them. `reconfirm` claims them again once the store answers.
+    unconfirmed: DashMap<(Uaid, u64), Owner>,
 }
 
 impl Cluster {
@@ -91,6 +95,7 @@ impl Cluster {
             node_urls: DashMap::new(),
             metrics,
             owners: DashMap::new(),
+            unconfirmed: DashMap::new(),
         })
     }
 
@@ -145,6 +150,7 @@ impl Cluster {
                 // record, and messages wait in the store meanwhile.
                 tracing::warn!("claiming a user agent: {e}");
                 self.owners.insert((uaid, conn), owner);
+                self.unconfirmed.insert((uaid, conn), owner);
                 true
             }
         }
@@ -169,6 +175,42 @@ impl Cluster {
             self.directory.claim(&uaid, &owner).await?;
         }
         Ok(())
+    }
+
+    /// Claims again, with their original times, the connections whose claim
+    /// the store could not take, and closes those a newer connection on
+    /// another node took over meanwhile (one a user agent moved away from
+    /// while this node was cut from the store would otherwise stay open,
+    /// serving nothing, until the user agent closed it).
+    pub async fn reconfirm(&self, local: &LocalRouter) {
+        let pending: Vec<((Uaid, u64), Owner)> = self
+            .unconfirmed
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect();
+        for ((uaid, conn), owner) in pending {
+            if !self.owners.contains_key(&(uaid, conn)) {
+                // The connection ended; `release` already forgot it.
+                self.unconfirmed.remove(&(uaid, conn));
+                continue;
+            }
+            match self.directory.claim(&uaid, &owner).await {
+                Ok(Claim::Won { replaced }) => {
+                    self.unconfirmed.remove(&(uaid, conn));
+                    if let Some(old) = replaced.filter(|o| o.node != self.node) {
+                        self.evict_remote(uaid, old).await;
+                    }
+                }
+                Ok(Claim::Lost { newer }) => {
+                    tracing::debug!(uaid = %uaid.short(), newer_node = newer.node, "closing a connection taken over while the store was unreachable");
+                    self.unconfirmed.remove(&(uaid, conn));
+                    self.owners.remove(&(uaid, conn));
+                    local.evict(&uaid, conn);
+                }
+                // Still unreachable: the next round tries again.
+                Err(_) => return,
+            }
+        }
     }
 
     pub async fn release(&self, uaid: &Uaid, conn: u64) {
@@ -340,6 +382,89 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{MemStore, StoreError};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The shared store, with its claims refused while `down` is set: a
+    /// node cut from Redis.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemStore,
+        down: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Directory for Flaky {
+        async fn claim(&self, uaid: &Uaid, owner: &Owner) -> StoreResult<Claim> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("cut".into()));
+            }
+            self.inner.claim(uaid, owner).await
+        }
+        async fn release(&self, uaid: &Uaid, owner: &Owner) -> StoreResult<()> {
+            self.inner.release(uaid, owner).await
+        }
+        async fn owner(&self, uaid: &Uaid) -> StoreResult<Option<Owner>> {
+            self.inner.owner(uaid).await
+        }
+        async fn heartbeat(&self, node: u64, url: &str, ttl: Duration) -> StoreResult<()> {
+            self.inner.heartbeat(node, url, ttl).await
+        }
+        async fn node_url(&self, node: u64) -> StoreResult<Option<String>> {
+            self.inner.node_url(node).await
+        }
+        async fn share_usage(
+            &self,
+            node: u64,
+            usage: &[u8],
+            cursor: Option<&str>,
+        ) -> StoreResult<(String, Vec<Vec<u8>>)> {
+            self.inner.share_usage(node, usage, cursor).await
+        }
+    }
+
+    /// A connection accepted while the store was unreachable is claimed
+    /// again once it answers: kept if nobody else took the user agent,
+    /// closed if a newer connection on another node did meanwhile.
+    #[tokio::test]
+    async fn connections_served_without_the_store_are_claimed_again() {
+        let dir = Arc::new(Flaky::default());
+        let cluster = Cluster::new(
+            dir.clone(),
+            "http://127.0.0.1:1".into(),
+            &[[7; 32]],
+            Arc::new(Metrics::new()),
+        );
+        let local = LocalRouter::new();
+        let (stays, moves) = (Uaid::random(), Uaid::random());
+        dir.down.store(true, Ordering::Relaxed);
+        for uaid in [stays, moves] {
+            let b = local.bind(uaid);
+            assert!(cluster.claim(uaid, b.id).await, "served without the store");
+        }
+        // Still cut: nothing changes.
+        cluster.reconfirm(&local).await;
+        assert!(local.is_connected(&stays) && local.is_connected(&moves));
+        assert_eq!(dir.inner.owner(&stays).await.unwrap(), None);
+
+        // Meanwhile `moves` connected to another node, which could record it.
+        let elsewhere = Owner {
+            node: cluster.node() + 1,
+            conn: 1,
+            since: now_micros() + 1,
+        };
+        dir.inner.claim(&moves, &elsewhere).await.unwrap();
+        dir.down.store(false, Ordering::Relaxed);
+        cluster.reconfirm(&local).await;
+        assert!(local.is_connected(&stays), "nobody else took it");
+        assert_eq!(
+            dir.inner.owner(&stays).await.unwrap().map(|o| o.node),
+            Some(cluster.node())
+        );
+        assert!(!local.is_connected(&moves), "taken over: closed");
+        assert_eq!(dir.inner.owner(&moves).await.unwrap(), Some(elsewhere));
+        assert!(cluster.unconfirmed.is_empty());
+    }
 
     #[test]
     fn wake_messages_round_trip_through_json() {

@@ -52,6 +52,14 @@ impl Router {
         Some(binding)
     }
 
+    /// Closes the connections a newer one elsewhere took over while this
+    /// node could not record its own (see `Cluster::reconfirm`).
+    pub async fn reconfirm(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.reconfirm(&self.local).await;
+        }
+    }
+
     /// Forgets a connection, unless a newer one has already taken the uaid.
     pub async fn unbind(&self, uaid: &Uaid, id: u64) {
         self.local.unbind(uaid, id);
