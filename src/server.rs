@@ -968,6 +968,16 @@ pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
     Ok(dropped)
 }
 
+/// Every heartbeat, forever: connections served while the store could not
+/// record them are claimed again (`Router::reconfirm`).
+async fn reconfirm_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(crate::router::cluster::HEARTBEAT_INTERVAL);
+    loop {
+        tick.tick().await;
+        app.router.reconfirm().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1025,15 +1035,5 @@ mod tests {
                 assert!(!private.starts_with(prefix), "{prefix} claims {private}");
             }
         }
-    }
-}
-
-/// Every heartbeat, forever: connections served while the store could not
-/// record them are claimed again (`Router::reconfirm`).
-async fn reconfirm_loop(app: Arc<App>) {
-    let mut tick = tokio::time::interval(crate::router::cluster::HEARTBEAT_INTERVAL);
-    loop {
-        tick.tick().await;
-        app.router.reconfirm().await;
     }
 }
