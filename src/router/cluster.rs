@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 /// missed renewals.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(6);
+/// Tries of an eviction, one heartbeat apart: a peer unreachable for
+/// longer than about a minute gets its connections fenced by its own
+/// `reconfirm` once its heartbeat is back.
+const EVICT_ATTEMPTS: u32 = 30;
 /// How long a node's address is trusted from the local cache.
 const NODE_URL_CACHE: Duration = Duration::from_secs(2);
 /// Connected sessions re-read the store this often, so a wake-up lost on the
@@ -106,14 +110,28 @@ impl Cluster {
     /// Renews this node's announcement forever (run as a task).
     pub async fn heartbeat_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let mut lapsed = false;
         loop {
             tick.tick().await;
-            if let Err(e) = self
+            match self
                 .directory
                 .heartbeat(self.node, &self.url, HEARTBEAT_TTL)
                 .await
             {
-                tracing::warn!("node heartbeat: {e}");
+                Ok(()) if lapsed => {
+                    // While this node's announcement was out, others could
+                    // not reach it to evict the user agents that moved away:
+                    // claim every connection again (see `reconfirm`).
+                    lapsed = false;
+                    for e in self.owners.iter() {
+                        self.unconfirmed.insert(*e.key(), *e.value());
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    lapsed = true;
+                    tracing::warn!("node heartbeat: {e}");
+                }
             }
         }
     }
@@ -279,19 +297,32 @@ impl Cluster {
     }
 
     async fn evict_remote(&self, uaid: Uaid, old: Owner) {
-        let Some(url) = self.node_url(old.node).await else {
-            return;
-        };
+        let first = self.node_url(old.node).await;
         let body = serde_json::to_vec(&Evict {
             uaid: uaid.to_string(),
             conn: old.conn,
         })
         .unwrap_or_default();
-        let client = self.client.clone();
+        let (client, directory) = (self.client.clone(), self.directory.clone());
+        // Retried: a node cut from the others, or whose announcement lapsed
+        // while it was cut from the store, would otherwise keep serving a
+        // socket its user agent has left, with nothing to close it.
         tokio::spawn(async move {
-            client
-                .post(&url, EVICT_PATH, "application/json", body)
-                .await;
+            let mut url = first;
+            for attempt in 0..EVICT_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                    if url.is_none() {
+                        url = directory.node_url(old.node).await.ok().flatten();
+                    }
+                }
+                if let Some(u) = &url {
+                    let sent = client.post(u, EVICT_PATH, "application/json", body.clone());
+                    if sent.await.is_some() {
+                        return;
+                    }
+                }
+            }
         });
     }
 
