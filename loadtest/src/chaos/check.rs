@@ -147,39 +147,15 @@ pub fn failures(c: &Counts) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mixed::ledger::{self, Answer, Conn, Receipt, Sent};
+    use crate::mixed::ledger::tests::{conn_of as conn, got};
+    use crate::mixed::ledger::{self, Answer, Sent};
 
     fn sent(id: u64, ua: usize, at: Secs, ttl: u32) -> Sent {
         Sent {
-            id,
             ua,
             channel: ua,
-            ttl,
-            topic: None,
-            sent_at: at,
             answered_at: at + 0.1,
-            outcome: Outcome::Accepted,
-            receipt: false,
-            message: None,
-        }
-    }
-
-    fn conn(id: u64, ua: usize, up: Secs, down: Secs, clean: bool) -> Conn {
-        Conn {
-            id,
-            ua,
-            up,
-            down,
-            clean,
-        }
-    }
-
-    fn got(id: u64, conn: u64, at: Secs, answer: Answer) -> Receipt {
-        Receipt {
-            id,
-            conn,
-            at,
-            answer,
+            ..ledger::tests::sent(id, ttl, None, at)
         }
     }
 

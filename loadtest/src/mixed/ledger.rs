@@ -337,13 +337,13 @@ pub fn classify_within(r: &Record, grace: Secs, window: Secs) -> Tally {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const G: Secs = 2.0;
 
     /// An accepted POST without a receipt; tests change what they need.
-    pub(in crate::mixed) fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
+    pub(crate) fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
         Sent {
             id,
             ua: 0,
@@ -359,16 +359,20 @@ pub(super) mod tests {
     }
 
     fn conn(id: u64, up: Secs, down: Secs) -> Conn {
+        conn_of(id, 0, up, down, true)
+    }
+
+    pub(crate) fn conn_of(id: u64, ua: usize, up: Secs, down: Secs, clean: bool) -> Conn {
         Conn {
             id,
-            ua: 0,
+            ua,
             up,
             down,
-            clean: true,
+            clean,
         }
     }
 
-    fn got(id: u64, conn: u64, at: Secs, answer: Answer) -> Receipt {
+    pub(crate) fn got(id: u64, conn: u64, at: Secs, answer: Answer) -> Receipt {
         Receipt {
             id,
             conn,

@@ -342,7 +342,8 @@ pub fn check(
 
 #[cfg(test)]
 mod tests {
-    use super::super::ledger::{Conn, Receipt, Unregistration};
+    use super::super::ledger::tests::got;
+    use super::super::ledger::{Conn, Unregistration};
     use super::*;
 
     fn sent(id: u64, ttl: u32, topic: Option<&str>, at: Secs) -> Sent {
@@ -354,22 +355,7 @@ mod tests {
     }
 
     fn conn(id: u64, up: Secs, down: Secs, clean: bool) -> Conn {
-        Conn {
-            id,
-            ua: 0,
-            up,
-            down,
-            clean,
-        }
-    }
-
-    fn got(id: u64, conn: u64, at: Secs, answer: Answer) -> Receipt {
-        Receipt {
-            id,
-            conn,
-            at,
-            answer,
-        }
+        super::super::ledger::tests::conn_of(id, 0, up, down, clean)
     }
 
     fn rc(id: u64, verdict: Verdict) -> DeliveryReceipt {
