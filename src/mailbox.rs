@@ -114,10 +114,7 @@ impl<'a> Mailbox<'a> {
             .time("put_message", store.put_message(uaid, message))
             .await?;
         match outcome.replaced {
-            Some(old) => {
-                app.metrics.messages_replaced.inc();
-                app.receipts.forget(uaid, old).await;
-            }
+            Some(old) => self.replaced(uaid, old).await,
             None => {
                 app.pending.added(uaid);
                 reservation.added = true;
@@ -142,10 +139,16 @@ impl<'a> Mailbox<'a> {
             return Err(Refused::Full(limit));
         };
         if let Some(old) = outcome.replaced {
-            app.metrics.messages_replaced.inc();
-            app.receipts.forget(uaid, old).await;
+            self.replaced(uaid, old).await;
         }
         Ok(outcome.seq)
+    }
+
+    /// A message with the same topic was stored over `old`, which will
+    /// never be delivered: it gets no receipt.
+    async fn replaced(&self, uaid: &Uaid, old: u64) {
+        self.app.metrics.messages_replaced.inc();
+        self.app.receipts.forget(uaid, old).await;
     }
 
     /// A message went out to its user agent.

@@ -24,7 +24,8 @@ struct Count {
 pub struct PendingCounts {
     counts: DashMap<Uaid, Count>,
     /// Several nodes share the store: another node's acks never reach this
-    /// node's counts, so count in the store every time.
+    /// node's counts, so the mailbox has the store count as it stores
+    /// (`is_shared`) and never reserves here.
     shared: bool,
 }
 
@@ -53,9 +54,6 @@ impl PendingCounts {
         now: u64,
         limit: usize,
     ) -> StoreResult<bool> {
-        if self.shared {
-            return Ok(store.count_messages(uaid, now, limit).await? < limit);
-        }
         if let Some(mut c) = self.counts.get_mut(uaid) {
             if c.stored + c.in_flight < limit {
                 c.in_flight += 1;
