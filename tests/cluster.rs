@@ -273,6 +273,86 @@ async fn killing_a_redis_primary_loses_no_accepted_message() {
     );
 }
 
+/// With `redis_wait_replicas = 1` and a replica that stopped answering,
+/// pushes to its primary wait for it and fail (503); the other user agents
+/// on that primary must not wait with them. Pushes stream in without pause,
+/// so one of them is always blocked in `WAIT`: on a connection shared with
+/// everything else (as it once was), each of the register's commands
+/// queued behind the next `WAIT` and it failed.
+#[tokio::test]
+async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .unwrap(),
+    );
+    let key = shared_key();
+    let a = node(
+        cluster.url(),
+        &key,
+        None,
+        &[("HERALD_REDIS_WAIT_REPLICAS", "1")],
+    )
+    .await;
+    let keys = Arc::new(UaKeys::new());
+    let (uaid, ep) = offline_subscription(&a, None).await;
+    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
+    // A connected user agent on the same primary.
+    let mut other = loop {
+        let ua = Ua::hello(&a, None).await;
+        if cluster.primary_for(format!("herald:m:{{{}}}", ua.uaid).as_bytes()) == primary {
+            break ua;
+        }
+    };
+    pushed(&ep, &a.url(), &keys, "before", &[("ttl", "600")]).await;
+
+    let replica = cluster.pid(cluster.replica_of(primary)).to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &replica])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {replica}");
+    };
+    signal("-STOP");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let posters: Vec<_> = (0..4)
+        .map(|i| {
+            let (ep, aud, keys, stop) = (ep.clone(), a.url(), keys.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut refused = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = push(&ep, None, &aud, &keys, &format!("w{i}"), &[("ttl", "600")]).await;
+                    assert_eq!(r.status, 503, "no replica could confirm it");
+                    refused += 1;
+                }
+                refused
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let r = other
+        .register(&uuid::Uuid::new_v4().to_string(), None)
+        .await;
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for p in posters {
+        refused += p.await.unwrap();
+    }
+    signal("-CONT");
+    assert_eq!(
+        r["status"], 200,
+        "register behind the waiting pushes: {r} after {took:?}"
+    );
+    assert!(
+        refused >= 4,
+        "the pushes were refused while the replica was stopped"
+    );
+}
+
 #[tokio::test]
 async fn redis_unreachable_gives_503_and_service_returns_with_it() {
     let redis = tokio::task::spawn_blocking(RedisServer::start)

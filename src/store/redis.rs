@@ -35,7 +35,6 @@ use herald_proto::ids::{ChannelId, Uaid};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation};
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -426,6 +425,8 @@ pub struct RedisStore {
     /// so it must know the retention up front).
     receipt_retention: Duration,
     skew: ClockSkew,
+    /// Where messages go when `wait` is set (waited.rs says why).
+    lane: waited::Lane,
 }
 
 /// Redis's clock minus this node's, in seconds, when they differ by more
@@ -534,8 +535,10 @@ impl RedisStore {
             })??;
         let skew = ClockSkew::default();
         tokio::spawn(watch_skew(conn.clone(), skew.clone()));
+        let lane = waited::Lane::new(seeds, matches!(conn, Conn::Cluster(_)));
         Ok(RedisStore {
             skew,
+            lane,
             conn,
             scripts: Scripts::new(),
             seq: AtomicU64::new(now_micros()),
@@ -562,45 +565,6 @@ impl RedisStore {
     pub fn with_receipt_retention(mut self, retention: Duration) -> Self {
         self.receipt_retention = retention;
         self
-    }
-
-    async fn wait_for_replicas(
-        &self,
-        uaid: &Uaid,
-        (replicas, timeout): (u32, Duration),
-    ) -> StoreResult<()> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(timeout.as_millis() as u64);
-        // WAIT counts the replicas of the node it is sent to, for the writes
-        // made on that connection: on a cluster it must go to the primary
-        // of the user agent's slot, which took the write.
-        let budget = timeout + OP_TIMEOUT;
-        let acked: i64 = match &self.conn {
-            Conn::Standalone(c) => {
-                let mut c = c.clone();
-                tokio::time::timeout(budget, cmd.query_async(&mut c)).await
-            }
-            Conn::Cluster(c) => {
-                let mut c = c.clone();
-                let route = Route::with_key(Keys::new(uaid).messages(), SlotAddr::Master);
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                tokio::time::timeout(budget, async move {
-                    let v = c.route_command(cmd, routing).await?;
-                    redis::from_redis_value::<i64>(v).map_err(RedisError::from)
-                })
-                .await
-            }
-        }
-        .map_err(|_| error::timed_out("WAIT", budget))?
-        .map_err(|e| redis_err("WAIT", e))?;
-        if acked < i64::from(replicas) {
-            // Replicas lagging or failing over: the write may still
-            // reach them, but the promise was not kept in time.
-            return Err(StoreError::Unavailable(format!(
-                "redis WAIT: {acked} of {replicas} replicas confirmed within {timeout:?}"
-            )));
-        }
-        Ok(())
     }
 
     /// Whether this store talks to a Redis Cluster.
@@ -654,19 +618,42 @@ impl RedisStore {
         }
     }
 
-    /// `store_message`, then the wait for replicas when the message was
-    /// stored and `wait_for` asked for it.
+    /// `store_message` with no limit for None.
     async fn put_checked(
         &self,
         uaid: &Uaid,
         m: &Message,
         limit: Option<usize>,
     ) -> StoreResult<Option<PutOutcome>> {
-        let outcome = self.store_message(uaid, m, limit.unwrap_or(0)).await?;
-        if let (Some(wait), Some(_)) = (self.wait, &outcome) {
-            self.wait_for_replicas(uaid, wait).await?;
+        self.store_message(uaid, m, limit.unwrap_or(0)).await
+    }
+
+    /// Runs the store script; with `wait_for`, on the waited-write lane and
+    /// followed by `WAIT` there, failing unless the replicas confirmed a
+    /// message it stored.
+    async fn run_put(&self, uaid: &Uaid, inv: &ScriptInvocation<'_>) -> StoreResult<i64> {
+        let Some((replicas, timeout)) = self.wait else {
+            return self.eval::<i64>("put_message", inv).await;
+        };
+        let slot_key = Keys::new(uaid).messages();
+        let (stored, confirmed) = self
+            .lane
+            .eval_and_wait(
+                &self.scripts.put_message,
+                inv,
+                &slot_key,
+                (replicas, timeout),
+            )
+            .await?;
+        let kept = stored != PUT_COLLISION && stored != PUT_FULL;
+        if kept && confirmed < i64::from(replicas) {
+            // Replicas lagging or failing over: the write may still reach
+            // them, but the promise was not kept in time.
+            return Err(StoreError::Unavailable(format!(
+                "redis WAIT: {confirmed} of {replicas} replicas confirmed within {timeout:?}"
+            )));
         }
-        Ok(outcome)
+        Ok(stored)
     }
 
     /// Stores `m`, under a fresh seq if another node already took `m.seq`
@@ -716,7 +703,7 @@ impl RedisStore {
                 .arg(keys.payload_prefix())
                 .arg(EXPIRES_AT.start)
                 .arg(lua_count(limit));
-            match self.eval::<i64>("put_message", &inv).await? {
+            match self.run_put(uaid, &inv).await? {
                 PUT_COLLISION => {
                     self.seq_collisions.fetch_add(1, Ordering::Relaxed);
                     seq = self.next_seq();
@@ -1169,6 +1156,9 @@ mod tests {
 
 /// Redis's errors as `StoreError`s.
 mod error;
+
+/// Writes that wait for replicas.
+mod waited;
 
 /// Which node serves which user agent (several Herald nodes on one Redis).
 mod directory;

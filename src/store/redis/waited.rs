@@ -1,0 +1,193 @@
+//! Messages stored under `redis_wait_replicas`: the store script and its
+//! `WAIT` sent together, on a connection of their own.
+//!
+//! Why not `WAIT` after the script on the shared connection, as before:
+//! - `WAIT` counts the replicas that have *this client's* writes, on the
+//!   node it reaches. The shared cluster connection retries a command whose
+//!   connection dropped by routing it again, and after a failover the slot
+//!   has a new primary: a `WAIT` retried there confirmed a write it never
+//!   saw, while the write itself sat on the demoted primary, which discarded
+//!   it when it rejoined as a replica. `make chaos` lost 3 accepted
+//!   messages so with `redis_wait_replicas = 1` (primary-cut-wait1).
+//! - A client blocked in `WAIT` holds up every later command on its
+//!   connection, and every command of the node goes to one Redis node over
+//!   one multiplexed connection. While a primary's replicas were cut off,
+//!   each push to it held that connection for `redis_wait_timeout`, and
+//!   reads, acks and node look-ups of every user agent on that primary
+//!   timed out behind it.
+//!
+//! So the script and `WAIT` go out as one pipeline, routed to the slot's
+//! primary, on a connection that carries nothing else and never retries:
+//! both reach the same node over the same connection or the push fails
+//! with 503, which an application server retries.
+
+use super::{error, redis_err, Conn, CONNECT_TIMEOUT, OP_TIMEOUT, RESPONSE_TIMEOUT};
+use crate::store::{StoreError, StoreResult};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::{FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation, Value};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// The connection of waited writes, opened at the first one.
+pub(super) struct Lane {
+    seeds: Vec<String>,
+    cluster: bool,
+    conn: OnceCell<Conn>,
+}
+
+impl Lane {
+    pub(super) fn new(seeds: Vec<String>, cluster: bool) -> Self {
+        Lane {
+            seeds,
+            cluster,
+            conn: OnceCell::new(),
+        }
+    }
+
+    async fn conn(&self) -> StoreResult<Conn> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                tokio::time::timeout(OP_TIMEOUT, open(&self.seeds, self.cluster))
+                    .await
+                    .map_err(|_| error::timed_out("connect for waited writes", OP_TIMEOUT))?
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Runs `invocation` of `script` (whose first key is in the user agent's
+    /// slot, `slot_key`), then `WAIT replicas timeout`, on one node. Returns
+    /// the script's answer and how many replicas confirmed it.
+    pub(super) async fn eval_and_wait(
+        &self,
+        script: &Script,
+        invocation: &ScriptInvocation<'_>,
+        slot_key: &str,
+        (replicas, timeout): (u32, Duration),
+    ) -> StoreResult<(i64, i64)> {
+        let mut conn = self.conn().await?;
+        let budget = timeout + OP_TIMEOUT;
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation)
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis() as u64);
+        let mut answers = self.send(&mut conn, &pipe, slot_key, budget).await?;
+        if is_noscript(&answers[0]) {
+            // The node never saw the script (a new primary, a restarted
+            // one): load it in the same pipeline and run it again.
+            let mut pipe = redis::pipe();
+            pipe.load_script(script)
+                .invoke_script(invocation)
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(timeout.as_millis() as u64);
+            answers = self.send(&mut conn, &pipe, slot_key, budget).await?;
+            answers.remove(0);
+        }
+        let mut answers = answers.into_iter();
+        let stored = integer("put_message", answers.next())?;
+        let confirmed = integer("WAIT", answers.next())?;
+        Ok((stored, confirmed))
+    }
+
+    async fn send(
+        &self,
+        conn: &mut Conn,
+        pipe: &Pipeline,
+        slot_key: &str,
+        budget: Duration,
+    ) -> StoreResult<Vec<Value>> {
+        let count = pipe.cmd_iter().count();
+        let sent = async {
+            match conn {
+                Conn::Standalone(c) => c.req_packed_commands(pipe, 0, count).await,
+                Conn::Cluster(c) => {
+                    let route = Route::with_key(slot_key, SlotAddr::Master);
+                    let to = SingleNodeRoutingInfo::SpecificNode(route);
+                    c.route_pipeline(pipe.clone(), 0, count, to).await
+                }
+            }
+        };
+        let answers = tokio::time::timeout(budget, sent)
+            .await
+            .map_err(|_| error::timed_out("put_message and WAIT", budget))?
+            .map_err(|e| redis_err("put_message and WAIT", e))?;
+        if answers.len() != count {
+            return Err(StoreError::Corrupt(format!(
+                "redis put_message and WAIT: {} answers to {count} commands",
+                answers.len()
+            )));
+        }
+        Ok(answers)
+    }
+}
+
+async fn open(seeds: &[String], cluster: bool) -> StoreResult<Conn> {
+    if cluster {
+        // No retries: a retry is routed afresh and could reach another node
+        // than the first attempt's (see the module documentation).
+        let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(0)
+            .build()
+            .map_err(|e| redis_err("cluster URL", e))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| redis_err("cluster connect", e))?;
+        Ok(Conn::Cluster(conn))
+    } else {
+        let client = redis::Client::open(seeds[0].as_str()).map_err(|e| redis_err("URL", e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(200));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| redis_err("connect", e))?;
+        Ok(Conn::Standalone(manager))
+    }
+}
+
+fn is_noscript(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+fn integer(what: &str, v: Option<Value>) -> StoreResult<i64> {
+    let v = v.ok_or_else(|| StoreError::Corrupt(format!("redis {what}: no answer")))?;
+    if let Value::ServerError(e) = v {
+        return Err(redis_err(what, RedisError::from(e)));
+    }
+    i64::from_redis_value(v).map_err(|e| redis_err(what, e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply as Redis sends it.
+    fn reply(wire: &str) -> Value {
+        redis::parse_redis_value(wire.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn noscript_is_told_apart_from_other_refusals() {
+        assert!(is_noscript(&reply("-NOSCRIPT No matching script.\r\n")));
+        assert!(!is_noscript(&reply("-ERR unknown command\r\n")));
+        assert!(!is_noscript(&reply(":1\r\n")));
+    }
+
+    #[test]
+    fn a_refused_command_is_an_error_not_a_count() {
+        let refused = reply("-READONLY You can't write against a read only replica.\r\n");
+        assert!(integer("WAIT", Some(refused)).is_err());
+        assert!(integer("WAIT", None).is_err());
+        assert_eq!(integer("WAIT", Some(Value::Int(1))).unwrap(), 1);
+    }
+}
