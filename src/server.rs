@@ -969,12 +969,14 @@ pub async fn sweep(app: &App) -> Result<usize, crate::store::StoreError> {
 }
 
 /// Every heartbeat, forever: connections served while the store could not
-/// record them are claimed again (`Router::reconfirm`).
+/// record them are claimed again (`Router::reconfirm`), and user agents
+/// whose wake-up was lost are woken again (`Router::rewake`).
 async fn reconfirm_loop(app: Arc<App>) {
     let mut tick = tokio::time::interval(crate::router::cluster::HEARTBEAT_INTERVAL);
     loop {
         tick.tick().await;
         app.router.reconfirm().await;
+        app.router.rewake().await;
     }
 }
 

@@ -116,6 +116,104 @@ async fn a_push_to_one_node_reaches_a_user_agent_on_another() {
     );
 }
 
+/// A link between nodes that can be cut: forwards connections from its own
+/// port to `upstream`; cut, it closes those open and every new one at once.
+#[derive(Default)]
+struct Link {
+    cut: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Link {
+    async fn start(upstream: String) -> (Arc<Link>, u16) {
+        let link = Arc::new(Link::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let l = link.clone();
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if l.cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let upstream = upstream.clone();
+                l.open.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        (link, port)
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            for t in self.open.lock().unwrap().drain(..) {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// A wake-up that never reached the user agent's node (the link between the
+/// nodes dropped it) is sent again once the link is back: the message
+/// arrives within seconds, not at the connection's own re-read of the store
+/// 30 s after it opened.
+#[tokio::test]
+async fn a_lost_wake_up_is_sent_again() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let b_listen = format!("127.0.0.1:{}", free_port());
+    let (link, link_port) = Link::start(b_listen.clone()).await;
+    let b_url = format!("http://127.0.0.1:{link_port}");
+    let b = node(
+        cluster.url(),
+        &key,
+        Some(&a.url()),
+        &[
+            ("HERALD_NODE_LISTEN", &b_listen),
+            ("HERALD_NODE_URL", &b_url),
+        ],
+    )
+    .await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let opened = Instant::now();
+    let (_, ep) = ua.subscribe(None).await;
+    // The link works: a push through A arrives on B at once.
+    pushed(&via(&a, &ep), &a.url(), &keys, "linked", &[]).await;
+    let n = ua.notification().await;
+    assert_eq!(payload(&keys, &n), "linked");
+    ua.ack(&n).await;
+
+    link.set_cut(true);
+    pushed(
+        &via(&a, &ep),
+        &a.url(),
+        &keys,
+        "while cut",
+        &[("ttl", "600")],
+    )
+    .await;
+    assert!(
+        ua.try_recv(Duration::from_secs(3)).await.is_none(),
+        "the wake-up got through a cut link"
+    );
+    link.set_cut(false);
+    let n = ua
+        .try_recv(Duration::from_secs(10))
+        .await
+        .expect("the message came within 10 s of the link's return");
+    assert_eq!(payload(&keys, &n), "while cut");
+    assert!(
+        opened.elapsed() < Duration::from_secs(25),
+        "it came by the connection's own re-read, after {:?}",
+        opened.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_user_agent_moving_to_another_node_closes_the_old_socket() {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();

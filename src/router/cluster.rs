@@ -38,6 +38,9 @@ const NODE_URL_CACHE: Duration = Duration::from_secs(2);
 /// Connected sessions re-read the store this often, so a wake-up lost on the
 /// way costs at most this much delay.
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Rounds (one per heartbeat) of waking again a user agent whose wake-up
+/// was lost, before leaving it to its connection's re-read.
+const REWAKE_ROUNDS: u32 = 15;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub const EVICT_PATH: &str = "/_herald/node/evict";
@@ -255,7 +258,7 @@ impl Cluster {
         let url = if owner.node == self.node {
             Some(self.url.clone())
         } else {
-            self.node_url(owner.node).await
+            self.node_url(owner.node).await?
         };
         Ok(Some((owner.node, url)))
     }
@@ -279,12 +282,18 @@ impl Cluster {
             Ok(_) => return RouteResult::NotConnected,
             Err(e) => {
                 tracing::warn!("looking up a user agent's node: {e}");
+                self.wakes.missed(*uaid);
                 return RouteResult::NotConnected;
             }
         };
-        let Some(url) = self.node_url(owner.node).await else {
+        let url = match self.node_url(owner.node).await {
+            Ok(Some(url)) => url,
             // Its node died: the user agent is offline.
-            return RouteResult::NotConnected;
+            Ok(None) => return RouteResult::NotConnected,
+            Err(_) => {
+                self.wakes.missed(*uaid);
+                return RouteResult::NotConnected;
+            }
         };
         // The push is already stored: its answer does not wait for the
         // wake-up, which goes out with the peer's next batch.
@@ -296,8 +305,46 @@ impl Cluster {
         RouteResult::Woken
     }
 
+    /// One round of waking again the user agents whose wake-up was lost
+    /// (`Wakes::missed`), with a bare wake-up that makes their connection
+    /// read the store; run every heartbeat. Without it a message whose
+    /// wake-up was lost waited for the connection's own re-read, up to
+    /// `RECHECK_INTERVAL`, while its user agent was online (`make chaos`
+    /// saw two such messages outlive the 8 s their user agent stayed).
+    pub async fn rewake(&self, local: &LocalRouter) {
+        for uaid in self.wakes.to_wake_again(REWAKE_ROUNDS) {
+            let owner = match self.directory.owner(&uaid).await {
+                Ok(Some(o)) => o,
+                // Connected nowhere: its next connection reads the store.
+                Ok(None) => {
+                    self.wakes.settled(&uaid);
+                    continue;
+                }
+                // The store is still out of reach: so is every node's
+                // record of it; the next round tries again.
+                Err(_) => return,
+            };
+            if owner.node == self.node {
+                local.wake(&uaid);
+                self.wakes.settled(&uaid);
+                continue;
+            }
+            match self.node_url(owner.node).await {
+                Ok(Some(url)) => {
+                    let wake = WakeUp {
+                        uaid,
+                        message: None,
+                    };
+                    self.wakes.send(owner.node, &url, wake);
+                }
+                Ok(None) => self.wakes.settled(&uaid),
+                Err(_) => {}
+            }
+        }
+    }
+
     async fn evict_remote(&self, uaid: Uaid, old: Owner) {
-        let first = self.node_url(old.node).await;
+        let first = self.node_url(old.node).await.ok().flatten();
         let body = serde_json::to_vec(&Evict {
             uaid: uaid.to_string(),
             conn: old.conn,
@@ -326,20 +373,21 @@ impl Cluster {
         });
     }
 
-    async fn node_url(&self, node: u64) -> Option<String> {
+    /// The URL node `node` announced; None once its announcement lapsed.
+    async fn node_url(&self, node: u64) -> StoreResult<Option<String>> {
         if let Some(cached) = self.node_urls.get(&node) {
             if cached.1.elapsed() < NODE_URL_CACHE {
-                return cached.0.clone();
+                return Ok(cached.0.clone());
             }
         }
         match self.directory.node_url(node).await {
             Ok(url) => {
                 self.node_urls.insert(node, (url.clone(), Instant::now()));
-                url
+                Ok(url)
             }
             Err(e) => {
                 tracing::warn!("looking up a node: {e}");
-                None
+                Err(e)
             }
         }
     }

@@ -60,6 +60,14 @@ impl Router {
         }
     }
 
+    /// Wakes again the user agents whose wake-up was lost on the way to
+    /// another node (see `Cluster::rewake`).
+    pub async fn rewake(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.rewake(&self.local).await;
+        }
+    }
+
     /// Forgets a connection, unless a newer one has already taken the uaid.
     pub async fn unbind(&self, uaid: &Uaid, id: u64) {
         self.local.unbind(uaid, id);

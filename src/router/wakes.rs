@@ -216,6 +216,14 @@ impl NodeClient {
 pub struct Wakes {
     queues: DashMap<u64, mpsc::Sender<WakeUp>>,
     client: NodeClient,
+    /// User agents whose wake-up was lost (a failed request, a full queue,
+    /// a look-up the store did not answer), with the rounds of `Cluster::rewake`
+    /// spent on them. Their messages wait in the store, and a wake-up that
+    /// carries a later message does not bring them: the woken connection
+    /// takes what it is handed without reading the store. So each is woken
+    /// again with a bare wake-up, which makes the connection read the
+    /// store, until one gets through.
+    missed: DashMap<Uaid, u32>,
 }
 
 impl Wakes {
@@ -223,7 +231,33 @@ impl Wakes {
         Arc::new(Wakes {
             queues: DashMap::new(),
             client,
+            missed: DashMap::new(),
         })
+    }
+
+    /// Notes that a wake-up for `uaid` was lost.
+    pub fn missed(&self, uaid: Uaid) {
+        self.missed.entry(uaid).or_insert(0);
+    }
+
+    /// The user agents to wake again this round, oldest rounds counted up;
+    /// those tried `rounds` times already are given up (the connection's
+    /// own re-read of the store comes within `RECHECK_INTERVAL` anyway).
+    pub fn to_wake_again(&self, rounds: u32) -> Vec<Uaid> {
+        self.missed.retain(|_, tried| *tried < rounds);
+        self.missed
+            .iter_mut()
+            .map(|mut e| {
+                *e.value_mut() += 1;
+                *e.key()
+            })
+            .collect()
+    }
+
+    /// `uaid` needs no further wake-up (its node read the store, or it is
+    /// connected nowhere).
+    pub fn settled(&self, uaid: &Uaid) {
+        self.missed.remove(uaid);
     }
 
     /// Queues `wake` for node `node` at `url`; false if it was dropped
@@ -239,8 +273,9 @@ impl Wakes {
                 .clone();
             match tx.try_send(wake) {
                 Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(mpsc::error::TrySendError::Full(w)) => {
                     self.count(false, 1);
+                    self.missed(w.uaid);
                     return false;
                 }
                 Err(mpsc::error::TrySendError::Closed(w)) => {
@@ -249,6 +284,7 @@ impl Wakes {
                 }
             }
         }
+        self.missed(wake.uaid);
         false
     }
 
@@ -329,6 +365,14 @@ impl Wakes {
             _ => false,
         };
         self.count(ok, batch.len() as u64);
+        for w in &batch {
+            match (ok, &w.message) {
+                (false, _) => self.missed(w.uaid),
+                // A bare wake-up got through: the connection reads the store.
+                (true, None) => self.settled(&w.uaid),
+                (true, Some(_)) => {}
+            }
+        }
     }
 
     /// A peer of an earlier version answers 404 to batches: each wake-up
@@ -358,6 +402,32 @@ impl Wakes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wakes() -> Arc<Wakes> {
+        let metrics = Arc::new(Metrics::new());
+        Wakes::new(NodeClient {
+            client: herald_client::http::node_only(Duration::from_secs(1)),
+            key: NodeKey::derive(&[7; 32]),
+            metrics,
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[tokio::test]
+    async fn lost_wake_ups_are_tried_again_for_a_bounded_number_of_rounds() {
+        let w = wakes();
+        let (a, b) = (Uaid::random(), Uaid::random());
+        w.missed(a);
+        w.missed(a);
+        assert_eq!(w.to_wake_again(3), vec![a], "noted once");
+        w.missed(b);
+        w.settled(&b);
+        // A further loss does not restart the count.
+        w.missed(a);
+        assert_eq!(w.to_wake_again(3), vec![a]);
+        assert_eq!(w.to_wake_again(3), vec![a]);
+        assert!(w.to_wake_again(3).is_empty(), "given up after 3 rounds");
+    }
     use herald_proto::urgency::Urgency;
 
     fn message(seq: u64, ttl: u64, len: usize) -> Arc<Message> {
