@@ -214,6 +214,52 @@ async fn a_lost_wake_up_is_sent_again() {
     );
 }
 
+/// A user agent moves from node A to node B while the link to A is cut,
+/// so B cannot close the old socket; A still hands the pushes it accepts to
+/// that old socket, which leaves them unacknowledged. B's connection must
+/// get them from the store within seconds, not at its own re-read 30 s
+/// after it opened.
+#[tokio::test]
+async fn pushes_to_a_socket_left_behind_reach_the_new_one() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a_listen = format!("127.0.0.1:{}", free_port());
+    let (link, link_port) = Link::start(a_listen.clone()).await;
+    let a_url = format!("http://127.0.0.1:{link_port}");
+    let a = node(
+        cluster.url(),
+        &key,
+        None,
+        &[
+            ("HERALD_NODE_LISTEN", &a_listen),
+            ("HERALD_NODE_URL", &a_url),
+        ],
+    )
+    .await;
+    let b = node(cluster.url(), &key, Some(&a.url()), &[]).await;
+    let keys = UaKeys::new();
+    let mut old = Ua::hello(&a, None).await;
+    let (_, ep) = old.subscribe(None).await;
+    link.set_cut(true);
+    let mut new = Ua::hello(&b, Some(&old.uaid)).await;
+    assert_eq!(new.uaid, old.uaid);
+    let opened = Instant::now();
+    pushed(&ep, &a.url(), &keys, "left behind", &[("ttl", "600")]).await;
+    let n = old.notification().await;
+    assert_eq!(
+        payload(&keys, &n),
+        "left behind",
+        "A still serves the old socket"
+    );
+    let n = new
+        .try_recv(Duration::from_secs(8))
+        .await
+        .expect("the new connection read it from the store within 8 s");
+    assert_eq!(payload(&keys, &n), "left behind");
+    assert!(opened.elapsed() < Duration::from_secs(25));
+    link.set_cut(false);
+}
+
 #[tokio::test]
 async fn a_user_agent_moving_to_another_node_closes_the_old_socket() {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
