@@ -286,14 +286,14 @@ impl Cluster {
                 return RouteResult::NotConnected;
             }
         };
-        let url = match self.node_url(owner.node).await {
-            Ok(Some(url)) => url,
-            // Its node died: the user agent is offline.
-            Ok(None) => return RouteResult::NotConnected,
-            Err(_) => {
-                self.wakes.missed(*uaid);
-                return RouteResult::NotConnected;
-            }
+        let Ok(Some(url)) = self.node_url(owner.node).await else {
+            // Its node died (the user agent is offline), or its
+            // announcement lapsed while it could not reach the store but
+            // its connections stayed up (`make chaos`: a Redis primary cut
+            // off held the announcements of two nodes): `rewake` tries
+            // again until the owner changes or the node is back.
+            self.wakes.missed(*uaid);
+            return RouteResult::NotConnected;
         };
         // The push is already stored: its answer does not wait for the
         // wake-up, which goes out with the peer's next batch.
@@ -337,8 +337,8 @@ impl Cluster {
                     };
                     self.wakes.send(owner.node, &url, wake);
                 }
-                Ok(None) => self.wakes.settled(&uaid),
-                Err(_) => {}
+                // No announcement (see `wake`) or no answer: next round.
+                Ok(None) | Err(_) => {}
             }
         }
     }
