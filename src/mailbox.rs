@@ -11,7 +11,9 @@
 //!   receipt is forgotten (RFC 8030 §5.4).
 //! - ack/nack: settle the receipt, then delete. The user agent's frame
 //!   already proves the outcome; a crash between the two redelivers a
-//!   message already reported, never loses the report.
+//!   message already reported, never loses the report. A deletion that
+//!   fails is retried in the background (`delete_later`), as the message
+//!   would otherwise come again on every later read.
 //! - cancel: delete, then settle. Only the delete tells whether the cancel
 //!   came before the ack; settling first could report "cancelled" for a
 //!   message the user agent then received.
@@ -25,6 +27,14 @@
 use crate::app::App;
 use crate::store::{now_secs, Message, Outcome, ReceiptSub, StoreError, StoreResult};
 use herald_proto::ids::{ChannelId, Uaid};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often an acknowledged message whose deletion failed is deleted
+/// again, and how many times: about a minute, as evictions are retried
+/// (router::cluster), which outlasts the store faults `make chaos` makes.
+pub const DELETE_RETRY: Duration = Duration::from_secs(2);
+const DELETE_ATTEMPTS: u32 = 30;
 
 /// Why a message was not accepted.
 #[derive(Debug)]
@@ -178,6 +188,39 @@ impl<'a> Mailbox<'a> {
             app.pending.removed(uaid);
         }
         Ok(existed)
+    }
+
+    /// Deletes an acknowledged message whose deletion just failed, again
+    /// every `DELETE_RETRY` until it lands, in the background: the
+    /// connection carries on meanwhile. Past `DELETE_ATTEMPTS` (the store
+    /// unreachable for over a minute) it gives up, logged: the message may
+    /// then be delivered again until its TTL runs out.
+    pub fn delete_later(app: Arc<App>, uaid: Uaid, seq: u64) {
+        tokio::spawn(async move {
+            for attempt in 1..=DELETE_ATTEMPTS {
+                tokio::time::sleep(DELETE_RETRY).await;
+                let deleted = app.store.delete_message(&uaid, seq);
+                match app.metrics.time("delete_message", deleted).await {
+                    Ok(existed) => {
+                        if existed {
+                            app.pending.removed(&uaid);
+                        }
+                        tracing::info!(
+                            uaid = %uaid.short(),
+                            attempt,
+                            "an acknowledged message was deleted on a retry"
+                        );
+                        return;
+                    }
+                    Err(e) if attempt == DELETE_ATTEMPTS => tracing::error!(
+                        uaid = %uaid.short(),
+                        "an acknowledged message could not be deleted in {DELETE_ATTEMPTS} \
+                         attempts; it may be delivered again until it expires: {e}"
+                    ),
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     /// A bridge's upstream (FCM, APNs) took a message: it is settled like

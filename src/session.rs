@@ -140,6 +140,14 @@ pub struct Session {
     last_free_ping: Option<Instant>,
     /// The last read of the store failed: read again on the retry timer.
     read_failed: bool,
+    /// Answered here, but their deletion failed and is being retried
+    /// (`Mailbox::delete_later`): scans skip them, so this connection is not
+    /// sent again what its user agent already answered. A scan that reads
+    /// the whole queue drops those no longer stored. Boxed, as `broadcasts`:
+    /// almost every connection has none, and a bare Vec would cost each
+    /// 16 bytes more (connect's size test).
+    #[allow(clippy::box_collection)]
+    undeleted: Option<Box<Vec<u64>>>,
     /// Broadcasts this user agent follows; boxed so the many connections
     /// that follow none pay one pointer.
     broadcasts: Option<Box<Subscriptions>>,
@@ -163,6 +171,7 @@ impl Session {
             },
             last_free_ping: None,
             read_failed: false,
+            undeleted: None,
             broadcasts: None,
         }
     }
@@ -622,11 +631,13 @@ impl Session {
     /// handle it, and resending would fail the same way). Either decides
     /// the message's receipt, when one was asked for.
     async fn acknowledge(&mut self, uaid: Uaid, settle: Vec<Settle>, nack: bool) {
-        let app = &self.app;
+        let app = self.app.clone();
         for Settle { seq, receipt, code } in settle {
             let outcome = receipt.then(|| ack_outcome(nack, code));
-            if let Err(e) = Mailbox::of(app).acknowledge(&uaid, seq, outcome).await {
-                tracing::error!("ack: {e}");
+            if let Err(e) = Mailbox::of(&app).acknowledge(&uaid, seq, outcome).await {
+                tracing::warn!("ack: deleting the message failed, retrying: {e}");
+                Mailbox::delete_later(app.clone(), uaid, seq);
+                self.remember_undeleted(seq);
             }
             if nack {
                 app.metrics.messages_nacked.inc();
@@ -636,12 +647,34 @@ impl Session {
         }
     }
 
+    /// Keeps at most a window's worth: past that (the store failing every
+    /// deletion), the oldest may be sent again, which the user agent
+    /// answers again.
+    fn remember_undeleted(&mut self, seq: u64) {
+        let window = self.app.settings.delivery_window;
+        let list = self.undeleted.get_or_insert_with(Default::default);
+        if list.len() >= window {
+            list.remove(0);
+        }
+        list.push(seq);
+    }
+
+    fn is_undeleted(&self, seq: u64) -> bool {
+        self.undeleted.as_ref().is_some_and(|l| l.contains(&seq))
+    }
+
     /// The router handed this connection a message.
     pub fn on_routed(&mut self, m: &Message, now: Now, out: &mut Vec<Action>) {
         let stored = m.ttl > 0;
         // A TTL-0 message "expires" the instant it is accepted; it is routed
         // within that instant or never.
         if self.uaid.is_none() || (stored && m.expired(now.unix)) {
+            return;
+        }
+        // Already sent here and not yet answered (a scan found it, or the
+        // router handed it over twice): a second frame would reach the
+        // user agent as a duplicate it must sort out itself.
+        if self.in_flight.iter().any(|f| f.seq == m.seq) {
             return;
         }
         let room = self.in_flight.len() < self.app.settings.delivery_window;
@@ -713,6 +746,7 @@ impl Session {
         let page = room + self.in_flight.len();
         let mut batch = Vec::new();
         let mut after = 0;
+        let mut still_stored = Vec::new();
         loop {
             let found = app
                 .metrics
@@ -722,6 +756,10 @@ impl Session {
             for m in found {
                 after = m.seq;
                 self.max_scanned = self.max_scanned.max(m.seq);
+                if self.is_undeleted(m.seq) {
+                    still_stored.push(m.seq);
+                    continue;
+                }
                 if m.urgency < self.min_urgency || self.in_flight.iter().any(|f| f.seq == m.seq) {
                     continue;
                 }
@@ -731,6 +769,12 @@ impl Session {
                 batch.push(m);
             }
             if end {
+                if let Some(list) = self.undeleted.as_mut() {
+                    list.retain(|s| still_stored.contains(s));
+                }
+                if self.undeleted.as_ref().is_some_and(|l| l.is_empty()) {
+                    self.undeleted = None;
+                }
                 return Ok((batch, true));
             }
         }
@@ -806,12 +850,15 @@ mod tests {
     }
 
     fn app(env: &[(&str, &str)]) -> Arc<App> {
+        app_on(env, Arc::new(MemStore::new()))
+    }
+
+    fn app_on(env: &[(&str, &str)], store: Arc<MemStore>) -> Arc<App> {
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let settings = Settings::load(&ServeArgs::default(), &env).unwrap();
-        let store = Arc::new(MemStore::new());
         Arc::new(App::new(
             settings,
             store.clone(),
@@ -1092,6 +1139,62 @@ mod tests {
         .await;
         assert_eq!(s.in_flight(), 0);
         assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_message_in_flight_is_not_sent_again_when_routed_again() {
+        let a = app(&[]);
+        let mut s = session(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let (stored, ttl0) = (
+            message(&a, 60, Urgency::Normal),
+            message(&a, 0, Urgency::Normal),
+        );
+        a.store.put_message(&uaid, &stored).await.unwrap();
+        let mut out = vec![];
+        for m in [&stored, &ttl0, &stored, &ttl0] {
+            s.on_routed(m, t0(), &mut out);
+            s.pump(&mut out).await;
+        }
+        assert_eq!(sent(&out).len(), 2, "each once");
+        assert_eq!(s.in_flight(), 2);
+    }
+
+    /// Over a lossy link to Redis an ack's deletion can fail: the message
+    /// stays stored, and a scan on the same connection (the retry after a
+    /// failed read, a lost wake-up) would send it again.
+    #[tokio::test]
+    async fn an_ack_whose_deletion_failed_is_not_sent_again_and_is_deleted_later() {
+        let store = Arc::new(MemStore::new());
+        let a = app_on(&[], store.clone());
+        let mut s = session(a.clone());
+        let uaid = Uaid::parse(&hello(&mut s, None).await).unwrap();
+        let m = message(&a, 60, Urgency::Normal);
+        a.store.put_message(&uaid, &m).await.unwrap();
+        let mut out = vec![];
+        s.on_routed(&m, t0(), &mut out);
+        let version = sent(&out)[0]["version"].as_str().unwrap().to_string();
+        store.fail_next_deletes(1);
+        let ack = format!(
+            r#"{{"messageType":"ack","updates":[{{"channelID":"x","version":"{version}"}}]}}"#
+        );
+        assert!(sent(&step(&mut s, &ack).await).is_empty());
+        assert!(a.store.get_message(&uaid, m.seq).await.unwrap().is_some());
+        s.on_backlog();
+        let mut out = vec![];
+        s.pump(&mut out).await;
+        assert!(sent(&out).is_empty(), "sent again: {out:?}");
+        assert!(s.undeleted.is_some());
+        // The retry lands after DELETE_RETRY.
+        let deadline = std::time::Instant::now() + crate::mailbox::DELETE_RETRY * 3;
+        while a.store.get_message(&uaid, m.seq).await.unwrap().is_some() {
+            assert!(std::time::Instant::now() < deadline, "never deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A whole read of the queue forgets it.
+        s.on_backlog();
+        s.pump(&mut out).await;
+        assert!(s.undeleted.is_none());
     }
 
     #[tokio::test]

@@ -1313,6 +1313,42 @@ async fn redis_cluster_seq_collision_takes_a_fresh_seq() {
     seq_collision_takes_a_fresh_seq(shared_cluster().url()).await;
 }
 
+/// A store whose answer was lost (a reset connection) is sent again by the
+/// Redis client with the same seq and bytes; the message must stay stored
+/// once, not be taken for a collision and stored twice (`make chaos`,
+/// lossy links: the user agent got it twice). Nor may the message itself
+/// make the resend "full".
+async fn a_resent_store_is_stored_once(url: &str) {
+    let store = connect(url).await;
+    let u = Uaid::random();
+    let m = message(&*store, new_channel(), 600, Some("t"));
+    let first = store.put_message(&u, &m).await.unwrap();
+    let again = store.put_message(&u, &m).await.unwrap();
+    assert_eq!((first.seq, again.seq, again.replaced), (m.seq, m.seq, None));
+    assert_eq!(store.seq_collisions(), 0);
+    let within = store
+        .put_message_within(&u, &m, now_secs(), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        within.map(|o| o.seq),
+        Some(m.seq),
+        "the message counted against itself"
+    );
+    assert_eq!(seqs(&*store, &u).await, vec![m.seq]);
+    store.drop_user(&u).await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_a_resent_store_is_stored_once() {
+    a_resent_store_is_stored_once(shared_server().url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_a_resent_store_is_stored_once() {
+    a_resent_store_is_stored_once(shared_cluster().url()).await;
+}
+
 #[tokio::test]
 async fn redis_one_seed_is_enough_to_find_the_cluster() {
     let cluster = shared_cluster();

@@ -12,8 +12,8 @@
 
 use super::{
     now_micros, now_secs, ChannelRecord, Claim, Directory, Message, Outcome, Owner, PendingReceipt,
-    PutOutcome, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, Store, StoreResult,
-    StoreStats, UserRecord, ACK_GRACE_SECS,
+    PutOutcome, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, Store, StoreError,
+    StoreResult, StoreStats, UserRecord, ACK_GRACE_SECS,
 };
 use herald_proto::ids::{ChannelId, Uaid};
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +26,9 @@ pub struct MemStore {
     state: Mutex<State>,
     /// The last sequence number handed out.
     seq: AtomicU64,
+    /// How many of the next deletions fail as an unreachable Redis does,
+    /// so tests can drive what follows a failed ack.
+    failing_deletes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -70,6 +73,11 @@ struct Ledger {
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The next `n` message deletions fail (`StoreError::Unavailable`).
+    pub fn fail_next_deletes(&self, n: u64) {
+        self.failing_deletes.store(n, Ordering::SeqCst);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -262,6 +270,16 @@ impl Store for MemStore {
     }
 
     async fn delete_message(&self, uaid: &Uaid, seq: u64) -> StoreResult<bool> {
+        let fail = |n: u64| n.checked_sub(1);
+        if self
+            .failing_deletes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fail)
+            .is_ok()
+        {
+            return Err(StoreError::Unavailable(
+                "mem: deletion failed on purpose".into(),
+            ));
+        }
         let mut s = self.state();
         Ok(s.agents
             .get_mut(uaid)

@@ -94,6 +94,14 @@ end
 // Returns 0 stored, -1 seq taken, -2 full (`limit` unexpired messages held
 // already), or the seq of the pending message it replaced (seqs are
 // positive and below 2^53, so exact as Lua numbers).
+// The same seq holding these very bytes is this call's own earlier attempt:
+// the cluster client sends a script again when its connection resets, and
+// the first attempt may have run with only its answer lost. Taken for a
+// collision, that stored the message a second time under a fresh seq, so
+// its user agent got it twice (`make chaos`, lossy links). It answers 0,
+// before the limit (which counts the message already): what the first
+// attempt replaced is not known again, so a receipt asked for that message
+// is not forgotten (the rare cost of a lost answer, against a duplicate).
 // Every command here runs once whatever the queue holds, except when the
 // expiries zset is missing: then it is built from the queue (a queue stored
 // before it existed, or one whose entries all expired; members whose payload
@@ -103,6 +111,7 @@ const PUT_MESSAGE: &str = r"
 local at = tonumber(ARGV[3])
 local now = tonumber(redis.call('TIME')[1])
 if at <= now then return 0 end
+if redis.call('GET', KEYS[2]) == ARGV[2] then return 0 end
 if redis.call('EXISTS', KEYS[4]) == 0 then
   for _, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     local head = redis.call('GETRANGE', ARGV[5] .. s, ARGV[6], ARGV[6] + 7)
