@@ -418,11 +418,11 @@ async fn killing_a_redis_primary_loses_no_accepted_message() {
 }
 
 /// With `redis_wait_replicas = 1` and a replica that stopped answering,
-/// pushes to its primary wait for it and fail (503); the other user agents
-/// on that primary must not wait with them. Pushes stream in without pause,
-/// so one of them is always blocked in `WAIT`: on a connection shared with
-/// everything else (as it once was), each of the register's commands
-/// queued behind the next `WAIT` and it failed.
+/// pushes and registrations on its primary wait for it and fail; the other
+/// user agents on that primary must not wait with them. Pushes stream in
+/// without pause, so one of them is always blocked in `WAIT`: on a
+/// connection shared with everything else (as it once was), each of a
+/// hello's reads queued behind the next `WAIT` and it failed.
 #[tokio::test]
 async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
     let cluster = Arc::new(
@@ -441,13 +441,14 @@ async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
     let keys = Arc::new(UaKeys::new());
     let (uaid, ep) = offline_subscription(&a, None).await;
     let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
-    // A connected user agent on the same primary.
+    // Another user agent on the same primary.
     let mut other = loop {
         let ua = Ua::hello(&a, None).await;
         if cluster.primary_for(format!("herald:m:{{{}}}", ua.uaid).as_bytes()) == primary {
             break ua;
         }
     };
+    let other_uaid = other.uaid.clone();
     pushed(&ep, &a.url(), &keys, "before", &[("ttl", "600")]).await;
 
     let replica = cluster.pid(cluster.replica_of(primary)).to_string();
@@ -476,10 +477,19 @@ async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let started = Instant::now();
+    // A registration is waited for like a message: refused.
     let r = other
         .register(&uuid::Uuid::new_v4().to_string(), None)
         .await;
+    assert_eq!(r["status"], 500, "a registration no replica confirmed: {r}");
+    drop(other);
+    // Reading is not: the user agent comes back.
+    let started = Instant::now();
+    let mut back = Ua::connect(&a).await;
+    let hello =
+        serde_json::json!({"messageType": "hello", "uaid": other_uaid, "use_webpush": true});
+    back.send(hello).await;
+    let r = back.recv().await;
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut refused = 0;
@@ -489,8 +499,9 @@ async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
     signal("-CONT");
     assert_eq!(
         r["status"], 200,
-        "register behind the waiting pushes: {r} after {took:?}"
+        "hello behind the waiting pushes: {r} after {took:?}"
     );
+    assert_eq!(r["uaid"], other_uaid.as_str());
     assert!(
         refused >= 4,
         "the pushes were refused while the replica was stopped"

@@ -329,16 +329,13 @@ impl Cluster {
                 self.wakes.settled(&uaid);
                 continue;
             }
-            match self.node_url(owner.node).await {
-                Ok(Some(url)) => {
-                    let wake = WakeUp {
-                        uaid,
-                        message: None,
-                    };
-                    self.wakes.send(owner.node, &url, wake);
-                }
-                // No announcement (see `wake`) or no answer: next round.
-                Ok(None) | Err(_) => {}
+            // No announcement (see `wake`) or no answer: the next round.
+            if let Ok(Some(url)) = self.node_url(owner.node).await {
+                let wake = WakeUp {
+                    uaid,
+                    message: None,
+                };
+                self.wakes.send(owner.node, &url, wake);
             }
         }
     }

@@ -641,28 +641,39 @@ impl RedisStore {
     /// followed by `WAIT` there, failing unless the replicas confirmed a
     /// message it stored.
     async fn run_put(&self, uaid: &Uaid, inv: &ScriptInvocation<'_>) -> StoreResult<i64> {
+        let kept = |r: i64| r != PUT_COLLISION && r != PUT_FULL;
+        self.eval_confirmed("put_message", &self.scripts.put_message, inv, uaid, kept)
+            .await
+    }
+
+    /// Runs a script whose success someone is told of (a 201, a register's
+    /// 200): with `wait_for`, on the waited-write lane and followed by
+    /// `WAIT`, failing unless the replicas confirmed it whenever `kept` says
+    /// its answer wrote something.
+    async fn eval_confirmed(
+        &self,
+        what: &str,
+        script: &Script,
+        inv: &ScriptInvocation<'_>,
+        uaid: &Uaid,
+        kept: impl Fn(i64) -> bool,
+    ) -> StoreResult<i64> {
         let Some((replicas, timeout)) = self.wait else {
-            return self.eval::<i64>("put_message", inv).await;
+            return self.eval::<i64>(what, inv).await;
         };
         let slot_key = Keys::new(uaid).messages();
-        let (stored, confirmed) = self
+        let (answer, confirmed) = self
             .lane
-            .eval_and_wait(
-                &self.scripts.put_message,
-                inv,
-                &slot_key,
-                (replicas, timeout),
-            )
+            .eval_and_wait(what, script, inv, &slot_key, (replicas, timeout))
             .await?;
-        let kept = stored != PUT_COLLISION && stored != PUT_FULL;
-        if kept && confirmed < i64::from(replicas) {
+        if kept(answer) && confirmed < i64::from(replicas) {
             // Replicas lagging or failing over: the write may still reach
             // them, but the promise was not kept in time.
             return Err(StoreError::Unavailable(format!(
-                "redis WAIT: {confirmed} of {replicas} replicas confirmed within {timeout:?}"
+                "redis WAIT after {what}: {confirmed} of {replicas} replicas confirmed within {timeout:?}"
             )));
         }
-        Ok(stored)
+        Ok(answer)
     }
 
     /// Stores `m`, under a fresh seq if another node already took `m.seq`
@@ -818,7 +829,13 @@ impl Store for RedisStore {
             .arg(channel.as_bytes().as_slice())
             .arg(encode_channel(record))
             .arg(self.ua_expiry_secs);
-        self.eval::<i64>("put_channel", &inv).await.map(drop)
+        // A registration answered 200 and lost in a failover leaves the
+        // user agent with an endpoint that answers 410 (`make chaos` lost
+        // one so with redis_wait_replicas = 1): waited like a message.
+        let put_channel = &self.scripts.put_channel;
+        self.eval_confirmed("put_channel", put_channel, &inv, uaid, |_| true)
+            .await
+            .map(drop)
     }
 
     async fn remove_channel(&self, uaid: &Uaid, channel: &ChannelId) -> StoreResult<bool> {

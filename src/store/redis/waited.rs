@@ -1,5 +1,5 @@
-//! Messages stored under `redis_wait_replicas`: the store script and its
-//! `WAIT` sent together, on a connection of their own.
+//! Writes under `redis_wait_replicas` (messages, registrations): the script
+//! and its `WAIT` sent together, on a connection of their own.
 //!
 //! Why not `WAIT` after the script on the shared connection, as before:
 //! - `WAIT` counts the replicas that have *this client's* writes, on the
@@ -58,11 +58,13 @@ impl Lane {
         Ok(conn.clone())
     }
 
-    /// Runs `invocation` of `script` (whose first key is in the user agent's
-    /// slot, `slot_key`), then `WAIT replicas timeout`, on one node. Returns
-    /// the script's answer and how many replicas confirmed it.
+    /// Runs `invocation` of `script` (`what`, for errors; its keys are in
+    /// the user agent's slot, that of `slot_key`), then `WAIT replicas
+    /// timeout`, on one node. Returns the script's answer and how many
+    /// replicas confirmed it.
     pub(super) async fn eval_and_wait(
         &self,
+        what: &str,
         script: &Script,
         invocation: &ScriptInvocation<'_>,
         slot_key: &str,
@@ -75,7 +77,8 @@ impl Lane {
             .cmd("WAIT")
             .arg(replicas)
             .arg(timeout.as_millis() as u64);
-        let mut answers = self.send(&mut conn, &pipe, slot_key, budget).await?;
+        let what = format!("{what} and WAIT");
+        let mut answers = self.send(&what, &mut conn, &pipe, slot_key, budget).await?;
         if is_noscript(&answers[0]) {
             // The node never saw the script (a new primary, a restarted
             // one): load it in the same pipeline and run it again.
@@ -85,17 +88,18 @@ impl Lane {
                 .cmd("WAIT")
                 .arg(replicas)
                 .arg(timeout.as_millis() as u64);
-            answers = self.send(&mut conn, &pipe, slot_key, budget).await?;
+            answers = self.send(&what, &mut conn, &pipe, slot_key, budget).await?;
             answers.remove(0);
         }
         let mut answers = answers.into_iter();
-        let stored = integer("put_message", answers.next())?;
-        let confirmed = integer("WAIT", answers.next())?;
-        Ok((stored, confirmed))
+        let answer = integer(&what, answers.next())?;
+        let confirmed = integer(&what, answers.next())?;
+        Ok((answer, confirmed))
     }
 
     async fn send(
         &self,
+        what: &str,
         conn: &mut Conn,
         pipe: &Pipeline,
         slot_key: &str,
@@ -114,11 +118,11 @@ impl Lane {
         };
         let answers = tokio::time::timeout(budget, sent)
             .await
-            .map_err(|_| error::timed_out("put_message and WAIT", budget))?
-            .map_err(|e| redis_err("put_message and WAIT", e))?;
+            .map_err(|_| error::timed_out(what, budget))?
+            .map_err(|e| redis_err(what, e))?;
         if answers.len() != count {
             return Err(StoreError::Corrupt(format!(
-                "redis put_message and WAIT: {} answers to {count} commands",
+                "redis {what}: {} answers to {count} commands",
                 answers.len()
             )));
         }
