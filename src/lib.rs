@@ -51,6 +51,7 @@ pub mod reply;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod starting;
 pub mod store;
 pub mod subscription;
 pub mod tls;

@@ -10,6 +10,7 @@ use crate::errors::{ApiError, Errno};
 use crate::metrics::Metrics;
 use crate::reply::{error_response, json, Response};
 use crate::router::{Cluster, Router};
+use crate::starting::{until_available, Starting};
 use crate::store::{now_secs, Directory, ReceiptStore, RedisStore, RocksStore, Store};
 use crate::token::{load_or_create_keys, ApiVersion, TokenCodec};
 use anyhow::Context;
@@ -162,75 +163,45 @@ impl Server {
             Some(b) => b,
             None => Bridges::from_settings(&settings.bridges, &metrics)?,
         };
-        let (store, ledger, directory) = open_store(&settings, &metrics).await?;
         let tls = match (&settings.tls_cert, &settings.tls_key) {
             (Some(c), Some(k)) => Some(Arc::new(crate::tls::Tls::load(c, k)?)),
             _ => None,
         };
+        // Listening before the store answers: probes see a node that is
+        // alive but not ready while Redis is down or not yet up (starting).
+        let (listeners, serves) = bind_listeners(&settings)?;
+        let addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let starting = Starting::new(listeners, tls.clone());
+        let (store, ledger, directory) = open_store(&settings, &metrics, &starting).await?;
         let cluster = directory
             .clone()
             .map(|d| Cluster::new(d, settings.node_url.clone(), &keys, metrics.clone()));
         let mut app = App::new(settings, store, ledger, tokens, metrics).with_bridges(bridges);
         if let Some(c) = &cluster {
-            c.announce()
+            until_available(&starting, "announcing this node in Redis", || c.announce())
                 .await
                 .map_err(|e| anyhow::anyhow!("announcing this node in Redis: {e}"))?;
             tracing::info!(node = c.node(), url = %app.settings.node_url, "joined the cluster");
             app = app.with_router(Router::clustered(c.clone()));
         }
         let app = Arc::new(app);
-        let versions = app
-            .store
-            .broadcasts()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading broadcast versions: {e}"))?;
+        let versions = until_available(&starting, "reading broadcast versions", || {
+            app.store.broadcasts()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("reading broadcast versions: {e}"))?;
         app.broadcaster.apply(versions);
-        app.blocks
-            .refresh(app.store.as_ref())
-            .await
-            .map_err(|e| anyhow::anyhow!("reading blocked senders: {e}"))?;
-        let s = &app.settings;
+        until_available(&starting, "reading blocked senders", || {
+            app.blocks.refresh(app.store.as_ref())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("reading blocked senders: {e}"))?;
 
-        let only = Serves {
-            websocket: false,
-            api: false,
-            metrics: false,
-            node: false,
-        };
-        let mut plan = vec![(
-            s.listen,
-            Serves {
-                websocket: true,
-                api: s.endpoint_listen.is_none(),
-                metrics: s.metrics_listen.is_none() && s.metrics_public,
-                node: s.node_listen.is_none(),
-            },
-        )];
-        if let Some(a) = s.endpoint_listen {
-            plan.push((a, Serves { api: true, ..only }));
-        }
-        if let Some(a) = s.metrics_listen {
-            plan.push((
-                a,
-                Serves {
-                    metrics: true,
-                    ..only
-                },
-            ));
-        }
-        if let Some(a) = s.node_listen {
-            plan.push((a, Serves { node: true, ..only }));
-        }
-        warn_about_exposure(s);
-        warn_about_backlog(s.listen_backlog, read_somaxconn());
-        let mut addrs = Vec::new();
         let mut tasks = Vec::new();
-        for (addr, serves) in plan {
-            let listener = listen_on(addr, s.listen_backlog)
-                .with_context(|| format!("listening on {addr}"))?;
-            let local = listener.local_addr()?;
-            tracing::info!(%local, websocket = serves.websocket, api = serves.api, metrics = serves.metrics, node = serves.node, "listening");
-            addrs.push(local);
+        for (listener, serves) in starting.ready().await?.into_iter().zip(serves) {
             tasks.push(tokio::spawn(accept_loop(
                 app.clone(),
                 listener,
@@ -376,11 +347,59 @@ fn broadcast_tasks(app: &Arc<App>) -> anyhow::Result<Vec<tokio::task::JoinHandle
     Ok(tasks)
 }
 
+/// Binds every listener the settings ask for, each with what it serves.
+fn bind_listeners(s: &Settings) -> anyhow::Result<(Vec<TcpListener>, Vec<Serves>)> {
+    let only = Serves {
+        websocket: false,
+        api: false,
+        metrics: false,
+        node: false,
+    };
+    let mut plan = vec![(
+        s.listen,
+        Serves {
+            websocket: true,
+            api: s.endpoint_listen.is_none(),
+            metrics: s.metrics_listen.is_none() && s.metrics_public,
+            node: s.node_listen.is_none(),
+        },
+    )];
+    if let Some(a) = s.endpoint_listen {
+        plan.push((a, Serves { api: true, ..only }));
+    }
+    if let Some(a) = s.metrics_listen {
+        plan.push((
+            a,
+            Serves {
+                metrics: true,
+                ..only
+            },
+        ));
+    }
+    if let Some(a) = s.node_listen {
+        plan.push((a, Serves { node: true, ..only }));
+    }
+    warn_about_exposure(s);
+    warn_about_backlog(s.listen_backlog, read_somaxconn());
+    let mut listeners = Vec::new();
+    let mut serves = Vec::new();
+    for (addr, what) in plan {
+        let listener =
+            listen_on(addr, s.listen_backlog).with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, websocket = what.websocket, api = what.api, metrics = what.metrics, node = what.node, "listening");
+        listeners.push(listener);
+        serves.push(what);
+    }
+    Ok((listeners, serves))
+}
+
 /// The configured engine, and the directory nodes route through when it is
 /// shared.
 async fn open_store(
     settings: &Settings,
     metrics: &Metrics,
+    starting: &Starting,
 ) -> anyhow::Result<(
     Arc<dyn Store>,
     Arc<dyn ReceiptStore>,
@@ -399,13 +418,16 @@ async fn open_store(
         }
         StoreKind::Redis => {
             let url = settings.redis_url.as_deref().unwrap_or_default();
-            let store = RedisStore::connect(
-                url,
-                Some(metrics.messages_expired.clone()),
-                settings.ua_expiry.as_secs(),
-            )
+            let what = format!("connecting to Redis at {url}");
+            let store = until_available(starting, &what, || {
+                RedisStore::connect(
+                    url,
+                    Some(metrics.messages_expired.clone()),
+                    settings.ua_expiry.as_secs(),
+                )
+            })
             .await
-            .map_err(|e| anyhow::anyhow!("connecting to Redis at {url}: {e}"))?
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?
             .wait_for(settings.redis_wait_replicas, settings.redis_wait_timeout)
             .with_receipt_retention(settings.receipt_retention);
             let store = Arc::new(store);

@@ -260,6 +260,78 @@ async fn pushes_to_a_socket_left_behind_reach_the_new_one() {
     link.set_cut(false);
 }
 
+/// systemd or Kubernetes may start a node before Redis, or while it is down:
+/// the node must wait for it, alive but not ready, rather than exit.
+#[tokio::test]
+async fn a_node_started_before_redis_waits_for_it_then_delivers() {
+    let redis = RedisServer::not_started();
+    let h = node(redis.url(), &shared_key(), None, &[]).await;
+    // `node` returned on /health: alive. Seconds later, still alive and
+    // not ready, and pushes are refused as retryable.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let health = http(&h, "GET", "/health", &[], vec![]).await.unwrap();
+    assert_eq!(health.status, 200, "{}", h.logs());
+    let ready = http(&h, "GET", "/ready", &[], vec![]).await.unwrap();
+    assert_eq!(ready.status, 503);
+    assert_eq!(
+        String::from_utf8_lossy(&ready.body),
+        r#"{"status":"starting"}"#
+    );
+    let refused = http(&h, "POST", "/wpush/v2/anything", &[("ttl", "60")], vec![])
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.headers.contains_key("retry-after"));
+    let logs = h.logs();
+    assert!(
+        logs.matches("not ready, retrying").count() >= 2,
+        "each failure is logged:\n{logs}"
+    );
+
+    let up = Instant::now();
+    // Blocking is fine: Herald is another process.
+    redis.restart();
+    let deadline = up + Duration::from_secs(20);
+    loop {
+        let ready = http(&h, "GET", "/ready", &[], vec![]).await.unwrap();
+        if ready.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready 20 s after Redis:\n{}",
+            h.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("ready {:?} after Redis started", up.elapsed());
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&h, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    pushed(&ep, &h.url(), &keys, "after the wait", &[]).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "after the wait");
+}
+
+/// A setting a retry cannot fix still stops the start at once.
+#[test]
+fn a_malformed_redis_url_stops_the_start_at_once() {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_str().unwrap();
+    let (code, stderr) = serve_refused(
+        &["--listen", "127.0.0.1:0", "--data-dir", data],
+        &[
+            ("HERALD_STORE", "redis"),
+            ("HERALD_REDIS_URL", "redis://127.0.0.1:99999"),
+            ("HERALD_ENDPOINT_KEYS", &shared_key()),
+        ],
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("connecting to Redis"), "{stderr}");
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
 #[tokio::test]
 async fn a_user_agent_moving_to_another_node_closes_the_old_socket() {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();

@@ -14,10 +14,10 @@
 
 use super::local::{LocalRouter, RouteResult};
 use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
-use super::wakes::{NodeClient, Received, WakeUp, Wakes};
+use super::wakes::{received, NodeClient, Received, WakeUp, Wakes};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{now_micros, now_secs, Claim, Directory, Message, Owner, Store, StoreResult};
+use crate::store::{Claim, Directory, Message, Owner, Store, StoreResult};
 use dashmap::DashMap;
 use herald_client::http::node_only;
 use herald_proto::ids::Uaid;
@@ -88,6 +88,7 @@ impl Cluster {
         let client = NodeClient {
             client: node_only(REQUEST_TIMEOUT),
             key: NodeKey::derive(&endpoint_keys[0]),
+            clock: directory.clock(),
             metrics: metrics.clone(),
             timeout: REQUEST_TIMEOUT,
         };
@@ -152,7 +153,11 @@ impl Cluster {
         let owner = Owner {
             node: self.node,
             conn,
-            since: now_micros(),
+            // In the shared clock: in its own, a node 30 s behind loses
+            // every claim to a connection made on another node in the last
+            // 30 s, and the user agent's old socket there stays open (found
+            // by `make chaos`).
+            since: self.client.clock.now_micros(),
         };
         match self.directory.claim(&uaid, &owner).await {
             Ok(Claim::Won { replaced }) => {
@@ -403,7 +408,7 @@ impl Cluster {
     /// First check of a request from another node, before its body is read:
     /// a well-formed signature header with a timestamp within the skew.
     pub fn check_header<'a>(&self, authorization: Option<&'a str>) -> Result<Signed<'a>, ApiError> {
-        super::node_auth::parse(authorization, now_secs())
+        super::node_auth::parse(authorization, self.client.clock.now_secs())
     }
 
     /// Second check, with the body: the signature, then the nonce (only a
@@ -416,7 +421,7 @@ impl Cluster {
         body: &[u8],
     ) -> Result<(), ApiError> {
         signed.verify(&self.accepted, method, path, body)?;
-        self.replays.check(signed, now_secs())
+        self.replays.check(signed, self.client.clock.now_secs())
     }
 
     /// A wake-up from another node.
@@ -430,7 +435,10 @@ impl Cluster {
                 let decoded = herald_proto::b64::decode_b64url(&m.value)
                     .and_then(|v| crate::store::decode_message(m.seq, &v));
                 match decoded {
-                    Some(message) => local.route(&uaid, Arc::new(message)) == RouteResult::Queued,
+                    Some(message) => {
+                        let message = received(message, &self.client.clock);
+                        local.route(&uaid, Arc::new(message)) == RouteResult::Queued
+                    }
                     None => false,
                 }
             }
@@ -450,6 +458,7 @@ impl Cluster {
                 // Handed over as a push accepted here would be: the
                 // connection sends it at once or, if busy, reads the store.
                 Received::Deliver(uaid, m) => {
+                    let m = received(m, &self.client.clock);
                     local.route(&uaid, Arc::new(m)) != RouteResult::NotConnected
                 }
             });
@@ -469,7 +478,7 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemStore, StoreError};
+    use crate::store::{now_micros, MemStore, StoreError};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// The shared store, with its claims refused while `down` is set: a

@@ -6,7 +6,9 @@
 //! keyed from the shared endpoint key, so only a node can make one, and a
 //! request cannot be altered or moved to another path. A timestamp more than
 //! `MAX_SKEW` from the receiver's clock is refused, and a nonce seen within
-//! that window is refused as a replay. proto-docs/cluster.md describes the
+//! that window is refused as a replay. Both clocks are the cluster's shared
+//! one (`store::SharedClock`, Redis's time), not the nodes' own, so a node
+//! whose clock is off still agrees with the others. proto-docs/cluster.md describes the
 //! format for anyone writing a compatible node.
 
 use crate::errors::{ApiError, Errno};
@@ -19,7 +21,8 @@ use std::sync::Mutex;
 /// The authorization scheme name.
 pub const SCHEME: &str = "HeraldNode";
 /// How far a request's timestamp may be from the receiver's clock, either
-/// way. Nodes run NTP; this only has to absorb request latency and drift.
+/// way. Both are Redis's time shifted into each node, so this only has to
+/// absorb request latency and the shift's tolerance (2 s each side).
 pub const MAX_SKEW: u64 = 15;
 /// Nonces remembered at once: enough for about 8,700 node requests a second
 /// sustained over the replay window (2 × `MAX_SKEW`), about 10 MB at most.
@@ -323,6 +326,31 @@ mod tests {
         assert_eq!(accept(&w, &ahead, "/p", b"", NOW), Err(131));
         let edge = key().sign("POST", "/p", NOW - MAX_SKEW, b"");
         assert_eq!(accept(&w, &edge, "/p", b"", NOW), Ok(()));
+    }
+
+    #[test]
+    fn nodes_whose_clocks_are_off_agree_in_the_shared_clock() {
+        use crate::store::SharedClock;
+        // Redis says NOW; the sender's clock is 30 s ahead, the receiver's
+        // 30 s behind. Each knows its offset from Redis.
+        let (sender, receiver) = (SharedClock::default(), SharedClock::default());
+        sender.set_offset(SharedClock::offset_from_readings(NOW, NOW + 30));
+        receiver.set_offset(SharedClock::offset_from_readings(NOW, NOW - 30));
+        let (sender_now, receiver_now) = (NOW + 30, NOW - 30);
+        let w = ReplayWindow::new(10);
+        let own = key().sign("POST", "/p", sender_now, b"");
+        assert_eq!(accept(&w, &own, "/p", b"", receiver_now), Err(131));
+        let shared = key().sign("POST", "/p", sender.to_shared(sender_now), b"");
+        assert_eq!(
+            accept(&w, &shared, "/p", b"", receiver.to_shared(receiver_now)),
+            Ok(())
+        );
+        // Replays are still refused, and stale ones still age out, in the
+        // shared clock.
+        let again = receiver.to_shared(receiver_now + 1);
+        assert_eq!(accept(&w, &shared, "/p", b"", again), Err(132));
+        let late = receiver.to_shared(receiver_now + MAX_SKEW + 1);
+        assert_eq!(accept(&w, &shared, "/p", b"", late), Err(131));
     }
 
     #[test]

@@ -19,7 +19,7 @@
 
 use super::node_auth::NodeKey;
 use crate::metrics::Metrics;
-use crate::store::{decode_message, encode_message, now_secs, Message};
+use crate::store::{decode_message, encode_message, Message, SharedClock};
 use bytes::Bytes;
 use dashmap::DashMap;
 use herald_client::http::PlainClient;
@@ -78,7 +78,7 @@ pub struct WireMessage {
 
 impl Wake {
     /// As earlier versions sent it: only a TTL-0 message travels.
-    pub fn of(w: &WakeUp) -> Self {
+    pub fn of(w: &WakeUp, clock: &SharedClock) -> Self {
         Wake {
             uaid: w.uaid.to_string(),
             message: w
@@ -87,10 +87,28 @@ impl Wake {
                 .filter(|m| m.ttl == 0)
                 .map(|m| WireMessage {
                     seq: m.seq,
-                    value: herald_proto::b64::encode_b64url(&encode_message(m)),
+                    value: herald_proto::b64::encode_b64url(&encode_carried(m, clock)),
                 }),
         }
     }
+}
+
+/// A carried message's expiry travels in the shared clock, as it does in
+/// the store: in the sender's own time, a receiver whose clock is 30 s
+/// ahead of the sender's skips as expired a message with 30 s left (found
+/// by `make chaos` once skewed nodes' wake-ups were no longer refused:
+/// TTL-30 messages lost).
+fn encode_carried(m: &Message, clock: &SharedClock) -> Vec<u8> {
+    encode_message(&Message {
+        expires_at: clock.to_shared(m.expires_at),
+        ..m.clone()
+    })
+}
+
+/// A carried message back in this node's clock (see `encode_carried`).
+pub fn received(mut m: Message, clock: &SharedClock) -> Message {
+    m.expires_at = clock.to_node(m.expires_at);
+    m
 }
 
 /// What a received batch asks, record by record.
@@ -101,12 +119,12 @@ pub enum Received {
 
 /// Appends one record; a message too large to carry becomes a bare one,
 /// unless it has TTL 0 (never stored, so the record is its only copy).
-fn encode_record(out: &mut Vec<u8>, wake: &WakeUp) {
+fn encode_record(out: &mut Vec<u8>, wake: &WakeUp, clock: &SharedClock) {
     out.extend_from_slice(&wake.uaid.0);
     let value = wake
         .message
         .as_ref()
-        .map(|m| (m.seq, encode_message(m)))
+        .map(|m| (m.seq, encode_carried(m, clock)))
         .filter(|(_, v)| {
             v.len() <= MAX_CARRIED || wake.message.as_ref().is_some_and(|m| m.ttl == 0)
         });
@@ -127,7 +145,7 @@ fn encode_record(out: &mut Vec<u8>, wake: &WakeUp) {
 fn encode_batch<'a>(wakes: impl IntoIterator<Item = &'a WakeUp>) -> Vec<u8> {
     let mut out = vec![VERSION];
     for w in wakes {
-        encode_record(&mut out, w);
+        encode_record(&mut out, w, &SharedClock::default());
     }
     out
 }
@@ -166,6 +184,10 @@ pub fn decode_batch(mut body: &[u8]) -> Option<Vec<Received>> {
 pub struct NodeClient {
     pub client: PlainClient<Full<Bytes>>,
     pub key: NodeKey,
+    /// Timestamps are the cluster's shared clock, not this node's: a node
+    /// whose own clock is 30 s off must still be within the receivers'
+    /// window (node_auth::MAX_SKEW).
+    pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
     pub timeout: Duration,
 }
@@ -187,7 +209,9 @@ impl NodeClient {
             .parse::<http::Uri>()
             .map(|u| u.path().to_string())
             .unwrap_or_else(|_| path.to_string());
-        let auth = self.key.sign("POST", &signed_path, now_secs(), &body);
+        let auth = self
+            .key
+            .sign("POST", &signed_path, self.clock.now_secs(), &body);
         let req = http::Request::post(&url)
             .header("authorization", auth)
             .header("content-type", content_type)
@@ -351,7 +375,7 @@ impl Wakes {
             if n > 0 && body.len() >= BATCH_BYTES {
                 break;
             }
-            encode_record(&mut body, w);
+            encode_record(&mut body, w, &self.client.clock);
             n += 1;
         }
         let batch: Vec<WakeUp> = pending.drain(..n).collect();
@@ -380,7 +404,7 @@ impl Wakes {
     async fn one_by_one(&self, url: &str, batch: &[WakeUp]) -> bool {
         let mut ok = true;
         for w in batch {
-            let body = serde_json::to_vec(&Wake::of(w)).unwrap_or_default();
+            let body = serde_json::to_vec(&Wake::of(w, &self.client.clock)).unwrap_or_default();
             let status = self
                 .client
                 .post(url, WAKE_PATH, "application/json", body)
@@ -402,6 +426,7 @@ impl Wakes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::now_secs;
 
     fn wakes() -> Arc<Wakes> {
         let metrics = Arc::new(Metrics::new());
@@ -410,6 +435,7 @@ mod tests {
             key: NodeKey::derive(&[7; 32]),
             metrics,
             timeout: Duration::from_secs(1),
+            clock: Default::default(),
         })
     }
 
@@ -442,6 +468,33 @@ mod tests {
             data: Bytes::from(vec![7u8; len]),
             receipt: false,
         })
+    }
+
+    #[test]
+    fn a_carried_message_keeps_its_expiry_between_skewed_clocks() {
+        // Redis says T; the sender runs 30 s behind, the receiver 30 s ahead.
+        const T: u64 = 1_800_000_000;
+        let (sender, receiver) = (SharedClock::default(), SharedClock::default());
+        sender.set_offset(SharedClock::offset_from_readings(T, T - 30));
+        receiver.set_offset(SharedClock::offset_from_readings(T, T + 30));
+        let mut m = (*message(7, 30, 10)).clone();
+        m.expires_at = T - 30 + 30; // 30 s left, in the sender's clock
+        let mut body = vec![VERSION];
+        let wake = WakeUp {
+            uaid: Uaid::random(),
+            message: Some(Arc::new(m)),
+        };
+        encode_record(&mut body, &wake, &sender);
+        let Some(Received::Deliver(_, got)) = decode_batch(&body).unwrap().pop() else {
+            panic!("a carried message");
+        };
+        let got = received(got, &receiver);
+        assert_eq!(
+            got.expires_at,
+            T + 30 + 30,
+            "30 s left, in the receiver's clock"
+        );
+        assert!(!got.expired(T + 30));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! everything in memory with RocksDB's one-node semantics, for tests.
 //! `tests/store_contract.rs` holds every engine to the same cases.
 
+mod clock;
 mod codec;
 mod mem;
 mod receipt;
@@ -12,6 +13,7 @@ mod redis;
 mod rocks;
 
 pub use self::redis::RedisStore;
+pub use clock::SharedClock;
 pub use codec::{
     decode_channel, decode_message, decode_pending, decode_receipt, decode_user, encode_channel,
     encode_message, encode_pending, encode_receipt, encode_user, message_expires_at,
@@ -397,6 +399,11 @@ pub trait Directory: Send + Sync + 'static {
     async fn heartbeat(&self, node: u64, url: &str, ttl: std::time::Duration) -> StoreResult<()>;
     /// Where a live node is; None once its heartbeat lapsed.
     async fn node_url(&self, node: u64) -> StoreResult<Option<String>>;
+    /// The clock the nodes compare times in (node requests' timestamps):
+    /// the shared store's, or this node's own when nothing is shared.
+    fn clock(&self) -> SharedClock {
+        SharedClock::default()
+    }
     /// The quotas' exchange (see `quota::share`): publishes `usage` from
     /// `node` (nothing when empty) and returns what the other nodes
     /// published after `cursor`, with the cursor to pass next time. A None

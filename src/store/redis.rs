@@ -28,8 +28,8 @@ use super::codec::{
     EXPIRES_AT,
 };
 use super::{
-    now_micros, now_secs, ChannelRecord, Message, PutOutcome, Store, StoreError, StoreResult,
-    StoreStats, UserRecord,
+    now_micros, now_secs, ChannelRecord, Message, PutOutcome, SharedClock, Store, StoreError,
+    StoreResult, StoreStats, UserRecord,
 };
 use herald_proto::ids::{ChannelId, Uaid};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -37,8 +37,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation};
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Per attempt to open a TCP connection to one node.
@@ -71,12 +70,8 @@ const BLOCKS_KEY: &str = "herald:blocks";
 const PUT_COLLISION: i64 = -1;
 const PUT_FULL: i64 = -2;
 
-/// How often a node compares its clock with Redis's (see `ClockSkew`).
+/// How often a node compares its clock with Redis's (see `SharedClock`).
 const SKEW_CHECK_INTERVAL: Duration = Duration::from_secs(10);
-/// A difference up to this many seconds is left alone: two clocks both kept
-/// by NTP differ by less, and the seconds of two readings taken a moment
-/// apart can differ by one.
-const SKEW_TOLERANCE_SECS: i64 = 2;
 
 /// Shared by every script: the big-endian u64 at byte `off` (0-based) of `s`.
 /// Exact while below 2^53, which unix seconds are.
@@ -433,85 +428,55 @@ pub struct RedisStore {
     /// How long decided receipts are kept (Redis expires them by itself,
     /// so it must know the retention up front).
     receipt_retention: Duration,
-    skew: ClockSkew,
-    /// Where messages go when `wait` is set (waited.rs says why).
+    /// Redis's clock, which every node compares expiry times and receipt
+    /// deadlines in. Why: they are written by one node but enforced by Redis
+    /// and compared by every other node. A node 30 s behind stored messages
+    /// whose TTL was 30 s or less already expired, still answering 201
+    /// (found by `make chaos`), and one 30 s ahead skipped, as expired,
+    /// messages other nodes had stored. So they cross the store boundary in
+    /// Redis's time: shifted on the way in, back on the way out.
+    clock: SharedClock,
+    /// Where waited writes go (waited.rs says why).
     lane: waited::Lane,
 }
 
-/// Redis's clock minus this node's, in seconds, when they differ by more
-/// than `SKEW_TOLERANCE_SECS`; else 0.
-///
-/// Why: expiry times are written by the node (`EXAT`, the expiries zset,
-/// the message's own `expires_at`) but enforced by Redis and compared by
-/// every other node. A node 30 s behind stored messages whose TTL was 30 s
-/// or less already expired, still answering 201 (found by `make chaos`),
-/// and one 30 s ahead skipped, as expired, messages other nodes had stored.
-/// Expiry times therefore cross the store boundary in Redis's time: shifted
-/// by this on the way in, back on the way out. Ordering (seqs, the owner's
-/// `since`) still follows the node's clock; see proto-docs/cluster.md.
-#[derive(Clone, Default)]
-struct ClockSkew(Arc<AtomicI64>);
-
-impl ClockSkew {
-    fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// The skew to apply, given one reading of each clock.
-    fn from_readings(redis_secs: u64, node_secs: u64) -> i64 {
-        let d = redis_secs as i64 - node_secs as i64;
-        if d.abs() > SKEW_TOLERANCE_SECS {
-            d
-        } else {
-            0
-        }
-    }
-
-    /// Node time to Redis time; "never" (u64::MAX) stays never.
-    fn to_redis(&self, t: u64) -> u64 {
-        shift(t, self.get())
-    }
-
-    fn to_node(&self, t: u64) -> u64 {
-        shift(t, -self.get())
+/// Reads Redis's clock once; None when it does not answer.
+async fn read_offset(conn: &Conn) -> Option<i64> {
+    let mut c = conn.clone();
+    let cmd = redis::cmd("TIME");
+    let time: Result<redis::RedisResult<(u64, u64)>, _> =
+        tokio::time::timeout(OP_TIMEOUT, cmd.query_async(&mut c)).await;
+    match time {
+        Ok(Ok((secs, _micros))) => Some(SharedClock::offset_from_readings(secs, now_secs())),
+        _ => None,
     }
 }
 
-fn shift(t: u64, by: i64) -> u64 {
-    if t == u64::MAX {
-        t
-    } else {
-        t.saturating_add_signed(by)
-    }
-}
-
-/// Reads Redis's clock now and every `SKEW_CHECK_INTERVAL` while the store
-/// lives. A failed reading keeps the last value.
-async fn watch_skew(conn: Conn, skew: ClockSkew) {
+/// Keeps `clock` in step with Redis's every `SKEW_CHECK_INTERVAL` while the
+/// store lives. A failed reading keeps the last value.
+async fn watch_clock(conn: Conn, clock: SharedClock) {
     loop {
-        let mut c = conn.clone();
-        let cmd = redis::cmd("TIME");
-        let time: Result<redis::RedisResult<(u64, u64)>, _> =
-            tokio::time::timeout(OP_TIMEOUT, cmd.query_async(&mut c)).await;
-        if let Ok(Ok((secs, _micros))) = time {
-            let d = ClockSkew::from_readings(secs, now_secs());
-            if d != skew.get() {
-                tracing::warn!(
-                    skew_secs = d,
-                    "this node's clock differs from Redis's; expiry times are kept in Redis's time"
-                );
-            }
-            skew.0.store(d, Ordering::Relaxed);
+        if let Some(d) = read_offset(&conn).await {
+            note_offset(&clock, d);
         }
-        // Only this task holds it: the store is gone.
-        if Arc::strong_count(&skew.0) == 1 {
+        if clock.is_alone() {
             return;
         }
         tokio::time::sleep(SKEW_CHECK_INTERVAL).await;
-        if Arc::strong_count(&skew.0) == 1 {
+        if clock.is_alone() {
             return;
         }
     }
+}
+
+fn note_offset(clock: &SharedClock, d: i64) {
+    if d != clock.offset() {
+        tracing::warn!(
+            skew_secs = d,
+            "this node's clock differs from Redis's; expiry times, receipt deadlines and node requests' timestamps are kept in Redis's time"
+        );
+    }
+    clock.set_offset(d);
 }
 
 impl RedisStore {
@@ -542,11 +507,16 @@ impl RedisStore {
                     "redis connect: no answer from {url} within {CONNECT_BUDGET:?}"
                 ))
             })??;
-        let skew = ClockSkew::default();
-        tokio::spawn(watch_skew(conn.clone(), skew.clone()));
+        // Read before anything is stored or signed in Redis's time.
+        let clock = SharedClock::default();
+        let offset = read_offset(&conn).await.ok_or_else(|| {
+            StoreError::Unavailable(format!("redis connect: no answer to TIME from {url}"))
+        })?;
+        note_offset(&clock, offset);
+        tokio::spawn(watch_clock(conn.clone(), clock.clone()));
         let lane = waited::Lane::new(seeds, matches!(conn, Conn::Cluster(_)));
         Ok(RedisStore {
-            skew,
+            clock,
             lane,
             conn,
             scripts: Scripts::new(),
@@ -616,7 +586,7 @@ impl RedisStore {
     /// A stored message with its expiry back in this node's time.
     fn in_node_time(&self, m: Message) -> Message {
         Message {
-            expires_at: self.skew.to_node(m.expires_at),
+            expires_at: self.clock.to_node(m.expires_at),
             ..m
         }
     }
@@ -694,7 +664,7 @@ impl RedisStore {
             }));
         }
         let keys = Keys::new(uaid);
-        let expires_at = self.skew.to_redis(m.expires_at);
+        let expires_at = self.clock.to_shared(m.expires_at);
         let value = encode_message(&Message {
             expires_at,
             ..m.clone()
@@ -935,7 +905,7 @@ impl Store for RedisStore {
             .key(keys.expiries())
             .arg(after)
             .arg(lua_count(limit))
-            .arg(self.skew.to_redis(now_secs()))
+            .arg(self.clock.now_secs())
             .arg(keys.payload_prefix())
             .arg(EXPIRES_AT.start);
         let (pruned, seqs, values): (u64, Vec<u64>, Vec<Vec<u8>>) =
@@ -986,7 +956,7 @@ impl Store for RedisStore {
         }
         let mut cmd = redis::cmd("ZCOUNT");
         cmd.arg(Keys::new(uaid).expiries())
-            .arg(format!("({}", self.skew.to_redis(now)))
+            .arg(format!("({}", self.clock.to_shared(now)))
             .arg("+inf");
         let n: usize = self.query("count_messages", &cmd).await?;
         Ok(n.min(limit))
@@ -1109,21 +1079,6 @@ mod tests {
     use bytes::Bytes;
     use herald_proto::urgency::Urgency;
     use redis::cluster_routing::Slot;
-
-    #[test]
-    fn clock_skew_is_applied_past_the_tolerance_and_undone_on_the_way_out() {
-        assert_eq!(ClockSkew::from_readings(1000, 999), 0);
-        assert_eq!(ClockSkew::from_readings(1000, 1002), 0);
-        assert_eq!(ClockSkew::from_readings(1030, 1000), 30);
-        assert_eq!(ClockSkew::from_readings(1000, 1030), -30);
-        let skew = ClockSkew::default();
-        skew.0.store(-30, Ordering::Relaxed);
-        // A node 30 s ahead: its expiry of 1050 is Redis's 1020, and back.
-        assert_eq!(skew.to_redis(1050), 1020);
-        assert_eq!(skew.to_node(skew.to_redis(1050)), 1050);
-        assert_eq!(skew.to_redis(u64::MAX), u64::MAX);
-        assert_eq!(skew.to_redis(10), 0);
-    }
 
     #[test]
     fn message_offsets_match_the_codec() {

@@ -136,6 +136,15 @@ impl RedisServer {
         RedisServer { dir, port, url }
     }
 
+    /// A free port and a directory with no server yet: `restart` starts
+    /// it (a node started before its Redis).
+    pub fn not_started() -> RedisServer {
+        let dir = Dir::new(false);
+        let port = free_ports(1, false);
+        let url = format!("redis://127.0.0.1:{port}");
+        RedisServer { dir, port, url }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

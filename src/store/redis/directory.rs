@@ -4,7 +4,7 @@
 //! heartbeat).
 
 use super::{Keys, RedisStore};
-use crate::store::{Claim, Directory, Owner, StoreResult};
+use crate::store::{Claim, Directory, Owner, SharedClock, StoreResult};
 use herald_proto::ids::Uaid;
 use redis::Script;
 use std::sync::OnceLock;
@@ -121,6 +121,10 @@ impl Directory for RedisStore {
     async fn node_url(&self, node: u64) -> StoreResult<Option<String>> {
         self.query("node_url", redis::cmd("GET").arg(node_key(node)))
             .await
+    }
+
+    fn clock(&self) -> SharedClock {
+        self.clock.clone()
     }
     async fn share_usage(
         &self,

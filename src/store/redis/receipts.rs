@@ -43,8 +43,8 @@
 use super::{lua_count, RedisStore, LUA_BE64, MAX_EXACT_SCORE};
 use crate::store::codec::{decode_pending, decode_receipt, encode_pending, encode_receipt};
 use crate::store::{
-    now_micros, now_secs, Outcome, PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore,
-    ReceiptSub, StoreError, StoreResult, ACK_GRACE_SECS,
+    now_micros, Outcome, PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub,
+    StoreError, StoreResult, ACK_GRACE_SECS,
 };
 use herald_proto::ids::{ChannelId, Uaid};
 use redis::Script;
@@ -448,12 +448,20 @@ impl RedisStore {
 impl ReceiptStore for RedisStore {
     async fn track(&self, uaid: &Uaid, seq: u64, pending: &PendingReceipt) -> StoreResult<()> {
         let seq = exact("track", seq)?;
+        // In Redis's clock, which every node's sweep compares with (see
+        // `SharedClock`): a node 30 s ahead would otherwise call "expired"
+        // what another node's user agent acknowledged in time.
+        let pending = &PendingReceipt {
+            expires_at: self.clock.to_shared(pending.expires_at),
+            deadline: self.clock.to_shared(pending.deadline),
+            ..*pending
+        };
         let deadline = exact("track", pending.deadline)?;
         // The sweep must get to see it: its deadline may already be past
         // (a message tracked late), or move by up to the grace.
         let latest = deadline
             .max(pending.expires_at.saturating_add(ACK_GRACE_SECS))
-            .max(now_secs());
+            .max(self.clock.now_secs());
         let keep_until = latest
             .saturating_add(self.receipt_retention.as_secs())
             .min(MAX_EXACT_SCORE - 1);
@@ -546,6 +554,8 @@ impl ReceiptStore for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Deadlines are in Redis's clock (see `track`).
+        let now = self.clock.to_shared(now);
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
         cmd.arg(EXPIRY_KEY)
             .arg("-inf")
@@ -640,7 +650,13 @@ impl ReceiptStore for RedisStore {
             _ => None,
         };
         Ok(match found {
-            Some((1, v)) => decode_pending(&v).map(ReceiptState::Pending),
+            Some((1, v)) => decode_pending(&v).map(|p| {
+                ReceiptState::Pending(PendingReceipt {
+                    expires_at: self.clock.to_node(p.expires_at),
+                    deadline: self.clock.to_node(p.deadline),
+                    ..p
+                })
+            }),
             Some((2, v)) => decode_receipt(&v).map(ReceiptState::Settled),
             _ => None,
         })
