@@ -307,6 +307,8 @@ impl Account {
             ("dual_owner_moves", self.moves),
             ("dual_owner_never_closed", self.dual_open),
             ("ttl0_dropped_in_faults", self.ttl0_dropped.len() as u64),
+            ("delivered_unconfirmed", t.delivered_unconfirmed),
+            ("delivered_after_refusal", t.delivered_after_refusal),
         ] {
             r.metric(name, v);
         }

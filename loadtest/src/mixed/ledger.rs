@@ -157,6 +157,10 @@ pub struct Tally {
     pub unknown: u64,
     /// Received, though their POST got no status.
     pub delivered_unconfirmed: u64,
+    /// Received, though their POST was refused (a 503 after `WAIT` found
+    /// too few replicas: the write had landed, only its durability was not
+    /// confirmed).
+    pub delivered_after_refusal: u64,
     /// The first lost and duplicated ids, for the report.
     pub lost_ids: Vec<u64>,
     pub duplicate_ids: Vec<u64>,
@@ -240,9 +244,27 @@ pub fn classify_within(r: &Record, grace: Secs, window: Secs) -> Tally {
         conns_of.entry(c.ua).or_default().push(c);
         conn_by_id.insert(c.id, c);
     }
+    let mut receipts: HashMap<u64, Vec<&Receipt>> = HashMap::new();
+    for rc in &r.receipts {
+        receipts.entry(rc.id).or_default().push(rc);
+    }
+    // A refused POST whose message arrived anyway had, in fact, an outcome
+    // the sender could not know: it may have replaced an earlier message
+    // with its topic like any other, so it counts as unknown here.
+    let sent: Vec<Sent> = r
+        .sent
+        .iter()
+        .map(|s| match s.outcome {
+            Outcome::Rejected if receipts.contains_key(&s.id) => Sent {
+                outcome: Outcome::Unknown,
+                ..s.clone()
+            },
+            _ => s.clone(),
+        })
+        .collect();
     let mut by_channel: HashMap<usize, Vec<&Sent>> = HashMap::new();
     let mut by_id: HashMap<u64, &Sent> = HashMap::new();
-    for s in &r.sent {
+    for s in &sent {
         by_channel.entry(s.channel).or_default().push(s);
         by_id.insert(s.id, s);
     }
@@ -250,10 +272,6 @@ pub fn classify_within(r: &Record, grace: Secs, window: Secs) -> Tally {
     for u in &r.unregistered {
         let at = unreg.entry(u.channel).or_insert(u.at);
         *at = at.min(u.at);
-    }
-    let mut receipts: HashMap<u64, Vec<&Receipt>> = HashMap::new();
-    for rc in &r.receipts {
-        receipts.entry(rc.id).or_default().push(rc);
     }
     for list in receipts.values_mut() {
         list.sort_by(|a, b| a.at.total_cmp(&b.at));
@@ -265,8 +283,10 @@ pub fn classify_within(r: &Record, grace: Secs, window: Secs) -> Tally {
     for m in sent {
         let received = receipts.contains_key(&m.id);
         if m.outcome != Outcome::Accepted {
-            if received && m.outcome == Outcome::Unknown {
-                t.delivered_unconfirmed += 1;
+            match m.outcome {
+                Outcome::Unknown if received => t.delivered_unconfirmed += 1,
+                Outcome::Rejected if received => t.delivered_after_refusal += 1,
+                _ => {}
             }
             continue;
         }
@@ -621,5 +641,25 @@ pub(crate) mod tests {
         };
         let t = one(&r);
         assert_eq!((t.accepted, t.lost, t.delivered_unconfirmed), (0, 0, 1));
+    }
+
+    #[test]
+    fn a_refused_post_that_arrived_anyway_can_replace_by_topic() {
+        let first = sent(1, 600, Some("t"), 0.0);
+        let mut second = sent(2, 600, Some("t"), 1.0);
+        second.outcome = Outcome::Rejected;
+        let mut r = Record {
+            sent: vec![first, second],
+            receipts: vec![got(2, 1, 5.0, Answer::Acked)],
+            conns: vec![conn(1, 4.0, 8.0)],
+            end: 10.0,
+            ..Default::default()
+        };
+        let t = one(&r);
+        assert_eq!((t.replaced, t.lost, t.delivered_after_refusal), (1, 0, 1));
+        // Refused and never seen: it replaced nothing, the first is lost.
+        r.receipts.clear();
+        let t = one(&r);
+        assert_eq!((t.replaced, t.lost, t.delivered_after_refusal), (0, 1, 0));
     }
 }

@@ -150,6 +150,7 @@ impl Account {
             ("duplicates", t.duplicates),
             ("unknown", t.unknown),
             ("delivered_unconfirmed", t.delivered_unconfirmed),
+            ("delivered_after_refusal", t.delivered_after_refusal),
             ("posts", record.sent.len() as u64),
             ("receipts", record.receipts.len() as u64),
             ("connections", record.conns.len() as u64),
