@@ -580,6 +580,60 @@ async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
     );
 }
 
+/// A Redis primary that stops answering without closing anything (SIGSTOP,
+/// as a network cut looks): its replica takes over after the node timeout,
+/// and Herald must find the new primary although nothing redirected it and
+/// no connection dropped, and take pushes for that slot again while the
+/// old primary is still silent. A message accepted before the stop is
+/// delivered too.
+#[tokio::test]
+async fn a_silent_primary_is_left_for_its_replica_after_the_failover() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .unwrap(),
+    );
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let keys = UaKeys::new();
+    let (uaid, ep) = offline_subscription(&a, None).await;
+    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
+    pushed(&ep, &a.url(), &keys, "before", &[("ttl", "600")]).await;
+    let replica = cluster.replica_of(primary);
+    cluster.wait_replicated(replica, format!("herald:m:{{{uaid}}}").as_bytes());
+
+    let pid = cluster.pid(primary).to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let accepted = loop {
+        let r = push(&ep, None, &a.url(), &keys, "after", &[("ttl", "600")]).await;
+        *statuses.entry(r.status).or_default() += 1;
+        if r.status == 201 {
+            break stopped.elapsed();
+        }
+        if stopped.elapsed() > Duration::from_secs(25) {
+            signal("-CONT");
+            panic!("no push taken 25 s after the primary went silent: {statuses:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("taken again {accepted:?} after the stop: {statuses:?}");
+    let mut ua = Ua::hello(&a, Some(&uaid)).await;
+    assert_eq!(ua.uaid, uaid);
+    let got = drain(&mut ua, &keys, Duration::from_secs(2)).await;
+    signal("-CONT");
+    assert_eq!(got, ["before", "after"]);
+}
+
 #[tokio::test]
 async fn redis_unreachable_gives_503_and_service_returns_with_it() {
     let redis = tokio::task::spawn_blocking(RedisServer::start)

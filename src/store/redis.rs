@@ -38,6 +38,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Per attempt to open a TCP connection to one node.
@@ -415,7 +416,9 @@ async fn open(seeds: &[String]) -> StoreResult<Conn> {
 
 /// The Redis engine; see the module documentation for its keys.
 pub struct RedisStore {
-    conn: Conn,
+    /// Every call but waited writes; replaced on a cluster when calls time
+    /// out (renew.rs says why).
+    conn: Arc<renew::Current>,
     scripts: Scripts,
     seq: AtomicU64,
     /// Seconds a silent user agent lives; 0 keeps it forever.
@@ -454,9 +457,9 @@ async fn read_offset(conn: &Conn) -> Option<i64> {
 
 /// Keeps `clock` in step with Redis's every `SKEW_CHECK_INTERVAL` while the
 /// store lives. A failed reading keeps the last value.
-async fn watch_clock(conn: Conn, clock: SharedClock) {
+async fn watch_clock(conn: Arc<renew::Current>, clock: SharedClock) {
     loop {
-        if let Some(d) = read_offset(&conn).await {
+        if let Some(d) = read_offset(&conn.get()).await {
             note_offset(&clock, d);
         }
         if clock.is_alone() {
@@ -513,8 +516,9 @@ impl RedisStore {
             StoreError::Unavailable(format!("redis connect: no answer to TIME from {url}"))
         })?;
         note_offset(&clock, offset);
+        let lane = waited::Lane::new(seeds.clone(), matches!(conn, Conn::Cluster(_)));
+        let conn = renew::Current::new(conn, seeds);
         tokio::spawn(watch_clock(conn.clone(), clock.clone()));
-        let lane = waited::Lane::new(seeds, matches!(conn, Conn::Cluster(_)));
         Ok(RedisStore {
             clock,
             lane,
@@ -548,7 +552,7 @@ impl RedisStore {
 
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        self.conn.is_cluster()
     }
 
     /// How many times a message had to take a new seq because another node
@@ -563,13 +567,21 @@ impl RedisStore {
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> StoreResult<T> {
         match tokio::time::timeout(OP_TIMEOUT, fut).await {
-            Ok(result) => result.map_err(|e| redis_err(what, e)),
-            Err(_) => Err(error::timed_out(what, OP_TIMEOUT)),
+            Ok(result) => result.map_err(|e| {
+                if e.is_timeout() {
+                    self.conn.timed_out();
+                }
+                redis_err(what, e)
+            }),
+            Err(_) => {
+                self.conn.timed_out();
+                Err(error::timed_out(what, OP_TIMEOUT))
+            }
         }
     }
 
     async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         self.bounded(what, cmd.query_async(&mut conn)).await
     }
 
@@ -579,7 +591,7 @@ impl RedisStore {
         what: &str,
         invocation: &ScriptInvocation<'_>,
     ) -> StoreResult<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         self.bounded(what, invocation.invoke_async(&mut conn)).await
     }
 
@@ -778,7 +790,7 @@ impl Store for RedisStore {
             .cmd("HGET")
             .arg(keys.channels())
             .arg(channel.as_bytes().as_slice());
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         let (user, channel): (Option<Vec<u8>>, Option<Vec<u8>>) = self
             .bounded("get_user_and_channel", pipe.query_async(&mut conn))
             .await?;
@@ -1140,6 +1152,9 @@ mod error;
 
 /// Writes that wait for replicas.
 mod waited;
+
+/// Replacing a cluster connection that stopped seeing failovers.
+mod renew;
 
 /// Which node serves which user agent (several Herald nodes on one Redis).
 mod directory;

@@ -28,13 +28,15 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation, Value};
 use std::time::Duration;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 
-/// The connection of waited writes, opened at the first one.
+/// The connection of waited writes, opened at the first one, and again
+/// after one timed out (on a cluster, a fresh connection re-reads the slot
+/// map: see renew.rs).
 pub(super) struct Lane {
     seeds: Vec<String>,
     cluster: bool,
-    conn: OnceCell<Conn>,
+    conn: Mutex<Option<Conn>>,
 }
 
 impl Lane {
@@ -42,20 +44,27 @@ impl Lane {
         Lane {
             seeds,
             cluster,
-            conn: OnceCell::new(),
+            conn: Mutex::new(None),
         }
     }
 
     async fn conn(&self) -> StoreResult<Conn> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                tokio::time::timeout(OP_TIMEOUT, open(&self.seeds, self.cluster))
-                    .await
-                    .map_err(|_| error::timed_out("connect for waited writes", OP_TIMEOUT))?
-            })
-            .await?;
-        Ok(conn.clone())
+        let mut held = self.conn.lock().await;
+        if let Some(c) = &*held {
+            return Ok(c.clone());
+        }
+        let fresh = tokio::time::timeout(OP_TIMEOUT, open(&self.seeds, self.cluster))
+            .await
+            .map_err(|_| error::timed_out("connect for waited writes", OP_TIMEOUT))??;
+        *held = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Forgets the connection after a timeout: the next write opens one.
+    async fn drop_conn(&self) {
+        if self.cluster {
+            *self.conn.lock().await = None;
+        }
     }
 
     /// Runs `invocation` of `script` (`what`, for errors; its keys are in
@@ -116,10 +125,19 @@ impl Lane {
                 }
             }
         };
-        let answers = tokio::time::timeout(budget, sent)
-            .await
-            .map_err(|_| error::timed_out(what, budget))?
-            .map_err(|e| redis_err(what, e))?;
+        let answers = match tokio::time::timeout(budget, sent).await {
+            Ok(Ok(answers)) => answers,
+            Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.drop_conn().await;
+                }
+                return Err(redis_err(what, e));
+            }
+            Err(_) => {
+                self.drop_conn().await;
+                return Err(error::timed_out(what, budget));
+            }
+        };
         if answers.len() != count {
             return Err(StoreError::Corrupt(format!(
                 "redis {what}: {} answers to {count} commands",
