@@ -398,6 +398,33 @@ async fn killing_the_node_holding_a_user_agent_loses_nothing() {
     assert_eq!(drain(&mut ua, &keys, Duration::from_secs(2)).await, sent);
 }
 
+/// Sends `sig` (as `kill` takes it: "-STOP", "-CONT") to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A Redis Cluster of this test's own (it is about to break it), one node
+/// on it with `env`, and an offline subscription: (cluster, node, uaid,
+/// endpoint, the port of the primary holding the user agent).
+async fn own_cluster_and_subscription(
+    env: &[(&str, &str)],
+) -> (Arc<RedisCluster>, Herald, String, String, u16) {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .unwrap(),
+    );
+    let a = node(cluster.url(), &shared_key(), None, env).await;
+    let (uaid, ep) = offline_subscription(&a, None).await;
+    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
+    (cluster, a, uaid, ep, primary)
+}
+
 /// kill -9 of the Redis primary holding a user agent's slot in the middle of
 /// a bounded POST loop, with `redis_wait_replicas = 1`: after the replica
 /// takes over, every message answered 201 is delivered. (With one replica
@@ -405,22 +432,9 @@ async fn killing_the_node_holding_a_user_agent_loses_nothing() {
 /// answers 503 from then on: refusing is the price of the guarantee.)
 #[tokio::test]
 async fn killing_a_redis_primary_loses_no_accepted_message() {
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(RedisCluster::start)
-            .await
-            .unwrap(),
-    );
-    let key = shared_key();
-    let a = node(
-        cluster.url(),
-        &key,
-        None,
-        &[("HERALD_REDIS_WAIT_REPLICAS", "1")],
-    )
-    .await;
+    let (cluster, a, uaid, ep, primary) =
+        own_cluster_and_subscription(&[("HERALD_REDIS_WAIT_REPLICAS", "1")]).await;
     let keys = Arc::new(UaKeys::new());
-    let (uaid, ep) = offline_subscription(&a, None).await;
-    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
 
     let accepted = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -497,22 +511,9 @@ async fn killing_a_redis_primary_loses_no_accepted_message() {
 /// hello's reads queued behind the next `WAIT` and it failed.
 #[tokio::test]
 async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(RedisCluster::start)
-            .await
-            .unwrap(),
-    );
-    let key = shared_key();
-    let a = node(
-        cluster.url(),
-        &key,
-        None,
-        &[("HERALD_REDIS_WAIT_REPLICAS", "1")],
-    )
-    .await;
+    let (cluster, a, _, ep, primary) =
+        own_cluster_and_subscription(&[("HERALD_REDIS_WAIT_REPLICAS", "1")]).await;
     let keys = Arc::new(UaKeys::new());
-    let (uaid, ep) = offline_subscription(&a, None).await;
-    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
     // Another user agent on the same primary.
     let mut other = loop {
         let ua = Ua::hello(&a, None).await;
@@ -523,15 +524,8 @@ async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
     let other_uaid = other.uaid.clone();
     pushed(&ep, &a.url(), &keys, "before", &[("ttl", "600")]).await;
 
-    let replica = cluster.pid(cluster.replica_of(primary)).to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &replica])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {replica}");
-    };
+    let replica = cluster.pid(cluster.replica_of(primary));
+    let signal = |sig: &str| signal(replica, sig);
     signal("-STOP");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let posters: Vec<_> = (0..4)
@@ -588,29 +582,14 @@ async fn a_push_waiting_for_a_stalled_replica_holds_up_nobody_else() {
 /// delivered too.
 #[tokio::test]
 async fn a_silent_primary_is_left_for_its_replica_after_the_failover() {
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(RedisCluster::start)
-            .await
-            .unwrap(),
-    );
-    let key = shared_key();
-    let a = node(cluster.url(), &key, None, &[]).await;
+    let (cluster, a, uaid, ep, primary) = own_cluster_and_subscription(&[]).await;
     let keys = UaKeys::new();
-    let (uaid, ep) = offline_subscription(&a, None).await;
-    let primary = cluster.primary_for(format!("herald:m:{{{uaid}}}").as_bytes());
     pushed(&ep, &a.url(), &keys, "before", &[("ttl", "600")]).await;
     let replica = cluster.replica_of(primary);
     cluster.wait_replicated(replica, format!("herald:m:{{{uaid}}}").as_bytes());
 
-    let pid = cluster.pid(primary).to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let pid = cluster.pid(primary);
+    let signal = |sig: &str| signal(pid, sig);
     signal("-STOP");
     let stopped = Instant::now();
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
@@ -649,15 +628,8 @@ async fn redis_unreachable_gives_503_and_service_returns_with_it() {
     ua.ack(&n).await;
 
     // SIGSTOP: the server holds its connections and answers nothing.
-    let pid = redis.pid().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let pid = redis.pid();
+    let signal = |sig: &str| signal(pid, sig);
     signal("-STOP");
     let started = Instant::now();
     let r = push(&ep, None, &a.url(), &keys, "during", &[]).await;

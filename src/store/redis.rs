@@ -392,11 +392,21 @@ async fn open_standalone(url: &str) -> StoreResult<Conn> {
 }
 
 async fn open_cluster(seeds: &[String]) -> StoreResult<Conn> {
+    open_cluster_with(seeds, 3, Some(OP_TIMEOUT)).await
+}
+
+/// A cluster connection that retries a failed call `retries` times, within
+/// `overall` if set.
+async fn open_cluster_with(
+    seeds: &[String],
+    retries: u32,
+    overall: Option<Duration>,
+) -> StoreResult<Conn> {
     let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)
-        .overall_response_timeout(Some(OP_TIMEOUT))
-        .retries(3)
+        .overall_response_timeout(overall)
+        .retries(retries)
         .build()
         .map_err(|e| redis_err("cluster URL", e))?;
     let conn = client

@@ -21,10 +21,9 @@
 //! both reach the same node over the same connection or the push fails
 //! with 503, which an application server retries.
 
-use super::{error, redis_err, Conn, CONNECT_TIMEOUT, OP_TIMEOUT, RESPONSE_TIMEOUT};
+use super::{error, open_cluster_with, open_standalone, redis_err, Conn, OP_TIMEOUT};
 use crate::store::{StoreError, StoreResult};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::aio::ConnectionLike;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation, Value};
 use std::time::Duration;
@@ -151,29 +150,12 @@ impl Lane {
 async fn open(seeds: &[String], cluster: bool) -> StoreResult<Conn> {
     if cluster {
         // No retries: a retry is routed afresh and could reach another node
-        // than the first attempt's (see the module documentation).
-        let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
-            .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(RESPONSE_TIMEOUT)
-            .retries(0)
-            .build()
-            .map_err(|e| redis_err("cluster URL", e))?;
-        let conn = client
-            .get_async_connection()
-            .await
-            .map_err(|e| redis_err("cluster connect", e))?;
-        Ok(Conn::Cluster(conn))
+        // than the first attempt's (see the module documentation). No
+        // overall limit either: `WAIT` may take `redis_wait_timeout`, and the
+        // caller bounds the whole.
+        open_cluster_with(seeds, 0, None).await
     } else {
-        let client = redis::Client::open(seeds[0].as_str()).map_err(|e| redis_err("URL", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| redis_err("connect", e))?;
-        Ok(Conn::Standalone(manager))
+        open_standalone(&seeds[0]).await
     }
 }
 
