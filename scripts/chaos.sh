@@ -316,7 +316,10 @@ runs=$((secs / run_secs))
 failed=0
 allowed=0
 outs=()
-rand() { echo $((RANDOM % $1)); }
+# Sets R to a number below $1. Not `$(rand N)`: a command substitution runs
+# in a subshell, whose RANDOM bash reseeds, so the parent's sequence never
+# advanced and CHAOS_SEED did not fix the random schedules.
+rand() { R=$((RANDOM % $1)); }
 RANDOM=$seed
 
 # How long an old socket may outlive its user agent's move: a node cut from
@@ -375,11 +378,15 @@ done
 # window (restarted just after the heal), one after another.
 while [ "$n" -lt "$runs" ]; do
   sched="$dir/schedule-$n.jsonl"
-  f=${faults[$(rand "${#faults[@]}")]}
+  rand "${#faults[@]}"
+  f=${faults[$R]}
   [ "$f" != kill9 ] || f=${faults[0]}
-  at=$((2 + $(rand $((run_secs / 5)))))
-  heal=$((at + 6 + $(rand $((run_secs / 3)))))
-  victim=${NODES[$(rand 3)]}
+  rand $((run_secs / 5))
+  at=$((2 + R))
+  rand $((run_secs / 3))
+  heal=$((at + 6 + R))
+  rand 3
+  victim=${NODES[$R]}
   [[ "$f" != clock-* ]] || victim=n1
   {
     fault_lines "$f" "$at" "$heal"
