@@ -53,6 +53,17 @@ pub struct Evict {
     pub conn: u64,
 }
 
+/// Where a user agent is connected.
+enum Holder {
+    Nowhere,
+    Here,
+    /// On another node, which announced this URL.
+    Peer(u64, String),
+    /// On another node whose URL is unknown: its announcement lapsed, or
+    /// the look-up failed.
+    Unannounced,
+}
+
 pub struct Cluster {
     node: u64,
     url: String,
@@ -280,25 +291,38 @@ impl Cluster {
         }
     }
 
+    /// Where `uaid` is connected, as the store says; an error if the store
+    /// did not answer.
+    async fn holder(&self, uaid: &Uaid) -> StoreResult<Holder> {
+        Ok(match self.directory.owner(uaid).await? {
+            None => Holder::Nowhere,
+            Some(o) if o.node == self.node => Holder::Here,
+            Some(o) => match self.node_url(o.node).await {
+                Ok(Some(url)) => Holder::Peer(o.node, url),
+                _ => Holder::Unannounced,
+            },
+        })
+    }
+
     /// Wakes the node serving `uaid`, if another live node does.
     pub async fn wake(&self, uaid: &Uaid, message: &Arc<Message>) -> RouteResult {
-        let owner = match self.directory.owner(uaid).await {
-            Ok(Some(o)) if o.node != self.node => o,
-            Ok(_) => return RouteResult::NotConnected,
-            Err(e) => {
-                tracing::warn!("looking up a user agent's node: {e}");
-                self.wakes.missed(*uaid);
-                return RouteResult::NotConnected;
-            }
-        };
-        let Ok(Some(url)) = self.node_url(owner.node).await else {
+        let (node, url) = match self.holder(uaid).await {
+            Ok(Holder::Peer(node, url)) => (node, url),
+            Ok(Holder::Nowhere | Holder::Here) => return RouteResult::NotConnected,
             // Its node died (the user agent is offline), or its
             // announcement lapsed while it could not reach the store but
             // its connections stayed up (`make chaos`: a Redis primary cut
             // off held the announcements of two nodes): `rewake` tries
             // again until the owner changes or the node is back.
-            self.wakes.missed(*uaid);
-            return RouteResult::NotConnected;
+            Ok(Holder::Unannounced) => {
+                self.wakes.missed(*uaid);
+                return RouteResult::NotConnected;
+            }
+            Err(e) => {
+                tracing::warn!("looking up a user agent's node: {e}");
+                self.wakes.missed(*uaid);
+                return RouteResult::NotConnected;
+            }
         };
         // The push is already stored: its answer does not wait for the
         // wake-up, which goes out with the peer's next batch.
@@ -306,7 +330,7 @@ impl Cluster {
             uaid: *uaid,
             message: Some(message.clone()),
         };
-        self.wakes.send(owner.node, &url, wake);
+        self.wakes.send(node, &url, wake);
         RouteResult::Woken
     }
 
@@ -318,29 +342,25 @@ impl Cluster {
     /// saw two such messages outlive the 8 s their user agent stayed).
     pub async fn rewake(&self, local: &LocalRouter) {
         for uaid in self.wakes.to_wake_again(REWAKE_ROUNDS) {
-            let owner = match self.directory.owner(&uaid).await {
-                Ok(Some(o)) => o,
+            match self.holder(&uaid).await {
                 // Connected nowhere: its next connection reads the store.
-                Ok(None) => {
+                Ok(Holder::Nowhere) => self.wakes.settled(&uaid),
+                Ok(Holder::Here) => {
+                    local.wake(&uaid);
                     self.wakes.settled(&uaid);
-                    continue;
                 }
+                Ok(Holder::Peer(node, url)) => {
+                    let wake = WakeUp {
+                        uaid,
+                        message: None,
+                    };
+                    self.wakes.send(node, &url, wake);
+                }
+                // No announcement (see `wake`): the next round.
+                Ok(Holder::Unannounced) => {}
                 // The store is still out of reach: so is every node's
                 // record of it; the next round tries again.
                 Err(_) => return,
-            };
-            if owner.node == self.node {
-                local.wake(&uaid);
-                self.wakes.settled(&uaid);
-                continue;
-            }
-            // No announcement (see `wake`) or no answer: the next round.
-            if let Ok(Some(url)) = self.node_url(owner.node).await {
-                let wake = WakeUp {
-                    uaid,
-                    message: None,
-                };
-                self.wakes.send(owner.node, &url, wake);
             }
         }
     }

@@ -45,7 +45,8 @@ impl Current {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.get(), Conn::Cluster(_))
+        let conn = self.conn.read().unwrap_or_else(|p| p.into_inner());
+        matches!(*conn, Conn::Cluster(_))
     }
 
     /// A call on this connection got no answer in time.
