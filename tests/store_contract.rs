@@ -1349,6 +1349,87 @@ async fn redis_cluster_a_resent_store_is_stored_once() {
     a_resent_store_is_stored_once(shared_cluster().url()).await;
 }
 
+/// A settle that fails half-way (here, one subscription's receipts
+/// unwritable; in `make chaos`, a failover or a reset link) keeps its
+/// decision: a later settle of the message and the sweep both finish it
+/// with the outcome first given, and each receipt is listed once though
+/// its append ran twice.
+async fn an_interrupted_settle_is_finished_later(e: Engine) {
+    let raw = e.raw.as_ref().expect("a Redis engine");
+    let (l, peer) = (&*e.ledger, &*e.ledger_peer);
+    let (u, ch) = (Uaid::random(), new_channel());
+    // Appended in the order of their bytes: the broken one second.
+    let mut subs = [ReceiptSub::random(), ReceiptSub::random()];
+    subs.sort();
+    let [listed_first, broken] = subs;
+    let (first, second) = (e.store.next_seq(), e.store.next_seq());
+    l.track(&u, first, &pending_later(listed_first, ch))
+        .await
+        .unwrap();
+    l.track(&u, second, &pending_later(broken, ch))
+        .await
+        .unwrap();
+    let events = format!("herald:re:{{{}}}", Uaid(broken.0));
+    raw.query::<()>(
+        &events,
+        redis::cmd("SET").arg(&events).arg("not a sorted set"),
+    );
+
+    let at = now_ms();
+    assert!(
+        l.settle_all(&u, Some(ch), Outcome::Gone, at).await.is_err(),
+        "the append to the broken subscription fails"
+    );
+    for seq in [first, second] {
+        match l.receipt_state(&u, seq).await.unwrap() {
+            Some(ReceiptState::Settled(r)) => assert_eq!(r.outcome, Outcome::Gone),
+            other => panic!("decided, not yet listed: {other:?}"),
+        }
+    }
+    raw.query::<()>(&events, redis::cmd("DEL").arg(&events));
+
+    // An ack arriving again finds the decision, not a pending message.
+    let again = peer
+        .settle(&u, second, Outcome::Delivered, at + 5)
+        .await
+        .unwrap()
+        .expect("finished by this call");
+    assert_eq!((again.0, again.1.seq), (broken, second));
+    assert_eq!((again.1.outcome, again.1.at), (Outcome::Gone, at));
+    {
+        // The sweep finishes the rest once it comes due.
+        let _sweeping = SWEEPS.lock().await;
+        let later = now_secs() + 60;
+        while !l
+            .settle_expired(later, 1000, now_ms())
+            .await
+            .unwrap()
+            .is_empty()
+        {}
+    }
+    for (sub, seq) in [(listed_first, first), (broken, second)] {
+        let listed = l.receipts(&sub, 0, 10).await.unwrap();
+        assert_eq!(listed.len(), 1, "listed once: {listed:?}");
+        assert_eq!((listed[0].seq, listed[0].outcome), (seq, Outcome::Gone));
+        assert_eq!(
+            l.receipt_state(&u, seq).await.unwrap(),
+            Some(ReceiptState::Settled(listed[0]))
+        );
+        assert!(!indexed(raw, &u, seq), "finished: not indexed");
+    }
+    assert!(!raw.exists(&format!("herald:rs:{{{u}}}")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_interrupted_settle_is_finished_later() {
+    an_interrupted_settle_is_finished_later(standalone().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_an_interrupted_settle_is_finished_later() {
+    an_interrupted_settle_is_finished_later(cluster().await).await;
+}
+
 #[tokio::test]
 async fn redis_one_seed_is_enough_to_find_the_cluster() {
     let cluster = shared_cluster();

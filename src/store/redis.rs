@@ -650,15 +650,29 @@ impl RedisStore {
         uaid: &Uaid,
         kept: impl Fn(i64) -> bool,
     ) -> StoreResult<i64> {
-        let Some((replicas, timeout)) = self.wait else {
-            return self.eval::<i64>(what, inv).await;
-        };
         let slot_key = Keys::new(uaid).messages();
+        self.eval_waited(what, script, inv, &slot_key, |a: &i64| kept(*a))
+            .await
+    }
+
+    /// `eval_confirmed` for a script whose keys are in `slot_key`'s slot
+    /// and whose answer is any value.
+    async fn eval_waited<T: FromRedisValue>(
+        &self,
+        what: &str,
+        script: &Script,
+        inv: &ScriptInvocation<'_>,
+        slot_key: &str,
+        kept: impl Fn(&T) -> bool,
+    ) -> StoreResult<T> {
+        let Some((replicas, timeout)) = self.wait else {
+            return self.eval::<T>(what, inv).await;
+        };
         let (answer, confirmed) = self
             .lane
-            .eval_and_wait(what, script, inv, &slot_key, (replicas, timeout))
+            .eval_and_wait::<T>(what, script, inv, slot_key, (replicas, timeout))
             .await?;
-        if kept(answer) && confirmed < i64::from(replicas) {
+        if kept(&answer) && confirmed < i64::from(replicas) {
             // Replicas lagging or failing over: the write may still reach
             // them, but the promise was not kept in time.
             return Err(StoreError::Unavailable(format!(

@@ -329,11 +329,19 @@ pub fn check(
             ),
         }
     }
+    // A POST refused with 503 after its store timed out may have been
+    // stored and tracked all the same (the timeout lost only the answer);
+    // one whose message reached its user agent surely was.
+    let refused_but_stored = r
+        .sent
+        .iter()
+        .filter(|s| s.receipt && s.outcome == Outcome::Rejected && answers.contains_key(&s.id))
+        .count() as u64;
     t.unmatched = (got.len() - matched) as u64;
-    if t.unmatched > unanswered {
+    if t.unmatched > unanswered + refused_but_stored {
         let s = format!(
-            "{} receipts for messages no accepted POST named ({} receipt-asking POSTs went unanswered)",
-            t.unmatched, unanswered
+            "{} receipts for messages no accepted POST named ({} receipt-asking POSTs went unanswered, {} refused but delivered)",
+            t.unmatched, unanswered, refused_but_stored
         );
         note(&mut t, s);
     }
@@ -520,5 +528,22 @@ mod tests {
             10.0,
         );
         assert_eq!(t.errors, 1);
+    }
+
+    #[test]
+    fn stray_receipts_may_be_of_a_refused_post_that_was_delivered() {
+        let mut refused = sent(1, 600, None, 0.0);
+        refused.outcome = Outcome::Rejected;
+        refused.message = None;
+        let mut r = Record {
+            sent: vec![refused],
+            ..Default::default()
+        };
+        let stray = [rc(9, Verdict::Delivered)];
+        assert_eq!(check(&r, &HashMap::new(), &stray, 10.0).errors, 1);
+        r.receipts
+            .push(got(1, 1, 0.5, super::super::ledger::Answer::Acked));
+        let t = check(&r, &HashMap::new(), &stray, 10.0);
+        assert_eq!((t.unmatched, t.errors), (1, 0), "{:?}", t.notes);
     }
 }

@@ -1,4 +1,5 @@
-//! Writes under `redis_wait_replicas` (messages, registrations): the script
+//! Writes under `redis_wait_replicas` (messages, registrations, the receipt
+//! ledger's promises): the script
 //! and its `WAIT` sent together, on a connection of their own.
 //!
 //! Why not `WAIT` after the script on the shared connection, as before:
@@ -67,17 +68,16 @@ impl Lane {
     }
 
     /// Runs `invocation` of `script` (`what`, for errors; its keys are in
-    /// the user agent's slot, that of `slot_key`), then `WAIT replicas
-    /// timeout`, on one node. Returns the script's answer and how many
-    /// replicas confirmed it.
-    pub(super) async fn eval_and_wait(
+    /// one slot, that of `slot_key`), then `WAIT replicas timeout`, on one
+    /// node. Returns the script's answer and how many replicas confirmed it.
+    pub(super) async fn eval_and_wait<T: FromRedisValue>(
         &self,
         what: &str,
         script: &Script,
         invocation: &ScriptInvocation<'_>,
         slot_key: &str,
         (replicas, timeout): (u32, Duration),
-    ) -> StoreResult<(i64, i64)> {
+    ) -> StoreResult<(T, i64)> {
         let mut conn = self.conn().await?;
         let budget = timeout + OP_TIMEOUT;
         let mut pipe = redis::pipe();
@@ -100,9 +100,9 @@ impl Lane {
             answers.remove(0);
         }
         let mut answers = answers.into_iter();
-        let answer = integer(&what, answers.next())?;
-        let confirmed = integer(&what, answers.next())?;
-        Ok((answer, confirmed))
+        let reply = answer::<T>(&what, answers.next())?;
+        let confirmed = answer::<i64>(&what, answers.next())?;
+        Ok((reply, confirmed))
     }
 
     async fn send(
@@ -163,12 +163,12 @@ fn is_noscript(v: &Value) -> bool {
     matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
 }
 
-fn integer(what: &str, v: Option<Value>) -> StoreResult<i64> {
+fn answer<T: FromRedisValue>(what: &str, v: Option<Value>) -> StoreResult<T> {
     let v = v.ok_or_else(|| StoreError::Corrupt(format!("redis {what}: no answer")))?;
     if let Value::ServerError(e) = v {
         return Err(redis_err(what, RedisError::from(e)));
     }
-    i64::from_redis_value(v).map_err(|e| redis_err(what, e.into()))
+    T::from_redis_value(v).map_err(|e| redis_err(what, e.into()))
 }
 
 #[cfg(test)]
@@ -190,8 +190,8 @@ mod tests {
     #[test]
     fn a_refused_command_is_an_error_not_a_count() {
         let refused = reply("-READONLY You can't write against a read only replica.\r\n");
-        assert!(integer("WAIT", Some(refused)).is_err());
-        assert!(integer("WAIT", None).is_err());
-        assert_eq!(integer("WAIT", Some(Value::Int(1))).unwrap(), 1);
+        assert!(answer::<i64>("WAIT", Some(refused)).is_err());
+        assert!(answer::<i64>("WAIT", None).is_err());
+        assert_eq!(answer::<i64>("WAIT", Some(Value::Int(1))).unwrap(), 1);
     }
 }
