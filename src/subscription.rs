@@ -52,6 +52,10 @@ pub async fn add_channel(
     if store.count_channels(uaid, max).await? >= max {
         return Ok(Added::TooMany(max));
     }
+    // Not waited for by itself under `redis_wait_replicas`: the channel's
+    // write below is, on the same primary (one slot), after this one, and a
+    // replica applies a primary's writes in order, so its `WAIT` covers
+    // this record too.
     if let Some(user) = user {
         app.metrics
             .time("put_user", store.put_user(uaid, user))

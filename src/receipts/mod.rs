@@ -27,6 +27,29 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 const EXPIRY_BATCH: usize = 1000;
 /// How often receipts older than the retention are removed.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+/// How long apart, and how often, a failed settle is tried again.
+const SETTLE_RETRY: Duration = Duration::from_secs(2);
+const SETTLE_ATTEMPTS: u32 = 30;
+
+/// An outcome to decide. A failed attempt is made again, with the same
+/// outcome and time: the ledger's settle is idempotent, so an attempt that
+/// did land (its answer lost, or its later steps failed) is only finished,
+/// and one that a failover undid is made again. Without it the message
+/// would wait for the expiry sweep and get `expired` though acknowledged.
+#[derive(Clone, Copy)]
+enum Settle {
+    One(u64, Outcome),
+    All(Option<ChannelId>),
+}
+
+impl Settle {
+    fn doing(self) -> &'static str {
+        match self {
+            Settle::One(..) => "settling a message",
+            Settle::All(_) => "settling a removed subscription",
+        }
+    }
+}
 
 /// How many receipt streams this node holds open at once.
 #[derive(Debug, Clone, Copy)]
@@ -138,25 +161,62 @@ impl Receipts {
         });
     }
 
-    /// Decides one message's outcome, if it asked for a receipt.
-    pub async fn settle(&self, uaid: &Uaid, seq: u64, outcome: Outcome) {
-        match self.ledger.settle(uaid, seq, outcome, now_ms()).await {
-            Ok(found) => self.recorded(found),
-            Err(e) => tracing::warn!("receipt ledger: settling a message: {e}"),
-        }
+    /// Decides one message's outcome, if it asked for a receipt. A failed
+    /// attempt is made again in the background (see `Settle`).
+    pub async fn settle(self: &Arc<Self>, uaid: &Uaid, seq: u64, outcome: Outcome) {
+        self.decide(*uaid, Settle::One(seq, outcome), now_ms())
+            .await;
     }
 
     /// A subscription (or the whole user agent) is gone: so is every
     /// message still waiting on it.
-    pub async fn settle_all(&self, uaid: &Uaid, channel: Option<ChannelId>) {
-        match self
-            .ledger
-            .settle_all(uaid, channel, Outcome::Gone, now_ms())
-            .await
-        {
-            Ok(found) => self.recorded(found),
-            Err(e) => tracing::warn!("receipt ledger: settling a removed subscription: {e}"),
+    pub async fn settle_all(self: &Arc<Self>, uaid: &Uaid, channel: Option<ChannelId>) {
+        self.decide(*uaid, Settle::All(channel), now_ms()).await;
+    }
+
+    async fn decide(self: &Arc<Self>, uaid: Uaid, what: Settle, at: u64) {
+        let Err(e) = self.try_decide(&uaid, what, at).await else {
+            return;
+        };
+        tracing::warn!("receipt ledger: {}, tried again: {e}", what.doing());
+        let this = self.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=SETTLE_ATTEMPTS {
+                tokio::time::sleep(SETTLE_RETRY).await;
+                match this.try_decide(&uaid, what, at).await {
+                    Ok(()) => return,
+                    Err(e) if attempt == SETTLE_ATTEMPTS => tracing::error!(
+                        uaid = %uaid.short(),
+                        "receipt ledger: {} failed {SETTLE_ATTEMPTS} times; \
+                         the expiry sweep decides it instead: {e}",
+                        what.doing()
+                    ),
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    async fn try_decide(
+        &self,
+        uaid: &Uaid,
+        what: Settle,
+        at: u64,
+    ) -> crate::store::StoreResult<()> {
+        match what {
+            Settle::One(seq, outcome) => {
+                let found = self.ledger.settle(uaid, seq, outcome, at).await?;
+                self.recorded(found);
+            }
+            Settle::All(channel) => {
+                let found = self
+                    .ledger
+                    .settle_all(uaid, channel, Outcome::Gone, at)
+                    .await?;
+                self.recorded(found);
+            }
         }
+        Ok(())
     }
 
     /// A message replaced by one with the same topic gets no receipt
@@ -250,5 +310,125 @@ impl Receipts {
                 return Ok(total);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemStore, ReceiptState, StoreError, StoreResult};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The in-memory ledger, whose first `failures` settles fail as a
+    /// Redis failing over does.
+    struct Flaky {
+        inner: MemStore,
+        failures: AtomicU32,
+    }
+
+    impl Flaky {
+        fn fail(&self) -> StoreResult<()> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left == 0 {
+                return Ok(());
+            }
+            self.failures.store(left - 1, Ordering::SeqCst);
+            Err(StoreError::Unavailable("failing over".into()))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ReceiptStore for Flaky {
+        async fn track(&self, u: &Uaid, seq: u64, p: &PendingReceipt) -> StoreResult<()> {
+            self.inner.track(u, seq, p).await
+        }
+        async fn mark_sent(&self, u: &Uaid, seq: u64, at: u64) -> StoreResult<()> {
+            self.inner.mark_sent(u, seq, at).await
+        }
+        async fn settle(
+            &self,
+            u: &Uaid,
+            seq: u64,
+            outcome: Outcome,
+            at: u64,
+        ) -> StoreResult<Option<(ReceiptSub, ReceiptEvent)>> {
+            self.fail()?;
+            self.inner.settle(u, seq, outcome, at).await
+        }
+        async fn forget(&self, u: &Uaid, seq: u64) -> StoreResult<()> {
+            self.inner.forget(u, seq).await
+        }
+        async fn settle_all(
+            &self,
+            u: &Uaid,
+            channel: Option<ChannelId>,
+            outcome: Outcome,
+            at: u64,
+        ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
+            self.fail()?;
+            self.inner.settle_all(u, channel, outcome, at).await
+        }
+        async fn settle_expired(
+            &self,
+            now: u64,
+            limit: usize,
+            at: u64,
+        ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
+            self.inner.settle_expired(now, limit, at).await
+        }
+        async fn receipts(
+            &self,
+            sub: &ReceiptSub,
+            after: u64,
+            limit: usize,
+        ) -> StoreResult<Vec<ReceiptEvent>> {
+            self.inner.receipts(sub, after, limit).await
+        }
+        async fn receipt_state(&self, u: &Uaid, seq: u64) -> StoreResult<Option<ReceiptState>> {
+            self.inner.receipt_state(u, seq).await
+        }
+        async fn purge_receipts(&self, before: u64) -> StoreResult<u64> {
+            self.inner.purge_receipts(before).await
+        }
+    }
+
+    fn receipts(failures: u32) -> (Arc<Receipts>, Arc<Flaky>) {
+        let ledger = Arc::new(Flaky {
+            inner: MemStore::new(),
+            failures: AtomicU32::new(failures),
+        });
+        let limits = StreamLimits {
+            per_subscription: 1,
+            total: 1,
+        };
+        let r = Receipts::new(ledger.clone(), Arc::new(Metrics::new()), limits);
+        (Arc::new(r), ledger)
+    }
+
+    #[tokio::test]
+    async fn an_ack_whose_settle_failed_is_settled_on_a_retry() {
+        let (r, ledger) = receipts(2);
+        let (u, sub, ch) = (Uaid::random(), ReceiptSub::random(), uuid::Uuid::new_v4());
+        let later = crate::store::now_secs() + 3600;
+        r.track(&u, 1, sub, ch, later).await.unwrap();
+        r.track(&u, 2, sub, ch, later).await.unwrap();
+        r.settle(&u, 1, Outcome::Delivered).await;
+        r.settle_all(&u, Some(ch)).await;
+        assert_eq!(ledger.receipts(&sub, 0, 10).await.unwrap(), []);
+        let deadline = tokio::time::Instant::now() + SETTLE_RETRY * 5;
+        let got = loop {
+            let got: Vec<(u64, Outcome)> = ledger
+                .receipts(&sub, 0, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| (e.seq, e.outcome))
+                .collect();
+            if got.len() == 2 || tokio::time::Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(got, [(1, Outcome::Delivered), (2, Outcome::Gone)]);
     }
 }

@@ -33,10 +33,11 @@
 //! twice nor loses one.
 //!
 //! With `redis_wait_replicas`, what a 201 promised (the pending record and
-//! its index member) and the receipt appended are each waited for like a
-//! message (see `waited`); a failed `WAIT` leaves the record pending or
-//! settling, to be finished again. The other steps are not waited for: a
-//! failover that undoes one only repeats it.
+//! its index member), the take (the decision) and the receipt appended are
+//! each waited for like a message (see `waited`); a failed `WAIT` fails the
+//! call, and its caller tries again (`receipts::Settle`) or the sweep does.
+//! The other steps are not waited for: a failover that undoes one only has
+//! it repeated.
 //!
 //! `herald:rx` is one key, so in a cluster the sweep's index lives in one
 //! slot: every tracked message costs its shard a ZADD and a ZREM, and
@@ -472,9 +473,9 @@ impl RedisStore {
         (outcome, at_ms): (Outcome, u64),
     ) -> StoreResult<(Taken, Vec<(u64, u64)>)> {
         let keys = super::Keys::new(uaid);
+        let records = keys.pending_receipts();
         let mut inv = scripts().take.prepare_invoke();
-        inv.key(keys.pending_receipts())
-            .key(keys.settling_receipts());
+        inv.key(&records).key(keys.settling_receipts());
         match due {
             Some(due) => inv.arg(due),
             None => inv.arg(""),
@@ -484,8 +485,14 @@ impl RedisStore {
         for seq in seqs {
             inv.arg(*seq);
         }
-        let (seqs, records, later, deadlines): (Vec<u64>, Vec<Vec<u8>>, Vec<u64>, Vec<u64>) =
-            self.eval("settle", &inv).await?;
+        // Waited for: a decision a failover undid would leave the message
+        // to be swept as expired however it was answered.
+        type Took = (Vec<u64>, Vec<Vec<u8>>, Vec<u64>, Vec<u64>);
+        let (seqs, records, later, deadlines) = self
+            .eval_waited("settle", &scripts().take, &inv, &records, |t: &Took| {
+                !t.0.is_empty()
+            })
+            .await?;
         Ok((
             Taken { seqs, records },
             later.into_iter().zip(deadlines).collect(),
@@ -727,16 +734,25 @@ impl ReceiptStore for RedisStore {
         at_ms: u64,
     ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
         let keys = super::Keys::new(uaid);
+        let records = keys.pending_receipts();
         let mut inv = scripts().take_all.prepare_invoke();
-        inv.key(keys.pending_receipts())
-            .key(keys.settling_receipts());
+        inv.key(&records).key(keys.settling_receipts());
         match &channel {
             Some(c) => inv.arg(c.as_bytes().as_slice()),
             None => inv.arg(""),
         };
         inv.arg(settling_suffix(outcome, at_ms))
             .arg(self.receipt_retention.as_secs().max(1));
-        let (seqs, records): (Vec<u64>, Vec<Vec<u8>>) = self.eval("settle_all", &inv).await?;
+        type Took = (Vec<u64>, Vec<Vec<u8>>);
+        let (seqs, records) = self
+            .eval_waited(
+                "settle_all",
+                &scripts().take_all,
+                &inv,
+                &records,
+                |t: &Took| !t.0.is_empty(),
+            )
+            .await?;
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
