@@ -6,9 +6,12 @@
 //! The order follows one rule: the ledger records a fact only once the fact
 //! is certain, and where a crash could fall between the two writes, the
 //! side that loses nothing goes first.
-//! - accept: reserve room, store, then track the receipt. Tracked before
-//!   the message is routed, so its ack finds it; a replaced message's
-//!   receipt is forgotten (RFC 8030 §5.4).
+//! - accept: track the receipt, reserve room, then store. Tracked before
+//!   the message can be read: with several nodes a user agent may fetch
+//!   and acknowledge it from the store before the push is answered (a
+//!   reconnection, a re-read), and an ack that found nothing to settle left
+//!   the message to be reported expired. A message refused after all has
+//!   its receipt forgotten; a replaced message's too (RFC 8030 §5.4).
 //! - ack/nack: settle the receipt, then delete. The user agent's frame
 //!   already proves the outcome; a crash between the two redelivers a
 //!   message already reported, never loses the report. A deletion that
@@ -84,14 +87,26 @@ impl<'a> Mailbox<'a> {
         message: &Message,
         receipt: Option<ReceiptSub>,
     ) -> Result<u64, Refused> {
-        let seq = self.persist(uaid, message).await?;
-        if let Some(sub) = receipt {
-            self.app
-                .receipts
-                .track(uaid, seq, sub, message.channel, message.expires_at)
-                .await?;
+        let Some(sub) = receipt else {
+            return self.persist(uaid, message).await;
+        };
+        let receipts = &self.app.receipts;
+        let track = |seq| receipts.track(uaid, seq, sub, message.channel, message.expires_at);
+        track(message.seq).await?;
+        match self.persist(uaid, message).await {
+            Ok(seq) if seq == message.seq => Ok(seq),
+            Ok(seq) => {
+                // Stored under a fresh seq (another node had taken this
+                // one): the receipt follows it.
+                receipts.forget(uaid, message.seq).await;
+                track(seq).await?;
+                Ok(seq)
+            }
+            Err(refused) => {
+                receipts.forget(uaid, message.seq).await;
+                Err(refused)
+            }
         }
-        Ok(seq)
     }
 
     async fn persist(&self, uaid: &Uaid, message: &Message) -> Result<u64, Refused> {
@@ -278,5 +293,57 @@ impl<'a> Mailbox<'a> {
     /// Removes messages whose TTL ran out.
     pub async fn expire(&self) -> StoreResult<()> {
         self.app.store.purge_expired().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ServeArgs, Settings};
+    use crate::metrics::Metrics;
+    use crate::receipts::testing::Watched;
+    use crate::store::{MemStore, ReceiptState, ReceiptStore, Store};
+    use crate::token::TokenCodec;
+    use bytes::Bytes;
+    use herald_proto::urgency::Urgency;
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test]
+    async fn a_receipt_is_tracked_before_its_message_can_be_read() {
+        let store = Arc::new(MemStore::new());
+        let ledger = Watched::new(store.clone(), 0);
+        let settings = Settings::load(&ServeArgs::default(), &Default::default()).unwrap();
+        let app = App::new(
+            settings,
+            store.clone(),
+            ledger.clone(),
+            TokenCodec::new(&[[5u8; 32]]).unwrap(),
+            Arc::new(Metrics::new()),
+        );
+        let uaid = Uaid::random();
+        let message = Message {
+            seq: store.next_seq(),
+            channel: uuid::Uuid::new_v4(),
+            expires_at: now_secs() + 600,
+            ttl: 600,
+            urgency: Urgency::Normal,
+            topic: None,
+            headers: None,
+            data: Bytes::from_static(b"x"),
+            receipt: true,
+        };
+        let seq = Mailbox::of(&app)
+            .accept(&uaid, &message, Some(ReceiptSub::random()))
+            .await
+            .unwrap();
+        assert_eq!(store.read_messages(&uaid, 0, 10).await.unwrap().len(), 1);
+        assert!(matches!(
+            ledger.receipt_state(&uaid, seq).await.unwrap(),
+            Some(ReceiptState::Pending(_))
+        ));
+        assert!(
+            !ledger.tracked_after_stored.load(Ordering::SeqCst),
+            "an ack between the store and the track would have found nothing to settle"
+        );
     }
 }

@@ -313,20 +313,31 @@ impl Receipts {
     }
 }
 
+/// A ledger for tests: the in-memory one, watched.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::store::{MemStore, ReceiptState, StoreError, StoreResult};
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-    /// The in-memory ledger, whose first `failures` settles fail as a
-    /// Redis failing over does.
-    struct Flaky {
-        inner: MemStore,
-        failures: AtomicU32,
+    /// `MemStore`'s ledger whose first `failures` settles fail, as Redis
+    /// failing over does, and which notes whether a message was already
+    /// readable in `MemStore`'s queue when its receipt was tracked.
+    pub(crate) struct Watched {
+        pub inner: Arc<MemStore>,
+        pub failures: AtomicU32,
+        pub tracked_after_stored: AtomicBool,
     }
 
-    impl Flaky {
+    impl Watched {
+        pub fn new(inner: Arc<MemStore>, failures: u32) -> Arc<Self> {
+            Arc::new(Watched {
+                inner,
+                failures: AtomicU32::new(failures),
+                tracked_after_stored: AtomicBool::new(false),
+            })
+        }
+
         fn fail(&self) -> StoreResult<()> {
             let left = self.failures.load(Ordering::SeqCst);
             if left == 0 {
@@ -338,8 +349,13 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl ReceiptStore for Flaky {
+    impl ReceiptStore for Watched {
         async fn track(&self, u: &Uaid, seq: u64, p: &PendingReceipt) -> StoreResult<()> {
+            use crate::store::Store;
+            let queued = self.inner.read_messages(u, 0, 1000).await?;
+            if queued.iter().any(|m| m.seq == seq) {
+                self.tracked_after_stored.store(true, Ordering::SeqCst);
+            }
             self.inner.track(u, seq, p).await
         }
         async fn mark_sent(&self, u: &Uaid, seq: u64, at: u64) -> StoreResult<()> {
@@ -391,12 +407,16 @@ mod tests {
             self.inner.purge_receipts(before).await
         }
     }
+}
 
-    fn receipts(failures: u32) -> (Arc<Receipts>, Arc<Flaky>) {
-        let ledger = Arc::new(Flaky {
-            inner: MemStore::new(),
-            failures: AtomicU32::new(failures),
-        });
+#[cfg(test)]
+mod tests {
+    use super::testing::Watched;
+    use super::*;
+    use crate::store::MemStore;
+
+    fn receipts(failures: u32) -> (Arc<Receipts>, Arc<Watched>) {
+        let ledger = Watched::new(Arc::new(MemStore::new()), failures);
         let limits = StreamLimits {
             per_subscription: 1,
             total: 1,

@@ -70,6 +70,8 @@ pub struct Sent {
     pub sent_at: Secs,
     pub answered_at: Secs,
     pub outcome: Outcome,
+    /// The HTTP status, when one came.
+    pub status: Option<u16>,
     /// It asked for a delivery receipt (`Prefer: respond-async`).
     pub receipt: bool,
     /// Its message id (the last segment of the 202's `Location`), when it
@@ -373,6 +375,7 @@ pub(crate) mod tests {
             sent_at: at,
             answered_at: at + 0.01,
             outcome: Outcome::Accepted,
+            status: Some(201),
             receipt: false,
             message: None,
         }

@@ -907,6 +907,7 @@ impl Ua {
             sent_at,
             answered_at: sh.now(),
             outcome,
+            status,
             receipt: asked,
             message: answered.message.filter(|_| asked),
         });

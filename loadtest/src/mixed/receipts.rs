@@ -329,19 +329,19 @@ pub fn check(
             ),
         }
     }
-    // A POST refused with 503 after its store timed out may have been
-    // stored and tracked all the same (the timeout lost only the answer);
-    // one whose message reached its user agent surely was.
-    let refused_but_stored = r
+    // A POST refused with 503 may have been stored and tracked all the
+    // same: a store or a track whose answer timed out, or whose `WAIT` the
+    // replicas did not confirm in time, still ran on the primary.
+    let maybe_taken = r
         .sent
         .iter()
-        .filter(|s| s.receipt && s.outcome == Outcome::Rejected && answers.contains_key(&s.id))
+        .filter(|s| s.receipt && s.outcome == Outcome::Rejected && s.status == Some(503))
         .count() as u64;
     t.unmatched = (got.len() - matched) as u64;
-    if t.unmatched > unanswered + refused_but_stored {
+    if t.unmatched > unanswered + maybe_taken {
         let s = format!(
-            "{} receipts for messages no accepted POST named ({} receipt-asking POSTs went unanswered, {} refused but delivered)",
-            t.unmatched, unanswered, refused_but_stored
+            "{} receipts for messages no accepted POST named ({} receipt-asking POSTs went unanswered, {} were refused with 503)",
+            t.unmatched, unanswered, maybe_taken
         );
         note(&mut t, s);
     }
@@ -531,9 +531,10 @@ mod tests {
     }
 
     #[test]
-    fn stray_receipts_may_be_of_a_refused_post_that_was_delivered() {
+    fn stray_receipts_may_be_of_a_post_refused_with_503() {
         let mut refused = sent(1, 600, None, 0.0);
         refused.outcome = Outcome::Rejected;
+        refused.status = Some(410);
         refused.message = None;
         let mut r = Record {
             sent: vec![refused],
@@ -541,8 +542,7 @@ mod tests {
         };
         let stray = [rc(9, Verdict::Delivered)];
         assert_eq!(check(&r, &HashMap::new(), &stray, 10.0).errors, 1);
-        r.receipts
-            .push(got(1, 1, 0.5, super::super::ledger::Answer::Acked));
+        r.sent[0].status = Some(503);
         let t = check(&r, &HashMap::new(), &stray, 10.0);
         assert_eq!((t.unmatched, t.errors), (1, 0), "{:?}", t.notes);
     }

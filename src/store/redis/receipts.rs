@@ -603,6 +603,9 @@ impl RedisStore {
         taken: Taken,
         resumed: bool,
     ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
+        if taken.seqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let members: Vec<String> = taken
             .seqs
             .iter()
