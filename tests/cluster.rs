@@ -214,6 +214,48 @@ async fn a_lost_wake_up_is_sent_again() {
     );
 }
 
+/// Node B is cut from Redis long enough for its announcement to lapse,
+/// while its user agent stays connected and B stays reachable from A. A
+/// TTL-0 push through A must still reach that user agent, during the cut
+/// and right after it heals (before B's next heartbeat announces it again):
+/// A answered 201, and the user agent was connected all along. It was
+/// dropped (`make chaos`, half-open links to Redis: TTL-0 messages lost for
+/// 2.4 s after the heal).
+#[tokio::test]
+async fn a_ttl0_push_reaches_a_node_whose_announcement_lapsed() {
+    let redis = common::redis::shared_server();
+    let (link, link_port) = Link::start(format!("127.0.0.1:{}", redis.port)).await;
+    let key = shared_key();
+    let a = node(redis.url(), &key, None, &[]).await;
+    let b_redis = format!("redis://127.0.0.1:{link_port}");
+    let b = node(&b_redis, &key, Some(&a.url()), &[]).await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    // A learns where B is.
+    pushed(&via(&a, &ep), &a.url(), &keys, "linked", &[("ttl", "0")]).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "linked");
+
+    link.set_cut(true);
+    // B's announcement lives 6 s past its last heartbeat (2 s apart).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    pushed(&via(&a, &ep), &a.url(), &keys, "cut", &[("ttl", "0")]).await;
+    let n = ua.try_recv(Duration::from_secs(2)).await;
+    assert_eq!(
+        n.map(|n| payload(&keys, &n)).as_deref(),
+        Some("cut"),
+        "dropped while B was cut from Redis"
+    );
+    link.set_cut(false);
+    pushed(&via(&a, &ep), &a.url(), &keys, "healed", &[("ttl", "0")]).await;
+    let n = ua.try_recv(Duration::from_secs(2)).await;
+    assert_eq!(
+        n.map(|n| payload(&keys, &n)).as_deref(),
+        Some("healed"),
+        "dropped just after the heal"
+    );
+}
+
 /// A user agent moves from node A to node B while the link to A is cut,
 /// so B cannot close the old socket; A still hands the pushes it accepts to
 /// that old socket, which leaves them unacknowledged. B's connection must
