@@ -86,10 +86,7 @@ impl<'a> Mailbox<'a> {
     ) -> Result<u64, Refused> {
         let seq = self.persist(uaid, message).await?;
         if let Some(sub) = receipt {
-            self.app
-                .receipts
-                .track(uaid, seq, sub, message.channel, message.expires_at)
-                .await?;
+            self.app.receipts.track(uaid, seq, sub, message).await?;
         }
         Ok(seq)
     }

@@ -14,7 +14,7 @@ mod sse;
 
 use crate::metrics::Metrics;
 use crate::occupancy::{Held, Occupancy};
-use crate::store::{Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
+use crate::store::{Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
 use dashmap::DashMap;
 use herald_proto::ids::{ChannelId, Uaid};
 use std::sync::Arc;
@@ -105,23 +105,21 @@ impl Receipts {
         self.ledger.as_ref()
     }
 
-    /// Starts tracking an accepted message. `ttl` 0 messages are tracked
-    /// too: they expire one sweep later unless a user agent took them.
+    /// Starts tracking an accepted message (`seq` is the number it is
+    /// known by). TTL-0 messages are tracked too: they expire a few seconds
+    /// later unless a user agent took them (`Message::receipt_deadline`).
     pub async fn track(
         &self,
         uaid: &Uaid,
         seq: u64,
         sub: ReceiptSub,
-        channel: ChannelId,
-        expires_at: u64,
+        message: &Message,
     ) -> crate::store::StoreResult<()> {
         let pending = PendingReceipt {
             sub,
-            channel,
-            expires_at,
-            // One second of slack: a TTL-0 message expires "now", and its
-            // send is noted a moment after it is routed.
-            deadline: expires_at.saturating_add(1),
+            channel: message.channel,
+            expires_at: message.expires_at,
+            deadline: message.receipt_deadline(),
             sent_at: None,
         };
         self.ledger.track(uaid, seq, &pending).await
