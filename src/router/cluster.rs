@@ -340,7 +340,7 @@ impl Cluster {
             Err(e) => {
                 tracing::warn!("looking up a user agent's node: {e}");
                 self.wakes.missed(*uaid);
-                return RouteResult::NotConnected;
+                return RouteResult::Unknown;
             }
         };
         // The push is already stored: its answer does not wait for the
@@ -529,6 +529,8 @@ mod tests {
     struct Flaky {
         inner: MemStore,
         down: AtomicBool,
+        /// Owner look-ups fail too.
+        lookups_down: AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -543,6 +545,9 @@ mod tests {
             self.inner.release(uaid, owner).await
         }
         async fn owner(&self, uaid: &Uaid) -> StoreResult<Option<Owner>> {
+            if self.lookups_down.load(Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("cut".into()));
+            }
             self.inner.owner(uaid).await
         }
         async fn heartbeat(&self, node: u64, url: &str, ttl: Duration) -> StoreResult<()> {
@@ -602,6 +607,35 @@ mod tests {
         assert!(!local.is_connected(&moves), "taken over: closed");
         assert_eq!(dir.inner.owner(&moves).await.unwrap(), Some(elsewhere));
         assert!(cluster.unconfirmed.is_empty());
+    }
+
+    /// A TTL-0 push must not be answered as handed over, or as dropped
+    /// for want of a connection, when the store never said which it was.
+    #[tokio::test]
+    async fn a_user_agent_the_store_could_not_place_is_unknown() {
+        let dir = Arc::new(Flaky::default());
+        let cluster = Cluster::new(
+            dir.clone(),
+            "http://127.0.0.1:1".into(),
+            &[[7; 32]],
+            Arc::new(Metrics::new()),
+        );
+        let uaid = Uaid::random();
+        let m = Arc::new(Message {
+            seq: 1,
+            channel: uuid::Uuid::nil(),
+            expires_at: crate::store::now_secs(),
+            ttl: 0,
+            urgency: herald_proto::urgency::Urgency::Normal,
+            topic: None,
+            headers: None,
+            data: bytes::Bytes::new(),
+            receipt: false,
+        });
+        dir.lookups_down.store(true, Ordering::Relaxed);
+        assert_eq!(cluster.wake(&uaid, &m).await, RouteResult::Unknown);
+        dir.lookups_down.store(false, Ordering::Relaxed);
+        assert_eq!(cluster.wake(&uaid, &m).await, RouteResult::NotConnected);
     }
 
     #[test]
