@@ -86,7 +86,17 @@ impl<'a> Mailbox<'a> {
     ) -> Result<u64, Refused> {
         let seq = self.persist(uaid, message).await?;
         if let Some(sub) = receipt {
-            self.app.receipts.track(uaid, seq, sub, message).await?;
+            self.app
+                .receipts
+                .track_until(
+                    uaid,
+                    seq,
+                    sub,
+                    message.channel,
+                    message.expires_at,
+                    message.receipt_deadline(),
+                )
+                .await?;
         }
         Ok(seq)
     }

@@ -14,7 +14,7 @@ mod sse;
 
 use crate::metrics::Metrics;
 use crate::occupancy::{Held, Occupancy};
-use crate::store::{Message, Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
+use crate::store::{Outcome, PendingReceipt, ReceiptEvent, ReceiptStore, ReceiptSub};
 use dashmap::DashMap;
 use herald_proto::ids::{ChannelId, Uaid};
 use std::sync::Arc;
@@ -105,21 +105,37 @@ impl Receipts {
         self.ledger.as_ref()
     }
 
-    /// Starts tracking an accepted message (`seq` is the number it is
-    /// known by). TTL-0 messages are tracked too: they expire a few seconds
-    /// later unless a user agent took them (`Message::receipt_deadline`).
+    /// Starts tracking an accepted message with a TTL: unless it was sent,
+    /// its receipt says `expired` a second after the TTL ran out.
     pub async fn track(
         &self,
         uaid: &Uaid,
         seq: u64,
         sub: ReceiptSub,
-        message: &Message,
+        channel: ChannelId,
+        expires_at: u64,
+    ) -> crate::store::StoreResult<()> {
+        let deadline = expires_at.saturating_add(1);
+        self.track_until(uaid, seq, sub, channel, expires_at, deadline)
+            .await
+    }
+
+    /// `track` with the deadline given, `Message::receipt_deadline`: a
+    /// TTL-0 message's is past the moment it may still be handed over in.
+    pub async fn track_until(
+        &self,
+        uaid: &Uaid,
+        seq: u64,
+        sub: ReceiptSub,
+        channel: ChannelId,
+        expires_at: u64,
+        deadline: u64,
     ) -> crate::store::StoreResult<()> {
         let pending = PendingReceipt {
             sub,
-            channel: message.channel,
-            expires_at: message.expires_at,
-            deadline: message.receipt_deadline(),
+            channel,
+            expires_at,
+            deadline,
             sent_at: None,
         };
         self.ledger.track(uaid, seq, &pending).await
