@@ -186,15 +186,15 @@ pub async fn accept(
             Refused::Full(limit) => ApiError::too_many_stored(limit),
             Refused::Store(e) => ApiError::storage(e),
         })?;
-    app.metrics
-        .messages_accepted
-        .with_label_values(&[message.urgency.as_str()])
-        .inc();
-    let (ttl, seq) = (message.ttl, message.seq);
+    let (ttl, seq, urgency) = (message.ttl, message.seq, message.urgency);
     match bridged {
         Some(r) => crate::bridge::forward::accepted(app, target.uaid, r, message).await,
-        None => route(app, &target.uaid, message).await,
+        None => route(app, &target.uaid, message).await?,
     }
+    app.metrics
+        .messages_accepted
+        .with_label_values(&[urgency.as_str()])
+        .inc();
     let message_id = app.tokens.message_id(&MessageId {
         uaid: target.uaid,
         channel: target.channel,
@@ -342,17 +342,36 @@ fn check_bridge(
     Ok(())
 }
 
-/// Hands the message to its user agent's connection, wherever it is.
-async fn route(app: &App, uaid: &herald_proto::ids::Uaid, message: Message) {
-    let ttl = message.ttl;
+/// Hands the message to its user agent's connection, wherever it is. A
+/// TTL-0 message whose user agent the store could not place is refused
+/// (503): 201 says it was handed over or that no connection was there to
+/// take it, and neither is known; the sender may try again.
+async fn route(
+    app: &App,
+    uaid: &herald_proto::ids::Uaid,
+    message: Message,
+) -> Result<(), ApiError> {
+    let (ttl, seq, receipt) = (message.ttl, message.seq, message.receipt);
     // One allocation shared by the router and the connection.
     let routed = app.router.route(uaid, Arc::new(message)).await;
-    if ttl == 0 && !matches!(routed, RouteResult::Queued | RouteResult::Woken) {
-        app.metrics
+    match routed {
+        RouteResult::Queued | RouteResult::Woken => {}
+        _ if ttl > 0 => {}
+        RouteResult::Unknown => {
+            if receipt {
+                app.receipts.forget(uaid, seq).await;
+            }
+            return Err(ApiError::storage(crate::store::StoreError::Unavailable(
+                "the user agent's node could not be looked up for a TTL-0 message".into(),
+            )));
+        }
+        RouteResult::NotConnected | RouteResult::Backlogged => app
+            .metrics
             .messages_dropped
             .with_label_values(&["ttl0_offline"])
-            .inc();
+            .inc(),
     }
+    Ok(())
 }
 
 /// `DELETE /m/<id>`: cancel a message that has not been acknowledged.

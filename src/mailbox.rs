@@ -91,7 +91,17 @@ impl<'a> Mailbox<'a> {
             return self.persist(uaid, message).await;
         };
         let receipts = &self.app.receipts;
-        let track = |seq| receipts.track(uaid, seq, sub, message.channel, message.expires_at);
+        let deadline = message.receipt_deadline();
+        let track = |seq| {
+            receipts.track_until(
+                uaid,
+                seq,
+                sub,
+                message.channel,
+                message.expires_at,
+                deadline,
+            )
+        };
         track(message.seq).await?;
         match self.persist(uaid, message).await {
             Ok(seq) if seq == message.seq => Ok(seq),

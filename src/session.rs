@@ -666,9 +666,17 @@ impl Session {
     /// The router handed this connection a message.
     pub fn on_routed(&mut self, m: &Message, now: Now, out: &mut Vec<Action>) {
         let stored = m.ttl > 0;
-        // A TTL-0 message "expires" the instant it is accepted; it is routed
-        // within that instant or never.
+        // A TTL-0 message "expires" the instant it is accepted; it is
+        // handed over within its moment or never, as its receipt says.
         if self.uaid.is_none() || (stored && m.expired(now.unix)) {
+            return;
+        }
+        if m.too_late(now.unix) {
+            self.app
+                .metrics
+                .messages_dropped
+                .with_label_values(&["ttl0_offline"])
+                .inc();
             return;
         }
         // Already sent here and not yet answered (a scan found it, or the
@@ -1158,6 +1166,22 @@ mod tests {
         }
         assert_eq!(sent(&out).len(), 2, "each once");
         assert_eq!(s.in_flight(), 2);
+    }
+
+    /// A TTL-0 message is handed over within the second it was accepted in
+    /// and the next, never later: by then its receipt may say `expired`.
+    #[tokio::test]
+    async fn a_ttl0_message_past_its_moment_is_dropped() {
+        let a = app(&[]);
+        let mut s = session(a.clone());
+        hello(&mut s, None).await;
+        let mut out = vec![];
+        s.on_routed(&message(&a, 0, Urgency::Normal), secs(1.9), &mut out);
+        assert_eq!(sent(&out).len(), 1, "in its moment");
+        let late = message(&a, 0, Urgency::Normal);
+        s.on_routed(&late, secs(2.0), &mut out);
+        assert_eq!(sent(&out).len(), 1, "past it");
+        assert!(late.receipt_deadline() > t0().unix + 2);
     }
 
     /// Over a lossy link to Redis an ack's deletion can fail: the message

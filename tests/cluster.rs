@@ -118,9 +118,13 @@ async fn a_push_to_one_node_reaches_a_user_agent_on_another() {
 
 /// A link between nodes that can be cut: forwards connections from its own
 /// port to `upstream`; cut, it closes those open and every new one at once.
+/// Held, it takes new connections but forwards nothing of them until it is
+/// let go (a partition that heals with the requests still in flight).
 #[derive(Default)]
 struct Link {
     cut: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicBool,
+    let_go: tokio::sync::Notify,
     open: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -131,19 +135,56 @@ impl Link {
         let port = listener.local_addr().unwrap().port();
         let l = link.clone();
         tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
+            while let Ok((down, _)) = listener.accept().await {
                 if l.cut.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
                 let upstream = upstream.clone();
+                let l2 = l.clone();
                 l.open.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    l2.wait_let_go().await;
+                    if let Ok(up) = tokio::net::TcpStream::connect(upstream).await {
+                        let ((down_r, down_w), (up_r, up_w)) = (down.into_split(), up.into_split());
+                        tokio::join!(l2.pump(down_r, up_w), l2.pump(up_r, down_w));
                     }
                 }));
             }
         });
         (link, port)
+    }
+
+    async fn wait_let_go(&self) {
+        loop {
+            let let_go = self.let_go.notified();
+            if !self.held.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let_go.await;
+        }
+    }
+
+    /// Copies one direction, chunk by chunk, each only once not held.
+    async fn pump(
+        &self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            self.wait_let_go().await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    fn set_held(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
+        if !held {
+            self.let_go.notify_waiters();
+        }
     }
 
     fn set_cut(&self, cut: bool) {
@@ -211,6 +252,127 @@ async fn a_lost_wake_up_is_sent_again() {
         opened.elapsed() < Duration::from_secs(25),
         "it came by the connection's own re-read, after {:?}",
         opened.elapsed()
+    );
+}
+
+/// A TTL-0 message whose wake-up reaches its user agent's node late (its
+/// batch waited behind a request the link held, then was itself held) must
+/// not be delivered after its receipt said `expired`: the receipt says what
+/// the user agent saw. `make chaos` (nodes cut from each other) saw one
+/// delivered and acked 1 s after its receipt was settled `expired`.
+#[tokio::test]
+async fn a_ttl0_message_carried_late_gets_the_receipt_of_what_happened() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let key = shared_key();
+    let a = node(cluster.url(), &key, None, &[]).await;
+    let b_listen = format!("127.0.0.1:{}", free_port());
+    let (link, link_port) = Link::start(b_listen.clone()).await;
+    let b_url = format!("http://127.0.0.1:{link_port}");
+    let b = node(
+        cluster.url(),
+        &key,
+        Some(&a.url()),
+        &[
+            ("HERALD_NODE_LISTEN", &b_listen),
+            ("HERALD_NODE_URL", &b_url),
+        ],
+    )
+    .await;
+    let app = AppServer::new();
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let (_, ep) = ua.subscribe(Some(&app.public())).await;
+    let r = push(&via(&a, &ep), Some(&app), &a.url(), &keys, "linked", &[]).await;
+    assert_eq!(r.status, 201);
+    let n = ua.notification().await;
+    ua.ack(&n).await;
+
+    link.set_held(true);
+    // This wake-up's request hangs until A gives up on it (2 s), on the
+    // connection A keeps to B...
+    let r = push(&via(&a, &ep), Some(&app), &a.url(), &keys, "held", &[]).await;
+    assert_eq!(r.status, 201);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and the next batch, with the TTL-0 message, waits behind it.
+    let posted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let ask = [("ttl", "0"), ("prefer", "respond-async")];
+    let r = push(&via(&a, &ep), Some(&app), &a.url(), &keys, "late", &ask).await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let receipts = r.header("link").expect("Link");
+    let url = &receipts[receipts.find('<').unwrap() + 1..receipts.find('>').unwrap()];
+    let path = url[url.find("/r/").unwrap()..].to_string();
+    // Let go past the second after the one it was accepted in, so it
+    // arrives after any moment a TTL-0 message could be called "at once".
+    let let_go = Duration::from_secs(posted.as_secs() + 3) + Duration::from_millis(300);
+    tokio::time::sleep(let_go.saturating_sub(posted)).await;
+    link.set_held(false);
+    let mut got = vec![];
+    while let Some(n) = ua.try_recv(Duration::from_secs(3)).await {
+        got.push(payload(&keys, &n));
+        ua.ack(&n).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        let batch = http(&a, "GET", &path, &[("prefer", "wait=0")], vec![])
+            .await
+            .unwrap()
+            .json();
+        let got = batch["receipts"].as_array().unwrap().clone();
+        if let Some(r) = got.first() {
+            break r["outcome"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no receipt");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let delivered = got.iter().any(|p| p == "late");
+    assert_eq!(
+        (delivered, outcome.as_str()),
+        (false, "expired"),
+        "the user agent got {got:?}; the receipt said {outcome}"
+    );
+}
+
+/// Node B is cut from Redis long enough for its announcement to lapse,
+/// while its user agent stays connected and B stays reachable from A. A
+/// TTL-0 push through A must still reach that user agent, during the cut
+/// and right after it heals (before B's next heartbeat announces it again):
+/// A answered 201, and the user agent was connected all along. It was
+/// dropped (`make chaos`, half-open links to Redis: TTL-0 messages lost for
+/// 2.4 s after the heal).
+#[tokio::test]
+async fn a_ttl0_push_reaches_a_node_whose_announcement_lapsed() {
+    let redis = common::redis::shared_server();
+    let (link, link_port) = Link::start(format!("127.0.0.1:{}", redis.port)).await;
+    let key = shared_key();
+    let a = node(redis.url(), &key, None, &[]).await;
+    let b_redis = format!("redis://127.0.0.1:{link_port}");
+    let b = node(&b_redis, &key, Some(&a.url()), &[]).await;
+    let keys = UaKeys::new();
+    let mut ua = Ua::hello(&b, None).await;
+    let (_, ep) = ua.subscribe(None).await;
+    // A learns where B is.
+    pushed(&via(&a, &ep), &a.url(), &keys, "linked", &[("ttl", "0")]).await;
+    assert_eq!(payload(&keys, &ua.notification().await), "linked");
+
+    link.set_cut(true);
+    // B's announcement lives 6 s past its last heartbeat (2 s apart).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    pushed(&via(&a, &ep), &a.url(), &keys, "cut", &[("ttl", "0")]).await;
+    let n = ua.try_recv(Duration::from_secs(2)).await;
+    assert_eq!(
+        n.map(|n| payload(&keys, &n)).as_deref(),
+        Some("cut"),
+        "dropped while B was cut from Redis"
+    );
+    link.set_cut(false);
+    pushed(&via(&a, &ep), &a.url(), &keys, "healed", &[("ttl", "0")]).await;
+    let n = ua.try_recv(Duration::from_secs(2)).await;
+    assert_eq!(
+        n.map(|n| payload(&keys, &n)).as_deref(),
+        Some("healed"),
+        "dropped just after the heal"
     );
 }
 

@@ -128,8 +128,8 @@ impl Receipts {
         self.ledger.as_ref()
     }
 
-    /// Starts tracking an accepted message. `ttl` 0 messages are tracked
-    /// too: they expire one sweep later unless a user agent took them.
+    /// Starts tracking an accepted message with a TTL: unless it was sent,
+    /// its receipt says `expired` a second after the TTL ran out.
     pub async fn track(
         &self,
         uaid: &Uaid,
@@ -138,13 +138,27 @@ impl Receipts {
         channel: ChannelId,
         expires_at: u64,
     ) -> crate::store::StoreResult<()> {
+        let deadline = expires_at.saturating_add(1);
+        self.track_until(uaid, seq, sub, channel, expires_at, deadline)
+            .await
+    }
+
+    /// `track` with the deadline given, `Message::receipt_deadline`: a
+    /// TTL-0 message's is past the moment it may still be handed over in.
+    pub async fn track_until(
+        &self,
+        uaid: &Uaid,
+        seq: u64,
+        sub: ReceiptSub,
+        channel: ChannelId,
+        expires_at: u64,
+        deadline: u64,
+    ) -> crate::store::StoreResult<()> {
         let pending = PendingReceipt {
             sub,
             channel,
             expires_at,
-            // One second of slack: a TTL-0 message expires "now", and its
-            // send is noted a moment after it is routed.
-            deadline: expires_at.saturating_add(1),
+            deadline,
             sent_at: None,
         };
         self.ledger.track(uaid, seq, &pending).await

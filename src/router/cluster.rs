@@ -57,10 +57,11 @@ pub struct Evict {
 enum Holder {
     Nowhere,
     Here,
-    /// On another node, which announced this URL.
+    /// On another node, which announced this URL (now or before its
+    /// announcement lapsed).
     Peer(u64, String),
-    /// On another node whose URL is unknown: its announcement lapsed, or
-    /// the look-up failed.
+    /// On another node whose URL this node never learnt, and whose
+    /// announcement lapsed or could not be looked up.
     Unannounced,
 }
 
@@ -77,6 +78,9 @@ pub struct Cluster {
     /// Nonces of node requests accepted lately, to refuse replays.
     replays: ReplayWindow,
     node_urls: DashMap<u64, (Option<String>, Instant)>,
+    /// The URL each peer node last announced, kept after its announcement
+    /// lapses (see `holder`).
+    last_urls: DashMap<u64, String>,
     metrics: Arc<Metrics>,
     /// Owners of this node's connections, to release them exactly.
     owners: DashMap<(Uaid, u64), Owner>,
@@ -112,6 +116,7 @@ impl Cluster {
             accepted: endpoint_keys.iter().map(NodeKey::derive).collect(),
             replays: ReplayWindow::new(MAX_NONCES),
             node_urls: DashMap::new(),
+            last_urls: DashMap::new(),
             metrics,
             owners: DashMap::new(),
             unconfirmed: DashMap::new(),
@@ -299,7 +304,20 @@ impl Cluster {
             Some(o) if o.node == self.node => Holder::Here,
             Some(o) => match self.node_url(o.node).await {
                 Ok(Some(url)) => Holder::Peer(o.node, url),
-                _ => Holder::Unannounced,
+                // An announcement lapses while its node is cut from the
+                // store, though the node is up and its connections are
+                // served; and after the store returns it is renewed only at
+                // the node's next heartbeat, up to 2 s later, which the
+                // cache here can stretch by 2 s more. Node ids are new at
+                // each start, so the URL a node announced is still its URL:
+                // without it, `make chaos` saw the TTL-0 messages for a user
+                // agent that had just connected to such a node dropped for
+                // 2.4 s after the heal, though both nodes were up. A dead
+                // node costs a refused request instead of a look-up.
+                _ => match self.last_urls.get(&o.node) {
+                    Some(url) => Holder::Peer(o.node, url.clone()),
+                    None => Holder::Unannounced,
+                },
             },
         })
     }
@@ -312,8 +330,9 @@ impl Cluster {
             // Its node died (the user agent is offline), or its
             // announcement lapsed while it could not reach the store but
             // its connections stayed up (`make chaos`: a Redis primary cut
-            // off held the announcements of two nodes): `rewake` tries
-            // again until the owner changes or the node is back.
+            // off held the announcements of two nodes), before this node
+            // learnt its URL: `rewake` tries again until the owner changes
+            // or the node is back.
             Ok(Holder::Unannounced) => {
                 self.wakes.missed(*uaid);
                 return RouteResult::NotConnected;
@@ -321,7 +340,7 @@ impl Cluster {
             Err(e) => {
                 tracing::warn!("looking up a user agent's node: {e}");
                 self.wakes.missed(*uaid);
-                return RouteResult::NotConnected;
+                return RouteResult::Unknown;
             }
         };
         // The push is already stored: its answer does not wait for the
@@ -415,6 +434,9 @@ impl Cluster {
         }
         match self.directory.node_url(node).await {
             Ok(url) => {
+                if let Some(u) = &url {
+                    self.last_urls.insert(node, u.clone());
+                }
                 self.node_urls.insert(node, (url.clone(), Instant::now()));
                 Ok(url)
             }
@@ -507,6 +529,8 @@ mod tests {
     struct Flaky {
         inner: MemStore,
         down: AtomicBool,
+        /// Owner look-ups fail too.
+        lookups_down: AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -521,6 +545,9 @@ mod tests {
             self.inner.release(uaid, owner).await
         }
         async fn owner(&self, uaid: &Uaid) -> StoreResult<Option<Owner>> {
+            if self.lookups_down.load(Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("cut".into()));
+            }
             self.inner.owner(uaid).await
         }
         async fn heartbeat(&self, node: u64, url: &str, ttl: Duration) -> StoreResult<()> {
@@ -580,6 +607,35 @@ mod tests {
         assert!(!local.is_connected(&moves), "taken over: closed");
         assert_eq!(dir.inner.owner(&moves).await.unwrap(), Some(elsewhere));
         assert!(cluster.unconfirmed.is_empty());
+    }
+
+    /// A TTL-0 push must not be answered as handed over, or as dropped
+    /// for want of a connection, when the store never said which it was.
+    #[tokio::test]
+    async fn a_user_agent_the_store_could_not_place_is_unknown() {
+        let dir = Arc::new(Flaky::default());
+        let cluster = Cluster::new(
+            dir.clone(),
+            "http://127.0.0.1:1".into(),
+            &[[7; 32]],
+            Arc::new(Metrics::new()),
+        );
+        let uaid = Uaid::random();
+        let m = Arc::new(Message {
+            seq: 1,
+            channel: uuid::Uuid::nil(),
+            expires_at: crate::store::now_secs(),
+            ttl: 0,
+            urgency: herald_proto::urgency::Urgency::Normal,
+            topic: None,
+            headers: None,
+            data: bytes::Bytes::new(),
+            receipt: false,
+        });
+        dir.lookups_down.store(true, Ordering::Relaxed);
+        assert_eq!(cluster.wake(&uaid, &m).await, RouteResult::Unknown);
+        dir.lookups_down.store(false, Ordering::Relaxed);
+        assert_eq!(cluster.wake(&uaid, &m).await, RouteResult::NotConnected);
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub enum RouteResult {
     NotConnected,
     /// Another node serves the user agent and was told to look in the store.
     Woken,
+    /// The store did not say where the user agent is connected: a stored
+    /// message waits there, but a TTL-0 message cannot be placed.
+    Unknown,
 }
 
 #[derive(Default)]

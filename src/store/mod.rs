@@ -176,9 +176,38 @@ pub struct Message {
     pub receipt: bool,
 }
 
+/// Whole seconds past the second it was accepted in that a TTL-0 message
+/// may still be handed to a connection: 1-2 s in all, room for a wake-up
+/// to another node. One carried later (a wake-up batch held behind a
+/// request to a node it could not reach, sent when the link came back)
+/// reached its user agent 1 s after its receipt had been settled
+/// `expired` (`make chaos`, nodes cut from each other).
+pub const TTL0_HANDOVER_SECS: u64 = 1;
+
 impl Message {
     pub fn expired(&self, now: u64) -> bool {
         self.expires_at <= now
+    }
+
+    /// A TTL-0 message whose moment has passed: it is not handed over any
+    /// more, so its receipt can say `expired` (RFC 8030 §5.2: a TTL-0
+    /// message is for a user agent available at once).
+    pub fn too_late(&self, now: u64) -> bool {
+        self.ttl == 0 && self.expires_at.saturating_add(TTL0_HANDOVER_SECS) < now
+    }
+
+    /// When the receipt of a message never sent may be settled `expired`.
+    /// For TTL 0, a second after the last one it may be handed over in
+    /// (`too_late`), so a message sent within its moment is marked sent
+    /// before the sweep (which settles at or after this second) can find it
+    /// unsent, whatever the order of the nodes' work.
+    pub fn receipt_deadline(&self) -> u64 {
+        let slack = if self.ttl == 0 {
+            TTL0_HANDOVER_SECS + 2
+        } else {
+            1
+        };
+        self.expires_at.saturating_add(slack)
     }
 }
 
