@@ -352,11 +352,14 @@ run_one() {
   "$root/scripts/chaos.sh" act "$dir" proxies clear
   outs+=("$out")
   if [ "$rc" -ne 0 ]; then
-    # Allowed only when lost messages are the run's one failure.
+    # Allowed only when lost writes are the run's one failure: messages,
+    # registrations and receipts written to the old primary in its last
+    # seconds (proto-docs/cluster.md); never a duplicate or a late
+    # redelivery.
     if [ "${CHAOS_STRICT:-0}" != 1 ] && [[ "$tag" == *-wait0 ]] &&
-      jq -e '.metrics | .lost > 0 and .duplicates == 0 and .registrations_lost == 0
-        and .receipt_errors == 0 and .acked_redelivered_late == 0' "$out" >/dev/null 2>&1; then
-      echo "chaos: run $n lost messages with redis_wait_replicas = 0 during a failover: documented, not a failure" >&2
+      jq -e '.metrics | (.lost + .registrations_lost + .receipt_errors) > 0
+        and .duplicates == 0 and .acked_redelivered_late == 0' "$out" >/dev/null 2>&1; then
+      echo "chaos: run $n lost writes with redis_wait_replicas = 0 during a failover: documented, not a failure" >&2
       allowed=$((allowed + 1))
     else
       echo "chaos: run $n FAILED (exit $rc); see $keep/run$n-$tag.log" >&2
