@@ -93,7 +93,7 @@ impl<'a> Mailbox<'a> {
         let receipts = &self.app.receipts;
         let deadline = message.receipt_deadline();
         let track = |seq| {
-            receipts.track_until(
+            receipts.track(
                 uaid,
                 seq,
                 sub,

@@ -663,6 +663,15 @@ impl Session {
         self.undeleted.as_ref().is_some_and(|l| l.contains(&seq))
     }
 
+    /// A TTL-0 message this connection could not take at once.
+    fn dropped_ttl0(&self) {
+        self.app
+            .metrics
+            .messages_dropped
+            .with_label_values(&["ttl0_offline"])
+            .inc();
+    }
+
     /// The router handed this connection a message.
     pub fn on_routed(&mut self, m: &Message, now: Now, out: &mut Vec<Action>) {
         let stored = m.ttl > 0;
@@ -672,11 +681,7 @@ impl Session {
             return;
         }
         if m.too_late(now.unix) {
-            self.app
-                .metrics
-                .messages_dropped
-                .with_label_values(&["ttl0_offline"])
-                .inc();
+            self.dropped_ttl0();
             return;
         }
         // Already sent here and not yet answered (a scan found it, or the
@@ -691,11 +696,7 @@ impl Session {
             if room && m.urgency >= self.min_urgency {
                 self.deliver(m, out);
             } else {
-                self.app
-                    .metrics
-                    .messages_dropped
-                    .with_label_values(&["ttl0_offline"])
-                    .inc();
+                self.dropped_ttl0();
             }
             return;
         }

@@ -197,12 +197,9 @@ impl Link {
     }
 }
 
-/// A wake-up that never reached the user agent's node (the link between the
-/// nodes dropped it) is sent again once the link is back: the message
-/// arrives within seconds, not at the connection's own re-read of the store
-/// 30 s after it opened.
-#[tokio::test]
-async fn a_lost_wake_up_is_sent_again() {
+/// Nodes A and B on the shared cluster, B's node requests (wake-ups,
+/// evictions) reaching it through `Link`, which a test can cut or hold.
+async fn nodes_linked_to_b() -> (Herald, Herald, Arc<Link>) {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
     let key = shared_key();
     let a = node(cluster.url(), &key, None, &[]).await;
@@ -219,6 +216,16 @@ async fn a_lost_wake_up_is_sent_again() {
         ],
     )
     .await;
+    (a, b, link)
+}
+
+/// A wake-up that never reached the user agent's node (the link between the
+/// nodes dropped it) is sent again once the link is back: the message
+/// arrives within seconds, not at the connection's own re-read of the store
+/// 30 s after it opened.
+#[tokio::test]
+async fn a_lost_wake_up_is_sent_again() {
+    let (a, b, link) = nodes_linked_to_b().await;
     let keys = UaKeys::new();
     let mut ua = Ua::hello(&b, None).await;
     let opened = Instant::now();
@@ -262,22 +269,7 @@ async fn a_lost_wake_up_is_sent_again() {
 /// delivered and acked 1 s after its receipt was settled `expired`.
 #[tokio::test]
 async fn a_ttl0_message_carried_late_gets_the_receipt_of_what_happened() {
-    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
-    let key = shared_key();
-    let a = node(cluster.url(), &key, None, &[]).await;
-    let b_listen = format!("127.0.0.1:{}", free_port());
-    let (link, link_port) = Link::start(b_listen.clone()).await;
-    let b_url = format!("http://127.0.0.1:{link_port}");
-    let b = node(
-        cluster.url(),
-        &key,
-        Some(&a.url()),
-        &[
-            ("HERALD_NODE_LISTEN", &b_listen),
-            ("HERALD_NODE_URL", &b_url),
-        ],
-    )
-    .await;
+    let (a, b, link) = nodes_linked_to_b().await;
     let app = AppServer::new();
     let keys = UaKeys::new();
     let mut ua = Ua::hello(&b, None).await;

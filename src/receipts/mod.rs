@@ -128,24 +128,10 @@ impl Receipts {
         self.ledger.as_ref()
     }
 
-    /// Starts tracking an accepted message with a TTL: unless it was sent,
-    /// its receipt says `expired` a second after the TTL ran out.
+    /// Starts tracking an accepted message, whose receipt says `expired`
+    /// after `deadline` unless it was sent (`Message::receipt_deadline`: a
+    /// TTL-0 message's is past the moment it may still be handed over in).
     pub async fn track(
-        &self,
-        uaid: &Uaid,
-        seq: u64,
-        sub: ReceiptSub,
-        channel: ChannelId,
-        expires_at: u64,
-    ) -> crate::store::StoreResult<()> {
-        let deadline = expires_at.saturating_add(1);
-        self.track_until(uaid, seq, sub, channel, expires_at, deadline)
-            .await
-    }
-
-    /// `track` with the deadline given, `Message::receipt_deadline`: a
-    /// TTL-0 message's is past the moment it may still be handed over in.
-    pub async fn track_until(
         &self,
         uaid: &Uaid,
         seq: u64,
@@ -444,8 +430,9 @@ mod tests {
         let (r, ledger) = receipts(2);
         let (u, sub, ch) = (Uaid::random(), ReceiptSub::random(), uuid::Uuid::new_v4());
         let later = crate::store::now_secs() + 3600;
-        r.track(&u, 1, sub, ch, later).await.unwrap();
-        r.track(&u, 2, sub, ch, later).await.unwrap();
+        for seq in [1, 2] {
+            r.track(&u, seq, sub, ch, later, later + 1).await.unwrap();
+        }
         r.settle(&u, 1, Outcome::Delivered).await;
         r.settle_all(&u, Some(ch)).await;
         assert_eq!(ledger.receipts(&sub, 0, 10).await.unwrap(), []);

@@ -566,11 +566,8 @@ mod tests {
         }
     }
 
-    /// A connection accepted while the store was unreachable is claimed
-    /// again once it answers: kept if nobody else took the user agent,
-    /// closed if a newer connection on another node did meanwhile.
-    #[tokio::test]
-    async fn connections_served_without_the_store_are_claimed_again() {
+    /// A node on a directory that tests can cut.
+    fn on_flaky() -> (Arc<Flaky>, Arc<Cluster>) {
         let dir = Arc::new(Flaky::default());
         let cluster = Cluster::new(
             dir.clone(),
@@ -578,6 +575,15 @@ mod tests {
             &[[7; 32]],
             Arc::new(Metrics::new()),
         );
+        (dir, cluster)
+    }
+
+    /// A connection accepted while the store was unreachable is claimed
+    /// again once it answers: kept if nobody else took the user agent,
+    /// closed if a newer connection on another node did meanwhile.
+    #[tokio::test]
+    async fn connections_served_without_the_store_are_claimed_again() {
+        let (dir, cluster) = on_flaky();
         let local = LocalRouter::new();
         let (stays, moves) = (Uaid::random(), Uaid::random());
         dir.down.store(true, Ordering::Relaxed);
@@ -613,13 +619,7 @@ mod tests {
     /// for want of a connection, when the store never said which it was.
     #[tokio::test]
     async fn a_user_agent_the_store_could_not_place_is_unknown() {
-        let dir = Arc::new(Flaky::default());
-        let cluster = Cluster::new(
-            dir.clone(),
-            "http://127.0.0.1:1".into(),
-            &[[7; 32]],
-            Arc::new(Metrics::new()),
-        );
+        let (dir, cluster) = on_flaky();
         let uaid = Uaid::random();
         let m = Arc::new(Message {
             seq: 1,
