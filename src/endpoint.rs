@@ -354,9 +354,12 @@ async fn route(
     let (ttl, seq, receipt) = (message.ttl, message.seq, message.receipt);
     // One allocation shared by the router and the connection.
     let routed = app.router.route(uaid, Arc::new(message)).await;
+    if ttl > 0 {
+        // Stored: whoever reads the store next delivers it.
+        return Ok(());
+    }
     match routed {
         RouteResult::Queued | RouteResult::Woken => {}
-        _ if ttl > 0 => {}
         RouteResult::Unknown => {
             if receipt {
                 app.receipts.forget(uaid, seq).await;

@@ -203,19 +203,17 @@ impl Receipts {
         what: Settle,
         at: u64,
     ) -> crate::store::StoreResult<()> {
-        match what {
+        let found = match what {
             Settle::One(seq, outcome) => {
-                let found = self.ledger.settle(uaid, seq, outcome, at).await?;
-                self.recorded(found);
+                Vec::from_iter(self.ledger.settle(uaid, seq, outcome, at).await?)
             }
             Settle::All(channel) => {
-                let found = self
-                    .ledger
+                self.ledger
                     .settle_all(uaid, channel, Outcome::Gone, at)
-                    .await?;
-                self.recorded(found);
+                    .await?
             }
-        }
+        };
+        self.recorded(found);
         Ok(())
     }
 

@@ -461,6 +461,28 @@ impl RedisStore {
         self.receipt_retention.as_millis().min(u128::from(u64::MAX)) as u64
     }
 
+    /// A take's invocation (TAKE or TAKE_ALL): `uaid`'s pending and
+    /// settling hashes, which records (`which`), and the outcome and time
+    /// to settle them with. Also returns the pending hash's key, the slot to
+    /// wait on.
+    fn take_invocation<'s>(
+        &self,
+        script: &'s Script,
+        uaid: &Uaid,
+        which: impl redis::ToRedisArgs,
+        (outcome, at_ms): (Outcome, u64),
+    ) -> (redis::ScriptInvocation<'s>, String) {
+        let keys = super::Keys::new(uaid);
+        let records = keys.pending_receipts();
+        let mut inv = script.prepare_invoke();
+        inv.key(&records)
+            .key(keys.settling_receipts())
+            .arg(which)
+            .arg(settling_suffix(outcome, at_ms))
+            .arg(self.receipt_retention.as_secs().max(1));
+        (inv, records)
+    }
+
     /// Takes the given records of `uaid` to settle them as `outcome`: all
     /// of them with `due` None, else those whose deadline is at or before
     /// `due`. Those already being settled come back with their own
@@ -472,16 +494,8 @@ impl RedisStore {
         seqs: &[u64],
         (outcome, at_ms): (Outcome, u64),
     ) -> StoreResult<(Taken, Vec<(u64, u64)>)> {
-        let keys = super::Keys::new(uaid);
-        let records = keys.pending_receipts();
-        let mut inv = scripts().take.prepare_invoke();
-        inv.key(&records).key(keys.settling_receipts());
-        match due {
-            Some(due) => inv.arg(due),
-            None => inv.arg(""),
-        };
-        inv.arg(settling_suffix(outcome, at_ms))
-            .arg(self.receipt_retention.as_secs().max(1));
+        let due = due.map(|d| d.to_string()).unwrap_or_default();
+        let (mut inv, records) = self.take_invocation(&scripts().take, uaid, due, (outcome, at_ms));
         for seq in seqs {
             inv.arg(*seq);
         }
@@ -596,12 +610,12 @@ impl RedisStore {
     /// Settles what `take` took: appends the receipts, writes the outcomes
     /// and drops the index members. Returns the receipts this call listed.
     /// If a step fails, what is left stays settling for the sweep to finish
-    /// (`resumed`: the take's caller already moved the members for that).
+    /// (`moved_ahead`: the take's caller already moved the members for that).
     async fn settle_taken(
         &self,
         uaid: &Uaid,
         taken: Taken,
-        resumed: bool,
+        moved_ahead: bool,
     ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
         if taken.seqs.is_empty() {
             return Ok(Vec::new());
@@ -613,7 +627,7 @@ impl RedisStore {
             .collect();
         let settling = taken.decoded();
         let resume = async {
-            if resumed {
+            if moved_ahead {
                 Ok(())
             } else {
                 self.resume_later(&members).await
@@ -736,16 +750,9 @@ impl ReceiptStore for RedisStore {
         outcome: Outcome,
         at_ms: u64,
     ) -> StoreResult<Vec<(ReceiptSub, ReceiptEvent)>> {
-        let keys = super::Keys::new(uaid);
-        let records = keys.pending_receipts();
-        let mut inv = scripts().take_all.prepare_invoke();
-        inv.key(&records).key(keys.settling_receipts());
-        match &channel {
-            Some(c) => inv.arg(c.as_bytes().as_slice()),
-            None => inv.arg(""),
-        };
-        inv.arg(settling_suffix(outcome, at_ms))
-            .arg(self.receipt_retention.as_secs().max(1));
+        let which: &[u8] = channel.as_ref().map_or(&[], |c| c.as_bytes());
+        let (inv, records) =
+            self.take_invocation(&scripts().take_all, uaid, which, (outcome, at_ms));
         type Took = (Vec<u64>, Vec<Vec<u8>>);
         let (seqs, records) = self
             .eval_waited(

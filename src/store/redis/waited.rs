@@ -1,6 +1,6 @@
 //! Writes under `redis_wait_replicas` (messages, registrations, the receipt
-//! ledger's promises): the script
-//! and its `WAIT` sent together, on a connection of their own.
+//! ledger's promises): the script and its `WAIT` sent together, on a
+//! connection of their own.
 //!
 //! Why not `WAIT` after the script on the shared connection, as before:
 //! - `WAIT` counts the replicas that have *this client's* writes, on the
