@@ -7,9 +7,11 @@ use crate::app::App;
 use crate::broadcast::Snapshot;
 use crate::occupancy::Held;
 use crate::router::cluster::RECHECK_INTERVAL;
-use crate::router::Binding;
+use crate::router::{Binding, Routed};
 use crate::session::{close, Action, Now, Session};
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 
@@ -44,6 +46,26 @@ enum Flow {
     Stop,
 }
 
+/// The task of one user agent's connection, from the HTTP upgrade to its
+/// end. Every idle connection holds this future for its whole life, in a
+/// task cell tokio aligns to 128 bytes: what it keeps beyond `serve`'s own
+/// future (the config is made here, not captured) is paid per connection.
+pub async fn run(app: Arc<App>, on_upgrade: OnUpgrade, place: Held) {
+    match on_upgrade.await {
+        Ok(upgraded) => {
+            let config = ws_config(app.settings.max_frame_size);
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            serve(app, ws, place).await;
+        }
+        Err(e) => tracing::debug!("websocket upgrade failed: {e}"),
+    }
+}
+
 /// Runs one user agent's connection to its end; `_place` is its place
 /// under `max_connections`, given back when this returns or is dropped.
 pub async fn serve<S>(app: Arc<App>, mut ws: WebSocketStream<S>, _place: Held)
@@ -54,11 +76,11 @@ where
     let mut binding: Option<Binding> = None;
     let mut shutdown = app.shutdown.subscribe();
     let mut actions = Vec::new();
-    let settings = &app.settings;
-    let hello_deadline = Instant::now() + settings.hello_timeout;
+    // Until hello; boxed, as inline it would widen every task for good.
+    let mut hello_timer = Some(Box::pin(sleep(app.settings.hello_timeout)));
     // One timer does double duty: when idle, it fires to send a ping; after
     // a ping, it fires if no pong (or anything else) came back in time.
-    let keepalive = sleep(settings.ping_interval);
+    let keepalive = sleep(app.settings.ping_interval);
     tokio::pin!(keepalive);
     let mut awaiting_pong = false;
     // Re-reads the store now and then: across nodes (a wake-up lost on the
@@ -85,15 +107,17 @@ where
                 }
             }
         }
+        if hello_timer.is_some() && session.uaid().is_some() {
+            hello_timer = None;
+        }
         if recheck.is_none() && session.needs_retry() {
             recheck = Some(Box::pin(sleep(STORE_RETRY)));
         }
-        let backlog_flag = binding.as_ref().map(Binding::backlog);
         let flow = tokio::select! {
             frame = ws.next() => {
                 match frame {
                     Some(Ok(frame)) => {
-                        keepalive.as_mut().reset(Instant::now() + settings.ping_interval);
+                        keepalive.as_mut().reset(Instant::now() + app.settings.ping_interval);
                         awaiting_pong = false;
                         match frame {
                             WsMessage::Text(text) => {
@@ -132,8 +156,9 @@ where
             }
             routed = recv(binding.as_ref()) => {
                 match routed {
-                    Some(m) => session.on_routed(&m, Now::read(), &mut actions),
-                    None => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
+                    Routed::Message(m) => session.on_routed(&m, Now::read(), &mut actions),
+                    Routed::Backlog => session.on_backlog(),
+                    Routed::Closed => actions.push(Action::Close(close::NORMAL, TAKEN_OVER.into())),
                 }
                 Flow::Continue
             }
@@ -141,11 +166,7 @@ where
                 session.on_broadcast(&snapshot, &mut actions);
                 Flow::Continue
             }
-            _ = backlog(backlog_flag) => {
-                session.on_backlog();
-                Flow::Continue
-            }
-            _ = sleep_until_opt(session.uaid().is_none().then_some(hello_deadline)) => {
+            _ = timer(hello_timer.as_mut()) => {
                 actions.push(Action::Close(close::POLICY, "no hello in time".into()));
                 Flow::Continue
             }
@@ -163,7 +184,7 @@ where
                     Flow::Stop
                 } else {
                     awaiting_pong = true;
-                    keepalive.as_mut().reset(Instant::now() + settings.ping_timeout);
+                    keepalive.as_mut().reset(Instant::now() + app.settings.ping_timeout);
                     match ws.send(WsMessage::Ping(Default::default())).await {
                         Ok(()) => Flow::Continue,
                         Err(_) => Flow::Stop,
@@ -188,6 +209,9 @@ where
         if stop {
             break;
         }
+        // An idle connection should not keep 128 bytes for its next event;
+        // allocating them again costs far less than the event itself.
+        actions = Vec::new();
     }
 
     if let (Some(uaid), Some(b)) = (session.uaid(), &binding) {
@@ -303,7 +327,7 @@ where
     .await;
 }
 
-async fn recv(binding: Option<&Binding>) -> Option<Arc<crate::store::Message>> {
+async fn recv(binding: Option<&Binding>) -> Routed {
     match binding {
         Some(b) => b.recv().await,
         None => std::future::pending().await,
@@ -325,13 +349,6 @@ async fn broadcast_changed(
     std::future::pending().await
 }
 
-async fn backlog(flag: Option<&crate::router::Backlog>) {
-    match flag {
-        Some(b) => b.wait().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Waits on a timer if there is one, forever if not.
 async fn timer(t: Option<&mut Pin<Box<Sleep>>>) {
     match t {
@@ -340,19 +357,9 @@ async fn timer(t: Option<&mut Pin<Box<Sleep>>>) {
     }
 }
 
-/// Boxed: the timer is needed only until hello, and inline it would
-/// widen every connection's task for good.
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => Box::pin(tokio::time::sleep_until(d)).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper_util::rt::TokioIo;
 
     type Io = TokioIo<hyper::upgrade::Upgraded>;
 
@@ -368,6 +375,7 @@ mod tests {
     #[allow(unreachable_code, clippy::diverging_sub_expression)]
     fn an_idle_connection_task_stays_small() {
         let serve = size_of_future(|| serve::<Io>(unreachable!(), unreachable!(), unreachable!()));
+        let task = size_of_future(|| run(unreachable!(), unreachable!(), unreachable!()));
         let on_text = size_of_future(|| {
             Session::on_text(
                 unreachable!(),
@@ -388,10 +396,16 @@ mod tests {
         let ws = std::mem::size_of::<WebSocketStream<Io>>();
         let session = std::mem::size_of::<Session>();
         eprintln!(
-            "bytes: serve future {serve} (of which websocket {ws}, session {session}, \
-             each timer {sleep}); boxed: on_text {on_text}, perform {perform}"
+            "bytes: task future {task}, serve future {serve} (of which websocket {ws}, \
+             session {session}, each timer {sleep}); boxed: on_text {on_text}, perform {perform}"
         );
         assert!(serve < on_text + perform, "{serve}");
-        assert!(serve <= 1792, "the connection future grew to {serve} bytes");
+        // tokio adds 104 bytes of its own (header, scheduler, id, stage,
+        // trailer) and rounds the cell up to a multiple of 128: up to 1,688
+        // the cell is 1,792 bytes (2,048 before this bound).
+        assert!(
+            task <= 1688,
+            "the connection's task future grew to {task} bytes"
+        );
     }
 }

@@ -27,8 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 /// The largest request head (request line and headers) read before the
 /// request is refused with 431. Web Push's largest legitimate head is an
@@ -912,24 +910,7 @@ fn upgrade(app: Arc<App>, mut req: http::Request<Incoming>) -> Response {
             .expect("valid response");
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let config = crate::connect::ws_config(app.settings.max_frame_size);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                crate::connect::serve(app, ws, place).await;
-            }
-            Err(e) => {
-                tracing::debug!("websocket upgrade failed: {e}");
-                drop(place);
-            }
-        }
-    });
+    tokio::spawn(crate::connect::run(app, on_upgrade, place));
     let mut response = http::Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")

@@ -14,22 +14,6 @@ use tokio::sync::Notify;
 /// slow user agent from holding more than this many payloads in memory.
 const QUEUE: usize = 16;
 
-/// Raised when a message could not be queued: the connection must look in
-/// the store for what it missed. `Notify` keeps one permit when nobody is
-/// waiting, so a raise is never lost and repeated raises collapse into one.
-#[derive(Default)]
-pub struct Backlog(Notify);
-
-impl Backlog {
-    pub async fn wait(&self) {
-        self.0.notified().await;
-    }
-
-    fn raise(&self) {
-        self.0.notify_one();
-    }
-}
-
 /// What the router and one connection share. One small allocation, and no
 /// queue storage while nothing is queued: a tokio bounded channel plus a
 /// separate backlog flag cost an idle connection about 800 bytes (the
@@ -38,8 +22,14 @@ impl Backlog {
 #[derive(Default)]
 struct Inbox {
     queue: Mutex<VecDeque<Arc<Message>>>,
+    /// Woken for a queued message, a raised backlog and a close alike: one
+    /// `Notify`, so an idle connection waits on one future, not two (each
+    /// wait is about 100 bytes of every connection's task). `Notify` keeps
+    /// one permit when nobody is waiting, so nothing raised is missed.
     arrived: Notify,
-    backlog: Backlog,
+    /// A message could not be queued: the connection must look in the
+    /// store for what it missed. Repeated raises collapse into one.
+    backlogged: AtomicBool,
     /// Either side went: the router forgot the connection (it sees the
     /// rest of its queue, then None) or the connection ended (routing to
     /// it says NotConnected).
@@ -58,7 +48,7 @@ impl Inbox {
         let mut queue = self.queue();
         if queue.len() >= QUEUE {
             drop(queue);
-            self.backlog.raise();
+            self.raise_backlog();
             return RouteResult::Backlogged;
         }
         queue.push_back(message);
@@ -76,6 +66,11 @@ impl Inbox {
             *queue = VecDeque::new();
         }
         message
+    }
+
+    fn raise_backlog(&self) {
+        self.backlogged.store(true, Ordering::Release);
+        self.arrived.notify_one();
     }
 
     fn close(&self) {
@@ -101,25 +96,37 @@ pub struct Binding {
     inbox: Arc<Inbox>,
 }
 
+/// What a connection's wait on its inbox returns.
+#[derive(Debug)]
+pub enum Routed {
+    Message(Arc<Message>),
+    /// Something routed here could not be queued: read the store.
+    Backlog,
+    /// Another connection took over the uaid; what was queued before came
+    /// first.
+    Closed,
+}
+
 impl Binding {
-    /// The next message routed here; None once another connection took
-    /// over the uaid (after what was already queued). Cancel-safe: a
-    /// message is taken only by a call that returns it.
-    pub async fn recv(&self) -> Option<Arc<Message>> {
+    /// The next thing routed here. Cancel-safe: a message or a raised
+    /// backlog is taken only by a call that returns it.
+    pub async fn recv(&self) -> Routed {
         loop {
             if let Some(m) = self.inbox.take() {
-                return Some(m);
+                return Routed::Message(m);
+            }
+            if self.inbox.backlogged.swap(false, Ordering::AcqRel) {
+                return Routed::Backlog;
             }
             if self.inbox.closed.load(Ordering::Acquire) {
-                return self.inbox.take();
+                return match self.inbox.take() {
+                    Some(m) => Routed::Message(m),
+                    None => Routed::Closed,
+                };
             }
-            // A push or close after the checks above left a permit.
+            // A push, raise or close after the checks above left a permit.
             self.inbox.arrived.notified().await;
         }
-    }
-
-    pub fn backlog(&self) -> &Backlog {
-        &self.inbox.backlog
     }
 }
 
@@ -187,7 +194,7 @@ impl LocalRouter {
     pub fn wake(&self, uaid: &Uaid) -> bool {
         match self.conns.get(uaid) {
             Some(h) => {
-                h.inbox.backlog.raise();
+                h.inbox.raise_backlog();
                 true
             }
             None => false,
@@ -233,6 +240,13 @@ mod tests {
         })
     }
 
+    fn seq(routed: Routed) -> u64 {
+        match routed {
+            Routed::Message(m) => m.seq,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn routes_to_the_latest_binding_and_closes_the_old() {
         let r = LocalRouter::new();
@@ -240,9 +254,12 @@ mod tests {
         assert_eq!(r.route(&u, msg(1)), RouteResult::NotConnected);
         let first = r.bind(u);
         let second = r.bind(u);
-        assert!(first.recv().await.is_none(), "old connection is told to go");
+        assert!(
+            matches!(first.recv().await, Routed::Closed),
+            "old connection is told to go"
+        );
         assert_eq!(r.route(&u, msg(2)), RouteResult::Queued);
-        assert_eq!(second.recv().await.unwrap().seq, 2);
+        assert_eq!(seq(second.recv().await), 2);
         r.unbind(&u, first.id);
         assert!(
             r.is_connected(&u),
@@ -261,9 +278,19 @@ mod tests {
             assert_eq!(r.route(&u, msg(i)), RouteResult::Queued);
         }
         assert_eq!(r.route(&u, msg(99)), RouteResult::Backlogged);
-        tokio::time::timeout(std::time::Duration::from_secs(1), b.backlog().wait())
-            .await
-            .expect("backlog signalled");
+        assert_eq!(r.route(&u, msg(100)), RouteResult::Backlogged);
+        for i in 0..QUEUE as u64 {
+            assert_eq!(seq(b.recv().await), i, "what was queued comes first");
+        }
+        assert!(matches!(b.recv().await, Routed::Backlog));
+        assert!(r.wake(&u));
+        assert!(
+            matches!(b.recv().await, Routed::Backlog),
+            "a wake-up is a backlog too"
+        );
+        let nothing_more =
+            tokio::time::timeout(std::time::Duration::from_millis(50), b.recv()).await;
+        assert!(nothing_more.is_err(), "raises collapse into one each");
     }
 
     #[tokio::test]
@@ -273,8 +300,8 @@ mod tests {
         let first = r.bind(u);
         assert_eq!(r.route(&u, msg(1)), RouteResult::Queued);
         let _second = r.bind(u);
-        assert_eq!(first.recv().await.unwrap().seq, 1);
-        assert!(first.recv().await.is_none());
+        assert_eq!(seq(first.recv().await), 1);
+        assert!(matches!(first.recv().await, Routed::Closed));
     }
 
     /// What the router keeps per connection, besides the map's own slack

@@ -9,7 +9,7 @@ pub mod node_auth;
 mod wakes;
 
 pub use cluster::Cluster;
-pub use local::{Backlog, Binding, LocalRouter, RouteResult};
+pub use local::{Binding, LocalRouter, RouteResult, Routed};
 
 use crate::store::Message;
 use herald_proto::ids::Uaid;
