@@ -162,6 +162,11 @@ pub struct SideRow {
     pub storm_setup_p99_ms: Option<f64>,
     /// Connect to `hello` answered for the user agents coming back.
     pub storm_hello_p99_ms: Option<f64>,
+    /// Reconnects that failed, out of those tried: the p99 above counts
+    /// only those that succeeded, so a server that stops answering would
+    /// otherwise look fast.
+    pub storm_failed: Option<f64>,
+    pub storm_attempts: Option<f64>,
     /// What the server's handshakes selected, over all its runs.
     pub subprotocol: String,
     pub bridge_runs: usize,
@@ -237,6 +242,8 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
             storm_runs: storm.len(),
             storm_setup_p99_ms: median_of(storm.iter().map(|r| lat_of(r, "setup", p99))),
             storm_hello_p99_ms: median_of(storm.iter().map(|r| lat_of(r, "reconnect_hello", p99))),
+            storm_failed: median_of(storm.iter().map(|r| num(r, "failed"))),
+            storm_attempts: median_of(storm.iter().map(|r| num(r, "reconnect_attempts"))),
             subprotocol: crate::results::describe_subprotocols(&counts),
             bridge_runs: bridge.len(),
             bridge_forwarded_per_s: median_of(bridge.iter().map(|r| num(r, "forwarded_per_s"))),
@@ -283,7 +290,7 @@ fn side_cells(r: &SideRow) -> [String; 13] {
         f(r.idle_kib_per_connection, 1),
         f(r.idle_setup_p99_ms, 1),
         f(r.storm_setup_p99_ms, 1),
-        format!("{}{}", f(r.storm_hello_p99_ms, 1), runs(r.storm_runs)),
+        storm_hello_cell(r),
         if r.subprotocol.is_empty() {
             "–".into()
         } else {
@@ -292,6 +299,29 @@ fn side_cells(r: &SideRow) -> [String; 13] {
         format!("{}{}", f(r.bridge_forwarded_per_s, 0), runs(r.bridge_runs)),
         f(r.bridge_us_per_message, 1),
     ]
+}
+
+/// The storm's reconnect p99 with the failures beside it, when there were
+/// any, and the number of runs.
+fn storm_hello_cell(r: &SideRow) -> String {
+    let p99 = r
+        .storm_hello_p99_ms
+        .map_or("–".into(), |v| format!("{v:.1}"));
+    let mut notes = Vec::new();
+    if let Some(failed) = r.storm_failed.filter(|&n| n > 0.0) {
+        let of = r
+            .storm_attempts
+            .map_or(String::new(), |n| format!(" of {n:.0}"));
+        notes.push(format!("{failed:.0}{of} failed"));
+    }
+    if r.storm_runs > 1 {
+        notes.push(format!("{} runs", r.storm_runs));
+    }
+    if notes.is_empty() {
+        p99
+    } else {
+        format!("{p99} ({})", notes.join("; "))
+    }
 }
 
 /// The side-by-side table in Markdown.
@@ -1084,6 +1114,10 @@ mod tests {
                 r.latency.insert("setup".into(), hello.clone());
             }
             r.latency.insert("reconnect_hello".into(), hello);
+            let failed = if with_setup { 0 } else { 12 };
+            r.metrics.insert("failed".into(), serde_json::json!(failed));
+            r.metrics
+                .insert("reconnect_attempts".into(), serde_json::json!(500));
             r
         };
         let runs = vec![
@@ -1147,8 +1181,16 @@ mod tests {
         );
         assert_eq!(
             lines[3],
-            "| autopush | – | – | – | – | 19000 | 27.9 | 18.3 | 18.3 | 36.6 (2 runs) | none | – | – |"
+            "| autopush | – | – | – | – | 19000 | 27.9 | 18.3 | 18.3 | 36.6 (6 of 500 failed; 2 runs) | none | – | – |"
         );
+        // A server that answered no returning user agent has no p99 to show.
+        let dead = SideRow {
+            storm_runs: 1,
+            storm_failed: Some(500.0),
+            storm_attempts: Some(500.0),
+            ..Default::default()
+        };
+        assert_eq!(storm_hello_cell(&dead), "– (500 of 500 failed)");
         // Disambiguated labels still group under the name given.
         let mut two = vec![
             run("herald", tp("herald", 1.0, None)),
