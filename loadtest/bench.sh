@@ -2,20 +2,21 @@
 # Short run of every herald-loadtest scenario against a freshly started
 # Herald on loopback, then the HTML report in loadtest/results/report.html
 # and a side-by-side table (messages/s, server µs per delivered message,
-# latency p50/p99, idle KiB per connection) printed at the end and written
-# to loadtest/results/side-by-side-<stamp>.md.
+# latency p50/p99, idle KiB per connection, idle setup and storm hello p99)
+# printed at the end and written to loadtest/results/side-by-side-<stamp>.md.
 #
 # With AUTOPUSH_URL set (the websocket URL of an autopush-rs that is
 # already running on loopback, e.g. ws://127.0.0.1:8080/), the same
-# throughput and idle runs also go against it, and the table has a row for
-# each. This script neither builds, fetches nor starts autopush-rs, and it
-# stops only what it started. AUTOPUSH_PIDS lists its processes for CPU and
+# throughput, idle and storm runs also go against it, and the table has a
+# row for each. This script neither builds, fetches nor starts autopush-rs,
+# and it stops only what it started. AUTOPUSH_PIDS lists its processes for CPU and
 # memory (comma-separated, optionally named:
 # autoconnect=PID,autoendpoint=PID,redis=PID); without it the autopush row
 # has no server figures. Its push endpoints are POSTed to as handed out
 # (they must be on loopback), or at AUTOPUSH_PUSH_URLS (http://host:port,
 # comma-separated) if set. Being long-running, it is not restarted between
-# its runs.
+# its runs: for each of its runs to start fresh, as Herald's do, run one
+# scenario per invocation and restart it in between.
 #
 # Knobs (environment): BENCH_PORT (default 18080), RESULTS (default
 # loadtest/results), SCENARIOS (default "idle throughput receipts backlog storm
@@ -143,6 +144,7 @@ fi
 idle_args=(--hold 5 --concurrency 400)
 tp_args=(--uas "${TP_UAS:-2000}" --senders "${TP_SENDERS:-32}" --duration "${TP_SECS:-15}"
     --payload "${TP_PAYLOAD:-1024}" --rate "${TP_RATE:-0}")
+storm_args=(--uas "${STORM_UAS:-5000}" --window "${STORM_WINDOW:-5}")
 
 if wants idle; then run idle --uas "${IDLE_UAS:-25000}" "${idle_args[@]}"; fi
 if wants throughput; then run throughput "${tp_args[@]}"; fi
@@ -151,7 +153,7 @@ if wants receipts; then run_as herald+receipts throughput "${tp_args[@]}" --rece
 if wants backlog; then
     run backlog --uas "${BACKLOG_UAS:-2000}" --messages-per-channel "${BACKLOG_MSGS:-10}" --senders 32
 fi
-if wants storm; then run storm --uas "${STORM_UAS:-5000}" --window "${STORM_WINDOW:-5}"; fi
+if wants storm; then run storm "${storm_args[@]}"; fi
 if wants burst; then
     run burst --uas "${BURST_UAS:-4}" --messages "${BURST_MSGS:-1000}" --backlog "${BURST_BACKLOG:-500}"
 fi
@@ -192,11 +194,12 @@ fi
 if [[ -n "$autopush_url" ]]; then
     if wants idle; then run_autopush idle --uas "${AUTOPUSH_IDLE_UAS:-${IDLE_UAS:-25000}}" "${idle_args[@]}"; fi
     if wants throughput; then run_autopush throughput "${tp_args[@]}"; fi
+    if wants storm; then run_autopush storm "${storm_args[@]}"; fi
 fi
 
 "$lt" report "${files[@]}" --out "$results/report.html"
 side="$results/side-by-side-$stamp.md"
-if wants idle || wants throughput || wants receipts; then
+if wants idle || wants throughput || wants receipts || wants storm; then
     echo >&2
     echo "Side by side (also in $side and report.html):" >&2
     "$lt" compare "${files[@]}" --out "$side"

@@ -128,7 +128,7 @@ pub fn compare(args: CompareArgs) -> Result<()> {
     let runs = load_runs(&args.files, &args.labels)?;
     let rows = side_by_side(&runs);
     if rows.is_empty() {
-        bail!("no throughput, idle or bridge result among the files given");
+        bail!("no throughput, idle, storm or bridge result among the files given");
     }
     let md = markdown(&rows);
     print!("{md}");
@@ -142,7 +142,7 @@ pub fn compare(args: CompareArgs) -> Result<()> {
 }
 
 /// One target (system under test) in the side-by-side table: the median of
-/// each figure over its throughput runs and over its idle runs.
+/// each figure over its runs of the scenario the figure comes from.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SideRow {
     pub target: String,
@@ -154,6 +154,19 @@ pub struct SideRow {
     pub idle_runs: usize,
     pub idle_held: Option<f64>,
     pub idle_kib_per_connection: Option<f64>,
+    /// Websocket connect to `register` answered, for the idle climb: where
+    /// a full accept queue shows as one-second SYN retries.
+    pub idle_setup_p99_ms: Option<f64>,
+    pub storm_runs: usize,
+    /// The storm's bring-up, the same measure as idle's setup.
+    pub storm_setup_p99_ms: Option<f64>,
+    /// Connect to `hello` answered for the user agents coming back.
+    pub storm_hello_p99_ms: Option<f64>,
+    /// Reconnects that failed, out of those tried: the p99 above counts
+    /// only those that succeeded, so a server that stops answering would
+    /// otherwise look fast.
+    pub storm_failed: Option<f64>,
+    pub storm_attempts: Option<f64>,
     /// What the server's handshakes selected, over all its runs.
     pub subprotocol: String,
     pub bridge_runs: usize,
@@ -166,8 +179,8 @@ fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     stats::median(v.flatten())
 }
 
-/// Throughput, idle and bridge figures per target, in the order targets
-/// first appear; targets with none of these scenarios are left out.
+/// Throughput, idle, storm and bridge figures per target, in the order
+/// targets first appear; targets with none of these scenarios are left out.
 pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
     let mut targets: Vec<&str> = Vec::new();
     for r in runs {
@@ -194,14 +207,21 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
             .copied()
             .filter(|r| r.r.scenario == "bridge")
             .collect();
-        if tp.is_empty() && idle.is_empty() && bridge.is_empty() {
+        let storm: Vec<&Run> = mine
+            .iter()
+            .copied()
+            .filter(|r| r.r.scenario == "storm")
+            .collect();
+        if tp.is_empty() && idle.is_empty() && bridge.is_empty() && storm.is_empty() {
             continue;
         }
-        let lat = |r: &Run, f: fn(&LatencySummary) -> f64| {
-            r.r.latency.get("end_to_end").filter(|l| l.count > 0).map(f)
+        let lat_of = |r: &Run, name: &str, f: fn(&LatencySummary) -> f64| {
+            r.r.latency.get(name).filter(|l| l.count > 0).map(f)
         };
+        let lat = |r: &Run, f: fn(&LatencySummary) -> f64| lat_of(r, "end_to_end", f);
+        let p99 = |l: &LatencySummary| l.p99_ms;
         let mut counts = std::collections::BTreeMap::new();
-        for r in tp.iter().chain(&idle) {
+        for r in tp.iter().chain(&idle).chain(&storm) {
             crate::stats::merge_tally(&mut counts, &r.r.subprotocols);
         }
         out.push(SideRow {
@@ -218,6 +238,12 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
             idle_kib_per_connection: median_of(
                 idle.iter().map(|r| num(r, "server_kib_per_connection")),
             ),
+            idle_setup_p99_ms: median_of(idle.iter().map(|r| lat_of(r, "setup", p99))),
+            storm_runs: storm.len(),
+            storm_setup_p99_ms: median_of(storm.iter().map(|r| lat_of(r, "setup", p99))),
+            storm_hello_p99_ms: median_of(storm.iter().map(|r| lat_of(r, "reconnect_hello", p99))),
+            storm_failed: median_of(storm.iter().map(|r| num(r, "failed"))),
+            storm_attempts: median_of(storm.iter().map(|r| num(r, "reconnect_attempts"))),
             subprotocol: crate::results::describe_subprotocols(&counts),
             bridge_runs: bridge.len(),
             bridge_forwarded_per_s: median_of(bridge.iter().map(|r| num(r, "forwarded_per_s"))),
@@ -229,7 +255,7 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
     out
 }
 
-const SIDE_HEADERS: [&str; 10] = [
+const SIDE_HEADERS: [&str; 13] = [
     "target",
     "messages/s delivered",
     "server µs per delivered message",
@@ -237,12 +263,15 @@ const SIDE_HEADERS: [&str; 10] = [
     "latency p99 ms",
     "idle: connections held",
     "idle: server KiB per connection",
+    "idle: setup p99 ms",
+    "storm: bring-up setup p99 ms",
+    "storm: reconnect hello p99 ms",
     "websocket subprotocol",
     "bridge: pushes/s at the FCM sink",
     "bridge: server µs per bridged message",
 ];
 
-fn side_cells(r: &SideRow) -> [String; 10] {
+fn side_cells(r: &SideRow) -> [String; 13] {
     let f = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |v| format!("{v:.d$}"));
     let runs = |n: usize| {
         if n > 1 {
@@ -259,6 +288,9 @@ fn side_cells(r: &SideRow) -> [String; 10] {
         f(r.p99_ms, 2),
         format!("{}{}", f(r.idle_held, 0), runs(r.idle_runs)),
         f(r.idle_kib_per_connection, 1),
+        f(r.idle_setup_p99_ms, 1),
+        f(r.storm_setup_p99_ms, 1),
+        storm_hello_cell(r),
         if r.subprotocol.is_empty() {
             "–".into()
         } else {
@@ -267,6 +299,29 @@ fn side_cells(r: &SideRow) -> [String; 10] {
         format!("{}{}", f(r.bridge_forwarded_per_s, 0), runs(r.bridge_runs)),
         f(r.bridge_us_per_message, 1),
     ]
+}
+
+/// The storm's reconnect p99 with the failures beside it, when there were
+/// any, and the number of runs.
+fn storm_hello_cell(r: &SideRow) -> String {
+    let p99 = r
+        .storm_hello_p99_ms
+        .map_or("–".into(), |v| format!("{v:.1}"));
+    let mut notes = Vec::new();
+    if let Some(failed) = r.storm_failed.filter(|&n| n > 0.0) {
+        let of = r
+            .storm_attempts
+            .map_or(String::new(), |n| format!(" of {n:.0}"));
+        notes.push(format!("{failed:.0}{of} failed"));
+    }
+    if r.storm_runs > 1 {
+        notes.push(format!("{} runs", r.storm_runs));
+    }
+    if notes.is_empty() {
+        p99
+    } else {
+        format!("{p99} ({})", notes.join("; "))
+    }
 }
 
 /// The side-by-side table in Markdown.
@@ -280,7 +335,7 @@ pub fn markdown(rows: &[SideRow]) -> String {
 }
 
 fn side_by_side_html(rows: &[SideRow]) -> String {
-    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput, idle and bridge runs (latency is throughput's end to end).</p>\n<table><tr>");
+    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput, idle, storm and bridge runs (latency is throughput's end to end; setup is websocket connect to register answered, hello is a returning user agent's connect to hello answered).</p>\n<table><tr>");
     for h in SIDE_HEADERS {
         let _ = write!(t, "<th>{}</th>", esc(h));
     }
@@ -1052,12 +1107,27 @@ mod tests {
             r,
             group: String::new(),
         };
+        let storm = |scale: u64, with_setup: bool| {
+            let mut r = sample("storm", "autopush", scale);
+            let hello = r.latency.remove("setup").unwrap();
+            if with_setup {
+                r.latency.insert("setup".into(), hello.clone());
+            }
+            r.latency.insert("reconnect_hello".into(), hello);
+            let failed = if with_setup { 0 } else { 12 };
+            r.metrics.insert("failed".into(), serde_json::json!(failed));
+            r.metrics
+                .insert("reconnect_attempts".into(), serde_json::json!(500));
+            r
+        };
         let runs = vec![
             run("herald", tp("herald", 100.0, Some(50.0))),
             run("herald", tp("herald", 300.0, Some(70.0))),
             run("herald", tp("herald", 200.0, None)),
             run("autopush", idle),
-            run("other", sample("storm", "other", 1)),
+            run("other", sample("backlog", "other", 1)),
+            run("autopush", storm(1, true)),
+            run("autopush", storm(3, false)),
             run("herald", {
                 let mut b = sample("bridge", "herald", 1);
                 b.metrics
@@ -1073,7 +1143,7 @@ mod tests {
         assert_eq!(
             rows.len(),
             2,
-            "targets without throughput, idle or bridge are left out"
+            "targets without throughput, idle, storm or bridge are left out"
         );
         assert_eq!(rows[0].target, "herald");
         assert_eq!(rows[0].throughput_runs, 3);
@@ -1085,6 +1155,16 @@ mod tests {
         assert_eq!(rows[1].delivered_per_s, None);
         assert_eq!(rows[1].idle_held, Some(19000.0));
         assert_eq!(rows[1].subprotocol, "none");
+        // sample()'s latencies: 37 µs steps to 18.5 ms, p99 at 18.31 ms
+        // (three times that for scale 3, whose bring-up is left out).
+        let (p99, hello) = (rows[1].idle_setup_p99_ms, rows[1].storm_hello_p99_ms);
+        assert!((p99.unwrap() - 18.31).abs() < 0.05, "{p99:?}");
+        assert_eq!(rows[1].storm_runs, 2);
+        assert_eq!(rows[1].storm_setup_p99_ms, p99);
+        assert_eq!(rows[0].storm_runs, 0);
+        assert_eq!(rows[0].idle_setup_p99_ms, None);
+        // The two storm runs' reconnect p99s, 18.31 and 3 × 18.31: their median.
+        assert!((hello.unwrap() - 2.0 * 18.31).abs() < 0.2, "{hello:?}");
         let md = markdown(&rows);
         let lines: Vec<&str> = md.lines().collect();
         assert_eq!(lines.len(), 4);
@@ -1095,14 +1175,22 @@ mod tests {
             lines[2]
         );
         assert!(
-            lines[2].ends_with(" | – | – | push-notification | 900 | 120.0 |"),
+            lines[2].ends_with(" | – | – | – | – | – | push-notification | 900 | 120.0 |"),
             "{}",
             lines[2]
         );
         assert_eq!(
             lines[3],
-            "| autopush | – | – | – | – | 19000 | 27.9 | none | – | – |"
+            "| autopush | – | – | – | – | 19000 | 27.9 | 18.3 | 18.3 | 36.6 (6 of 500 failed; 2 runs) | none | – | – |"
         );
+        // A server that answered no returning user agent has no p99 to show.
+        let dead = SideRow {
+            storm_runs: 1,
+            storm_failed: Some(500.0),
+            storm_attempts: Some(500.0),
+            ..Default::default()
+        };
+        assert_eq!(storm_hello_cell(&dead), "– (500 of 500 failed)");
         // Disambiguated labels still group under the name given.
         let mut two = vec![
             run("herald", tp("herald", 1.0, None)),

@@ -1349,83 +1349,120 @@ fn fanout_needs_the_broadcast_api_and_its_token() {
     assert_eq!(mock.state.puts.load(Relaxed), 0);
 }
 
+/// Throughput, idle and storm against a mock selecting `sub`, as target
+/// `name`: each must work and record what the handshakes selected.
+fn runs_against_mock(
+    dir: &tempfile::TempDir,
+    name: &str,
+    sub: Subprotocol,
+    t: Duration,
+) -> Vec<std::path::PathBuf> {
+    let pid = std::process::id().to_string();
+    let mock = Mock::start(Faults {
+        subprotocol: sub,
+        ..Faults::default()
+    });
+    let url = mock.url();
+    let tp = scenario(
+        &[
+            "throughput",
+            "--url",
+            &url,
+            "--target",
+            name,
+            "--uas",
+            "10",
+            "--senders",
+            "2",
+            "--messages",
+            "100",
+            "--duration",
+            "30",
+            "--server-pid",
+            &pid,
+        ],
+        &out_file(dir, &format!("{name}-tp.json")),
+        t,
+    );
+    assert_no_errors(&tp);
+    assert_eq!(metric(&tp, "delivered"), 100.0);
+    let want = if sub == Subprotocol::None {
+        "none"
+    } else {
+        "push-notification"
+    };
+    assert_eq!(tp["subprotocol"], want);
+    assert_eq!(tp["subprotocols"][want], 10);
+    assert!(tp["summary"]
+        .as_str()
+        .unwrap()
+        .contains("µs per delivered message"));
+    let idle = scenario(
+        &[
+            "idle",
+            "--url",
+            &url,
+            "--target",
+            name,
+            "--uas",
+            "12",
+            "--procs",
+            "2",
+            "--hold",
+            "0.3",
+            "--server-pid",
+            &pid,
+        ],
+        &out_file(dir, &format!("{name}-idle.json")),
+        t,
+    );
+    assert_no_errors(&idle);
+    // Counted in the worker processes, reported to the parent.
+    assert_eq!(idle["subprotocol"], want);
+    assert_eq!(idle["subprotocols"][want], 12);
+    // bench.sh storms autopush-rs too: a server without the
+    // subprotocol takes the returning user agents all the same.
+    let storm = scenario(
+        &[
+            "storm",
+            "--url",
+            &url,
+            "--target",
+            name,
+            "--uas",
+            "8",
+            "--window",
+            "0.3",
+            "--settle",
+            "0.1",
+            "--server-pid",
+            &pid,
+        ],
+        &out_file(dir, &format!("{name}-storm.json")),
+        t,
+    );
+    assert_no_errors(&storm);
+    assert_eq!(metric(&storm, "reconnected"), 8.0);
+    assert_eq!(storm["subprotocols"][want], 16);
+    ["tp", "idle", "storm"]
+        .iter()
+        .map(|kind| out_file(dir, &format!("{name}-{kind}.json")))
+        .collect()
+}
+
 /// autopush-rs selects no subprotocol: every scenario works, and the results
 /// say "none"; a server selecting another one is refused. Then `compare`
 /// puts the two servers side by side.
 #[test]
 fn no_subprotocol_is_accepted_recorded_and_compared() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pid = std::process::id().to_string();
     let t = Duration::from_secs(60);
     let mut files = Vec::new();
     for (name, sub) in [
         ("herald-mock", Subprotocol::Push),
         ("autopush-mock", Subprotocol::None),
     ] {
-        let mock = Mock::start(Faults {
-            subprotocol: sub,
-            ..Faults::default()
-        });
-        let url = mock.url();
-        let tp = scenario(
-            &[
-                "throughput",
-                "--url",
-                &url,
-                "--target",
-                name,
-                "--uas",
-                "10",
-                "--senders",
-                "2",
-                "--messages",
-                "100",
-                "--duration",
-                "30",
-                "--server-pid",
-                &pid,
-            ],
-            &out_file(&dir, &format!("{name}-tp.json")),
-            t,
-        );
-        assert_no_errors(&tp);
-        assert_eq!(metric(&tp, "delivered"), 100.0);
-        let want = if sub == Subprotocol::None {
-            "none"
-        } else {
-            "push-notification"
-        };
-        assert_eq!(tp["subprotocol"], want);
-        assert_eq!(tp["subprotocols"][want], 10);
-        assert!(tp["summary"]
-            .as_str()
-            .unwrap()
-            .contains("µs per delivered message"));
-        let idle = scenario(
-            &[
-                "idle",
-                "--url",
-                &url,
-                "--target",
-                name,
-                "--uas",
-                "12",
-                "--procs",
-                "2",
-                "--hold",
-                "0.3",
-                "--server-pid",
-                &pid,
-            ],
-            &out_file(&dir, &format!("{name}-idle.json")),
-            t,
-        );
-        assert_no_errors(&idle);
-        // Counted in the worker processes, reported to the parent.
-        assert_eq!(idle["subprotocol"], want);
-        assert_eq!(idle["subprotocols"][want], 12);
-        files.push(out_file(&dir, &format!("{name}-tp.json")));
-        files.push(out_file(&dir, &format!("{name}-idle.json")));
+        files.extend(runs_against_mock(&dir, name, sub, t));
     }
 
     let other = Mock::start(Faults {
@@ -1462,7 +1499,7 @@ fn no_subprotocol_is_accepted_recorded_and_compared() {
     assert!(ran.ok, "{}", ran.stderr);
     let lines: Vec<&str> = ran.stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{}", ran.stdout);
-    assert!(lines[0].starts_with("| target | messages/s delivered | server µs per delivered message | latency p50 ms | latency p99 ms | idle: connections held | idle: server KiB per connection | websocket subprotocol |"));
+    assert!(lines[0].starts_with("| target | messages/s delivered | server µs per delivered message | latency p50 ms | latency p99 ms | idle: connections held | idle: server KiB per connection | idle: setup p99 ms | storm: bring-up setup p99 ms | storm: reconnect hello p99 ms | websocket subprotocol |"));
     // No bridge runs: their two columns are empty.
     for (line, target, proto) in [
         (2, "herald-mock", "push-notification"),
@@ -1489,6 +1526,17 @@ fn no_subprotocol_is_accepted_recorded_and_compared() {
         "KiB per connection: {}",
         lines[3]
     );
+    for (cell, what) in [
+        (8, "idle setup p99"),
+        (9, "storm bring-up p99"),
+        (10, "storm hello p99"),
+    ] {
+        assert!(
+            cells[cell].parse::<f64>().unwrap() > 0.0,
+            "{what}: {}",
+            lines[3]
+        );
+    }
     assert_eq!(std::fs::read_to_string(&md).unwrap(), ran.stdout);
 
     // The HTML report carries the same table.
