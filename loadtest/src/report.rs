@@ -162,9 +162,10 @@ pub struct SideRow {
     pub storm_setup_p99_ms: Option<f64>,
     /// Connect to `hello` answered for the user agents coming back.
     pub storm_hello_p99_ms: Option<f64>,
-    /// Reconnects that failed, out of those tried: the p99 above counts
-    /// only those that succeeded, so a server that stops answering would
-    /// otherwise look fast.
+    /// Reconnects that failed, out of those tried, summed over the runs: the
+    /// p99 above counts only those that succeeded, so a server that stops
+    /// answering would otherwise look fast, and a median would hide a run
+    /// in which it stopped.
     pub storm_failed: Option<f64>,
     pub storm_attempts: Option<f64>,
     /// What the server's handshakes selected, over all its runs.
@@ -177,6 +178,12 @@ pub struct SideRow {
 
 fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     stats::median(v.flatten())
+}
+
+/// None when no run has the figure.
+fn sum_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    v.flatten()
+        .fold(None, |sum, x| Some(sum.unwrap_or(0.0) + x))
 }
 
 /// Throughput, idle, storm and bridge figures per target, in the order
@@ -242,8 +249,8 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
             storm_runs: storm.len(),
             storm_setup_p99_ms: median_of(storm.iter().map(|r| lat_of(r, "setup", p99))),
             storm_hello_p99_ms: median_of(storm.iter().map(|r| lat_of(r, "reconnect_hello", p99))),
-            storm_failed: median_of(storm.iter().map(|r| num(r, "failed"))),
-            storm_attempts: median_of(storm.iter().map(|r| num(r, "reconnect_attempts"))),
+            storm_failed: sum_of(storm.iter().map(|r| num(r, "failed"))),
+            storm_attempts: sum_of(storm.iter().map(|r| num(r, "reconnect_attempts"))),
             subprotocol: crate::results::describe_subprotocols(&counts),
             bridge_runs: bridge.len(),
             bridge_forwarded_per_s: median_of(bridge.iter().map(|r| num(r, "forwarded_per_s"))),
@@ -1181,7 +1188,7 @@ mod tests {
         );
         assert_eq!(
             lines[3],
-            "| autopush | – | – | – | – | 19000 | 27.9 | 18.3 | 18.3 | 36.6 (6 of 500 failed; 2 runs) | none | – | – |"
+            "| autopush | – | – | – | – | 19000 | 27.9 | 18.3 | 18.3 | 36.6 (12 of 1000 failed; 2 runs) | none | – | – |"
         );
         // A server that answered no returning user agent has no p99 to show.
         let dead = SideRow {
