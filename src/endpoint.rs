@@ -8,7 +8,7 @@ use crate::mailbox::{Mailbox, Refused};
 use crate::receipts::{self, api::ReceiptRequest};
 use crate::reply::{json, Response};
 use crate::router::RouteResult;
-use crate::store::{now_secs, BridgeRoute, ChannelRecord, Message};
+use crate::store::{now_secs, BridgeRoute, ChannelRecord, Message, OwnerSeen};
 use crate::token::{ApiVersion, EndpointToken, MessageId};
 use crate::vapid::{parse_credentials, CacheResult};
 use crate::webpush::{check_encoding, parse_topic, parse_ttl, parse_urgency};
@@ -179,17 +179,18 @@ pub async fn accept(
     if let Some(route) = &bridged {
         check_bridge(app, target, route, &message)?;
     }
-    message.seq = Mailbox::of(app)
+    let accepted = Mailbox::of(app)
         .accept(&target.uaid, &message, push.receipt)
         .await
         .map_err(|refused| match refused {
             Refused::Full(limit) => ApiError::too_many_stored(limit),
             Refused::Store(e) => ApiError::storage(e),
         })?;
+    message.seq = accepted.seq;
     let (ttl, seq, urgency) = (message.ttl, message.seq, message.urgency);
     match bridged {
         Some(r) => crate::bridge::forward::accepted(app, target.uaid, r, message).await,
-        None => route(app, &target.uaid, message).await?,
+        None => route(app, &target.uaid, message, accepted.owner).await?,
     }
     app.metrics
         .messages_accepted
@@ -350,10 +351,11 @@ async fn route(
     app: &App,
     uaid: &herald_proto::ids::Uaid,
     message: Message,
+    owner: OwnerSeen,
 ) -> Result<(), ApiError> {
     let (ttl, seq, receipt) = (message.ttl, message.seq, message.receipt);
     // One allocation shared by the router and the connection.
-    let routed = app.router.route(uaid, Arc::new(message)).await;
+    let routed = app.router.route(uaid, Arc::new(message), owner).await;
     if ttl > 0 {
         // Stored: whoever reads the store next delivers it.
         return Ok(());

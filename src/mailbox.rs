@@ -28,7 +28,9 @@
 //!   ledger's own sweep (`receipts::Receipts::sweep_loop`) reports them.
 
 use crate::app::App;
-use crate::store::{now_secs, Message, Outcome, ReceiptSub, StoreError, StoreResult};
+use crate::store::{
+    now_secs, Message, Outcome, OwnerSeen, PutOutcome, ReceiptSub, StoreError, StoreResult,
+};
 use herald_proto::ids::{ChannelId, Uaid};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,23 @@ use std::time::Duration;
 /// (router::cluster), which outlasts the store faults `make chaos` makes.
 pub const DELETE_RETRY: Duration = Duration::from_secs(2);
 const DELETE_ATTEMPTS: u32 = 30;
+
+/// A message taken in: the sequence number it is known by, and the user
+/// agent's owner as the store saw it once the message was stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted {
+    pub seq: u64,
+    pub owner: OwnerSeen,
+}
+
+impl From<PutOutcome> for Accepted {
+    fn from(o: PutOutcome) -> Self {
+        Accepted {
+            seq: o.seq,
+            owner: o.owner,
+        }
+    }
+}
 
 /// Why a message was not accepted.
 #[derive(Debug)]
@@ -80,13 +99,14 @@ impl<'a> Mailbox<'a> {
     }
 
     /// Stores `message` (a TTL-0 message is not stored) and tracks its
-    /// receipt; returns the sequence number it is known by.
+    /// receipt; returns the sequence number it is known by, and the user
+    /// agent's owner if the store saw it on the way.
     pub async fn accept(
         &self,
         uaid: &Uaid,
         message: &Message,
         receipt: Option<ReceiptSub>,
-    ) -> Result<u64, Refused> {
+    ) -> Result<Accepted, Refused> {
         let Some(sub) = receipt else {
             return self.persist(uaid, message).await;
         };
@@ -104,13 +124,13 @@ impl<'a> Mailbox<'a> {
         };
         track(message.seq).await?;
         match self.persist(uaid, message).await {
-            Ok(seq) if seq == message.seq => Ok(seq),
-            Ok(seq) => {
+            Ok(stored) if stored.seq == message.seq => Ok(stored),
+            Ok(stored) => {
                 // Stored under a fresh seq (another node had taken this
                 // one): the receipt follows it.
                 receipts.forget(uaid, message.seq).await;
-                track(seq).await?;
-                Ok(seq)
+                track(stored.seq).await?;
+                Ok(stored)
             }
             Err(refused) => {
                 receipts.forget(uaid, message.seq).await;
@@ -119,10 +139,13 @@ impl<'a> Mailbox<'a> {
         }
     }
 
-    async fn persist(&self, uaid: &Uaid, message: &Message) -> Result<u64, Refused> {
+    async fn persist(&self, uaid: &Uaid, message: &Message) -> Result<Accepted, Refused> {
         let app = self.app;
         if message.ttl == 0 {
-            return Ok(message.seq);
+            return Ok(Accepted {
+                seq: message.seq,
+                owner: OwnerSeen::NotLooked,
+            });
         }
         let store = &app.store;
         let limit = app.settings.max_stored_messages;
@@ -155,7 +178,7 @@ impl<'a> Mailbox<'a> {
                 reservation.added = true;
             }
         }
-        Ok(outcome.seq)
+        Ok(Accepted::from(outcome))
     }
 
     /// With several nodes: the count and the store in one step of the
@@ -165,7 +188,7 @@ impl<'a> Mailbox<'a> {
         uaid: &Uaid,
         message: &Message,
         limit: usize,
-    ) -> Result<u64, Refused> {
+    ) -> Result<Accepted, Refused> {
         let app = self.app;
         let stored = app
             .store
@@ -176,7 +199,7 @@ impl<'a> Mailbox<'a> {
         if let Some(old) = outcome.replaced {
             self.replaced(uaid, old).await;
         }
-        Ok(outcome.seq)
+        Ok(Accepted::from(outcome))
     }
 
     /// A message with the same topic was stored over `old`, which will
@@ -345,7 +368,8 @@ mod tests {
         let seq = Mailbox::of(&app)
             .accept(&uaid, &message, Some(ReceiptSub::random()))
             .await
-            .unwrap();
+            .unwrap()
+            .seq;
         assert_eq!(store.read_messages(&uaid, 0, 10).await.unwrap().len(), 1);
         assert!(matches!(
             ledger.receipt_state(&uaid, seq).await.unwrap(),

@@ -14,9 +14,9 @@ mod redis_harness;
 
 use bytes::Bytes;
 use herald::store::{
-    now_micros, now_secs, ChannelRecord, MemStore, Message, Outcome, PendingReceipt, ReceiptEvent,
-    ReceiptState, ReceiptStore, ReceiptSub, RedisStore, RocksStore, Store, UserRecord,
-    ACK_GRACE_SECS,
+    now_micros, now_secs, ChannelRecord, Directory, MemStore, Message, Outcome, Owner, OwnerSeen,
+    PendingReceipt, ReceiptEvent, ReceiptState, ReceiptStore, ReceiptSub, RedisStore, RocksStore,
+    Store, UserRecord, ACK_GRACE_SECS,
 };
 use herald_proto::headers::NotificationHeaders;
 use herald_proto::ids::{ChannelId, Uaid};
@@ -1347,6 +1347,45 @@ async fn redis_a_resent_store_is_stored_once() {
 #[tokio::test]
 async fn redis_cluster_a_resent_store_is_stored_once() {
     a_resent_store_is_stored_once(shared_cluster().url()).await;
+}
+
+/// A store answers who held the user agent's connection once the message
+/// was in: the node that took the push wakes that node without a look-up
+/// of its own.
+async fn a_store_says_who_holds_the_user_agent(url: &str) {
+    let store = connect(url).await;
+    let u = Uaid::random();
+    let m = message(&*store, new_channel(), 600, None);
+    assert_eq!(
+        store.put_message(&u, &m).await.unwrap().owner,
+        OwnerSeen::Nobody
+    );
+    let owner = Owner {
+        node: u64::MAX >> 2,
+        conn: 3,
+        since: now_micros(),
+    };
+    store.claim(&u, &owner).await.unwrap();
+    let m = message(&*store, new_channel(), 600, Some("t"));
+    let stored = store.put_message_within(&u, &m, now_secs(), 10).await;
+    assert_eq!(stored.unwrap().unwrap().owner, OwnerSeen::Is(owner));
+    store.release(&u, &owner).await.unwrap();
+    let m = message(&*store, new_channel(), 600, None);
+    assert_eq!(
+        store.put_message(&u, &m).await.unwrap().owner,
+        OwnerSeen::Nobody
+    );
+    store.drop_user(&u).await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_a_store_says_who_holds_the_user_agent() {
+    a_store_says_who_holds_the_user_agent(shared_server().url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_a_store_says_who_holds_the_user_agent() {
+    a_store_says_who_holds_the_user_agent(shared_cluster().url()).await;
 }
 
 /// A settle that fails half-way (here, one subscription's receipts

@@ -452,7 +452,8 @@ mod tests {
             m.seq = Mailbox::of(&self.app)
                 .accept(&self.uaid, &m, Some(self.sub))
                 .await
-                .unwrap();
+                .unwrap()
+                .seq;
             m
         }
 

@@ -17,7 +17,7 @@ use super::node_auth::{NodeKey, ReplayWindow, Signed, MAX_NONCES};
 use super::wakes::{received, NodeClient, Received, WakeUp, Wakes};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{Claim, Directory, Message, Owner, Store, StoreResult};
+use crate::store::{Claim, Directory, Message, Owner, OwnerSeen, Store, StoreResult};
 use dashmap::DashMap;
 use herald_client::http::node_only;
 use herald_proto::ids::Uaid;
@@ -299,7 +299,13 @@ impl Cluster {
     /// Where `uaid` is connected, as the store says; an error if the store
     /// did not answer.
     async fn holder(&self, uaid: &Uaid) -> StoreResult<Holder> {
-        Ok(match self.directory.owner(uaid).await? {
+        let owner = self.directory.owner(uaid).await?;
+        self.holder_of(owner).await
+    }
+
+    /// Where the connection of `owner` is.
+    async fn holder_of(&self, owner: Option<Owner>) -> StoreResult<Holder> {
+        Ok(match owner {
             None => Holder::Nowhere,
             Some(o) if o.node == self.node => Holder::Here,
             Some(o) => match self.node_url(o.node).await {
@@ -322,9 +328,16 @@ impl Cluster {
         })
     }
 
-    /// Wakes the node serving `uaid`, if another live node does.
-    pub async fn wake(&self, uaid: &Uaid, message: &Arc<Message>) -> RouteResult {
-        let (node, url) = match self.holder(uaid).await {
+    /// Wakes the node serving `uaid`, if another live node does; `seen` is
+    /// its owner as the store saw it after storing the message, if it looked
+    /// (then no look-up of our own).
+    pub async fn wake(&self, uaid: &Uaid, message: &Arc<Message>, seen: OwnerSeen) -> RouteResult {
+        let holder = match seen {
+            OwnerSeen::NotLooked => self.holder(uaid).await,
+            OwnerSeen::Nobody => self.holder_of(None).await,
+            OwnerSeen::Is(owner) => self.holder_of(Some(owner)).await,
+        };
+        let (node, url) = match holder {
             Ok(Holder::Peer(node, url)) => (node, url),
             Ok(Holder::Nowhere | Holder::Here) => return RouteResult::NotConnected,
             // Its node died (the user agent is offline), or its
@@ -633,9 +646,21 @@ mod tests {
             receipt: false,
         });
         dir.lookups_down.store(true, Ordering::Relaxed);
-        assert_eq!(cluster.wake(&uaid, &m).await, RouteResult::Unknown);
+        assert_eq!(
+            cluster.wake(&uaid, &m, OwnerSeen::NotLooked).await,
+            RouteResult::Unknown
+        );
+        // The store saw nobody as it stored the message: no look-up, so
+        // none to fail.
+        assert_eq!(
+            cluster.wake(&uaid, &m, OwnerSeen::Nobody).await,
+            RouteResult::NotConnected
+        );
         dir.lookups_down.store(false, Ordering::Relaxed);
-        assert_eq!(cluster.wake(&uaid, &m).await, RouteResult::NotConnected);
+        assert_eq!(
+            cluster.wake(&uaid, &m, OwnerSeen::NotLooked).await,
+            RouteResult::NotConnected
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod wakes;
 pub use cluster::Cluster;
 pub use local::{Binding, LocalRouter, RouteResult, Routed};
 
-use crate::store::Message;
+use crate::store::{Message, OwnerSeen};
 use herald_proto::ids::Uaid;
 use std::sync::Arc;
 
@@ -77,12 +77,12 @@ impl Router {
     }
 
     /// Hands a stored (or TTL-0) message to the user agent's connection,
-    /// wherever it is.
-    pub async fn route(&self, uaid: &Uaid, message: Arc<Message>) -> RouteResult {
+    /// wherever it is; `owner` is where the store saw it, if it looked.
+    pub async fn route(&self, uaid: &Uaid, message: Arc<Message>, owner: OwnerSeen) -> RouteResult {
         // One map lookup per push: the local attempt says whether it is here.
         let local = self.local.route(uaid, message.clone());
         match (&self.cluster, local) {
-            (Some(cluster), RouteResult::NotConnected) => cluster.wake(uaid, &message).await,
+            (Some(cluster), RouteResult::NotConnected) => cluster.wake(uaid, &message, owner).await,
             _ => local,
         }
     }

@@ -232,6 +232,7 @@ impl Store for MemStore {
         Ok(PutOutcome {
             replaced,
             seq: message.seq,
+            ..Default::default()
         })
     }
 

@@ -28,8 +28,8 @@ use super::codec::{
     EXPIRES_AT,
 };
 use super::{
-    now_micros, now_secs, ChannelRecord, Message, PutOutcome, SharedClock, Store, StoreError,
-    StoreResult, StoreStats, UserRecord,
+    now_micros, now_secs, ChannelRecord, Message, OwnerSeen, PutOutcome, SharedClock, Store,
+    StoreError, StoreResult, StoreStats, UserRecord,
 };
 use herald_proto::ids::{ChannelId, Uaid};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -84,7 +84,8 @@ local function be64(s, off)
 end
 ";
 
-// KEYS: messages zset, payload key, topics hash, expiries zset.
+// KEYS: messages zset, payload key, topics hash, expiries zset (and the
+// owner record, read by PUT_THEN_OWNER, which wraps this).
 // ARGV: seq, encoded message, expires_at, topic field ('' for none), payload
 // key prefix, expires_at offset, limit (0: none).
 // Returns 0 stored, -1 seq taken, -2 full (`limit` unexpired messages held
@@ -226,6 +227,17 @@ end
 return 0
 ";
 
+// Runs PUT_MESSAGE's body as `put`, then reads the user agent's owner
+// (KEYS[5], `herald:o`, in the same slot) after the store, so the node that
+// accepted the push knows whom to wake without a round trip of its own.
+// Answers {put's answer, owner} or {put's answer} when no node holds it.
+const PUT_THEN_OWNER: &str = r"
+local answer = put()
+local owner = redis.call('GET', KEYS[5])
+if owner then return {answer, owner} end
+return {answer}
+";
+
 // KEYS: channels hash. ARGV: channel id bytes, encoded record, expiry (0: never).
 const PUT_CHANNEL: &str = r"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -247,7 +259,9 @@ impl Scripts {
     fn new() -> Self {
         let with_be64 = |body: &str| Script::new(&format!("{LUA_BE64}{body}"));
         Scripts {
-            put_message: with_be64(PUT_MESSAGE),
+            put_message: with_be64(&format!(
+                "local function put()\n{PUT_MESSAGE}\nend\n{PUT_THEN_OWNER}"
+            )),
             read_messages: with_be64(READ_MESSAGES),
             delete_message: Script::new(DELETE_MESSAGE),
             remove_channel: Script::new(REMOVE_CHANNEL),
@@ -296,6 +310,22 @@ impl ConnectionLike for Conn {
 /// The keys of one user agent; the `{uaid}` hash tag puts them in one slot.
 struct Keys {
     tag: String,
+}
+
+/// The store script's answer and the owner it read; an unreadable owner
+/// record counts as none (the wake-up is then skipped, and the user agent's
+/// connection finds the message at its next read of the store).
+fn put_answer(answer: &[redis::Value]) -> (i64, OwnerSeen) {
+    let code = answer
+        .first()
+        .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+        .unwrap_or(PUT_COLLISION);
+    let owner = answer
+        .get(1)
+        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+        .and_then(|v| directory::decode_owner(&v))
+        .map_or(OwnerSeen::Nobody, OwnerSeen::Is);
+    (code, owner)
 }
 
 impl Keys {
@@ -632,10 +662,26 @@ impl RedisStore {
     /// Runs the store script; with `wait_for`, on the waited-write lane and
     /// followed by `WAIT` there, failing unless the replicas confirmed a
     /// message it stored.
-    async fn run_put(&self, uaid: &Uaid, inv: &ScriptInvocation<'_>) -> StoreResult<i64> {
-        let kept = |r: i64| r != PUT_COLLISION && r != PUT_FULL;
-        self.eval_confirmed("put_message", &self.scripts.put_message, inv, uaid, kept)
-            .await
+    async fn run_put(
+        &self,
+        uaid: &Uaid,
+        inv: &ScriptInvocation<'_>,
+    ) -> StoreResult<(i64, OwnerSeen)> {
+        let kept = |a: &Vec<redis::Value>| {
+            let r = put_answer(a).0;
+            r != PUT_COLLISION && r != PUT_FULL
+        };
+        let slot_key = Keys::new(uaid).messages();
+        let answer = self
+            .eval_waited(
+                "put_message",
+                &self.scripts.put_message,
+                inv,
+                &slot_key,
+                kept,
+            )
+            .await?;
+        Ok(put_answer(&answer))
     }
 
     /// Runs a script whose success someone is told of (a 201, a register's
@@ -697,6 +743,7 @@ impl RedisStore {
             return Ok(Some(PutOutcome {
                 replaced: None,
                 seq: m.seq,
+                ..Default::default()
             }));
         }
         let keys = Keys::new(uaid);
@@ -722,6 +769,7 @@ impl RedisStore {
                 .key(keys.payload(seq))
                 .key(keys.topics())
                 .key(keys.expiries())
+                .key(keys.owner())
                 .arg(seq)
                 .arg(&value)
                 .arg(expires_at)
@@ -729,7 +777,8 @@ impl RedisStore {
                 .arg(keys.payload_prefix())
                 .arg(EXPIRES_AT.start)
                 .arg(lua_count(limit));
-            match self.run_put(uaid, &inv).await? {
+            let (answer, owner) = self.run_put(uaid, &inv).await?;
+            match answer {
                 PUT_COLLISION => {
                     self.seq_collisions.fetch_add(1, Ordering::Relaxed);
                     seq = self.next_seq();
@@ -739,6 +788,7 @@ impl RedisStore {
                     return Ok(Some(PutOutcome {
                         replaced: u64::try_from(r).ok().filter(|&old| old > 0),
                         seq,
+                        owner,
                     }))
                 }
             }

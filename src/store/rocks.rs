@@ -553,6 +553,7 @@ impl Rocks {
             return Ok(PutOutcome {
                 replaced: None,
                 seq: m.seq,
+                ..Default::default()
             });
         };
         let _guard = self.topic_lock(uaid);
@@ -578,6 +579,7 @@ impl Rocks {
         Ok(PutOutcome {
             replaced,
             seq: m.seq,
+            ..Default::default()
         })
     }
 

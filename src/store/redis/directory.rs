@@ -41,7 +41,7 @@ fn scripts() -> &'static (Script, Script) {
 }
 
 impl Keys {
-    fn owner(&self) -> String {
+    pub(super) fn owner(&self) -> String {
         format!("herald:o:{}", self.tag)
     }
 }
@@ -54,7 +54,7 @@ fn encode_owner(o: &Owner) -> String {
     format!("{}:{}:{}", o.node, o.conn, o.since)
 }
 
-fn decode_owner(v: &str) -> Option<Owner> {
+pub(super) fn decode_owner(v: &str) -> Option<Owner> {
     let mut parts = v.split(':').map(|p| p.parse::<u64>().ok());
     let owner = Owner {
         node: parts.next()??,
