@@ -28,9 +28,7 @@
 //!   ledger's own sweep (`receipts::Receipts::sweep_loop`) reports them.
 
 use crate::app::App;
-use crate::store::{
-    now_secs, Message, Outcome, OwnerSeen, PutOutcome, ReceiptSub, StoreError, StoreResult,
-};
+use crate::store::{now_secs, Message, Outcome, PutOutcome, ReceiptSub, StoreError, StoreResult};
 use herald_proto::ids::{ChannelId, Uaid};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,23 +38,6 @@ use std::time::Duration;
 /// (router::cluster), which outlasts the store faults `make chaos` makes.
 pub const DELETE_RETRY: Duration = Duration::from_secs(2);
 const DELETE_ATTEMPTS: u32 = 30;
-
-/// A message taken in: the sequence number it is known by, and the user
-/// agent's owner as the store saw it once the message was stored.
-#[derive(Debug, Clone, Copy)]
-pub struct Accepted {
-    pub seq: u64,
-    pub owner: OwnerSeen,
-}
-
-impl From<PutOutcome> for Accepted {
-    fn from(o: PutOutcome) -> Self {
-        Accepted {
-            seq: o.seq,
-            owner: o.owner,
-        }
-    }
-}
 
 /// Why a message was not accepted.
 #[derive(Debug)]
@@ -99,14 +80,14 @@ impl<'a> Mailbox<'a> {
     }
 
     /// Stores `message` (a TTL-0 message is not stored) and tracks its
-    /// receipt; returns the sequence number it is known by, and the user
-    /// agent's owner if the store saw it on the way.
+    /// receipt; returns the store's outcome: the sequence number the message
+    /// is known by, and the user agent's owner if the store saw it.
     pub async fn accept(
         &self,
         uaid: &Uaid,
         message: &Message,
         receipt: Option<ReceiptSub>,
-    ) -> Result<Accepted, Refused> {
+    ) -> Result<PutOutcome, Refused> {
         let Some(sub) = receipt else {
             return self.persist(uaid, message).await;
         };
@@ -139,12 +120,12 @@ impl<'a> Mailbox<'a> {
         }
     }
 
-    async fn persist(&self, uaid: &Uaid, message: &Message) -> Result<Accepted, Refused> {
+    async fn persist(&self, uaid: &Uaid, message: &Message) -> Result<PutOutcome, Refused> {
         let app = self.app;
         if message.ttl == 0 {
-            return Ok(Accepted {
+            return Ok(PutOutcome {
                 seq: message.seq,
-                owner: OwnerSeen::NotLooked,
+                ..Default::default()
             });
         }
         let store = &app.store;
@@ -178,7 +159,7 @@ impl<'a> Mailbox<'a> {
                 reservation.added = true;
             }
         }
-        Ok(Accepted::from(outcome))
+        Ok(outcome)
     }
 
     /// With several nodes: the count and the store in one step of the
@@ -188,7 +169,7 @@ impl<'a> Mailbox<'a> {
         uaid: &Uaid,
         message: &Message,
         limit: usize,
-    ) -> Result<Accepted, Refused> {
+    ) -> Result<PutOutcome, Refused> {
         let app = self.app;
         let stored = app
             .store
@@ -199,7 +180,7 @@ impl<'a> Mailbox<'a> {
         if let Some(old) = outcome.replaced {
             self.replaced(uaid, old).await;
         }
-        Ok(Accepted::from(outcome))
+        Ok(outcome)
     }
 
     /// A message with the same topic was stored over `old`, which will

@@ -199,26 +199,13 @@ pub fn side_by_side(runs: &[Run]) -> Vec<SideRow> {
     let mut out = Vec::new();
     for t in targets {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.group() == t).collect();
-        let tp: Vec<&Run> = mine
-            .iter()
-            .copied()
-            .filter(|r| r.r.scenario == "throughput")
-            .collect();
-        let idle: Vec<&Run> = mine
-            .iter()
-            .copied()
-            .filter(|r| r.r.scenario == "idle")
-            .collect();
-        let bridge: Vec<&Run> = mine
-            .iter()
-            .copied()
-            .filter(|r| r.r.scenario == "bridge")
-            .collect();
-        let storm: Vec<&Run> = mine
-            .iter()
-            .copied()
-            .filter(|r| r.r.scenario == "storm")
-            .collect();
+        let of = |scenario: &str| -> Vec<&Run> {
+            mine.iter()
+                .copied()
+                .filter(|r| r.r.scenario == scenario)
+                .collect()
+        };
+        let (tp, idle, bridge, storm) = (of("throughput"), of("idle"), of("bridge"), of("storm"));
         if tp.is_empty() && idle.is_empty() && bridge.is_empty() && storm.is_empty() {
             continue;
         }
@@ -342,7 +329,7 @@ pub fn markdown(rows: &[SideRow]) -> String {
 }
 
 fn side_by_side_html(rows: &[SideRow]) -> String {
-    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput, idle, storm and bridge runs (latency is throughput's end to end; setup is websocket connect to register answered, hello is a returning user agent's connect to hello answered).</p>\n<table><tr>");
+    let mut t = String::from("<h2>Side by side</h2>\n<p>Median of each figure over each target's throughput, idle, storm and bridge runs, failed reconnects summed (latency is throughput's end to end; setup is websocket connect to register answered, hello is a returning user agent's connect to hello answered).</p>\n<table><tr>");
     for h in SIDE_HEADERS {
         let _ = write!(t, "<th>{}</th>", esc(h));
     }

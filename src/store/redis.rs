@@ -312,20 +312,20 @@ struct Keys {
     tag: String,
 }
 
-/// The store script's answer and the owner it read; an unreadable owner
-/// record counts as none (the wake-up is then skipped, and the user agent's
-/// connection finds the message at its next read of the store).
-fn put_answer(answer: &[redis::Value]) -> (i64, OwnerSeen) {
-    let code = answer
-        .first()
-        .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
-        .unwrap_or(PUT_COLLISION);
-    let owner = answer
+/// The store script's answer code (`PUT_MESSAGE`'s), if the answer has one.
+fn put_code(answer: &[redis::Value]) -> Option<i64> {
+    redis::from_redis_value_ref::<i64>(answer.first()?).ok()
+}
+
+/// The owner `PUT_THEN_OWNER` read; an unreadable owner record counts as
+/// none (the wake-up is then skipped, and the user agent's connection finds
+/// the message at its next read of the store).
+fn put_owner(answer: &[redis::Value]) -> OwnerSeen {
+    answer
         .get(1)
         .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
         .and_then(|v| directory::decode_owner(&v))
-        .map_or(OwnerSeen::Nobody, OwnerSeen::Is);
-    (code, owner)
+        .map_or(OwnerSeen::Nobody, OwnerSeen::Is)
 }
 
 impl Keys {
@@ -668,37 +668,31 @@ impl RedisStore {
         inv: &ScriptInvocation<'_>,
     ) -> StoreResult<(i64, OwnerSeen)> {
         let kept = |a: &Vec<redis::Value>| {
-            let r = put_answer(a).0;
-            r != PUT_COLLISION && r != PUT_FULL
+            put_code(a).is_some_and(|r| r != PUT_COLLISION && r != PUT_FULL)
         };
-        let slot_key = Keys::new(uaid).messages();
         let answer = self
-            .eval_waited(
-                "put_message",
-                &self.scripts.put_message,
-                inv,
-                &slot_key,
-                kept,
-            )
+            .eval_confirmed("put_message", &self.scripts.put_message, inv, uaid, kept)
             .await?;
-        Ok(put_answer(&answer))
+        let code = put_code(&answer).ok_or_else(|| {
+            StoreError::Corrupt(format!("redis put_message: unexpected answer {answer:?}"))
+        })?;
+        Ok((code, put_owner(&answer)))
     }
 
     /// Runs a script whose success someone is told of (a 201, a register's
     /// 200): with `wait_for`, on the waited-write lane and followed by
     /// `WAIT`, failing unless the replicas confirmed it whenever `kept` says
     /// its answer wrote something.
-    async fn eval_confirmed(
+    async fn eval_confirmed<T: FromRedisValue>(
         &self,
         what: &str,
         script: &Script,
         inv: &ScriptInvocation<'_>,
         uaid: &Uaid,
-        kept: impl Fn(i64) -> bool,
-    ) -> StoreResult<i64> {
+        kept: impl Fn(&T) -> bool,
+    ) -> StoreResult<T> {
         let slot_key = Keys::new(uaid).messages();
-        self.eval_waited(what, script, inv, &slot_key, |a: &i64| kept(*a))
-            .await
+        self.eval_waited(what, script, inv, &slot_key, kept).await
     }
 
     /// `eval_confirmed` for a script whose keys are in `slot_key`'s slot
@@ -889,7 +883,7 @@ impl Store for RedisStore {
         // user agent with an endpoint that answers 410 (`make chaos` lost
         // one so with redis_wait_replicas = 1): waited like a message.
         let put_channel = &self.scripts.put_channel;
-        self.eval_confirmed("put_channel", put_channel, &inv, uaid, |_| true)
+        self.eval_confirmed("put_channel", put_channel, &inv, uaid, |_: &i64| true)
             .await
             .map(drop)
     }
