@@ -20,7 +20,10 @@
 # (default 3), BENCH_PORT (default 18180; nodes on BENCH_PORT..+2),
 # REDIS_PORT (default 17300; Redis on REDIS_PORT..+5, cluster bus +10000),
 # RESULTS (default loadtest/results/cluster), TP_UAS (1000), TP_SENDERS
-# (32), TP_SECS (10), TP_PAYLOAD (1024), IDLE_UAS (3000), IDLE_HOLD (3),
+# (32), TP_SECS (10), TP_PAYLOAD (1024), TP_RATE (unset: closed loop, as
+# fast as the servers go; a number: that many pushes a second, open loop,
+# whose CPU per message repeats within a few percent where a saturated run's
+# moves by a tenth or more), IDLE_UAS (3000), IDLE_HOLD (3),
 # RUN_TIMEOUT (seconds one herald-loadtest run may take, 300), DEADLINE
 # (seconds for the whole script, 1800: no run starts after it), SKIP_BUILD=1,
 # HERALD_BIN / LOADTEST_BIN (default: $CARGO_TARGET_DIR or target/, debug/).
@@ -46,6 +49,7 @@ for c in $configs; do
     esac
 done
 [[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "bench-cluster: REPEAT must be a positive number" >&2; exit 2; }
+[[ -z "${TP_RATE:-}" || "$TP_RATE" =~ ^[1-9][0-9]*$ ]] || { echo "bench-cluster: TP_RATE must be a positive number" >&2; exit 2; }
 if [[ " $configs " == *" redis "* || " $configs " == *" cluster "* ]]; then
     command -v redis-server >/dev/null || { echo "bench-cluster: redis-server not found; run scripts/redis.sh install" >&2; exit 1; }
 fi
@@ -184,7 +188,7 @@ run() {
 for ((rep = 1; rep <= repeat; rep++)); do
     for config in $configs; do
         run "$config" throughput "$rep" --uas "${TP_UAS:-1000}" --senders "${TP_SENDERS:-32}" \
-            --duration "${TP_SECS:-10}" --payload "${TP_PAYLOAD:-1024}"
+            --duration "${TP_SECS:-10}" --payload "${TP_PAYLOAD:-1024}" ${TP_RATE:+--rate "$TP_RATE"}
         run "$config" idle "$rep" --uas "${IDLE_UAS:-3000}" --hold "${IDLE_HOLD:-3}" --concurrency 200
     done
 done
@@ -206,7 +210,7 @@ summary=""
 if command -v jq >/dev/null; then
     summary="$results/summary.md"
     {
-        echo "Median of each figure over the runs listed ($stamp; TP_UAS=${TP_UAS:-1000} TP_SENDERS=${TP_SENDERS:-32} TP_SECS=${TP_SECS:-10} TP_PAYLOAD=${TP_PAYLOAD:-1024} IDLE_UAS=${IDLE_UAS:-3000})."
+        echo "Median of each figure over the runs listed ($stamp; TP_UAS=${TP_UAS:-1000} TP_SENDERS=${TP_SENDERS:-32} TP_SECS=${TP_SECS:-10} TP_PAYLOAD=${TP_PAYLOAD:-1024} TP_RATE=${TP_RATE:-closed loop} IDLE_UAS=${IDLE_UAS:-3000})."
         echo
         echo "| configuration | runs | delivered/s | server CPU µs per message (Herald + Redis) | Herald CPU µs per message | latency p50 ms | p99 ms | Herald RSS after MiB | Redis RSS after MiB | idle: KiB per connection (Herald + Redis) | idle: Herald KiB per connection |"
         echo "|---|---|---|---|---|---|---|---|---|---|---|"
