@@ -8,8 +8,9 @@ use std::process::ExitCode;
 /// buffers of a few hundred bytes to a few KiB (request bodies, encoded
 /// messages, frames). glibc's malloc and free were a sixth of a cluster
 /// node's profile (its free lists merged and split again), jemalloc's about
-/// 3%: 5-10% less CPU per push at a fixed rate, with the same RSS per idle
-/// connection (README, "The CPU of one push").
+/// 3%: 5-12% less CPU per push on a cluster node at a fixed rate (none
+/// measurable on one node), with the same RSS per idle connection at
+/// 15,000 (README, "The CPU of one push").
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
