@@ -319,12 +319,15 @@ fn put_code(answer: &[redis::Value]) -> Option<i64> {
 
 /// The owner `PUT_THEN_OWNER` read; an unreadable owner record counts as
 /// none (the wake-up is then skipped, and the user agent's connection finds
-/// the message at its next read of the store).
+/// the message at its next read of the store). Read in place, without a
+/// copy: this runs for every push on a cluster.
 fn put_owner(answer: &[redis::Value]) -> OwnerSeen {
-    answer
-        .get(1)
-        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-        .and_then(|v| directory::decode_owner(&v))
+    let text = match answer.get(1) {
+        Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
+        Some(redis::Value::SimpleString(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    text.and_then(directory::decode_owner)
         .map_or(OwnerSeen::Nobody, OwnerSeen::Is)
 }
 
